@@ -1,0 +1,35 @@
+"""Datapaths: what enforces the desired state on a host.
+
+A datapath is selected by name (``datapath.backend``) and follows the
+:class:`Datapath` protocol. Third parties add their own through the
+``overlay.datapaths`` entry point group.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from overlay.ops import Op
+
+
+@runtime_checkable
+class Datapath(Protocol):
+    name: str
+
+    def start(self) -> None:
+        """Load or adopt the datapath. Idempotent; must not disturb a live one."""
+
+    def observe(self) -> dict[str, dict]:
+        """Report the state held now, table by table (see overlay.ops)."""
+
+    def apply(self, ops: list[Op]) -> None:
+        """Apply ops in order, all or nothing where the backend allows it."""
+
+    def counters(self) -> dict[str, int]:
+        """Per-reason counters, summed: {"no_peer": 3, "pass_member": 10, ...}."""
+
+    def close(self) -> None:
+        """Release handles and leave the datapath in place (traffic keeps flowing)."""
+
+    def teardown(self) -> None:
+        """Remove everything this datapath installed."""

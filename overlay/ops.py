@@ -1,0 +1,60 @@
+"""The vocabulary shared by plan, diff and every datapath: tables and ops.
+
+A datapath state is a mapping ``table name -> {key: value}`` of plain
+hashable Python values. ``plan`` builds the desired one, a datapath's
+``observe()`` reports the one it holds, and ``diff`` turns the difference
+into ops. Tables:
+
+``nat``       overlay address (str) -> NatEntry(real, override)
+``rnat``      real address (str) -> overlay address (str)
+``peers``     real address (str) -> PeerEntry(identity, flags)
+``ports``     (slot, word) -> 64-bit bitmap word (int, non-zero); slot 0 tcp, 1 udp
+``failsafe``  CIDR (str, "a.b.c.d/n") -> flags (int): FS_SSH | FS_ALL
+``config``    name (str) -> int: reject_all, mode
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+TABLES = ("nat", "rnat", "peers", "ports", "failsafe", "config")
+
+# Mirrors of the ABI constants that the pure core needs (bpf/include/overlay_abi.h).
+FS_SSH = 1
+FS_ALL = 2
+PEER_F_MEMBER = 1
+PORT_WORDS = 1024
+PORT_SLOTS = {"tcp": 0, "udp": 1}
+MODE_ENFORCE = 0
+MODE_AUDIT = 1
+CONFIG_KEYS = ("reject_all", "mode")
+
+
+@dataclass(frozen=True)
+class NatEntry:
+    real: str
+    override: bool = False
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    identity: int = 1
+    flags: int = PEER_F_MEMBER
+
+
+@dataclass(frozen=True)
+class Op:
+    """Set ``table[key] = value``, or delete ``table[key]`` when ``value`` is None."""
+
+    table: str
+    key: Hashable
+    value: Any = None
+
+    @property
+    def is_delete(self) -> bool:
+        return self.value is None
+
+
+def empty_state() -> dict[str, dict]:
+    return {t: {} for t in TABLES}
