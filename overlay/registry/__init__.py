@@ -1,0 +1,60 @@
+"""Registries: where nodes, allocations, groups and policies live.
+
+A registry is selected by name (``registry.backend``) and follows the
+:class:`Registry` protocol. It keeps its own view of the fleet, updated
+incrementally, and calls the listener given to :meth:`Registry.start` (with
+no arguments) whenever that view changed; the agent then reads
+:meth:`Registry.view`. Third parties add backends through the
+``overlay.registries`` entry point group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from overlay.model import Node, Policy
+
+Listener = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class RegistryView:
+    """What the registry holds now, as seen by this node.
+
+    ``nodes`` holds only records that validated; ``rejected`` maps the key
+    of every ignored record to the reason. ``connected`` is False while the
+    registry is unreachable: the agent then keeps the datapath as it is.
+    """
+
+    nodes: Mapping[str, Node] = field(default_factory=dict)
+    rejected: Mapping[str, str] = field(default_factory=dict)
+    policies: Mapping[str, Policy] = field(default_factory=dict)
+    max_change: int | None = None
+    connected: bool = True
+    synced: bool = True
+    revision: int = 0
+
+
+@runtime_checkable
+class Registry(Protocol):
+    name: str
+
+    def start(self, listener: Listener) -> None:
+        """Connect and begin watching; call ``listener()`` after every change of the view."""
+
+    def allocate(self, node_id: str, requested: str | None = None) -> str:
+        """Return this node's overlay address, claiming a free one if it has none."""
+
+    def register(self, node: Node) -> None:
+        """Publish this node's record; keep it published (re-register after session loss)."""
+
+    def view(self) -> RegistryView:
+        """The current view (a consistent snapshot)."""
+
+    def release_guard(self) -> None:
+        """Operator action: accept a change the churn guard is holding (optional)."""
+
+    def close(self) -> None:
+        """Stop watching and drop the connection (ephemeral records go away)."""

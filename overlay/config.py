@@ -1,0 +1,425 @@
+"""Typed, frozen configuration (DESIGN §4.1a).
+
+``load_config(path)`` reads YAML; ``config_from_dict(obj)`` validates a
+decoded mapping. Unknown keys are rejected and every error is one
+:class:`~overlay.errors.InvalidConfigError` whose message names the key path
+(``filter.open_ports[0]``) and the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from overlay import addr
+from overlay.errors import InvalidConfigError, InvalidRecord
+from overlay.model import Node, node_from_dict, valid_name
+
+DEFAULT_SUBNET = "192.168.0.0/18"
+REGISTRY_BACKENDS = ("zookeeper", "grpc", "static", "memory")
+DATAPATH_BACKENDS = ("ebpf", "iptables", "dryrun")
+DISCOVERY_PROVIDERS = ("static", "netlink", "aws-imds")
+
+
+@dataclass(frozen=True)
+class Addresses:
+    private: str
+    public: str
+    overlay: str | None = None
+
+
+@dataclass(frozen=True)
+class Discovery:
+    provider: str
+    interface: str | None = None          # netlink: the interface whose address is private
+    public_interface: str | None = None   # netlink: where the public address lives (default: same)
+    endpoint: str = "http://169.254.169.254"  # aws-imds
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Auth:
+    scheme: str
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    backend: str = "zookeeper"
+    hosts: tuple[str, ...] = ("127.0.0.1:2181",)
+    prefix: str = "/overlay"
+    timeout_s: float = 10.0
+    auth: Auth | None = None
+    operator: Auth | None = None
+    peers: tuple[Node, ...] = ()  # backend: static
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    nat: int = 65536
+    peers: int = 65536
+    conntrack: int = 262144
+    failsafe: int = 1024
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    backend: str = "ebpf"
+    mode: str = "tc"
+    interface: str = "eth0"
+    overlay_device: str = "ovl0"
+    pin_root: str = "/sys/fs/bpf/overlay"
+    sizes: MapSizes = field(default_factory=MapSizes)
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    reject_all: bool = False
+    mode: str = "enforce"
+    open_ports: tuple[tuple[int, int], ...] = ()
+    ssh_whitelist: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    max_change: int = 20
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    min_s: float = 0.0
+    max_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str
+    network: str
+    overlay_subnet: ipaddress.IPv4Network
+    addresses: Addresses | None = None
+    discovery: Discovery | None = None
+    groups: tuple[str, ...] = ()
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    datapath: DatapathConfig = field(default_factory=DatapathConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    nat_overrides: tuple[tuple[str, str], ...] = ()
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    status_listen: tuple[str, int] = ("127.0.0.1", 9464)
+    state_dir: str = "/var/lib/overlay"
+
+    @property
+    def nat_override_map(self) -> dict[str, str]:
+        return dict(self.nat_overrides)
+
+
+# --- a small reader that tracks the key path -------------------------------------------
+
+
+class _Section:
+    """Pops keys from a mapping, converting errors to InvalidConfigError with a path."""
+
+    def __init__(self, obj: Any, path: str):
+        if obj is None:
+            obj = {}
+        if not isinstance(obj, dict):
+            raise InvalidConfigError(path or "<top>", f"must be a mapping, got {_kind(obj)}")
+        self._obj = dict(obj)
+        self._path = path
+
+    def sub(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def has(self, key: str) -> bool:
+        return key in self._obj
+
+    def get(self, key: str, conv: Callable[[Any], Any], default: Any = None, required: bool = False):
+        if key not in self._obj:
+            if required:
+                raise InvalidConfigError(self.sub(key), "is required")
+            return default
+        value = self._obj.pop(key)
+        return _convert(self.sub(key), value, conv)
+
+    def section(self, key: str) -> _Section:
+        return _Section(self._obj.pop(key, None), self.sub(key))
+
+    def done(self) -> None:
+        for key in self._obj:
+            raise InvalidConfigError(self.sub(str(key)), "unknown key")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _convert(path: str, value: Any, conv: Callable[[Any], Any]) -> Any:
+    try:
+        return conv(value)
+    except InvalidConfigError:
+        raise
+    except (ValueError, TypeError, InvalidRecord) as exc:
+        raise InvalidConfigError(path, str(exc)) from None
+
+
+def _list_of(path: str, value: Any, conv: Callable[[Any], Any]) -> tuple:
+    if not isinstance(value, list):
+        raise InvalidConfigError(path, f"must be a list, got {_kind(value)}")
+    return tuple(_convert(f"{path}[{i}]", item, conv) for i, item in enumerate(value))
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {_kind(value)}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def conv(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    return conv
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of seconds, got {value!r}")
+    if not 0 <= value <= 3600:
+        raise ValueError(f"must be between 0 and 3600 seconds, got {value}")
+    return float(value)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def conv(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of: {', '.join(choices)}")
+        return value
+
+    return conv
+
+
+def _host_port(value: Any) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"expected \"host:port\", got {value!r}")
+    host, _, port_s = value.rpartition(":")
+    if not host or not port_s.isdigit():
+        raise ValueError(f"expected \"host:port\", got {value!r}")
+    return host, addr.port(int(port_s))
+
+
+def _hosts_port(value: Any) -> str:
+    _host_port(value)
+    return value
+
+
+def _zk_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or value.endswith("/") or "//" in value:
+        raise ValueError(f"must be an absolute ZooKeeper path like /overlay, got {value!r}")
+    for part in value.strip("/").split("/"):
+        valid_name(part, "path element")
+    return value
+
+
+def _auth(path: str, value: Any) -> Auth | None:
+    if value is None:
+        return None
+    sec = _Section(value, path)
+    scheme = sec.get("scheme", _choice("digest"), "digest")
+    user = sec.get("user", _str, required=True)
+    if ":" in user:
+        raise InvalidConfigError(sec.sub("user"), "must not contain ':'")
+    password = sec.get("password", _str, required=True)
+    sec.done()
+    return Auth(scheme, user, password)
+
+
+# --- sections ----------------------------------------------------------------------------
+
+
+def _addresses(sec: _Section, subnet: ipaddress.IPv4Network) -> Addresses:
+    private = sec.get("private", addr.host_ipv4, required=True)
+    public = sec.get("public", addr.host_ipv4, required=True)
+    overlay = sec.get("overlay", lambda v: addr.in_subnet_host(v, subnet))
+    sec.done()
+    return Addresses(private, public, overlay)
+
+
+def _discovery(sec: _Section) -> Discovery:
+    provider = sec.get("provider", _choice(*DISCOVERY_PROVIDERS), required=True)
+    interface = sec.get("interface", _str)
+    public_interface = sec.get("public_interface", _str)
+    endpoint = sec.get("endpoint", _str, "http://169.254.169.254")
+    timeout_s = sec.get("timeout_s", _seconds, 2.0)
+    sec.done()
+    if provider == "netlink" and interface is None:
+        raise InvalidConfigError(sec.sub("interface"), "is required for provider netlink")
+    return Discovery(provider, interface, public_interface, endpoint, timeout_s)
+
+
+def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
+    backend = sec.get("backend", _choice(*REGISTRY_BACKENDS), "zookeeper")
+    hosts = sec.get("hosts", lambda v: _list_of(sec.sub("hosts"), v, _hosts_port), ("127.0.0.1:2181",))
+    if not hosts:
+        raise InvalidConfigError(sec.sub("hosts"), "must list at least one host:port")
+    prefix = sec.get("prefix", _zk_prefix, "/overlay")
+    timeout_s = sec.get("timeout_s", _seconds, 10.0)
+    auth = _auth(sec.sub("auth"), sec.get("auth", lambda v: v))
+    operator = _auth(sec.sub("operator"), sec.get("operator", lambda v: v))
+    peers = sec.get(
+        "peers",
+        lambda v: _list_of(sec.sub("peers"), v, lambda p: node_from_dict({"v": 1, **p} if isinstance(p, dict) else p, subnet)),
+        (),
+    )
+    sec.done()
+    if backend == "static" and peers:
+        seen: set[str] = set()
+        for i, node in enumerate(peers):
+            if node.node_id in seen:
+                raise InvalidConfigError(f"{sec.sub('peers')}[{i}].node_id", f"{node.node_id!r} is listed twice")
+            seen.add(node.node_id)
+    elif peers:
+        raise InvalidConfigError(sec.sub("peers"), "is only allowed with backend: static")
+    return RegistryConfig(backend, hosts, prefix, timeout_s, auth, operator, peers)
+
+
+def _sizes(sec: _Section) -> MapSizes:
+    sizes = MapSizes(
+        nat=sec.get("nat", _int_range(16, 1 << 22), MapSizes.nat),
+        peers=sec.get("peers", _int_range(16, 1 << 22), MapSizes.peers),
+        conntrack=sec.get("conntrack", _int_range(1024, 1 << 24), MapSizes.conntrack),
+        failsafe=sec.get("failsafe", _int_range(16, 1 << 16), MapSizes.failsafe),
+    )
+    sec.done()
+    return sizes
+
+
+def _ifname(value: Any) -> str:
+    value = _str(value)
+    if len(value) > 15 or "/" in value or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not a valid interface name (at most 15 characters, no '/' or spaces)")
+    return value
+
+
+def _datapath(sec: _Section) -> DatapathConfig:
+    backend = sec.get("backend", _choice(*DATAPATH_BACKENDS), "ebpf")
+    mode = sec.get("mode", _choice("tc", "socket"), "tc")
+    interface = sec.get("interface", _ifname, "eth0")
+    overlay_device = sec.get("overlay_device", _ifname, "ovl0")
+    pin_root = sec.get("pin_root", _str, "/sys/fs/bpf/overlay")
+    sizes = _sizes(sec.section("sizes"))
+    sec.done()
+    if mode == "socket":
+        raise InvalidConfigError(sec.sub("mode"), "socket mode is not available yet; use tc")
+    if mode != "tc" and backend != "ebpf":
+        raise InvalidConfigError(sec.sub("mode"), "only applies to backend: ebpf")
+    return DatapathConfig(backend, mode, interface, overlay_device, pin_root, sizes)
+
+
+def _filter(sec: _Section) -> FilterConfig:
+    reject_all = sec.get("reject_all", _bool, False)
+    mode = sec.get("mode", _choice("enforce", "audit"), "enforce")
+    open_ports = sec.get("open_ports", lambda v: _list_of(sec.sub("open_ports"), v, addr.port_spec), ())
+    whitelist = sec.get("ssh_whitelist", lambda v: _list_of(sec.sub("ssh_whitelist"), v, addr.cidr_ipv4), ())
+    sec.done()
+    return FilterConfig(reject_all, mode, tuple(sorted(set(open_ports))), tuple(dict.fromkeys(whitelist)))
+
+
+def _nat_overrides(path: str, value: Any, subnet: ipaddress.IPv4Network) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidConfigError(path, f"must be a mapping of overlay address to real address, got {_kind(value)}")
+    out = []
+    for key, target in value.items():
+        kpath = f"{path}[{key!r}]" if not isinstance(key, str) else f"{path}.{key}"
+        overlay = _convert(kpath, key, lambda v: addr.in_subnet_host(v, subnet))
+        real = _convert(kpath, target, addr.host_ipv4)
+        out.append((overlay, real))
+    return tuple(sorted(out))
+
+
+def _guard(sec: _Section) -> GuardConfig:
+    g = GuardConfig(sec.get("max_change", _int_range(0, 1_000_000), 20))
+    sec.done()
+    return g
+
+
+def _throttle(sec: _Section) -> ThrottleConfig:
+    lo = sec.get("min_s", _seconds, 0.0)
+    hi = sec.get("max_s", _seconds, 0.0)
+    sec.done()
+    if hi < lo:
+        raise InvalidConfigError(sec.sub("max_s"), f"must be at least min_s ({lo}), got {hi}")
+    return ThrottleConfig(lo, hi)
+
+
+def config_from_dict(obj: Any) -> Config:
+    top = _Section(obj, "")
+    subnet = top.get("overlay_subnet", addr.subnet_ipv4, ipaddress.IPv4Network(DEFAULT_SUBNET))
+    node_id = top.get("node_id", lambda v: valid_name(v, "node_id"), None)
+    if node_id is None:
+        node_id = _convert("node_id", socket.gethostname().split(".")[0] or "localhost", lambda v: valid_name(v, "node_id (from the hostname)"))
+    network = top.get("network", lambda v: valid_name(v, "network"), "default")
+    addresses = _addresses(top.section("addresses"), subnet) if top.has("addresses") else None
+    discovery = _discovery(top.section("discovery")) if top.has("discovery") else None
+    if addresses is not None and discovery is not None:
+        raise InvalidConfigError("discovery", "give either addresses or discovery, not both")
+    groups = top.get("groups", lambda v: _list_of("groups", v, lambda g: valid_name(g, "group")), ())
+    registry = _registry(top.section("registry"), subnet)
+    datapath = _datapath(top.section("datapath"))
+    filt = _filter(top.section("filter"))
+    overrides = _nat_overrides("nat_overrides", top.get("nat_overrides", lambda v: v), subnet)
+    guard = _guard(top.section("guard"))
+    throttle = _throttle(top.section("throttle"))
+    status_listen = top.get("status_listen", _host_port, ("127.0.0.1", 9464))
+    state_dir = top.get("state_dir", _str, "/var/lib/overlay")
+    top.done()
+    return Config(
+        node_id=node_id,
+        network=network,
+        overlay_subnet=subnet,
+        addresses=addresses,
+        discovery=discovery,
+        groups=tuple(sorted(set(groups))),
+        registry=registry,
+        datapath=datapath,
+        filter=filt,
+        nat_overrides=overrides,
+        guard=guard,
+        throttle=throttle,
+        status_listen=status_listen,
+        state_dir=state_dir,
+    )
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise InvalidConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InvalidConfigError("", f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if obj is None:
+        obj = {}
+    return config_from_dict(obj)
