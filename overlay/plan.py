@@ -1,0 +1,202 @@
+"""The pure planner: (self node, peers, config) -> DesiredState.
+
+No I/O here. The result is expressed in the table vocabulary of
+:mod:`overlay.ops`, which every datapath understands, plus the list of peers
+that were applied and of those excluded, each with a reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from overlay.config import Config
+from overlay.model import Node
+from overlay.ops import (
+    FS_ALL,
+    FS_SSH,
+    MODE_AUDIT,
+    MODE_ENFORCE,
+    PORT_SLOTS,
+    NatEntry,
+    PeerEntry,
+    empty_state,
+)
+
+
+@dataclass(frozen=True)
+class AppliedPeer:
+    node_id: str
+    network: str
+    overlay: str
+    real: str
+    groups: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "node_id": self.node_id,
+            "network": self.network,
+            "overlay": self.overlay,
+            "real": self.real,
+            "groups": list(self.groups),
+        }
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    tables: dict[str, dict]
+    peers: tuple[AppliedPeer, ...] = ()
+    excluded: tuple[tuple[str, str], ...] = ()
+    by_id: Mapping[str, AppliedPeer] = field(default_factory=dict)
+
+
+def ports_bitmap(specs: Iterable[tuple[int, int]], protos: Iterable[str] = ("tcp", "udp")) -> dict:
+    """Port specs -> {(slot, word): bits}, the kernel's open-ports bitmap, non-zero words only."""
+    words: dict[tuple[int, int], int] = defaultdict(int)
+    for proto in protos:
+        slot = PORT_SLOTS[proto]
+        for lo, hi in specs:
+            for port in range(lo, hi + 1):
+                words[(slot, port >> 6)] |= 1 << (port & 63)
+    return {k: v for k, v in words.items() if v}
+
+
+def bitmap_ports(words: Mapping[tuple[int, int], int], slot: int) -> list[int]:
+    """The inverse of :func:`ports_bitmap` for one slot: the sorted open ports."""
+    out = []
+    for (s, word), bits in words.items():
+        if s != slot:
+            continue
+        for bit in range(64):
+            if bits >> bit & 1:
+                out.append(word * 64 + bit)
+    return sorted(out)
+
+
+def _registry_addresses(config: Config) -> list[str]:
+    out = []
+    for hp in config.registry.hosts:
+        host = hp.rpartition(":")[0].strip("[]")
+        try:
+            out.append(str(ipaddress.IPv4Address(host)))
+        except ValueError:
+            continue  # a name; resolved addresses can be passed in as extra_failsafe
+    return out
+
+
+def plan(
+    self_node: Node,
+    peers: Iterable[Node],
+    config: Config,
+    extra_failsafe: Iterable[str] = (),
+) -> DesiredState:
+    """Compute the desired datapath state for ``self_node`` among ``peers``.
+
+    ``extra_failsafe`` are more addresses never to lock out (the registry's
+    resolved addresses, a controller's).
+    """
+    subnet = config.overlay_subnet
+    excluded: dict[str, str] = {}
+    candidates: list[Node] = []
+    for node in peers:
+        if node.node_id == self_node.node_id:
+            continue
+        try:
+            ip = ipaddress.IPv4Address(node.overlay)
+        except ValueError:
+            excluded[node.node_id] = f"overlay address {node.overlay!r} is not an IPv4 address"
+            continue
+        if ip not in subnet or ip in (subnet.network_address, subnet.broadcast_address):
+            excluded[node.node_id] = f"overlay address {node.overlay} is outside the overlay subnet {subnet}"
+            continue
+        if node.overlay == self_node.overlay:
+            excluded[node.node_id] = f"overlay address {node.overlay} is this node's own"
+            continue
+        candidates.append(node)
+
+    by_overlay: dict[str, list[Node]] = defaultdict(list)
+    for node in candidates:
+        by_overlay[node.overlay].append(node)
+    by_real: dict[str, list[Node]] = defaultdict(list)
+    for node in candidates:
+        if len(by_overlay[node.overlay]) == 1:
+            by_real[node.real_address_from(self_node.network)].append(node)
+
+    applied: list[AppliedPeer] = []
+    for node in candidates:
+        claimants = by_overlay[node.overlay]
+        if len(claimants) > 1:
+            others = sorted(n.node_id for n in claimants if n.node_id != node.node_id)
+            excluded[node.node_id] = f"overlay address {node.overlay} is also claimed by {', '.join(others)}"
+            continue
+        real = node.real_address_from(self_node.network)
+        sharing = by_real[real]
+        if len(sharing) > 1:
+            others = sorted(n.node_id for n in sharing if n.node_id != node.node_id)
+            excluded[node.node_id] = f"real address {real} is also used by {', '.join(others)}"
+            continue
+        if real in (self_node.private, self_node.public) and node.network == self_node.network:
+            excluded[node.node_id] = f"real address {real} is this node's own"
+            continue
+        applied.append(AppliedPeer(node.node_id, node.network, node.overlay, real, node.groups))
+
+    tables = empty_state()
+    nat, rnat, peer_table = tables["nat"], tables["rnat"], tables["peers"]
+    for p in applied:
+        nat[p.overlay] = NatEntry(p.real)
+        rnat[p.real] = p.overlay
+        peer_table[p.real] = PeerEntry()
+    for overlay, real in config.nat_overrides:
+        if overlay == self_node.overlay:
+            continue
+        nat[overlay] = NatEntry(real, override=True)
+        rnat.setdefault(real, overlay)
+
+    tables["ports"] = ports_bitmap(config.filter.open_ports)
+
+    failsafe: dict[str, int] = defaultdict(int)
+    for cidr in config.filter.ssh_whitelist:
+        failsafe[cidr] |= FS_SSH
+    for ip in [*_registry_addresses(config), *extra_failsafe]:
+        failsafe[f"{ip}/32"] |= FS_ALL
+    tables["failsafe"] = dict(failsafe)
+
+    tables["config"] = {
+        "reject_all": int(config.filter.reject_all),
+        "mode": MODE_AUDIT if config.filter.mode == "audit" else MODE_ENFORCE,
+    }
+    applied.sort(key=lambda p: p.node_id)
+    return DesiredState(
+        tables=tables,
+        peers=tuple(applied),
+        excluded=tuple(sorted(excluded.items())),
+        by_id={p.node_id: p for p in applied},
+    )
+
+
+@dataclass(frozen=True)
+class Churn:
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    added: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        """What the churn guard weighs: removals plus changed real addresses."""
+        return len(self.removed) + len(self.changed)
+
+
+def churn(applied: Mapping[str, AppliedPeer], desired: Mapping[str, AppliedPeer]) -> Churn:
+    """Compare the peers applied now with the desired ones, by node id."""
+    removed = tuple(sorted(k for k in applied if k not in desired))
+    added = tuple(sorted(k for k in desired if k not in applied))
+    changed = tuple(
+        sorted(
+            k
+            for k, p in desired.items()
+            if k in applied and (applied[k].real != p.real or applied[k].overlay != p.overlay)
+        )
+    )
+    return Churn(removed, changed, added)
