@@ -15,8 +15,9 @@ into ops. Tables:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any
 
 TABLES = ("nat", "rnat", "peers", "ports", "failsafe", "config")
 
