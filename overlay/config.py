@@ -21,7 +21,7 @@ from overlay.errors import InvalidConfigError, InvalidRecord
 from overlay.model import Node, node_from_dict, valid_name
 
 DEFAULT_SUBNET = "192.168.0.0/18"
-REGISTRY_BACKENDS = ("zookeeper", "grpc", "static", "memory")
+REGISTRY_BACKENDS = ("zookeeper", "grpc", "static")
 DATAPATH_BACKENDS = ("ebpf", "iptables", "dryrun")
 DISCOVERY_PROVIDERS = ("static", "netlink", "aws-imds")
 

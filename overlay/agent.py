@@ -1,0 +1,268 @@
+"""The agent: register, watch, guard, throttle, plan, diff, apply.
+
+Data flows one way: the registry's view -> churn guard -> plan -> diff
+against what the datapath holds -> datapath.apply(ops). The agent keeps a
+copy of the datapath state it last observed or applied, so a change costs
+O(changed entries) in the kernel; a full re-observation happens at start,
+after a reconnect and every ``resync_s``.
+
+Clock, sleep and randomness are injectable so throttle and guard tests are
+fast and deterministic (DESIGN §7.11).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from overlay.config import Config
+from overlay.diff import apply_ops, diff
+from overlay.errors import OverlayError
+from overlay.model import Node
+from overlay.ops import NatEntry
+from overlay.plan import AppliedPeer, DesiredState, plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GuardState:
+    tripped: bool = False
+    threshold: int = 20
+    size: int = 0
+    held: dict[str, list[str]] = field(default_factory=lambda: {"removed": [], "changed": []})
+    release_requested: bool = False
+    trips: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "tripped": self.tripped,
+            "threshold": self.threshold,
+            "size": self.size,
+            "held": {k: list(v) for k, v in self.held.items()},
+            "trips": self.trips,
+        }
+
+
+class Agent:
+    def __init__(
+        self,
+        config: Config,
+        registry,
+        datapath,
+        self_node: Node,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        resync_s: float = 300.0,
+        extra_failsafe: tuple[str, ...] = (),
+    ):
+        self.config = config
+        self.registry = registry
+        self.datapath = datapath
+        self.self_node = self_node
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.resync_s = resync_s
+        self.extra_failsafe = extra_failsafe
+        self.wake = threading.Event()
+        self.lock = threading.RLock()
+        self.guard = GuardState(threshold=config.guard.max_change)
+        self.observed: dict[str, dict] | None = None
+        self.applied_peers: dict[str, AppliedPeer] = {}  # by overlay address
+        self.excluded: tuple[tuple[str, str], ...] = ()
+        self.rejected: dict[str, str] = {}
+        self.ready = False
+        self.connected = False
+        self.last_apply_ops = 0
+        self.ops_total = 0
+        self.applies = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.last_resync = float("-inf")
+        self.heartbeat = clock()
+        self._was_connected = True
+
+    # --- wiring -------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Registry listener: cheap, thread-safe; the loop does the work."""
+        self.wake.set()
+
+    def request_release(self) -> str:
+        with self.lock:
+            if not self.guard.tripped:
+                return "the churn guard is not holding anything"
+            self.guard.release_requested = True
+        self.wake.set()
+        return f"released: {self.guard.size} held changes will be applied"
+
+    def set_config(self, config: Config) -> None:
+        with self.lock:
+            self.config = config
+        self.wake.set()
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, idle_s: float = 1.0) -> None:
+        """Reconcile on every registry change (after the throttle) until ``stop`` is set."""
+        self.wake.set()
+        while not stop.is_set():
+            self.heartbeat = self.clock()
+            if not self.wake.wait(timeout=idle_s):
+                if self.clock() - self.last_resync >= self.resync_s:
+                    self.wake.set()
+                continue
+            self.step(stop)
+
+    def step(self, stop: threading.Event | None = None) -> None:
+        """One throttled reconcile: wait a jittered delay, coalescing what arrives meanwhile."""
+        self.wake.clear()
+        lo, hi = self.config.throttle.min_s, self.config.throttle.max_s
+        if hi > 0 and self._has_applied():
+            delay = self.rng.uniform(lo, hi)
+            log.debug("[%s] throttle: applying in %.2f s", self.self_node.node_id, delay)
+            self.sleep(delay)
+        if stop is not None and stop.is_set():
+            return
+        try:
+            self.reconcile()
+        except OverlayError as exc:
+            self.errors += 1
+            self.last_error = str(exc)
+            log.error("[%s] reconcile failed: %s", self.self_node.node_id, exc)
+
+    def _has_applied(self) -> bool:
+        return self.observed is not None and self.applies > 0
+
+    # --- reconcile ----------------------------------------------------------------------
+
+    def reconcile(self) -> list:
+        """Bring the datapath to the desired state for the current view; return the ops."""
+        with self.lock:
+            view = self.registry.view()
+            self.rejected = dict(view.rejected)
+            self.connected = view.connected
+            if not view.connected or not view.synced:
+                # Fail-static: keep the last applied state; not ready until in sync again.
+                if self.ready:
+                    log.warning("[%s] registry unreachable: keeping the datapath as it is", self.self_node.node_id)
+                self.ready = False
+                self._was_connected = False
+                return []
+            if view.max_change is not None:
+                self.guard.threshold = view.max_change
+            else:
+                self.guard.threshold = self.config.guard.max_change
+            now = self.clock()
+            if self.observed is None or not self._was_connected or now - self.last_resync >= self.resync_s:
+                self.observed = self.datapath.observe()
+                self.last_resync = now
+                if not self.applied_peers:
+                    self.applied_peers = _peers_from_tables(self.observed)
+            self._was_connected = True
+
+            desired = plan(self.self_node, view.nodes.values(), self.config, self.extra_failsafe)
+            tables, peers = self._guarded(desired)
+            ops = diff(tables, self.observed)
+            if ops:
+                self.datapath.apply(ops)
+                apply_ops(self.observed, ops)
+                log.info("[%s] applied %d ops (%d peers)", self.self_node.node_id, len(ops), len(peers))
+            self.applied_peers = peers
+            self.excluded = desired.excluded
+            self.last_apply_ops = len(ops)
+            self.ops_total += len(ops)
+            self.applies += 1
+            self.ready = True
+            self.last_error = None
+            return ops
+
+    def _guarded(self, desired: DesiredState) -> tuple[dict, dict[str, AppliedPeer]]:
+        """Apply the churn guard: hold removals and real-address changes above the threshold."""
+        want = {p.overlay: p for p in desired.peers}
+        old = self.applied_peers
+        removed = sorted(o for o in old if o not in want)
+        changed = sorted(o for o in old if o in want and want[o].real != old[o].real)
+        size = len(removed) + len(changed)
+        g = self.guard
+        if size <= g.threshold or g.release_requested:
+            if g.tripped:
+                how = "released by the operator" if g.release_requested else f"threshold now {g.threshold}"
+                log.warning("[%s] churn guard: applying %d held changes (%s)", self.self_node.node_id, g.size, how)
+            g.tripped, g.size, g.release_requested = False, 0, False
+            g.held = {"removed": [], "changed": []}
+            return desired.tables, want
+        if not g.tripped or g.size != size:
+            g.trips += 1 if not g.tripped else 0
+            log.warning(
+                "[%s] churn guard tripped: %d removed and %d changed peers exceed max_change %d; "
+                "holding them (raise the threshold or run `overlay guard release`)",
+                self.self_node.node_id, len(removed), len(changed), g.threshold,
+            )
+        g.tripped, g.size = True, size
+        g.held = {"removed": [old[o].node_id for o in removed], "changed": [old[o].node_id for o in changed]}
+        tables = copy.deepcopy(desired.tables)
+        peers = dict(want)
+        observed = self.observed or {}
+        for overlay in [*removed, *changed]:
+            prev = old[overlay]
+            new = want.get(overlay)
+            if new is not None:
+                tables["rnat"].pop(new.real, None)
+                tables["peers"].pop(new.real, None)
+            tables["nat"][overlay] = observed.get("nat", {}).get(overlay, NatEntry(prev.real))
+            tables["rnat"][prev.real] = overlay
+            peer_val = observed.get("peers", {}).get(prev.real)
+            if peer_val is not None:
+                tables["peers"][prev.real] = peer_val
+            peers[overlay] = prev
+        return tables, peers
+
+    # --- reporting ----------------------------------------------------------------------
+
+    def status(self) -> dict:
+        with self.lock:
+            try:
+                counters = self.datapath.counters()
+            except OverlayError as exc:
+                counters = {}
+                log.debug("counters unavailable: %s", exc)
+            drops = {k[len("drop_"):]: v for k, v in counters.items() if k.startswith("drop_")}
+            return {
+                "node_id": self.self_node.node_id,
+                "network": self.self_node.network,
+                "overlay": self.self_node.overlay,
+                "private": self.self_node.private,
+                "public": self.self_node.public,
+                "groups": list(self.self_node.groups),
+                "ready": self.ready,
+                "registry": {"backend": self.registry.name, "connected": self.connected},
+                "datapath": {"backend": self.datapath.name, "counters": counters},
+                "peers": [p.to_dict() for p in sorted(self.applied_peers.values(), key=lambda p: p.node_id)],
+                "excluded": [{"node_id": n, "reason": r} for n, r in self.excluded],
+                "drops": drops,
+                "rejected": len(self.rejected),
+                "rejected_records": dict(sorted(self.rejected.items())[:100]),
+                "guard": self.guard.to_dict() | {"held_count": self.guard.size},
+                "applies": self.applies,
+                "ops_total": self.ops_total,
+                "last_error": self.last_error,
+            }
+
+
+def _peers_from_tables(tables: dict[str, dict]) -> dict[str, AppliedPeer]:
+    """Peers as adopted from a live datapath (node ids unknown until the registry answers)."""
+    out = {}
+    for overlay, entry in tables.get("nat", {}).items():
+        if getattr(entry, "override", False):
+            continue
+        out[overlay] = AppliedPeer(node_id=f"adopted:{overlay}", network="?", overlay=overlay, real=entry.real)
+    return out
