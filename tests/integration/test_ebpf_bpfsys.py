@@ -1,0 +1,211 @@
+"""bpfsys and maps against maps that bcc creates here (no programs attached).
+
+The maps are declared with the ABI header's structures, with the same
+types and names build.py uses, so MapSet is exercised on real kernel maps
+without the datapath's programs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+
+import pytest
+
+from overlay.datapath.ebpf import abi
+from overlay.errors import CapacityError, DatapathError
+from overlay.ops import NatEntry, Op, PeerEntry
+
+from .conftest import require_root
+
+pytestmark = [pytest.mark.root]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MAPS_C = r"""
+#include "overlay_abi.h"
+BPF_HASH(ovl_nat, u32, struct ovl_nat_val, 8);
+BPF_HASH(ovl_rnat, u32, u32, 8);
+BPF_HASH(ovl_peers, u32, struct ovl_peer_val, 8);
+BPF_ARRAY(ovl_ports, u64, 2048);
+BPF_LPM_TRIE(ovl_failsafe, struct ovl_lpm_key, u32, 8);
+BPF_TABLE("lru_hash", struct ovl_ct_key, struct ovl_ct_val, ovl_ct, 64);
+BPF_ARRAY(ovl_cfg, u64, 8);
+BPF_PERCPU_ARRAY(ovl_counters, u64, 32);
+int dummy(struct __sk_buff *skb) {
+    u32 k = 0;
+    u64 *v = ovl_cfg.lookup(&k);
+    struct ovl_nat_val *n = ovl_nat.lookup(&k);
+    u32 *r = ovl_rnat.lookup(&k);
+    struct ovl_peer_val *p = ovl_peers.lookup(&k);
+    u64 *w = ovl_ports.lookup(&k);
+    struct ovl_lpm_key lk = {32, 0};
+    u32 *f = ovl_failsafe.lookup(&lk);
+    struct ovl_ct_key ck = {};
+    struct ovl_ct_val *c = ovl_ct.lookup(&ck);
+    u64 *cn = ovl_counters.lookup(&k);
+    return (v ? 1 : 0) + (n ? 1 : 0) + (r ? 1 : 0) + (p ? 1 : 0) + (w ? 1 : 0)
+        + (f ? 1 : 0) + (c ? 1 : 0) + (cn ? 1 : 0);
+}
+"""
+
+
+@pytest.fixture
+def bpf():
+    require_root()
+    bcc = pytest.importorskip("bcc", reason="bcc (python3-bpfcc) is not installed")
+    b = bcc.BPF(text=MAPS_C, cflags=[f"-I{REPO}/bpf/include"])
+    b.load_func("dummy", bcc.BPF.SCHED_CLS)
+    try:
+        yield b
+    finally:
+        b.cleanup()
+
+
+@pytest.fixture
+def pin_dir():
+    require_root()
+    path = f"/sys/fs/bpf/ovl-test-bpfsys-{os.getpid()}"
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_pin_get_info_and_elements(bpf, pin_dir):
+    from overlay.datapath.ebpf import bpfsys
+
+    nat = bpf["ovl_nat"]
+    path = os.path.join(pin_dir, "ovl_nat")
+    bpfsys.obj_pin(nat.map_fd, path)
+    with pytest.raises(DatapathError, match="EEXIST"):
+        bpfsys.obj_pin(nat.map_fd, path)
+    fd = bpfsys.obj_get(path)
+    try:
+        info = bpfsys.map_info(fd)
+        assert (info.type, info.key_size, info.value_size, info.max_entries) == (
+            bpfsys.MAP_TYPE_HASH, 4, 8, 8)
+        assert info.name == "ovl_nat"
+        assert info.id == bpfsys.map_info(nat.map_fd).id
+        key = struct.pack("=I", abi.ip_to_be32("192.168.0.5"))
+        val = bytes(abi.OvlNatVal(abi.ip_to_be32("10.0.0.5"), 0))
+        assert bpfsys.lookup(fd, key, 4, 8) is None
+        bpfsys.update(fd, key, val, 4, 8)
+        # visible through bcc's own handle on the same map
+        assert nat[nat.Key(abi.ip_to_be32("192.168.0.5"))].real == abi.ip_to_be32("10.0.0.5")
+        assert bpfsys.lookup(fd, key, 4, 8) == val
+        assert bpfsys.get_next_key(fd, None, 4) == key
+        assert bpfsys.get_next_key(fd, key, 4) is None
+        assert bpfsys.delete(fd, key, 4) is True
+        assert bpfsys.delete(fd, key, 4) is False
+        with pytest.raises(DatapathError, match="expected 4 bytes"):
+            bpfsys.lookup(fd, b"\0" * 3, 4, 8)
+        # full map: E2BIG with errno text
+        for i in range(8):
+            bpfsys.update(fd, struct.pack("=I", i + 1), val, 4, 8)
+        with pytest.raises(DatapathError, match="E2BIG"):
+            bpfsys.update(fd, struct.pack("=I", 100), val, 4, 8)
+    finally:
+        bpfsys.close(fd)
+    with pytest.raises(DatapathError, match="ENOENT"):
+        bpfsys.obj_get(os.path.join(pin_dir, "absent"))
+
+
+def test_batches_and_fallbacks(bpf):
+    from overlay.datapath.ebpf import bpfsys
+
+    fd = bpf["ovl_rnat"].map_fd
+    items = [(struct.pack("=I", i), struct.pack("=I", i * 10)) for i in range(1, 7)]
+    bpfsys.update_batch(fd, items, 4, 4)
+    info = bpfsys.map_info(fd)
+    assert sorted(bpfsys.items(fd, info)) == sorted(items)
+    # delete batch with an absent key in the middle: the rest still goes
+    bpfsys.delete_batch(fd, [items[0][0], struct.pack("=I", 99), items[1][0]], 4)
+    assert sorted(bpfsys.items(fd, info)) == sorted(items[2:])
+
+    # LPM tries refuse batch commands: per-element fallback
+    lfd = bpf["ovl_failsafe"].map_fd
+    linfo = bpfsys.map_info(lfd)
+    assert linfo.type == bpfsys.MAP_TYPE_LPM_TRIE
+    lpm = [(bytes(abi.lpm_key(c)), struct.pack("=I", 1)) for c in ("10.0.0.0/8", "198.18.0.0/15")]
+    bpfsys.update_batch(lfd, lpm, 8, 4)
+    assert sorted(bpfsys.items(lfd, linfo)) == sorted(lpm)
+    bpfsys.delete_batch(lfd, [lpm[0][0], bytes(abi.lpm_key("1.2.3.0/24"))], 8)
+    assert bpfsys.items(lfd, linfo) == [lpm[1]]
+
+    # per-CPU arrays: one 8-byte slot per possible CPU
+    cinfo = bpfsys.map_info(bpf["ovl_counters"].map_fd)
+    assert cinfo.percpu and cinfo.value_buffer_size == 8 * bpfsys.num_possible_cpus()
+    assert len(bpfsys.items(bpf["ovl_counters"].map_fd, cinfo)) == 32
+
+
+def test_mapset_roundtrip_and_capacity(bpf):
+    from overlay.datapath.ebpf.maps import MapSet, to_jsonable
+
+    ms = MapSet.from_bpf(bpf)
+    try:
+        state = ms.read_all()
+        assert state == {
+            "nat": {}, "rnat": {}, "peers": {}, "ports": {}, "failsafe": {},
+            "config": {"reject_all": 0, "mode": 0},
+        }
+        ops = [
+            Op("nat", "192.168.0.2", NatEntry("10.0.0.2")),
+            Op("nat", "192.168.63.1", NatEntry("10.0.0.250", override=True)),
+            Op("rnat", "10.0.0.2", "192.168.0.2"),
+            Op("peers", "10.0.0.2", PeerEntry(7, 1)),
+            Op("ports", (0, 1), 1 << 16),       # tcp 80
+            Op("ports", (1, 0), 1 << 53),       # udp 53
+            Op("failsafe", "198.18.0.0/15", abi.FS_SSH),
+            Op("config", "reject_all", 1),
+            Op("nat", "192.168.0.9", NatEntry("10.0.0.9")),
+            Op("nat", "192.168.0.9", None),     # last op wins
+        ]
+        ms.apply(ops)
+        state = ms.read_all()
+        assert state["nat"] == {
+            "192.168.0.2": NatEntry("10.0.0.2"),
+            "192.168.63.1": NatEntry("10.0.0.250", True),
+        }
+        assert state["rnat"] == {"10.0.0.2": "192.168.0.2"}
+        assert state["peers"] == {"10.0.0.2": PeerEntry(7, 1)}
+        assert state["ports"] == {(0, 1): 1 << 16, (1, 0): 1 << 53}
+        assert state["failsafe"] == {"198.18.0.0/15": abi.FS_SSH}
+        assert state["config"] == {"reject_all": 1, "mode": 0}
+        assert to_jsonable(state)["ports"] == {"tcp": [80], "udp": [53]}
+
+        # the kernel side agrees on the layout
+        nat = bpf["ovl_nat"]
+        v = nat[nat.Key(abi.ip_to_be32("192.168.63.1"))]
+        assert (v.real, v.flags) == (abi.ip_to_be32("10.0.0.250"), abi.NAT_F_OVERRIDE)
+
+        # capacity: 8 entries max; 2 present + 7 new = 9 -> nothing applied
+        too_many = [Op("nat", f"192.168.1.{i}", NatEntry(f"10.0.1.{i}")) for i in range(7)]
+        with pytest.raises(CapacityError, match="nat: 9 entries"):
+            ms.apply(too_many + [Op("peers", "10.0.0.3", PeerEntry())])
+        assert ms.read_all() == state
+        # ... but fits when the same batch deletes one
+        ms.apply(too_many + [Op("nat", "192.168.0.2", None)])
+        assert len(ms.read_all()["nat"]) == 8
+        with pytest.raises(CapacityError):
+            ms.apply([Op("ports", (0, 1024), 1)])
+        with pytest.raises(DatapathError):
+            ms.apply([Op("nat", "not-an-ip", NatEntry("10.0.0.1"))])
+
+        # deletes of array entries write zero and disappear from read_all
+        ms.apply([Op("ports", (0, 1), None), Op("config", "reject_all", None)])
+        state = ms.read_all()
+        assert state["ports"] == {(1, 0): 1 << 53}
+        assert state["config"]["reject_all"] == 0
+
+        counters = ms.counters()
+        assert counters["not_allowed"] == 0 and counters["pass_member"] == 0
+        assert counters["nat_egress"] == 0 and "no_peer" in counters
+        fill = ms.fill()
+        assert fill["ovl_nat"] == {"entries": 8, "max_entries": 8}
+        assert fill["ovl_ports"]["entries"] == 1
+        assert ms.ct_entries() == []
+    finally:
+        ms.close()
