@@ -8,6 +8,7 @@ failure. User errors never show a Python traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -21,6 +22,13 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 log = logging.getLogger(__name__)
+
+# Modules that add their own subcommands (lab, controller, certs, operator commands, drops).
+PLUGIN_COMMANDS = (
+    "overlay.lab.cli",
+    "overlay.controller.cli",
+    "overlay.drops_cli",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     gr = gsub.add_parser("release", help="let the change the churn guard holds through")
     gr.set_defaults(func=cmd_guard_release)
     status_opts(gr)
+
+    # Command groups owned by other modules: each exposes register(subparsers, parser_class).
+    for modname in PLUGIN_COMMANDS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue
+            raise
+        mod.register(sub, _Parser)
     return p
 
 
