@@ -261,7 +261,7 @@ def pin_replace(fd: int, path: str) -> None:
 
     bpffs has no rename-over, so this pins under a temporary name and
     renames (bpffs supports rename(2) within a directory)."""
-    tmp = f"{path}.new{os.getpid()}"
+    tmp = f"{path}_new{os.getpid()}"  # bpffs refuses names with dots
     try:
         os.unlink(tmp)
     except FileNotFoundError:
