@@ -414,9 +414,11 @@ def load_config(path: str) -> Config:
             text = fh.read()
     except OSError as exc:
         raise InvalidConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidConfigError("", f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
         obj = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise InvalidConfigError("", f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None

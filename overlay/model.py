@@ -20,7 +20,7 @@ RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4096
 MAX_GROUPS = 64
 MAX_PORTS = 256
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")
 PROTOS = ("tcp", "udp", "icmp")
 
 _NODE_KEYS = {"v", "node_id", "network", "private", "public", "overlay", "groups", "open_ports"}
@@ -229,4 +229,7 @@ def parse_policy_record(data: bytes | str, policy_id: str = "") -> Policy:
 
 
 def serialise_policy(policy: Policy) -> bytes:
-    return json.dumps(policy.to_dict(), separators=(",", ":"), sort_keys=True).encode()
+    data = json.dumps(policy.to_dict(), separators=(",", ":"), sort_keys=True).encode()
+    if len(data) > MAX_RECORD_BYTES:
+        raise InvalidRecord(f"policy record is {len(data)} bytes, over {MAX_RECORD_BYTES}")
+    return data

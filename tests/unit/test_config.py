@@ -1,0 +1,379 @@
+"""Config contract (DESIGN §4.1a, §7.6): table-driven, through the real CLI.
+
+Every INVALID row is written to a file and checked twice: in-process
+(``load_config`` raises ``InvalidConfigError`` whose ``.path`` is exactly the
+expected key path) and through ``overlay check-config`` in a subprocess (exit
+2, ``overlay: invalid config: <path>: <reason>`` on stderr, no traceback).
+The subprocesses all run at once in a module fixture, so the file stays fast.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from overlay.config import Config, config_from_dict, load_config
+from overlay.errors import InvalidConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+CLI_TIMEOUT_S = 60
+
+BASE = "node_id: web-1\nnetwork: ec2\n"
+ADDR = "addresses:\n  private: 10.0.0.11\n  public: 198.18.1.11\n"
+PEER_A = "{node_id: a, network: vpc, private: 10.0.0.1, public: 198.19.0.1, overlay: 192.168.1.1}"
+PEER_A2 = "{node_id: a, network: vpc, private: 10.0.0.2, public: 198.19.0.2, overlay: 192.168.1.2}"
+
+
+class Bad(NamedTuple):
+    id: str
+    yaml: str
+    path: str  # the exact key path; "" for errors about the file as a whole
+    fragment: str  # a piece of the reason
+
+
+def _cfg(body: str, base: str = BASE) -> str:
+    return base + textwrap.dedent(body).lstrip("\n")
+
+
+def _addr(**kw: str) -> str:
+    lines = "".join(f"  {k}: {v}\n" for k, v in kw.items())
+    return _cfg("addresses:\n" + lines)
+
+
+INVALID: list[Bad] = [
+    # structure
+    Bad("unknown-top-level-key", _cfg("colour: blue\n"), "colour", "unknown key"),
+    Bad("unknown-nested-key", _cfg("filter:\n  reject: true\n"), "filter.reject", "unknown key"),
+    Bad("unknown-deep-key", _cfg("datapath:\n  sizes:\n    natt: 1024\n"), "datapath.sizes.natt", "unknown key"),
+    Bad("top-level-list", "- node_id: web-1\n- network: ec2\n", "<top>", "must be a mapping, got list"),
+    Bad("top-level-scalar", "just a string\n", "<top>", "must be a mapping, got str"),
+    Bad("section-not-mapping", _cfg("filter: [80]\n"), "filter", "must be a mapping"),
+    Bad("yaml-syntax-error", _cfg("filter:\n  open_ports: [80\n  reject_all: true\n"), "", "is not valid YAML at line 5"),
+    Bad("yaml-tab-indent", _cfg("guard:\n\tmax_change: 3\n"), "", "is not valid YAML at line 4"),
+    # names
+    Bad("node-id-slash", _cfg("", base="node_id: web/1\nnetwork: ec2\n"), "node_id", "must be 1-253 characters"),
+    Bad("node-id-dotdot", _cfg("", base="node_id: '..'\nnetwork: ec2\n"), "node_id", "must be 1-253 characters"),
+    Bad("node-id-int", _cfg("", base="node_id: 17\nnetwork: ec2\n"), "node_id", "must be a string, got int"),
+    Bad("node-id-trailing-newline", _cfg("", base='node_id: "web-1\\n"\nnetwork: ec2\n'), "node_id", "must be 1-253 characters"),
+    Bad("network-space", _cfg("", base="node_id: web-1\nnetwork: my net\n"), "network", "must be 1-253 characters"),
+    Bad("groups-not-list", _cfg("groups: web\n"), "groups", "must be a list, got str"),
+    Bad("group-bad-name", _cfg("groups: [web, 'a b']\n"), "groups[1]", "must be 1-253 characters"),
+    # overlay_subnet
+    Bad("subnet-not-cidr", _cfg("overlay_subnet: banana\n"), "overlay_subnet", "is not an IPv4 network"),
+    Bad("subnet-host-bits", _cfg("overlay_subnet: 192.168.0.1/18\n"), "overlay_subnet", "has host bits set"),
+    Bad("subnet-too-small", _cfg("overlay_subnet: 192.168.0.0/31\n"), "overlay_subnet", "too small"),
+    Bad("subnet-ipv6", _cfg("overlay_subnet: 'fd00::/64'\n"), "overlay_subnet", "is not an IPv4 network"),
+    # addresses
+    Bad("private-is-cidr", _addr(private="10.0.0.0/24", public="198.18.1.11"), "addresses.private", "is a network (CIDR)"),
+    Bad("private-unspecified", _addr(private="0.0.0.0", public="198.18.1.11"), "addresses.private", "unspecified"),
+    Bad("public-broadcast", _addr(private="10.0.0.11", public="255.255.255.255"), "addresses.public", "broadcast"),
+    Bad("private-multicast", _addr(private="224.0.0.251", public="198.18.1.11"), "addresses.private", "multicast"),
+    Bad("private-loopback", _addr(private="127.0.0.53", public="198.18.1.11"), "addresses.private", "loopback"),
+    Bad("public-reserved", _addr(private="10.0.0.11", public="250.1.2.3"), "addresses.public", "reserved"),
+    Bad("private-not-string", _addr(private="167772171", public="198.18.1.11"), "addresses.private", "expected an IPv4 address string, got int"),
+    Bad("private-garbage", _addr(private="ten.0.0.1", public="198.18.1.11"), "addresses.private", "is not an IPv4 address"),
+    Bad("private-non-canonical", _addr(private="'10.0.0.011'", public="198.18.1.11"), "addresses.private", "is not an IPv4 address"),
+    Bad("public-missing", _cfg("addresses:\n  private: 10.0.0.11\n"), "addresses.public", "is required"),
+    Bad("overlay-outside-subnet", _addr(private="10.0.0.11", public="198.18.1.11", overlay="192.168.64.1"), "addresses.overlay", "outside the overlay subnet"),
+    Bad("overlay-network-address", _addr(private="10.0.0.11", public="198.18.1.11", overlay="192.168.0.0"), "addresses.overlay", "network or broadcast address"),
+    Bad("overlay-broadcast-address", _addr(private="10.0.0.11", public="198.18.1.11", overlay="192.168.63.255"), "addresses.overlay", "network or broadcast address"),
+    Bad("addresses-and-discovery", _cfg(ADDR + "discovery: {provider: static}\n"), "discovery", "not both"),
+    Bad("discovery-unknown-provider", _cfg("discovery: {provider: gcp}\n"), "discovery.provider", "is not one of"),
+    Bad("discovery-netlink-no-interface", _cfg("discovery: {provider: netlink}\n"), "discovery.interface", "required for provider netlink"),
+    # filter
+    Bad("open-port-zero", _cfg("filter:\n  open_ports: [0]\n"), "filter.open_ports[0]", "outside 1..65535"),
+    Bad("open-port-65536", _cfg("filter:\n  open_ports: [80, 65536]\n"), "filter.open_ports[1]", "outside 1..65535"),
+    Bad("open-port-range-reversed", _cfg("filter:\n  open_ports: [22, '9000-8000']\n"), "filter.open_ports[1]", "starts after it ends"),
+    Bad("open-port-range-zero", _cfg("filter:\n  open_ports: ['0-10']\n"), "filter.open_ports[0]", "outside 1..65535"),
+    Bad("open-port-garbage", _cfg("filter:\n  open_ports: [http]\n"), "filter.open_ports[0]", "is not a port or a port range"),
+    Bad("open-port-half-range", _cfg("filter:\n  open_ports: ['8000-']\n"), "filter.open_ports[0]", "is not a port range"),
+    Bad("open-port-bool", _cfg("filter:\n  open_ports: [true]\n"), "filter.open_ports[0]", "expected a port number, got True"),
+    Bad("open-port-float", _cfg("filter:\n  open_ports: [80.5]\n"), "filter.open_ports[0]", "expected a port number"),
+    Bad("open-ports-not-list", _cfg("filter:\n  open_ports: 80\n"), "filter.open_ports", "must be a list, got int"),
+    Bad("reject-all-string", _cfg("filter:\n  reject_all: 'yes'\n"), "filter.reject_all", "must be true or false"),
+    Bad("filter-mode-unknown", _cfg("filter:\n  mode: permissive\n"), "filter.mode", "is not one of"),
+    Bad("ssh-whitelist-not-cidr", _cfg("filter:\n  ssh_whitelist: ['198.18.0.0/15', 'office']\n"), "filter.ssh_whitelist[1]", "is not an IPv4 network"),
+    Bad("ssh-whitelist-host-bits", _cfg("filter:\n  ssh_whitelist: ['198.18.0.1/15']\n"), "filter.ssh_whitelist[0]", "has host bits set"),
+    # nat_overrides
+    Bad("nat-override-key-outside-subnet", _cfg("nat_overrides: {'10.9.9.9': '10.0.0.250'}\n"), "nat_overrides.10.9.9.9", "outside the overlay subnet"),
+    Bad("nat-override-value-cidr", _cfg("nat_overrides: {'192.168.63.1': '10.0.0.0/24'}\n"), "nat_overrides.192.168.63.1", "is a network (CIDR)"),
+    Bad("nat-override-value-multicast", _cfg("nat_overrides: {'192.168.63.1': '239.1.1.1'}\n"), "nat_overrides.192.168.63.1", "multicast"),
+    Bad("nat-overrides-list", _cfg("nat_overrides: ['192.168.63.1']\n"), "nat_overrides", "must be a mapping"),
+    # registry
+    Bad("registry-backend-unknown", _cfg("registry:\n  backend: etcd\n"), "registry.backend", "'etcd' is not one of"),
+    Bad("registry-hosts-no-port", _cfg("registry:\n  hosts: ['198.18.0.2']\n"), "registry.hosts[0]", 'expected "host:port"'),
+    Bad("registry-hosts-bad-port", _cfg("registry:\n  hosts: ['zk1:2181', 'zk2:99999']\n"), "registry.hosts[1]", "outside 1..65535"),
+    Bad("registry-hosts-string", _cfg("registry:\n  hosts: 'zk1:2181'\n"), "registry.hosts", "must be a list, got str"),
+    Bad("registry-hosts-empty", _cfg("registry:\n  hosts: []\n"), "registry.hosts", "at least one"),
+    Bad("registry-prefix-relative", _cfg("registry:\n  prefix: overlay\n"), "registry.prefix", "absolute ZooKeeper path"),
+    Bad("registry-prefix-trailing-slash", _cfg("registry:\n  prefix: /overlay/\n"), "registry.prefix", "absolute ZooKeeper path"),
+    Bad("registry-timeout-negative", _cfg("registry:\n  timeout_s: -1\n"), "registry.timeout_s", "between 0 and 3600"),
+    Bad("registry-auth-no-password", _cfg("registry:\n  auth: {user: u}\n"), "registry.auth.password", "is required"),
+    Bad("registry-peers-with-zookeeper", _cfg(f"registry:\n  backend: zookeeper\n  peers: [{PEER_A}]\n"), "registry.peers", "only allowed with backend: static"),
+    Bad("registry-static-duplicate-peer", _cfg(f"registry:\n  backend: static\n  peers: [{PEER_A}, {PEER_A2}]\n"), "registry.peers[1].node_id", "'a' is listed twice"),
+    Bad("registry-static-peer-outside-subnet", _cfg("registry:\n  backend: static\n  peers: [{node_id: a, network: vpc, private: 10.0.0.1, public: 198.19.0.1, overlay: 10.1.0.1}]\n"), "registry.peers[0]", "outside the overlay subnet"),
+    Bad("registry-static-peer-unknown-key", _cfg("registry:\n  backend: static\n  peers: [{node_id: a, network: vpc, private: 10.0.0.1, public: 198.19.0.1, overlay: 192.168.1.1, colour: red}]\n"), "registry.peers[0]", "unknown keys ['colour']"),
+    # datapath
+    Bad("datapath-backend-unknown", _cfg("datapath:\n  backend: xdp\n"), "datapath.backend", "is not one of"),
+    Bad("datapath-interface-too-long", _cfg("datapath:\n  interface: enp0s31f6abcdefgh\n"), "datapath.interface", "at most 15 characters"),
+    Bad("datapath-interface-slash", _cfg("datapath:\n  interface: eth0/1\n"), "datapath.interface", "not a valid interface name"),
+    Bad("datapath-mode-with-iptables", _cfg("datapath:\n  backend: iptables\n  mode: socket\n"), "datapath.mode", "socket mode is not available"),
+    Bad("datapath-size-too-small", _cfg("datapath:\n  sizes:\n    nat: 1\n"), "datapath.sizes.nat", "must be between"),
+    # guard, throttle, status
+    Bad("guard-max-change-negative", _cfg("guard:\n  max_change: -1\n"), "guard.max_change", "must be between 0 and"),
+    Bad("guard-max-change-string", _cfg("guard:\n  max_change: '20'\n"), "guard.max_change", "must be an integer"),
+    Bad("throttle-max-below-min", _cfg("throttle:\n  min_s: 5\n  max_s: 1\n"), "throttle.max_s", "must be at least min_s"),
+    Bad("throttle-nan", _cfg("throttle:\n  max_s: .nan\n"), "throttle.max_s", "between 0 and 3600"),
+    Bad("status-listen-no-port", _cfg("status_listen: localhost\n"), "status_listen", 'expected "host:port"'),
+    Bad("status-listen-port-range", _cfg("status_listen: 127.0.0.1:70000\n"), "status_listen", "outside 1..65535"),
+    Bad("status-listen-int", _cfg("status_listen: 9464\n"), "status_listen", 'expected "host:port"'),
+]
+
+VALID_EXTRA = {
+    "empty-file": "",
+    "only-comments": "# nothing here\n",
+    "discovery-netlink": _cfg("discovery: {provider: netlink, interface: eth0}\n"),
+    "port-ranges": _cfg("filter:\n  open_ports: [443, '8000-8100', 80, 443]\n"),
+}
+
+
+def _cli(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "overlay.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("configs")
+    out = {}
+    for case in INVALID:
+        out[case.id] = d / f"{case.id}.yaml"
+        out[case.id].write_text(case.yaml, encoding="utf-8")
+    for name, text in VALID_EXTRA.items():
+        out[name] = d / f"{name}.yaml"
+        out[name].write_text(text, encoding="utf-8")
+    for p in EXAMPLES:
+        out[f"examples/{p.name}"] = p
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli(files) -> dict[str, subprocess.CompletedProcess]:
+    """Run ``check-config`` on every file at once; results by case id."""
+    workers = min(len(files), max(4, 2 * (os.cpu_count() or 2)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = dict(zip(files, pool.map(_cli, files.values()), strict=True))
+    return results
+
+
+def test_table_is_big_enough_and_ids_unique():
+    assert len(INVALID) >= 25
+    assert len({c.id for c in INVALID}) == len(INVALID)
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[c.id for c in INVALID])
+def test_invalid_in_process(case: Bad, files):
+    with pytest.raises(InvalidConfigError) as info:
+        load_config(str(files[case.id]))
+    assert info.value.path == case.path
+    assert case.fragment in info.value.reason
+    if case.path == "":
+        assert str(files[case.id]) in info.value.reason
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[c.id for c in INVALID])
+def test_invalid_via_cli(case: Bad, files, cli):
+    res = cli[case.id]
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    assert res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    line = lines[0]
+    if case.path:
+        assert line.startswith(f"overlay: invalid config: {case.path}: "), line
+    else:
+        assert line.startswith("overlay: invalid config: "), line
+        assert str(files[case.id]) in line
+    assert case.fragment in line
+
+
+@pytest.mark.parametrize("name", sorted(VALID_EXTRA) + [f"examples/{p.name}" for p in EXAMPLES])
+def test_valid_via_cli(name, cli):
+    res = cli[name]
+    assert res.returncode == 0, res.stderr
+    assert " OK " in res.stdout
+    assert res.stderr == ""
+
+
+def test_examples_exist():
+    names = {p.name for p in EXAMPLES}
+    assert {"full.yaml", "static-peers.yaml", "minimal.yaml"} <= names
+
+
+def test_minimal_example_takes_the_documented_defaults():
+    cfg = load_config(str(REPO / "examples" / "minimal.yaml"))
+    assert isinstance(cfg, Config)
+    assert cfg.node_id == socket.gethostname().split(".")[0]
+    assert cfg.network == "ec2"
+    assert cfg.overlay_subnet == ipaddress.IPv4Network("192.168.0.0/18")
+    assert cfg.addresses.overlay is None
+    assert cfg.discovery is None
+    assert cfg.groups == ()
+    assert cfg.registry.backend == "zookeeper"
+    assert cfg.registry.hosts == ("127.0.0.1:2181",)
+    assert cfg.registry.prefix == "/overlay"
+    assert cfg.registry.peers == ()
+    assert cfg.datapath.backend == "ebpf"
+    assert cfg.datapath.mode == "tc"
+    assert cfg.datapath.interface == "eth0"
+    assert cfg.filter.reject_all is False
+    assert cfg.filter.mode == "enforce"
+    assert cfg.filter.open_ports == ()
+    assert cfg.filter.ssh_whitelist == ()
+    assert cfg.nat_overrides == ()
+    assert cfg.guard.max_change == 20
+    assert (cfg.throttle.min_s, cfg.throttle.max_s) == (0.0, 0.0)
+    assert cfg.status_listen == ("127.0.0.1", 9464)
+
+
+def test_full_example_matches_the_design():
+    cfg = load_config(str(REPO / "examples" / "full.yaml"))
+    assert cfg.node_id == "web-1"
+    assert cfg.network == "ec2"
+    assert str(cfg.overlay_subnet) == "192.168.0.0/18"
+    assert (cfg.addresses.private, cfg.addresses.public) == ("10.0.0.11", "198.18.1.11")
+    assert cfg.groups == ("web",)
+    assert cfg.registry.hosts == ("198.18.0.2:2181",)
+    assert cfg.registry.prefix == "/overlay"
+    assert (cfg.datapath.backend, cfg.datapath.mode, cfg.datapath.interface) == ("ebpf", "tc", "eth0")
+    assert cfg.filter.reject_all is False
+    assert cfg.filter.open_ports == ((80, 80),)
+    assert cfg.filter.ssh_whitelist == ("198.18.0.0/15",)
+    assert cfg.nat_override_map == {"192.168.63.1": "10.0.0.250"}
+    assert cfg.guard.max_change == 20
+    assert cfg.status_listen == ("127.0.0.1", 9464)
+
+
+def test_static_peers_example():
+    cfg = load_config(str(REPO / "examples" / "static-peers.yaml"))
+    assert cfg.registry.backend == "static"
+    assert cfg.addresses.overlay == "192.168.0.11"
+    assert [p.node_id for p in cfg.registry.peers] == ["ec2-b", "vpc-a", "vpc-b"]
+    vpc_b = cfg.registry.peers[2]
+    assert vpc_b.groups == ("batch", "db")
+    assert vpc_b.open_ports == ((5432, 5432), (8000, 8100))
+    assert cfg.filter.reject_all is True
+
+
+def test_port_specs_are_normalised():
+    cfg = config_from_dict({"node_id": "a", "filter": {"open_ports": [443, "8000-8100", 80, 443, " 22 "]}})
+    assert cfg.filter.open_ports == ((22, 22), (80, 80), (443, 443), (8000, 8100))
+
+
+def test_config_is_frozen():
+    cfg = config_from_dict({"node_id": "a"})
+    with pytest.raises(AttributeError):
+        cfg.node_id = "b"  # type: ignore[misc]
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"node_id: caf\xe9\n")
+    with pytest.raises(InvalidConfigError) as info:
+        load_config(str(p))
+    assert str(p) in str(info.value)
+
+
+def test_absurdly_nested_yaml_is_a_config_error(tmp_path):
+    p = tmp_path / "deep.yaml"
+    p.write_text("node_id: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(InvalidConfigError) as info:
+        load_config(str(p))
+    assert str(p) in str(info.value)
+
+
+# --- property: config_from_dict rejects junk only with InvalidConfigError ----------------
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(["10.0.0.1", "192.168.0.7", "0.0.0.0", "10.0.0.0/8", "a:1", "/x", "1-2", "tc", "static"]),
+)
+_junk = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4),
+    ),
+    max_leaves=12,
+)
+_KEYS = [
+    "node_id", "network", "overlay_subnet", "addresses", "discovery", "groups", "registry",
+    "datapath", "filter", "nat_overrides", "guard", "throttle", "status_listen", "state_dir",
+]
+_SUBKEYS = [
+    "private", "public", "overlay", "provider", "interface", "backend", "hosts", "prefix",
+    "peers", "auth", "mode", "sizes", "reject_all", "open_ports", "ssh_whitelist",
+    "max_change", "min_s", "max_s", "timeout_s", "user", "password",
+]
+_shaped = st.dictionaries(
+    st.sampled_from(_KEYS),
+    st.one_of(_junk, st.dictionaries(st.sampled_from(_SUBKEYS), _junk, max_size=4)),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_junk, _shaped))
+def test_config_from_dict_raises_only_invalid_config_error(obj):
+    try:
+        cfg = config_from_dict(obj)
+    except InvalidConfigError as exc:
+        assert isinstance(exc.path, str) and exc.reason
+        return
+    except Exception as exc:  # noqa: BLE001 - the property under test
+        pytest.fail(f"config_from_dict({obj!r}) raised {type(exc).__name__}: {exc}")
+    assert isinstance(cfg, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_load_config_on_arbitrary_text(tmp_path_factory, text):
+    p = tmp_path_factory.getbasetemp() / "fuzz.yaml"
+    p.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        load_config(str(p))
+    except InvalidConfigError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - the property under test
+        pytest.fail(f"load_config on {text!r} raised {type(exc).__name__}: {exc}")
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("node_id: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(InvalidConfigError) as info:
+        load_config(str(p))
+    assert "python/object" in str(info.value)
