@@ -1,0 +1,383 @@
+"""A standalone ZooKeeper server from Debian's ``zookeeper`` package.
+
+Used by the tests, the netns lab and ``make`` targets. The server runs from a
+config file of our own in ``data_dir`` (its own snapshots, a loopback or lab
+client address, admin server off, a short ``tickTime`` so that session expiry
+is fast to test), never from ``/etc/zookeeper``.
+
+``python -m overlay.zkserver --data-dir D --port P`` runs one in the
+foreground until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from overlay.errors import OverlayError
+
+log = logging.getLogger(__name__)
+
+DEBIAN_ENVIRONMENT = "/etc/zookeeper/conf/environment"
+DEFAULT_JAVA = "/usr/bin/java"
+DEFAULT_CLASSPATH = "/usr/share/java/zookeeper.jar"
+# zookeeper.jar only carries slf4j-api; these bind it to log4j 1.2 (both in Debian).
+LOG_JARS = ("/usr/share/java/slf4j-log4j12.jar", "/usr/share/java/log4j-1.2.jar")
+MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+_CLONE_NEWNET = 0x40000000
+
+
+class ZooKeeperError(OverlayError):
+    """The ZooKeeper server could not be started or did not answer."""
+
+
+def _debian_environment(path: str = DEBIAN_ENVIRONMENT) -> dict[str, str]:
+    """``JAVA`` and ``CLASSPATH`` as Debian's zkEnv.sh sets them (shell assignments)."""
+    env: dict[str, str] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return env
+    for line in text.splitlines():
+        m = re.match(r"^\s*([A-Z_][A-Z0-9_]*)=(.*)$", line)
+        if not m:
+            continue
+        try:
+            words = shlex.split(m.group(2), comments=True)
+        except ValueError:
+            continue
+        env[m.group(1)] = words[0] if words else ""
+    return env
+
+
+def java_command(config_file: str, conf_dir: str, *, heap_mb: int = 512) -> list[str]:
+    """The java command line Debian's zkServer.sh would run, with our config and log setup.
+
+    ``conf_dir`` goes first on the class path (in place of ``/etc/zookeeper/conf``)
+    so that the ``log4j.properties`` we write there is the one used.
+    """
+    denv = _debian_environment()
+    java = denv.get("JAVA") or DEFAULT_JAVA
+    entries = [e for e in (denv.get("CLASSPATH") or DEFAULT_CLASSPATH).split(":") if e]
+    entries = [e for e in entries if not e.rstrip("/").endswith("/etc/zookeeper/conf")]
+    if not any(e.endswith("zookeeper.jar") for e in entries):
+        entries.append(DEFAULT_CLASSPATH)
+    classpath = [conf_dir, *entries, *(j for j in LOG_JARS if os.path.exists(j))]
+    return [
+        java,
+        f"-Xmx{heap_mb}m",
+        "-XX:+UseSerialGC",
+        "-XX:TieredStopAtLevel=1",
+        f"-Dzookeeper.log.dir={conf_dir}",
+        "-Dzookeeper.root.logger=INFO,CONSOLE",
+        f"-Dlog4j.configuration=file:{conf_dir}/log4j.properties",
+        "-Dzookeeper.admin.enableServer=false",
+        "-Dzookeeper.jmx.log4j.disable=true",
+        "-cp",
+        ":".join(classpath),
+        MAIN_CLASS,
+        config_file,
+    ]
+
+
+def _zk_probe(host: str, port: int, timeout: float) -> bool:
+    """True if a ZooKeeper server at host:port completes a session handshake.
+
+    Speaks the client protocol directly (ConnectRequest, then CloseSession), so
+    it needs neither four-letter-word commands nor kazoo, and it can run in a
+    thread that has entered another network namespace.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            # protocolVersion, lastZxidSeen, timeOut (ms), sessionId, passwd, readOnly
+            body = struct.pack("!iqiqi", 0, 0, 2000, 0, 16) + b"\0" * 16 + b"\0"
+            sock.sendall(struct.pack("!i", len(body)) + body)
+            head = _recv_exact(sock, 4)
+            (length,) = struct.unpack("!i", head)
+            if length < 20 or length > 4096:
+                return False
+            reply = _recv_exact(sock, length)
+            _proto, _timeout, session_id = struct.unpack_from("!iiq", reply)
+            if session_id == 0:
+                return False
+            close = struct.pack("!ii", 1, -11)  # xid 1, OpCode.closeSession
+            sock.sendall(struct.pack("!i", len(close)) + close)
+            try:
+                _recv_exact(sock, 4)  # the close reply, so the server sees a clean close
+            except OSError:
+                pass
+            return True
+    except (OSError, struct.error):
+        return False
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise OSError("connection closed")
+        buf += chunk
+    return buf
+
+
+def _probe_in_netns(netns: str, host: str, port: int, timeout: float) -> bool:
+    """Run :func:`_zk_probe` from a short-lived thread moved into ``netns``."""
+    result = [False]
+    error: list[str] = []
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    error.append(os.strerror(ctypes.get_errno()))
+                    return
+            finally:
+                os.close(fd)
+            result[0] = _zk_probe(host, port, timeout)
+        except OSError as exc:
+            error.append(str(exc))
+
+    t = threading.Thread(target=run, name=f"zk-probe-{netns}", daemon=True)
+    t.start()
+    t.join(timeout + 5)
+    if error:
+        log.debug("probe in netns %s failed: %s", netns, error[0])
+    return result[0]
+
+
+class ZooKeeperServer:
+    """One standalone ZooKeeper process with its own config and data in ``data_dir``.
+
+    ``start()`` returns once the server completes a client handshake; ``stop()``
+    ends the process group; ``pause()``/``resume()`` send SIGSTOP/SIGCONT (to
+    simulate a hung server). Logs go to ``<data_dir>/zookeeper.log``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int = 2181,
+        netns: str | None = None,
+        *,
+        tick_ms: int = 500,
+        min_session_ms: int = 1000,
+        max_session_ms: int = 30000,
+        fsync: bool = True,
+        heap_mb: int = 512,
+    ):
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.port = int(port)
+        self.netns = netns
+        self.tick_ms = tick_ms
+        self.min_session_ms = min_session_ms
+        self.max_session_ms = max_session_ms
+        self.fsync = fsync
+        self.heap_mb = heap_mb
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as clients (and ``registry.hosts``) spell it."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "zookeeper.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def write_config(self) -> Path:
+        """Write ``zoo.cfg`` and ``log4j.properties`` into ``data_dir``; return the config path."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "data").mkdir(exist_ok=True)
+        cfg = self.data_dir / "zoo.cfg"
+        lines = [
+            "# written by overlay.zkserver; standalone server for tests and the lab",
+            f"tickTime={self.tick_ms}",
+            f"minSessionTimeout={self.min_session_ms}",
+            f"maxSessionTimeout={self.max_session_ms}",
+            f"dataDir={self.data_dir / 'data'}",
+            f"clientPort={self.port}",
+            f"clientPortAddress={self.host}",
+            "maxClientCnxns=0",
+            "admin.enableServer=false",
+            "autopurge.snapRetainCount=3",
+            "autopurge.purgeInterval=1",
+        ]
+        if not self.fsync:
+            lines.append("forceSync=no")
+        cfg.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (self.data_dir / "log4j.properties").write_text(
+            "log4j.rootLogger=INFO, CONSOLE\n"
+            "log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender\n"
+            "log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout\n"
+            "log4j.appender.CONSOLE.layout.ConversionPattern=%d{ISO8601} %-5p [%t:%C{1}@%L] - %m%n\n",
+            encoding="utf-8",
+        )
+        return cfg
+
+    def command(self) -> list[str]:
+        cmd = java_command(str(self.data_dir / "zoo.cfg"), str(self.data_dir), heap_mb=self.heap_mb)
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        return cmd
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the server and wait (at most ``timeout`` seconds) until it answers."""
+        if self.running():
+            return
+        self.write_config()
+        cmd = self.command()
+        log.info("starting ZooKeeper on %s%s (log %s)", self.address,
+                 f" in netns {self.netns}" if self.netns else "", self.log_file)
+        with open(self.log_file, "ab") as out:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=str(self.data_dir),
+            )
+        self._paused = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise ZooKeeperError(
+                    f"ZooKeeper on {self.address} exited with status {code} while starting; "
+                    f"last log lines:\n{self._log_tail()}"
+                )
+            if self.ping(timeout=1.0):
+                log.info("ZooKeeper on %s is up (pid %d)", self.address, self._proc.pid)
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise ZooKeeperError(
+            f"ZooKeeper on {self.address} did not answer within {timeout:g} s; "
+            f"last log lines:\n{self._log_tail()}"
+        )
+
+    def ping(self, timeout: float = 1.0) -> bool:
+        """True if the server completes a client handshake now."""
+        if self.netns:
+            return _probe_in_netns(self.netns, self.host, self.port, timeout)
+        return _zk_probe(self.host, self.port, timeout)
+
+    def _signal(self, sig: int) -> None:
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def pause(self) -> None:
+        """SIGSTOP the server: clients see it hang (connections stay open, no answers)."""
+        if not self.running():
+            raise ZooKeeperError(f"ZooKeeper on {self.address} is not running")
+        self._signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        if self._proc is not None:
+            self._signal(signal.SIGCONT)
+        self._paused = False
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` s). Idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            self._signal(signal.SIGCONT)  # a paused server must wake up to die
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                proc.wait(10)
+        self._proc = None
+        self._paused = False
+        log.info("ZooKeeper on %s stopped", self.address)
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_file.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> ZooKeeperServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m overlay.zkserver",
+        description="Run a standalone ZooKeeper (Debian's package) in the foreground.",
+    )
+    parser.add_argument("--data-dir", required=True, help="directory for config, data and zookeeper.log")
+    parser.add_argument("--host", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=2181, help="client port (default 2181)")
+    parser.add_argument("--netns", default=None, help="run inside this network namespace")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for start-up")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = ZooKeeperServer(args.data_dir, args.host, args.port, args.netns)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start(args.timeout)
+    except ZooKeeperError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"ZooKeeper listening on {server.address} (log {server.log_file}); Ctrl-C stops it", flush=True)
+    try:
+        while not stop.is_set():
+            if not server.running():
+                print(f"error: ZooKeeper exited; see {server.log_file}", file=sys.stderr)
+                return 1
+            stop.wait(1.0)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
