@@ -1,0 +1,303 @@
+"""Run inside a test namespace: drive EbpfDatapath, or be a small client/server.
+
+Usage: python dp_helper.py ACTION JSON-ARGS; prints one JSON line (the result).
+Every network wait is bounded by a timeout.
+
+Datapath actions (args: interface, private, overlay, pin_root, subnet):
+  start     start (load or adopt), apply ``ops`` (spec below) if given, close
+  hold      start, apply ops, print, then sleep until killed (the "daemon")
+  apply     start (adopt), apply ops, close
+  observe   start (adopt), print observe() and counters(), close
+  teardown  EbpfDatapath.remove()
+
+Ops spec: {"nat": {overlay: real}, "rnat": {real: overlay}, "peers": {real: identity},
+"ports": {"tcp": [port...], "udp": [...]}, "failsafe": {cidr: flags},
+"config": {name: value}}; ``"delete": {table: [keys]}`` deletes.
+
+Traffic actions: serve-tcp, serve-udp, connect-tcp, send-udp, stream-serve, stream-send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import select
+import socket
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _out(obj) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# -- datapath ---------------------------------------------------------------------
+
+
+def build_ops(spec: dict):
+    from overlay.ops import NatEntry, Op, PeerEntry
+
+    ops = []
+    for overlay, real in spec.get("nat", {}).items():
+        ops.append(Op("nat", overlay, NatEntry(real)))
+    for real, overlay in spec.get("rnat", {}).items():
+        ops.append(Op("rnat", real, overlay))
+    for real, identity in spec.get("peers", {}).items():
+        ops.append(Op("peers", real, PeerEntry(identity, 1)))
+    words: dict[tuple[int, int], int] = {}
+    for slot, proto in enumerate(("tcp", "udp")):
+        for port in spec.get("ports", {}).get(proto, []):
+            key = (slot, port // 64)
+            words[key] = words.get(key, 0) | 1 << (port % 64)
+    for key, bits in words.items():
+        ops.append(Op("ports", key, bits))
+    for cidr, flags in spec.get("failsafe", {}).items():
+        ops.append(Op("failsafe", cidr, flags))
+    for name, value in spec.get("config", {}).items():
+        ops.append(Op("config", name, value))
+    for table, keys in spec.get("delete", {}).items():
+        for key in keys:
+            ops.append(Op(table, tuple(key) if isinstance(key, list) else key, None))
+    return ops
+
+
+def _datapath(a: dict):
+    from overlay.datapath.ebpf.datapath import EbpfDatapath
+
+    return EbpfDatapath(
+        a.get("interface", "eth0"), a.get("subnet", "192.168.0.0/18"), a["private"],
+        a.get("overlay"), pin_root=a["pin_root"],
+    )
+
+
+def _state(dp) -> dict:
+    from overlay.datapath.ebpf.maps import to_jsonable
+
+    return {
+        "adopted": dp.adopted,
+        "reattached": dp.reattached,
+        "attachments": dp.attachments(),
+        "observe": to_jsonable(dp.observe()),
+        "counters": dp.counters(),
+        "ct": len(dp.ct_entries()),
+    }
+
+
+def act_start(a: dict) -> None:
+    dp = _datapath(a)
+    t0 = time.monotonic()
+    dp.start()
+    elapsed = time.monotonic() - t0
+    try:
+        if a.get("ops"):
+            dp.apply(build_ops(a["ops"]))
+        out = _state(dp)
+        out["start_s"] = elapsed
+        _out(out)
+    finally:
+        dp.close()
+
+
+act_apply = act_start
+act_observe = act_start
+
+
+def act_hold(a: dict) -> None:
+    dp = _datapath(a)
+    dp.start()
+    if a.get("ops"):
+        dp.apply(build_ops(a["ops"]))
+    out = _state(dp)
+    out["pid"] = os.getpid()
+    _out(out)
+    deadline = time.monotonic() + a.get("max_s", 60)
+    while time.monotonic() < deadline:  # until killed; bounded
+        time.sleep(0.2)
+    dp.close()
+
+
+def act_teardown(a: dict) -> None:
+    from overlay.datapath.ebpf.datapath import EbpfDatapath
+
+    EbpfDatapath.remove(interface=a.get("interface", "eth0"), pin_root=a["pin_root"])
+    _out({"ok": True})
+
+
+# -- traffic ----------------------------------------------------------------------
+
+
+def act_serve_tcp(a: dict) -> None:
+    """Accept up to ``count`` connections; answer each with the peer's address."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((a.get("bind", "0.0.0.0"), a["port"]))
+    srv.listen(16)
+    srv.settimeout(a.get("timeout", 20))
+    _out({"listening": a["port"]})
+    seen = []
+    try:
+        for _ in range(a.get("count", 1)):
+            conn, peer = srv.accept()
+            with conn:
+                conn.settimeout(5)
+                data = conn.recv(100)
+                conn.sendall(json.dumps({"peer": peer[0], "got": data.decode()}).encode())
+            seen.append(peer[0])
+    except TimeoutError:
+        pass
+    _out({"seen": seen})
+
+
+def act_serve_udp(a: dict) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((a.get("bind", "0.0.0.0"), a["port"]))
+    sock.settimeout(a.get("timeout", 20))
+    _out({"listening": a["port"]})
+    seen = []
+    try:
+        for _ in range(a.get("count", 1)):
+            data, peer = sock.recvfrom(2048)
+            sock.sendto(json.dumps({"peer": peer[0], "got": data.decode()}).encode(), peer)
+            seen.append(peer[0])
+    except TimeoutError:
+        pass
+    _out({"seen": seen})
+
+
+def act_connect_tcp(a: dict) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(a.get("timeout", 3))
+    try:
+        s.connect((a["host"], a["port"]))
+        s.sendall(b"hello")
+        reply = json.loads(s.recv(1000).decode())
+        _out({"ok": True, "server_saw": reply["peer"], "peer": s.getpeername()[0],
+              "local": s.getsockname()[0]})
+    except OSError as exc:
+        _out({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        s.close()
+
+
+def act_send_udp(a: dict) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(a.get("timeout", 3))
+    try:
+        s.sendto(b"hello", (a["host"], a["port"]))
+        data, src = s.recvfrom(2048)  # unconnected: src is what the packet carried
+        reply = json.loads(data.decode())
+        _out({"ok": True, "server_saw": reply["peer"], "reply_from": src[0]})
+    except OSError as exc:
+        _out({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        s.close()
+
+
+def act_stream_serve(a: dict) -> None:
+    """Receive exactly ``nbytes`` on one connection; report count and sha256."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", a["port"]))
+    srv.listen(1)
+    srv.settimeout(a.get("timeout", 30))
+    _out({"listening": a["port"]})
+    h, n, error, peer = hashlib.sha256(), 0, None, None
+    try:
+        conn, peer = srv.accept()
+        conn.settimeout(a.get("timeout", 30))
+        with conn:
+            while n < a["nbytes"]:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                h.update(chunk)
+                n += len(chunk)
+            conn.sendall(h.hexdigest().encode())
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    _out({"received": n, "sha256": h.hexdigest(), "error": error, "peer": peer and peer[0]})
+
+
+def act_stream_send(a: dict) -> None:
+    """Send ``nbytes`` of deterministic data, paced over ``seconds``; report
+    the sha256, the server's echo of its own and any error (a reset shows here)."""
+    nbytes, seconds, chunks = a["nbytes"], a.get("seconds", 5.0), a.get("chunks", 100)
+    data = random.Random(a.get("seed", 1)).randbytes(nbytes)
+    h = hashlib.sha256(data).hexdigest()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(a.get("timeout", 20))
+    step = -(-nbytes // chunks)
+    error, echo, sent = None, None, 0
+    try:
+        s.connect((a["host"], a["port"]))
+        print(json.dumps({"connected": True}), flush=True)
+        t0 = time.monotonic()
+        for i in range(chunks):
+            piece = data[i * step:(i + 1) * step]
+            if not piece:
+                break
+            s.sendall(piece)
+            sent += len(piece)
+            delay = t0 + (i + 1) * seconds / chunks - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        r, _, _ = select.select([s], [], [], a.get("timeout", 20))
+        echo = s.recv(100).decode() if r else None
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        s.close()
+    _out({"sent": sent, "sha256": h, "echo": echo, "error": error})
+
+
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def act_ping(a: dict) -> None:
+    """ICMP echo over a raw socket (no ping binary needed): ``count`` requests,
+    each waiting up to ``wait`` s; reports the source address of each reply."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = (os.getpid() ^ a.get("salt", 0)) & 0xFFFF
+    replies = []
+    try:
+        for seq in range(1, a.get("count", 3) + 1):
+            payload = b"overlay-ping" + struct.pack("!d", time.time())
+            head = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+            csum = _icmp_checksum(head + payload)
+            s.sendto(struct.pack("!BBHHH", 8, 0, csum, ident, seq) + payload, (a["host"], 0))
+            deadline = time.monotonic() + a.get("wait", 2.0)
+            while (left := deadline - time.monotonic()) > 0:
+                r, _, _ = select.select([s], [], [], left)
+                if not r:
+                    break
+                pkt, src = s.recvfrom(2048)
+                ihl = (pkt[0] & 0x0F) * 4
+                typ, _code, _c, rid, rseq = struct.unpack("!BBHHH", pkt[ihl:ihl + 8])
+                if typ == 0 and rid == ident and rseq == seq:
+                    replies.append(src[0])
+                    break
+    finally:
+        s.close()
+    _out({"ok": bool(replies), "replies": len(replies), "from": sorted(set(replies))})
+
+
+ACTIONS = {
+    "start": act_start, "apply": act_apply, "observe": act_observe, "hold": act_hold,
+    "teardown": act_teardown, "serve-tcp": act_serve_tcp, "serve-udp": act_serve_udp,
+    "connect-tcp": act_connect_tcp, "send-udp": act_send_udp,
+    "stream-serve": act_stream_serve, "ping": act_ping, "stream-send": act_stream_send,
+}
+
+if __name__ == "__main__":
+    ACTIONS[sys.argv[1]](json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})

@@ -1,0 +1,211 @@
+"""The eBPF datapath end to end, in network namespaces (see conftest.Lab).
+
+h1 and h2 share network A, h3 sits in network B behind a 1:1 NAT edge, h4
+is an outsider in A running nothing. h1..h3 run EbpfDatapath, programmed
+with hand-built ops (every other host a member, reached through its real
+address: private in the same network, public across). Checksum offload is
+off on every veth.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from overlay.datapath.ebpf import abi
+
+from .conftest import HOSTS, OUTSIDER, lab_context, member_ops, real_of
+
+pytestmark = [pytest.mark.root]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with lab_context() as lab:
+        lab.started = lab.start_datapaths()
+        yield lab
+
+
+def overlay(name: str) -> str:
+    return HOSTS[name]["overlay"]
+
+
+def tcp(lab, src: str, dst_ns: str, host: str, port: int, timeout: float = 3) -> dict:
+    return lab.ns[src].helper("connect-tcp", host=host, port=port, timeout=timeout)
+
+
+def serve(lab, name: str, kind: str, port: int, count: int = 1, timeout: float = 15):
+    return lab.ns[name].helper_bg(kind, port=port, count=count, timeout=timeout)
+
+
+def finish(proc) -> dict:
+    import json
+
+    out, err = proc.communicate(timeout=30)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert lines, err
+    return json.loads(lines[-1])
+
+
+def counters(lab, name: str) -> dict:
+    return lab.dp(name, "observe")["counters"]
+
+
+def test_fresh_start_loads_attaches_and_observes(lab):
+    for name, res in lab.started.items():
+        assert res["adopted"] is False
+        for key, att in res["attachments"].items():
+            assert att["prog_id"] and att["prog_id"] == att["pinned_prog_id"], (name, key)
+        want = member_ops(name)
+        seen = res["observe"]
+        assert {k: v["real"] for k, v in seen["nat"].items()} == want["nat"]
+        assert seen["rnat"] == want["rnat"]
+        assert set(seen["peers"]) == set(want["peers"])
+        assert seen["config"] == {"reject_all": 0, "mode": 0}
+
+
+@pytest.mark.parametrize("src,dst", [("h1", "h2"), ("h2", "h1"), ("h1", "h3"), ("h3", "h2")])
+def test_tcp_udp_ping_via_overlay(lab, src, dst):
+    """Same network -> private address, other network -> public; the server
+    sees the client's real address, the client only the overlay address."""
+    client_real_seen_by_server = real_of(dst, src)
+    before = counters(lab, src)
+
+    srv = serve(lab, dst, "serve-tcp", 7001)
+    res = tcp(lab, src, dst, overlay(dst), 7001)
+    assert res["ok"], res
+    assert res["peer"] == overlay(dst)
+    assert res["server_saw"] == client_real_seen_by_server
+    assert finish(srv)["seen"] == [client_real_seen_by_server]
+
+    srv = serve(lab, dst, "serve-udp", 7002)
+    res = lab.ns[src].helper("send-udp", host=overlay(dst), port=7002)
+    assert res["ok"], res
+    assert res["reply_from"] == overlay(dst)  # unconnected socket: the wire source
+    assert res["server_saw"] == client_real_seen_by_server
+    finish(srv)
+
+    ping = lab.ns[src].helper("ping", host=overlay(dst), count=3)
+    assert ping["replies"] == 3, ping
+    assert ping["from"] == [overlay(dst)]
+
+    after = counters(lab, src)
+    assert after["nat_egress"] > before["nat_egress"]
+    assert after["nat_ingress"] > before["nat_ingress"]
+
+
+def test_real_addresses_untouched(lab):
+    before = counters(lab, "h1")
+    for dst, addr in (("h2", HOSTS["h2"]["private"]), ("h3", HOSTS["h3"]["public"])):
+        srv = serve(lab, dst, "serve-tcp", 7003)
+        res = tcp(lab, "h1", dst, addr, 7003)
+        assert res["ok"], res
+        assert res["peer"] == addr
+        assert res["server_saw"] == real_of(dst, "h1")
+        finish(srv)
+        srv = serve(lab, dst, "serve-udp", 7004)
+        res = lab.ns["h1"].helper("send-udp", host=addr, port=7004)
+        assert res["ok"] and res["reply_from"] == addr, res
+        finish(srv)
+    after = counters(lab, "h1")
+    assert after["nat_egress"] == before["nat_egress"]
+    assert after["nat_ingress"] == before["nat_ingress"]
+
+
+def test_unknown_overlay_address_dropped_no_peer(lab):
+    before = counters(lab, "h1")
+    res = tcp(lab, "h1", "h2", "192.168.0.77", 7005, timeout=1.5)
+    assert not res["ok"]
+    assert counters(lab, "h1")["no_peer"] > before["no_peer"]
+
+
+def test_reject_all_members_open_ports_failsafe(lab):
+    h2 = HOSTS["h2"]["private"]
+    lab.dp("h2", "apply", {
+        "config": {"reject_all": 1},
+        "ports": {"tcp": [8080]},
+        "failsafe": {f"{OUTSIDER['private']}/32": abi.FS_SSH},
+    })
+    try:
+        before = counters(lab, "h2")
+        # the outsider: a closed port is dropped (not refused: no reset comes back)
+        srv = serve(lab, "h2", "serve-tcp", 5000, count=3, timeout=12)
+        res = tcp(lab, "h4", "h2", h2, 5000, timeout=2)
+        assert not res["ok"] and "timed out" in res["error"], res
+        mid = counters(lab, "h2")
+        assert mid["not_allowed"] > before["not_allowed"]
+        # members still get in, through the overlay (h1, same network; h3, across)
+        for member in ("h1", "h3"):
+            res = tcp(lab, member, "h2", overlay("h2"), 5000)
+            assert res["ok"], (member, res)
+        assert finish(srv)["seen"] == [real_of("h2", "h1"), real_of("h2", "h3")]
+        # an open port and the failsafe (SSH from the whitelisted range) stay reachable
+        for port in (8080, abi.SSH_PORT):
+            srv = serve(lab, "h2", "serve-tcp", port)
+            res = tcp(lab, "h4", "h2", h2, port)
+            assert res["ok"], (port, res)
+            finish(srv)
+        after = counters(lab, "h2")
+        assert after["pass_open_port"] > before["pass_open_port"]
+        assert after["pass_failsafe"] > before["pass_failsafe"]
+        assert after["pass_member"] > before["pass_member"]
+        # the outsider's ping is dropped too
+        assert lab.ns["h4"].helper("ping", host=h2, count=1, wait=1.0)["replies"] == 0
+    finally:
+        lab.dp("h2", "apply", {
+            "config": {"reject_all": 0},
+            "delete": {"ports": [[0, 8080 // 64]], "failsafe": [f"{OUTSIDER['private']}/32"]},
+        })
+    state = lab.dp("h2", "observe")["observe"]
+    assert state["config"]["reject_all"] == 0 and state["ports"] == {"tcp": [], "udp": []}
+    res = tcp(lab, "h4", "h2", h2, 5001, timeout=2)
+    assert not res["ok"] and "refused" in res["error"]  # default accept again: RST
+
+
+def test_second_start_adopts_without_reattach(lab):
+    first = lab.dp("h1", "observe")
+    again = lab.dp("h1", "start")
+    assert again["adopted"] is True
+    assert again["reattached"] == []
+    assert again["attachments"] == first["attachments"]
+    assert again["observe"] == first["observe"]
+    assert again["start_s"] < 1.0  # nothing compiled
+
+
+def test_missing_filter_reattached_from_pin(lab):
+    """A filter removed behind our back comes back from the pinned program,
+    without compiling; the other filters are left alone."""
+    before = lab.dp("h3", "observe")["attachments"]
+    lab.ns["h3"].run("tc", "filter", "del", "dev", "eth0", "egress", "pref",
+                     str(0x4F56), "handle", hex(0x4F56), "bpf")
+    res = lab.dp("h3", "start")
+    assert res["adopted"] is True and res["reattached"] == ["egress"]
+    after = res["attachments"]
+    assert after["ingress"] == before["ingress"]
+    assert after["overlay_egress"] == before["overlay_egress"]
+    assert after["egress"]["prog_id"] == before["egress"]["pinned_prog_id"]
+
+
+def test_teardown_leaves_nothing(lab):
+    args = lab.dp_args("h2")
+    pin_dir = os.path.join(args["pin_root"], "eth0")
+    assert os.path.isdir(pin_dir)
+    lab.ns["h2"].helper("teardown", **args)
+    assert not os.path.exists(pin_dir)
+    assert not os.path.exists(args["pin_root"])
+    h2 = lab.ns["h2"]
+    assert h2.run("ip", "link", "show", "ovl0", check=False).returncode != 0
+    assert h2.run("ip", "link", "show", "ovl0p", check=False).returncode != 0
+    assert h2.run("tc", "filter", "show", "dev", "eth0", "ingress").stdout.strip() == ""
+    assert h2.run("tc", "filter", "show", "dev", "eth0", "egress").stdout.strip() == ""
+    assert "clsact" not in h2.run("tc", "qdisc", "show", "dev", "eth0").stdout
+    assert "192.168.0.0/18" not in h2.run("ip", "route").stdout
+    # plain networking is unaffected
+    srv = serve(lab, "h2", "serve-tcp", 7006)
+    res = tcp(lab, "h1", "h2", HOSTS["h2"]["private"], 7006)
+    assert res["ok"], res
+    finish(srv)
+    # and a fresh start loads again
+    res = lab.dp("h2", "start", member_ops("h2"))
+    assert res["adopted"] is False
