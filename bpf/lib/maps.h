@@ -1,0 +1,73 @@
+/* maps.h: every map of the datapath, declared once.
+ *
+ * Sizes come from the build as -D flags (overlay/datapath/ebpf/build.py);
+ * the defaults below only apply when a file is compiled by hand.
+ *
+ * When OVL_PIN_DIR is defined (a string literal, e.g. "/sys/fs/bpf/overlay"),
+ * every map is declared pinned at OVL_PIN_DIR "/" <map name>: bcc reuses the
+ * map already pinned there (same kernel object, contents kept) or, if none is
+ * pinned yet, creates the map and pins it there itself.
+ */
+#ifndef OVL_MAPS_H
+#define OVL_MAPS_H
+
+#include "overlay_abi.h"
+
+#ifndef OVL_NAT_MAX
+#define OVL_NAT_MAX 65536
+#endif
+#ifndef OVL_PEERS_MAX
+#define OVL_PEERS_MAX 65536
+#endif
+#ifndef OVL_CT_MAX
+#define OVL_CT_MAX 262144
+#endif
+#ifndef OVL_FAILSAFE_MAX
+#define OVL_FAILSAFE_MAX 1024
+#endif
+#ifndef OVL_EVENTS_PAGES
+#define OVL_EVENTS_PAGES 16
+#endif
+
+#ifdef OVL_PIN_DIR
+#define OVL_PIN(_name) ":" OVL_PIN_DIR "/" #_name
+#else
+#define OVL_PIN(_name) ""
+#endif
+
+/* bcc's BPF_F_TABLE with the pin path folded into the section name, the
+ * same encoding bcc's own BPF_TABLE_PINNED uses. */
+#define OVL_TABLE(_type, _key, _leaf, _name, _max, _flags) \
+	BPF_F_TABLE(_type OVL_PIN(_name), _key, _leaf, _name, _max, _flags)
+
+OVL_TABLE("hash", __u32, struct ovl_nat_val, ovl_nat, OVL_NAT_MAX, 0);
+OVL_TABLE("hash", __u32, __u32, ovl_rnat, OVL_NAT_MAX, 0);
+OVL_TABLE("hash", __u32, struct ovl_peer_val, ovl_peers, OVL_PEERS_MAX, 0);
+OVL_TABLE("array", int, __u64, ovl_ports, OVL_PORT_SLOTS * OVL_PORT_WORDS, 0);
+OVL_TABLE("lpm_trie", struct ovl_lpm_key, __u32, ovl_failsafe, OVL_FAILSAFE_MAX,
+	  BPF_F_NO_PREALLOC);
+OVL_TABLE("lru_hash", struct ovl_ct_key, struct ovl_ct_val, ovl_ct, OVL_CT_MAX, 0);
+OVL_TABLE("array", int, __u64, ovl_cfg, OVL_CFG_MAX, 0);
+OVL_TABLE("percpu_array", int, __u64, ovl_counters, OVL_COUNTER_MAX, 0);
+
+/* bcc's BPF_RINGBUF_OUTPUT, spelled out so that it can be pinned too. */
+struct ovl_events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf" OVL_PIN(ovl_events))))
+struct ovl_events_table_t ovl_events = { .max_entries = OVL_EVENTS_PAGES * PAGE_SIZE };
+
+static __always_inline __u64 ovl_cfg_get(int idx)
+{
+	__u64 *v = ovl_cfg.lookup(&idx);
+
+	return v ? *v : 0;
+}
+
+#endif /* OVL_MAPS_H */
