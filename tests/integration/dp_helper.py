@@ -71,8 +71,17 @@ def _datapath(a: dict):
 
     return EbpfDatapath(
         a.get("interface", "eth0"), a.get("subnet", "192.168.0.0/18"), a["private"],
-        a.get("overlay"), pin_root=a["pin_root"],
+        a.get("overlay"), pin_root=a["pin_root"], sizes=_sizes(a.get("sizes")),
     )
+
+
+def _sizes(spec):
+    """{"nat": n, ...} -> the config's MapSizes (what the daemon passes)."""
+    if not spec:
+        return None
+    from overlay.config import MapSizes
+
+    return MapSizes(**spec)
 
 
 def _state(dp) -> dict:
@@ -85,13 +94,20 @@ def _state(dp) -> dict:
         "observe": to_jsonable(dp.observe()),
         "counters": dp.counters(),
         "ct": len(dp.ct_entries()),
+        "fill": dp.fill(),
     }
 
 
 def act_start(a: dict) -> None:
     dp = _datapath(a)
     t0 = time.monotonic()
-    dp.start()
+    try:
+        dp.start()
+    except Exception as exc:
+        if not a.get("expect_error"):
+            raise
+        _out({"error": type(exc).__name__, "message": str(exc)})
+        return
     elapsed = time.monotonic() - t0
     try:
         if a.get("ops"):

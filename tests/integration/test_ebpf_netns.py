@@ -9,13 +9,25 @@ off on every veth.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 
 import pytest
 
 from overlay.datapath.ebpf import abi
 
-from .conftest import HOSTS, OUTSIDER, lab_context, member_ops, real_of
+from .conftest import (
+    HELPER,
+    HOSTS,
+    OUTSIDER,
+    PYTHON,
+    lab_context,
+    member_ops,
+    real_of,
+    require_bcc,
+    veth,
+)
 
 pytestmark = [pytest.mark.root]
 
@@ -40,8 +52,6 @@ def serve(lab, name: str, kind: str, port: int, count: int = 1, timeout: float =
 
 
 def finish(proc) -> dict:
-    import json
-
     out, err = proc.communicate(timeout=30)
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     assert lines, err
@@ -209,3 +219,66 @@ def test_teardown_leaves_nothing(lab):
     # and a fresh start loads again
     res = lab.dp("h2", "start", member_ops("h2"))
     assert res["adopted"] is False
+
+
+# -- single-host checks (their own namespace, function-scoped) -------------------
+
+
+@pytest.fixture
+def host(netns_factory, pin_root):
+    """One namespace with an uplink eth0 (10.0.0.1/24) and a pin root."""
+    require_bcc()
+    ns = netns_factory("solo")
+    peer = netns_factory("solop")
+    veth(ns, "eth0", peer, "eth0")
+    ns.run("ip", "addr", "add", "10.0.0.1/24", "dev", "eth0")
+    args = {"interface": "eth0", "private": "10.0.0.1", "overlay": "192.168.0.1",
+            "pin_root": pin_root, "subnet": "192.168.0.0/18"}
+    return ns, args
+
+
+def test_unsupported_one_line(host):
+    ns, args = host
+    res = ns.helper("start", expect_error=True, **{**args, "interface": "eth9"})
+    assert res == {"error": "UnsupportedError", "message": "interface eth9 does not exist"}
+    # "ip netns exec" remounts /sys: no bpffs there
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns.name, PYTHON, HELPER, "start",
+         json.dumps({**args, "expect_error": True})],
+        capture_output=True, text=True, timeout=60,
+    )
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["error"] == "UnsupportedError" and "bpffs is not mounted" in res["message"]
+    assert "\n" not in res["message"]
+    # not root
+    out = ns.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                 PYTHON, HELPER, "start", json.dumps({**args, "expect_error": True}),
+                 check=False)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["error"] == "UnsupportedError" and "needs root" in res["message"]
+
+
+def test_resize_recreates_maps_and_keeps_entries(host):
+    """A changed map size is a reload: the resized maps are re-created (bcc would
+    reuse them unchecked) and their entries carried over; the others are kept."""
+    ns, args = host
+    ops = {"nat": {"192.168.0.2": "10.0.0.2"}, "rnat": {"10.0.0.2": "192.168.0.2"},
+           "peers": {"10.0.0.2": 5}, "ports": {"tcp": [443]}}
+    small = {"nat": 1024, "peers": 1024, "conntrack": 4096, "failsafe": 64}
+    first = ns.helper("start", ops=ops, sizes=small, **args)
+    assert first["adopted"] is False
+    assert first["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 1024}
+    again = ns.helper("start", sizes=small, **args)
+    assert again["adopted"] is True
+
+    bigger = {**small, "nat": 2048}
+    res = ns.helper("start", sizes=bigger, **args)
+    assert res["adopted"] is False
+    assert res["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 2048}
+    assert res["fill"]["ovl_rnat"] == {"entries": 1, "max_entries": 2048}
+    assert res["fill"]["ovl_peers"] == {"entries": 1, "max_entries": 1024}
+    assert res["observe"] == first["observe"]
+    for key, att in res["attachments"].items():
+        assert att["prog_id"] == att["pinned_prog_id"], key
+        assert att["prog_id"] != first["attachments"][key]["prog_id"], key
+    assert ns.helper("start", sizes=bigger, **args)["adopted"] is True
