@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -109,18 +110,23 @@ class MapSpec:
 # ---------------------------------------------------------------- sources
 
 
-def bpf_dir() -> Path:
-    """The ``bpf/`` source directory.
-
-    ``$OVERLAY_BPF_DIR`` if set, else the repository's ``bpf/`` next to the
-    package, else ``<sys.prefix>/share/overlay/bpf`` (an installed copy).
-    """
+def _candidate_dirs() -> list[Path]:
     candidates = []
     env = os.environ.get(BPF_DIR_ENV)
     if env:
         candidates.append(Path(env))
     candidates.append(Path(__file__).resolve().parents[3] / "bpf")
     candidates.append(Path(sys.prefix) / "share" / "overlay" / "bpf")
+    return candidates
+
+
+def bpf_dir() -> Path:
+    """The ``bpf/`` source directory.
+
+    ``$OVERLAY_BPF_DIR`` if set, else the repository's ``bpf/`` next to the
+    package, else ``<sys.prefix>/share/overlay/bpf`` (an installed copy).
+    """
+    candidates = _candidate_dirs()
     for cand in candidates:
         if (cand / MAIN_SOURCE).is_file() and (cand / "include" / "overlay_abi.h").is_file():
             return cand
@@ -272,24 +278,32 @@ def _check_pin_dir_name(pin_dir: str) -> str:
     return os.path.normpath(pin_dir)
 
 
+def map_spec_of_fd(fd: int) -> MapSpec:
+    """The geometry of the map behind ``fd`` (as the kernel reports it)."""
+    from overlay.datapath.ebpf.testrun import libbpf
+
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    rc = libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+    if rc < 0:
+        raise DatapathError(f"fd {fd} is not a readable BPF map ({os.strerror(-rc)})")
+    return MapSpec(info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
+
+
 def _pinned_spec(path: str) -> MapSpec | None:
     """The geometry of the map pinned at ``path``; None if nothing is pinned there."""
     from overlay.datapath.ebpf.testrun import libbpf
 
-    lib = libbpf()
-    fd = lib.bpf_obj_get(path.encode())
+    fd = libbpf().bpf_obj_get(path.encode())
     if fd < 0:
-        err = ctypes.get_errno()
-        if err == 2 or fd == -2:  # ENOENT
+        err = -fd if fd < -1 else ctypes.get_errno()
+        if err == errno.ENOENT:
             return None
-        raise DatapathError(f"cannot open the pinned object {path}: {os.strerror(err or -fd)}")
+        raise DatapathError(f"cannot open the pinned object {path}: {os.strerror(err)}")
     try:
-        info = _MapInfo()
-        size = ctypes.c_uint32(ctypes.sizeof(info))
-        rc = lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
-        if rc < 0:
-            raise DatapathError(f"{path} is pinned but is not a readable map ({os.strerror(-rc)})")
-        return MapSpec(info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
+        return map_spec_of_fd(fd)
+    except DatapathError as e:
+        raise DatapathError(f"{path} is pinned but is not a readable map ({e})") from e
     finally:
         os.close(fd)
 

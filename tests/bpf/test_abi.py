@@ -1,0 +1,170 @@
+"""overlay/datapath/ebpf/abi.py mirrors bpf/include/overlay_abi.h exactly.
+
+Constants and enum values are compared with the header's text; struct sizes
+and field offsets with what the compiler laid out (a probe program compiled
+by bcc writes sizeof/offsetof into a map, run once with BPF_PROG_TEST_RUN),
+and with the key/value types bcc derived for the datapath's maps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import pytest
+
+from overlay.datapath.ebpf import abi, build, testrun
+
+# enum name in the header -> (Python class, prefixes to strip, tried in order)
+ENUMS = {
+    "ovl_cfg_index": (abi.CfgIndex, ["OVL_CFG_"]),
+    "ovl_filter_mode": (abi.FilterMode, ["OVL_MODE_"]),
+    "ovl_reason": (abi.Reason, ["OVL_"]),
+    "ovl_port_slot": (abi.PortSlot, ["OVL_PORT_SLOT_", "OVL_PORT_"]),
+}
+# maps whose key or value is one of the ABI structs: (map, "Key"|"Leaf", struct)
+MAP_TYPES = [
+    ("ovl_nat", "Leaf", "ovl_nat_val"),
+    ("ovl_peers", "Leaf", "ovl_peer_val"),
+    ("ovl_failsafe", "Key", "ovl_lpm_key"),
+    ("ovl_ct", "Key", "ovl_ct_key"),
+    ("ovl_ct", "Leaf", "ovl_ct_val"),
+]
+
+
+def header() -> str:
+    text = (build.bpf_dir() / "include" / "overlay_abi.h").read_text()
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def header_defines() -> dict[str, int]:
+    return {
+        m.group(1): int(m.group(2), 0)
+        for m in re.finditer(r"^\s*#define\s+(OVL_\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$", header(), re.M)
+    }
+
+
+def header_enums() -> dict[str, dict[str, int]]:
+    out = {}
+    for m in re.finditer(r"enum\s+(\w+)\s*\{(.*?)\}", header(), re.S):
+        members = {}
+        for item in m.group(2).split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, _, value = (part.strip() for part in item.partition("="))
+            assert value, f"{m.group(1)}.{name}: every ABI enum member has an explicit value"
+            members[name] = int(value, 0)
+        out[m.group(1)] = members
+    return out
+
+
+def header_structs() -> dict[str, list[str]]:
+    out = {}
+    for m in re.finditer(r"struct\s+(\w+)\s*\{(.*?)\};", header(), re.S):
+        fields = []
+        for decl in m.group(2).split(";"):
+            decl = decl.strip()
+            if decl:
+                fields.append(re.match(r".*?(\w+)\s*(\[\s*\d+\s*\])?$", decl).group(1))
+        out[m.group(1)] = fields
+    return out
+
+
+def test_defines_match():
+    defines = header_defines()
+    assert defines, "no #define found in the header"
+    for name, value in defines.items():
+        py = name.removeprefix("OVL_")
+        assert hasattr(abi, py), f"abi.py lacks {py} (header {name})"
+        assert getattr(abi, py) == value, f"{py}: abi.py {getattr(abi, py)} != header {value}"
+
+
+def test_enums_match():
+    enums = header_enums()
+    assert set(enums) == set(ENUMS), "an enum was added or removed: extend ENUMS and abi.py"
+    for enum_name, members in enums.items():
+        cls, prefixes = ENUMS[enum_name]
+        seen = {}
+        for name, value in members.items():
+            py = next(name.removeprefix(p) for p in prefixes if name.startswith(p))
+            assert py in cls.__members__, f"{cls.__name__} lacks {py} (header {name})"
+            assert cls[py] == value, f"{cls.__name__}.{py}: {cls[py].value} != header {value}"
+            seen[py] = value
+        assert set(cls.__members__) == set(seen), f"{cls.__name__} has members the header lacks"
+
+
+def test_struct_fields_match_header():
+    structs = header_structs()
+    assert set(structs) == set(abi.STRUCTS)
+    for name, fields in structs.items():
+        assert [f[0] for f in abi.STRUCTS[name]._fields_] == fields, name
+
+
+def _probe_source(items: list[str]) -> str:
+    body = "\n".join(
+        f"    i = {i}; slot = abi_probe.lookup(&i); if (slot) *slot = {expr};"
+        for i, expr in enumerate(items)
+    )
+    return (
+        '#include "overlay_abi.h"\n'
+        f"BPF_ARRAY(abi_probe, u64, {len(items)});\n"
+        "int abi_probe_run(struct __sk_buff *skb)\n{\n    int i;\n    u64 *slot;\n"
+        f"{body}\n    return 0;\n}}\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled_layout() -> dict[str, int]:
+    """{"sizeof ovl_ct_key": 16, "ovl_ct_key.sport": 8, ...} as the compiler laid them out."""
+    import bcc
+
+    labels, exprs = [], []
+    for name, cls in abi.STRUCTS.items():
+        labels.append(f"sizeof {name}")
+        exprs.append(f"sizeof(struct {name})")
+        for field, *_ in cls._fields_:
+            labels.append(f"{name}.{field}")
+            exprs.append(f"__builtin_offsetof(struct {name}, {field})")
+    b = bcc.BPF(text=_probe_source(exprs), cflags=[f"-I{build.bpf_dir() / 'include'}"])
+    try:
+        fn = b.load_func("abi_probe_run", bcc.BPF.SCHED_CLS)
+        frame = b"\xff" * 6 + b"\x02" * 6 + b"\x08\x06" + b"\0" * 28  # an ARP frame
+        assert testrun.run(fn.fd, frame)[0] == 0
+        table = b[b"abi_probe"]
+        yield {label: table[ctypes.c_int(i)].value for i, label in enumerate(labels)}
+    finally:
+        b.cleanup()
+
+
+@pytest.mark.parametrize("name", sorted(abi.STRUCTS))
+def test_struct_layout_matches_compiler(compiled_layout, name):
+    cls = abi.STRUCTS[name]
+    assert ctypes.sizeof(cls) == compiled_layout[f"sizeof {name}"], f"sizeof {name}"
+    for field, *_ in cls._fields_:
+        assert getattr(cls, field).offset == compiled_layout[f"{name}.{field}"], f"{name}.{field}"
+
+
+@pytest.mark.parametrize("map_name,side,struct", MAP_TYPES)
+def test_map_types_bcc_derived_match(compiled, map_name, side, struct):
+    bcc_type = getattr(compiled.bpf[map_name.encode()], side)
+    ours = abi.STRUCTS[struct]
+    assert ctypes.sizeof(bcc_type) == ctypes.sizeof(ours)
+    for field, *_ in ours._fields_:
+        assert getattr(bcc_type, field).offset == getattr(ours, field).offset, field
+
+
+def test_scalar_map_types(compiled):
+    for name in ("ovl_nat", "ovl_rnat", "ovl_peers"):
+        assert ctypes.sizeof(compiled.bpf[name.encode()].Key) == 4
+    assert ctypes.sizeof(compiled.bpf[b"ovl_rnat"].Leaf) == 4
+    for name in ("ovl_ports", "ovl_cfg"):
+        assert ctypes.sizeof(compiled.bpf[name.encode()].Leaf) == 8
+
+
+def test_helpers_roundtrip():
+    assert abi.be32_to_ip(abi.ip_to_be32("10.1.2.3")) == "10.1.2.3"
+    assert abi.be16_to_port(abi.port_to_be16(8080)) == 8080
+    key = abi.lpm_key("198.18.0.0/15")
+    assert (key.prefixlen, abi.be32_to_ip(key.addr)) == (15, "198.18.0.0")
