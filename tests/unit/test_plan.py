@@ -1,0 +1,381 @@
+"""The pure planner (DESIGN §5, §7.4): tables in, tables out, asserted exactly."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.config import config_from_dict
+from overlay.model import Node
+from overlay.ops import FS_ALL, FS_SSH, MODE_AUDIT, MODE_ENFORCE, TABLES, NatEntry, PeerEntry
+from overlay.plan import AppliedPeer, bitmap_ports, churn, plan, ports_bitmap
+
+SELF = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("web",))
+
+
+def cfg(**over):
+    base = {"node_id": "self", "network": "ec2", "registry": {"hosts": ["zk.example:2181"]}}
+    base.update(over)
+    return config_from_dict(base)
+
+
+def node(node_id, network, private, public, overlay, groups=()):
+    return Node(node_id, network, private, public, overlay, tuple(groups))
+
+
+EC2_B = node("ec2-b", "ec2", "10.0.0.2", "198.18.0.2", "192.168.0.2", ["web"])
+VPC_A = node("vpc-a", "vpc", "10.0.0.2", "198.19.0.2", "192.168.1.2", ["db"])
+
+
+# --- real address selection --------------------------------------------------------------
+
+REAL_CASES = [
+    ("same network -> private", EC2_B, "10.0.0.2"),
+    ("other network -> public", VPC_A, "198.19.0.2"),
+    (
+        "overlapping private range in the other network -> public",
+        node("vpc-x", "vpc", "10.0.0.1", "198.19.0.1", "192.168.1.1"),
+        "198.19.0.1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("desc", "peer", "real"), REAL_CASES, ids=[c[0] for c in REAL_CASES])
+def test_real_address(desc, peer, real):
+    d = plan(SELF, [peer], cfg())
+    assert d.tables["nat"] == {peer.overlay: NatEntry(real)}
+    assert d.tables["rnat"] == {real: peer.overlay}
+    assert d.tables["peers"] == {real: PeerEntry()}
+    assert d.by_id[peer.node_id] == AppliedPeer(peer.node_id, peer.network, peer.overlay, real, peer.groups)
+    assert d.excluded == ()
+
+
+def test_tables_present_and_peers_sorted():
+    d = plan(SELF, [VPC_A, EC2_B], cfg())
+    assert set(d.tables) == set(TABLES)
+    assert [p.node_id for p in d.peers] == ["ec2-b", "vpc-a"]
+    assert set(d.by_id) == {"ec2-b", "vpc-a"}
+
+
+def test_reverse_map_and_peers_table():
+    peers = [EC2_B, VPC_A, node("vpc-b", "vpc", "10.0.0.3", "198.19.0.3", "192.168.1.3")]
+    d = plan(SELF, peers, cfg())
+    assert d.tables["nat"] == {
+        "192.168.0.2": NatEntry("10.0.0.2"),
+        "192.168.1.2": NatEntry("198.19.0.2"),
+        "192.168.1.3": NatEntry("198.19.0.3"),
+    }
+    assert d.tables["rnat"] == {
+        "10.0.0.2": "192.168.0.2",
+        "198.19.0.2": "192.168.1.2",
+        "198.19.0.3": "192.168.1.3",
+    }
+    assert d.tables["peers"] == {r: PeerEntry() for r in ("10.0.0.2", "198.19.0.2", "198.19.0.3")}
+    # rnat is the exact inverse of the non-override nat entries
+    assert {v.real: k for k, v in d.tables["nat"].items()} == d.tables["rnat"]
+
+
+def test_plan_is_deterministic_and_order_independent():
+    peers = [EC2_B, VPC_A, node("vpc-b", "vpc", "10.0.0.3", "198.19.0.3", "192.168.1.3")]
+    assert plan(SELF, peers, cfg()) == plan(SELF, list(reversed(peers)), cfg())
+
+
+# --- nat_overrides ------------------------------------------------------------------------
+
+
+def test_nat_override_takes_precedence_over_the_peer_mapping():
+    d = plan(SELF, [EC2_B, VPC_A], cfg(nat_overrides={"192.168.1.2": "10.9.9.9"}))
+    assert d.tables["nat"]["192.168.1.2"] == NatEntry("10.9.9.9", override=True)
+    assert d.tables["nat"]["192.168.0.2"] == NatEntry("10.0.0.2")
+    assert d.tables["rnat"]["10.9.9.9"] == "192.168.1.2"
+    # the peer is still a member at its own real address
+    assert d.tables["peers"]["198.19.0.2"] == PeerEntry()
+
+
+def test_nat_override_without_a_peer():
+    d = plan(SELF, [], cfg(nat_overrides={"192.168.63.1": "10.0.0.250"}))
+    assert d.tables["nat"] == {"192.168.63.1": NatEntry("10.0.0.250", override=True)}
+    assert d.tables["rnat"] == {"10.0.0.250": "192.168.63.1"}
+    assert d.tables["peers"] == {}
+
+
+def test_nat_override_does_not_steal_a_peers_reverse_entry():
+    d = plan(SELF, [EC2_B], cfg(nat_overrides={"192.168.63.1": "10.0.0.2"}))
+    assert d.tables["rnat"]["10.0.0.2"] == "192.168.0.2"
+    assert d.tables["nat"]["192.168.63.1"] == NatEntry("10.0.0.2", override=True)
+
+
+def test_nat_override_of_own_overlay_is_ignored():
+    d = plan(SELF, [], cfg(nat_overrides={"192.168.0.1": "10.0.0.250"}))
+    assert d.tables["nat"] == {}
+
+
+# --- exclusions ---------------------------------------------------------------------------
+
+EXCLUDE_CASES = [
+    (
+        "self is neither applied nor excluded",
+        [SELF, EC2_B],
+        {},
+        ["ec2-b"],
+    ),
+    (
+        "overlay outside the subnet",
+        [EC2_B, node("far", "vpc", "10.0.0.9", "198.19.0.9", "10.200.0.9")],
+        {"far": "outside the overlay subnet 192.168.0.0/18"},
+        ["ec2-b"],
+    ),
+    (
+        "overlay is the subnet's network address",
+        [node("net", "vpc", "10.0.0.9", "198.19.0.9", "192.168.0.0")],
+        {"net": "outside the overlay subnet"},
+        [],
+    ),
+    (
+        "overlay is the subnet's broadcast address",
+        [node("bcast", "vpc", "10.0.0.9", "198.19.0.9", "192.168.63.255")],
+        {"bcast": "outside the overlay subnet"},
+        [],
+    ),
+    (
+        "overlay is not an address at all",
+        [node("junk", "vpc", "10.0.0.9", "198.19.0.9", "not-an-ip")],
+        {"junk": "is not an IPv4 address"},
+        [],
+    ),
+    (
+        "overlay claims this node's own",
+        [node("thief", "vpc", "10.0.0.9", "198.19.0.9", "192.168.0.1")],
+        {"thief": "this node's own"},
+        [],
+    ),
+    (
+        "two records claim one overlay: both out, each naming the other",
+        [
+            EC2_B,
+            node("dup-a", "vpc", "10.0.0.5", "198.19.0.5", "192.168.1.5"),
+            node("dup-b", "vpc", "10.0.0.6", "198.19.0.6", "192.168.1.5"),
+        ],
+        {
+            "dup-a": "192.168.1.5 is also claimed by dup-b",
+            "dup-b": "192.168.1.5 is also claimed by dup-a",
+        },
+        ["ec2-b"],
+    ),
+    (
+        "three claimants name the two others",
+        [
+            node("t1", "vpc", "10.0.0.5", "198.19.0.5", "192.168.1.5"),
+            node("t2", "vpc", "10.0.0.6", "198.19.0.6", "192.168.1.5"),
+            node("t3", "vpc", "10.0.0.7", "198.19.0.7", "192.168.1.5"),
+        ],
+        {"t1": "claimed by t2, t3", "t2": "claimed by t1, t3", "t3": "claimed by t1, t2"},
+        [],
+    ),
+    (
+        "two peers share a real address: both out",
+        [
+            VPC_A,
+            node("same-1", "ec2", "10.0.0.7", "198.18.0.7", "192.168.0.7"),
+            node("same-2", "ec2", "10.0.0.7", "198.18.0.8", "192.168.0.8"),
+        ],
+        {
+            "same-1": "real address 10.0.0.7 is also used by same-2",
+            "same-2": "real address 10.0.0.7 is also used by same-1",
+        },
+        ["vpc-a"],
+    ),
+    (
+        "same private in different networks is no conflict (the overlap)",
+        [EC2_B, VPC_A],
+        {},
+        ["ec2-b", "vpc-a"],
+    ),
+    (
+        "a same-network peer at this node's own private address",
+        [node("ghost", "ec2", "10.0.0.1", "198.18.0.99", "192.168.0.99")],
+        {"ghost": "real address 10.0.0.1 is this node's own"},
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("desc", "peers", "excluded", "applied"), EXCLUDE_CASES, ids=[c[0] for c in EXCLUDE_CASES]
+)
+def test_exclusions(desc, peers, excluded, applied):
+    d = plan(SELF, peers, cfg())
+    got = dict(d.excluded)
+    assert set(got) == set(excluded)
+    for node_id, fragment in excluded.items():
+        assert fragment in got[node_id], got[node_id]
+    assert [p.node_id for p in d.peers] == applied
+    # nothing excluded leaks into a table
+    assert set(d.tables["nat"]) == {p.overlay for p in d.peers}
+    assert set(d.tables["rnat"]) == {p.real for p in d.peers}
+    assert set(d.tables["peers"]) == {p.real for p in d.peers}
+
+
+def test_excluded_is_sorted_by_node_id():
+    peers = [
+        node("z", "vpc", "10.0.0.5", "198.19.0.5", "10.0.0.5"),
+        node("a", "vpc", "10.0.0.6", "198.19.0.6", "10.0.0.6"),
+    ]
+    assert [k for k, _ in plan(SELF, peers, cfg()).excluded] == ["a", "z"]
+
+
+def test_other_subnet_from_config():
+    peers = [node("p", "vpc", "10.0.0.5", "198.19.0.5", "172.16.0.5"), VPC_A]
+    me = node("self", "ec2", "10.0.0.1", "198.18.0.1", "172.16.0.1")
+    d = plan(me, peers, cfg(overlay_subnet="172.16.0.0/16"))
+    assert [p.node_id for p in d.peers] == ["p"]
+    assert "vpc-a" in dict(d.excluded)
+
+
+# --- open ports ---------------------------------------------------------------------------
+
+
+def test_open_ports_bitmap_single_and_range():
+    d = plan(SELF, [], cfg(filter={"open_ports": [80, "8000-8100"]}))
+    words = d.tables["ports"]
+    # port 80: word 1, bit 16, for both tcp (slot 0) and udp (slot 1)
+    assert words[(0, 1)] == 1 << 16
+    assert words[(1, 1)] == 1 << 16
+    expected = [80, *range(8000, 8101)]
+    assert bitmap_ports(words, 0) == expected
+    assert bitmap_ports(words, 1) == expected
+    # 8000..8100 spans words 125 (bits 0..63) and 126 (bits 0..36)
+    assert words[(0, 125)] == (1 << 64) - 1
+    assert words[(0, 126)] == (1 << 37) - 1
+    assert set(words) == {(s, w) for s in (0, 1) for w in (1, 125, 126)}
+
+
+def test_no_open_ports_is_an_empty_bitmap():
+    assert plan(SELF, [], cfg()).tables["ports"] == {}
+
+
+def test_ports_bitmap_edges():
+    words = ports_bitmap([(1, 1), (63, 64), (65535, 65535)], protos=("tcp",))
+    assert words == {(0, 0): (1 << 1) | (1 << 63), (0, 1): 1, (0, 1023): 1 << 63}
+    assert bitmap_ports(words, 0) == [1, 63, 64, 65535]
+    assert bitmap_ports(words, 1) == []
+
+
+_specs = st.lists(
+    st.tuples(st.integers(1, 65535), st.integers(0, 300)).map(lambda t: (t[0], min(65535, t[0] + t[1]))),
+    max_size=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_specs)
+def test_bitmap_ports_inverts_ports_bitmap(specs):
+    words = ports_bitmap(specs)
+    expected = sorted({p for lo, hi in specs for p in range(lo, hi + 1)})
+    assert bitmap_ports(words, 0) == expected
+    assert bitmap_ports(words, 1) == expected
+    assert all(bits for bits in words.values())
+    assert all(0 <= w < 1024 and 0 < bits < (1 << 64) for (_, w), bits in words.items())
+
+
+# --- failsafe and config ------------------------------------------------------------------
+
+
+def test_failsafe_ssh_whitelist_and_registry_hosts():
+    c = cfg(
+        filter={"ssh_whitelist": ["198.18.0.0/15", "203.0.113.0/24"]},
+        registry={"hosts": ["198.51.100.2:2181", "zk.example:2181", "198.51.100.3:2181"]},
+    )
+    d = plan(SELF, [], c, extra_failsafe=["192.0.2.7"])
+    assert d.tables["failsafe"] == {
+        "198.18.0.0/15": FS_SSH,
+        "203.0.113.0/24": FS_SSH,
+        "198.51.100.2/32": FS_ALL,
+        "198.51.100.3/32": FS_ALL,
+        "192.0.2.7/32": FS_ALL,
+    }
+
+
+def test_failsafe_flags_combine_on_one_cidr():
+    c = cfg(filter={"ssh_whitelist": ["198.51.100.2/32"]}, registry={"hosts": ["198.51.100.2:2181"]})
+    assert plan(SELF, [], c).tables["failsafe"] == {"198.51.100.2/32": FS_SSH | FS_ALL}
+
+
+def test_failsafe_empty_when_nothing_configured():
+    assert plan(SELF, [], cfg()).tables["failsafe"] == {}
+
+
+@pytest.mark.parametrize(
+    ("filt", "expected"),
+    [
+        ({}, {"reject_all": 0, "mode": MODE_ENFORCE}),
+        ({"reject_all": True}, {"reject_all": 1, "mode": MODE_ENFORCE}),
+        ({"mode": "audit"}, {"reject_all": 0, "mode": MODE_AUDIT}),
+        ({"reject_all": True, "mode": "audit"}, {"reject_all": 1, "mode": MODE_AUDIT}),
+    ],
+)
+def test_config_table(filt, expected):
+    assert plan(SELF, [], cfg(filter=filt)).tables["config"] == expected
+
+
+# --- churn --------------------------------------------------------------------------------
+
+
+def _applied(*specs):
+    return {i: AppliedPeer(i, "ec2", ov, real) for i, ov, real in specs}
+
+
+CHURN_CASES = [
+    ("nothing", _applied(("a", "192.168.0.2", "10.0.0.2")), _applied(("a", "192.168.0.2", "10.0.0.2")), (), (), ()),
+    ("one added is not churn", {}, _applied(("a", "192.168.0.2", "10.0.0.2")), (), (), ("a",)),
+    ("one removed", _applied(("a", "192.168.0.2", "10.0.0.2")), {}, ("a",), (), ()),
+    (
+        "real address changed",
+        _applied(("a", "192.168.0.2", "10.0.0.2")),
+        _applied(("a", "192.168.0.2", "10.0.0.3")),
+        (),
+        ("a",),
+        (),
+    ),
+    (
+        "overlay changed",
+        _applied(("a", "192.168.0.2", "10.0.0.2")),
+        _applied(("a", "192.168.0.3", "10.0.0.2")),
+        (),
+        ("a",),
+        (),
+    ),
+    (
+        "mixed",
+        _applied(("a", "192.168.0.2", "10.0.0.2"), ("b", "192.168.0.3", "10.0.0.3"), ("c", "192.168.0.4", "10.0.0.4")),
+        _applied(("b", "192.168.0.3", "10.0.0.33"), ("c", "192.168.0.4", "10.0.0.4"), ("d", "192.168.0.5", "10.0.0.5"), ("e", "192.168.0.6", "10.0.0.6")),
+        ("a",),
+        ("b",),
+        ("d", "e"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("desc", "before", "after", "removed", "changed", "added"), CHURN_CASES, ids=[c[0] for c in CHURN_CASES]
+)
+def test_churn(desc, before, after, removed, changed, added):
+    c = churn(before, after)
+    assert (c.removed, c.changed, c.added) == (removed, changed, added)
+    assert c.size == len(removed) + len(changed)
+
+
+def test_churn_ignores_group_changes():
+    before = {"a": AppliedPeer("a", "ec2", "192.168.0.2", "10.0.0.2", ("web",))}
+    after = {"a": AppliedPeer("a", "ec2", "192.168.0.2", "10.0.0.2", ("db",))}
+    assert churn(before, after).size == 0
+
+
+def test_churn_from_plans():
+    peers = [node(f"p{i}", "ec2", f"10.0.1.{i}", f"198.18.1.{i}", f"192.168.1.{i}") for i in range(1, 31)]
+    before = plan(SELF, peers, cfg())
+    after = plan(SELF, peers[5:] + [node("new", "ec2", "10.0.2.1", "198.18.2.1", "192.168.2.1")], cfg())
+    c = churn(before.by_id, after.by_id)
+    assert c.size == 5
+    assert c.added == ("new",)
