@@ -62,7 +62,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 
 from overlay.diff import apply_ops
-from overlay.errors import DatapathError, UnsupportedError
+from overlay.errors import CapacityError, DatapathError, UnsupportedError
 from overlay.ops import (
     FS_ALL,
     FS_SSH,
@@ -561,6 +561,11 @@ class IptablesDatapath:
             apply_ops(self.state, ops)
             self.stats["applies"] += 1
             texts = self._render(self.state)
+            members = texts["ipset"].count("\n")
+            if members > self.maxelem:
+                self.state = before
+                raise CapacityError(f"{members} peers do not fit the peer set (maxelem {self.maxelem}, "
+                                    "datapath.sizes.peers); nothing was applied")
             try:
                 self._apply_ipset(texts["ipset"])
                 for table in ("nat", "filter"):

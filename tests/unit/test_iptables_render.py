@@ -17,7 +17,7 @@ from overlay.datapath import Datapath
 from overlay.datapath import iptables as ipt
 from overlay.datapath.iptables import IptablesDatapath
 from overlay.diff import diff
-from overlay.errors import DatapathError, UnsupportedError
+from overlay.errors import CapacityError, DatapathError, UnsupportedError
 from overlay.model import Node
 from overlay.ops import FS_ALL, FS_SSH, NatEntry, Op, PeerEntry, empty_state
 from overlay.plan import plan, ports_bitmap
@@ -436,6 +436,18 @@ def test_failed_reload_is_retried_in_full():
     k.fail = None
     dp.apply([Op("config", "reject_all", 1)])
     assert k.chains["filter"]["OVERLAY-IN"][-1].endswith("-j DROP")
+
+
+def test_too_many_peers_is_refused_before_anything_runs():
+    k = FakeKernel()
+    dp = IptablesDatapath("eth0", SUBNET, sizes=type("S", (), {"peers": 16})(), runner=k,
+                          manage_route=False)
+    dp.observe()
+    n = len(k.calls)
+    ops = [Op("peers", f"10.0.1.{i}", PeerEntry()) for i in range(1, 18)]
+    with pytest.raises(CapacityError, match="17 peers"):
+        dp.apply(ops)
+    assert k.calls[n:] == [] and dp.state["peers"] == {}
 
 
 def test_teardown_text_removes_every_copy_of_a_jump():
