@@ -540,7 +540,11 @@ class IptablesDatapath:
                 self._last[table] = expect[table] if clean[table] else None
             drift = [t for t in ("ipset", "nat", "filter") if not clean[t]]
             if drift and (known or any(present.values()) or self._ipset_exists):
-                log.info("iptables: %s not as rendered; the next apply reloads them", ", ".join(drift))
+                log.warning("iptables: %s not as rendered (changed by someone else?); reloading "
+                            "on the next apply", ", ".join(drift))
+                # Report no config, so the caller's diff has ops and the next apply
+                # happens, even when the drift is invisible in the tables (a jump gone).
+                parsed["config"] = {}
 
             mine = self._render(self.state)
             if all(clean.values()) and mine == expect:

@@ -399,6 +399,19 @@ def test_drift_is_repaired_on_next_apply():
     assert len(k.chains["nat"]["OVERLAY-NAT"]) == 4
 
 
+def test_a_missing_jump_alone_makes_ops_and_is_repaired():
+    k = FakeKernel()
+    dp = datapath(k)
+    program(dp, tables())
+    k.chains["filter"]["INPUT"].clear()
+    k.chains["filter"]["OVERLAY-IN"].pop(2)  # parses to the same tables
+    assert program(dp, tables())  # the observation reports the drift
+    assert k.chains["filter"]["INPUT"] == ["-j OVERLAY-IN"]
+    assert [f"-A OVERLAY-IN {r}" for r in k.chains["filter"]["OVERLAY-IN"]] == [
+        r for r in ipt.filter_rules(tables(), SUBNET) if r.startswith("-A OVERLAY-IN ")]
+    assert program(dp, tables()) == []
+
+
 def test_foreign_rules_are_kept():
     k = FakeKernel()
     k.chains["filter"]["INPUT"] = ["-s 1.2.3.4/32 -j ACCEPT"]
