@@ -1,0 +1,303 @@
+"""Address providers: static, netlink (in a namespace the test makes), aws-imds (a local fake IMDS)."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import overlay.discovery as disc
+from overlay.config import Addresses, Config, Discovery
+from overlay.discovery import DiscoveryError, aws_imds, discover, netlink
+from overlay.errors import OverlayError
+
+SUBNET = ipaddress.IPv4Network("192.168.0.0/18")
+
+
+def config(addresses=None, discovery=None) -> Config:
+    return Config(node_id="n1", network="ec2", overlay_subnet=SUBNET, addresses=addresses, discovery=discovery)
+
+
+# --- static and dispatch -------------------------------------------------------------------
+
+
+def test_static_addresses():
+    assert discover(config(addresses=Addresses("10.0.0.11", "198.18.1.11"))) == ("10.0.0.11", "198.18.1.11")
+
+
+def test_static_provider_without_addresses():
+    with pytest.raises(DiscoveryError, match="addresses.private"):
+        discover(config(discovery=Discovery("static")))
+
+
+def test_neither_addresses_nor_discovery():
+    with pytest.raises(DiscoveryError, match="neither addresses nor discovery"):
+        discover(config())
+
+
+def test_discovery_error_is_an_overlay_error():
+    assert issubclass(DiscoveryError, OverlayError)
+
+
+class _EP:
+    def __init__(self, name, obj, value="plugin:provider"):
+        self.name, self._obj, self.value = name, obj, value
+
+    def load(self):
+        if isinstance(self._obj, Exception):
+            raise self._obj
+        return self._obj
+
+
+@pytest.mark.parametrize("name, plugin, error", [
+    ("fake", lambda cfg: ("10.1.2.3", "198.18.2.3"), None),
+    ("fake", lambda cfg: ("10.1.2.3", "127.0.0.1"), "public address: 127.0.0.1 is a loopback address"),
+    ("fake", lambda cfg: ("10.1.2.0/24", "198.18.2.3"), "private address: .*network \\(CIDR\\)"),
+    ("fake", lambda cfg: "10.1.2.3", "expected \\(private, public\\)"),
+    ("fake", lambda cfg: 1 / 0, "failed: ZeroDivisionError"),
+    ("fake", ImportError("no module plugin"), "failed to load"),
+    ("fake", "not callable", "not callable"),
+    ("nope", None, "unknown address provider 'nope'; known: aws-imds, fake, netlink, static"),
+])
+def test_entry_point_providers(monkeypatch, name, plugin, error):
+    monkeypatch.setattr(disc, "_entry_points", lambda: [_EP("fake", plugin)])
+    cfg = config(discovery=Discovery(name))
+    if error is None:
+        assert discover(cfg) == ("10.1.2.3", "198.18.2.3")
+    else:
+        with pytest.raises(DiscoveryError, match=error):
+            discover(cfg)
+
+
+def test_builtin_names_cannot_be_overridden(monkeypatch):
+    monkeypatch.setattr(disc, "_entry_points", lambda: [_EP("static", lambda cfg: ("10.9.9.9", "10.9.9.9"))])
+    assert discover(config(addresses=Addresses("10.0.0.1", "198.18.0.1"))) == ("10.0.0.1", "198.18.0.1")
+
+
+# --- aws-imds against a local fake ---------------------------------------------------------
+
+
+class FakeIMDS:
+    """IMDSv2 on 127.0.0.1: PUT /latest/api/token, then GETs with the token (401 without)."""
+
+    def __init__(self, meta: dict[str, str], token_status: int = 200, delay: float = 0.0):
+        self.meta = meta
+        self.token_status = token_status
+        self.delay = delay
+        self.token = uuid.uuid4().hex
+        self.requests: list[tuple[str, str, dict]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: str = "") -> None:
+                data = body.encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+            def do_PUT(self):
+                fake.requests.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                if fake.delay:
+                    time.sleep(fake.delay)
+                if self.path != aws_imds.TOKEN_PATH:
+                    return self._send(404)
+                if "X-aws-ec2-metadata-token-ttl-seconds" not in self.headers:
+                    return self._send(400)
+                if fake.token_status != 200:
+                    return self._send(fake.token_status)
+                self._send(200, fake.token)
+
+            def do_GET(self):
+                fake.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                if self.headers.get("X-aws-ec2-metadata-token") != fake.token:
+                    return self._send(401)
+                if self.path in fake.meta:
+                    return self._send(200, fake.meta[self.path])
+                self._send(404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def imds_config(endpoint: str, timeout: float = 2.0) -> Config:
+    return config(discovery=Discovery("aws-imds", endpoint=endpoint, timeout_s=timeout))
+
+
+def test_imds_public_ipv4():
+    meta = {aws_imds.LOCAL_IPV4: "10.0.0.11", aws_imds.PUBLIC_IPV4: "198.18.1.11"}
+    with FakeIMDS(meta) as fake:
+        assert discover(imds_config(fake.endpoint)) == ("10.0.0.11", "198.18.1.11")
+    methods = [(m, p) for m, p, _ in fake.requests]
+    assert methods[0] == ("PUT", aws_imds.TOKEN_PATH)
+    assert fake.requests[0][2]["x-aws-ec2-metadata-token-ttl-seconds"].isdigit()
+    assert all(h.get("x-aws-ec2-metadata-token") == fake.token for m, _, h in fake.requests if m == "GET")
+    assert sum(1 for m, _ in methods if m == "PUT") == 1  # one token for the whole run
+
+
+def test_imds_vpc_public_ipv4s_when_public_ipv4_is_absent():
+    mac = "0e:49:61:0f:c3:11"
+    meta = {
+        aws_imds.LOCAL_IPV4: "10.0.0.12",
+        aws_imds.MAC: mac,
+        f"/latest/meta-data/network/interfaces/macs/{mac}/public-ipv4s": "198.18.1.12\n198.18.1.99",
+    }
+    with FakeIMDS(meta) as fake:
+        assert discover(imds_config(fake.endpoint)) == ("10.0.0.12", "198.18.1.12")
+
+
+def test_imds_without_any_public_address():
+    meta = {aws_imds.LOCAL_IPV4: "10.0.0.13", aws_imds.MAC: "0e:00:00:00:00:01"}
+    with FakeIMDS(meta) as fake, pytest.raises(DiscoveryError, match="no public IPv4 address"):
+        discover(imds_config(fake.endpoint))
+
+
+def test_imds_token_required_and_refused():
+    meta = {aws_imds.LOCAL_IPV4: "10.0.0.11", aws_imds.PUBLIC_IPV4: "198.18.1.11"}
+    with FakeIMDS(meta, token_status=403) as fake, pytest.raises(DiscoveryError, match="HTTP 403.*token"):
+        discover(imds_config(fake.endpoint))
+    # and the fake really insists on the token (IMDSv1-style GET is refused)
+    with FakeIMDS(meta) as fake:
+        client = aws_imds.Client(fake.endpoint, 2.0)
+        with pytest.raises(DiscoveryError, match="HTTP 401"):
+            client._request("GET", aws_imds.LOCAL_IPV4, {})
+
+
+def test_imds_bad_address_is_rejected():
+    meta = {aws_imds.LOCAL_IPV4: "10.0.0.11", aws_imds.PUBLIC_IPV4: "not-an-address"}
+    with FakeIMDS(meta) as fake, pytest.raises(DiscoveryError, match="public address: 'not-an-address'"):
+        discover(imds_config(fake.endpoint))
+
+
+def test_imds_unreachable():
+    with FakeIMDS({}) as fake:
+        endpoint = fake.endpoint
+    with pytest.raises(DiscoveryError, match="unreachable"):
+        discover(imds_config(endpoint, timeout=1.0))
+
+
+def test_imds_timeout_is_bounded():
+    with FakeIMDS({}, delay=2.0) as fake:
+        t0 = time.monotonic()
+        with pytest.raises(DiscoveryError, match="unreachable"):
+            discover(imds_config(fake.endpoint, timeout=0.3))
+        assert time.monotonic() - t0 < 1.5
+
+
+def test_imds_ignores_proxy_environment(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    meta = {aws_imds.LOCAL_IPV4: "10.0.0.11", aws_imds.PUBLIC_IPV4: "198.18.1.11"}
+    with FakeIMDS(meta) as fake:
+        assert discover(imds_config(fake.endpoint)) == ("10.0.0.11", "198.18.1.11")
+
+
+def test_imds_endpoint_must_be_http():
+    with pytest.raises(DiscoveryError, match="http"):
+        discover(imds_config("file:///etc/passwd"))
+
+
+# --- netlink in a namespace the test creates -----------------------------------------------
+
+
+def _run_in_netns(netns: str, fn):
+    """Call ``fn()`` in a thread moved into ``netns`` (setns affects only that thread)."""
+    out: dict = {}
+
+    def run():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, 0x40000000) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.fixture
+def netns():
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create a network namespace")
+    name = f"ovltest-disc-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    def ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "add", "priv0", "type", "veth", "peer", "name", "pub0")
+        ip("-n", name, "addr", "add", "10.77.0.5/24", "dev", "priv0")
+        ip("-n", name, "addr", "add", "10.77.0.6/24", "dev", "priv0")  # secondary
+        ip("-n", name, "addr", "add", "198.18.77.5/24", "dev", "pub0")
+        ip("-n", name, "link", "add", "empty0", "type", "veth", "peer", "name", "empty1")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=20)
+
+
+def test_netlink_private_and_public_interfaces(netns):
+    cfg = config(discovery=Discovery("netlink", interface="priv0", public_interface="pub0"))
+    assert _run_in_netns(netns, lambda: discover(cfg)) == ("10.77.0.5", "198.18.77.5")
+
+
+def test_netlink_public_defaults_to_private(netns):
+    cfg = config(discovery=Discovery("netlink", interface="priv0"))
+    assert _run_in_netns(netns, lambda: discover(cfg)) == ("10.77.0.5", "10.77.0.5")
+
+
+@pytest.mark.parametrize("interface, error", [
+    ("missing0", "interface 'missing0' does not exist"),
+    ("empty0", "interface 'empty0' has no IPv4 address"),
+    ("lo", "loopback"),
+])
+def test_netlink_errors(netns, interface, error):
+    if interface == "lo":
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=20)
+    cfg = config(discovery=Discovery("netlink", interface=interface))
+    with pytest.raises(DiscoveryError, match=error):
+        _run_in_netns(netns, lambda: discover(cfg))
+
+
+def test_netlink_reads_the_root_namespace_lo():
+    # no root needed: reading addresses over netlink is unprivileged
+    with __import__("pyroute2").IPRoute() as ipr:
+        assert netlink.first_ipv4(ipr, "lo") == "127.0.0.1"
