@@ -22,6 +22,8 @@ ENTRY_POINT_GROUP = "overlay.datapaths"
 # name -> "module:attribute", imported only when that backend is asked for.
 BUILTINS: dict[str, str] = {
     "ebpf": "overlay.datapath.ebpf.datapath:EbpfDatapath",
+    "iptables": "overlay.datapath.iptables:IptablesDatapath",
+    "dryrun": "overlay.datapath.dryrun:DryRunDatapath",
 }
 
 
