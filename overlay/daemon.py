@@ -81,12 +81,9 @@ def make_registry(config: Config):
 
 
 def make_datapath(config: Config, self_node: Node | None, dry_run: bool = False):
-    backend = "dryrun" if dry_run else config.datapath.backend
-    if backend == "dryrun":
-        from overlay.datapath.dryrun import DryRunDatapath
-
-        return DryRunDatapath()
     from overlay.datapath.registry import create
+
+    backend = "dryrun" if dry_run else config.datapath.backend
 
     dp = config.datapath
     return create(
