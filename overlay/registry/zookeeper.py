@@ -51,6 +51,7 @@ from kazoo.exceptions import (
     NoNodeError,
     OperationTimeoutError,
     SessionExpiredError,
+    UnimplementedError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.connection import ConnectionHandler
@@ -251,6 +252,7 @@ class ZooKeeperRegistry:
         self._own_data: bytes | None = None
         self._own_lock = threading.Lock()
         self._layout_ok = False
+        self._closed = False
 
     # --- Registry protocol ----------------------------------------------------------------
 
@@ -260,6 +262,13 @@ class ZooKeeperRegistry:
         with _translate("connecting to the registry", self._hosts):
             self._ensure_client()
             self._ensure_layout()
+            try:
+                self._add_watches()  # here too, so that an old server fails loudly, not in a loop
+            except UnimplementedError:
+                raise RegistryError(
+                    f"ZooKeeper at {self._hosts} does not support persistent recursive watches; "
+                    "the zookeeper registry needs ZooKeeper 3.6 or newer"
+                ) from None
         if self._worker is None:
             self._stop.clear()
             self._worker = threading.Thread(target=self._run, name=f"zk-registry-{self.node_id}", daemon=True)
@@ -313,6 +322,7 @@ class ZooKeeperRegistry:
         return None
 
     def close(self) -> None:
+        self._closed = True
         self._stop.set()
         self._listener = None
         with self._cond:
@@ -363,6 +373,8 @@ class ZooKeeperRegistry:
 
     def _ensure_client(self) -> KazooClient:
         with self._client_lock:
+            if self._closed:
+                raise RegistryError("the ZooKeeper registry is closed")
             if self._client is not None:
                 return self._client
             client = _new_client(self.config)

@@ -185,6 +185,42 @@ def test_reregisters_after_session_expiry_and_deletion(zk_server, zk_prefix, reg
     wait_for(lambda: obs.view().nodes.get("a") == node, what="observer sees a after deletion")
 
 
+def test_restart_takes_over_the_previous_sessions_record(zk_server, zk_prefix, registries, zk_client):
+    """A restarted daemon finds its old ephemeral record (old session not yet expired):
+    it refreshes the data at once and re-creates the record under its own session when
+    the old session ends."""
+    config = cfg(zk_server, zk_prefix, timeout_s=2.0)
+    old = registries(config, SUBNET, "a")
+    first = join(old, "a", 1)
+    new = registries(config, SUBNET, "a")
+    assert new.allocate("a") == first.overlay
+    new.start(lambda: None)
+    second = mknode("a", first.overlay, 5)
+    new.register(second)
+    path = f"{zk_prefix}/nodes/a"
+    assert json.loads(zk_client.get(path)[0]) == second.to_dict()
+    assert zk_client.exists(path).ephemeralOwner == old.session_id
+    old.close()
+    wait_for(lambda: (st := zk_client.exists(path)) is not None and st.ephemeralOwner == new.session_id,
+             timeout=10, what="record re-created under the new session")
+    assert json.loads(zk_client.get(path)[0]) == second.to_dict()
+
+
+def test_closed_registry_refuses_work(zk_server, zk_prefix, registries):
+    reg = registries(cfg(zk_server, zk_prefix), SUBNET, "a")
+    reg.allocate("a")
+    reg.close()
+    assert reg.view().connected is False
+    with pytest.raises(RegistryError, match="closed"):
+        reg.allocate("a")
+
+
+def test_unreachable_registry_is_a_registry_error(registries):
+    config = RegistryConfig(hosts=("127.0.0.1:1",), prefix="/overlay", timeout_s=1.0)
+    with pytest.raises(RegistryError, match="unreachable"):
+        registries(config, SUBNET, "a").allocate("a")
+
+
 # --- (c) hostile records --------------------------------------------------------------------
 
 
