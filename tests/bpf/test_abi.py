@@ -127,9 +127,9 @@ def compiled_layout() -> dict[str, int]:
         for field, *_ in cls._fields_:
             labels.append(f"{name}.{field}")
             exprs.append(f"__builtin_offsetof(struct {name}, {field})")
-    b = bcc.BPF(text=_probe_source(exprs), cflags=[f"-I{build.bpf_dir() / 'include'}"])
+    b = bcc.BPF(text=_probe_source(exprs).encode(), cflags=[f"-I{build.bpf_dir() / 'include'}"])
     try:
-        fn = b.load_func("abi_probe_run", bcc.BPF.SCHED_CLS)
+        fn = b.load_func(b"abi_probe_run", bcc.BPF.SCHED_CLS)
         frame = b"\xff" * 6 + b"\x02" * 6 + b"\x08\x06" + b"\0" * 28  # an ARP frame
         assert testrun.run(fn.fd, frame)[0] == 0
         table = b[b"abi_probe"]

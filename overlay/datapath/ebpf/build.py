@@ -421,7 +421,7 @@ def compile_programs(sizes: dict | None = None, pin_dir: str | None = None) -> A
     log.debug("compiling the tc datapath with %s", " ".join(flags))
     with _captured_stderr() as diag:
         try:
-            return bcc.BPF(text=text, cflags=flags)
+            return bcc.BPF(text=text.encode(), cflags=flags)
         except Exception as e:
             failure = e
     detail = _tail(diag[0]) if diag else ""
@@ -437,7 +437,7 @@ def load_programs(bpf: Any) -> dict[str, Any]:
     for key, name in PROGRAMS.items():
         with _captured_stderr() as diag:
             try:
-                out[key] = bpf.load_func(name, bcc.BPF.SCHED_CLS)
+                out[key] = bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
                 continue
             except Exception as e:
                 failure = e
