@@ -13,6 +13,8 @@
 #ifndef OVL_CONNTRACK_H
 #define OVL_CONNTRACK_H
 
+#include <linux/pkt_cls.h>
+
 #include "maps.h"
 #include "parse.h"
 
@@ -92,6 +94,16 @@ static __always_inline void ovl_ct_track(const struct ovl_pkt *p)
 	v.flags = OVL_CT_F_EGRESS;
 	v.last_seen_ns = now;
 	ovl_ct.insert(&k, &v);
+}
+
+/* Uplink egress: track what leaves the host; never alters or drops it. */
+static __always_inline int ovl_ct_egress(struct __sk_buff *skb)
+{
+	struct ovl_pkt p;
+
+	if (ovl_parse(skb, &p) == OVL_P_OK && ovl_ct_egress_trackable(&p))
+		ovl_ct_track(&p);
+	return TC_ACT_OK;
 }
 
 /* Ingress: the entry for the packet's own tuple, refreshed; NULL if none. */
