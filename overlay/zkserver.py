@@ -92,6 +92,12 @@ def java_command(config_file: str, conf_dir: str, *, heap_mb: int = 512) -> list
     ]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask for SIGKILL when the parent (thread) dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def _zk_probe(host: str, port: int, timeout: float) -> bool:
     """True if a ZooKeeper server at host:port completes a session handshake.
 
@@ -181,6 +187,7 @@ class ZooKeeperServer:
         max_session_ms: int = 30000,
         fsync: bool = True,
         heap_mb: int = 512,
+        die_with_parent: bool = False,
     ):
         self.data_dir = Path(data_dir).resolve()
         self.host = host
@@ -191,6 +198,9 @@ class ZooKeeperServer:
         self.max_session_ms = max_session_ms
         self.fsync = fsync
         self.heap_mb = heap_mb
+        # SIGKILL the server when the thread that started it dies (tests: nothing outlives
+        # a killed pytest). Off by default: the lab's server outlives `overlay lab up`.
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
 
@@ -262,6 +272,7 @@ class ZooKeeperServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=str(self.data_dir),
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         self._paused = False
         deadline = time.monotonic() + timeout

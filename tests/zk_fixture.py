@@ -106,7 +106,7 @@ def zk_server() -> Iterator[object]:
     from overlay.zkserver import ZooKeeperServer
 
     data_dir = tempfile.mkdtemp(prefix="overlay-zk-")
-    server = ZooKeeperServer(data_dir, "127.0.0.1", free_port(), fsync=False)
+    server = ZooKeeperServer(data_dir, "127.0.0.1", free_port(), fsync=False, die_with_parent=True)
     try:
         server.start(timeout=60)
         yield server
