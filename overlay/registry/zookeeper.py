@@ -189,6 +189,17 @@ def _translate(what: str, hosts: str) -> Iterator[None]:
         raise RegistryError(f"{what}: ZooKeeper error {type(exc).__name__}: {exc}") from None
 
 
+_CONNECTION_ERRORS = (ConnectionLoss, ConnectionClosedError, SessionExpiredError, KazooTimeoutError,
+                      OperationTimeoutError, AuthFailedError)
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A znode that exists but could not be read (a hostile ACL, for instance)."""
+
+    error: str
+
+
 @dataclass
 class _Rec:
     """What the worker knows of one ``nodes/<name>`` znode."""
@@ -233,7 +244,6 @@ class ZooKeeperRegistry:
         self._connected = False
         self._synced = False
         self._revision = 0
-        self._snapshot: RegistryView | None = None
 
         # worker-private state
         self._records: dict[str, _Rec] = {}
@@ -305,18 +315,16 @@ class ZooKeeperRegistry:
             self._ensure_own_record(replace_data=True)
 
     def view(self) -> RegistryView:
-        with self._lock:
-            if self._snapshot is None:
-                self._snapshot = RegistryView(
-                    nodes=dict(self._nodes),
-                    rejected=dict(self._rejected),
-                    policies=dict(self._policies),
-                    max_change=self._max_change,
-                    connected=self._connected,
-                    synced=self._synced,
-                    revision=self._revision,
-                )
-            return self._snapshot
+        with self._lock:  # fresh copies: a caller may keep or change what it gets
+            return RegistryView(
+                nodes=dict(self._nodes),
+                rejected=dict(self._rejected),
+                policies=dict(self._policies),
+                max_change=self._max_change,
+                connected=self._connected,
+                synced=self._synced,
+                revision=self._revision,
+            )
 
     def release_guard(self) -> None:
         return None
@@ -413,17 +421,23 @@ class ZooKeeperRegistry:
         except NoNodeError:
             return []
 
-    def _get_many(self, paths: list[str]) -> dict[str, tuple[bytes, Any] | None]:
-        """Pipelined gets; a missing znode maps to None."""
+    def _get_many(self, paths: list[str]) -> dict[str, Any]:
+        """Pipelined gets: each path maps to ``(data, stat)``, None if it does not exist, or an
+        :class:`_Unreadable` (ACL refused it, or another per-znode error). Losing the
+        connection raises: the caller's resync starts over."""
         client = self._client
         self._count(len(paths))
         pending = [(p, client.get_async(p)) for p in paths]
-        out: dict[str, tuple[bytes, Any] | None] = {}
+        out: dict[str, Any] = {}
         for p, res in pending:
             try:
                 out[p] = self._wait(res)
             except NoNodeError:
                 out[p] = None
+            except _CONNECTION_ERRORS:
+                raise
+            except KazooException as exc:
+                out[p] = _Unreadable(f"{type(exc).__name__}")
         return out
 
     def _ensure_layout(self) -> None:
@@ -670,6 +684,17 @@ class ZooKeeperRegistry:
                 node.node_id, path, stat.ephemeralOwner,
             )
 
+    def _keep_own_record(self) -> None:
+        """Worker: re-register; a record we cannot touch (someone squats our name with a
+        hostile ACL) is logged and must not stop the view from following the registry."""
+        try:
+            self._ensure_own_record()
+        except _CONNECTION_ERRORS:
+            raise
+        except KazooException as exc:
+            log.error("node %s: cannot (re-)register %s/%s: %s", self.node_id, self._nodes_path,
+                      self.node_id, type(exc).__name__)
+
     # --- the worker -----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -726,7 +751,7 @@ class ZooKeeperRegistry:
         """Re-read everything and rebuild the view by difference (start, reconnection)."""
         t0 = time.monotonic()
         self._add_watches()
-        self._ensure_own_record()
+        self._keep_own_record()
         names = [n for n in self._children(self._nodes_path) if n != self.node_id]
         policy_ids = self._children(self._policies_path)
         paths = [f"{self._nodes_path}/{n}" for n in names]
@@ -741,7 +766,7 @@ class ZooKeeperRegistry:
         for n in names:
             res = got[f"{self._nodes_path}/{n}"]
             if res is not None:
-                self._store_record(n, res[0], res[1].mzxid)
+                self._store_result(n, res)
         self._fetch_owners({r.node.overlay for r in self._records.values() if r.node is not None})
         nodes, rejected = {}, {}
         for n in self._records:
@@ -755,7 +780,7 @@ class ZooKeeperRegistry:
             res = got[f"{self._policies_path}/{pid}"]
             if res is None:
                 continue
-            pol, reason = self._parse_policy(pid, res[0], res[1].mzxid)
+            pol, reason = self._parse_policy(pid, res)
             if pol is not None:
                 policies[pid] = pol
             else:
@@ -799,7 +824,7 @@ class ZooKeeperRegistry:
                     ips.add(ip)
 
         if own_event is not None and self._own is not None:
-            self._ensure_own_record()
+            self._keep_own_record()
 
         # alloc/ip-to-id changed: forget cached owners, re-check the records that claim them
         recheck: set[str] = set()
@@ -821,7 +846,7 @@ class ZooKeeperRegistry:
             if res is None:
                 self._forget_record(name, deleted=True)
             else:
-                self._store_record(name, res[0], res[1].mzxid)
+                self._store_result(name, res)
         need = {r.node.overlay for n in touched if (r := self._records.get(n)) is not None and r.node is not None}
         self._fetch_owners({ip for ip in need if ip not in self._owners})
 
@@ -835,7 +860,7 @@ class ZooKeeperRegistry:
                 self._logged.pop(f"policy:{pid}", None)
                 policy_changes[pid] = (None, None)
             else:
-                policy_changes[pid] = self._parse_policy(pid, res[0], res[1].mzxid)
+                policy_changes[pid] = self._parse_policy(pid, res)
         new_max = self._parse_max_change(got.get(self._max_change_path)) if max_change_event else None
 
         changed = False
@@ -856,6 +881,13 @@ class ZooKeeperRegistry:
             self._notify()
 
     # --- validation -----------------------------------------------------------------------
+
+    def _store_result(self, name: str, res: Any) -> None:
+        if isinstance(res, _Unreadable):
+            self._forget_record(name, keep_owner=True)
+            self._records[name] = _Rec(-1, None, f"nodes/{name} cannot be read ({res.error})")
+        else:
+            self._store_record(name, res[0], res[1].mzxid)
 
     def _store_record(self, name: str, data: bytes, mzxid: int) -> None:
         old = self._records.get(name)
@@ -894,7 +926,10 @@ class ZooKeeperRegistry:
         got = self._get_many([f"{self._ip_to_id}/{ip}" for ip in sorted(ips)])
         for ip in ips:
             res = got[f"{self._ip_to_id}/{ip}"]
-            self._owners[ip] = None if res is None else res[0].decode("utf-8", "replace")
+            if isinstance(res, _Unreadable):
+                self._owners[ip] = ""  # never a node name: claimants are rejected
+            else:
+                self._owners[ip] = None if res is None else res[0].decode("utf-8", "replace")
 
     def _evaluate(self, name: str) -> tuple[Node | None, str | None]:
         rec = self._records[name]
@@ -904,23 +939,33 @@ class ZooKeeperRegistry:
             owner = self._owners.get(rec.node.overlay)
             if owner == name:
                 return rec.node, None
-            if owner is None:
+            if owner == "":
+                reason = f"alloc/ip-to-id/{rec.node.overlay} cannot be read, so {name}'s overlay is unproven"
+            elif owner is None:
                 reason = f"overlay {rec.node.overlay} is not allocated to {name} (no alloc/ip-to-id/{rec.node.overlay})"
             else:
                 reason = f"overlay {rec.node.overlay} is allocated to {owner!r}, not {name!r}"
         self._log_rejection(name, rec.mzxid, reason)
         return None, reason
 
-    def _parse_policy(self, pid: str, data: bytes, mzxid: int) -> tuple[Policy | None, str | None]:
-        try:
-            return parse_policy_record(data, pid), None
-        except (InvalidRecord, ValueError) as exc:
-            reason = str(exc)
-            self._log_rejection(f"policy:{pid}", mzxid, reason)
-            return None, reason
+    def _parse_policy(self, pid: str, res: Any) -> tuple[Policy | None, str | None]:
+        if isinstance(res, _Unreadable):
+            reason, mzxid = f"policies/{pid} cannot be read ({res.error})", -1
+        else:
+            data, stat = res
+            mzxid = stat.mzxid
+            try:
+                return parse_policy_record(data, pid), None
+            except (InvalidRecord, ValueError) as exc:
+                reason = str(exc)
+        self._log_rejection(f"policy:{pid}", mzxid, reason)
+        return None, reason
 
-    def _parse_max_change(self, res: tuple[bytes, Any] | None) -> int | None:
+    def _parse_max_change(self, res: Any) -> int | None:
         if res is None:
+            return None
+        if isinstance(res, _Unreadable):
+            self._log_rejection("config:max_change", -1, f"{self._max_change_path} cannot be read ({res.error})")
             return None
         data, stat = res
         text = data.decode("utf-8", "replace").strip()
@@ -942,7 +987,6 @@ class ZooKeeperRegistry:
     def _bump(self) -> None:
         """Caller holds self._lock."""
         self._revision += 1
-        self._snapshot = None
 
     def _notify(self) -> None:
         listener = self._listener

@@ -294,6 +294,34 @@ def test_hostile_records_are_rejected(zk_server, zk_prefix, registries, zk_clien
     assert changes.n >= 3
 
 
+def test_unreadable_records_are_rejected_not_fatal(zk_server, zk_prefix, registries, zk_client):
+    """A record (or a squat of our own name) with an ACL nobody else can read."""
+    from kazoo.security import make_digest_acl
+
+    config = cfg(zk_server, zk_prefix)
+    peer = join(registries(config, SUBNET, "peer"), "peer", watch=False)
+    secret_acl = [make_digest_acl("mallory", "pw", all=True)]
+    zk_client.create(f"{zk_prefix}/nodes/secret", _record("secret", "192.168.3.3"), acl=secret_acl,
+                     ephemeral=True)
+    zk_client.create(f"{zk_prefix}/nodes/victim", _record("victim", "192.168.3.4"), acl=secret_acl,
+                     ephemeral=True)
+    zk_client.create(f"{zk_prefix}/policies/secret", b"{}", acl=secret_acl)
+    victim = registries(config, SUBNET, "victim")
+    ip = victim.allocate("victim")
+    with pytest.raises(RegistryError, match="NoAuth|ACL"):
+        victim.register(mknode("victim", ip))
+    victim.start(lambda: None)
+    wait_for(lambda: victim.view().synced and "peer" in victim.view().nodes, what="victim in sync")
+    view = victim.view()
+    assert "cannot be read" in view.rejected["secret"]
+    assert "cannot be read" in view.rejected["policy:secret"]
+    assert view.nodes == {"peer": peer}
+    # and it keeps following changes. (ZooKeeper sends no watch events for znodes the
+    # watcher cannot read, so unreadable records are only noticed by a full resync.)
+    late = join(registries(config, SUBNET, "late"), "late", 2, watch=False)
+    wait_for(lambda: victim.view().nodes.get("late") == late, what="late peer")
+
+
 def test_flood_of_10000_records(zk_server, zk_prefix, registries, zk_client):
     config = cfg(zk_server, zk_prefix)
     peer = join(registries(config, SUBNET, "peer"), "peer", requested="192.168.60.1", watch=False)
