@@ -1,0 +1,621 @@
+"""The lab's topology file: load, validate, and derive everything from it.
+
+One YAML file (``default-topology.yaml`` is the default; docs/lab.md
+documents every key) drives the netns lab and ``vagrant/``. This module is
+pure: it reads the file and computes names, daemon configs and the per-node
+network scripts; it never touches the system. The same functions serve both
+labs (``target="netns"`` or ``target="vagrant"``), so a VM's daemon config
+and network set-up are written by the code that writes the netns lab's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import ipaddress
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from overlay.errors import InvalidConfigError
+
+DEFAULT_TOPOLOGY_NAME = "default-topology.yaml"
+TOPOLOGY_ENV = "OVERLAY_LAB_TOPOLOGY"
+
+NS_PREFIX = "ovl-lab-"                # every namespace the lab makes starts with this
+RUN_DIR = "/run/overlay-lab"          # state, configs, logs, ZooKeeper data
+PIN_DIR = "/sys/fs/bpf/overlay/lab"   # one pin_root per member below it
+STATUS_LISTEN = "127.0.0.1:9464"      # each namespace has its own loopback
+TARGETS = ("netns", "vagrant")
+
+HOST_RE = re.compile(r"^[a-z][a-z0-9-]{0,14}$")     # also an interface name on the switch
+NETWORK_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")     # "e-<network>" is an interface name
+RESERVED_HOST_NAMES = ("edge", "sw", "inet", "lo")
+
+# Keys of a member's daemon config that the lab owns (a topology may not set them).
+LAB_OWNED = (
+    ("node_id",), ("network",), ("addresses",), ("discovery",), ("state_dir",),
+    ("status_listen",), ("registry", "backend"), ("registry", "hosts"),
+    ("datapath", "interface"), ("datapath", "pin_root"),
+)
+
+
+class TopologyError(InvalidConfigError):
+    """The topology file is invalid; ``path`` names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    network: str
+    private: str
+    public: str
+    member: bool = True
+    groups: tuple[str, ...] = ()
+    overlay: str | None = None                               # fixed overlay address, if any
+    daemon: dict = field(default_factory=dict, compare=False)  # per-host daemon config overrides
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    subnet: ipaddress.IPv4Network
+    public_subnet: ipaddress.IPv4Network
+    edge_private: str
+    edge_public: str
+    hosts: tuple[Host, ...]
+
+    @property
+    def edge_name(self) -> str:
+        return f"{self.name}-edge"
+
+
+@dataclass(frozen=True)
+class Topology:
+    source: str
+    overlay_subnet: ipaddress.IPv4Network
+    test_port: int
+    public_range: ipaddress.IPv4Network
+    internet_subnet: ipaddress.IPv4Network
+    zk_name: str
+    zk_address: str
+    zk_port: int
+    networks: tuple[Network, ...]
+    daemon: dict = field(default_factory=dict, compare=False)
+    vagrant: dict = field(default_factory=dict, compare=False)
+    text: str = field(default="", compare=False, repr=False)
+
+    @property
+    def hosts(self) -> tuple[Host, ...]:
+        return tuple(h for n in self.networks for h in n.hosts)
+
+    @property
+    def members(self) -> tuple[Host, ...]:
+        return tuple(h for h in self.hosts if h.member)
+
+    @property
+    def zookeeper(self) -> str:
+        return f"{self.zk_address}:{self.zk_port}"
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise TopologyError(self.source, f"no host named {name!r} (hosts: {', '.join(h.name for h in self.hosts)})")
+
+    def network(self, name: str) -> Network:
+        for n in self.networks:
+            if n.name == name:
+                return n
+        raise TopologyError(self.source, f"no network named {name!r}")
+
+    def node_names(self) -> list[str]:
+        """Every machine of the lab: ZooKeeper, the edges, then the hosts (the VM names)."""
+        return [self.zk_name, *(n.edge_name for n in self.networks), *(h.name for h in self.hosts)]
+
+
+# --- namespace names -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Names:
+    """Namespace names of one lab; all start with ``prefix`` (``ovl-lab-``)."""
+
+    prefix: str = NS_PREFIX
+
+    def host(self, host: Host | str) -> str:
+        return self.prefix + (host if isinstance(host, str) else host.name)
+
+    def switch(self, network: Network | str) -> str:
+        return f"{self.prefix}{network if isinstance(network, str) else network.name}-sw"
+
+    def edge(self, network: Network | str) -> str:
+        return f"{self.prefix}{network if isinstance(network, str) else network.name}-edge"
+
+    @property
+    def internet(self) -> str:
+        return f"{self.prefix}inet"
+
+    def zookeeper(self, topo: Topology) -> str:
+        return self.prefix + topo.zk_name
+
+    def all(self, topo: Topology) -> list[str]:
+        out = [self.internet, self.zookeeper(topo)]
+        for net in topo.networks:
+            out += [self.switch(net), self.edge(net), *(self.host(h) for h in net.hosts)]
+        return out
+
+
+# --- loading and validation ------------------------------------------------------------
+
+
+def default_topology_path() -> str:
+    env = os.environ.get(TOPOLOGY_ENV)
+    if env:
+        return env
+    return str(resources.files("overlay.lab").joinpath(DEFAULT_TOPOLOGY_NAME))
+
+
+def load_topology(path: str | None = None) -> Topology:
+    """Read and validate a topology file (default: the packaged one, or $OVERLAY_LAB_TOPOLOGY)."""
+    path = path or default_topology_path()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise TopologyError(path, f"cannot read the topology file: {exc.strerror}") from None
+    return parse_topology(text, path)
+
+
+def parse_topology(text: str, source: str = "<topology>") -> Topology:
+    try:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise TopologyError(source, f"not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return dataclasses.replace(topology_from_dict(obj, source), text=text)
+
+
+class _Obj:
+    """Pops keys from a mapping; errors name ``<file>: <key path>``."""
+
+    def __init__(self, obj: Any, path: str, source: str):
+        self.path, self.source = path, source
+        if not isinstance(obj, dict):
+            self.fail(f"must be a mapping, got {_kind(obj)}")
+        self.obj = dict(obj)
+
+    def fail(self, reason: str, key: str | None = None):
+        raise TopologyError(f"{self.source}: {self.sub(key) if key else self.path or '<top>'}", reason)
+
+    def sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, conv, default: Any = None, required: bool = False):
+        if key not in self.obj:
+            if required:
+                self.fail("is required", key)
+            return default
+        value = self.obj.pop(key)
+        try:
+            return conv(value)
+        except (ValueError, TypeError) as exc:
+            self.fail(str(exc), key)
+
+    def child(self, key: str, required: bool = True) -> _Obj:
+        if key not in self.obj:
+            if required:
+                self.fail("is required", key)
+            return _Obj({}, self.sub(key), self.source)
+        return _Obj(self.obj.pop(key), self.sub(key), self.source)
+
+    def done(self) -> None:
+        for key in self.obj:
+            self.fail("unknown key", str(key))
+
+
+def _kind(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _ip(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected an IPv4 address, got {_kind(v)}")
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IPv4 address") from None
+
+
+def _net(v: Any) -> ipaddress.IPv4Network:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a CIDR like 10.0.0.0/24, got {_kind(v)}")
+    try:
+        return ipaddress.IPv4Network(v)
+    except ValueError as exc:
+        raise ValueError(f"{v!r} is not an IPv4 network: {exc}") from None
+
+
+def _port(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise ValueError(f"expected a port number 1..65535, got {v!r}")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, got {v!r}")
+    return v
+
+
+def _mapping(v: Any) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError(f"must be a mapping, got {_kind(v)}")
+    return v
+
+
+def _matching(regex: re.Pattern, what: str):
+    def conv(v: Any) -> str:
+        if not isinstance(v, str) or not regex.match(v):
+            raise ValueError(f"{what} {v!r} must match {regex.pattern}")
+        return v
+
+    return conv
+
+
+def _groups(v: Any) -> tuple[str, ...]:
+    from overlay.model import valid_name
+
+    if not isinstance(v, list):
+        raise ValueError(f"must be a list of group names, got {_kind(v)}")
+    return tuple(valid_name(g, "group") for g in v)
+
+
+def _in(ip: str, net: ipaddress.IPv4Network, what: str) -> str:
+    a = ipaddress.IPv4Address(ip)
+    if a not in net:
+        raise ValueError(f"{ip} is outside {what} {net}")
+    if net.prefixlen < 31 and a in (net.network_address, net.broadcast_address):
+        raise ValueError(f"{ip} is the network or broadcast address of {net}")
+    return ip
+
+
+def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
+    top = _Obj(obj, "", source)
+    version = top.get("version", _port, 1)
+    if version != 1:
+        top.fail(f"version {version} is not supported (only 1)", "version")
+    overlay_subnet = top.get("overlay_subnet", _net, ipaddress.IPv4Network("192.168.0.0/18"))
+    test_port = top.get("test_port", _port, 7000)
+    if test_port in (22, int(STATUS_LISTEN.rsplit(":", 1)[1])):
+        top.fail(f"{test_port} is reserved (22 is the SSH failsafe, 9464 the status endpoint)", "test_port")
+    public_range = top.get("public_range", _net, required=True)
+    inet = top.child("internet")
+    internet_subnet = inet.get("subnet", _net, required=True)
+    inet.done()
+    if not internet_subnet.subnet_of(public_range):
+        top.fail(f"{internet_subnet} is not inside public_range {public_range}", "internet.subnet")
+    zk = top.child("zookeeper")
+    zk_name = zk.get("name", _matching(HOST_RE, "name"), "zk")
+    if zk_name in RESERVED_HOST_NAMES or zk_name.startswith("e-") or zk_name.endswith(("-sw", "-edge")):
+        zk.fail(f"{zk_name!r} is reserved for the lab's own devices", "name")
+    zk_address = zk.get("address", _ip, required=True)
+    zk_port = zk.get("port", _port, 2181)
+    try:
+        _in(zk_address, internet_subnet, "internet.subnet")
+    except ValueError as exc:
+        zk.fail(str(exc), "address")
+    zk.done()
+    daemon = top.get("daemon", _mapping, {})
+    vagrant = top.get("vagrant", _mapping, {})
+    nets_raw = top.get("networks", lambda v: v, required=True)
+    if not isinstance(nets_raw, list) or not nets_raw:
+        top.fail("must be a non-empty list of networks", "networks")
+
+    networks: list[Network] = []
+    seen_hosts: dict[str, str] = {}
+    seen_public: dict[str, str] = {zk_address: "zookeeper.address"}
+    for i, raw in enumerate(nets_raw):
+        n = _Obj(raw, f"networks[{i}]", source)
+        name = n.get("name", _matching(NETWORK_RE, "network name"), required=True)
+        if any(x.name == name for x in networks):
+            n.fail(f"network {name!r} is listed twice", "name")
+        subnet = n.get("subnet", _net, required=True)
+        if subnet.prefixlen > 29:
+            n.fail(f"{subnet} is too small for a lab network", "subnet")
+        public_subnet = n.get("public_subnet", _net, required=True)
+        if not public_subnet.subnet_of(public_range):
+            n.fail(f"{public_subnet} is not inside public_range {public_range}", "public_subnet")
+        if public_subnet.overlaps(internet_subnet):
+            n.fail(f"{public_subnet} overlaps internet.subnet {internet_subnet}", "public_subnet")
+        for other in networks:
+            if public_subnet.overlaps(other.public_subnet):
+                n.fail(f"{public_subnet} overlaps network {other.name}'s {other.public_subnet}", "public_subnet")
+        for label, cidr in (("overlay_subnet", overlay_subnet), ("public_range", public_range)):
+            if subnet.overlaps(cidr):
+                n.fail(f"{subnet} overlaps {label} {cidr}", "subnet")
+        edge = n.child("edge")
+        edge_private = edge.get("private", _ip, required=True)
+        edge_public = edge.get("public", _ip, required=True)
+        try:
+            _in(edge_private, subnet, "the network's subnet")
+        except ValueError as exc:
+            edge.fail(str(exc), "private")
+        try:
+            _in(edge_public, internet_subnet, "internet.subnet")
+        except ValueError as exc:
+            edge.fail(str(exc), "public")
+        if edge_public in seen_public:
+            edge.fail(f"{edge_public} is already used by {seen_public[edge_public]}", "public")
+        seen_public[edge_public] = edge.sub("public")
+        edge.done()
+        hosts_raw = n.get("hosts", lambda v: v, required=True)
+        if not isinstance(hosts_raw, list) or not hosts_raw:
+            n.fail("must be a non-empty list of hosts", "hosts")
+        seen_private = {edge_private: edge.sub("private")}
+        hosts: list[Host] = []
+        for j, hraw in enumerate(hosts_raw):
+            h = _Obj(hraw, f"networks[{i}].hosts[{j}]", source)
+            hname = h.get("name", _matching(HOST_RE, "host name"), required=True)
+            if hname in (*RESERVED_HOST_NAMES, zk_name) or hname.endswith(("-sw", "-edge")):
+                h.fail(f"host name {hname!r} is reserved for the lab's own machines", "name")
+            if hname in seen_hosts:
+                h.fail(f"host {hname!r} is already defined at {seen_hosts[hname]}", "name")
+            seen_hosts[hname] = h.path
+            private = h.get("private", _ip, required=True)
+            try:
+                _in(private, subnet, "the network's subnet")
+            except ValueError as exc:
+                h.fail(str(exc), "private")
+            if private in seen_private:
+                h.fail(f"{private} is already used in network {name} by {seen_private[private]}", "private")
+            seen_private[private] = h.sub("private")
+            public = h.get("public", _ip, required=True)
+            try:
+                _in(public, public_subnet, "the network's public_subnet")
+            except ValueError as exc:
+                h.fail(str(exc), "public")
+            if public in seen_public:
+                h.fail(f"{public} is already used by {seen_public[public]}", "public")
+            seen_public[public] = h.sub("public")
+            member = h.get("member", _bool, True)
+            groups = h.get("groups", _groups, ())
+            overlay = h.get("overlay", _ip)
+            if overlay is not None:
+                try:
+                    _in(overlay, overlay_subnet, "overlay_subnet")
+                except ValueError as exc:
+                    h.fail(str(exc), "overlay")
+            hdaemon = h.get("daemon", _mapping, {})
+            h.done()
+            if not member and (groups or overlay or hdaemon):
+                h.fail("an outsider (member: false) runs no daemon: it has no groups, overlay or daemon settings")
+            hosts.append(Host(hname, name, private, public, member, groups, overlay, hdaemon))
+        n.done()
+        networks.append(Network(name, subnet, public_subnet, edge_private, edge_public, tuple(hosts)))
+    top.done()
+    if zk_name in seen_hosts or zk_name in {f"{n.name}-edge" for n in networks}:
+        raise TopologyError(f"{source}: zookeeper.name", f"{zk_name!r} is also a host or edge name")
+    fixed = [h.overlay for n in networks for h in n.hosts if h.overlay]
+    if len(fixed) != len(set(fixed)):
+        raise TopologyError(f"{source}: networks", "two hosts have the same fixed overlay address")
+
+    topo = Topology(
+        source=source, overlay_subnet=overlay_subnet, test_port=test_port, public_range=public_range,
+        internet_subnet=internet_subnet, zk_name=zk_name, zk_address=zk_address, zk_port=zk_port,
+        networks=tuple(networks), daemon=daemon, vagrant=vagrant,
+    )
+    for key_path in LAB_OWNED:
+        if _dig(daemon, key_path) is not _MISSING:
+            raise TopologyError(f"{source}: daemon.{'.'.join(key_path)}", "is set by the lab, per host")
+    for host in topo.members:
+        for key_path in LAB_OWNED:
+            if _dig(host.daemon, key_path) is not _MISSING:
+                raise TopologyError(f"{source}: host {host.name}: daemon.{'.'.join(key_path)}",
+                                    "is set by the lab, per host")
+        validate_member_config(topo, host)
+    return topo
+
+
+_MISSING = object()
+
+
+def _dig(obj: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return _MISSING
+        obj = obj[key]
+    return obj
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# --- daemon configs ------------------------------------------------------------------
+
+
+def member_config(
+    topo: Topology,
+    host: Host | str,
+    *,
+    target: str = "netns",
+    interface: str | None = None,
+    run_dir: str = RUN_DIR,
+    pin_dir: str = PIN_DIR,
+) -> dict:
+    """The daemon config (DESIGN §4.1a) of member ``host``, as a mapping.
+
+    ``target="netns"``: uplink ``eth0``, pin_root ``<pin_dir>/<host>`` (bpffs is
+    shared by every namespace), state under ``<run_dir>/hosts/<host>/state``.
+    ``target="vagrant"``: the VM's lab interface (``interface``), the product's
+    default pin_root and state_dir.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}")
+    if isinstance(host, str):
+        host = topo.host(host)
+    if not host.member:
+        raise TopologyError(f"{topo.source}: host {host.name}", "is an outsider (member: false): it runs no daemon")
+    addresses = {"private": host.private, "public": host.public}
+    if host.overlay:
+        addresses["overlay"] = host.overlay
+    if target == "netns":
+        datapath = {"interface": interface or "eth0", "pin_root": f"{pin_dir}/{host.name}"}
+        state_dir = f"{run_dir}/hosts/{host.name}/state"
+    else:
+        datapath = {"interface": interface or "eth1", "pin_root": "/sys/fs/bpf/overlay"}
+        state_dir = "/var/lib/overlay"
+    base = {
+        "node_id": host.name,
+        "network": host.network,
+        "overlay_subnet": str(topo.overlay_subnet),
+        "addresses": addresses,
+        "groups": list(host.groups),
+        "registry": {"backend": "zookeeper", "hosts": [topo.zookeeper], "prefix": "/overlay"},
+        "datapath": {"backend": "ebpf", **datapath},
+        "filter": {"reject_all": True, "open_ports": [], "ssh_whitelist": []},
+        "status_listen": STATUS_LISTEN,
+        "state_dir": state_dir,
+    }
+    return deep_merge(deep_merge(base, topo.daemon), host.daemon)
+
+
+def validate_member_config(topo: Topology, host: Host) -> None:
+    from overlay.config import config_from_dict
+
+    try:
+        config_from_dict(member_config(topo, host))
+    except InvalidConfigError as exc:
+        raise TopologyError(f"{topo.source}: host {host.name}: daemon config {exc.path}", exc.reason) from None
+
+
+def render_config(topo: Topology, host: Host | str, **kwargs) -> str:
+    """``member_config`` as the YAML file the daemon reads (what ``overlay lab config`` prints)."""
+    if isinstance(host, str):
+        host = topo.host(host)
+    cfg = member_config(topo, host, **kwargs)
+    head = (
+        f"# Daemon config of lab host {host.name} (network {host.network}), written by\n"
+        f"# `overlay lab config` from {topo.source}. Keys: DESIGN.md §4.1a, docs/config.md.\n"
+    )
+    return head + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+
+
+# --- per-node network scripts -----------------------------------------------------------
+#
+# Each lab machine (host, edge, ZooKeeper) gets a POSIX shell script that
+# configures its addresses, routes, forwarding, checksum offload and (edges)
+# the 1:1 NAT. In the netns lab the interfaces already exist with fixed names
+# and the script runs inside the machine's namespace; in a Vagrant VM the
+# hypervisor made the interfaces, so the script first finds each one by the
+# address Vagrant gave it. Every command is idempotent (replace, not add).
+
+_VAGRANT_PRELUDE = """\
+dev_of() { ip -o -4 addr show to "$1/32" | awk '{print $2; exit}'; }
+need_dev() {
+  d="$(dev_of "$1")"
+  if [ -z "$d" ]; then echo "no interface has address $1 (check the Vagrant private networks)" >&2; exit 1; fi
+  echo "$d"
+}
+"""
+
+
+def _q(s: object) -> str:
+    return shlex.quote(str(s))
+
+
+def edge_nat_rules(topo: Topology, network: Network | str, lan: str, wan: str) -> str:
+    """The edge's 1:1 NAT as an ``iptables-restore`` file (the whole nat table)."""
+    if isinstance(network, str):
+        network = topo.network(network)
+    lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+             ":POSTROUTING ACCEPT [0:0]"]
+    for h in network.hosts:
+        lines.append(f"-A PREROUTING -i {wan} -d {h.public}/32 -j DNAT --to-destination {h.private}")
+    for h in network.hosts:
+        lines.append(f"-A POSTROUTING -o {wan} -s {h.private}/32 -j SNAT --to-source {h.public}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def node_script(topo: Topology, node: str, target: str = "netns") -> str:
+    """The network set-up script of lab machine ``node`` (a host, ``<network>-edge`` or ZooKeeper)."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}")
+    vagrant = target == "vagrant"
+    out = ["#!/bin/sh", f"# lab machine {node}: network set-up ({target}); written by `overlay lab script`",
+           "set -eu"]
+    if vagrant:
+        out.append(_VAGRANT_PRELUDE.rstrip("\n"))
+    else:
+        out += ["ip link set lo up",
+                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"]
+
+    def dev(var: str, name: str, address: str) -> None:
+        out.append(f'{var}="$(need_dev {address})"' if vagrant else f"{var}={name}")
+
+    def iface(var: str, address: str, prefixlen: int) -> None:
+        out.append(f'ip link set "${var}" up')
+        out.append(f'ethtool -K "${var}" tx off rx off >/dev/null')
+        out.append(f'ip addr replace {address}/{prefixlen} dev "${var}"')
+
+    if node == topo.zk_name:
+        dev("wan", "eth0", topo.zk_address)
+        iface("wan", topo.zk_address, topo.internet_subnet.prefixlen)
+        for n in topo.networks:
+            out.append(f'ip route replace {n.public_subnet} via {n.edge_public} dev "$wan"')
+        return "\n".join(out) + "\n"
+
+    for net in topo.networks:
+        if node == net.edge_name:
+            dev("lan", "lan", net.edge_private)
+            dev("wan", "wan", net.edge_public)
+            iface("lan", net.edge_private, net.subnet.prefixlen)
+            iface("wan", net.edge_public, topo.internet_subnet.prefixlen)
+            out.append("sysctl -qw net.ipv4.ip_forward=1")
+            for other in topo.networks:
+                if other.name != net.name:
+                    out.append(f'ip route replace {other.public_subnet} via {other.edge_public} dev "$wan"')
+            rules = edge_nat_rules(topo, net, "$lan", "$wan")
+            # unquoted here-doc: $lan and $wan expand to the interface names
+            out += ["iptables-restore <<EOF", rules.rstrip("\n"), "EOF"]
+            return "\n".join(out) + "\n"
+
+    host = topo.host(node)
+    net = topo.network(host.network)
+    dev("lan", "eth0", host.private)
+    iface("lan", host.private, net.subnet.prefixlen)
+    # netns: everything not on the segment goes to the edge (as in a cloud VPC);
+    # vagrant: only the public range, the default route stays on the management NIC.
+    dst = "default" if not vagrant else str(topo.public_range)
+    out.append(f'ip route replace {dst} via {net.edge_private} dev "$lan"')
+    return "\n".join(out) + "\n"
+
+
+def iter_links(topo: Topology, names: Names) -> Iterator[tuple[str, str, str, str]]:
+    """The netns lab's veth pairs: (namespace A, device A, namespace B, device B).
+
+    Device A is the switch (or internet) side, enslaved to that namespace's bridge.
+    """
+    for net in topo.networks:
+        for h in net.hosts:
+            yield names.switch(net), h.name, names.host(h), "eth0"
+        yield names.switch(net), "edge", names.edge(net), "lan"
+        yield names.internet, f"e-{net.name}", names.edge(net), "wan"
+    yield names.internet, topo.zk_name, names.zookeeper(topo), "eth0"
