@@ -1,0 +1,215 @@
+"""``overlay lab ...``: the netns lab's commands (registered by overlay/cli.py).
+
+    overlay lab up [--no-daemons]       build it (idempotent), step by step with timings
+    overlay lab down                    remove everything it made
+    overlay lab status [--json]         hosts, addresses, processes, logs
+    overlay lab check [--json] [-v]     the connectivity matrix; exit 1 on any mismatch
+    overlay lab config HOST [--vagrant] a member's daemon config (also used by vagrant/)
+    overlay lab script NODE [--vagrant] a lab machine's network set-up script (also used by vagrant/)
+    overlay lab exec NODE [CMD ...]     run a command (default: a shell) inside a lab machine
+    overlay lab daemon stop|kill|start HOST, overlay lab zookeeper stop|start
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+EXIT_OK, EXIT_FAILURE = 0, 1
+
+
+def _emit(text: str, newline: bool = True) -> None:
+    sys.stdout.write(text + ("\n" if newline else ""))
+    sys.stdout.flush()
+
+
+def _color() -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    return bool(os.environ.get("FORCE_COLOR")) or sys.stdout.isatty()
+
+
+def _lab(args, quiet: bool = False):
+    import logging
+
+    from overlay.lab.lab import Lab
+
+    # the steps say what happens; the ZooKeeper wrapper's own lines would interleave
+    logging.getLogger("overlay.zkserver").setLevel(logging.WARNING)
+
+    return Lab(getattr(args, "topology", None), emit=None if quiet else _emit)
+
+
+def cmd_up(args) -> int:
+    _lab(args).up(daemons=not args.no_daemons, ready_timeout=args.ready_timeout)
+    return EXIT_OK
+
+
+def cmd_down(args) -> int:
+    _lab(args).down()
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    status = _lab(args, quiet=True).status()
+    if args.json:
+        _emit(json.dumps(status, indent=2, sort_keys=False))
+    else:
+        _emit(format_status(status))
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    from overlay.lab.check import format_matrix
+
+    lab = _lab(args, quiet=True)
+    results, ok = lab.check(timeout=args.timeout)
+    if args.json:
+        _emit(json.dumps({"ok": ok, "probes": [r.as_dict() for r in results]}, indent=2))
+    else:
+        _emit(format_matrix(lab.topology(), results, color=_color(), verbose=args.verbose))
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def cmd_config(args) -> int:
+    from overlay.lab.topology import load_topology, render_config
+
+    topo = load_topology(args.topology)
+    kwargs = {"target": "vagrant" if args.vagrant else "netns"}
+    interface = args.interface
+    if interface == "auto":
+        interface = _interface_with(topo.host(args.host).private)
+    if interface:
+        kwargs["interface"] = interface
+    sys.stdout.write(render_config(topo, args.host, **kwargs))
+    return EXIT_OK
+
+
+def _interface_with(address: str) -> str:
+    from overlay.errors import OverlayError
+    from overlay.lab.netns import run
+
+    out = run(["ip", "-j", "-4", "addr", "show"]).stdout
+    for link in json.loads(out or "[]"):
+        for a in link.get("addr_info", []):
+            if a.get("local") == address:
+                return link["ifname"]
+    raise OverlayError(f"--interface auto: no interface on this machine has {address}")
+
+
+def cmd_script(args) -> int:
+    from overlay.lab.topology import load_topology, node_script
+
+    topo = load_topology(args.topology)
+    if args.node not in topo.node_names():
+        from overlay.errors import OverlayError
+
+        raise OverlayError(f"no lab machine {args.node!r} (one of: {', '.join(topo.node_names())})")
+    sys.stdout.write(node_script(topo, args.node, "vagrant" if args.vagrant else "netns"))
+    return EXIT_OK
+
+
+def cmd_exec(args) -> int:
+    from overlay.lab.netns import nsenter
+
+    ns = _lab(args, quiet=True).namespace_of(args.node)
+    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    argv = argv or [os.environ.get("SHELL", "/bin/sh")]
+    full = nsenter(ns, argv)
+    os.execvp(full[0], full)
+    return EXIT_FAILURE  # not reached
+
+
+def cmd_daemon(args) -> int:
+    import signal
+
+    lab = _lab(args, quiet=True)
+    if args.action == "start":
+        _emit(f"started the daemon of {args.host} (pid {lab.start_daemon(args.host)})")
+    else:
+        sig = signal.SIGKILL if args.action == "kill" else signal.SIGTERM
+        _emit(f"{'killed' if args.action == 'kill' else 'stopped'} the daemon of {args.host} "
+              f"(pid {lab.kill_daemon(args.host, sig)})")
+    return EXIT_OK
+
+
+def cmd_zookeeper(args) -> int:
+    lab = _lab(args, quiet=True)
+    if args.action == "stop":
+        lab.zookeeper_stop()
+        _emit("ZooKeeper stopped (its data is kept; `overlay lab zookeeper start` brings it back)")
+    else:
+        lab.zookeeper_start()
+        _emit(f"ZooKeeper running at {lab.topology().zookeeper}")
+    return EXIT_OK
+
+
+def format_status(s: dict) -> str:
+    lines = [f"lab: {s['state']}  (topology {s['topology']}; run dir {s['run_dir']})"]
+    z = s["zookeeper_info"]
+    zs = f"pid {z['pid']}, running" if z["running"] else "not running"
+    lines.append(f"zookeeper {s['zookeeper']} in {z['netns']}: {zs}; log {z['log']}")
+    rows = [("HOST", "NETWORK", "NETNS", "PRIVATE", "PUBLIC", "OVERLAY", "GROUPS", "DAEMON", "LOG")]
+    for h in s["hosts"]:
+        d = h.get("daemon")
+        if d is None:
+            dstate, logp = "outsider (no daemon)", h["test_server"]["log"]
+        else:
+            if not d["running"]:
+                dstate = "not running"
+            else:
+                dstate = f"pid {d['pid']} " + ("ready" if d["ready"] else "not ready")
+                if d["peers"] is not None:
+                    dstate += f", {d['peers']} peers"
+            logp = d["log"]
+        rows.append((h["name"], h["network"], h["netns"], h["private"], h["public"], h["overlay"] or "-",
+                     ",".join(h["groups"]) or "-", dstate, logp))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    lines.append("test-port servers' logs: <run dir>/logs/echo-<host>.log; "
+                 "`overlay lab exec HOST` opens a shell in a host")
+    return "\n".join(lines)
+
+
+def register(sub, parser_class) -> None:
+    p = sub.add_parser("lab", help="the two-network lab in network namespaces (docs/lab.md)",
+                       description="The two-network lab in network namespaces (docs/lab.md).")
+    lsub = p.add_subparsers(dest="lab_command", metavar="ACTION", parser_class=parser_class)
+
+    def add(name: str, func, help: str):
+        sp = lsub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        sp.add_argument("--topology", metavar="FILE",
+                        help="topology file (default: $OVERLAY_LAB_TOPOLOGY or the packaged default; "
+                             "a lab that is up keeps the one it was built from)")
+        return sp
+
+    sp = add("up", cmd_up, "build the lab and start ZooKeeper and the daemons (idempotent)")
+    sp.add_argument("--no-daemons", action="store_true",
+                    help="build the networks, ZooKeeper and test servers only (no daemons, no overlay)")
+    sp.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
+                    help="seconds to wait for the daemons to be ready and converged (default 120)")
+    add("down", cmd_down, "remove every namespace, process, pinned object and file of the lab")
+    sp = add("status", cmd_status, "show the lab's hosts, addresses, processes and log files")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp = add("check", cmd_check, "probe the connectivity matrix against the expected one (exit 1 on a mismatch)")
+    sp.add_argument("--json", action="store_true", help="print every probe as JSON")
+    sp.add_argument("-v", "--verbose", action="store_true", help="list every probe")
+    sp.add_argument("--timeout", type=float, default=3.0, metavar="S", help="connect timeout per probe (default 3)")
+    sp = add("config", cmd_config, "print a member's daemon config (what the lab and vagrant/ install)")
+    sp.add_argument("host")
+    sp.add_argument("--vagrant", action="store_true", help="for a Vagrant VM (default pin_root and state_dir)")
+    sp.add_argument("--interface", help="the uplink interface; 'auto': the one holding the host's private address")
+    sp = add("script", cmd_script, "print a lab machine's network set-up script (hosts, <network>-edge, zk)")
+    sp.add_argument("node")
+    sp.add_argument("--vagrant", action="store_true", help="for a Vagrant VM (finds interfaces by address)")
+    sp = add("exec", cmd_exec, "run a command inside a lab machine's namespace (default: a shell)")
+    sp.add_argument("node", help="a host, <network>-edge, <network>-sw, inet or the ZooKeeper machine")
+    sp.add_argument("cmd", nargs="...", help="the command and its arguments")
+    sp = add("daemon", cmd_daemon, "stop (SIGTERM), kill (SIGKILL) or start one lab daemon")
+    sp.add_argument("action", choices=["stop", "kill", "start"])
+    sp.add_argument("host")
+    sp = add("zookeeper", cmd_zookeeper, "stop or start the lab's ZooKeeper (its data is kept)")
+    sp.add_argument("action", choices=["stop", "start"])
