@@ -1,0 +1,292 @@
+"""The two-network lab, end to end (issue 5, acceptance 2-4).
+
+Brings up a lab of the default topology, with its own namespace prefix
+(``ovl-labtest-``), run directory and pin directory, so a lab a developer
+has up (``make lab``: ``ovl-lab-*``) is left alone. Then: the matrix is
+green; flows arrive from the right addresses; outsiders cannot reach
+members; one daemon is killed (traffic still flows on its pinned state) and
+restarted (it adopts that state without a single op); ZooKeeper is stopped
+for 30 s (nothing changes, /readyz says 503, then 200); everything is torn
+down and nothing is left. Bounded: about two to three minutes in all.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from overlay.lab import netns as nx
+from overlay.lab.check import OVERLAY, format_matrix, probe_once
+from overlay.lab.lab import Lab
+from overlay.lab.netns import LabError
+
+from .conftest import require_bcc
+
+pytestmark = [pytest.mark.root, pytest.mark.zk]
+
+# Only the maps that hold state (not counters, conntrack or fill levels).
+STATE_MAPS = ("digest", "ovl_cfg", "ovl_failsafe", "ovl_nat", "ovl_peers", "ovl_ports", "ovl_rnat")
+SESSION_TIMEOUT_S = 10.0   # registry.timeout_s's default: a killed daemon's record outlives it this long
+ZK_OUTAGE_S = 30.0
+
+
+def _make_lab(tag: str, lines: list[str] | None = None) -> Lab:
+    def emit(text: str, newline: bool = True) -> None:
+        print(text, end="\n" if newline else "", flush=True)
+        if lines is not None:
+            lines.append(text)
+
+    return Lab(run_dir=f"/run/overlay-lab-{tag}", pin_dir=f"/sys/fs/bpf/overlay/lab-{tag}",
+               prefix=f"ovl-lab{tag}-", emit=emit)
+
+
+def _require_lab_tools() -> None:
+    require_bcc()
+    if not os.path.exists("/usr/share/java/zookeeper.jar"):
+        pytest.skip("ZooKeeper is not installed (Debian's zookeeper package)")
+    for cmd in ("nsenter", "ethtool", "iptables-restore"):
+        if not any(os.access(os.path.join(d, cmd), os.X_OK) for d in os.environ.get("PATH", "").split(":")):
+            pytest.skip(f"{cmd} is not installed")
+
+
+def _assert_clean(lab: Lab) -> None:
+    assert [ns for ns in nx.list_netns() if ns.startswith(lab.names.prefix)] == []
+    assert not os.path.exists(lab.run_dir)
+    assert not os.path.exists(lab.pin_dir)
+
+
+@pytest.fixture(scope="module")
+def lab_lines():
+    return []
+
+
+@pytest.fixture(scope="module")
+def lab(lab_lines):
+    _require_lab_tools()
+    lab = _make_lab("test", lab_lines)
+    lab.down()   # leftovers of an interrupted earlier run
+    try:
+        t0 = time.monotonic()
+        lab.up()
+        lab.up_seconds = time.monotonic() - t0
+        yield lab
+    finally:
+        lab.down()
+
+
+def _green(lab: Lab):
+    results, ok = lab.check()
+    assert ok, "\n" + format_matrix(lab.topology(), results, verbose=True)
+    return results
+
+
+def _snapshot(lab: Lab, hosts) -> dict:
+    def one(host: str) -> dict:
+        maps = lab.maps(host)
+        return {k: maps[k] for k in STATE_MAPS}
+
+    hosts = list(hosts)
+    with ThreadPoolExecutor(len(hosts)) as pool:
+        return dict(zip(hosts, pool.map(one, hosts), strict=True))
+
+
+def _peer_ids(lab: Lab) -> dict:
+    return {h: sorted(p["node_id"] for p in (s or {}).get("peers", [])) for h, s in lab.daemon_statuses().items()}
+
+
+def _wait_readyz(lab: Lab, code: int, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = lab.readyz()
+        if all(v == code for v in got.values()) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.25)
+
+
+# --- acceptance 1/2: up, steps, the matrix ------------------------------------------------
+
+
+def test_up_shows_every_step_with_timings_and_the_matrix_is_green(lab, lab_lines):
+    text = "\n".join(lab_lines)
+    for step in ("preflight", "namespaces (14)", "veth pairs", "1:1 NAT", "ZooKeeper", "test-port servers",
+                 "daemon configs", "daemons (6", "ready and converged", "lab state saved"):
+        assert step in text, text
+    assert text.count(" ok (") >= 11
+    assert lab.up_seconds < 150
+    results = _green(lab)
+    assert len(results) == 66
+
+
+def test_up_again_verifies_quickly(lab):
+    t0 = time.monotonic()
+    status = lab.up()
+    assert time.monotonic() - t0 < 15
+    assert status["state"] == "up"
+
+
+def test_status_json(lab):
+    s = lab.status()
+    assert s["zookeeper"] == "198.18.0.10:2181"
+    assert len(s["hosts"]) == 8
+    overlays = set()
+    for h in s["hosts"]:
+        assert {"name", "netns", "network", "private", "public", "overlay", "member", "groups"} <= set(h)
+        assert h["netns"].startswith("ovl-") and h["netns_exists"]
+        assert os.path.exists(h["test_server"]["log"])
+        if h["member"]:
+            assert h["overlay"] and h["overlay"].startswith("192.168.")
+            overlays.add(h["overlay"])
+            d = h["daemon"]
+            assert d["running"] and d["ready"] and d["peers"] == 5
+            assert os.path.getsize(d["log"]) > 0
+            assert os.path.isdir(d["pin_root"])
+        else:
+            assert h["overlay"] is None and "daemon" not in h
+    assert len(overlays) == 6
+    assert s["zookeeper_info"]["running"] and os.path.getsize(s["zookeeper_info"]["log"]) > 0
+
+
+# --- acceptance 3: who sees which address ------------------------------------------------
+
+
+def test_flows_arrive_from_public_across_networks_and_private_inside(lab):
+    results = _green(lab)
+    topo = lab.topology()
+    by = {(r.probe.src, r.probe.dst, r.probe.kind): r for r in results}
+    cross = by[("ec2-web", "vpc-app", OVERLAY)]
+    assert cross.open and cross.server == "vpc-app"
+    assert cross.seen == topo.host("ec2-web").public            # the client's public address
+    same = by[("vpc-db", "vpc-web", OVERLAY)]
+    assert same.open and same.server == "vpc-web"
+    assert same.seen == topo.host("vpc-db").private             # the client's private address
+    for r in results:
+        if r.probe.kind == OVERLAY and r.open:
+            assert r.peer == r.probe.address                     # the client sees the overlay address
+            src, dst = topo.host(r.probe.src), topo.host(r.probe.dst)
+            assert r.seen == (src.private if src.network == dst.network else src.public)
+
+
+# --- acceptance 4: outsiders -----------------------------------------------------------
+
+
+def test_outsiders_cannot_reach_members_members_reach_outsiders(lab):
+    results = _green(lab)
+    for r in results:
+        src_member = lab.topology().host(r.probe.src).member
+        dst_member = lab.topology().host(r.probe.dst).member
+        if not src_member and dst_member:
+            assert not r.open, r
+        if src_member and not dst_member:
+            assert r.open, r
+    # across networks, through the public addresses (direct, no overlay involved)
+    topo = lab.topology()
+    cases = [("ec2-web", "vpc-out", True), ("vpc-out", "ec2-web", False), ("ec2-out", "vpc-app", False)]
+    calls = [(lab.names.host(src), probe_once, (topo.host(dst).public, topo.test_port, 3.0)) for src, dst, _ in cases]
+    for (src, dst, want), got in zip(cases, nx.parallel_in_netns(calls, timeout=15), strict=True):
+        assert (got["state"] == "open") == want, (src, dst, got)
+        if want:
+            assert got["server"] == dst and got["seen"] == topo.host(src).public
+
+
+# --- acceptance 2: a daemon dies and comes back ----------------------------------------
+
+
+def test_killed_daemon_traffic_flows_and_restart_adopts(lab):
+    host = "ec2-web"
+    before = _snapshot(lab, [host])[host]
+    t_kill = time.monotonic()
+    pid = lab.kill_daemon(host, signal.SIGKILL)
+    assert not nx.alive(pid)
+    # its pinned programs and maps keep working (and its record lives until its session expires)
+    _green(lab)
+    assert time.monotonic() - t_kill < SESSION_TIMEOUT_S, "the check took longer than the session timeout"
+    assert _snapshot(lab, [host])[host] == before
+    # the restarted daemon adopts the pinned state: no op applied, same maps
+    lab.start_daemon(host)
+    lab.wait_converged(60)
+    status = lab.daemon_statuses([lab.topology().host(host)])[host]
+    assert status["ready"] and status["ops_total"] == 0, status
+    assert _snapshot(lab, [host])[host] == before
+    # once the dead session has expired and the record is re-made, all is green again
+    time.sleep(max(0.0, t_kill + SESSION_TIMEOUT_S + 5 - time.monotonic()))
+    lab.wait_converged(60)
+    _green(lab)
+    assert _snapshot(lab, [host])[host] == before
+
+
+# --- acceptance 2: ZooKeeper goes away for 30 s ------------------------------------------
+
+
+def test_zookeeper_outage_changes_nothing(lab):
+    members = [h.name for h in lab.topology().members]
+    lab.wait_converged(60)
+    before = _snapshot(lab, members)
+    peers_before = _peer_ids(lab)
+    t0 = time.monotonic()
+    lab.zookeeper_stop()
+    try:
+        assert _wait_readyz(lab, 503, 20) == {h: 503 for h in members}
+        _green(lab)
+        time.sleep(max(0.0, t0 + ZK_OUTAGE_S - 8 - time.monotonic()))
+        _green(lab)
+        assert _snapshot(lab, members) == before
+        assert _peer_ids(lab) == peers_before
+        assert time.monotonic() - t0 >= ZK_OUTAGE_S - 5
+        time.sleep(max(0.0, t0 + ZK_OUTAGE_S - time.monotonic()))
+    finally:
+        lab.zookeeper_start()
+    assert _wait_readyz(lab, 200, 60) == {h: 200 for h in members}
+    lab.wait_converged(60)
+    assert _snapshot(lab, members) == before
+    assert _peer_ids(lab) == peers_before
+    _green(lab)
+
+
+# --- down ------------------------------------------------------------------------------
+
+
+def test_down_removes_everything(lab):
+    pids = [p["pid"] for p in lab.load_state()["procs"].values()]
+    lab.down()
+    _assert_clean(lab)
+    assert not any(nx.alive(pid) for pid in pids)
+
+
+# --- failure handling (no daemons: quick) -----------------------------------------------
+
+
+@pytest.fixture
+def small_lab():
+    _require_lab_tools()
+    lab = _make_lab("fail")
+    lab.down()
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def test_partial_failure_removes_what_was_made(small_lab, monkeypatch):
+    def broken(*_a, **_k):
+        raise LabError("injected failure")
+
+    monkeypatch.setattr(Lab, "_start_echo", broken)
+    with pytest.raises(LabError, match=r"failed at step 6 .*injected failure.*everything it made was removed"):
+        small_lab.up(daemons=False)
+    _assert_clean(small_lab)
+
+
+def test_down_after_a_crash_finds_everything(small_lab):
+    small_lab.up(daemons=False)
+    results, ok = small_lab.check()
+    assert ok and len(results) == 24
+    pids = [p["pid"] for p in small_lab.load_state()["procs"].values()]
+    assert all(nx.alive(p) for p in pids)
+    os.unlink(small_lab.state_path)      # as if the lab's bookkeeping were lost
+    small_lab.down()
+    _assert_clean(small_lab)
+    assert not any(nx.alive(p) for p in pids)

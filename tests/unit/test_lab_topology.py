@@ -1,0 +1,382 @@
+"""The lab's topology file, what is derived from it, the expected matrix, the
+table, the CLI's pure commands, and ``vagrant validate`` (no root needed)."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from overlay.cli import main
+from overlay.config import config_from_dict, load_config
+from overlay.lab.check import OVERLAY, PRIVATE, Result, expected_probes, format_matrix
+from overlay.lab.topology import (
+    Names,
+    TopologyError,
+    default_topology_path,
+    edge_nat_rules,
+    load_topology,
+    member_config,
+    node_script,
+    parse_topology,
+    render_config,
+    topology_from_dict,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def topo():
+    return load_topology()
+
+
+@pytest.fixture
+def raw():
+    with open(default_topology_path(), encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+# --- the default topology (DESIGN §4.3) ------------------------------------------------
+
+
+def test_default_topology_is_the_two_network_problem(topo):
+    assert [n.name for n in topo.networks] == ["ec2", "vpc"]
+    assert all(str(n.subnet) == "10.0.0.0/24" for n in topo.networks)   # the overlap
+    public = ipaddress.IPv4Network("198.18.0.0/15")
+    for n in topo.networks:
+        assert [h.groups for h in n.hosts if h.member] == [("web",), ("app",), ("db",)]
+        assert len([h for h in n.hosts if not h.member]) == 1
+        for h in n.hosts:
+            assert ipaddress.IPv4Address(h.public) in public
+            assert ipaddress.IPv4Address(h.private) in n.subnet
+    assert ipaddress.IPv4Address(topo.zk_address) in public
+    assert topo.zookeeper == "198.18.0.10:2181"
+    assert topo.test_port not in (22, 9464)
+    # identical private addresses across networks: only public/overlay tell hosts apart
+    assert topo.host("ec2-web").private == topo.host("vpc-web").private
+
+
+def test_namespace_names_are_unique_and_prefixed(topo):
+    names = Names().all(topo)
+    assert len(names) == len(set(names)) == 2 + 2 * (2 + 4)
+    assert all(n.startswith("ovl-lab-") for n in names)
+    assert Names("ovl-labtest-").host("ec2-web") == "ovl-labtest-ec2-web"
+
+
+def test_member_configs_validate_and_pin_apart(topo):
+    pins = set()
+    for h in topo.members:
+        cfg = config_from_dict(member_config(topo, h))
+        assert cfg.node_id == h.name and cfg.network == h.network
+        assert cfg.addresses.private == h.private and cfg.addresses.public == h.public
+        assert cfg.groups == h.groups
+        assert cfg.registry.backend == "zookeeper" and cfg.registry.hosts == ("198.18.0.10:2181",)
+        assert cfg.datapath.backend == "ebpf" and cfg.datapath.interface == "eth0"
+        assert cfg.filter.reject_all is True and cfg.filter.open_ports == ()
+        assert "198.18.0.0/15" not in cfg.filter.ssh_whitelist
+        assert cfg.status_listen == ("127.0.0.1", 9464)
+        assert cfg.state_dir.startswith("/run/overlay-lab/")
+        pins.add(cfg.datapath.pin_root)
+    assert pins == {f"/sys/fs/bpf/overlay/lab/{h.name}" for h in topo.members}
+
+
+def test_vagrant_config_uses_the_product_defaults(topo):
+    cfg = config_from_dict(member_config(topo, "vpc-db", target="vagrant", interface="eth1"))
+    assert cfg.datapath.interface == "eth1"
+    assert cfg.datapath.pin_root == "/sys/fs/bpf/overlay"
+    assert cfg.state_dir == "/var/lib/overlay"
+
+
+def test_outsiders_have_no_daemon_config(topo):
+    with pytest.raises(TopologyError, match="outsider"):
+        member_config(topo, "ec2-out")
+
+
+def test_rendered_config_loads(topo, tmp_path):
+    path = tmp_path / "overlay.yaml"
+    path.write_text(render_config(topo, "ec2-app"))
+    assert load_config(str(path)).node_id == "ec2-app"
+
+
+def test_daemon_overrides_merge(raw):
+    raw["daemon"]["throttle"] = {"min_s": 0.1, "max_s": 0.2}
+    raw["networks"][0]["hosts"][0]["daemon"] = {"filter": {"open_ports": [80]}}
+    t = topology_from_dict(raw)
+    cfg = config_from_dict(member_config(t, "ec2-web"))
+    assert cfg.filter.open_ports == ((80, 80),) and cfg.filter.reject_all is True
+    assert cfg.throttle.max_s == 0.2
+    assert config_from_dict(member_config(t, "ec2-app")).filter.open_ports == ()
+
+
+# --- validation: table-driven ----------------------------------------------------------
+
+
+def _set(path: str, value):
+    def mutate(d):
+        keys = path.split(".")
+        for k in keys[:-1]:
+            d = d[int(k)] if k.isdigit() else d[k]
+        last = keys[-1]
+        if value is _DEL:
+            del d[last]
+        elif last.isdigit():
+            d[int(last)] = value
+        else:
+            d[last] = value
+    return mutate
+
+
+_DEL = object()
+
+INVALID = [
+    ("unknown top key", _set("colour", "blue"), "colour", "unknown key"),
+    ("version", _set("version", 2), "version", "not supported"),
+    ("test port 22", _set("test_port", 22), "test_port", "reserved"),
+    ("no networks", _set("networks", []), "networks", "non-empty"),
+    ("zk outside internet", _set("zookeeper.address", "198.18.5.1"), "zookeeper.address", "outside"),
+    ("internet outside public range", _set("internet.subnet", "203.0.113.0/24"), "internet.subnet", "public_range"),
+    ("duplicate network", _set("networks.1.name", "ec2"), "networks[1].name", "twice"),
+    ("bad network name", _set("networks.0.name", "EC2"), "networks[0].name", "must match"),
+    ("public subnets overlap", _set("networks.1.public_subnet", "198.18.1.0/24"),
+     "networks[1].public_subnet", "overlaps"),
+    ("subnet overlaps overlay", _set("networks.0.subnet", "192.168.0.0/24"), "networks[0].subnet", "overlay"),
+    ("edge outside subnet", _set("networks.0.edge.private", "10.0.1.1"), "networks[0].edge.private", "outside"),
+    ("edge public reused", _set("networks.1.edge.public", "198.18.0.2"), "networks[1].edge.public", "already used"),
+    ("duplicate host", _set("networks.1.hosts.0.name", "ec2-web"), "networks[1].hosts[0].name", "already defined"),
+    ("host name too long", _set("networks.0.hosts.0.name", "a-very-long-host-name"), "hosts[0].name", "must match"),
+    ("reserved host name", _set("networks.0.hosts.0.name", "ec2-edge"), "hosts[0].name", "reserved"),
+    ("private outside subnet", _set("networks.0.hosts.0.private", "10.0.1.11"), "hosts[0].private", "outside"),
+    ("private reused", _set("networks.0.hosts.1.private", "10.0.0.11"), "hosts[1].private", "already used"),
+    ("private is the gateway", _set("networks.0.hosts.1.private", "10.0.0.254"), "hosts[1].private", "already used"),
+    ("public outside its subnet", _set("networks.0.hosts.0.public", "198.18.2.99"), "hosts[0].public", "outside"),
+    ("public reused", _set("networks.0.hosts.1.public", "198.18.1.11"), "hosts[1].public", "already used"),
+    ("not an address", _set("networks.0.hosts.0.private", "ten"), "hosts[0].private", "not an IPv4"),
+    ("member not a bool", _set("networks.0.hosts.0.member", "yes"), "hosts[0].member", "true or false"),
+    ("outsider with groups", _set("networks.0.hosts.3.groups", ["web"]), "hosts[3]", "outsider"),
+    ("overlay outside subnet", _set("networks.0.hosts.0.overlay", "10.9.9.9"), "hosts[0].overlay", "outside"),
+    ("lab-owned key", _set("daemon.node_id", "x"), "daemon.node_id", "set by the lab"),
+    ("lab-owned pin root", _set("daemon.datapath", {"pin_root": "/x"}), "daemon.datapath.pin_root", "set by the lab"),
+    ("bad daemon key", _set("daemon.filter", {"reject_all": "yes"}), "filter.reject_all", "true or false"),
+    ("unknown daemon key", _set("daemon.bogus", 1), "bogus", "unknown key"),
+    ("missing hosts", _set("networks.0.hosts", _DEL), "networks[0].hosts", "required"),
+]
+
+
+@pytest.mark.parametrize("mutate,where,reason", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_topologies_name_the_key(raw, mutate, where, reason):
+    bad = copy.deepcopy(raw)
+    mutate(bad)
+    with pytest.raises(TopologyError) as info:
+        topology_from_dict(bad, "t.yaml")
+    assert where in info.value.path and info.value.path.startswith("t.yaml")
+    assert reason in info.value.reason
+
+
+def test_not_yaml():
+    with pytest.raises(TopologyError, match="not valid YAML at line"):
+        parse_topology("networks: [\n", "x.yaml")
+
+
+# --- network scripts -------------------------------------------------------------------
+
+
+def test_host_scripts(topo):
+    s = node_script(topo, "ec2-web")
+    assert "lan=eth0" in s and "ip addr replace 10.0.0.11/24" in s
+    assert 'ip route replace default via 10.0.0.254 dev "$lan"' in s
+    assert 'ethtool -K "$lan" tx off rx off' in s
+    v = node_script(topo, "ec2-web", "vagrant")
+    assert 'lan="$(need_dev 10.0.0.11)"' in v
+    assert "ip route replace 198.18.0.0/15 via 10.0.0.254" in v and "default" not in v.split("need_dev()")[1]
+
+
+def test_edge_script_does_one_to_one_nat(topo):
+    s = node_script(topo, "vpc-edge")
+    assert "sysctl -qw net.ipv4.ip_forward=1" in s
+    assert "ip route replace 198.18.1.0/24 via 198.18.0.2" in s     # to ec2's public prefix
+    rules = edge_nat_rules(topo, "vpc", "lan", "wan")
+    for h in topo.network("vpc").hosts:
+        assert f"-A PREROUTING -i wan -d {h.public}/32 -j DNAT --to-destination {h.private}" in rules
+        assert f"-A POSTROUTING -o wan -s {h.private}/32 -j SNAT --to-source {h.public}" in rules
+    assert rules.endswith("COMMIT\n")
+
+
+def test_zookeeper_script_routes_to_every_network(topo):
+    s = node_script(topo, "zk")
+    for n in topo.networks:
+        assert f"ip route replace {n.public_subnet} via {n.edge_public}" in s
+
+
+def test_scripts_are_valid_shell(topo):
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh")
+    for node in topo.node_names():
+        for target in ("netns", "vagrant"):
+            proc = subprocess.run([sh, "-n"], input=node_script(topo, node, target), text=True, capture_output=True)
+            assert proc.returncode == 0, (node, target, proc.stderr)
+
+
+# --- the expected matrix ---------------------------------------------------------------
+
+
+def _overlays(topo):
+    return {h.name: f"192.168.0.{i + 1}" for i, h in enumerate(topo.members)}
+
+
+def test_expected_matrix(topo):
+    probes = expected_probes(topo, _overlays(topo))
+    by = {(p.src, p.dst, p.kind): p for p in probes}
+    assert len(by) == len(probes)
+    # member -> member overlay: open; seen address is private in-network, public across
+    p = by[("ec2-web", "ec2-app", OVERLAY)]
+    assert p.expect_open and p.expect_seen == "10.0.0.11"
+    p = by[("ec2-web", "vpc-app", OVERLAY)]
+    assert p.expect_open and p.expect_seen == "198.18.1.11"
+    # outsider -> member overlay: closed
+    assert not by[("ec2-out", "ec2-web", OVERLAY)].expect_open
+    assert not by[("vpc-out", "ec2-web", OVERLAY)].expect_open
+    # any -> same-network outsider private: open
+    assert by[("ec2-web", "ec2-out", PRIVATE)].expect_open
+    # member -> same-network member private: open; outsider -> member private: closed
+    assert by[("vpc-db", "vpc-web", PRIVATE)].expect_open
+    assert not by[("vpc-out", "vpc-web", PRIVATE)].expect_open
+    # private addresses only inside a network; nobody probes itself
+    assert ("ec2-web", "vpc-web", PRIVATE) not in by
+    assert all(p.src != p.dst for p in probes)
+    n_over = sum(1 for p in probes if p.kind == OVERLAY)
+    assert n_over == len(topo.hosts) * len(topo.members) - len(topo.members)
+    assert len(probes) - n_over == sum(len(n.hosts) * (len(n.hosts) - 1) for n in topo.networks)
+
+
+def test_expected_matrix_without_daemons(topo):
+    probes = expected_probes(topo, {}, daemons=False)
+    assert probes and all(p.kind == PRIVATE and p.expect_open for p in probes)
+
+
+def _results(probes, flip=None):
+    out = []
+    for p in probes:
+        is_open = p.expect_open != (flip == (p.src, p.dst, p.kind))
+        r = Result(p, "open" if is_open else "timeout")
+        if is_open:
+            r.server, r.seen, r.peer = p.dst, p.expect_seen, p.address
+        out.append(r)
+    return out
+
+
+def test_matrix_table_all_green(topo):
+    probes = expected_probes(topo, _overlays(topo))
+    text = format_matrix(topo, _results(probes))
+    assert "OK: all 66 probes as expected" in text
+    assert "18/18 cross-network" in text and "12/12 same-network" in text
+    assert "!" not in text.split("\n", 1)[1]
+    assert "\033[" not in text
+    assert "\033[32m" in format_matrix(topo, _results(probes), color=True)
+
+
+def test_matrix_table_shows_mismatches(topo):
+    probes = expected_probes(topo, _overlays(topo))
+    results = _results(probes, flip=("ec2-out", "ec2-web", PRIVATE))
+    assert sum(1 for r in results if not r.ok) == 1
+    text = format_matrix(topo, results)
+    assert "OPEN!" in text and "FAIL: 1 mismatch" in text
+    assert "ec2-out -> ec2-web private 10.0.0.11: expected closed, got open" in text
+    # an open flow that arrived from the wrong address is a mismatch too
+    results = _results(probes)
+    bad = next(r for r in results if (r.probe.src, r.probe.dst, r.probe.kind) == ("ec2-web", "vpc-web", OVERLAY))
+    bad.seen = "10.0.0.11"
+    bad.problems.append("server saw 10.0.0.11, expected 198.18.1.11")
+    assert not bad.ok and "BAD!" in format_matrix(topo, results)
+
+
+def test_unknown_overlay_is_a_mismatch(topo):
+    ov = _overlays(topo)
+    ov["vpc-db"] = None
+    probes = expected_probes(topo, ov)
+    r = Result(next(p for p in probes if p.dst == "vpc-db" and p.kind == OVERLAY), "skipped")
+    assert not r.ok
+
+
+# --- CLI (no root) --------------------------------------------------------------------
+
+
+def test_cli_config_and_script(capsys, tmp_path):
+    assert main(["lab", "config", "vpc-app"]) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "c.yaml"
+    path.write_text(out)
+    assert load_config(str(path)).datapath.pin_root == "/sys/fs/bpf/overlay/lab/vpc-app"
+    assert main(["lab", "config", "vpc-app", "--vagrant", "--interface", "enp0s8"]) == 0
+    assert "interface: enp0s8" in capsys.readouterr().out
+    assert main(["lab", "script", "ec2-edge", "--vagrant"]) == 0
+    assert "iptables-restore" in capsys.readouterr().out
+
+
+def test_cli_refusals(capsys, tmp_path):
+    assert main(["lab", "config", "ec2-out"]) == 2
+    assert "outsider" in capsys.readouterr().err
+    assert main(["lab", "config", "nosuch"]) == 2
+    assert main(["lab", "script", "nosuch"]) == 1
+    bad = tmp_path / "t.yaml"
+    bad.write_text("version: 1\npublic_range: 198.18.0.0/15\n")
+    assert main(["lab", "config", "x", "--topology", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "internet" in err and "required" in err and "Traceback" not in err
+
+
+# --- vagrant/ ---------------------------------------------------------------------------
+
+
+def _vagrant_env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env["VAGRANT_HOME"] = str(tmp_path / "vagrant-home")
+    env["VAGRANT_DOTFILE_PATH"] = str(tmp_path / "dotfile")
+    env["VAGRANT_CHECKPOINT_DISABLE"] = "1"
+    env.pop("OVERLAY_LAB_TOPOLOGY", None)
+    return env
+
+
+def test_vagrant_reads_the_same_topology(topo):
+    ruby = shutil.which("ruby")
+    if ruby is None:
+        pytest.skip("ruby is not installed (comes with Debian's vagrant package)")
+    code = ('require "json"; require "./vagrant/lab_topology"; '
+            'puts JSON.dump(LabTopology.machines.map { |m| [m.name, m.role, m.nics.map { |n| [n.segment, n.ip] }] })')
+    proc = subprocess.run([ruby, "-e", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    machines = json.loads(proc.stdout)
+    assert [m[0] for m in machines] == topo.node_names()
+    roles = {m[0]: m[1] for m in machines}
+    assert {h for h, r in roles.items() if r == "member"} == {h.name for h in topo.members}
+    nics = {m[0]: m[2] for m in machines}
+    assert nics["ec2-web"] == [["ec2", "10.0.0.11"]]
+    assert nics["vpc-edge"] == [["vpc", "10.0.0.254"], ["inet", "198.18.0.3"]]
+    assert nics["zk"] == [["inet", "198.18.0.10"]]
+
+
+def test_vagrant_validate(tmp_path):
+    vagrant = shutil.which("vagrant")
+    if vagrant is None:
+        pytest.skip("vagrant is not installed (scripts/setup.sh installs Debian's package)")
+    env = _vagrant_env(tmp_path)
+    cwd = os.path.join(REPO, "vagrant")
+    runs = [("--ignore-provider", [vagrant, "validate", "--ignore-provider"], env)]
+    plugins = subprocess.run([vagrant, "plugin", "list"], cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=120).stdout
+    if "vagrant-libvirt" in plugins:
+        runs.append(("libvirt", [vagrant, "validate"], {**env, "VAGRANT_DEFAULT_PROVIDER": "libvirt"}))
+    if shutil.which("VBoxManage"):
+        runs.append(("virtualbox", [vagrant, "validate"], {**env, "VAGRANT_DEFAULT_PROVIDER": "virtualbox"}))
+    for label, argv, e in runs:
+        proc = subprocess.run(argv, cwd=cwd, env=e, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, f"vagrant validate ({label}):\n{proc.stdout}\n{proc.stderr}"
+        assert "validated successfully" in proc.stdout
+    assert not os.path.exists(os.path.join(cwd, ".vagrant"))
