@@ -1,0 +1,128 @@
+#!/bin/bash
+# Provision one VM of the Vagrant lab: provision.sh ROLE NAME
+#   ROLE: zookeeper | edge | member | outsider
+# Installs the project into /opt/overlay/venv, then lets the project write
+# the machine's set-up from the topology (the netns lab's code path):
+#   overlay lab script NAME --vagrant   -> /etc/overlay/lab-net.sh (addresses, routes, NAT)
+#   overlay lab config NAME --vagrant   -> /etc/overlay/overlay.yaml (members' daemon config)
+# and starts systemd units: overlay-lab-net, overlay-lab-echo (test port),
+# overlay (members), overlay-zookeeper (ZooKeeper). Idempotent.
+set -euo pipefail
+
+ROLE="$1"
+NAME="$2"
+TEST_PORT="${TEST_PORT:-7000}"
+ZK_ADDRESS="${ZK_ADDRESS:?}"
+ZK_PORT="${ZK_PORT:-2181}"
+SRC=/opt/overlay-src
+VENV=/opt/overlay/venv
+OVERLAY="$VENV/bin/overlay"
+TOPO=/etc/overlay/topology.yaml
+export DEBIAN_FRONTEND=noninteractive
+
+say() { printf '==> [%s] %s\n' "$NAME" "$*"; }
+
+say "packages"
+pkgs=(python3 python3-venv python3-pip iproute2 iptables ethtool)
+case "$ROLE" in
+  member) pkgs+=(python3-bpfcc bpfcc-tools) ;;
+  zookeeper) pkgs+=(zookeeper) ;;
+esac
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${pkgs[@]}"
+if [[ "$ROLE" == member ]]; then
+  # bcc compiles against the running kernel's headers
+  apt-get install -y -q --no-install-recommends "linux-headers-$(uname -r)" \
+    || apt-get install -y -q --no-install-recommends linux-headers-amd64
+  mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+fi
+
+say "project into $VENV"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  python3 -m venv --system-site-packages "$VENV"
+fi
+"$VENV/bin/pip" install -q --disable-pip-version-check "$SRC"
+
+install -d -m 0755 /etc/overlay /var/lib/overlay
+install -m 0644 /tmp/overlay-lab-topology.yaml "$TOPO"
+
+unit() {  # unit NAME CONTENT
+  printf '%s\n' "$2" > "/etc/systemd/system/$1.service"
+}
+
+say "network set-up (overlay lab script $NAME --vagrant)"
+"$OVERLAY" lab script "$NAME" --vagrant --topology "$TOPO" > /etc/overlay/lab-net.sh
+chmod 0755 /etc/overlay/lab-net.sh
+unit overlay-lab-net "[Unit]
+Description=Overlay lab: addresses, routes and NAT of $NAME
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/etc/overlay/lab-net.sh
+
+[Install]
+WantedBy=multi-user.target"
+systemctl daemon-reload
+systemctl enable overlay-lab-net.service
+systemctl restart overlay-lab-net.service
+
+case "$ROLE" in
+  zookeeper)
+    say "ZooKeeper on $ZK_ADDRESS:$ZK_PORT"
+    unit overlay-zookeeper "[Unit]
+Description=Overlay lab: ZooKeeper
+After=overlay-lab-net.service
+Requires=overlay-lab-net.service
+
+[Service]
+ExecStart=$VENV/bin/python -m overlay.zkserver --data-dir /var/lib/overlay-zk --host $ZK_ADDRESS --port $ZK_PORT
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target"
+    systemctl daemon-reload
+    systemctl enable --now overlay-zookeeper.service
+    ;;
+  member|outsider)
+    say "test-port server on :$TEST_PORT"
+    unit overlay-lab-echo "[Unit]
+Description=Overlay lab: test-port server
+After=overlay-lab-net.service
+
+[Service]
+ExecStart=$VENV/bin/python -m overlay.lab.echo --port $TEST_PORT --name $NAME
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target"
+    systemctl daemon-reload
+    systemctl enable --now overlay-lab-echo.service
+    ;;
+esac
+
+if [[ "$ROLE" == member ]]; then
+  say "daemon config (overlay lab config $NAME --vagrant)"
+  "$OVERLAY" lab config "$NAME" --vagrant --interface auto --topology "$TOPO" > /etc/overlay/overlay.yaml.new
+  "$OVERLAY" check-config /etc/overlay/overlay.yaml.new
+  mv /etc/overlay/overlay.yaml.new /etc/overlay/overlay.yaml
+  unit overlay "[Unit]
+Description=Overlay daemon
+After=overlay-lab-net.service network-online.target
+Wants=network-online.target
+
+[Service]
+ExecStart=$OVERLAY daemon -c /etc/overlay/overlay.yaml
+ExecReload=/bin/kill -HUP \$MAINPID
+Restart=on-failure
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target"
+  systemctl daemon-reload
+  systemctl enable overlay.service
+  systemctl restart overlay.service
+fi
+say "done"
