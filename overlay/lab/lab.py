@@ -61,8 +61,11 @@ class Lab:
     """One lab: a topology, its run directory, its pin directory and namespace prefix."""
 
     def __init__(self, topology: str | None = None, *, run_dir: str = RUN_DIR, pin_dir: str = PIN_DIR,
-                 prefix: str = NS_PREFIX, emit: Emit | None = None):
+                 prefix: str = NS_PREFIX, emit: Emit | None = None, die_with_parent: bool = False):
         self.topology_arg = topology
+        # tests: the lab's processes die with the thread that started them (a killed pytest
+        # leaves no daemon behind); `overlay lab up` leaves them running, of course
+        self.die_with_parent = die_with_parent
         self.run_dir = run_dir
         self.pin_dir = pin_dir
         self.names = Names(prefix)
@@ -352,7 +355,8 @@ class Lab:
         from overlay.zkserver import ZooKeeperServer
 
         return ZooKeeperServer(self.zk_dir, topo.zk_address, topo.zk_port, netns=self.names.zookeeper(topo),
-                               fsync=False, heap_mb=256, max_session_ms=30000)
+                               fsync=False, heap_mb=256, max_session_ms=30000,
+                               die_with_parent=self.die_with_parent)
 
     def _start_zookeeper(self, topo: Topology, state: dict) -> None:
         from overlay.zkserver import ZooKeeperError
@@ -371,7 +375,8 @@ class Lab:
         for h in hosts:
             argv = nx.nsenter(self.names.host(h), [sys.executable, "-m", "overlay.lab.echo",
                                                    "--port", str(topo.test_port), "--name", h.name])
-            pid, st = nx.start_process(argv, self.echo_log(h.name), cwd=self.run_dir, env=_child_env())
+            pid, st = nx.start_process(argv, self.echo_log(h.name), cwd=self.run_dir, env=_child_env(),
+                                       die_with_parent=self.die_with_parent)
             state["procs"][f"echo:{h.name}"] = {"pid": pid, "start": st, "log": self.echo_log(h.name)}
         self._save_state(state)
         from overlay.lab.check import probe_once
@@ -417,7 +422,8 @@ class Lab:
                                                 "-c", self.config_path(host)])
         with open(self.daemon_log(host), "a", encoding="utf-8") as fh:
             fh.write(f"---- lab: starting the daemon at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        pid, st = nx.start_process(argv, self.daemon_log(host), cwd=self.host_dir(host), env=_child_env())
+        pid, st = nx.start_process(argv, self.daemon_log(host), cwd=self.host_dir(host), env=_child_env(),
+                                   die_with_parent=self.die_with_parent)
         state["procs"][f"daemon:{host}"] = {"pid": pid, "start": st, "log": self.daemon_log(host)}
         if own_state:
             self._save_state(state)

@@ -187,17 +187,23 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def start_process(argv: Sequence[str], log_path: str, cwd: str | None = None,
-                  env: dict[str, str] | None = None) -> tuple[int, int]:
+                  env: dict[str, str] | None = None, die_with_parent: bool = False) -> tuple[int, int]:
     """Start ``argv`` detached (own session), output appended to ``log_path``.
 
-    Returns ``(pid, start_time)``; the process outlives the caller.
+    Returns ``(pid, start_time)``. The process outlives the caller unless
+    ``die_with_parent`` (tests: SIGKILL when the calling thread dies).
     """
     with open(log_path, "ab") as log:
         try:
             proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=cwd, env=env, close_fds=True,
+                preexec_fn=_die_with_parent if die_with_parent else None,
             )
         except OSError as exc:
             raise LabError(f"cannot start {argv[0]}: {exc.strerror}") from None

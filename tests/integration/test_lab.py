@@ -41,7 +41,7 @@ def _make_lab(tag: str, lines: list[str] | None = None) -> Lab:
             lines.append(text)
 
     return Lab(run_dir=f"/run/overlay-lab-{tag}", pin_dir=f"/sys/fs/bpf/overlay/lab-{tag}",
-               prefix=f"ovl-lab{tag}-", emit=emit)
+               prefix=f"ovl-lab{tag}-", emit=emit, die_with_parent=True)
 
 
 def _require_lab_tools() -> None:
