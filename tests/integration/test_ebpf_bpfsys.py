@@ -201,8 +201,8 @@ def test_mapset_roundtrip_and_capacity(bpf):
         assert state["config"]["reject_all"] == 0
 
         counters = ms.counters()
-        assert counters["not_allowed"] == 0 and counters["pass_member"] == 0
-        assert counters["nat_egress"] == 0 and "no_peer" in counters
+        assert counters["drop_not_allowed"] == 0 and counters["pass_member"] == 0
+        assert counters["nat_egress"] == 0 and "drop_no_peer" in counters
         fill = ms.fill()
         assert fill["ovl_nat"] == {"entries": 8, "max_entries": 8}
         assert fill["ovl_ports"]["entries"] == 1

@@ -127,7 +127,7 @@ def test_unknown_overlay_address_dropped_no_peer(lab):
     before = counters(lab, "h1")
     res = tcp(lab, "h1", "h2", "192.168.0.77", 7005, timeout=1.5)
     assert not res["ok"]
-    assert counters(lab, "h1")["no_peer"] > before["no_peer"]
+    assert counters(lab, "h1")["drop_no_peer"] > before["drop_no_peer"]
 
 
 def test_reject_all_members_open_ports_failsafe(lab):
@@ -144,7 +144,7 @@ def test_reject_all_members_open_ports_failsafe(lab):
         res = tcp(lab, "h4", "h2", h2, 5000, timeout=2)
         assert not res["ok"] and "timed out" in res["error"], res
         mid = counters(lab, "h2")
-        assert mid["not_allowed"] > before["not_allowed"]
+        assert mid["drop_not_allowed"] > before["drop_not_allowed"]
         # members still get in, through the overlay (h1, same network; h3, across)
         for member in ("h1", "h3"):
             res = tcp(lab, member, "h2", overlay("h2"), 5000)

@@ -48,7 +48,7 @@ def test_ebpf_maps_counter_names_cover_the_abi():
     from overlay.datapath.ebpf import abi
     from overlay.datapath.ebpf.maps import counter_name
 
-    assert counter_name(abi.Reason.DROP_NOT_ALLOWED) == "not_allowed"
+    assert counter_name(abi.Reason.DROP_NOT_ALLOWED) == "drop_not_allowed"
     assert counter_name(abi.Reason.PASS_MEMBER) == "pass_member"
     assert counter_name(abi.Reason.NAT_EGRESS) == "nat_egress"
     assert counter_name(abi.Reason.PASS_UNTOUCHED) == "pass_untouched"

@@ -21,12 +21,14 @@ writes 0, and ``read_all`` reports only non-zero ``ports`` words (both
 ``config`` keys are always reported).
 
 Counter names (:meth:`MapSet.counters`, used by /status and /metrics):
-drops by their ``abi.DROP_REASONS`` name (``no_peer``, ``not_allowed``,
-``malformed``, ``policy``); verdict passes as ``pass_`` + their
-``abi.PASS_REASONS`` name (``pass_failsafe``, ``pass_established``,
-``pass_loopback``, ``pass_member``, ``pass_open_port``, ``pass_default``,
-``pass_related``, ``pass_untouched``); the two translation counters keep
-their names (``nat_egress``, ``nat_ingress``). Each is the sum over CPUs.
+drops as ``drop_`` + their ``abi.DROP_REASONS`` name (``drop_no_peer``,
+``drop_not_allowed``, ``drop_malformed``, ``drop_policy``; the agent strips
+the prefix for /status ``drops``, and the iptables backend uses the same
+names); verdict passes as ``pass_`` + their ``abi.PASS_REASONS`` name
+(``pass_failsafe``, ``pass_established``, ``pass_loopback``,
+``pass_member``, ``pass_open_port``, ``pass_default``, ``pass_related``,
+``pass_untouched``); the two translation counters keep their names
+(``nat_egress``, ``nat_ingress``). Each is the sum over CPUs.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ _U64 = struct.Struct("=Q")
 def counter_name(reason: int) -> str | None:
     """The public name of a counter slot, or None for an unnamed slot."""
     if reason in abi.DROP_REASONS:
-        return abi.DROP_REASONS[reason]
+        return f"drop_{abi.DROP_REASONS[reason]}"
     name = abi.PASS_REASONS.get(reason)
     if name is None:
         return None
