@@ -155,6 +155,8 @@ def format_status(s: dict) -> str:
         d = h.get("daemon")
         if d is None:
             dstate, logp = "outsider (no daemon)", h["test_server"]["log"]
+        elif not s["daemons"]:
+            dstate, logp = "no daemon (--no-daemons)", h["test_server"]["log"]
         else:
             if not d["running"]:
                 dstate = "not running"

@@ -156,6 +156,7 @@ class Lab:
 
     def up(self, daemons: bool = True, ready_timeout: float = READY_TIMEOUT) -> dict:
         """Build the lab (or verify and repair the one that is up). Returns :meth:`status`."""
+        _require_root("up")
         t0 = time.monotonic()
         state = self.load_state()
         if state is not None:
@@ -412,6 +413,7 @@ class Lab:
 
     def start_daemon(self, host: str, *, state: dict | None = None, topo: Topology | None = None) -> int:
         """Start (or restart) the daemon of lab host ``host``; returns its pid."""
+        _require_root("daemon start")
         topo = topo or self.topology()
         own_state = state is None
         state = state if state is not None else self._require_state()
@@ -431,6 +433,7 @@ class Lab:
 
     def kill_daemon(self, host: str, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to the daemon of ``host`` (SIGKILL: a crash) and wait for it to go; returns its pid."""
+        _require_root("daemon stop|kill")
         state = self._require_state()
         p = state["procs"].get(f"daemon:{host}")
         if not p or not nx.alive(p["pid"], p.get("start")):
@@ -440,6 +443,7 @@ class Lab:
 
     def zookeeper_stop(self) -> None:
         """Stop the lab's ZooKeeper (its data stays: ``zookeeper_start`` brings it back)."""
+        _require_root("zookeeper stop")
         state = self._require_state()
         if self._zk is not None and self._zk.running():
             self._zk.stop()
@@ -450,6 +454,7 @@ class Lab:
         self._zk = None
 
     def zookeeper_start(self) -> None:
+        _require_root("zookeeper start")
         state = self._require_state()
         if self._proc_alive(state, "zookeeper"):
             return
@@ -549,6 +554,7 @@ class Lab:
 
     def down(self) -> dict:
         """Remove every namespace, process, pinned object and file of the lab. Idempotent."""
+        _require_root("down")
         t0 = time.monotonic()
         state = self.load_state() or {}
         try:
@@ -567,9 +573,9 @@ class Lab:
             if self._zk is not None:
                 self._zk.stop()
                 self._zk = None
-            for key, p in sorted((state.get("procs") or {}).items()):
-                if isinstance(p, dict) and nx.stop_process(p.get("pid") or 0, p.get("start"), timeout=5):
-                    stopped.append(key)
+            procs = {key: p for key, p in (state.get("procs") or {}).items() if isinstance(p, dict) and p.get("pid")}
+            ran = set(nx.stop_processes([(p["pid"], p.get("start")) for p in procs.values()], timeout=8))
+            stopped += sorted(key for key, p in procs.items() if p["pid"] in ran)
             strays = []
             for ns in present:
                 strays += nx.kill_all_in(ns)
@@ -604,7 +610,7 @@ class Lab:
         topo = self.topology()
         procs = (state or {}).get("procs", {})
         phase = (state or {}).get("phase", "down")
-        statuses = self.daemon_statuses() if (live and state is not None) else {}
+        statuses = self.daemon_statuses() if (live and state is not None and os.geteuid() == 0) else {}
         overlays = dict((state or {}).get("overlays", {}))
         hosts = []
         for h in topo.hosts:
@@ -651,6 +657,7 @@ class Lab:
 
     def check(self, timeout: float = 3.0):
         """Probe the connectivity matrix; returns ``(results, ok)``."""
+        _require_root("check")
         from overlay.lab.check import expected_probes, run_probes
 
         state = self._require_state()
@@ -674,6 +681,11 @@ class Lab:
             if ns == self.names.prefix + node:
                 return ns
         raise LabError(f"no lab machine {node!r} (hosts, <network>-edge, <network>-sw, inet, {topo.zk_name})")
+
+
+def _require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise LabError(f"overlay lab {action} needs root (network namespaces, bpffs, eBPF programs)")
 
 
 def overlay_command() -> list[str]:

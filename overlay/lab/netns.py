@@ -259,6 +259,30 @@ def stop_process(pid: int, start_time: int | None = None, timeout: float = 5.0,
     return True
 
 
+def stop_processes(procs: Sequence[tuple[int, int | None]], timeout: float = 5.0) -> list[int]:
+    """:func:`stop_process` for many at once (signals first, then one wait); returns those that ran."""
+    running = [(pid, st) for pid, st in procs if alive(pid, st)]
+    for pid, _st in running:
+        for target in (os.killpg, os.kill):
+            try:
+                target(pid, signal.SIGTERM)
+                break
+            except (ProcessLookupError, PermissionError):
+                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p, st) for p, st in running):
+        reap_children()
+        for pid, _st in running:
+            _reap(pid)
+        time.sleep(0.05)
+    for pid, st in running:
+        if alive(pid, st):
+            stop_process(pid, st, timeout=0, sig=signal.SIGKILL)
+    return [pid for pid, _st in running]
+
+
 def kill_all_in(ns: str, timeout: float = 5.0) -> list[int]:
     """SIGTERM, then SIGKILL, every process inside namespace ``ns``; returns their pids."""
     pids = netns_pids(ns)
