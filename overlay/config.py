@@ -50,6 +50,16 @@ class Auth:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """PEM files for mutual TLS with the controller (see docs/grpc.md)."""
+
+    ca: str
+    cert: str
+    key: str
+    server_name: str | None = None  # client side: the name the controller's certificate must carry
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     backend: str = "zookeeper"
     hosts: tuple[str, ...] = ("127.0.0.1:2181",)
@@ -58,6 +68,18 @@ class RegistryConfig:
     auth: Auth | None = None
     operator: Auth | None = None
     peers: tuple[Node, ...] = ()  # backend: static
+    controller: str | None = None  # backend: grpc, "host:port"
+    tls: TlsConfig | None = None   # backend: grpc
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """``overlay controller``: where it listens and its mutual-TLS files (docs/grpc.md)."""
+
+    tls: TlsConfig
+    listen: str = "127.0.0.1:9470"
+    lease_s: float = 30.0       # a node's record outlives its last Watch stream by this much
+    window: int = 10000         # journal revisions a Watch can resume from
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,7 @@ class Config:
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     status_listen: tuple[str, int] = ("127.0.0.1", 9464)
     state_dir: str = "/var/lib/overlay"
+    controller: ControllerConfig | None = None
 
     @property
     def nat_override_map(self) -> dict[str, str]:
@@ -281,6 +304,8 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
     timeout_s = sec.get("timeout_s", _seconds, 10.0)
     auth = _auth(sec.sub("auth"), sec.get("auth", lambda v: v))
     operator = _auth(sec.sub("operator"), sec.get("operator", lambda v: v))
+    controller = sec.get("controller", _hosts_port)
+    tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=True)
     peers = sec.get(
         "peers",
         lambda v: _list_of(sec.sub("peers"), v, lambda p: node_from_dict({"v": 1, **p} if isinstance(p, dict) else p, subnet)),
@@ -295,7 +320,47 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
             seen.add(node.node_id)
     elif peers:
         raise InvalidConfigError(sec.sub("peers"), "is only allowed with backend: static")
-    return RegistryConfig(backend, hosts, prefix, timeout_s, auth, operator, peers)
+    if backend == "grpc":
+        if controller is None:
+            raise InvalidConfigError(sec.sub("controller"), "is required for backend: grpc (\"host:port\" of the controller)")
+        if tls is None:
+            raise InvalidConfigError(sec.sub("tls"), "is required for backend: grpc ({ca, cert, key})")
+    else:
+        if controller is not None:
+            raise InvalidConfigError(sec.sub("controller"), "is only allowed with backend: grpc")
+        if tls is not None:
+            raise InvalidConfigError(sec.sub("tls"), "is only allowed with backend: grpc")
+    return RegistryConfig(backend, hosts, prefix, timeout_s, auth, operator, peers, controller, tls)
+
+
+def _tls(path: str, value: Any, client: bool) -> TlsConfig | None:
+    if value is None:
+        return None
+    sec = _Section(value, path)
+    ca = sec.get("ca", _str, required=True)
+    cert = sec.get("cert", _str, required=True)
+    key = sec.get("key", _str, required=True)
+    server_name = sec.get("server_name", _str) if client else None
+    sec.done()
+    return TlsConfig(ca, cert, key, server_name)
+
+
+def _listen(value: Any) -> str:
+    """host:port to listen on; port 0 picks a free one (the log says which)."""
+    if isinstance(value, str) and value.endswith(":0") and value[:-2]:
+        return value
+    return _hosts_port(value)
+
+
+def _controller(sec: _Section) -> ControllerConfig:
+    listen = sec.get("listen", _listen, "127.0.0.1:9470")
+    tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=False)
+    lease_s = sec.get("lease_s", _seconds, 30.0)
+    window = sec.get("window", _int_range(16, 1_000_000), 10000)
+    sec.done()
+    if tls is None:
+        raise InvalidConfigError(sec.sub("tls"), "is required: the controller serves mutual TLS only ({ca, cert, key})")
+    return ControllerConfig(tls, listen, lease_s, window)
 
 
 def _sizes(sec: _Section) -> MapSizes:
@@ -389,6 +454,7 @@ def config_from_dict(obj: Any) -> Config:
     throttle = _throttle(top.section("throttle"))
     status_listen = top.get("status_listen", _host_port, ("127.0.0.1", 9464))
     state_dir = top.get("state_dir", _str, "/var/lib/overlay")
+    controller = _controller(top.section("controller")) if top.has("controller") else None
     top.done()
     return Config(
         node_id=node_id,
@@ -405,6 +471,7 @@ def config_from_dict(obj: Any) -> Config:
         throttle=throttle,
         status_listen=status_listen,
         state_dir=state_dir,
+        controller=controller,
     )
 
 

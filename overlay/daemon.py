@@ -77,6 +77,10 @@ def make_registry(config: Config):
         from overlay.registry.zookeeper import ZooKeeperRegistry
 
         return ZooKeeperRegistry(config.registry, config.overlay_subnet, config.node_id)
+    if backend == "grpc":
+        from overlay.registry.grpc import GrpcRegistry
+
+        return GrpcRegistry(config.registry, config.overlay_subnet, config.node_id)
     raise UnsupportedError(f"registry.backend {backend} is not available in this build")
 
 

@@ -1,0 +1,374 @@
+"""``registry.backend: grpc``: the fleet map from an ``overlay controller`` over one outbound stream.
+
+For daemons on networks that cannot reach ZooKeeper. ``allocate`` and ``register``
+are unary calls (each with a deadline, retried with backoff while the controller is
+unavailable, up to ``registry.timeout_s``); the view follows the controller's
+``Watch`` stream: a snapshot, then ordered deltas, each applied on top of the
+revision it names.
+
+The stream is re-opened with exponential backoff and full jitter when it fails, and
+resumes from the last applied revision (the controller sends a fresh snapshot when
+it no longer holds that revision). While it is down the view keeps every record and
+says ``connected=False``: the agent then leaves the datapath as it is (fail static),
+as with the ZooKeeper backend. After every reconnection (and whenever the stream
+shows this node's record gone or different) the node registers again: the
+controller keeps a node's record while the node has a stream open, and
+``lease_s`` after (docs/grpc.md).
+
+Records are validated again here against this node's ``overlay_subnet``; the view
+does not include this node's own record, and ``rejected`` uses the ZooKeeper
+backend's keys (``<node_id>``, ``policy:<id>``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from overlay.config import RegistryConfig
+from overlay.controller.client import CLIENT_OPTIONS, Client, raise_for
+from overlay.controller.convert import change_from_pb
+from overlay.controller.errors import Unavailable
+from overlay.errors import InvalidRecord, OverlayError, RegistryError
+from overlay.model import Node, Policy, node_from_dict, policy_from_dict, valid_name
+from overlay.registry import Listener, RegistryView
+
+log = logging.getLogger(__name__)
+
+WATCH_DEADLINE_S = 300.0     # a Watch call ends after this; the next one resumes at once
+REREGISTER_MIN_S = 1.0       # at most one re-registration per this many seconds
+
+
+class _Desync(Exception):
+    """The stream sent something that does not apply to our revision: reconnect and resume."""
+
+
+class GrpcRegistry:
+    """The Registry protocol over the controller's gRPC API (see the module docstring)."""
+
+    name = "grpc"
+
+    def __init__(self, config: RegistryConfig, subnet: ipaddress.IPv4Network, node_id: str, *,
+                 rng: random.Random | None = None, backoff: tuple[float, float] = (0.2, 10.0),
+                 watch_deadline_s: float = WATCH_DEADLINE_S, options: tuple = CLIENT_OPTIONS,
+                 sleep: Callable[[float], None] | None = None):
+        if config.controller is None or config.tls is None:
+            raise RegistryError("registry.backend grpc needs registry.controller and registry.tls")
+        self.config = config
+        self.subnet = ipaddress.IPv4Network(subnet)
+        self.node_id = valid_name(node_id, "node_id")
+        self._rng = rng or random.SystemRandom()
+        self._backoff = backoff
+        self._watch_deadline = watch_deadline_s
+        self._timeout = max(1.0, config.timeout_s)
+        self._client = Client(config.controller, config.tls, timeout=self._timeout, options=options)
+
+        self._lock = threading.Lock()
+        self._nodes: dict[str, Node] = {}
+        self._rejected: dict[str, str] = {}
+        self._policies: dict[str, Policy] = {}
+        self._groups: dict[str, str] = {}
+        self._max_change: int | None = None
+        self._connected = False
+        self._synced = False
+        self._revision = 0          # of the view (every change, connection state included)
+
+        self._rev = 0               # the controller's revision applied last
+        self._epoch = ""
+        self._own_value: dict | None = None
+        self._pending: dict | None = None   # snapshot chunks being received
+        self._pending_rev = 0
+        self.snapshots = 0          # snapshots applied (resets included)
+        self.resets = 0             # snapshots sent because a resume was impossible
+        self.reconnects = 0
+
+        self._own: Node | None = None
+        self._last_register = 0.0
+        self._listener: Listener | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._sleep = sleep
+        self._call = None
+        self._call_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # --- Registry protocol ------------------------------------------------------------------
+
+    def start(self, listener: Listener) -> None:
+        self._listener = listener
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"grpc-registry-{self.node_id}", daemon=True)
+            self._thread.start()
+
+    def allocate(self, node_id: str, requested: str | None = None) -> str:
+        valid_name(node_id, "node_id")
+        return self._retrying(lambda: self._client.allocate(node_id, requested),
+                              f"allocating an overlay address for {node_id}")
+
+    def register(self, node: Node) -> None:
+        if node.node_id != self.node_id:
+            raise RegistryError(f"this registry serves node {self.node_id!r}, not {node.node_id!r}")
+        self._own = node
+        self._retrying(lambda: self._client.register(node), f"registering node {node.node_id}")
+        self._last_register = time.monotonic()
+
+    def view(self) -> RegistryView:
+        with self._lock:
+            return RegistryView(nodes=dict(self._nodes), rejected=dict(self._rejected),
+                                policies=dict(self._policies), max_change=self._max_change,
+                                connected=self._connected, synced=self._synced, revision=self._revision)
+
+    def release_guard(self) -> None:
+        return None
+
+    def close(self) -> None:
+        """Stop following, and deregister this node (its record goes away, as with ZooKeeper)."""
+        self._stop.set()
+        self._wake.set()
+        self._cancel_call()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._own is not None:
+            try:
+                self._client.deregister(self.node_id, timeout=2.0)
+            except OverlayError as exc:
+                log.info("node %s: not deregistered on close (%s); the controller's lease ends it", self.node_id, exc)
+        self._client.close()
+
+    # --- extras -----------------------------------------------------------------------------
+
+    @property
+    def controller_revision(self) -> int:
+        return self._rev
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def groups(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._groups)
+
+    # --- calls ------------------------------------------------------------------------------
+
+    def _retrying(self, call: Callable, what: str):
+        deadline = time.monotonic() + self._timeout
+        delay = self._backoff[0]
+        while True:
+            try:
+                return call()
+            except Unavailable as exc:
+                if time.monotonic() + delay > deadline or self._stop.is_set():
+                    raise RegistryError(f"{what}: the controller at {self.config.controller} is unavailable ({exc})") from None
+                self._pause(delay)
+                delay = min(delay * 2, self._backoff[1])
+
+    def _pause(self, seconds: float) -> None:
+        if self._sleep is not None:
+            self._sleep(seconds)
+        else:
+            self._wake.wait(seconds)
+
+    def _jittered(self, backoff: float) -> float:
+        return self._rng.uniform(backoff / 2, backoff)
+
+    def _cancel_call(self) -> None:
+        with self._call_lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+    # --- the Watch thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = self._backoff[0]
+        while not self._stop.is_set():
+            live = False
+            rotate = False
+            try:
+                call = self._client.watch(self._rev, self._epoch, timeout=self._watch_deadline)
+                with self._call_lock:
+                    self._call = call
+                if self._stop.is_set():
+                    call.cancel()
+                    break
+                for msg in call:
+                    changed = self._on_message(msg)
+                    if not live and self._pending is None:
+                        live = True
+                        backoff = self._backoff[0]
+                        changed |= self._set_connected(True)
+                        self._ensure_registered(force=True)
+                    elif self._own_changed():
+                        self._ensure_registered(force=False)
+                    if changed:
+                        self._notify()
+                log.info("node %s: the controller ended the Watch stream; resuming", self.node_id)
+                rotate = live
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    break
+                code = exc.code() if hasattr(exc, "code") else None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and live:
+                    rotate = True   # the call's deadline: resume at once
+                else:
+                    err = raise_for(exc)
+                    log.warning("node %s: Watch stream from %s failed (%s: %s); keeping the last view",
+                                self.node_id, self.config.controller, type(err).__name__, err)
+            except _Desync as exc:
+                log.warning("node %s: Watch stream out of step (%s); resuming from revision %d",
+                            self.node_id, exc, self._rev)
+                self._cancel_call()
+                rotate = True
+            except Exception:
+                log.exception("node %s: unexpected error following the controller; reconnecting", self.node_id)
+            finally:
+                with self._call_lock:
+                    self._call = None
+                self._pending = None
+            if self._stop.is_set():
+                break
+            self.reconnects += 1
+            if rotate:
+                continue
+            if self._set_connected(False):
+                self._notify()
+            self._pause(self._jittered(backoff))
+            backoff = min(backoff * 2, self._backoff[1])
+
+    def _set_connected(self, up: bool) -> bool:
+        with self._lock:
+            if up:
+                changed = not (self._connected and self._synced)
+                self._connected = self._synced = True
+            else:
+                changed = self._connected or self._synced
+                self._connected = self._synced = False
+            if changed:
+                self._revision += 1
+        return changed
+
+    def _own_changed(self) -> bool:
+        own = self._own
+        return own is not None and self._own_value != {"node": own.to_dict()}
+
+    def _ensure_registered(self, force: bool) -> None:
+        own = self._own
+        if own is None or self._stop.is_set():
+            return
+        now = time.monotonic()
+        if not force and now - self._last_register < REREGISTER_MIN_S:
+            return
+        if not force and not self._own_changed():
+            return
+        self._last_register = now
+        try:
+            self._client.register(own)
+            log.info("node %s: registered with the controller at %s", self.node_id, self.config.controller)
+        except OverlayError as exc:
+            log.warning("node %s: registration with the controller failed (%s); will retry", self.node_id, exc)
+
+    def _on_message(self, msg) -> bool:
+        """Apply one Watch message; True if the view changed."""
+        pb2 = self._client.pb2
+        if msg.kind == pb2.WatchResponse.SNAPSHOT:
+            if self._pending is None or self._pending_rev != msg.revision:
+                self._pending, self._pending_rev = {}, msg.revision
+            for ch in msg.changes:
+                item = self._decode(ch)
+                if item is not None:
+                    self._pending[item[0]] = item[1]
+            if not msg.last:
+                return False
+            items, self._pending = self._pending, None
+            with self._lock:
+                self._nodes, self._rejected, self._policies, self._groups = {}, {}, {}, {}
+                self._max_change = None
+                self._own_value = None
+                for key, value in items.items():
+                    self._apply(key, value)
+                self._rev, self._epoch = msg.revision, msg.epoch
+                self._revision += 1
+            self.snapshots += 1
+            if msg.reset:
+                self.resets += 1
+                log.info("node %s: the controller could not resume the stream; took a fresh snapshot at %d",
+                         self.node_id, msg.revision)
+            return True
+        if msg.kind != pb2.WatchResponse.DELTA or self._pending is not None:
+            raise _Desync(f"unexpected message kind {msg.kind}")
+        if msg.epoch != self._epoch or msg.base_revision != self._rev:
+            raise _Desync(f"delta {msg.base_revision}->{msg.revision} (epoch {msg.epoch[:8]}) "
+                          f"does not follow {self._rev} (epoch {self._epoch[:8]})")
+        items = [i for i in (self._decode(ch) for ch in msg.changes) if i is not None]
+        with self._lock:
+            for key, value in items:
+                self._apply(key, value)
+            self._rev = msg.revision
+            if items:
+                self._revision += 1
+        return bool(items)
+
+    def _decode(self, ch):
+        try:
+            return change_from_pb(ch)
+        except ValueError as exc:
+            log.warning("node %s: ignoring a malformed change from the controller: %s", self.node_id, exc)
+            return None
+
+    def _apply(self, key: tuple[str, str], value: dict | None) -> None:
+        """Caller holds _lock."""
+        kind, ident = key
+        if kind == "node":
+            if ident == self.node_id:
+                self._own_value = value
+                return
+            self._nodes.pop(ident, None)
+            self._rejected.pop(ident, None)
+            if value is None:
+                return
+            if "rejected" in value:
+                self._rejected[ident] = str(value["rejected"])
+                return
+            try:
+                node = node_from_dict(value.get("node"), self.subnet)
+                if node.node_id != ident:
+                    raise InvalidRecord(f"node record names node_id {node.node_id!r} but is listed as {ident!r}")
+                self._nodes[ident] = node
+            except InvalidRecord as exc:
+                self._rejected[ident] = str(exc)
+        elif kind == "policy":
+            self._policies.pop(ident, None)
+            self._rejected.pop(f"policy:{ident}", None)
+            if value is None:
+                return
+            if "rejected" in value:
+                self._rejected[f"policy:{ident}"] = str(value["rejected"])
+                return
+            try:
+                self._policies[ident] = policy_from_dict(value.get("policy"), ident)
+            except InvalidRecord as exc:
+                self._rejected[f"policy:{ident}"] = str(exc)
+        elif kind == "group":
+            if value is None:
+                self._groups.pop(ident, None)
+            else:
+                self._groups[ident] = str(value.get("group", {}).get("description", ""))
+        elif kind == "config" and ident == "max_change":
+            self._max_change = int(value["max_change"]) if value is not None else None
+
+    def _notify(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        try:
+            listener()
+        except Exception:
+            log.exception("node %s: registry listener failed", self.node_id)
