@@ -28,5 +28,19 @@ lab: setup
 lab-down: setup
 	@$(VENV)/bin/overlay lab down
 
+# Benchmarks (bench/, docs/benchmarks.md): the full run (~30 min) and a subset (<5 min).
+# Both write bench/results/latest.json and bench/results/*.png; the full run also
+# rewrites the generated part of docs/benchmarks.md. BENCH_ARGS passes options
+# (e.g. BENCH_ARGS="--suites conn_setup,rr").
+bench:
+	@scripts/bench-setup.sh
+	@mkdir -p bench/bin && gcc -O2 -Wall -Wextra -pthread -o bench/bin/ovlbench bench/src/ovlbench.c
+	@$(PY) -m bench run --profile full $(BENCH_ARGS)
+
+bench-quick:
+	@scripts/bench-setup.sh
+	@mkdir -p bench/bin && gcc -O2 -Wall -Wextra -pthread -o bench/bin/ovlbench bench/src/ovlbench.c
+	@$(PY) -m bench run --profile quick $(BENCH_ARGS)
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

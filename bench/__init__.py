@@ -1,0 +1,1 @@
+"""Benchmarks of the Overlay datapaths and control plane (``make bench``; docs/benchmarks.md)."""

@@ -1,0 +1,117 @@
+"""The goals of issue 8, evaluated on the rows of a run (reported, never asserted).
+
+Each goal compares medians measured in the same run. A goal whose rows are
+missing (a quick run has no 50,000-peer point, say) is evaluated at the
+largest peer count the run has, and says so; with no data at all it is
+reported as not measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def _value(rows, suite, backend, metric, peers=None):
+    for r in rows:
+        if (r["suite"], r["backend"], r["metric"]) == (suite, backend, metric) and (
+            peers is None or r["peers"] == peers
+        ):
+            return r["value"]
+    return None
+
+
+def _peer_counts(rows, suite, backend, metric) -> list[int]:
+    return sorted({r["peers"] for r in rows
+                   if (r["suite"], r["backend"], r["metric"]) == (suite, backend, metric)})
+
+
+def _at(rows, suite, backend, metric, want: int) -> int | None:
+    """``want`` if measured, else the largest measured peer count."""
+    counts = _peer_counts(rows, suite, backend, metric)
+    if not counts:
+        return None
+    return want if want in counts else counts[-1]
+
+
+def _goal(name: str, text: str, target: float, higher_is_better: bool,
+          compute: Callable[[list], tuple[float | None, int | None, str]]):
+    def run(rows):
+        measured, peers, detail = compute(rows)
+        met = None
+        if measured is not None:
+            met = measured >= target if higher_is_better else measured <= target
+        return {"goal": name, "text": text, "target": target,
+                "direction": ">=" if higher_is_better else "<=", "measured": measured,
+                "peers": peers, "met": met, "detail": detail}
+    return run
+
+
+def _ratio(num, den):
+    if num is None or den is None or den == 0:
+        return None
+    return round(num / den, 4)
+
+
+def _conn_vs_bare(rows):
+    n = _at(rows, "conn_setup", "ebpf-tc", "conn_per_s", 50000)
+    e = _value(rows, "conn_setup", "ebpf-tc", "conn_per_s", n)
+    b = _value(rows, "conn_setup", "bare", "conn_per_s")
+    return _ratio(e, b), n, f"ebpf-tc {e} conn/s at {n} peers / bare {b} conn/s"
+
+
+def _conn_vs_iptables(rows):
+    n = _at(rows, "conn_setup", "ebpf-tc", "conn_per_s", 10000)
+    e = _value(rows, "conn_setup", "ebpf-tc", "conn_per_s", n)
+    i = _value(rows, "conn_setup", "iptables", "conn_per_s", n)
+    return _ratio(e, i), n, f"ebpf-tc {e} / iptables {i} conn/s at {n} peers"
+
+
+def _update_one(rows):
+    n = _at(rows, "update_one", "ebpf-tc", "ms", 10000)
+    e = _value(rows, "update_one", "ebpf-tc", "ms", n)
+    i = _value(rows, "update_one", "iptables", "ms", n)
+    return _ratio(i, e), n, f"iptables {i} ms / ebpf-tc {e} ms at {n} peers"
+
+
+def _full_sync(rows):
+    n = _at(rows, "full_sync", "ebpf-tc", "ms", 50000)
+    e = _value(rows, "full_sync", "ebpf-tc", "ms", n)
+    i = _value(rows, "full_sync", "iptables", "ms", n)
+    return _ratio(i, e), n, f"iptables {i} ms / ebpf-tc {e} ms at {n} peers"
+
+
+def _rr(metric):
+    def compute(rows):
+        n = _at(rows, "rr", "ebpf-tc", metric, 50000)
+        e = _value(rows, "rr", "ebpf-tc", metric, n)
+        b = _value(rows, "rr", "bare", metric)
+        return _ratio(e, b), n, f"ebpf-tc {e} us at {n} peers / bare {b} us"
+    return compute
+
+
+def _memory(rows):
+    n = _at(rows, "memory", "ebpf-tc", "kernel_bytes_per_peer", 50000)
+    v = _value(rows, "memory", "ebpf-tc", "kernel_bytes_per_peer", n)
+    return v, n, f"ebpf-tc map memory {v} bytes per peer at {n} peers"
+
+
+GOALS = [
+    _goal("conn_setup_vs_bare", "eBPF connection rate at 50,000 peers >= 0.95x bare",
+          0.95, True, _conn_vs_bare),
+    _goal("conn_setup_vs_iptables", "eBPF connection rate >= 2x iptables at 10,000 peers",
+          2.0, True, _conn_vs_iptables),
+    _goal("update_one_vs_iptables", "one-change update >= 1000x faster than iptables at 10,000",
+          1000.0, True, _update_one),
+    _goal("full_sync_vs_iptables", "full sync of 50,000 peers >= 50x faster than iptables",
+          50.0, True, _full_sync),
+    _goal("rr_p50_vs_bare", "request/response latency (p50) within 2% of bare",
+          1.02, False, _rr("latency_us_p50")),
+    _goal("rr_p99_vs_bare", "request/response latency (p99) within 2% of bare",
+          1.02, False, _rr("latency_us_p99")),
+    _goal("kernel_bytes_per_peer", "kernel memory <= 128 bytes per peer",
+          128.0, False, _memory),
+]
+
+
+def evaluate(rows: list[dict]) -> list[dict]:
+    return [g(rows) for g in GOALS]

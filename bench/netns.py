@@ -1,0 +1,141 @@
+"""Network namespaces of a benchmark run, and their clean-up.
+
+Every namespace is named ``ovl-bench-<pid>-<name>`` (the pid of the run that
+made it), every veth pair is created directly between two of them (``ip -n A
+link add ... peer ... netns B``), so the root namespace never gets a link, an
+address or a route. :class:`Topology` deletes what it made on ``close()``,
+killing whatever still runs inside first; :func:`remove_stale` removes what a
+killed run left behind (namespaces and bpffs pins whose pid is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+
+PREFIX = "ovl-bench-"
+PIN_BASE = "/sys/fs/bpf/overlay/bench"
+
+
+def ip(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def list_netns() -> list[str]:
+    out = ip("netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_pid(name: str) -> int | None:
+    rest = name[len(PREFIX):]
+    head = rest.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def kill_inside(name: str) -> None:
+    """SIGKILL every process whose network namespace is ``name``."""
+    pids = ip("netns", "pids", name, check=False).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def delete_netns(name: str) -> None:
+    kill_inside(name)
+    ip("netns", "del", name, check=False)
+
+
+def remove_stale() -> list[str]:
+    """Delete bench namespaces and pin directories of runs that no longer exist."""
+    removed = []
+    for name in list_netns():
+        if not name.startswith(PREFIX):
+            continue
+        pid = _owner_pid(name)
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            delete_netns(name)
+            removed.append(name)
+    if os.path.isdir(PIN_BASE):
+        for entry in os.listdir(PIN_BASE):
+            if entry.isdigit() and int(entry) != os.getpid() and not _pid_alive(int(entry)):
+                shutil.rmtree(os.path.join(PIN_BASE, entry), ignore_errors=True)
+                removed.append(os.path.join(PIN_BASE, entry))
+    return removed
+
+
+class Netns:
+    def __init__(self, name: str):
+        self.name = name
+
+    def cmd(self, *argv: str) -> list[str]:
+        # nsenter --net keeps the mount namespace (and so /sys/fs/bpf) as it is
+        return ["nsenter", f"--net=/run/netns/{self.name}", *argv]
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.cmd(*argv), capture_output=True, text=True, timeout=timeout,
+                              input=input)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"[{self.name}] {' '.join(argv)} -> {proc.returncode}: "
+                               f"{proc.stderr.strip() or proc.stdout.strip()}")
+        return proc
+
+    def popen(self, *argv: str, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        return subprocess.Popen(self.cmd(*argv), **kwargs)
+
+    def sysctl(self, key: str, value: str) -> None:
+        path = "/proc/sys/" + key.replace(".", "/")
+        self.run("sh", "-c", f"echo {value} > {path}")
+
+
+class Topology:
+    """Namespaces and veth pairs of one run; ``close()`` removes them all."""
+
+    def __init__(self, tag: str = ""):
+        self.base = f"{PREFIX}{os.getpid()}-{tag + '-' if tag else ''}"
+        self.made: list[Netns] = []
+        self.pin_root = os.path.join(PIN_BASE, str(os.getpid()))
+
+    def netns(self, name: str) -> Netns:
+        ns = Netns(self.base + name)
+        ip("netns", "add", ns.name)
+        self.made.append(ns)
+        ns.run("ip", "link", "set", "lo", "up")
+        return ns
+
+    def veth(self, a: Netns, dev_a: str, addr_a: str, b: Netns, dev_b: str, addr_b: str) -> None:
+        """A veth pair made inside ``a`` with its peer directly in ``b``; addresses as CIDR."""
+        ip("-n", a.name, "link", "add", dev_a, "type", "veth", "peer", "name", dev_b,
+           "netns", b.name)
+        for ns, dev, addr in ((a, dev_a, addr_a), (b, dev_b, addr_b)):
+            ns.run("ip", "addr", "add", addr, "dev", dev)
+            ns.run("ip", "link", "set", dev, "up")
+
+    def pins(self, name: str) -> str:
+        path = os.path.join(self.pin_root, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def close(self) -> None:
+        for ns in reversed(self.made):
+            delete_netns(ns.name)
+        self.made.clear()
+        shutil.rmtree(self.pin_root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(PIN_BASE)

@@ -1,0 +1,453 @@
+"""Run the benchmarks: ``python -m bench run --profile full|quick|smoke``.
+
+Topology (every namespace made here, ``ovl-bench-<pid>-*``; the root
+namespace gets nothing)::
+
+    ovl-bench-<pid>-bare  eth0 10.77.1.1 ---- cb 10.77.1.2 \\
+    ovl-bench-<pid>-ipt   eth0 10.77.2.1 ---- ci 10.77.2.2  > ovl-bench-<pid>-srv  (ovlbench server)
+    ovl-bench-<pid>-ebpf  eth0 10.77.3.1 ---- ce 10.77.3.2 /
+    ovl-bench-<pid>-zk    lo: ZooKeeper, churner, K watchers (fanout)
+
+One client namespace per backend, so that every repetition can measure the
+three back to back (the order rotates) and a noisy neighbour hits them alike:
+``bare`` has no program and no rule and talks to the server's real address;
+``ipt`` and ``ebpf`` hold N peers (the target last in rule order) and talk to
+the target's overlay address. Load generator clients run on CPU 0, the
+server on CPU 1 (when there are two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+import traceback
+
+from bench import peers as fleetlib
+from bench.netns import Topology, remove_stale
+from bench.procs import BIN, BenchError, DpHost, LoadServer, build_loadgen, loadgen
+from bench.results import ResultSet, make_row
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+DEFAULT_OUT = os.path.join(RESULTS_DIR, "latest.json")
+
+PORT = 5000  # conn_setup; rr on PORT+1, stream on PORT+2
+DATA_SUITES = ("conn_setup", "rr", "stream")
+CONTROL_SUITES = ("update_one", "full_sync")
+ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout")
+
+CLIENTS = {  # backend -> (namespace name, client address, server address)
+    "bare": ("bare", "10.77.1.1", "10.77.1.2"),
+    "iptables": ("ipt", "10.77.2.1", "10.77.2.2"),
+    "ebpf-tc": ("ebpf", "10.77.3.1", "10.77.3.2"),
+}
+DP_BACKEND = {"iptables": "iptables", "ebpf-tc": "ebpf"}
+
+PROFILES: dict[str, dict] = {
+    "full": {
+        "peers": [1, 1000, 10000, 50000], "reps": 5,
+        "conn_s": 2.0, "rr_s": 1.5, "stream_s": 2.0, "stream_reps": 3, "rr_size": 64,
+        "update_reps": {"ebpf-tc": 20, "iptables": 10}, "update_reps_50k_iptables": 5,
+        "map_write_reps": 50, "full_sync_reps": 3, "plan_diff_reps": 3,
+        "memory_peers": [1000, 10000, 50000], "memory_reps": 3,
+        "fanout_agents": [10, 25, 50], "fanout_peers": 1000, "fanout_rounds": 3,
+        "fanout_changes": 20, "fanout_rate": 2.0, "fanout_settle_s": 4.0,
+    },
+    "quick": {
+        "peers": [1, 10000], "reps": 3,
+        "conn_s": 1.0, "rr_s": 1.0, "stream_s": 1.0, "stream_reps": 2, "rr_size": 64,
+        "update_reps": {"ebpf-tc": 10, "iptables": 5}, "update_reps_50k_iptables": 3,
+        "map_write_reps": 20, "full_sync_reps": 2, "plan_diff_reps": 2,
+        "memory_peers": [10000], "memory_reps": 2,
+        "fanout_agents": [10], "fanout_peers": 500, "fanout_rounds": 2,
+        "fanout_changes": 10, "fanout_rate": 4.0, "fanout_settle_s": 3.0,
+    },
+    "smoke": {
+        "peers": [100], "reps": 1,
+        "conn_s": 0.3, "rr_s": 0.3, "stream_s": 0.3, "stream_reps": 1, "rr_size": 64,
+        "update_reps": {"ebpf-tc": 2, "iptables": 2}, "update_reps_50k_iptables": 1,
+        "map_write_reps": 2, "full_sync_reps": 1, "plan_diff_reps": 1,
+        "memory_peers": [100], "memory_reps": 1,
+        "fanout_agents": [2], "fanout_peers": 20, "fanout_rounds": 1,
+        "fanout_changes": 3, "fanout_rate": 10.0, "fanout_settle_s": 1.0,
+    },
+}
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _on_term(signum, _frame):
+    raise _Terminated(f"signal {signum}")
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, profile: str, suites: list[str], backends: list[str], log_dir: str,
+                 peers: list[int] | None = None):
+        self.p = dict(PROFILES[profile])
+        if peers:
+            self.p["peers"] = peers
+            self.p["memory_peers"] = [n for n in peers if n >= 100] or peers
+        self.profile = profile
+        self.suites = suites
+        self.backends = [b for b in backends if b != "bare"]
+        self.log_dir = log_dir
+        self.results = ResultSet(profile, {**self.p, "suites": suites,
+                                           "backends": ["bare", *self.backends]})
+        self.topo = Topology()
+        self.ns: dict = {}
+        self.hosts: dict[str, DpHost] = {}
+        self.server: LoadServer | None = None
+        ncpu = os.cpu_count() or 1
+        self.client_cpu, self.server_cpu = (0, 1) if ncpu >= 2 else (None, None)
+        self.samples: dict[tuple, list[float]] = {}
+
+    # -- bookkeeping --
+
+    def sample(self, suite: str, backend: str, peers: int, metric: str, value: float) -> None:
+        self.samples.setdefault((suite, backend, peers, metric), []).append(value)
+
+    def _rows_from_samples(self) -> None:
+        units = {"conn_per_s": "conn/s", "latency_us_p50": "us", "latency_us_p99": "us",
+                 "gbps": "Gbit/s"}
+        for (suite, backend, peers, metric), vals in sorted(self.samples.items(),
+                                                             key=lambda kv: str(kv[0])):
+            note = None
+            if backend == "bare":
+                note = "no program, no rule: the server's real address (pooled over the run)"
+            self.results.add(make_row(suite, backend, peers, metric, units[metric], vals, note))
+
+    def guarded(self, suite: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except (KeyboardInterrupt, _Terminated):
+            raise
+        except Exception as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+            self.results.error(suite, msg)
+            say(f"  ! {suite}: {msg}")
+            with open(os.path.join(self.log_dir, "errors.log"), "a") as f:
+                f.write(traceback.format_exc() + "\n")
+
+    # -- topology --
+
+    def build(self) -> None:
+        srv = self.topo.netns("srv")
+        self.ns["srv"] = srv
+        for backend in ["bare", *self.backends]:
+            name, client, server = CLIENTS[backend]
+            ns = self.topo.netns(name)
+            dev = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce"}[backend]
+            self.topo.veth(ns, "eth0", f"{client}/24", srv, dev, f"{server}/24")
+            self.ns[backend] = ns
+        self.server = LoadServer(srv, PORT, seconds=3600, cpu=self.server_cpu)
+
+    def start_hosts(self, sizes: dict | None = None) -> None:
+        for backend in self.backends:
+            self.hosts[backend] = self.start_host(backend, sizes)
+
+    def start_host(self, backend: str, sizes: dict | None = None) -> DpHost:
+        _name, client, _server = CLIENTS[backend]
+        host = DpHost(self.ns[backend], os.path.join(self.log_dir, f"dphost-{backend}.log"))
+        args = {"backend": DP_BACKEND[backend], "interface": "eth0", "private": client}
+        if backend == "ebpf-tc":
+            args["pin_root"] = self.topo.pins(f"ebpf-{time.monotonic_ns()}")
+        if sizes:
+            args["sizes"] = sizes
+        try:
+            res = host.call("start", timeout=300, **args)
+        except BaseException:
+            host.close(teardown=True)
+            raise
+        say(f"  {backend}: datapath started in {res['start_s']:.1f} s")
+        return host
+
+    def close(self) -> None:
+        for host in self.hosts.values():
+            with contextlib.suppress(Exception):
+                host.close(teardown=True)
+        self.hosts.clear()
+        if self.server is not None:
+            self.server.stop()
+        self.topo.close()
+
+    # -- the data plane --
+
+    def target(self, backend: str, n: int) -> str:
+        if backend == "bare":
+            return CLIENTS["bare"][2]
+        return fleetlib.target_overlay(n)
+
+    def traffic(self, suite: str, n: int) -> None:
+        order = ["bare", *self.backends]
+        reps = self.p["stream_reps"] if suite == "stream" else self.p["reps"]
+        for rep in range(reps):
+            k = rep % len(order)
+            for backend in order[k:] + order[:k]:
+                ns, host = self.ns[backend], self.target(backend, n)
+                peers = 0 if backend == "bare" else n
+                if suite == "conn_setup":
+                    out = loadgen(ns, "connect", host=host, port=PORT, seconds=self.p["conn_s"],
+                                  cpu=self.client_cpu)
+                    if out["errors"]:
+                        say(f"    {backend}: {out['errors']} failed connects ({out['first_error']})")
+                    self.sample(suite, backend, peers, "conn_per_s", out["conn_per_s"])
+                elif suite == "rr":
+                    out = loadgen(ns, "rr", host=host, port=PORT + 1, seconds=self.p["rr_s"],
+                                  cpu=self.client_cpu, size=self.p["rr_size"], warmup=500)
+                    self.sample(suite, backend, peers, "latency_us_p50", out["p50_us"])
+                    self.sample(suite, backend, peers, "latency_us_p99", out["p99_us"])
+                else:
+                    out = loadgen(ns, "stream", host=host, port=PORT + 2,
+                                  seconds=self.p["stream_s"], cpu=self.client_cpu)
+                    self.sample(suite, backend, peers, "gbps", out["gbps"])
+        summary = []
+        for backend in order:
+            peers = 0 if backend == "bare" else n
+            metric = {"conn_setup": "conn_per_s", "rr": "latency_us_p50", "stream": "gbps"}[suite]
+            vals = self.samples.get((suite, backend, peers, metric), [])
+            if vals:
+                summary.append(f"{backend} {sorted(vals)[len(vals) // 2]:.1f}")
+        say(f"  {suite:10s} N={n:<6d} " + ", ".join(summary))
+
+    def control(self, n: int) -> None:
+        """Program N peers (full_sync reps), then one-peer updates."""
+        for backend in self.backends:
+            host = self.hosts[backend]
+            if "full_sync" in self.suites:
+                res = host.call("full_sync", n=n, target_real=CLIENTS[backend][2],
+                                reps=self.p["full_sync_reps"], timeout=1800)
+                self.results.add(make_row("full_sync", backend, n, "ms", "ms", res["ms"],
+                                          f"{res['ops']} ops from empty"))
+                say(f"  full_sync  N={n:<6d} {backend}: {sorted(res['ms'])[len(res['ms']) // 2]:.2f} ms")
+            else:
+                host.call("program", n=n, target_real=CLIENTS[backend][2], timeout=1800)
+        if "update_one" in self.suites and n >= 2:
+            for backend in self.backends:
+                host = self.hosts[backend]
+                reps = self.p["update_reps"][backend]
+                if backend == "iptables" and n >= 50000:
+                    reps = self.p["update_reps_50k_iptables"]
+                res = host.call("update_one", reps=reps, timeout=1800)
+                self.results.add(make_row("update_one", backend, n, "ms", "ms", res["ms"],
+                                          f"datapath.apply of {res['ops']} ops"))
+                say(f"  update_one N={n:<6d} {backend}: {sorted(res['ms'])[len(res['ms']) // 2]:.3f} ms")
+                if backend == "ebpf-tc":
+                    res = host.call("update_one_maps", reps=self.p["map_write_reps"])
+                    self.results.add(make_row(
+                        "update_one", backend, n, "map_write_ms", "ms", res["ms"],
+                        "the same ops written straight into the maps (no capacity check)",
+                        digits=5))
+            host = self.hosts[self.backends[0]]
+            res = host.call("plan_diff", reps=self.p["plan_diff_reps"], timeout=1800)
+            self.results.add(make_row("update_one", "core", n, "plan_diff_ms", "ms", res["ms"],
+                                      "the agent's plan + diff over all N peers for one change"))
+
+    def data_plane(self) -> None:
+        if not (set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES}):
+            return
+        if self.backends:
+            self.start_hosts()
+        for n in self.p["peers"]:
+            self.guarded("control", self.control, n)
+            for suite in DATA_SUITES:
+                if suite in self.suites:
+                    self.guarded(suite, self.traffic, suite, n)
+        for backend in list(self.hosts):
+            self.hosts.pop(backend).close(teardown=True)
+
+    # -- memory --
+
+    def memory(self) -> None:
+        for backend in self.backends:
+            for n in self.p["memory_peers"]:
+                self.guarded("memory", self._memory_one, backend, n)
+
+    def _memory_one(self, backend: str, n: int) -> None:
+        size = max(n, 16)
+        host = self.start_host(backend, sizes={"nat": size, "peers": size})
+        try:
+            before = host.call("memory")
+            host.call("program", n=n, target_real=CLIENTS[backend][2], timeout=1800)
+            after = host.call("memory")
+            rss = (after["rss"] - before["rss"]) / n
+            self.results.add(make_row("memory", backend, n, "rss_bytes_per_peer", "bytes/peer",
+                                      [rss], "RSS growth of the process holding the agent's "
+                                      "state and the datapath, per peer", digits=1))
+            if backend == "ebpf-tc":
+                per_peer = ("ovl_nat", "ovl_rnat", "ovl_peers")
+                maps = after["maps"]
+                mine = sum(maps[m]["memlock"] for m in per_peer)
+                fixed = sum(v["memlock"] for k, v in maps.items() if k not in per_peer)
+                self.results.add(make_row(
+                    "memory", backend, n, "kernel_bytes_per_peer", "bytes/peer", [mine / n],
+                    f"memlock of ovl_nat+ovl_rnat+ovl_peers sized to {size} entries, / N",
+                    digits=1))
+                self.results.add(make_row(
+                    "memory", backend, n, "kernel_bytes_fixed", "bytes", [fixed],
+                    "memlock of every other map (conntrack 262,144 entries, ring buffer, ...)",
+                    digits=0))
+                say(f"  memory     N={n:<6d} {backend}: {mine / n:.1f} B/peer in maps, "
+                    f"{fixed / 1e6:.1f} MB fixed, RSS {rss:.0f} B/peer")
+            else:
+                deltas = [(after["kmem"]["bytes"] - before["kmem"]["bytes"]) / n]
+                for _ in range(self.p["memory_reps"] - 1):
+                    host.call("clear", timeout=1800)
+                    empty = host.call("memory")
+                    host.call("program", n=n, target_real=CLIENTS[backend][2], timeout=1800)
+                    full = host.call("memory")
+                    deltas.append((full["kmem"]["bytes"] - empty["kmem"]["bytes"]) / n)
+                ipset = after.get("ipset_bytes")
+                self.results.add(make_row(
+                    "memory", backend, n, "kernel_bytes_per_peer", "bytes/peer", deltas,
+                    f"growth of kernel memory ({after['kmem']['method']}) from 0 to N peers, / N; "
+                    f"ipset alone reports {ipset} bytes", digits=1))
+                say(f"  memory     N={n:<6d} {backend}: {sorted(deltas)[len(deltas) // 2]:.1f} "
+                    f"B/peer kernel, RSS {rss:.0f} B/peer")
+        finally:
+            host.close(teardown=True)
+
+    # -- fanout --
+
+    def fanout(self) -> None:
+        from bench.fanout import run_fanout
+
+        zk = self.topo.netns("zk")
+        run_fanout(self.results, zk, self.p, self.log_dir, say=lambda m: say(m))
+
+    # -- all --
+
+    def run(self) -> ResultSet:
+        self.build()
+        say(f"==> topology: {', '.join(ns.name for ns in self.topo.made)}")
+        say("==> data plane and updates")
+        self.data_plane()
+        self._rows_from_samples()
+        if "memory" in self.suites and self.backends:
+            say("==> memory")
+            self.memory()
+        if "fanout" in self.suites:
+            say("==> fanout")
+            self.guarded("fanout", self.fanout)
+        return self.results
+
+
+def preflight(backends: list[str]) -> list[str]:
+    """Refuse to run without root; drop backends this host cannot run (said so)."""
+    if os.geteuid() != 0:
+        raise SystemExit("bench: must run as root (network namespaces, eBPF, iptables)")
+    if not os.path.ismount("/sys/fs/bpf"):
+        raise SystemExit("bench: bpffs is not mounted at /sys/fs/bpf (scripts/bench-setup.sh)")
+    ok = []
+    for b in backends:
+        if b == "ebpf-tc":
+            try:
+                import bcc  # noqa: F401
+            except ImportError:
+                say("bench: bcc is not importable: skipping ebpf-tc")
+                continue
+        ok.append(b)
+    return ok
+
+
+def main_run(args) -> int:
+    suites = args.suites.split(",") if args.suites else list(ALL_SUITES)
+    unknown = set(suites) - set(ALL_SUITES)
+    if unknown:
+        raise SystemExit(f"bench: unknown suites {sorted(unknown)} (known: {', '.join(ALL_SUITES)})")
+    backends = preflight(args.backends.split(","))
+    build_loadgen()
+    removed = remove_stale()
+    if removed:
+        say(f"bench: removed leftovers of earlier runs: {', '.join(removed)}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "runs",
+                           f"{stamp}-{args.profile}")
+    os.makedirs(log_dir, exist_ok=True)
+    peers = [int(x) for x in args.peers.split(",")] if args.peers else None
+    bench = Bench(args.profile, suites, backends, log_dir, peers)
+    say(f"==> bench {args.profile}: suites {', '.join(suites)}; backends bare, "
+        f"{', '.join(bench.backends)}; logs in {os.path.relpath(log_dir)}")
+    say(f"    load average {open('/proc/loadavg').read().split()[:3]} on {os.cpu_count()} CPUs; "
+        f"{BIN}")
+    old = signal.signal(signal.SIGTERM, _on_term)
+    t0 = time.monotonic()
+    finished = False
+    try:
+        bench.run()
+        finished = True
+    finally:
+        try:
+            bench.close()
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            # an interrupted run keeps its rows in its log directory, not in latest.json
+            out = args.out if finished else os.path.join(log_dir, "partial.json")
+            data = bench.results.write(out)
+            say(f"==> wrote {os.path.relpath(out)} ({len(data['rows'])} rows, "
+                f"{time.monotonic() - t0:.0f} s)")
+    if not args.no_plots:
+        from bench.plots import plot_all
+
+        files = plot_all(data, os.path.dirname(os.path.abspath(args.out)))
+        say(f"==> plots: {', '.join(os.path.relpath(f) for f in files)}")
+    if args.report or (args.report is None and args.profile == "full"):
+        from bench.report import write_report
+
+        path = write_report(data, os.path.dirname(os.path.abspath(args.out)))
+        say(f"==> report: {os.path.relpath(path)}")
+    from bench.report import goals_text
+
+    say(goals_text(data))
+    return 1 if data["run"]["errors"] and not data["rows"] else 0
+
+
+def main_report(args) -> int:
+    from bench.plots import plot_all
+    from bench.report import write_report
+    from bench.results import load
+
+    data = load(args.json)
+    plot_all(data, os.path.dirname(os.path.abspath(args.json)))
+    path = write_report(data, os.path.dirname(os.path.abspath(args.json)))
+    say(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the benchmarks")
+    r.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    r.add_argument("--suites", help=f"comma-separated subset of {','.join(ALL_SUITES)}")
+    r.add_argument("--backends", default="bare,iptables,ebpf-tc")
+    r.add_argument("--peers", help="comma-separated peer counts (overrides the profile)")
+    r.add_argument("--out", default=DEFAULT_OUT)
+    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--report", dest="report", action="store_true", default=None,
+                   help="rewrite docs/benchmarks.md (default: only for --profile full)")
+    r.add_argument("--no-report", dest="report", action="store_false")
+    p = sub.add_parser("report", help="plots and docs/benchmarks.md from a results file")
+    p.add_argument("--json", default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    try:
+        return main_run(args) if args.command == "run" else main_report(args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

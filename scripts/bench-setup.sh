@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Idempotent set-up for `make bench` and `make bench-quick` (Debian 12, as root):
+# the project's own set-up (packages, kernel headers for bcc, bpffs, .venv), then
+# what only the benchmarks need. Kept apart from scripts/setup.sh so that
+# `make test` stays lean.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PACKAGES=(python3-matplotlib gcc util-linux iproute2 iptables ipset zookeeper)
+
+"$ROOT/scripts/setup.sh"
+
+printf '==> bench packages\n'
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  echo "    installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "    all ${#PACKAGES[@]} present"
+fi
+# .venv is made with --system-site-packages: Debian's matplotlib is visible in it
+"$ROOT/.venv/bin/python" -c "import matplotlib" \
+  || { echo "bench-setup: matplotlib is not importable from .venv" >&2; exit 1; }
