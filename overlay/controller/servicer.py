@@ -310,9 +310,10 @@ class RegistryServicer:
         loop = asyncio.get_running_loop()
         ahead_until: float | None = None
         sent_any = False
+        fresh = revision == 0   # 0: the client has nothing yet
         while True:
             fut = self.hub.future()
-            plan = self.store.read_since(revision, epoch, COALESCE_AFTER)
+            plan = self.store.read_since(revision, epoch, COALESCE_AFTER, fresh)
             if plan is None:
                 await self.hub.wait(fut, 1.0)
                 continue
@@ -322,13 +323,13 @@ class RegistryServicer:
                 if loop.time() < ahead_until:
                     await self.hub.wait(fut, max(0.0, ahead_until - loop.time()))
                     continue
-                plan = self.store.read_since(0, "", COALESCE_AFTER)
+                plan = self.store.read_since(0, "", COALESCE_AFTER, fresh=True)
                 plan = Plan("snapshot", plan.epoch, plan.revision, items=plan.items, reset=True)
             ahead_until = None
             if plan.kind == "snapshot":
                 for msg in self._snapshot_messages(plan):
                     yield msg
-                revision, epoch, sent_any = plan.revision, plan.epoch, True
+                revision, epoch, sent_any, fresh = plan.revision, plan.epoch, True, False
             elif plan.kind == "delta":
                 yield pb2.WatchResponse(
                     kind=pb2.WatchResponse.DELTA, epoch=plan.epoch, revision=plan.revision,

@@ -96,6 +96,7 @@ MAX_ITEMS_PER_APPEND = 100
 MAX_BYTES_PER_APPEND = 512 * 1024
 CATCH_UP_BATCH = 64
 COMPACT_BATCH = 500
+META_CHECK_S = 2.0            # idle replicas re-read the journal's metadata this often
 LEAD_PERIOD_S = 10.0          # the leader re-diffs at least this often, even without events
 VISIBLE_WAIT_S = 5.0          # writes wait this long for their change to reach the journal
 
@@ -232,6 +233,7 @@ class Store:
         self._leader_ticket: int | None = None
         self._dirty = True
         self._last_lead = 0.0
+        self._meta_checked = 0.0
 
         self._regs: dict[str, _Reg] = {}
         self._streams: dict[str, int] = {}
@@ -323,10 +325,11 @@ class Store:
         with self._lock:
             return list(self._log)
 
-    def read_since(self, revision: int, epoch: str, coalesce_after: int) -> Plan | None:
+    def read_since(self, revision: int, epoch: str, coalesce_after: int, fresh: bool = False) -> Plan | None:
         """What a Watch client at ``revision`` (of ``epoch``) needs next; None before the journal is loaded.
 
-        snapshot: from 0, or a revision this replica cannot resume (``reset``);
+        snapshot: for a ``fresh`` client (no state yet), or at a revision this replica cannot
+        resume (``reset``);
         delta: the entries after ``revision`` (coalesced per item beyond ``coalesce_after``);
         current: nothing new; ahead: the client has seen more than this replica (wait).
         """
@@ -334,9 +337,9 @@ class Store:
             if not self._loaded:
                 return None
             same = not epoch or epoch == self._epoch
-            if revision == 0 or not same or revision < self._log_base:
+            if fresh or not same or revision < self._log_base:
                 items = tuple(sorted(((r, k, v) for k, (r, v) in self._state.items()), key=lambda e: e[1]))
-                return Plan("snapshot", self._epoch, self._head, items=items, reset=revision != 0)
+                return Plan("snapshot", self._epoch, self._head, items=items, reset=not fresh)
             if revision > self._head:
                 return Plan("ahead", self._epoch, self._head)
             if revision == self._head:
@@ -599,7 +602,7 @@ class Store:
                     self._handle_events([item for item in batch if item[0] == "event"])
                 if any(item[0] == "kick" for item in batch):
                     self._dirty = True
-                self._catch_up()
+                self._catch_up(self._hint(batch))
                 self._lead()
                 self._expire_leases()
                 backoff = 0.2
@@ -614,6 +617,17 @@ class Store:
                 need_resync = True
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _hint(self, batch: list[tuple]) -> int:
+        """The highest journal revision that the creation events of ``batch`` name."""
+        prefix = f"{self._changes}/{ENTRY_PREFIX}"
+        best = 0
+        for item in batch:
+            if item[0] == "event" and item[2].startswith(prefix):
+                digits = item[2][len(prefix):]
+                if digits.isdigit():
+                    best = max(best, int(digits))
+        return best
 
     def _add_watches(self) -> None:
         client = self._zk
@@ -817,26 +831,29 @@ class Store:
                  self.replica, len(entries), len(self._state), self._head, self._log_base)
         self._notify()
 
-    def _catch_up(self) -> None:
-        """Apply the entries after head, in order, until the first missing one."""
+    def _catch_up(self, hint: int = 0) -> None:
+        """Apply the entries after head, in order, up to the first missing one. ``hint`` is the
+        highest revision that creation events named; without one a single get probes for more,
+        and every ``META_CHECK_S`` the metadata is read (a new epoch, or compaction overtook us)."""
         if not self._loaded:
             return
         client = self._zk
         advanced = False
+        batch = max(1, min(hint - self._head, CATCH_UP_BATCH))
         while True:
             base = self._head
             pending = [(r, client.get_async(f"{self._changes}/{entry_name(r)}"))
-                       for r in range(base + 1, base + 1 + CATCH_UP_BATCH)]
+                       for r in range(base + 1, base + 1 + batch)]
             got: list[tuple] = []
-            missing = False
             for r, res in pending:
                 try:
                     data, _ = self._wait(res)
                 except NoNodeError:
-                    missing = True
-                    continue
-                if not missing:
-                    got.append((r, *self._parse_entry(r, data)))
+                    break
+                got.append((r, *self._parse_entry(r, data)))
+            for _, res in pending[len(got) + 1:]:
+                with contextlib.suppress(NoNodeError):
+                    self._wait(res)  # drain the rest of the pipeline
             if got:
                 with self._cond:
                     for r, key, value in got:
@@ -844,16 +861,18 @@ class Store:
                             self._apply(r, key, value)
                     self._cond.notify_all()
                 advanced = True
-            if len(got) < CATCH_UP_BATCH:
+            if len(got) < batch:
                 break
-        if not got and not advanced:
+            batch = CATCH_UP_BATCH
+        if advanced:
+            self._notify()
+        now = time.monotonic()
+        if not advanced and now - self._meta_checked >= META_CHECK_S:
+            self._meta_checked = now
             epoch, floor = self._read_meta()
             self._floor = max(self._floor, floor)
             if epoch != self._epoch or floor > self._head:
                 self._load_journal(epoch, floor)
-                return
-        if advanced:
-            self._notify()
 
     def _lead(self) -> None:
         if not (self._leader and self._loaded and self._member is not None):

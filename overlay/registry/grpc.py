@@ -90,6 +90,9 @@ class GrpcRegistry:
 
         self._own: Node | None = None
         self._last_register = 0.0
+        self._force_register = False
+        self._reg_wake = threading.Event()
+        self._keeper: threading.Thread | None = None
         self._listener: Listener | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -105,6 +108,9 @@ class GrpcRegistry:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"grpc-registry-{self.node_id}", daemon=True)
             self._thread.start()
+            self._keeper = threading.Thread(target=self._keep_registered, name=f"grpc-register-{self.node_id}",
+                                            daemon=True)
+            self._keeper.start()
 
     def allocate(self, node_id: str, requested: str | None = None) -> str:
         valid_name(node_id, "node_id")
@@ -131,9 +137,11 @@ class GrpcRegistry:
         """Stop following, and deregister this node (its record goes away, as with ZooKeeper)."""
         self._stop.set()
         self._wake.set()
+        self._reg_wake.set()
         self._cancel_call()
-        if self._thread is not None:
-            self._thread.join(10)
+        for t in (self._thread, self._keeper):
+            if t is not None:
+                t.join(10)
         if self._own is not None:
             try:
                 self._client.deregister(self.node_id, timeout=2.0)
@@ -205,9 +213,10 @@ class GrpcRegistry:
                         live = True
                         backoff = self._backoff[0]
                         changed |= self._set_connected(True)
-                        self._ensure_registered(force=True)
+                        self._force_register = True   # the controller holds a record while we watch
+                        self._reg_wake.set()
                     elif self._own_changed():
-                        self._ensure_registered(force=False)
+                        self._reg_wake.set()
                     if changed:
                         self._notify()
                 log.info("node %s: the controller ended the Watch stream; resuming", self.node_id)
@@ -259,21 +268,27 @@ class GrpcRegistry:
         own = self._own
         return own is not None and self._own_value != {"node": own.to_dict()}
 
-    def _ensure_registered(self, force: bool) -> None:
-        own = self._own
-        if own is None or self._stop.is_set():
-            return
-        now = time.monotonic()
-        if not force and now - self._last_register < REREGISTER_MIN_S:
-            return
-        if not force and not self._own_changed():
-            return
-        self._last_register = now
-        try:
-            self._client.register(own)
-            log.info("node %s: registered with the controller at %s", self.node_id, self.config.controller)
-        except OverlayError as exc:
-            log.warning("node %s: registration with the controller failed (%s); will retry", self.node_id, exc)
+    def _keep_registered(self) -> None:
+        """Register again after every reconnection, and when the stream shows this node's
+        record gone or different (at most once per REREGISTER_MIN_S)."""
+        while not self._stop.is_set():
+            self._reg_wake.wait(REREGISTER_MIN_S)
+            self._reg_wake.clear()
+            own = self._own
+            if self._stop.is_set():
+                return
+            if own is None or not self._connected or not (self._force_register or self._own_changed()):
+                continue
+            wait = self._last_register + REREGISTER_MIN_S - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            self._last_register = time.monotonic()
+            try:
+                self._client.register(own)
+                self._force_register = False
+                log.info("node %s: registered with the controller at %s", self.node_id, self.config.controller)
+            except OverlayError as exc:
+                log.warning("node %s: registration with the controller failed (%s); will retry", self.node_id, exc)
 
     def _on_message(self, msg) -> bool:
         """Apply one Watch message; True if the view changed."""

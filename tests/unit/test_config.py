@@ -139,6 +139,22 @@ INVALID: list[Bad] = [
     Bad("status-listen-no-port", _cfg("status_listen: localhost\n"), "status_listen", 'expected "host:port"'),
     Bad("status-listen-port-range", _cfg("status_listen: 127.0.0.1:70000\n"), "status_listen", "outside 1..65535"),
     Bad("status-listen-int", _cfg("status_listen: 9464\n"), "status_listen", 'expected "host:port"'),
+    # registry backend grpc and the controller section (docs/grpc.md)
+    Bad("registry-grpc-no-controller", _cfg("registry:\n  backend: grpc\n  tls: {ca: a, cert: b, key: c}\n"), "registry.controller", "is required for backend: grpc"),
+    Bad("registry-grpc-no-tls", _cfg("registry:\n  backend: grpc\n  controller: 'ctl:9470'\n"), "registry.tls", "is required for backend: grpc"),
+    Bad("registry-grpc-controller-no-port", _cfg("registry:\n  backend: grpc\n  controller: ctl\n  tls: {ca: a, cert: b, key: c}\n"), "registry.controller", 'expected "host:port"'),
+    Bad("registry-grpc-tls-no-key", _cfg("registry:\n  backend: grpc\n  controller: 'ctl:9470'\n  tls: {ca: a, cert: b}\n"), "registry.tls.key", "is required"),
+    Bad("registry-grpc-tls-unknown-key", _cfg("registry:\n  backend: grpc\n  controller: 'ctl:9470'\n  tls: {ca: a, cert: b, key: c, pin: d}\n"), "registry.tls.pin", "unknown key"),
+    Bad("registry-grpc-tls-empty-ca", _cfg("registry:\n  backend: grpc\n  controller: 'ctl:9470'\n  tls: {ca: '', cert: b, key: c}\n"), "registry.tls.ca", "non-empty string"),
+    Bad("registry-controller-with-zookeeper", _cfg("registry:\n  controller: 'ctl:9470'\n"), "registry.controller", "only allowed with backend: grpc"),
+    Bad("registry-tls-with-static", _cfg("registry:\n  backend: static\n  tls: {ca: a, cert: b, key: c}\n"), "registry.tls", "only allowed with backend: grpc"),
+    Bad("controller-no-tls", _cfg("controller:\n  listen: '0.0.0.0:9470'\n"), "controller.tls", "is required"),
+    Bad("controller-listen-no-port", _cfg("controller:\n  listen: ctl\n  tls: {ca: a, cert: b, key: c}\n"), "controller.listen", 'expected "host:port"'),
+    Bad("controller-unknown-key", _cfg("controller:\n  port: 9470\n  tls: {ca: a, cert: b, key: c}\n"), "controller.port", "unknown key"),
+    Bad("controller-tls-server-name", _cfg("controller:\n  tls: {ca: a, cert: b, key: c, server_name: x}\n"), "controller.tls.server_name", "unknown key"),
+    Bad("controller-window-too-small", _cfg("controller:\n  window: 3\n  tls: {ca: a, cert: b, key: c}\n"), "controller.window", "must be between 16"),
+    Bad("controller-lease-negative", _cfg("controller:\n  lease_s: -1\n  tls: {ca: a, cert: b, key: c}\n"), "controller.lease_s", "between 0 and 3600"),
+    Bad("controller-not-mapping", _cfg("controller: '0.0.0.0:9470'\n"), "controller", "must be a mapping"),
 ]
 
 VALID_EXTRA = {
@@ -146,6 +162,8 @@ VALID_EXTRA = {
     "only-comments": "# nothing here\n",
     "discovery-netlink": _cfg("discovery: {provider: netlink, interface: eth0}\n"),
     "port-ranges": _cfg("filter:\n  open_ports: [443, '8000-8100', 80, 443]\n"),
+    "registry-grpc": _cfg("registry:\n  backend: grpc\n  controller: 'ctl.example:9470'\n  tls: {ca: /etc/overlay/certs/ca.crt, cert: /etc/overlay/certs/web-1.crt, key: /etc/overlay/certs/web-1.key, server_name: ctl.example}\n"),
+    "controller": "overlay_subnet: 192.168.0.0/18\nregistry:\n  hosts: ['127.0.0.1:2181']\ncontroller:\n  listen: '0.0.0.0:9470'\n  lease_s: 30\n  window: 10000\n  tls: {ca: ca.crt, cert: controller.crt, key: controller.key}\n",
 }
 
 
