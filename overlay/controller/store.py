@@ -604,6 +604,7 @@ class Store:
                     self._dirty = True
                 self._catch_up(self._hint(batch))
                 self._lead()
+                self._forget_compacted()
                 self._expire_leases()
                 backoff = 0.2
             except Exception as exc:
@@ -934,6 +935,15 @@ class Store:
                     self._apply(base + 1 + n, key, value)
                 self._cond.notify_all()
             self._notify()
+
+    def _forget_compacted(self) -> None:
+        """Followers: drop what the leader has compacted (at or below the floor) from the
+        dead-revision heap, which otherwise grows with every update."""
+        if self._leader:
+            return
+        with self._lock:
+            while self._dead and self._dead[0] <= self._floor:
+                heapq.heappop(self._dead)
 
     def _compact(self) -> None:
         limit = self._head - self.window
