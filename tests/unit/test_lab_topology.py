@@ -380,3 +380,11 @@ def test_vagrant_validate(tmp_path):
         assert proc.returncode == 0, f"vagrant validate ({label}):\n{proc.stdout}\n{proc.stderr}"
         assert "validated successfully" in proc.stdout
     assert not os.path.exists(os.path.join(cwd, ".vagrant"))
+
+
+def test_provision_script_is_valid_bash():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    proc = subprocess.run([bash, "-n", os.path.join(REPO, "vagrant", "provision.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
