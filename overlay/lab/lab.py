@@ -73,6 +73,7 @@ class Lab:
         self._zk = None          # the ZooKeeperServer this process started, if any
         self._topo: Topology | None = None
         self._steps = (0, 0)
+        self._step_title = ""
 
     # --- paths and state --------------------------------------------------------------
 
@@ -141,6 +142,7 @@ class Lab:
         i, n = self._steps
         i += 1
         self._steps = (i, n)
+        self._step_title = title
         self.emit(f"[{i:>2}/{n}] {title} ...", False)
         t0 = time.monotonic()
         notes: list[str] = []
@@ -219,19 +221,18 @@ class Lab:
                 state["up_at"] = time.time()
                 self._save_state(state)
         except BaseException as exc:
-            step = self._steps[0]
-            self.emit(f"lab up failed at step {step}: {exc}", True)
-            self.emit("removing everything this attempt made ...", True)
+            step = f"{self._steps[0]} ({self._step_title})"
+            self.emit(f"step {step} failed: removing everything this attempt made ...", True)
             try:
                 self.down()
             except Exception as down_exc:  # noqa: BLE001 - report both
                 self.emit(f"clean-up also failed: {down_exc}", True)
             if isinstance(exc, LabError):
-                raise LabError(f"lab up failed at step {step} ({exc}); everything it made was removed") from None
+                raise LabError(f"lab up failed at step {step}; everything it made was removed. {exc}") from None
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            raise LabError(f"lab up failed at step {step}: {type(exc).__name__}: {exc}; "
-                           "everything it made was removed") from exc
+            raise LabError(f"lab up failed at step {step}; everything it made was removed. "
+                           f"{type(exc).__name__}: {exc}") from exc
         self.emit(f"lab up in {time.monotonic() - t0:.1f} s. `overlay lab status` lists the hosts and logs; "
                   "`overlay lab check` tests connectivity.", True)
         return self.status()
@@ -245,7 +246,8 @@ class Lab:
         try:
             self._repair(topo, state, members, restarted, ready_timeout)
         except LabError as exc:
-            raise LabError(f"the lab that is up failed verification at step {self._steps[0]} ({exc}); "
+            raise LabError(f"the lab that is up failed verification at step {self._steps[0]} "
+                           f"({self._step_title}): {exc}; "
                            "`overlay lab down` then `overlay lab up` rebuilds it") from None
         finally:
             self._save_state(state)
@@ -408,8 +410,11 @@ class Lab:
 
     def _start_daemons(self, topo: Topology, state: dict, hosts) -> None:
         os.makedirs(self.pin_dir, exist_ok=True)
-        for h in hosts:
-            self.start_daemon(h.name, state=state, topo=topo)
+        try:
+            for h in hosts:
+                self.start_daemon(h.name, state=state, topo=topo)
+        finally:
+            self._save_state(state)
 
     def start_daemon(self, host: str, *, state: dict | None = None, topo: Topology | None = None) -> int:
         """Start (or restart) the daemon of lab host ``host``; returns its pid."""

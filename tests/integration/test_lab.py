@@ -275,7 +275,7 @@ def test_partial_failure_removes_what_was_made(small_lab, monkeypatch):
         raise LabError("injected failure")
 
     monkeypatch.setattr(Lab, "_start_echo", broken)
-    with pytest.raises(LabError, match=r"failed at step 6 .*injected failure.*everything it made was removed"):
+    with pytest.raises(LabError, match=r"failed at step 6 \(test-port servers.*\); everything it made was removed. injected failure"):
         small_lab.up(daemons=False)
     _assert_clean(small_lab)
 
