@@ -58,7 +58,7 @@ def raise_for(exc: grpc.RpcError, what: str = "") -> OverlayError:
         field, sep, reason = details.partition(": ")
         return InvalidArgument(field, reason) if sep else InvalidArgument("", details)
     cls = _ERRORS.get(code, RegistryError)
-    prefix = f"{what}: " if what else ""
+    prefix = f"{what}: " if what and not details.startswith(what) else ""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return cls(f"{prefix}the controller did not answer in time")
     return cls(f"{prefix}{details}")

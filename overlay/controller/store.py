@@ -375,7 +375,7 @@ class Store:
         except AllocationExhausted:
             raise
         except RegistryError as exc:
-            if not self._zk_connected():
+            if not self._zk_connected() or "is unreachable" in str(exc):
                 raise Unavailable(str(exc)) from None
             if "already allocated" in str(exc):
                 raise AlreadyExists(str(exc)) from None

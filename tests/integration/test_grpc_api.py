@@ -327,10 +327,15 @@ def test_authorisation_matrix(clients, ctl, certs):
     # the operator may do everything
     assert op.deregister("web-2") >= 0 and op.delete_group("web") >= 0 and op.delete_policy("p") >= 0
 
-    # the controller's own certificate is no client identity
+    # the controller's own certificate is no client identity, for reads and Watch too
     with gs.client(ctl.address, ours, "controller") as c:
-        with pytest.raises(PermissionDenied):
-            c.list_nodes()
+        for call in (c.list_nodes, c.list_groups, c.list_policies, lambda: c.get_node("web-2"),
+                     lambda: c.allocate("web-9")):
+            with pytest.raises(PermissionDenied):
+                call()
+        with pytest.raises(grpc.RpcError) as info:
+            next(c.watch(0, timeout=5))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # refused at the handshake: no client certificate; certificates of another CA
     with open(os.path.join(ours, "ca.crt"), "rb") as fh:
@@ -429,3 +434,37 @@ def test_client_in_another_process_from_the_proto_alone(ctl, certs):
     assert out["bad_register"] == ["INVALID_ARGUMENT", "node.network"]
     assert out["watch"] == [True, True, ["p", "web-3"]]
     assert out["overlay_imported"] is False
+
+
+def test_zookeeper_unreachable_is_unavailable_and_reads_keep_serving(clients, ctl, zk_server):
+    op = clients()
+    ip = op.allocate("web-1")
+    op.register(gs.node("web-1", ip))
+    zk_server.pause()
+    try:
+        slow = gs.client(ctl.address, gs_certs(ctl), timeout=2)
+        with pytest.raises(Unavailable):
+            slow.put_group("web", "while ZooKeeper is away")
+        with pytest.raises(Unavailable):
+            slow.allocate("web-2")
+        # reads come from the replica's journal: the last state, still served
+        assert slow.get_node("web-1").overlay == ip
+        call = slow.watch(0, timeout=5)
+        first = next(call)
+        call.cancel()
+        assert first.last and [c.id for c in first.changes] == ["web-1"]
+        slow.close()
+    finally:
+        zk_server.resume()
+    gs.wait_for(lambda: _writes_again(op), timeout=30, what="writes after ZooKeeper is back")
+
+
+def gs_certs(ctl) -> str:
+    return os.path.dirname(ctl.ctl.tls.ca)
+
+
+def _writes_again(op) -> bool:
+    try:
+        return op.put_group("web", "back") > 0
+    except (Unavailable, FailedPrecondition):
+        return False
