@@ -1,6 +1,8 @@
 """The goals of issue 8, evaluated on the rows of a run (reported, never asserted).
 
-Each goal compares medians measured in the same run. A goal whose rows are
+Each goal compares figures measured in the same run: for the traffic suites the
+median of the paired ratios (each repetition's value over the baseline measured
+beside it, seconds apart), else the ratio of the medians. A goal whose rows are
 missing (a quick run has no 50,000-peer point, say) is evaluated at the
 largest peer count the run has, and says so; with no data at all it is
 reported as not measured.
@@ -52,10 +54,19 @@ def _ratio(num, den):
     return round(num / den, 4)
 
 
+def _paired(rows, suite, backend, metric, n):
+    """The median of the paired ratios (``<metric>`` rows written by the run), if any."""
+    return _value(rows, suite, backend, metric, n)
+
+
 def _conn_vs_bare(rows):
     n = _at(rows, "conn_setup", "ebpf-tc", "conn_per_s", 50000)
     e = _value(rows, "conn_setup", "ebpf-tc", "conn_per_s", n)
     b = _value(rows, "conn_setup", "bare", "conn_per_s")
+    paired = _paired(rows, "conn_setup", "ebpf-tc", "conn_per_s_vs_bare", n)
+    if paired is not None:
+        return round(paired, 4), n, (f"median of paired ratios; medians: ebpf-tc {e} conn/s at "
+                                     f"{n} peers, bare {b} conn/s")
     return _ratio(e, b), n, f"ebpf-tc {e} conn/s at {n} peers / bare {b} conn/s"
 
 
@@ -63,6 +74,10 @@ def _conn_vs_iptables(rows):
     n = _at(rows, "conn_setup", "ebpf-tc", "conn_per_s", 10000)
     e = _value(rows, "conn_setup", "ebpf-tc", "conn_per_s", n)
     i = _value(rows, "conn_setup", "iptables", "conn_per_s", n)
+    paired = _paired(rows, "conn_setup", "ebpf-tc", "conn_per_s_vs_iptables", n)
+    if paired is not None:
+        return round(paired, 4), n, (f"median of paired ratios; medians: ebpf-tc {e}, "
+                                     f"iptables {i} conn/s at {n} peers")
     return _ratio(e, i), n, f"ebpf-tc {e} / iptables {i} conn/s at {n} peers"
 
 
@@ -85,6 +100,10 @@ def _rr(metric):
         n = _at(rows, "rr", "ebpf-tc", metric, 50000)
         e = _value(rows, "rr", "ebpf-tc", metric, n)
         b = _value(rows, "rr", "bare", metric)
+        paired = _paired(rows, "rr", "ebpf-tc", f"{metric}_vs_bare", n)
+        if paired is not None:
+            return round(paired, 4), n, (f"median of paired ratios; medians: ebpf-tc {e} us at "
+                                         f"{n} peers, bare {b} us")
         return _ratio(e, b), n, f"ebpf-tc {e} us at {n} peers / bare {b} us"
     return compute
 

@@ -97,13 +97,19 @@ def suite_table(rows, suite, metric, title, digits, ratios) -> list[str]:
             vals[b] = r["value"] if r else None
             cells.append(_cell(r, digits))
         for a, b in ratios:
+            paired = _get(rows, suite, a, f"{metric}_vs_{b}", n)
             x, y = vals.get(a), vals.get(b)
-            cells.append(f"{x / y:.3g}×" if x is not None and y else "–")
+            if paired is not None:
+                cells.append(f"{paired['value']:.3g}× ({paired['min']:.3g}–{paired['max']:.3g})")
+            else:
+                cells.append(f"{x / y:.3g}×" if x is not None and y else "–")
         out.append("| " + " | ".join(cells) + " |")
     if bare is not None:
         out.append("")
         out.append(f"`bare` has no peers: one figure for the run ({bare['reps']} repetitions "
-                   "spread over it), repeated on each line.")
+                   "spread over it), repeated on each line. Ratio columns with a range are "
+                   "paired: the median (min–max) over the repetitions of the value divided by "
+                   "the baseline measured beside it.")
     out.append("")
     return out
 

@@ -49,8 +49,8 @@ DP_BACKEND = {"iptables": "iptables", "ebpf-tc": "ebpf"}
 
 PROFILES: dict[str, dict] = {
     "full": {
-        "peers": [1, 1000, 10000, 50000], "reps": 5,
-        "conn_s": 2.0, "rr_s": 1.5, "stream_s": 2.0, "stream_reps": 3, "rr_size": 64,
+        "peers": [1, 1000, 10000, 50000], "reps": 7, "nice": -10,
+        "conn_s": 1.0, "rr_s": 1.0, "stream_s": 1.5, "stream_reps": 5, "rr_size": 64,
         "update_reps": {"ebpf-tc": 20, "iptables": 10}, "update_reps_50k_iptables": 5,
         "map_write_reps": 50, "full_sync_reps": 3, "plan_diff_reps": 3,
         "memory_peers": [1000, 10000, 50000], "memory_reps": 3,
@@ -58,8 +58,8 @@ PROFILES: dict[str, dict] = {
         "fanout_changes": 20, "fanout_rate": 2.0, "fanout_settle_s": 4.0,
     },
     "quick": {
-        "peers": [1, 10000], "reps": 3,
-        "conn_s": 1.0, "rr_s": 1.0, "stream_s": 1.0, "stream_reps": 2, "rr_size": 64,
+        "peers": [1, 10000], "reps": 3, "nice": -10,
+        "conn_s": 1.0, "rr_s": 1.0, "stream_s": 1.0, "stream_reps": 3, "rr_size": 64,
         "update_reps": {"ebpf-tc": 10, "iptables": 5}, "update_reps_50k_iptables": 3,
         "map_write_reps": 20, "full_sync_reps": 2, "plan_diff_reps": 2,
         "memory_peers": [10000], "memory_reps": 2,
@@ -67,7 +67,7 @@ PROFILES: dict[str, dict] = {
         "fanout_changes": 10, "fanout_rate": 4.0, "fanout_settle_s": 3.0,
     },
     "smoke": {
-        "peers": [100], "reps": 1,
+        "peers": [100], "reps": 1, "nice": None,
         "conn_s": 0.3, "rr_s": 0.3, "stream_s": 0.3, "stream_reps": 1, "rr_size": 64,
         "update_reps": {"ebpf-tc": 2, "iptables": 2}, "update_reps_50k_iptables": 1,
         "map_write_reps": 2, "full_sync_reps": 1, "plan_diff_reps": 1,
@@ -124,10 +124,14 @@ class Bench:
                  "gbps": "Gbit/s"}
         for (suite, backend, peers, metric), vals in sorted(self.samples.items(),
                                                              key=lambda kv: str(kv[0])):
-            note = None
+            note, unit = None, units.get(metric, "x")
             if backend == "bare":
                 note = "no program, no rule: the server's real address (pooled over the run)"
-            self.results.add(make_row(suite, backend, peers, metric, units[metric], vals, note))
+            elif metric.endswith("_vs_bare"):
+                note = "paired: each repetition's value / the bare value measured beside it"
+            elif metric.endswith("_vs_iptables"):
+                note = "paired: each repetition's ebpf-tc value / the iptables value beside it"
+            self.results.add(make_row(suite, backend, peers, metric, unit, vals, note))
 
     def guarded(self, suite: str, fn, *args) -> None:
         try:
@@ -152,7 +156,8 @@ class Bench:
             dev = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce"}[backend]
             self.topo.veth(ns, "eth0", f"{client}/24", srv, dev, f"{server}/24")
             self.ns[backend] = ns
-        self.server = LoadServer(srv, PORT, seconds=3600, cpu=self.server_cpu)
+        self.server = LoadServer(srv, PORT, seconds=3600, cpu=self.server_cpu,
+                                 nice=self.p.get("nice"))
 
     def start_hosts(self, sizes: dict | None = None) -> None:
         for backend in self.backends:
@@ -191,28 +196,44 @@ class Bench:
         return fleetlib.target_overlay(n)
 
     def traffic(self, suite: str, n: int) -> None:
+        """Repetitions of one suite; each repetition runs every backend back to back
+        (the order rotates), so each has a bare measurement seconds away: the
+        paired ratios (``<metric>_vs_bare``) cancel slow changes of the load."""
         order = ["bare", *self.backends]
         reps = self.p["stream_reps"] if suite == "stream" else self.p["reps"]
+        nice = self.p.get("nice")
         for rep in range(reps):
             k = rep % len(order)
+            got: dict[str, dict[str, float]] = {}
             for backend in order[k:] + order[:k]:
                 ns, host = self.ns[backend], self.target(backend, n)
-                peers = 0 if backend == "bare" else n
                 if suite == "conn_setup":
                     out = loadgen(ns, "connect", host=host, port=PORT, seconds=self.p["conn_s"],
-                                  cpu=self.client_cpu)
+                                  cpu=self.client_cpu, nice=nice)
                     if out["errors"]:
                         say(f"    {backend}: {out['errors']} failed connects ({out['first_error']})")
-                    self.sample(suite, backend, peers, "conn_per_s", out["conn_per_s"])
+                    got[backend] = {"conn_per_s": out["conn_per_s"]}
                 elif suite == "rr":
                     out = loadgen(ns, "rr", host=host, port=PORT + 1, seconds=self.p["rr_s"],
-                                  cpu=self.client_cpu, size=self.p["rr_size"], warmup=500)
-                    self.sample(suite, backend, peers, "latency_us_p50", out["p50_us"])
-                    self.sample(suite, backend, peers, "latency_us_p99", out["p99_us"])
+                                  cpu=self.client_cpu, nice=nice, size=self.p["rr_size"],
+                                  warmup=500)
+                    got[backend] = {"latency_us_p50": out["p50_us"],
+                                    "latency_us_p99": out["p99_us"]}
                 else:
                     out = loadgen(ns, "stream", host=host, port=PORT + 2,
-                                  seconds=self.p["stream_s"], cpu=self.client_cpu)
-                    self.sample(suite, backend, peers, "gbps", out["gbps"])
+                                  seconds=self.p["stream_s"], cpu=self.client_cpu, nice=nice)
+                    got[backend] = {"gbps": out["gbps"]}
+            for backend, metrics in got.items():
+                peers = 0 if backend == "bare" else n
+                for metric, value in metrics.items():
+                    self.sample(suite, backend, peers, metric, value)
+                    base = got.get("bare", {}).get(metric)
+                    if backend != "bare" and base:
+                        self.sample(suite, backend, n, f"{metric}_vs_bare", value / base)
+            e, i = got.get("ebpf-tc", {}), got.get("iptables", {})
+            if suite == "conn_setup" and e and i and i["conn_per_s"]:
+                self.sample(suite, "ebpf-tc", n, "conn_per_s_vs_iptables",
+                            e["conn_per_s"] / i["conn_per_s"])
         summary = []
         for backend in order:
             peers = 0 if backend == "bare" else n
@@ -382,17 +403,22 @@ def main_run(args) -> int:
         f"{', '.join(bench.backends)}; logs in {os.path.relpath(log_dir)}")
     say(f"    load average {open('/proc/loadavg').read().split()[:3]} on {os.cpu_count()} CPUs; "
         f"{BIN}")
-    old = signal.signal(signal.SIGTERM, _on_term)
+    old_term = signal.signal(signal.SIGTERM, _on_term)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even in background
     t0 = time.monotonic()
     finished = False
     try:
         bench.run()
         finished = True
     finally:
+        # clean up without being interrupted again: namespaces, pins, processes
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             bench.close()
         finally:
-            signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGTERM, old_term)
+            signal.signal(signal.SIGINT, old_int)
             # an interrupted run keeps its rows in its log directory, not in latest.json
             out = args.out if finished else os.path.join(log_dir, "partial.json")
             data = bench.results.write(out)
@@ -447,6 +473,10 @@ def main(argv=None) -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, _Terminated) as exc:
+        print(f"bench: interrupted ({str(exc) or 'Ctrl-C'}); namespaces, pins and processes "
+              "removed", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
