@@ -15,6 +15,7 @@ Requests:
   {"cmd": "update_one", "reps": R}                 R timed one-peer changes among the N
   {"cmd": "update_one_maps", "reps": R}            the same, written straight into the maps (ebpf)
   {"cmd": "plan_diff", "reps": R}                  R x plan + diff of one change (the agent's O(N) part)
+  {"cmd": "prog_stats_begin"} / {"cmd": "prog_stats_end"}   tc programs' run time in between (ebpf)
   {"cmd": "memory"}                                RSS, kernel memory of our cgroup, map memlock
   {"cmd": "teardown"} / {"cmd": "quit"}
 """
@@ -125,6 +126,61 @@ def pinned_map_memlock(pin_dir: str) -> dict[str, dict]:
     return out
 
 
+def _fdinfo_fields(fd: int, names: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in names:
+                out[key] = int(value.split()[0])
+    return out
+
+
+class ProgStats:
+    """Run time of our tc programs (``run_time_ns`` / ``run_cnt`` in the program fds'
+    fdinfo), counted only while a BPF_ENABLE_STATS fd is open: the kernel stops
+    counting when it is closed, or when this process dies."""
+
+    PROGS = ("prog_overlay_egress", "prog_egress", "prog_ingress")
+
+    def __init__(self, pin_dir: str):
+        import ctypes
+
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        lib.bpf_enable_stats.argtypes = [ctypes.c_int]
+        lib.bpf_enable_stats.restype = ctypes.c_int
+        fd = lib.bpf_enable_stats(0)  # BPF_STATS_RUN_TIME
+        if fd < 0:
+            raise OSError(-fd, "bpf_enable_stats")
+        self.stats_fd = fd
+        self.pin_dir = pin_dir
+        self.start = self._read()
+
+    def _read(self) -> dict[str, dict[str, int]]:
+        from overlay.datapath.ebpf import bpfsys
+
+        out = {}
+        for name in self.PROGS:
+            fd = bpfsys.obj_get(os.path.join(self.pin_dir, name))
+            try:
+                out[name] = _fdinfo_fields(fd, ("run_time_ns", "run_cnt"))
+            finally:
+                bpfsys.close(fd)
+        return out
+
+    def finish(self) -> dict[str, dict[str, float]]:
+        try:
+            end = self._read()
+        finally:
+            os.close(self.stats_fd)
+        out = {}
+        for name in self.PROGS:
+            runs = end[name].get("run_cnt", 0) - self.start[name].get("run_cnt", 0)
+            ns = end[name].get("run_time_ns", 0) - self.start[name].get("run_time_ns", 0)
+            out[name] = {"runs": runs, "ns_per_run": ns / runs if runs else 0.0}
+        return out
+
+
 def ipset_size_in_memory(name: str = "OVERLAY-PEERS") -> int | None:
     proc = subprocess.run(["ipset", "list", "-t", name], capture_output=True, text=True,
                           timeout=30)
@@ -148,6 +204,7 @@ class Host:
         self.observed: dict | None = None
         self.moved_away = False
         self.args: dict = {}
+        self.stats: ProgStats | None = None
 
     # plumbing
 
@@ -309,6 +366,16 @@ class Host:
             out["ipset_bytes"] = ipset_size_in_memory()
         return out
 
+    def prog_stats_begin(self, a: dict | None = None) -> dict:
+        if self.backend != "ebpf":
+            raise ValueError("prog_stats is for the ebpf backend")
+        self.stats = ProgStats(self.dp.pin_dir)
+        return {}
+
+    def prog_stats_end(self, a: dict | None = None) -> dict:
+        stats, self.stats = self.stats, None
+        return {"progs": stats.finish()}
+
     def teardown(self, a: dict | None = None) -> dict:
         if self.dp is not None:
             self.dp.teardown()
@@ -324,7 +391,8 @@ def main() -> int:
         "start": host.start, "program": host.program, "clear": host.clear,
         "full_sync": host.full_sync, "update_one": host.update_one,
         "plan_diff": host.plan_diff,
-        "update_one_maps": host.update_one_maps, "memory": host.memory, "teardown": host.teardown,
+        "update_one_maps": host.update_one_maps, "prog_stats_begin": host.prog_stats_begin,
+        "prog_stats_end": host.prog_stats_end, "memory": host.memory, "teardown": host.teardown,
     }
     print(json.dumps({"ok": True, "ready": os.getpid()}), flush=True)
     for line in sys.stdin:

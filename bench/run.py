@@ -52,7 +52,7 @@ PROFILES: dict[str, dict] = {
         "peers": [1, 1000, 10000, 50000], "reps": 7, "nice": -10,
         "conn_s": 1.0, "rr_s": 1.0, "stream_s": 1.5, "stream_reps": 5, "rr_size": 64,
         "update_reps": {"ebpf-tc": 20, "iptables": 10}, "update_reps_50k_iptables": 5,
-        "map_write_reps": 50, "full_sync_reps": 3, "plan_diff_reps": 3,
+        "map_write_reps": 50, "full_sync_reps": 3, "plan_diff_reps": 3, "prog_stats_s": 1.0,
         "memory_peers": [1000, 10000, 50000], "memory_reps": 3,
         "fanout_agents": [10, 25, 50], "fanout_peers": 1000, "fanout_rounds": 3,
         "fanout_changes": 20, "fanout_rate": 2.0, "fanout_settle_s": 4.0,
@@ -61,7 +61,7 @@ PROFILES: dict[str, dict] = {
         "peers": [1, 10000], "reps": 3, "nice": -10,
         "conn_s": 1.0, "rr_s": 1.0, "stream_s": 1.0, "stream_reps": 3, "rr_size": 64,
         "update_reps": {"ebpf-tc": 10, "iptables": 5}, "update_reps_50k_iptables": 3,
-        "map_write_reps": 20, "full_sync_reps": 2, "plan_diff_reps": 2,
+        "map_write_reps": 20, "full_sync_reps": 2, "plan_diff_reps": 2, "prog_stats_s": 1.0,
         "memory_peers": [10000], "memory_reps": 2,
         "fanout_agents": [10], "fanout_peers": 500, "fanout_rounds": 2,
         "fanout_changes": 10, "fanout_rate": 4.0, "fanout_settle_s": 3.0,
@@ -234,6 +234,8 @@ class Bench:
             if suite == "conn_setup" and e and i and i["conn_per_s"]:
                 self.sample(suite, "ebpf-tc", n, "conn_per_s_vs_iptables",
                             e["conn_per_s"] / i["conn_per_s"])
+        if suite == "conn_setup" and "ebpf-tc" in self.hosts and self.p.get("prog_stats_s"):
+            self.prog_stats(n)
         summary = []
         for backend in order:
             peers = 0 if backend == "bare" else n
@@ -242,6 +244,30 @@ class Bench:
             if vals:
                 summary.append(f"{backend} {sorted(vals)[len(vals) // 2]:.1f}")
         say(f"  {suite:10s} N={n:<6d} " + ", ".join(summary))
+
+    def prog_stats(self, n: int) -> None:
+        """Where an eBPF connection's extra time goes: the kernel's run time of each tc
+        program (BPF_ENABLE_STATS, on only for this extra, untimed connect loop)."""
+        host = self.hosts["ebpf-tc"]
+        host.call("prog_stats_begin")
+        try:
+            out = loadgen(self.ns["ebpf-tc"], "connect", host=self.target("ebpf-tc", n), port=PORT,
+                          seconds=self.p["prog_stats_s"], cpu=self.client_cpu,
+                          nice=self.p.get("nice"))
+        finally:
+            progs = host.call("prog_stats_end")["progs"]
+        conns = max(out["count"], 1)
+        total = 0.0
+        for name, st in progs.items():
+            per_conn = st["ns_per_run"] * st["runs"] / conns
+            total += per_conn
+            self.results.add(make_row(
+                "conn_setup", "ebpf-tc", n, f"{name.removeprefix('prog_')}_ns_per_conn", "ns",
+                [per_conn], f"{st['runs'] / conns:.2f} runs per connection, "
+                f"{st['ns_per_run']:.0f} ns per run (BPF_ENABLE_STATS)", digits=1))
+        self.results.add(make_row("conn_setup", "ebpf-tc", n, "programs_ns_per_conn", "ns",
+                                  [total], f"sum over the three tc programs, "
+                                  f"{out['conn_per_s']:.0f} conn/s with stats on", digits=1))
 
     def control(self, n: int) -> None:
         """Program N peers (full_sync reps), then one-peer updates."""
