@@ -38,6 +38,7 @@ class GuardState:
     held: dict[str, list[str]] = field(default_factory=lambda: {"removed": [], "changed": []})
     release_requested: bool = False
     trips: int = 0
+    settling: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -46,6 +47,7 @@ class GuardState:
             "size": self.size,
             "held": {k: list(v) for k, v in self.held.items()},
             "trips": self.trips,
+            "settling": self.settling,
         }
 
 
@@ -89,6 +91,8 @@ class Agent:
         self.last_resync = float("-inf")
         self.heartbeat = clock()
         self._was_connected = True
+        self._churn_since: float | None = None
+        self.next_deadline: float | None = None
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -116,8 +120,13 @@ class Agent:
         self.wake.set()
         while not stop.is_set():
             self.heartbeat = self.clock()
-            if not self.wake.wait(timeout=idle_s):
-                if self.clock() - self.last_resync >= self.resync_s:
+            timeout = idle_s
+            if self.next_deadline is not None:
+                timeout = max(0.01, min(idle_s, self.next_deadline - self.clock()))
+            if not self.wake.wait(timeout=timeout):
+                now = self.clock()
+                due = self.next_deadline is not None and now >= self.next_deadline
+                if due or now - self.last_resync >= self.resync_s:
                     self.wake.set()
                 continue
             self.step(stop)
@@ -186,14 +195,34 @@ class Agent:
             return ops
 
     def _guarded(self, desired: DesiredState) -> tuple[dict, dict[str, AppliedPeer]]:
-        """Apply the churn guard: hold removals and real-address changes above the threshold."""
+        """Apply the churn guard: hold removals and real-address changes above the threshold.
+
+        Additions go through at once. Removals and changes first wait ``guard.settle_s``
+        (a registry hiccup arrives as a stream of events, not one), then the whole batch
+        is weighed against the threshold.
+        """
         want = {p.overlay: p for p in desired.peers}
         old = self.applied_peers
         removed = sorted(o for o in old if o not in want)
         changed = sorted(o for o in old if o in want and want[o].real != old[o].real)
         size = len(removed) + len(changed)
         g = self.guard
+        now = self.clock()
+        self.next_deadline = None
+        if size == 0:
+            self._churn_since = None
+            g.settling = 0
+        elif not g.tripped and not g.release_requested and self.config.guard.settle_s > 0:
+            if self._churn_since is None:
+                self._churn_since = now
+            settle_end = self._churn_since + self.config.guard.settle_s
+            if now < settle_end:
+                g.settling = size
+                self.next_deadline = settle_end
+                return self._hold(desired, want, removed, changed)
+        g.settling = 0
         if size <= g.threshold or g.release_requested:
+            self._churn_since = None
             if g.tripped:
                 how = "released by the operator" if g.release_requested else f"threshold now {g.threshold}"
                 log.warning("[%s] churn guard: applying %d held changes (%s)", self.self_node.node_id, g.size, how)
@@ -209,6 +238,12 @@ class Agent:
             )
         g.tripped, g.size = True, size
         g.held = {"removed": [old[o].node_id for o in removed], "changed": [old[o].node_id for o in changed]}
+        return self._hold(desired, want, removed, changed)
+
+    def _hold(self, desired: DesiredState, want: dict[str, AppliedPeer], removed: list[str],
+              changed: list[str]) -> tuple[dict, dict[str, AppliedPeer]]:
+        """The desired tables with ``removed`` and ``changed`` peers kept as applied."""
+        old = self.applied_peers
         tables = copy.deepcopy(desired.tables)
         peers = dict(want)
         observed = self.observed or {}

@@ -111,6 +111,7 @@ class FilterConfig:
 @dataclass(frozen=True)
 class GuardConfig:
     max_change: int = 20
+    settle_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -420,7 +421,10 @@ def _nat_overrides(path: str, value: Any, subnet: ipaddress.IPv4Network) -> tupl
 
 
 def _guard(sec: _Section) -> GuardConfig:
-    g = GuardConfig(sec.get("max_change", _int_range(0, 1_000_000), 20))
+    g = GuardConfig(
+        sec.get("max_change", _int_range(0, 1_000_000), 20),
+        sec.get("settle_s", _seconds, 2.0),
+    )
     sec.done()
     return g
 

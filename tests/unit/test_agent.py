@@ -64,14 +64,14 @@ class FakeClock:
         self.now += s
 
 
-def make_agent(threshold=20, throttle=(0.0, 0.0), n=0, **extra):
+def make_agent(threshold=20, throttle=(0.0, 0.0), n=0, settle=0.0, **extra):
     cfg = config_from_dict(
         {
             "node_id": "self",
             "network": "ec2",
             "addresses": {"private": SELF.private, "public": SELF.public},
             "registry": {"backend": "static"},
-            "guard": {"max_change": threshold},
+            "guard": {"max_change": threshold, "settle_s": settle},
             "throttle": {"min_s": throttle[0], "max_s": throttle[1]},
             **extra,
         }
@@ -241,3 +241,36 @@ def test_rejected_records_are_counted_in_status():
     reg.view = lambda: RegistryView(nodes=dict(reg.nodes), rejected={"bad": "not JSON", "evil": "stolen overlay"})
     agent.reconcile()
     assert agent.status()["rejected"] == 2
+
+
+def test_removals_arriving_one_by_one_are_weighed_together_after_settling():
+    """A registry hiccup arrives as a stream of events; the guard must see the whole batch."""
+    agent, reg, dp, clock = make_agent(threshold=20, n=40, settle=2.0)
+    agent.reconcile()
+    for i in range(25):  # 25 deletions, each followed by a reconcile, within the settle time
+        del reg.nodes[f"n{i}"]
+        reg.put(peer(100 + i))  # additions keep flowing meanwhile
+        agent.reconcile()
+        clock.now += 0.05
+        assert peer(i).overlay in dp.state["nat"], "a removal was applied before settling"
+        assert peer(100 + i).overlay in dp.state["nat"], "an addition was delayed"
+        assert not agent.guard.tripped
+    assert agent.status()["guard"]["settling"] == 25
+    assert agent.next_deadline == pytest.approx(2.0)
+    clock.now = 2.0
+    agent.reconcile()
+    assert agent.guard.tripped and agent.guard.size == 25
+    assert all(peer(i).overlay in dp.state["nat"] for i in range(25))
+
+
+def test_a_few_removals_are_applied_after_settling():
+    agent, reg, dp, clock = make_agent(threshold=20, n=10, settle=2.0)
+    agent.reconcile()
+    for i in range(3):
+        del reg.nodes[f"n{i}"]
+    agent.reconcile()
+    assert peer(0).overlay in dp.state["nat"]
+    clock.now += 2.0
+    agent.reconcile()
+    assert not agent.guard.tripped
+    assert not any(peer(i).overlay in dp.state["nat"] for i in range(3))

@@ -134,6 +134,7 @@ INVALID: list[Bad] = [
     # guard, throttle, status
     Bad("guard-max-change-negative", _cfg("guard:\n  max_change: -1\n"), "guard.max_change", "must be between 0 and"),
     Bad("guard-max-change-string", _cfg("guard:\n  max_change: '20'\n"), "guard.max_change", "must be an integer"),
+    Bad("guard-settle-negative", _cfg("guard:\n  settle_s: -1\n"), "guard.settle_s", "must be between 0 and 3600"),
     Bad("throttle-max-below-min", _cfg("throttle:\n  min_s: 5\n  max_s: 1\n"), "throttle.max_s", "must be at least min_s"),
     Bad("throttle-nan", _cfg("throttle:\n  max_s: .nan\n"), "throttle.max_s", "between 0 and 3600"),
     Bad("status-listen-no-port", _cfg("status_listen: localhost\n"), "status_listen", 'expected "host:port"'),
