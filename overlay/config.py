@@ -284,8 +284,22 @@ def _addresses(sec: _Section, subnet: ipaddress.IPv4Network) -> Addresses:
     return Addresses(private, public, overlay)
 
 
+def _provider_name(value: Any) -> str:
+    """A built-in address provider, or one installed through the overlay.providers entry points."""
+    if value in DISCOVERY_PROVIDERS:
+        return value
+    valid_name(value, "provider")
+    from importlib.metadata import entry_points
+
+    installed = sorted(ep.name for ep in entry_points(group="overlay.providers"))
+    if value not in installed:
+        known = ", ".join([*DISCOVERY_PROVIDERS, *installed])
+        raise ValueError(f"{value!r} is not a known address provider (known: {known})")
+    return value
+
+
 def _discovery(sec: _Section) -> Discovery:
-    provider = sec.get("provider", _choice(*DISCOVERY_PROVIDERS), required=True)
+    provider = sec.get("provider", _provider_name, required=True)
     interface = sec.get("interface", _str)
     public_interface = sec.get("public_interface", _str)
     endpoint = sec.get("endpoint", _str, "http://169.254.169.254")

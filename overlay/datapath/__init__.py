@@ -26,7 +26,7 @@ class Datapath(Protocol):
         """Apply ops in order, all or nothing where the backend allows it."""
 
     def counters(self) -> dict[str, int]:
-        """Per-reason counters, summed: {"no_peer": 3, "pass_member": 10, ...}."""
+        """Per-reason counters, summed: {"drop_no_peer": 3, "pass_member": 10, ...}."""
 
     def close(self) -> None:
         """Release handles and leave the datapath in place (traffic keeps flowing)."""

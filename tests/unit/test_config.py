@@ -90,7 +90,7 @@ INVALID: list[Bad] = [
     Bad("overlay-network-address", _addr(private="10.0.0.11", public="198.18.1.11", overlay="192.168.0.0"), "addresses.overlay", "network or broadcast address"),
     Bad("overlay-broadcast-address", _addr(private="10.0.0.11", public="198.18.1.11", overlay="192.168.63.255"), "addresses.overlay", "network or broadcast address"),
     Bad("addresses-and-discovery", _cfg(ADDR + "discovery: {provider: static}\n"), "discovery", "not both"),
-    Bad("discovery-unknown-provider", _cfg("discovery: {provider: gcp}\n"), "discovery.provider", "is not one of"),
+    Bad("discovery-unknown-provider", _cfg("discovery: {provider: gcp}\n"), "discovery.provider", "is not a known address provider"),
     Bad("discovery-netlink-no-interface", _cfg("discovery: {provider: netlink}\n"), "discovery.interface", "required for provider netlink"),
     # filter
     Bad("open-port-zero", _cfg("filter:\n  open_ports: [0]\n"), "filter.open_ports[0]", "outside 1..65535"),
