@@ -8,7 +8,6 @@ throttle); an invalid new config is logged and the old one kept.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -58,11 +57,13 @@ def preflight(config: Config) -> None:
                 f"datapath.interface: no interface named {config.datapath.interface!r} on this host"
             ) from None
     if config.datapath.backend == "ebpf":
-        if importlib.util.find_spec("bcc") is None:
+        try:
+            import bcc  # noqa: F401  (Debian's python3-bpfcc)
+        except ImportError:
             raise UnsupportedError(
                 "datapath.backend ebpf needs bcc: install Debian's python3-bpfcc and run from a "
                 "virtualenv made with --system-site-packages (make test / make lab do this)"
-            )
+            ) from None
         if not os.path.ismount("/sys/fs/bpf"):
             raise UnsupportedError("bpffs is not mounted at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)")
 

@@ -169,3 +169,19 @@ def test_daemon_refuses_a_missing_interface(tmp_path):
     assert out.returncode in (1, 2)
     assert "nosuchif0" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the bcc check comes after the root check")
+def test_ebpf_daemon_refuses_without_bcc(tmp_path):
+    cfg = tmp_path / "overlay.yaml"
+    write_config(cfg, free_port(), 1)
+    data = yaml.safe_load(cfg.read_text())
+    data["datapath"] = {"backend": "ebpf", "interface": "lo"}
+    cfg.write_text(yaml.safe_dump(data))
+    # a Python on which `import bcc` fails, as on a host without python3-bpfcc
+    code = "import sys; sys.modules['bcc'] = None; from overlay.cli import main; sys.exit(main())"
+    out = subprocess.run([sys.executable, "-c", code, "daemon", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert "needs bcc" in out.stderr and "python3-bpfcc" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
