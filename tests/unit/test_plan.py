@@ -302,6 +302,26 @@ def test_failsafe_flags_combine_on_one_cidr():
     assert plan(SELF, [], c).tables["failsafe"] == {"198.51.100.2/32": FS_SSH | FS_ALL}
 
 
+_TLS = {"ca": "/c/ca.crt", "cert": "/c/n.crt", "key": "/c/n.key"}
+
+
+@pytest.mark.parametrize(
+    ("registry", "expected"),
+    [
+        # backend grpc: the controller's address, not the (unused) ZooKeeper hosts
+        ({"backend": "grpc", "controller": "198.18.0.10:9470", "tls": _TLS}, {"198.18.0.10/32": FS_ALL}),
+        ({"backend": "grpc", "controller": "198.18.0.10:9470", "tls": _TLS, "hosts": ["198.51.100.2:2181"]},
+         {"198.18.0.10/32": FS_ALL}),
+        # a name: resolved addresses come in as extra_failsafe
+        ({"backend": "grpc", "controller": "ctl.example:9470", "tls": _TLS}, {}),
+        ({"backend": "zookeeper", "hosts": ["198.51.100.2:2181"]}, {"198.51.100.2/32": FS_ALL}),
+    ],
+    ids=["grpc-controller", "grpc-ignores-hosts", "grpc-controller-name", "zookeeper-hosts"],
+)
+def test_failsafe_registry_address_by_backend(registry, expected):
+    assert plan(SELF, [], cfg(registry=registry)).tables["failsafe"] == expected
+
+
 def test_failsafe_empty_when_nothing_configured():
     assert plan(SELF, [], cfg()).tables["failsafe"] == {}
 
