@@ -7,7 +7,8 @@
     overlay lab config HOST [--vagrant] a member's daemon config (also used by vagrant/)
     overlay lab script NODE [--vagrant] a lab machine's network set-up script (also used by vagrant/)
     overlay lab exec NODE [CMD ...]     run a command (default: a shell) inside a lab machine
-    overlay lab daemon stop|kill|start HOST, overlay lab zookeeper stop|start
+    overlay lab daemon stop|kill|start HOST, overlay lab zookeeper stop|start,
+    overlay lab controller stop|start
 """
 
 from __future__ import annotations
@@ -73,10 +74,13 @@ def cmd_check(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from overlay.lab.topology import load_topology, render_config
+    from overlay.lab.topology import load_topology, render_config, render_controller_config
 
     topo = load_topology(args.topology)
     kwargs = {"target": "vagrant" if args.vagrant else "netns"}
+    if args.host == topo.zk_name:
+        sys.stdout.write(render_controller_config(topo, **kwargs))
+        return EXIT_OK
     interface = args.interface
     if interface == "auto":
         interface = _interface_with(topo.host(args.host).private)
@@ -145,11 +149,27 @@ def cmd_zookeeper(args) -> int:
     return EXIT_OK
 
 
+def cmd_controller(args) -> int:
+    lab = _lab(args, quiet=True)
+    if args.action == "stop":
+        lab.controller_stop()
+        _emit("controller stopped (its daemons keep their datapath; `overlay lab controller start` brings it back)")
+    else:
+        lab.controller_start()
+        _emit(f"controller serving at {lab.topology().controller}")
+    return EXIT_OK
+
+
 def format_status(s: dict) -> str:
     lines = [f"lab: {s['state']}  (topology {s['topology']}; run dir {s['run_dir']})"]
     z = s["zookeeper_info"]
     zs = f"pid {z['pid']}, running" if z["running"] else "not running"
     lines.append(f"zookeeper {s['zookeeper']} in {z['netns']}: {zs}; log {z['log']}")
+    c = s.get("controller_info")
+    if c is not None:
+        cs = f"pid {c['pid']}, running" if c["running"] else "not running"
+        lines.append(f"controller {s['controller']} in {c['netns']} (for {', '.join(c['networks'])}): {cs}; "
+                     f"log {c['log']}")
     rows = [("HOST", "NETWORK", "NETNS", "PRIVATE", "PUBLIC", "OVERLAY", "GROUPS", "DAEMON", "LOG")]
     for h in s["hosts"]:
         d = h.get("daemon")
@@ -164,6 +184,7 @@ def format_status(s: dict) -> str:
                 dstate = f"pid {d['pid']} " + ("ready" if d["ready"] else "not ready")
                 if d["peers"] is not None:
                     dstate += f", {d['peers']} peers"
+                dstate += f" (via {'controller' if h.get('registry') == 'grpc' else 'zookeeper'})"
             logp = d["log"]
         rows.append((h["name"], h["network"], h["netns"], h["private"], h["public"], h["overlay"] or "-",
                      ",".join(h["groups"]) or "-", dstate, logp))
@@ -200,8 +221,9 @@ def register(sub, parser_class) -> None:
     sp.add_argument("--json", action="store_true", help="print every probe as JSON")
     sp.add_argument("-v", "--verbose", action="store_true", help="list every probe")
     sp.add_argument("--timeout", type=float, default=3.0, metavar="S", help="connect timeout per probe (default 3)")
-    sp = add("config", cmd_config, "print a member's daemon config (what the lab and vagrant/ install)")
-    sp.add_argument("host")
+    sp = add("config", cmd_config, "print a member's daemon config, or on the ZooKeeper machine the "
+                                   "controller's (what the lab and vagrant/ install)")
+    sp.add_argument("host", help="a member, or the ZooKeeper machine (zk) for the controller's config")
     sp.add_argument("--vagrant", action="store_true", help="for a Vagrant VM (default pin_root and state_dir)")
     sp.add_argument("--interface", help="the uplink interface; 'auto': the one holding the host's private address")
     sp = add("script", cmd_script, "print a lab machine's network set-up script (hosts, <network>-edge, zk)")
@@ -214,4 +236,6 @@ def register(sub, parser_class) -> None:
     sp.add_argument("action", choices=["stop", "kill", "start"])
     sp.add_argument("host")
     sp = add("zookeeper", cmd_zookeeper, "stop or start the lab's ZooKeeper (its data is kept)")
+    sp.add_argument("action", choices=["stop", "start"])
+    sp = add("controller", cmd_controller, "stop or start the lab's gRPC controller (networks with registry: grpc)")
     sp.add_argument("action", choices=["stop", "start"])

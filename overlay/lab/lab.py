@@ -2,8 +2,11 @@
 
 Everything lives in network namespaces named ``ovl-lab-*``; nothing is added
 to the root namespace. State (process ids, the topology in use, logs,
-configs, ZooKeeper's data) lives under ``/run/overlay-lab``; the members'
-pinned BPF objects under ``/sys/fs/bpf/overlay/lab/<host>``.
+configs, ZooKeeper's data, the controller's certificates) lives under
+``/run/overlay-lab``; the members' pinned BPF objects under
+``/sys/fs/bpf/overlay/lab/<host>``. When a network has ``registry: grpc``,
+an ``overlay controller`` runs beside ZooKeeper (same namespace, same address)
+and that network's daemons use it instead of ZooKeeper.
 
 ``up`` is idempotent: on a lab that is up it verifies (and restarts any dead
 process) and returns; a half-built lab (a crash, an interrupted ``up``) is
@@ -42,13 +45,16 @@ from overlay.lab.topology import (
     node_script,
     parse_topology,
     render_config,
+    render_controller_config,
 )
+from overlay.lab.topology import certs_dir as topology_certs_dir
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 READY_TIMEOUT = 120.0
 ZK_START_TIMEOUT = 60.0
+CONTROLLER_START_TIMEOUT = 60.0
 
 Emit = Callable[[str, bool], None]
 
@@ -92,6 +98,18 @@ class Lab:
     @property
     def zk_log(self) -> str:
         return os.path.join(self.zk_dir, "zookeeper.log")
+
+    @property
+    def certs_dir(self) -> str:
+        return topology_certs_dir("netns", self.run_dir)
+
+    @property
+    def controller_config_path(self) -> str:
+        return os.path.join(self.run_dir, "controller.yaml")
+
+    @property
+    def controller_log(self) -> str:
+        return os.path.join(self.run_dir, "logs", "controller.log")
 
     def host_dir(self, host: str) -> str:
         return os.path.join(self.run_dir, "hosts", host)
@@ -181,11 +199,13 @@ class Lab:
                 self.down()
         topo = self.topology()
         members = [h for h in topo.members] if daemons else []
-        total = 11 if daemons else 7
+        controller = daemons and topo.controller is not None
+        total = (11 if daemons else 7) + int(controller)
         self._steps = (0, total)
         nns = len(self.names.all(topo))
+        via = (f", the controller at {topo.controller} for {len(topo.grpc_members)} of them" if controller else "")
         self.emit(f"building the lab from {topo.source}: {len(topo.networks)} networks, {len(topo.hosts)} hosts "
-                  f"({len(members)} running the daemon), ZooKeeper at {topo.zookeeper}", True)
+                  f"({len(members)} running the daemon), ZooKeeper at {topo.zookeeper}{via}", True)
         state = {
             "version": STATE_VERSION, "phase": "building", "topology": topo.source, "daemons": daemons,
             "created": time.time(), "namespaces": [], "procs": {}, "overlays": {},
@@ -207,6 +227,11 @@ class Lab:
                 self._start_zookeeper(topo, state)
             with self._step(f"test-port servers on :{topo.test_port} ({len(topo.hosts)})"):
                 self._start_echo(topo, state, topo.hosts)
+            if controller:
+                with self._step(f"controller at {topo.controller} in {self.names.zookeeper(topo)} "
+                                f"(mutual TLS, {len(topo.grpc_members)} node certificates)"):
+                    self._make_certs(topo)
+                    self._start_controller(topo, state)
             if daemons:
                 with self._step(f"daemon configs ({len(members)})"):
                     self._write_configs(topo)
@@ -240,7 +265,7 @@ class Lab:
     def _verify(self, topo: Topology, state: dict, t0: float, ready_timeout: float) -> dict:
         daemons = bool(state.get("daemons", True))
         members = list(topo.members) if daemons else []
-        self._steps = (0, 4 if daemons else 3)
+        self._steps = (0, (4 + int(topo.controller is not None)) if daemons else 3)
         self.emit(f"the lab is already up (built from {topo.source}): verifying", True)
         restarted: list[str] = []
         try:
@@ -270,6 +295,13 @@ class Lab:
                 self._start_echo(topo, state, dead)
                 restarted += [f"echo:{h.name}" for h in dead]
                 notes.append("restarted " + ", ".join(h.name for h in dead))
+        if daemons and topo.controller is not None:
+            with self._step("controller") as notes:
+                if not self._proc_alive(state, "controller"):
+                    self._make_certs(topo)   # keeps the CA and certificates that are there
+                    self._start_controller(topo, state)
+                    restarted.append("controller")
+                    notes.append("restarted")
         if daemons:
             with self._step("daemons running, ready and converged") as notes:
                 dead = [h for h in members if not self._proc_alive(state, f"daemon:{h.name}")]
@@ -401,6 +433,45 @@ class Lab:
                 raise LabError("test-port servers not listening after 15 s: " + ", ".join(h.name for h in missing))
             time.sleep(0.1)
 
+    def _make_certs(self, topo: Topology) -> None:
+        """The CA, the controller's certificate (naming the ZooKeeper machine's address) and one
+        node certificate per member of a ``registry: grpc`` network; existing files are kept."""
+        from overlay.controller import certs
+
+        certs.init(self.certs_dir, (topo.zk_address,))
+        for h in topo.grpc_members:
+            crt, key = (os.path.join(self.certs_dir, f"{h.name}.{ext}") for ext in ("crt", "key"))
+            if not (os.path.exists(crt) and os.path.exists(key)):
+                certs.issue(self.certs_dir, h.name, force=True)
+
+    def _start_controller(self, topo: Topology, state: dict) -> None:
+        """Start ``overlay controller`` in the ZooKeeper machine's namespace; wait until it serves."""
+        os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
+        with open(self.controller_config_path, "w", encoding="utf-8") as fh:
+            fh.write(render_controller_config(topo, run_dir=self.run_dir))
+        ns = self.names.zookeeper(topo)
+        argv = nx.nsenter(ns, [*overlay_command(), "--log-level", "info", "controller",
+                               "-c", self.controller_config_path])
+        with open(self.controller_log, "a", encoding="utf-8") as fh:
+            fh.write(f"---- lab: starting the controller at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        pid, st = nx.start_process(argv, self.controller_log, cwd=self.run_dir, env=_child_env(),
+                                   die_with_parent=self.die_with_parent)
+        state["procs"]["controller"] = {"pid": pid, "start": st, "log": self.controller_log}
+        self._save_state(state)
+        # it listens only once it has loaded its journal from ZooKeeper: accepting is serving
+        deadline = time.monotonic() + CONTROLLER_START_TIMEOUT
+        while True:
+            if nx.in_netns(ns, _tcp_accepts, topo.zk_address, topo.controller_port, 1.0, timeout=5) is True:
+                return
+            if not self._proc_alive(state, "controller"):
+                raise LabError(f"the controller exited; last lines of {self.controller_log}:\n"
+                               f"{nx.tail(self.controller_log)}")
+            if time.monotonic() > deadline:
+                raise LabError(f"the controller is not serving on {topo.controller} after "
+                               f"{CONTROLLER_START_TIMEOUT:g} s; last lines of {self.controller_log}:\n"
+                               f"{nx.tail(self.controller_log)}")
+            time.sleep(0.2)
+
     def _write_configs(self, topo: Topology, hosts=None) -> None:
         for h in hosts if hosts is not None else topo.members:
             os.makedirs(os.path.join(self.host_dir(h.name), "state"), exist_ok=True)
@@ -464,6 +535,25 @@ class Lab:
         if self._proc_alive(state, "zookeeper"):
             return
         self._start_zookeeper(self.topology(), state)
+
+    def controller_stop(self) -> None:
+        """Stop the lab's controller (the daemons that use it keep their datapath: fail static)."""
+        _require_root("controller stop")
+        state = self._require_state()
+        p = state["procs"].get("controller")
+        if p:
+            nx.stop_process(p["pid"], p.get("start"), timeout=10)
+
+    def controller_start(self) -> None:
+        _require_root("controller start")
+        state = self._require_state()
+        topo = self.topology()
+        if topo.controller is None or not state.get("daemons", True):
+            raise LabError("this lab runs no controller (no network has registry: grpc, or --no-daemons)")
+        if self._proc_alive(state, "controller"):
+            return
+        self._make_certs(topo)
+        self._start_controller(topo, state)
 
     def _require_state(self) -> dict:
         state = self.load_state()
@@ -633,6 +723,7 @@ class Lab:
                                     "log": self.echo_log(h.name)}
             if h.member:
                 d = procs.get(f"daemon:{h.name}")
+                entry["registry"] = topo.registry_of(h)
                 entry["daemon"] = {
                     "pid": (d or {}).get("pid"),
                     "running": bool(d) and nx.alive(d.get("pid"), d.get("start")),
@@ -645,18 +736,30 @@ class Lab:
                 }
             hosts.append(entry)
         z = procs.get("zookeeper")
-        return {
+        daemons = bool((state or {}).get("daemons", True))
+        out = {
             "state": phase if state is not None else "down",
             "topology": (state or {}).get("topology") or topo.source,
             "run_dir": self.run_dir,
-            "daemons": bool((state or {}).get("daemons", True)),
+            "daemons": daemons,
             "hosts": hosts,
             "zookeeper": topo.zookeeper,
             "zookeeper_info": {
                 "netns": self.names.zookeeper(topo), "pid": (z or {}).get("pid"),
                 "running": bool(z) and nx.alive(z.get("pid"), z.get("start")), "log": self.zk_log,
             },
+            # the gRPC controller: host:port, or None when the lab runs none
+            "controller": topo.controller if daemons else None,
         }
+        if out["controller"] is not None:
+            c = procs.get("controller")
+            out["controller_info"] = {
+                "netns": self.names.zookeeper(topo), "pid": (c or {}).get("pid"),
+                "running": bool(c) and nx.alive(c.get("pid"), c.get("start")), "log": self.controller_log,
+                "config": self.controller_config_path, "certs": self.certs_dir,
+                "networks": [n.name for n in topo.networks if n.registry == "grpc"],
+            }
+        return out
 
     # --- check ------------------------------------------------------------------------
 
@@ -705,6 +808,17 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def _tcp_accepts(host: str, port: int, timeout: float) -> bool:
+    """True if ``host:port`` accepts a TCP connection from the calling thread's namespace."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _http_get(listen: str, path: str, timeout: float) -> tuple[int, bytes]:

@@ -33,6 +33,9 @@ RUN_DIR = "/run/overlay-lab"          # state, configs, logs, ZooKeeper data
 PIN_DIR = "/sys/fs/bpf/overlay/lab"   # one pin_root per member below it
 STATUS_LISTEN = "127.0.0.1:9464"      # each namespace has its own loopback
 TARGETS = ("netns", "vagrant")
+REGISTRIES = ("zookeeper", "grpc")    # a network's daemons use ZooKeeper directly, or the controller
+CONTROLLER_PORT = 9470                # the controller listens at the ZooKeeper machine's address
+VAGRANT_CERTS_DIR = "/etc/overlay/certs"
 
 HOST_RE = re.compile(r"^[a-z][a-z0-9-]{0,14}$")     # also an interface name on the switch
 NETWORK_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")     # "e-<network>" is an interface name
@@ -42,6 +45,7 @@ RESERVED_HOST_NAMES = ("edge", "sw", "inet", "lo")
 LAB_OWNED = (
     ("node_id",), ("network",), ("addresses",), ("discovery",), ("state_dir",),
     ("status_listen",), ("registry", "backend"), ("registry", "hosts"),
+    ("registry", "controller"), ("registry", "tls"),
     ("datapath", "interface"), ("datapath", "pin_root"),
 )
 
@@ -70,6 +74,7 @@ class Network:
     edge_private: str
     edge_public: str
     hosts: tuple[Host, ...]
+    registry: str = "zookeeper"   # how its daemons reach the registry: zookeeper | grpc (the controller)
 
     @property
     def edge_name(self) -> str:
@@ -90,6 +95,7 @@ class Topology:
     daemon: dict = field(default_factory=dict, compare=False)
     vagrant: dict = field(default_factory=dict, compare=False)
     text: str = field(default="", compare=False, repr=False)
+    controller_port: int = CONTROLLER_PORT
 
     @property
     def hosts(self) -> tuple[Host, ...]:
@@ -102,6 +108,25 @@ class Topology:
     @property
     def zookeeper(self) -> str:
         return f"{self.zk_address}:{self.zk_port}"
+
+    @property
+    def controller(self) -> str | None:
+        """``host:port`` of the gRPC controller (on the ZooKeeper machine), or None when
+        every network uses ZooKeeper directly (then the lab runs no controller)."""
+        if not any(n.registry == "grpc" for n in self.networks):
+            return None
+        return f"{self.zk_address}:{self.controller_port}"
+
+    @property
+    def grpc_members(self) -> tuple[Host, ...]:
+        """The members whose daemons use the controller (``registry: grpc`` networks)."""
+        return tuple(h for h in self.members if self.registry_of(h) == "grpc")
+
+    def registry_of(self, host: Host | str) -> str:
+        """``zookeeper`` or ``grpc``: how the daemon of ``host`` reaches the registry."""
+        if isinstance(host, str):
+            host = self.host(host)
+        return self.network(host.network).registry
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -272,6 +297,15 @@ def _matching(regex: re.Pattern, what: str):
     return conv
 
 
+def _choice(choices: tuple[str, ...], what: str):
+    def conv(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"{what} {v!r} is not one of: {', '.join(choices)}")
+        return v
+
+    return conv
+
+
 def _groups(v: Any) -> tuple[str, ...]:
     from overlay.model import valid_name
 
@@ -315,6 +349,11 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
     except ValueError as exc:
         zk.fail(str(exc), "address")
     zk.done()
+    ctl = top.child("controller", required=False)
+    controller_port = ctl.get("port", _port, CONTROLLER_PORT)
+    if controller_port == zk_port:
+        ctl.fail(f"{controller_port} is ZooKeeper's port (the controller runs on the ZooKeeper machine)", "port")
+    ctl.done()
     daemon = top.get("daemon", _mapping, {})
     vagrant = top.get("vagrant", _mapping, {})
     nets_raw = top.get("networks", lambda v: v, required=True)
@@ -332,6 +371,7 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
         subnet = n.get("subnet", _net, required=True)
         if subnet.prefixlen > 29:
             n.fail(f"{subnet} is too small for a lab network", "subnet")
+        registry = n.get("registry", _choice(REGISTRIES, "registry"), "zookeeper")
         public_subnet = n.get("public_subnet", _net, required=True)
         if not public_subnet.subnet_of(public_range):
             n.fail(f"{public_subnet} is not inside public_range {public_range}", "public_subnet")
@@ -401,7 +441,7 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
                 h.fail("an outsider (member: false) runs no daemon: it has no groups, overlay or daemon settings")
             hosts.append(Host(hname, name, private, public, member, groups, overlay, hdaemon))
         n.done()
-        networks.append(Network(name, subnet, public_subnet, edge_private, edge_public, tuple(hosts)))
+        networks.append(Network(name, subnet, public_subnet, edge_private, edge_public, tuple(hosts), registry))
     top.done()
     if zk_name in seen_hosts or zk_name in {f"{n.name}-edge" for n in networks}:
         raise TopologyError(f"{source}: zookeeper.name", f"{zk_name!r} is also a host or edge name")
@@ -412,7 +452,7 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
     topo = Topology(
         source=source, overlay_subnet=overlay_subnet, test_port=test_port, public_range=public_range,
         internet_subnet=internet_subnet, zk_name=zk_name, zk_address=zk_address, zk_port=zk_port,
-        networks=tuple(networks), daemon=daemon, vagrant=vagrant,
+        networks=tuple(networks), daemon=daemon, vagrant=vagrant, controller_port=controller_port,
     )
     for key_path in LAB_OWNED:
         if _dig(daemon, key_path) is not _MISSING:
@@ -423,6 +463,13 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
                 raise TopologyError(f"{source}: host {host.name}: daemon.{'.'.join(key_path)}",
                                     "is set by the lab, per host")
         validate_member_config(topo, host)
+    if topo.controller is not None:
+        from overlay.config import config_from_dict
+
+        try:
+            config_from_dict(controller_config(topo))
+        except InvalidConfigError as exc:
+            raise TopologyError(f"{source}: controller config {exc.path}", exc.reason) from None
     return topo
 
 
@@ -465,6 +512,11 @@ def member_config(
     shared by every namespace), state under ``<run_dir>/hosts/<host>/state``.
     ``target="vagrant"``: the VM's lab interface (``interface``), the product's
     default pin_root and state_dir.
+
+    A member of a ``registry: grpc`` network uses the controller
+    (:attr:`Topology.controller`) with its own node certificate from
+    :func:`certs_dir` (``<run_dir>/certs``; Vagrant: ``/etc/overlay/certs``);
+    the others use ZooKeeper directly.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}")
@@ -487,13 +539,58 @@ def member_config(
         "overlay_subnet": str(topo.overlay_subnet),
         "addresses": addresses,
         "groups": list(host.groups),
-        "registry": {"backend": "zookeeper", "hosts": [topo.zookeeper], "prefix": "/overlay"},
+        "registry": _member_registry(topo, host, certs_dir(target, run_dir)),
         "datapath": {"backend": "ebpf", **datapath},
         "filter": {"reject_all": True, "open_ports": [], "ssh_whitelist": []},
         "status_listen": STATUS_LISTEN,
         "state_dir": state_dir,
     }
     return deep_merge(deep_merge(base, topo.daemon), host.daemon)
+
+
+def certs_dir(target: str = "netns", run_dir: str = RUN_DIR) -> str:
+    """Where the lab's certificates are (CA, controller, one per ``registry: grpc`` member)."""
+    return f"{run_dir}/certs" if target == "netns" else VAGRANT_CERTS_DIR
+
+
+def _member_registry(topo: Topology, host: Host, certs: str) -> dict:
+    if topo.registry_of(host) == "grpc":
+        tls = {"ca": f"{certs}/ca.crt", "cert": f"{certs}/{host.name}.crt", "key": f"{certs}/{host.name}.key"}
+        return {"backend": "grpc", "controller": topo.controller, "prefix": "/overlay", "tls": tls}
+    return {"backend": "zookeeper", "hosts": [topo.zookeeper], "prefix": "/overlay"}
+
+
+def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = RUN_DIR) -> dict:
+    """The config of ``overlay controller`` on the ZooKeeper machine (docs/grpc.md), as a mapping.
+
+    It listens at the ZooKeeper machine's address and stores under the members' prefix
+    (``daemon.registry.prefix`` of the topology, default ``/overlay``).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}")
+    if topo.controller is None:
+        raise TopologyError(f"{topo.source}: networks", "no network has registry: grpc, so the lab runs no controller")
+    certs = certs_dir(target, run_dir)
+    prefix = _dig(topo.daemon, ("registry", "prefix"))
+    return {
+        "node_id": topo.zk_name,
+        "overlay_subnet": str(topo.overlay_subnet),
+        "registry": {"backend": "zookeeper", "hosts": [topo.zookeeper],
+                     "prefix": "/overlay" if prefix is _MISSING else prefix},
+        "controller": {
+            "listen": topo.controller,
+            "tls": {"ca": f"{certs}/ca.crt", "cert": f"{certs}/controller.crt", "key": f"{certs}/controller.key"},
+        },
+    }
+
+
+def render_controller_config(topo: Topology, **kwargs) -> str:
+    """``controller_config`` as the YAML file ``overlay controller -c`` reads."""
+    head = (
+        f"# Controller config of lab machine {topo.zk_name}, written by `overlay lab config {topo.zk_name}`\n"
+        f"# from {topo.source}. Keys: docs/grpc.md.\n"
+    )
+    return head + yaml.safe_dump(controller_config(topo, **kwargs), sort_keys=False, default_flow_style=False)
 
 
 def validate_member_config(topo: Topology, host: Host) -> None:

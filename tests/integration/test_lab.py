@@ -1,17 +1,23 @@
-"""The two-network lab, end to end (issue 5, acceptance 2-4).
+"""The two-network lab, end to end (issue 5, acceptance 2-4; issue 7, acceptance 5).
 
 Brings up a lab of the default topology, with its own namespace prefix
 (``ovl-labtest-``), run directory and pin directory, so a lab a developer
-has up (``make lab``: ``ovl-lab-*``) is left alone. Then: the matrix is
-green; flows arrive from the right addresses; outsiders cannot reach
-members; one daemon is killed (traffic still flows on its pinned state) and
-restarted (it adopts that state without a single op); ZooKeeper is stopped
-for 30 s (nothing changes, /readyz says 503, then 200); everything is torn
-down and nothing is left. Bounded: about two to three minutes in all.
+has up (``make lab``: ``ovl-lab-*``) is left alone. ec2's daemons use
+ZooKeeper directly, vpc's the gRPC controller beside it. Then: the matrix is
+green; each daemon reports its network's registry backend, connected, and
+the controller lists the whole fleet; flows arrive from the right addresses;
+outsiders cannot reach members; one daemon per backend is killed (traffic
+still flows on its pinned state) and restarted (it adopts that state without
+a single op); ZooKeeper is stopped for 30 s (nothing changes; the ZooKeeper
+daemons' /readyz says 503, the controller's daemons keep 200 on its last
+state; then all 200); the controller is stopped (its daemons fail static)
+and ``up`` restarts it; everything is torn down and nothing is left.
+Bounded: about three to four minutes in all.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -98,13 +104,21 @@ def _peer_ids(lab: Lab) -> dict:
     return {h: sorted(p["node_id"] for p in (s or {}).get("peers", [])) for h, s in lab.daemon_statuses().items()}
 
 
-def _wait_readyz(lab: Lab, code: int, timeout: float) -> dict:
+def _wait_readyz(lab: Lab, code: int | dict, timeout: float) -> dict:
+    """Wait until every member's /readyz is ``code`` (or ``code[host]``); returns the last answers."""
     deadline = time.monotonic() + timeout
     while True:
         got = lab.readyz()
-        if all(v == code for v in got.values()) or time.monotonic() > deadline:
+        want = code if isinstance(code, dict) else {h: code for h in got}
+        if got == want or time.monotonic() > deadline:
             return got
         time.sleep(0.25)
+
+
+def _by_registry(lab: Lab, zookeeper, grpc) -> dict:
+    """{member: zookeeper or grpc value, by how its daemon reaches the registry}."""
+    topo = lab.topology()
+    return {h.name: (grpc if topo.registry_of(h) == "grpc" else zookeeper) for h in topo.members}
 
 
 # --- acceptance 1/2: up, steps, the matrix ------------------------------------------------
@@ -113,9 +127,10 @@ def _wait_readyz(lab: Lab, code: int, timeout: float) -> dict:
 def test_up_shows_every_step_with_timings_and_the_matrix_is_green(lab, lab_lines):
     text = "\n".join(lab_lines)
     for step in ("preflight", "namespaces (14)", "veth pairs", "1:1 NAT", "ZooKeeper", "test-port servers",
-                 "daemon configs", "daemons (6", "ready and converged", "lab state saved"):
+                 "controller at 198.18.0.10:9470", "daemon configs", "daemons (6", "ready and converged",
+                 "lab state saved"):
         assert step in text, text
-    assert text.count(" ok (") >= 11
+    assert text.count(" ok (") >= 12
     assert lab.up_seconds < 150
     results = _green(lab)
     assert len(results) == 66
@@ -148,6 +163,35 @@ def test_status_json(lab):
             assert h["overlay"] is None and "daemon" not in h
     assert len(overlays) == 6
     assert s["zookeeper_info"]["running"] and os.path.getsize(s["zookeeper_info"]["log"]) > 0
+    assert s["controller"] == "198.18.0.10:9470"
+    c = s["controller_info"]
+    assert c["running"] and c["networks"] == ["vpc"] and c["netns"] == s["zookeeper_info"]["netns"]
+    assert os.path.getsize(c["log"]) > 0 and os.path.exists(c["config"])
+    assert {h["name"]: h["registry"] for h in s["hosts"] if h["member"]} == _by_registry(lab, "zookeeper", "grpc")
+
+
+# --- issue 7, acceptance 5: one network through the controller ---------------------------
+
+
+def test_each_network_uses_its_registry_backend(lab):
+    statuses = lab.daemon_statuses()
+    got = {h: (s or {}).get("registry") for h, s in statuses.items()}
+    assert got == _by_registry(lab, {"backend": "zookeeper", "connected": True},
+                               {"backend": "grpc", "connected": True}), got
+    # the controller's failsafe entry: the vpc daemons never lock out its address
+    topo = lab.topology()
+    failsafe = lab.maps("vpc-web")["ovl_failsafe"]["entries"]
+    assert f"{topo.zk_address}/32" in failsafe, failsafe
+    # the controller (stored in the same ZooKeeper) lists the whole fleet, both networks
+    certs = lab.status()["controller_info"]["certs"]
+    from overlay.lab.lab import overlay_command
+
+    proc = nx.run(nx.nsenter(lab.names.zookeeper(topo), [*overlay_command(), "nodes", "list", "--json",
+                                                          "--controller", topo.controller, "--certs", certs]),
+                  timeout=30)
+    nodes = {n["node_id"]: n for n in json.loads(proc.stdout)["nodes"]}
+    assert sorted(nodes) == sorted(h.name for h in topo.members)
+    assert {n["network"] for n in nodes.values()} == {"ec2", "vpc"}
 
 
 # --- acceptance 3: who sees which address ------------------------------------------------
@@ -195,8 +239,8 @@ def test_outsiders_cannot_reach_members_members_reach_outsiders(lab):
 # --- acceptance 2: a daemon dies and comes back ----------------------------------------
 
 
-def test_killed_daemon_traffic_flows_and_restart_adopts(lab):
-    host = "ec2-web"
+@pytest.mark.parametrize("host", ["ec2-web", "vpc-web"], ids=["zookeeper", "grpc"])
+def test_killed_daemon_traffic_flows_and_restart_adopts(lab, host):
     before = _snapshot(lab, [host])[host]
     t_kill = time.monotonic()
     pid = lab.kill_daemon(host, signal.SIGKILL)
@@ -226,13 +270,16 @@ def test_zookeeper_outage_changes_nothing(lab):
     lab.wait_converged(60)
     before = _snapshot(lab, members)
     peers_before = _peer_ids(lab)
+    # the ZooKeeper daemons fail static (503); the controller keeps serving its last state to its own
+    outage = _by_registry(lab, 503, 200)
     t0 = time.monotonic()
     lab.zookeeper_stop()
     try:
-        assert _wait_readyz(lab, 503, 20) == {h: 503 for h in members}
+        assert _wait_readyz(lab, outage, 20) == outage
         _green(lab)
         time.sleep(max(0.0, t0 + ZK_OUTAGE_S - 8 - time.monotonic()))
         _green(lab)
+        assert lab.readyz() == outage
         assert _snapshot(lab, members) == before
         assert _peer_ids(lab) == peers_before
         assert time.monotonic() - t0 >= ZK_OUTAGE_S - 5
@@ -246,11 +293,31 @@ def test_zookeeper_outage_changes_nothing(lab):
     _green(lab)
 
 
+# --- the controller goes away; `up` brings it back ----------------------------------------
+
+
+def test_controller_stopped_its_daemons_fail_static_and_up_restarts_it(lab):
+    lab.wait_converged(60)
+    grpc_hosts = [h.name for h in lab.topology().grpc_members]
+    before = _snapshot(lab, grpc_hosts)
+    lab.controller_stop()
+    assert not lab.status()["controller_info"]["running"]
+    # its daemons keep their datapath, not ready; the ZooKeeper ones stay ready
+    assert _wait_readyz(lab, _by_registry(lab, 200, 503), 30) == _by_registry(lab, 200, 503)
+    assert _snapshot(lab, grpc_hosts) == before
+    status = lab.up()                      # the repair path restarts it and waits for convergence
+    assert status["controller_info"]["running"]
+    assert _wait_readyz(lab, 200, 60) == {h.name: 200 for h in lab.topology().members}
+    _green(lab)
+
+
 # --- down ------------------------------------------------------------------------------
 
 
 def test_down_removes_everything(lab):
-    pids = [p["pid"] for p in lab.load_state()["procs"].values()]
+    procs = lab.load_state()["procs"]
+    assert "controller" in procs
+    pids = [p["pid"] for p in procs.values()]
     lab.down()
     _assert_clean(lab)
     assert not any(nx.alive(pid) for pid in pids)

@@ -19,6 +19,7 @@ from overlay.lab.check import OVERLAY, PRIVATE, Result, expected_probes, format_
 from overlay.lab.topology import (
     Names,
     TopologyError,
+    controller_config,
     default_topology_path,
     edge_nat_rules,
     load_topology,
@@ -77,7 +78,14 @@ def test_member_configs_validate_and_pin_apart(topo):
         assert cfg.node_id == h.name and cfg.network == h.network
         assert cfg.addresses.private == h.private and cfg.addresses.public == h.public
         assert cfg.groups == h.groups
-        assert cfg.registry.backend == "zookeeper" and cfg.registry.hosts == ("198.18.0.10:2181",)
+        if h.network == "ec2":
+            assert cfg.registry.backend == "zookeeper" and cfg.registry.hosts == ("198.18.0.10:2181",)
+            assert cfg.registry.controller is None and cfg.registry.tls is None
+        else:   # vpc: registry: grpc, through the controller beside ZooKeeper
+            assert cfg.registry.backend == "grpc" and cfg.registry.controller == "198.18.0.10:9470"
+            assert cfg.registry.tls.ca == "/run/overlay-lab/certs/ca.crt"
+            assert (cfg.registry.tls.cert, cfg.registry.tls.key) == (
+                f"/run/overlay-lab/certs/{h.name}.crt", f"/run/overlay-lab/certs/{h.name}.key")
         assert cfg.datapath.backend == "ebpf" and cfg.datapath.interface == "eth0"
         assert cfg.filter.reject_all is True and cfg.filter.open_ports == ()
         assert "198.18.0.0/15" not in cfg.filter.ssh_whitelist
@@ -92,6 +100,41 @@ def test_vagrant_config_uses_the_product_defaults(topo):
     assert cfg.datapath.interface == "eth1"
     assert cfg.datapath.pin_root == "/sys/fs/bpf/overlay"
     assert cfg.state_dir == "/var/lib/overlay"
+    assert cfg.registry.tls.cert == "/etc/overlay/certs/vpc-db.crt"
+    assert cfg.registry.tls.ca == "/etc/overlay/certs/ca.crt"
+
+
+def test_mixed_registries_and_the_controller(topo):
+    assert [(n.name, n.registry) for n in topo.networks] == [("ec2", "zookeeper"), ("vpc", "grpc")]
+    assert topo.controller == "198.18.0.10:9470"
+    assert [h.name for h in topo.grpc_members] == ["vpc-web", "vpc-app", "vpc-db"]
+    assert topo.registry_of("ec2-web") == "zookeeper" and topo.registry_of("vpc-out") == "grpc"
+    for target, certs in (("netns", "/run/overlay-lab/certs"), ("vagrant", "/etc/overlay/certs")):
+        cfg = config_from_dict(controller_config(topo, target=target))
+        assert cfg.registry.backend == "zookeeper" and cfg.registry.hosts == ("198.18.0.10:2181",)
+        assert cfg.registry.prefix == "/overlay"
+        assert cfg.controller.listen == "198.18.0.10:9470"
+        assert (cfg.controller.tls.ca, cfg.controller.tls.cert, cfg.controller.tls.key) == (
+            f"{certs}/ca.crt", f"{certs}/controller.crt", f"{certs}/controller.key")
+
+
+def test_all_zookeeper_topology_runs_no_controller(raw):
+    del raw["networks"][1]["registry"]
+    t = topology_from_dict(raw)
+    assert t.controller is None and t.grpc_members == ()
+    assert all(config_from_dict(member_config(t, h)).registry.backend == "zookeeper" for h in t.members)
+    with pytest.raises(TopologyError, match="no network has registry: grpc"):
+        controller_config(t)
+
+
+def test_controller_port_and_prefix_follow_the_topology(raw):
+    raw["controller"] = {"port": 19470}
+    raw["daemon"]["registry"]["prefix"] = "/lab"
+    t = topology_from_dict(raw)
+    assert t.controller == "198.18.0.10:19470"
+    assert config_from_dict(member_config(t, "vpc-app")).registry.controller == "198.18.0.10:19470"
+    cfg = config_from_dict(controller_config(t))
+    assert cfg.controller.listen == "198.18.0.10:19470" and cfg.registry.prefix == "/lab"
 
 
 def test_outsiders_have_no_daemon_config(topo):
@@ -166,6 +209,14 @@ INVALID = [
     ("bad daemon key", _set("daemon.filter", {"reject_all": "yes"}), "filter.reject_all", "true or false"),
     ("unknown daemon key", _set("daemon.bogus", 1), "bogus", "unknown key"),
     ("missing hosts", _set("networks.0.hosts", _DEL), "networks[0].hosts", "required"),
+    ("unknown registry", _set("networks.0.registry", "etcd"), "networks[0].registry", "not one of"),
+    ("controller on ZooKeeper's port", _set("controller.port", 2181), "controller.port", "ZooKeeper's port"),
+    ("controller port not a port", _set("controller.port", "x"), "controller.port", "port number"),
+    ("unknown controller key", _set("controller.listen", "0.0.0.0:1"), "controller.listen", "unknown key"),
+    ("lab-owned registry tls", _set("daemon.registry.tls", {"ca": "x", "cert": "y", "key": "z"}),
+     "daemon.registry.tls", "set by the lab"),
+    ("lab-owned controller", _set("daemon.registry.controller", "x:1"), "daemon.registry.controller",
+     "set by the lab"),
 ]
 
 
@@ -318,6 +369,12 @@ def test_cli_config_and_script(capsys, tmp_path):
     assert "interface: enp0s8" in capsys.readouterr().out
     assert main(["lab", "script", "ec2-edge", "--vagrant"]) == 0
     assert "iptables-restore" in capsys.readouterr().out
+    # the ZooKeeper machine's config is the controller's
+    assert main(["lab", "config", "zk", "--vagrant"]) == 0
+    path.write_text(capsys.readouterr().out)
+    cfg = load_config(str(path))
+    assert cfg.controller.listen == "198.18.0.10:9470"
+    assert cfg.controller.tls.cert == "/etc/overlay/certs/controller.crt"
 
 
 def test_cli_refusals(capsys, tmp_path):
