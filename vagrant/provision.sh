@@ -5,8 +5,12 @@
 # the machine's set-up from the topology (the netns lab's code path):
 #   overlay lab script NAME --vagrant   -> /etc/overlay/lab-net.sh (addresses, routes, NAT)
 #   overlay lab config NAME --vagrant   -> /etc/overlay/overlay.yaml (members' daemon config)
+#                                          /etc/overlay/controller.yaml (the ZooKeeper VM, when
+#                                          a network has registry: grpc)
 # and starts systemd units: overlay-lab-net, overlay-lab-echo (test port),
-# overlay (members), overlay-zookeeper (ZooKeeper). Idempotent.
+# overlay (members), overlay-zookeeper (ZooKeeper) and overlay-controller (the
+# gRPC controller, beside ZooKeeper). The Vagrantfile uploads this VM's
+# certificates to /tmp/overlay-certs; they go to /etc/overlay/certs. Idempotent.
 set -euo pipefail
 
 ROLE="$1"
@@ -14,6 +18,7 @@ NAME="$2"
 TEST_PORT="${TEST_PORT:-7000}"
 ZK_ADDRESS="${ZK_ADDRESS:?}"
 ZK_PORT="${ZK_PORT:-2181}"
+CONTROLLER="${CONTROLLER:-}"   # host:port of the gRPC controller, empty when no network uses it
 SRC=/opt/overlay-src
 VENV=/opt/overlay/venv
 OVERLAY="$VENV/bin/overlay"
@@ -41,10 +46,27 @@ say "project into $VENV"
 if [[ ! -x "$VENV/bin/python" ]]; then
   python3 -m venv --system-site-packages "$VENV"
 fi
+if [[ -n "$CONTROLLER" && ( "$ROLE" == zookeeper || "$ROLE" == member ) ]]; then
+  # the gRPC code of proto/overlay.proto (overlay/_gen, not committed), before installing
+  "$VENV/bin/pip" install -q --disable-pip-version-check grpcio-tools
+  PYTHON="$VENV/bin/python" "$SRC/scripts/gen_proto.sh"
+fi
 "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC"
 
 install -d -m 0755 /etc/overlay /var/lib/overlay
 install -m 0644 /tmp/overlay-lab-topology.yaml "$TOPO"
+
+if [[ -d /tmp/overlay-certs ]]; then
+  say "certificates into /etc/overlay/certs"
+  install -d -m 0700 /etc/overlay/certs
+  for f in /tmp/overlay-certs/*; do
+    case "$f" in
+      *.key) install -m 0600 "$f" /etc/overlay/certs/ ;;
+      *) install -m 0644 "$f" /etc/overlay/certs/ ;;
+    esac
+  done
+  rm -rf /tmp/overlay-certs
+fi
 
 unit() {  # unit NAME CONTENT
   printf '%s\n' "$2" > "/etc/systemd/system/$1.service"
@@ -85,6 +107,27 @@ Restart=on-failure
 WantedBy=multi-user.target"
     systemctl daemon-reload
     systemctl enable --now overlay-zookeeper.service
+    if [[ -n "$CONTROLLER" ]]; then
+      say "gRPC controller on $CONTROLLER (overlay lab config $NAME --vagrant)"
+      "$OVERLAY" lab config "$NAME" --vagrant --topology "$TOPO" > /etc/overlay/controller.yaml.new
+      "$OVERLAY" check-config /etc/overlay/controller.yaml.new
+      mv /etc/overlay/controller.yaml.new /etc/overlay/controller.yaml
+      unit overlay-controller "[Unit]
+Description=Overlay lab: gRPC controller (stores in ZooKeeper)
+After=overlay-zookeeper.service
+Wants=overlay-zookeeper.service
+
+[Service]
+ExecStart=$OVERLAY controller -c /etc/overlay/controller.yaml
+Restart=on-failure
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target"
+      systemctl daemon-reload
+      systemctl enable overlay-controller.service
+      systemctl restart overlay-controller.service
+    fi
     ;;
   member|outsider)
     say "test-port server on :$TEST_PORT"

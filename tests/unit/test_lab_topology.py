@@ -439,6 +439,60 @@ def test_vagrant_validate(tmp_path):
     assert not os.path.exists(os.path.join(cwd, ".vagrant"))
 
 
+def test_vagrant_certificates_work_with_the_controller_and_the_daemons(topo, tmp_path):
+    """vagrant/lab_certs.rb (Ruby's OpenSSL) makes what `overlay certs` makes: the identities the
+    controller authorises on, and certificates gRPC accepts for mutual TLS at the ZooKeeper address."""
+    ruby = shutil.which("ruby")
+    if ruby is None:
+        pytest.skip("ruby is not installed (comes with Debian's vagrant package)")
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from overlay.controller.certs import Identity, identity_of
+
+    out = tmp_path / "certs"
+    code = ('require "json"; require "yaml"; require "./vagrant/lab_certs"; '
+            f'puts JSON.dump(LabCerts.ensure(LabTopology.load, {json.dumps(str(out))}))')
+    proc = subprocess.run([ruby, "-r", "./vagrant/lab_topology", "-e", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "OVERLAY_LAB_TOPOLOGY": default_topology_path()})
+    assert proc.returncode == 0, proc.stderr
+    uploads = json.loads(proc.stdout)
+    grpc_members = [h.name for h in topo.grpc_members]
+    assert sorted(uploads) == sorted(["zk", *grpc_members])
+    assert sorted(uploads["zk"]) == ["ca.crt", "controller.crt", "controller.key", "operator.crt", "operator.key"]
+    for m in grpc_members:
+        assert sorted(uploads[m]) == ["ca.crt", f"{m}.crt", f"{m}.key"]
+    read = lambda f: (out / f).read_bytes()  # noqa: E731
+    assert identity_of(read("controller.crt")) == Identity("controller", "controller")
+    assert identity_of(read("operator.crt")) == Identity("operator", "operator")
+    assert all(identity_of(read(f"{m}.crt")) == Identity("node", m) for m in grpc_members)
+    assert all(oct((out / f"{m}.key").stat().st_mode & 0o777) == "0o600" for m in ["ca", "controller", *grpc_members])
+    # mutual TLS through gRPC, the controller's certificate checked against the ZooKeeper VM's address
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    creds = grpc.ssl_server_credentials([(read("controller.key"), read("controller.crt"))],
+                                        root_certificates=read("ca.crt"), require_client_auth=True)
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        client = grpc.ssl_channel_credentials(read("ca.crt"), read(f"{grpc_members[0]}.key"),
+                                              read(f"{grpc_members[0]}.crt"))
+        with grpc.secure_channel(f"127.0.0.1:{port}", client,
+                                 options=[("grpc.ssl_target_name_override", topo.zk_address)]) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0)
+    # kept when present: a second run changes nothing
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    proc = subprocess.run([ruby, "-r", "./vagrant/lab_topology", "-e", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "OVERLAY_LAB_TOPOLOGY": default_topology_path()})
+    assert proc.returncode == 0, proc.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 def test_provision_script_is_valid_bash():
     bash = shutil.which("bash")
     if bash is None:
