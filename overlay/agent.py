@@ -80,6 +80,7 @@ class Agent:
         self.observed: dict[str, dict] | None = None
         self.applied_peers: dict[str, AppliedPeer] = {}  # by overlay address
         self.excluded: tuple[tuple[str, str], ...] = ()
+        self.selected_by: tuple[str, ...] = ()  # policies that select this node (default-deny)
         self.rejected: dict[str, str] = {}
         self.ready = False
         self.connected = False
@@ -178,7 +179,8 @@ class Agent:
                     self.applied_peers = _peers_from_tables(self.observed)
             self._was_connected = True
 
-            desired = plan(self.self_node, view.nodes.values(), self.config, self.extra_failsafe)
+            desired = plan(self.self_node, view.nodes.values(), self.config, self.extra_failsafe,
+                           policies=view.policies.values())
             tables, peers = self._guarded(desired)
             ops = diff(tables, self.observed)
             if ops:
@@ -187,6 +189,7 @@ class Agent:
                 log.info("[%s] applied %d ops (%d peers)", self.self_node.node_id, len(ops), len(peers))
             self.applied_peers = peers
             self.excluded = desired.excluded
+            self.selected_by = desired.selected_by
             self.last_apply_ops = len(ops)
             self.ops_total += len(ops)
             self.applies += 1
@@ -247,6 +250,7 @@ class Agent:
         tables = copy.deepcopy(desired.tables)
         peers = dict(want)
         observed = self.observed or {}
+        held_identities: set[int] = set()
         for overlay in [*removed, *changed]:
             prev = old[overlay]
             new = want.get(overlay)
@@ -258,7 +262,17 @@ class Agent:
             peer_val = observed.get("peers", {}).get(prev.real)
             if peer_val is not None:
                 tables["peers"][prev.real] = peer_val
+                held_identities.add(peer_val.identity)
             peers[overlay] = prev
+        # A held peer keeps its identity: keep that identity's policy entries and
+        # name too, even when no peer of the desired state has it any more.
+        policy, names = tables.setdefault("policy", {}), tables.setdefault("names", {})
+        for key, value in observed.get("policy", {}).items():
+            if key[0] in held_identities:
+                policy.setdefault(key, value)
+        for key, value in observed.get("names", {}).items():
+            if key[0] == "identity" and key[1] in held_identities:
+                names.setdefault(key, value)
         return tables, peers
 
     # --- reporting ----------------------------------------------------------------------
@@ -271,6 +285,12 @@ class Agent:
                 counters = {}
                 log.debug("counters unavailable: %s", exc)
             drops = {k[len("drop_"):]: v for k, v in counters.items() if k.startswith("drop_")}
+            fill = None
+            if callable(getattr(self.datapath, "fill", None)):
+                try:
+                    fill = self.datapath.fill()
+                except OverlayError as exc:
+                    log.debug("fill levels unavailable: %s", exc)
             return {
                 "node_id": self.self_node.node_id,
                 "network": self.self_node.network,
@@ -284,13 +304,18 @@ class Agent:
                 "peers": [p.to_dict() for p in sorted(self.applied_peers.values(), key=lambda p: p.node_id)],
                 "excluded": [{"node_id": n, "reason": r} for n, r in self.excluded],
                 "drops": drops,
+                "policy": {
+                    "enforced": bool(self.selected_by),
+                    "selected_by": list(self.selected_by),
+                    "mode": self.config.filter.mode,
+                },
                 "rejected": len(self.rejected),
                 "rejected_records": dict(sorted(self.rejected.items())[:100]),
                 "guard": self.guard.to_dict() | {"held_count": self.guard.size},
                 "applies": self.applies,
                 "ops_total": self.ops_total,
                 "last_error": self.last_error,
-            }
+            } | ({"fill": fill} if fill is not None else {})
 
 
 def _peers_from_tables(tables: dict[str, dict]) -> dict[str, AppliedPeer]:

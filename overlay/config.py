@@ -88,6 +88,9 @@ class MapSizes:
     peers: int = 65536
     conntrack: int = 262144
     failsafe: int = 1024
+    policy: int = 65536       # ovl_policy entries: (identity, proto, port prefix) -> policy
+    cidr_ident: int = 4096    # ovl_cidr_ident: the distinct CIDR sources of policies
+    names: int = 65536        # ovl_names: policy ids and rules, identities' groups, CIDRs
 
 
 @dataclass(frozen=True)
@@ -384,6 +387,9 @@ def _sizes(sec: _Section) -> MapSizes:
         peers=sec.get("peers", _int_range(16, 1 << 22), MapSizes.peers),
         conntrack=sec.get("conntrack", _int_range(1024, 1 << 24), MapSizes.conntrack),
         failsafe=sec.get("failsafe", _int_range(16, 1 << 16), MapSizes.failsafe),
+        policy=sec.get("policy", _int_range(16, 1 << 22), MapSizes.policy),
+        cidr_ident=sec.get("cidr_ident", _int_range(16, 1 << 20), MapSizes.cidr_ident),
+        names=sec.get("names", _int_range(16, 1 << 22), MapSizes.names),
     )
     sec.done()
     return sizes

@@ -10,7 +10,18 @@ into ops. Tables:
 ``peers``     real address (str) -> PeerEntry(identity, flags)
 ``ports``     (slot, word) -> 64-bit bitmap word (int, non-zero); slot 0 tcp, 1 udp
 ``failsafe``  CIDR (str, "a.b.c.d/n") -> flags (int): FS_SSH | FS_ALL
-``config``    name (str) -> int: reject_all, mode
+``config``    name (str) -> int: reject_all, mode (always present); policy_enforced,
+              policy_default (present only when non-zero, like ``ports`` words)
+``policy``    (identity, proto number, first port, port prefix bits 0..16) -> policy index
+              (int): new inbound flows from ``identity`` to a port whose first bits
+              are those of ``first port`` are allowed by that policy (docs/policies.md)
+``cidr_ident`` CIDR (str) -> CIDR identity (int, bit 31 set)
+``names``     (kind, number) -> text (str): ("policy", index) -> policy id,
+              ("rule", index) -> the rule in words, ("identity", identity) -> its
+              groups comma-separated, ("cidr", identity) -> its CIDR
+
+``policy``, ``cidr_ident`` and ``names`` are enforced by the eBPF datapath only;
+the iptables backend keeps them in memory and ignores them (docs/policies.md).
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-TABLES = ("nat", "rnat", "peers", "ports", "failsafe", "config")
+TABLES = ("nat", "rnat", "peers", "ports", "failsafe", "config", "policy", "cidr_ident", "names")
 
 # Mirrors of the ABI constants that the pure core needs (bpf/include/overlay_abi.h).
 FS_SSH = 1
@@ -29,7 +40,12 @@ PORT_WORDS = 1024
 PORT_SLOTS = {"tcp": 0, "udp": 1}
 MODE_ENFORCE = 0
 MODE_AUDIT = 1
-CONFIG_KEYS = ("reject_all", "mode")
+CONFIG_KEYS = ("reject_all", "mode", "policy_enforced", "policy_default")
+PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
+IDENTITY_MEMBER = 1          # a member in no group
+IDENTITY_CIDR = 0x80000000   # bit 31: a CIDR identity
+NAME_KINDS = ("policy", "rule", "identity", "cidr")
+NAME_MAX_BYTES = 255         # names are cut to this many UTF-8 bytes (ovl_name.text)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The pure planner: (self node, peers, config) -> DesiredState.
+"""The pure planner: (self node, peers, policies, config) -> DesiredState.
 
 No I/O here. The result is expressed in the table vocabulary of
 :mod:`overlay.ops`, which every datapath understands, plus the list of peers
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from overlay.config import Config
-from overlay.model import Node
+from overlay.model import Node, Policy
 from overlay.ops import (
     FS_ALL,
     FS_SSH,
@@ -24,6 +24,7 @@ from overlay.ops import (
     PeerEntry,
     empty_state,
 )
+from overlay.policy import group_set_key, plan_policies
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class DesiredState:
     peers: tuple[AppliedPeer, ...] = ()
     excluded: tuple[tuple[str, str], ...] = ()
     by_id: Mapping[str, AppliedPeer] = field(default_factory=dict)
+    selected_by: tuple[str, ...] = ()  # ids of the policies that select this node (default-deny)
 
 
 def ports_bitmap(specs: Iterable[tuple[int, int]], protos: Iterable[str] = ("tcp", "udp")) -> dict:
@@ -95,11 +97,17 @@ def plan(
     peers: Iterable[Node],
     config: Config,
     extra_failsafe: Iterable[str] = (),
+    *,
+    policies: Iterable[Policy] | Mapping[str, Policy] = (),
 ) -> DesiredState:
     """Compute the desired datapath state for ``self_node`` among ``peers``.
 
     ``extra_failsafe`` are more addresses never to lock out (the registry's
-    resolved addresses, a controller's).
+    resolved addresses, a controller's). ``policies`` (DESIGN §4.2, with their
+    ``policy_id``; or a mapping id -> policy) become the ``policy``,
+    ``cidr_ident`` and ``names`` tables and the peers' identities
+    (:mod:`overlay.policy`); those that select this node (``to.group`` in its
+    groups) make it default-deny.
     """
     subnet = config.overlay_subnet
     excluded: dict[str, str] = {}
@@ -146,12 +154,13 @@ def plan(
             continue
         applied.append(AppliedPeer(node.node_id, node.network, node.overlay, real, node.groups))
 
+    pol = plan_policies(self_node.groups, (p.groups for p in applied), policies)
     tables = empty_state()
     nat, rnat, peer_table = tables["nat"], tables["rnat"], tables["peers"]
     for p in applied:
         nat[p.overlay] = NatEntry(p.real)
         rnat[p.real] = p.overlay
-        peer_table[p.real] = PeerEntry()
+        peer_table[p.real] = PeerEntry(identity=pol.identity_of[group_set_key(p.groups)])
     for overlay, real in config.nat_overrides:
         if overlay == self_node.overlay:
             continue
@@ -170,13 +179,18 @@ def plan(
     tables["config"] = {
         "reject_all": int(config.filter.reject_all),
         "mode": MODE_AUDIT if config.filter.mode == "audit" else MODE_ENFORCE,
+        **pol.config,
     }
+    tables["policy"] = pol.policy
+    tables["cidr_ident"] = pol.cidr_ident
+    tables["names"] = pol.names
     applied.sort(key=lambda p: p.node_id)
     return DesiredState(
         tables=tables,
         peers=tuple(applied),
         excluded=tuple(sorted(excluded.items())),
         by_id={p.node_id: p for p in applied},
+        selected_by=pol.selected_by,
     )
 
 

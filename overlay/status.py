@@ -43,6 +43,8 @@ class Metrics:
             "overlay_datapath_packets", "datapath verdict counters by reason", ["reason"], registry=r
         )
         self.drops = Gauge("overlay_drops", "packets dropped by reason", ["reason"], registry=r)
+        self.map_entries = Gauge("overlay_map_entries", "entries in a datapath map", ["map"], registry=r)
+        self.map_max = Gauge("overlay_map_max_entries", "capacity of a datapath map", ["map"], registry=r)
         self.scrapes = Counter("overlay_status_scrapes", "status endpoint scrapes", registry=r)
 
     def render(self, status: dict) -> bytes:
@@ -60,6 +62,9 @@ class Metrics:
             self.packets.labels(reason=reason).set(value)
         for reason, value in status.get("drops", {}).items():
             self.drops.labels(reason=reason).set(value)
+        for name, level in (status.get("fill") or {}).items():
+            self.map_entries.labels(map=name).set(level.get("entries", 0))
+            self.map_max.labels(map=name).set(level.get("max_entries", 0))
         return generate_latest(self.registry)
 
 
@@ -192,6 +197,14 @@ def format_status(s: dict) -> str:
         f"drops     {', '.join(f'{k}={v}' for k, v in sorted(s.get('drops', {}).items())) or 'none'}",
         f"peers     {len(s.get('peers', []))}",
     ]
+    pol = s.get("policy") or {}
+    if pol.get("enforced"):
+        lines.insert(-1, f"policy    default-deny (selected by {', '.join(pol.get('selected_by', []))})"
+                         f"{'   AUDIT: would-be drops pass' if pol.get('mode') == 'audit' else ''}")
+    fill = s.get("fill") or {}
+    busy = [f"{k}={v['entries']}/{v['max_entries']}" for k, v in sorted(fill.items()) if v.get("entries")]
+    if busy:
+        lines.insert(-1, f"maps      {', '.join(busy)}")
     for p in s.get("peers", [])[:50]:
         lines.append(f"  {p['node_id']:<24} {p['overlay']:<16} -> {p['real']:<16} {p['network']}")
     if len(s.get("peers", [])) > 50:

@@ -9,7 +9,7 @@
 #ifndef OVERLAY_ABI_H
 #define OVERLAY_ABI_H
 
-#define OVL_ABI_VERSION 1
+#define OVL_ABI_VERSION 2
 
 /* ovl_cfg: BPF_ARRAY of __u64, indexed by enum ovl_cfg_index. */
 enum ovl_cfg_index {
@@ -17,6 +17,8 @@ enum ovl_cfg_index {
 	OVL_CFG_EGRESS_IFINDEX = 1, /* uplink the overlay egress redirects to */
 	OVL_CFG_MODE = 2,           /* enum ovl_filter_mode */
 	OVL_CFG_ABI_VERSION = 3,    /* OVL_ABI_VERSION of the loaded programs */
+	OVL_CFG_POLICY_ENFORCED = 4, /* 1: a policy selects this node as `to`: default-deny */
+	OVL_CFG_POLICY_DEFAULT = 5, /* policy index reported with a default-deny drop */
 	OVL_CFG_MAX = 8,
 };
 
@@ -32,7 +34,7 @@ enum ovl_reason {
 	OVL_DROP_NO_PEER = 1,       /* egress to an overlay address with no NAT entry */
 	OVL_DROP_NOT_ALLOWED = 2,   /* ingress default verdict under reject_all */
 	OVL_DROP_MALFORMED = 3,     /* egress to the overlay with a broken header */
-	OVL_DROP_POLICY = 4,        /* reserved for group policies */
+	OVL_DROP_POLICY = 4,        /* ingress under default-deny, no policy allows it */
 	OVL_DROP_MAX = 8,
 	OVL_PASS_BASE = 16,
 	OVL_PASS_FAILSAFE = 16,
@@ -45,6 +47,7 @@ enum ovl_reason {
 	OVL_NAT_EGRESS = 23,        /* packets translated overlay -> real */
 	OVL_NAT_INGRESS = 24,       /* packets translated real -> overlay */
 	OVL_PASS_UNTOUCHED = 25,    /* non-IPv4 or not-ours, passed unaltered */
+	OVL_PASS_POLICY = 26,       /* a new inbound flow a policy allows */
 	OVL_COUNTER_MAX = 32,
 };
 
@@ -81,6 +84,51 @@ struct ovl_lpm_key {
 #define OVL_FS_SSH 1                /* TCP port 22 from this range */
 #define OVL_FS_ALL 2                /* everything from this range */
 #define OVL_SSH_PORT 22
+
+/* Identities (numeric names of a source, used as ovl_policy keys):
+ * a member peer's identity stands for its set of groups (bit 31 clear;
+ * 0 is never used, 1 is "a member in no group"); a CIDR identity (bit 31
+ * set) stands for the policy CIDRs that contain an ovl_cidr_ident prefix. */
+#define OVL_IDENTITY_NONE 0
+#define OVL_IDENTITY_MEMBER 1
+#define OVL_IDENTITY_CIDR 0x80000000
+
+/* ovl_cidr_ident: LPM trie, key struct ovl_lpm_key (source prefix) -> __u32
+ * CIDR identity */
+
+/* ovl_policy: LPM trie, key struct ovl_policy_key -> __u32 policy index.
+ * The trie matches the key's data bits in memory order: identity (32 bits)
+ * and proto (8) always in full, pad (8, always 0), then the first bits of
+ * the destination port in NETWORK order, so a port prefix of n bits is
+ * prefixlen OVL_POLICY_PORT_BITS + n. Lookups use the full length with the
+ * packet's dport (ICMP and other protocols: port 0). */
+struct ovl_policy_key {
+	__u32 prefixlen;
+	__u32 identity;
+	__u8 proto;
+	__u8 pad;
+	__u16 port;                 /* network order */
+};
+#define OVL_POLICY_PORT_BITS 48     /* bits before the port: identity, proto, pad */
+#define OVL_POLICY_FULL_BITS 64
+
+/* ovl_names: hash, key struct ovl_name_key -> struct ovl_name. Not read by
+ * the programs: names for `overlay why` and `overlay drops`, written by the
+ * agent with the rest of the plan. */
+struct ovl_name_key {
+	__u32 kind;                 /* enum ovl_name_kind */
+	__u32 id;                   /* policy index or identity */
+};
+enum ovl_name_kind {
+	OVL_NAME_POLICY = 1,        /* policy index -> policy id */
+	OVL_NAME_RULE = 2,          /* policy index -> the rule, in words */
+	OVL_NAME_IDENTITY = 3,      /* member identity -> its groups, comma-separated */
+	OVL_NAME_CIDR = 4,          /* CIDR identity -> its prefix */
+};
+#define OVL_NAME_LEN 256
+struct ovl_name {
+	char text[256];             /* OVL_NAME_LEN; NUL-terminated UTF-8 */
+};
 
 /* ovl_ct: LRU hash, key = the tuple as ingress sees it (reply direction for
  * flows this host opened) -> struct ovl_ct_val */

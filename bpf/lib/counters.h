@@ -20,7 +20,7 @@ static __always_inline void ovl_count(int reason)
 
 /* One event per drop. A full ring buffer loses the event, never the verdict. */
 static __always_inline void ovl_report(const struct ovl_pkt *p, __u8 reason,
-				       __u8 audit, __u8 direction)
+				       __u8 audit, __u8 direction, __u32 policy)
 {
 	struct ovl_drop_event *e = ovl_events.ringbuf_reserve(sizeof(struct ovl_drop_event));
 
@@ -36,18 +36,26 @@ static __always_inline void ovl_report(const struct ovl_pkt *p, __u8 reason,
 	e->reason = reason;
 	e->audit = audit;
 	e->direction = direction;
+	e->policy = policy;
 	ovl_events.ringbuf_submit(e, 0);
 }
 
-/* Count and report a drop; return the verdict: TC_ACT_SHOT, or TC_ACT_OK in
- * audit mode (the packet goes on as if the drop had not been decided). */
-static __always_inline int ovl_drop(const struct ovl_pkt *p, __u8 reason, __u8 direction)
+/* Count and report a drop decided by rule `policy` (a policy index, or 0);
+ * return the verdict: TC_ACT_SHOT, or TC_ACT_OK in audit mode (the packet
+ * goes on as if the drop had not been decided). */
+static __always_inline int ovl_drop_rule(const struct ovl_pkt *p, __u8 reason,
+					 __u8 direction, __u32 policy)
 {
 	__u8 audit = ovl_cfg_get(OVL_CFG_MODE) == OVL_MODE_AUDIT;
 
 	ovl_count(reason);
-	ovl_report(p, reason, audit, direction);
+	ovl_report(p, reason, audit, direction, policy);
 	return audit ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
+static __always_inline int ovl_drop(const struct ovl_pkt *p, __u8 reason, __u8 direction)
+{
+	return ovl_drop_rule(p, reason, direction, 0);
 }
 
 #endif /* OVL_COUNTERS_H */

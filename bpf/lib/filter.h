@@ -1,7 +1,8 @@
 /* filter.h: the ingress filter on the uplink.
  *
- * Order (DESIGN section 5): failsafe, established/related, loopback, members,
- * open ports, default. Every step but the last passes, so the order decides
+ * Order (DESIGN section 5): failsafe, established/related, loopback, then
+ * either the group policies (a node that a policy selects as `to` is
+ * default-deny: OVL_CFG_POLICY_ENFORCED) or members, open ports, default. Every step but the last passes, so the order decides
  * which counter a packet is attributed to -- and one thing more: reverse NAT
  * of a tracked reply happens whichever step passes it (a reply from a
  * failsafe range is still translated back to its overlay address).
@@ -78,6 +79,36 @@ static __always_inline int ovl_port_open(const struct ovl_pkt *p)
 	return word && ((*word >> (port % 64)) & 1);
 }
 
+/* Does a policy allow this packet from `identity`? One LPM lookup with the
+ * full key: the longest entry for (identity, proto, a prefix of dport). */
+static __always_inline int ovl_policy_allows(__u32 identity, const struct ovl_pkt *p)
+{
+	struct ovl_policy_key k = {};
+
+	k.prefixlen = OVL_POLICY_FULL_BITS;
+	k.identity = identity;
+	k.proto = p->proto;
+	k.port = p->dport;      /* network order; 0 for ICMP and other protocols */
+	return ovl_policy.lookup(&k) != NULL;
+}
+
+/* At most two lookups: the source's member identity (ovl_peers), then the
+ * identity of the longest policy CIDR that holds the source (ovl_cidr_ident). */
+static __always_inline int ovl_policy_match(const struct ovl_pkt *p)
+{
+	__u32 saddr = p->saddr;
+	struct ovl_peer_val *peer = ovl_peers.lookup(&saddr);
+	struct ovl_lpm_key ck = {};
+	__u32 *cidr;
+
+	if (peer && (peer->flags & OVL_PEER_F_MEMBER) && ovl_policy_allows(peer->identity, p))
+		return 1;
+	ck.prefixlen = 32;
+	ck.addr = saddr;
+	cidr = ovl_cidr_ident.lookup(&ck);
+	return cidr && ovl_policy_allows(*cidr, p);
+}
+
 static __always_inline int ovl_pass(int reason)
 {
 	ovl_count(reason);
@@ -104,6 +135,13 @@ static __always_inline int ovl_filter_ingress(struct __sk_buff *skb)
 		return ovl_pass(OVL_PASS_RELATED);
 	if (ovl_is_loopback(p.saddr))
 		return ovl_pass(OVL_PASS_LOOPBACK);
+	if (ovl_cfg_get(OVL_CFG_POLICY_ENFORCED)) {
+		/* default-deny: members, open ports and reject_all no longer apply */
+		if (ovl_policy_match(&p))
+			return ovl_pass(OVL_PASS_POLICY);
+		return ovl_drop_rule(&p, OVL_DROP_POLICY, OVL_DIR_INGRESS,
+				     (__u32)ovl_cfg_get(OVL_CFG_POLICY_DEFAULT));
+	}
 	if (ovl_is_member(p.saddr))
 		return ovl_pass(OVL_PASS_MEMBER);
 	if (ovl_port_open(&p))

@@ -25,6 +25,15 @@
 #ifndef OVL_FAILSAFE_MAX
 #define OVL_FAILSAFE_MAX 1024
 #endif
+#ifndef OVL_POLICY_MAX
+#define OVL_POLICY_MAX 65536
+#endif
+#ifndef OVL_CIDR_IDENT_MAX
+#define OVL_CIDR_IDENT_MAX 4096
+#endif
+#ifndef OVL_NAMES_MAX
+#define OVL_NAMES_MAX 65536
+#endif
 #ifndef OVL_EVENTS_PAGES
 #define OVL_EVENTS_PAGES 16
 #endif
@@ -45,6 +54,13 @@ OVL_TABLE("hash", __u32, __u32, ovl_rnat, OVL_NAT_MAX, 0);
 OVL_TABLE("hash", __u32, struct ovl_peer_val, ovl_peers, OVL_PEERS_MAX, 0);
 OVL_TABLE("array", int, __u64, ovl_ports, OVL_PORT_SLOTS * OVL_PORT_WORDS, 0);
 OVL_TABLE("lpm_trie", struct ovl_lpm_key, __u32, ovl_failsafe, OVL_FAILSAFE_MAX,
+	  BPF_F_NO_PREALLOC);
+OVL_TABLE("lpm_trie", struct ovl_lpm_key, __u32, ovl_cidr_ident, OVL_CIDR_IDENT_MAX,
+	  BPF_F_NO_PREALLOC);
+OVL_TABLE("lpm_trie", struct ovl_policy_key, __u32, ovl_policy, OVL_POLICY_MAX,
+	  BPF_F_NO_PREALLOC);
+/* Read by user space only (overlay why, overlay drops). */
+OVL_TABLE("hash", struct ovl_name_key, struct ovl_name, ovl_names, OVL_NAMES_MAX,
 	  BPF_F_NO_PREALLOC);
 OVL_TABLE("lru_hash", struct ovl_ct_key, struct ovl_ct_val, ovl_ct, OVL_CT_MAX, 0);
 OVL_TABLE("array", int, __u64, ovl_cfg, OVL_CFG_MAX, 0);

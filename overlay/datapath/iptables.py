@@ -20,6 +20,10 @@ with the rule shapes of the first system (DESIGN §1), applied with
   addressed to the overlay subnet after nat ``OUTPUT`` has no peer and is
   dropped (``drop_no_peer``); the sender gets ``EPERM`` at once.
 - audit mode (``config.mode`` 1): the two drop rules count and ``RETURN``.
+- group policies (the ``policy``, ``cidr_ident`` and ``names`` tables and the
+  ``policy_*`` config keys) are enforced by the eBPF datapath only: they are
+  kept in memory and ignored here, with one warning when a policy selects
+  this node (docs/policies.md).
 
 Every rule carries a comment ``ovl:<reason>``; :meth:`IptablesDatapath.counters`
 sums the rule counters by reason (names shared with the eBPF datapath). The
@@ -468,6 +472,7 @@ class IptablesDatapath:
         self._ipset_exists: bool | None = None
         self._counter_base = dict.fromkeys(REASONS, 0)
         self._observed_once = False
+        self._policy_warned = False
         self.stats = {"applies": 0, "iptables_restores": 0, "ipset_swaps": 0, "tables_skipped": 0}
 
     # -- subprocesses --
@@ -564,6 +569,7 @@ class IptablesDatapath:
             before = copy.deepcopy(self.state)
             apply_ops(self.state, ops)
             self.stats["applies"] += 1
+            self._warn_policies()
             texts = self._render(self.state)
             members = texts["ipset"].count("\n")
             if members > self.maxelem:
@@ -578,6 +584,15 @@ class IptablesDatapath:
                 self.state = before
                 self._last = dict.fromkeys(self._last)
                 raise
+
+    def _warn_policies(self) -> None:
+        """Group policies are enforced by the eBPF datapath only: the ``policy``,
+        ``cidr_ident`` and ``names`` tables are kept in memory and ignored here."""
+        enforced = bool(self.state.get("config", {}).get("policy_enforced"))
+        if enforced and not self._policy_warned:
+            log.warning("iptables: policies select this node, but group policies are enforced by the "
+                        "ebpf datapath only; this node keeps the members / reject_all behaviour")
+        self._policy_warned = enforced
 
     def _apply_ipset(self, text: str) -> None:
         if text == self._last["ipset"]:

@@ -141,7 +141,8 @@ class Datapath:
 
     # -- reset
     def reset(self) -> None:
-        for name in ("ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ct", "ovl_failsafe"):
+        for name in ("ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ct", "ovl_failsafe", "ovl_cidr_ident",
+                     "ovl_policy", "ovl_names"):
             self.bpf[name.encode()].clear()
         ports = self.bpf[b"ovl_ports"]
         for idx in self._port_words:

@@ -21,6 +21,7 @@ ENUMS = {
     "ovl_filter_mode": (abi.FilterMode, ["OVL_MODE_"]),
     "ovl_reason": (abi.Reason, ["OVL_"]),
     "ovl_port_slot": (abi.PortSlot, ["OVL_PORT_SLOT_", "OVL_PORT_"]),
+    "ovl_name_kind": (abi.NameKind, ["OVL_NAME_"]),
 }
 # maps whose key or value is one of the ABI structs: (map, "Key"|"Leaf", struct)
 MAP_TYPES = [
@@ -29,6 +30,10 @@ MAP_TYPES = [
     ("ovl_failsafe", "Key", "ovl_lpm_key"),
     ("ovl_ct", "Key", "ovl_ct_key"),
     ("ovl_ct", "Leaf", "ovl_ct_val"),
+    ("ovl_cidr_ident", "Key", "ovl_lpm_key"),
+    ("ovl_policy", "Key", "ovl_policy_key"),
+    ("ovl_names", "Key", "ovl_name_key"),
+    ("ovl_names", "Leaf", "ovl_name"),
 ]
 
 

@@ -24,7 +24,8 @@ def test_exports():
         "overlay_egress": "ovl_overlay_egress",
     }
     assert build.MAPS == ("ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ports", "ovl_failsafe",
-                          "ovl_ct", "ovl_cfg", "ovl_counters", "ovl_events")
+                          "ovl_ct", "ovl_cfg", "ovl_counters", "ovl_events", "ovl_cidr_ident",
+                          "ovl_policy", "ovl_names")
     assert set(build.map_specs()) == set(build.MAPS)
 
 

@@ -33,6 +33,9 @@ BPF_LPM_TRIE(ovl_failsafe, struct ovl_lpm_key, u32, 8);
 BPF_TABLE("lru_hash", struct ovl_ct_key, struct ovl_ct_val, ovl_ct, 64);
 BPF_ARRAY(ovl_cfg, u64, 8);
 BPF_PERCPU_ARRAY(ovl_counters, u64, 32);
+BPF_F_TABLE("lpm_trie", struct ovl_lpm_key, u32, ovl_cidr_ident, 4, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct ovl_policy_key, u32, ovl_policy, 8, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct ovl_name_key, struct ovl_name, ovl_names, 4, BPF_F_NO_PREALLOC);
 int dummy(struct __sk_buff *skb) {
     u32 k = 0;
     u64 *v = ovl_cfg.lookup(&k);
@@ -149,7 +152,7 @@ def test_mapset_roundtrip_and_capacity(bpf):
         state = ms.read_all()
         assert state == {
             "nat": {}, "rnat": {}, "peers": {}, "ports": {}, "failsafe": {},
-            "config": {"reject_all": 0, "mode": 0},
+            "config": {"reject_all": 0, "mode": 0}, "policy": {}, "cidr_ident": {}, "names": {},
         }
         ops = [
             Op("nat", "192.168.0.2", NatEntry("10.0.0.2")),
@@ -207,5 +210,76 @@ def test_mapset_roundtrip_and_capacity(bpf):
         assert fill["ovl_nat"] == {"entries": 8, "max_entries": 8}
         assert fill["ovl_ports"]["entries"] == 1
         assert ms.ct_entries() == []
+    finally:
+        ms.close()
+
+
+def test_mapset_policy_tables_roundtrip_and_capacity(bpf):
+    """The policy maps: encoding both ways, the kernel's LPM matching on what
+    MapSet wrote, and capacity refused whole (issue 6)."""
+    from overlay.datapath.ebpf import bpfsys
+    from overlay.datapath.ebpf.maps import MapSet
+
+    ms = MapSet.from_bpf(bpf)
+    try:
+        ops = [
+            Op("policy", (7, 6, 5432, 16), 3),
+            Op("policy", (7, 17, 8000, 10), 4),          # 8000-8063
+            Op("policy", (0x80000001, 6, 0, 0), 5),      # every port
+            Op("cidr_ident", "198.51.100.0/24", 0x80000001),
+            Op("names", ("policy", 3), "web-db"),
+            Op("names", ("identity", 7), "web"),
+            Op("config", "policy_enforced", 1),
+            Op("config", "policy_default", 3),
+        ]
+        ms.apply(ops)
+        state = ms.read_all()
+        assert state["policy"] == {(7, 6, 5432, 16): 3, (7, 17, 8000, 10): 4, (0x80000001, 6, 0, 0): 5}
+        assert state["cidr_ident"] == {"198.51.100.0/24": 0x80000001}
+        assert state["names"] == {("policy", 3): "web-db", ("identity", 7): "web"}
+        assert state["config"] == {"reject_all": 0, "mode": 0, "policy_enforced": 1, "policy_default": 3}
+
+        # the kernel's longest-prefix match on the keys as written
+        info = ms.info("ovl_policy")
+
+        def lookup(identity, proto, port):
+            raw = bpfsys.lookup(ms.fd("ovl_policy"), bytes(abi.policy_key(identity, proto, port, 16)),
+                                info.key_size, info.value_size)
+            return None if raw is None else struct.unpack("=I", raw[:4])[0]
+
+        assert lookup(7, 6, 5432) == 3 and lookup(7, 6, 5433) is None and lookup(8, 6, 5432) is None
+        assert [lookup(7, 17, p) for p in (7999, 8000, 8063, 8064)] == [None, 4, 4, None]
+        assert lookup(0x80000001, 6, 1) == 5 and lookup(0x80000001, 6, 65535) == 5
+        assert lookup(0x80000001, 17, 1) is None
+
+        # capacity: ovl_policy holds 8; 3 + 6 = 9 -> refused whole, naming the map and the size key
+        more = [Op("policy", (9, 6, p, 16), 1) for p in range(1, 7)]
+        with pytest.raises(CapacityError, match=r"policy: 9 entries would exceed ovl_policy max_entries 8 "
+                                                r"\(datapath.sizes.policy\)"):
+            ms.apply(more + [Op("names", ("policy", 1), "x")])
+        assert ms.read_all() == state
+        # several maps over at once: all named, nothing written
+        with pytest.raises(CapacityError) as exc:
+            ms.apply(more + [Op("cidr_ident", f"10.{i}.0.0/16", 0x80000002 + i) for i in range(4)])
+        assert "ovl_policy" in str(exc.value) and "ovl_cidr_ident" in str(exc.value)
+        assert "nothing applied" in str(exc.value)
+        assert ms.read_all() == state
+        # fits when the same batch deletes enough
+        ms.apply(more[:5] + [Op("policy", (7, 17, 8000, 10), None)])
+        assert len(ms.read_all()["policy"]) == 7
+        fill = ms.fill()
+        assert fill["ovl_policy"] == {"entries": 7, "max_entries": 8}
+        assert fill["ovl_cidr_ident"] == {"entries": 1, "max_entries": 4}
+        assert fill["ovl_names"] == {"entries": 2, "max_entries": 4}
+
+        # bad values are refused before anything is written
+        for bad in (Op("policy", (7, 6, 5433, 10), 1), Op("policy", (7, 6, 0, 17), 1),
+                    Op("names", ("colour", 1), "x"), Op("names", ("policy", 1), "x" * 300),
+                    Op("cidr_ident", "10.0.0.1/8", 1)):
+            with pytest.raises(DatapathError):
+                ms.apply([bad])
+        # policy config keys are reported only when non-zero
+        ms.apply([Op("config", "policy_enforced", None), Op("config", "policy_default", None)])
+        assert ms.read_all()["config"] == {"reject_all": 0, "mode": 0}
     finally:
         ms.close()

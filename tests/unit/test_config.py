@@ -156,6 +156,10 @@ INVALID: list[Bad] = [
     Bad("controller-window-too-small", _cfg("controller:\n  window: 3\n  tls: {ca: a, cert: b, key: c}\n"), "controller.window", "must be between 16"),
     Bad("controller-lease-negative", _cfg("controller:\n  lease_s: -1\n  tls: {ca: a, cert: b, key: c}\n"), "controller.lease_s", "between 0 and 3600"),
     Bad("controller-not-mapping", _cfg("controller: '0.0.0.0:9470'\n"), "controller", "must be a mapping"),
+    # policy map sizes (docs/policies.md)
+    Bad("datapath-size-policy-too-small", _cfg("datapath:\n  sizes:\n    policy: 8\n"), "datapath.sizes.policy", "must be between 16"),
+    Bad("datapath-size-cidr-ident-string", _cfg("datapath:\n  sizes:\n    cidr_ident: many\n"), "datapath.sizes.cidr_ident", "must be an integer"),
+    Bad("datapath-size-names-too-big", _cfg("datapath:\n  sizes:\n    names: 99999999\n"), "datapath.sizes.names", "must be between"),
 ]
 
 VALID_EXTRA = {
@@ -165,6 +169,7 @@ VALID_EXTRA = {
     "port-ranges": _cfg("filter:\n  open_ports: [443, '8000-8100', 80, 443]\n"),
     "registry-grpc": _cfg("registry:\n  backend: grpc\n  controller: 'ctl.example:9470'\n  tls: {ca: /etc/overlay/certs/ca.crt, cert: /etc/overlay/certs/web-1.crt, key: /etc/overlay/certs/web-1.key, server_name: ctl.example}\n"),
     "controller": "overlay_subnet: 192.168.0.0/18\nregistry:\n  hosts: ['127.0.0.1:2181']\ncontroller:\n  listen: '0.0.0.0:9470'\n  lease_s: 30\n  window: 10000\n  tls: {ca: ca.crt, cert: controller.crt, key: controller.key}\n",
+    "policy-map-sizes": _cfg("datapath:\n  sizes:\n    policy: 131072\n    cidr_ident: 256\n    names: 1024\n"),
 }
 
 

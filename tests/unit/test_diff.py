@@ -196,6 +196,13 @@ _values = {
     ),
     "failsafe": st.dictionaries(st.sampled_from(["198.18.0.0/15", "10.0.0.0/8", "192.0.2.7/32"]), st.integers(1, 3)),
     "config": st.fixed_dictionaries({"reject_all": st.integers(0, 1), "mode": st.integers(0, 1)}),
+    "policy": st.dictionaries(
+        st.tuples(st.integers(1, 4), st.sampled_from([1, 6, 17]), st.integers(0, 3), st.integers(14, 16)),
+        st.integers(1, 3), max_size=10,
+    ),
+    "cidr_ident": st.dictionaries(st.sampled_from(["10.0.0.0/8", "10.1.0.0/16"]), st.integers(1 << 31, (1 << 31) + 3)),
+    "names": st.dictionaries(st.tuples(st.sampled_from(["policy", "identity"]), st.integers(1, 3)),
+                             st.sampled_from(["web", "db", "p1"]), max_size=6),
 }
 states = st.fixed_dictionaries({t: _values[t] for t in TABLES})
 

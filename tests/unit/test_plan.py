@@ -10,6 +10,12 @@ from overlay.config import config_from_dict
 from overlay.model import Node
 from overlay.ops import FS_ALL, FS_SSH, MODE_AUDIT, MODE_ENFORCE, TABLES, NatEntry, PeerEntry
 from overlay.plan import AppliedPeer, bitmap_ports, churn, plan, ports_bitmap
+from overlay.policy import hash31
+
+
+def entry(groups=()) -> PeerEntry:
+    """The peers value of a member in ``groups``: its identity (overlay.policy)."""
+    return PeerEntry(identity=hash31(",".join(sorted(groups))) if groups else 1)
 
 SELF = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("web",))
 
@@ -46,7 +52,7 @@ def test_real_address(desc, peer, real):
     d = plan(SELF, [peer], cfg())
     assert d.tables["nat"] == {peer.overlay: NatEntry(real)}
     assert d.tables["rnat"] == {real: peer.overlay}
-    assert d.tables["peers"] == {real: PeerEntry()}
+    assert d.tables["peers"] == {real: entry(peer.groups)}
     assert d.by_id[peer.node_id] == AppliedPeer(peer.node_id, peer.network, peer.overlay, real, peer.groups)
     assert d.excluded == ()
 
@@ -71,7 +77,9 @@ def test_reverse_map_and_peers_table():
         "198.19.0.2": "192.168.1.2",
         "198.19.0.3": "192.168.1.3",
     }
-    assert d.tables["peers"] == {r: PeerEntry() for r in ("10.0.0.2", "198.19.0.2", "198.19.0.3")}
+    assert d.tables["peers"] == {
+        "10.0.0.2": entry(["web"]), "198.19.0.2": entry(["db"]), "198.19.0.3": entry(),
+    }
     # rnat is the exact inverse of the non-override nat entries
     assert {v.real: k for k, v in d.tables["nat"].items()} == d.tables["rnat"]
 
@@ -90,7 +98,7 @@ def test_nat_override_takes_precedence_over_the_peer_mapping():
     assert d.tables["nat"]["192.168.0.2"] == NatEntry("10.0.0.2")
     assert d.tables["rnat"]["10.9.9.9"] == "192.168.1.2"
     # the peer is still a member at its own real address
-    assert d.tables["peers"]["198.19.0.2"] == PeerEntry()
+    assert d.tables["peers"]["198.19.0.2"] == entry(["db"])
 
 
 def test_nat_override_without_a_peer():

@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import struct
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 PORT_WORDS = 1024
 SSH_PORT = 22
@@ -23,6 +23,12 @@ FS_SSH = 1
 FS_ALL = 2
 CT_F_EGRESS = 1
 CT_F_NAT = 2
+IDENTITY_NONE = 0
+IDENTITY_MEMBER = 1
+IDENTITY_CIDR = 0x80000000
+POLICY_PORT_BITS = 48
+POLICY_FULL_BITS = 64
+NAME_LEN = 256
 
 
 class CfgIndex(enum.IntEnum):
@@ -30,6 +36,8 @@ class CfgIndex(enum.IntEnum):
     EGRESS_IFINDEX = 1
     MODE = 2
     ABI_VERSION = 3
+    POLICY_ENFORCED = 4
+    POLICY_DEFAULT = 5
     MAX = 8
 
 
@@ -56,6 +64,7 @@ class Reason(enum.IntEnum):
     NAT_EGRESS = 23
     NAT_INGRESS = 24
     PASS_UNTOUCHED = 25
+    PASS_POLICY = 26
     COUNTER_MAX = 32
 
 
@@ -77,7 +86,15 @@ PASS_REASONS = {
     Reason.NAT_EGRESS: "nat_egress",
     Reason.NAT_INGRESS: "nat_ingress",
     Reason.PASS_UNTOUCHED: "untouched",
+    Reason.PASS_POLICY: "policy",
 }
+
+
+class NameKind(enum.IntEnum):
+    POLICY = 1
+    RULE = 2
+    IDENTITY = 3
+    CIDR = 4
 
 
 class PortSlot(enum.IntEnum):
@@ -96,6 +113,24 @@ class OvlPeerVal(ctypes.Structure):
 
 class OvlLpmKey(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+
+
+class OvlPolicyKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("identity", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+    ]
+
+
+class OvlNameKey(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_uint32), ("id", ctypes.c_uint32)]
+
+
+class OvlName(ctypes.Structure):
+    _fields_ = [("text", ctypes.c_char * NAME_LEN)]
 
 
 class OvlCtKey(ctypes.Structure):
@@ -136,6 +171,9 @@ STRUCTS = {
     "ovl_nat_val": OvlNatVal,
     "ovl_peer_val": OvlPeerVal,
     "ovl_lpm_key": OvlLpmKey,
+    "ovl_policy_key": OvlPolicyKey,
+    "ovl_name_key": OvlNameKey,
+    "ovl_name": OvlName,
     "ovl_ct_key": OvlCtKey,
     "ovl_ct_val": OvlCtVal,
     "ovl_drop_event": OvlDropEvent,
@@ -162,3 +200,9 @@ def be16_to_port(value: int) -> int:
 def lpm_key(cidr: str) -> OvlLpmKey:
     net = ipaddress.IPv4Network(cidr, strict=True)
     return OvlLpmKey(net.prefixlen, ip_to_be32(str(net.network_address)))
+
+
+def policy_key(identity: int, proto: int, port: int, port_bits: int) -> OvlPolicyKey:
+    """The ovl_policy key of ``identity``/``proto`` and the ports whose first
+    ``port_bits`` bits (0..16) are those of ``port`` (host order)."""
+    return OvlPolicyKey(POLICY_PORT_BITS + port_bits, identity, proto, 0, port_to_be16(port))

@@ -11,7 +11,9 @@ libbpf (each one is a single ``bpf(2)`` command):
   element when the kernel refuses the batch command for a map type (LPM
   tries, for example), and ``items`` which batch-reads where it can;
 - ``map_info(fd)`` and ``prog_info(fd)`` (``bpf_obj_get_info_by_fd``);
-- ``map_create`` for the loader's own small maps.
+- ``map_create`` for the loader's own small maps;
+- :class:`RingBuffer`: a reader of a ring buffer map (``ring_buffer__new``,
+  ``__poll``, ``__free``), e.g. the pinned ``ovl_events`` for ``overlay drops``.
 
 Keys and values are ``bytes`` (or anything ``bytes()`` accepts: ctypes
 structures, ``bytearray``). Every failure raises
@@ -516,3 +518,69 @@ def delete_batch(fd: int, keys_: list[bytes], key_size: int) -> None:
     # ENOENT stops the batch at the first absent key: go on one by one.
     for k in keys_[done:]:
         delete(fd, k, key_size)
+
+
+# -- ring buffers ----------------------------------------------------------------
+
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class RingBuffer:
+    """Consume a BPF ring buffer map (by fd, e.g. from :func:`obj_get` of its pin).
+
+    ``callback(data: bytes)`` is called from :meth:`poll` for every record;
+    an exception it raises stops the poll and is raised again from there. A
+    ring buffer has one consumer position, shared by every reader: two
+    readers of the same map each see only part of the records.
+    """
+
+    def __init__(self, fd: int, callback):
+        lib = _lib()
+        lib.ring_buffer__new.argtypes = [ctypes.c_int, _SAMPLE_FN, _p, _p]
+        lib.ring_buffer__new.restype = _p
+        lib.ring_buffer__poll.argtypes = [_p, ctypes.c_int]
+        lib.ring_buffer__poll.restype = ctypes.c_int
+        lib.ring_buffer__free.argtypes = [_p]
+        lib.ring_buffer__free.restype = None
+        self._lib = lib
+        self._error: BaseException | None = None
+
+        def sample(_ctx, data, size):
+            try:
+                callback(ctypes.string_at(data, size))
+            except BaseException as exc:  # noqa: BLE001 - re-raised from poll()
+                self._error = exc
+                return -1
+            return 0
+
+        self._sample = _SAMPLE_FN(sample)  # keep a reference while libbpf holds it
+        ctypes.set_errno(0)
+        self._rb = lib.ring_buffer__new(fd, self._sample, None, None)
+        if not self._rb:
+            _raise("ring_buffer__new", ctypes.get_errno() or _errno.EINVAL)
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for records and consume them; how many."""
+        if not self._rb:
+            raise DatapathError("ring buffer is closed")
+        n = self._lib.ring_buffer__poll(self._rb, int(timeout_ms))
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise exc
+        if n < 0:
+            code = _err(n)
+            if code == _errno.EINTR:
+                return 0
+            _raise("ring_buffer__poll", code)
+        return n
+
+    def close(self) -> None:
+        if self._rb:
+            self._lib.ring_buffer__free(self._rb)
+            self._rb = None
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()

@@ -68,6 +68,9 @@ MAPS = (
     "ovl_cfg",
     "ovl_counters",
     "ovl_events",
+    "ovl_cidr_ident",
+    "ovl_policy",
+    "ovl_names",
 )
 
 DEFAULT_SIZES: dict[str, int] = {
@@ -76,6 +79,9 @@ DEFAULT_SIZES: dict[str, int] = {
     "OVL_CT_MAX": 262144,
     "OVL_FAILSAFE_MAX": 1024,
     "OVL_EVENTS_PAGES": 16,
+    "OVL_POLICY_MAX": 65536,
+    "OVL_CIDR_IDENT_MAX": 4096,
+    "OVL_NAMES_MAX": 65536,
 }
 _SIZE_LIMIT = 1 << 26
 
@@ -254,6 +260,27 @@ def map_specs(sizes: Mapping[str, int] | None = None) -> dict[str, MapSpec]:
         "ovl_cfg": MapSpec(_MAP_ARRAY, u32, u64, abi.CfgIndex.MAX),
         "ovl_counters": MapSpec(_MAP_PERCPU_ARRAY, u32, u64, abi.Reason.COUNTER_MAX),
         "ovl_events": MapSpec(_MAP_RINGBUF, 0, 0, s["OVL_EVENTS_PAGES"] * _PAGE_SIZE),
+        "ovl_cidr_ident": MapSpec(
+            _MAP_LPM_TRIE,
+            ctypes.sizeof(abi.OvlLpmKey),
+            u32,
+            s["OVL_CIDR_IDENT_MAX"],
+            _BPF_F_NO_PREALLOC,
+        ),
+        "ovl_policy": MapSpec(
+            _MAP_LPM_TRIE,
+            ctypes.sizeof(abi.OvlPolicyKey),
+            u32,
+            s["OVL_POLICY_MAX"],
+            _BPF_F_NO_PREALLOC,
+        ),
+        "ovl_names": MapSpec(
+            _MAP_HASH,
+            ctypes.sizeof(abi.OvlNameKey),
+            ctypes.sizeof(abi.OvlName),
+            s["OVL_NAMES_MAX"],
+            _BPF_F_NO_PREALLOC,
+        ),
     }
 
 

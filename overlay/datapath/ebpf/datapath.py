@@ -34,7 +34,7 @@ import struct
 from collections.abc import Mapping
 
 from overlay.datapath.ebpf import abi, bpfsys, netdev
-from overlay.datapath.ebpf.maps import CFG, MapSet, ports_to_list
+from overlay.datapath.ebpf.maps import CFG, MapSet, ports_to_list, to_jsonable
 from overlay.errors import DatapathError, OverlayError, UnsupportedError
 from overlay.ops import Op
 
@@ -52,6 +52,9 @@ _SIZE_FIELDS = {
     "conntrack": "OVL_CT_MAX",
     "failsafe": "OVL_FAILSAFE_MAX",
     "events_pages": "OVL_EVENTS_PAGES",
+    "policy": "OVL_POLICY_MAX",
+    "cidr_ident": "OVL_CIDR_IDENT_MAX",
+    "names": "OVL_NAMES_MAX",
 }
 
 PROGRAM_PINS = {
@@ -465,7 +468,10 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             "mode": maps.get_cfg(abi.CfgIndex.MODE),
             "egress_ifindex": maps.get_cfg(abi.CfgIndex.EGRESS_IFINDEX),
             "abi_version": maps.get_cfg(abi.CfgIndex.ABI_VERSION),
+            "policy_enforced": maps.get_cfg(abi.CfgIndex.POLICY_ENFORCED),
+            "policy_default": maps.get_cfg(abi.CfgIndex.POLICY_DEFAULT),
         }
+        js = to_jsonable(state)
         fill = maps.fill()
 
         def body(name: str, entries) -> dict:
@@ -484,6 +490,9 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             }),
             "ovl_ports": body("ovl_ports", ports_to_list(state["ports"])),
             "ovl_failsafe": body("ovl_failsafe", dict(state["failsafe"])),
+            "ovl_policy": body("ovl_policy", js["policy"]),
+            "ovl_cidr_ident": body("ovl_cidr_ident", js["cidr_ident"]),
+            "ovl_names": body("ovl_names", js["names"]),
             "ovl_cfg": body(CFG, cfg),
             "ovl_ct": body("ovl_ct", maps.ct_entries()),
             "ovl_counters": {"entries": maps.counters()},

@@ -14,11 +14,18 @@ peers        ovl_peers (hash)    be32 real -> ovl_peer_val{identity, flags}
 ports        ovl_ports (array)   u32 slot*PORT_WORDS+word -> u64 bitmap word
 failsafe     ovl_failsafe (lpm)  ovl_lpm_key{prefixlen, be32 addr} -> u32 flags
 config       ovl_cfg (array)     u32 enum ovl_cfg_index -> u64
+policy       ovl_policy (lpm)    ovl_policy_key{48 + bits, identity, proto, 0,
+                                 be16 first port} -> u32 policy index
+cidr_ident   ovl_cidr_ident      ovl_lpm_key -> u32 CIDR identity
+             (lpm)
+names        ovl_names (hash)    ovl_name_key{enum ovl_name_kind, number} ->
+                                 ovl_name{NUL-terminated text}
 ===========  ==================  ===========================================
 
 Arrays have no deletion: deleting a ``ports`` word or a ``config`` key
-writes 0, and ``read_all`` reports only non-zero ``ports`` words (both
-``config`` keys are always reported).
+writes 0, and ``read_all`` reports only non-zero ``ports`` words
+(``reject_all`` and ``mode`` are always reported, ``policy_enforced`` and
+``policy_default`` only when non-zero, as the planner writes them).
 
 Counter names (:meth:`MapSet.counters`, used by /status and /metrics):
 drops as ``drop_`` + their ``abi.DROP_REASONS`` name (``drop_no_peer``,
@@ -27,7 +34,7 @@ the prefix for /status ``drops``, and the iptables backend uses the same
 names); verdict passes as ``pass_`` + their ``abi.PASS_REASONS`` name
 (``pass_failsafe``, ``pass_established``, ``pass_loopback``,
 ``pass_member``, ``pass_open_port``, ``pass_default``, ``pass_related``,
-``pass_untouched``); the two translation counters keep their names
+``pass_untouched``, ``pass_policy``); the two translation counters keep their names
 (``nat_egress``, ``nat_ingress``). Each is the sum over CPUs.
 """
 
@@ -50,22 +57,41 @@ NAT, RNAT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS, EVENTS = (
     "ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ports", "ovl_failsafe", "ovl_ct", "ovl_cfg",
     "ovl_counters", "ovl_events",
 )
+CIDR_IDENT, POLICY, NAMES = "ovl_cidr_ident", "ovl_policy", "ovl_names"
 # The maps this module reads and writes (the ring buffer is read elsewhere).
-DATA_MAPS = (NAT, RNAT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS)
+DATA_MAPS = (NAT, RNAT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS, CIDR_IDENT, POLICY, NAMES)
 
 TABLE_MAP = {
     "nat": NAT, "rnat": RNAT, "peers": PEERS, "ports": PORTS, "failsafe": FAILSAFE,
-    "config": CFG,
+    "config": CFG, "policy": POLICY, "cidr_ident": CIDR_IDENT, "names": NAMES,
 }
-CONFIG_INDEX = {"reject_all": abi.CfgIndex.REJECT_ALL, "mode": abi.CfgIndex.MODE}
+CONFIG_INDEX = {
+    "reject_all": abi.CfgIndex.REJECT_ALL,
+    "mode": abi.CfgIndex.MODE,
+    "policy_enforced": abi.CfgIndex.POLICY_ENFORCED,
+    "policy_default": abi.CfgIndex.POLICY_DEFAULT,
+}
+_CONFIG_ALWAYS = ("reject_all", "mode")   # reported even when 0
+NAME_KIND = {
+    "policy": abi.NameKind.POLICY, "rule": abi.NameKind.RULE,
+    "identity": abi.NameKind.IDENTITY, "cidr": abi.NameKind.CIDR,
+}
+_KIND_NAME = {int(v): k for k, v in NAME_KIND.items()}
+# The config size (datapath.sizes.<key>) of each map that can fill up.
+SIZE_KEY = {
+    NAT: "nat", RNAT: "nat", PEERS: "peers", FAILSAFE: "failsafe", CT: "conntrack",
+    POLICY: "policy", CIDR_IDENT: "cidr_ident", NAMES: "names",
+}
 
 # Order in which apply() writes, so the datapath never sees a half state
 # that is wider or more broken than either end: translations go last on
-# the way in and first on the way out, and config (reject_all) is written
-# once peers, ports and the failsafe are in place.
-_PUT_ORDER = ("failsafe", "peers", "rnat", "ports", "nat", "config")
+# the way in and first on the way out; a policy entry is written before the
+# identity that uses it (peers, cidr_ident) and deleted after it; config
+# (reject_all, policy_enforced) is written once everything else is in place.
+_PUT_ORDER = ("failsafe", "names", "policy", "cidr_ident", "peers", "rnat", "ports", "nat", "config")
 _DEL_FIRST = ("nat",)
-_DEL_LAST = ("rnat", "peers", "ports", "failsafe")
+_DEL_LAST = ("rnat", "peers", "ports", "failsafe", "cidr_ident", "policy", "names")
+_CAPACITY_TABLES = ("nat", "rnat", "peers", "failsafe", "policy", "cidr_ident", "names")
 
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
@@ -88,11 +114,11 @@ def _addr(value, what: str) -> int:
         raise DatapathError(f"{what}: not an IPv4 address: {value!r}") from None
 
 
-def _cidr(value) -> str:
+def _cidr(value, table: str = "failsafe") -> str:
     try:
         return str(ipaddress.IPv4Network(value, strict=True))
     except (ValueError, TypeError):
-        raise DatapathError(f"failsafe: not an IPv4 network: {value!r}") from None
+        raise DatapathError(f"{table}: not an IPv4 network: {value!r}") from None
 
 
 def _u(value, bits: int, what: str) -> int:
@@ -120,12 +146,34 @@ def encode_key(table: str, key) -> bytes:
                 f"{abi.PORT_WORDS} words)"
             )
         return _U32.pack(int(slot) * abi.PORT_WORDS + word)
-    if table == "failsafe":
-        return bytes(abi.lpm_key(_cidr(key)))
+    if table in ("failsafe", "cidr_ident"):
+        return bytes(abi.lpm_key(_cidr(key, table)))
     if table == "config":
         if key not in CONFIG_INDEX:
             raise DatapathError(f"config key: unknown {key!r} (known: {', '.join(CONFIG_INDEX)})")
         return _U32.pack(int(CONFIG_INDEX[key]))
+    if table == "policy":
+        try:
+            identity, proto, port, bits = key
+        except (TypeError, ValueError):
+            raise DatapathError(f"policy key: expected (identity, proto, port, bits), got {key!r}") from None
+        _u(identity, 32, "policy identity")
+        _u(proto, 8, "policy proto")
+        _u(port, 16, "policy port")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 16:
+            raise DatapathError(f"policy key {key!r}: port bits must be 0..16")
+        if port & ((1 << (16 - bits)) - 1):
+            raise DatapathError(f"policy key {key!r}: port {port} has bits past the first {bits}")
+        return bytes(abi.policy_key(identity, proto, port, bits))
+    if table == "names":
+        try:
+            kind, number = key
+            kind_id = NAME_KIND[kind]
+        except (TypeError, ValueError, KeyError):
+            raise DatapathError(
+                f"names key: expected (kind, number) with kind in {', '.join(NAME_KIND)}, got {key!r}"
+            ) from None
+        return bytes(abi.OvlNameKey(int(kind_id), _u(number, 32, "names number")))
     raise DatapathError(f"unknown table {table!r}")
 
 
@@ -152,6 +200,17 @@ def encode_value(table: str, value) -> bytes:
         return _U32.pack(_u(value, 32, "failsafe flags"))
     if table == "config":
         return _U64.pack(0 if value is None else _u(value, 64, "config value"))
+    if table == "policy":
+        return _U32.pack(_u(value, 32, "policy index"))
+    if table == "cidr_ident":
+        return _U32.pack(_u(value, 32, "cidr identity"))
+    if table == "names":
+        if not isinstance(value, str):
+            raise DatapathError(f"names value: expected text, got {value!r}")
+        raw = value.encode()
+        if len(raw) >= abi.NAME_LEN or b"\0" in raw:
+            raise DatapathError(f"names value: {len(raw)} bytes (at most {abi.NAME_LEN - 1}, no NUL)")
+        return bytes(abi.OvlName(raw))
     raise DatapathError(f"unknown table {table!r}")
 
 
@@ -173,9 +232,17 @@ def decode_item(table: str, key: bytes, value: bytes):
     if table == "ports":
         idx = _U32.unpack(key)[0]
         return (idx // abi.PORT_WORDS, idx % abi.PORT_WORDS), _U64.unpack(value)[0]
-    if table == "failsafe":
+    if table in ("failsafe", "cidr_ident"):
         k = abi.OvlLpmKey.from_buffer_copy(key)
         return f"{abi.be32_to_ip(k.addr)}/{k.prefixlen}", _U32.unpack(value[:4])[0]
+    if table == "policy":
+        k = abi.OvlPolicyKey.from_buffer_copy(key)
+        bits = k.prefixlen - abi.POLICY_PORT_BITS
+        return (k.identity, k.proto, abi.be16_to_port(k.port), bits), _U32.unpack(value[:4])[0]
+    if table == "names":
+        k = abi.OvlNameKey.from_buffer_copy(key)
+        text = value.split(b"\0", 1)[0].decode(errors="replace")
+        return (_KIND_NAME.get(k.kind, str(k.kind)), k.id), text
     raise DatapathError(f"unknown table {table!r}")
 
 
@@ -214,6 +281,12 @@ def to_jsonable(state: Mapping[str, Mapping]) -> dict[str, dict]:
         "ports": ports_to_list(state["ports"]),
         "failsafe": dict(state["failsafe"]),
         "config": dict(state["config"]),
+        "policy": [
+            {"identity": i, "proto": p, "port": port, "bits": b, "index": v}
+            for (i, p, port, b), v in sorted(state.get("policy", {}).items())
+        ],
+        "cidr_ident": dict(state.get("cidr_ident", {})),
+        "names": {f"{kind}:{n}": text for (kind, n), text in sorted(state.get("names", {}).items())},
     }
 
 
@@ -294,7 +367,12 @@ class MapSet:
 
     def read_table(self, table: str) -> dict:
         if table == "config":
-            return {name: self.get_cfg(idx) for name, idx in CONFIG_INDEX.items()}
+            out = {}
+            for name, idx in CONFIG_INDEX.items():
+                value = self.get_cfg(idx)
+                if value or name in _CONFIG_ALWAYS:
+                    out[name] = value
+            return out
         out = {}
         for k, v in self._items(TABLE_MAP[table]):
             key, value = decode_item(table, k, v)
@@ -328,7 +406,7 @@ class MapSet:
         """{map: {"entries": n, "max_entries": m}} for the maps that fill up
         (hash tables, the LPM trie, conntrack; ``ovl_ports`` counts non-zero words)."""
         out = {}
-        for name in (NAT, RNAT, PEERS, FAILSAFE, CT, PORTS):
+        for name in (NAT, RNAT, PEERS, FAILSAFE, CT, PORTS, POLICY, CIDR_IDENT, NAMES):
             info = self.info(name)
             if name == PORTS:
                 n = sum(1 for _, v in self._items(name) if _U64.unpack(v[:8])[0])
@@ -370,7 +448,10 @@ class MapSet:
             self._delete(table, dels[table])
 
     def _check_capacity(self, puts, dels) -> None:
-        for table in ("nat", "rnat", "peers", "failsafe"):
+        """Refuse the whole apply (CapacityError, nothing written) when any map
+        would overflow; the message names every map that would."""
+        over = []
+        for table in _CAPACITY_TABLES:
             if not puts[table]:
                 continue
             name = TABLE_MAP[table]
@@ -378,10 +459,12 @@ class MapSet:
             current = set(bpfsys.keys(self.fd(name), info.key_size, info.max_entries + 1))
             after = (current - set(dels[table])) | {k for k, _ in puts[table]}
             if len(after) > info.max_entries:
-                raise CapacityError(
+                over.append(
                     f"{table}: {len(after)} entries would exceed {name} max_entries "
-                    f"{info.max_entries}; nothing applied"
+                    f"{info.max_entries} (datapath.sizes.{SIZE_KEY[name]})"
                 )
+        if over:
+            raise CapacityError("; ".join(over) + "; nothing applied")
 
     def _put(self, table: str, items: list[tuple[bytes, bytes]]) -> None:
         if not items:
