@@ -8,7 +8,10 @@ standalone ZooKeeper on its loopback, a churner and K watcher processes
   watch, read and validate the changed record): the time a change takes to
   reach a process, the floor of any agent;
 - ``dryrun``: K agents (``overlay.agent.Agent`` with the dry-run datapath):
-  registry -> guard -> plan -> diff -> apply, timestamped at apply.
+  registry -> guard -> plan -> diff -> apply, timestamped at apply, with
+  ``guard.settle_s: 0``; and once (metrics ``*_default_config``) with the
+  default config, whose guard waits ``guard.settle_s`` before applying a
+  re-addressed peer on purpose.
 
 Latency of one change at one watcher = its timestamp - the znode's mtime
 (ZooKeeper's commit time, milliseconds, same machine clock). Per round of M
@@ -93,15 +96,18 @@ def _wait_all_ready(procs: list[_Proc], timeout: float) -> None:
 
 
 def _one(ns: Netns, hosts: str, churner: _Proc, mode: str, k: int, n: int, rounds: int,
-         changes: int, rate: float, settle_s: float, log, tag: str) -> dict:
+         changes: int, rate: float, settle_s: float, log, tag: str,
+         guard_settle_s: float | None) -> dict:
     prefix = f"/bench-{tag}"
     churner.send({"cmd": "setup", "prefix": prefix, "n": n})
     churner.read(120)
     watchers: list[_Proc] = []
+    extra = [] if guard_settle_s is None else ["--settle-s", f"{guard_settle_s:g}"]
     try:
         for i in range(k):
             watchers.append(_Proc(ns, ["watch", "--hosts", hosts, "--prefix", prefix,
-                                       "--id", str(i), "--mode", mode, "--n", str(n)], log))
+                                       "--id", str(i), "--mode", mode, "--n", str(n), *extra],
+                                  log))
         _wait_all_ready(watchers, 60 + 4.0 * k)
         sent: list[list[list]] = []
         for r in range(rounds):
@@ -151,24 +157,35 @@ def run_fanout(results: ResultSet, zk_ns: Netns, params: dict, log_dir: str,
         churner.read(60)
         n, rounds, changes, rate = (params["fanout_peers"], params["fanout_rounds"],
                                     params["fanout_changes"], params["fanout_rate"])
-        for k in params["fanout_agents"]:
-            for mode, backend in (("bare", "bare"), ("agent", "dryrun")):
-                t0 = time.monotonic()
-                got = _one(zk_ns, hosts, churner, mode, k, n, rounds, changes, rate,
-                           params["fanout_settle_s"], log, f"{k}-{mode}")
-                note = (f"{k} processes, {rounds} rounds of {changes} changes at {rate:g}/s; "
-                        f"{got['missed']} of {got['samples']} (change, process) pairs not seen")
-                if got["p99"]:
-                    for metric, vals in (("event_to_apply_ms_p50", got["p50"]),
-                                         ("event_to_apply_ms_p99", got["p99"])):
-                        results.add(make_row("fanout", backend, n, metric, "ms", vals, note,
-                                             digits=2, agents=k))
-                else:
-                    results.error("fanout", f"{backend} K={k}: no change was seen")
-                say(f"  fanout {backend:7s} K={k:3d}: p50 "
-                    f"{statistics.median(got['p50']) if got['p50'] else float('nan'):8.1f} ms, p99 "
-                    f"{statistics.median(got['p99']) if got['p99'] else float('nan'):8.1f} ms "
-                    f"({got['missed']} missed, {time.monotonic() - t0:.0f} s)")
+        # (backend, mode, guard.settle_s, metric suffix): the agents run with settle_s 0 (the
+        # pipeline's own latency); once more at the smallest K with the default config, whose
+        # guard deliberately waits guard.settle_s before applying a re-addressed peer.
+        runs = [(k, "bare", "bare", None, "") for k in params["fanout_agents"]]
+        runs += [(k, "dryrun", "agent", 0.0, "") for k in params["fanout_agents"]]
+        runs.sort(key=lambda r: r[0])
+        if params.get("fanout_default_config"):
+            runs.append((min(params["fanout_agents"]), "dryrun", "agent", None,
+                         "_default_config"))
+        for k, backend, mode, guard_settle, suffix in runs:
+            t0 = time.monotonic()
+            got = _one(zk_ns, hosts, churner, mode, k, n, rounds, changes, rate,
+                       params["fanout_settle_s"], log, f"{k}-{mode}{suffix}", guard_settle)
+            note = (f"{k} processes, {rounds} rounds of {changes} changes at {rate:g}/s; "
+                    f"{got['missed']} of {got['samples']} (change, process) pairs not seen")
+            if mode == "agent":
+                note += ("; guard.settle_s " + ("0" if guard_settle is not None else
+                                                "default (the guard waits before applying)"))
+            if got["p99"]:
+                for metric, vals in (("event_to_apply_ms_p50", got["p50"]),
+                                     ("event_to_apply_ms_p99", got["p99"])):
+                    results.add(make_row("fanout", backend, n, metric + suffix, "ms", vals, note,
+                                         digits=2, agents=k))
+            else:
+                results.error("fanout", f"{backend}{suffix} K={k}: no change was seen")
+            say(f"  fanout {backend + suffix:22s} K={k:3d}: p50 "
+                f"{statistics.median(got['p50']) if got['p50'] else float('nan'):8.1f} ms, p99 "
+                f"{statistics.median(got['p99']) if got['p99'] else float('nan'):8.1f} ms "
+                f"({got['missed']} missed, {time.monotonic() - t0:.0f} s)")
     finally:
         if churner is not None:
             with contextlib.suppress(Exception):

@@ -6,8 +6,9 @@
         the real address of peers i..i+M-1, one every 1/r s, and answers each
         change's (overlay, new real, znode mtime in ms); {"cmd": "quit"}.
     python -m bench.fanout_proc watch  --hosts H --prefix P --id ID --mode agent|bare --n N
+                                       [--settle-s S]
         agent: the daemon's Agent (ZooKeeper registry, dry-run datapath that
-               timestamps every applied NAT entry);
+               timestamps every applied NAT entry; guard.settle_s S if given);
         bare:  the registry alone, timestamping every record change it sees.
         Prints {"ready": ...} once it holds all N peers, then on stdin "dump"
         prints {"seen": [[overlay, real, unix time], ...]}; exits on EOF.
@@ -106,6 +107,9 @@ def _config(args):
     from overlay.config import config_from_dict
 
     k = int(args.id)
+    guard: dict = {"max_change": 1000000}  # the churn is intended: never hold it
+    if args.settle_s is not None:
+        guard["settle_s"] = args.settle_s
     return config_from_dict({
         "node_id": f"watcher-{k}",
         "network": NETWORK,
@@ -117,7 +121,7 @@ def _config(args):
         },
         "registry": {"backend": "zookeeper", "hosts": [args.hosts], "prefix": args.prefix},
         "datapath": {"backend": "dryrun"},
-        "guard": {"max_change": 1000000},  # the churn is intended: never hold it
+        "guard": guard,
         "throttle": {"min_s": 0, "max_s": 0},
     })
 
@@ -202,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("agent", "bare"), default="agent")
     ap.add_argument("--n", type=int, default=0)
     ap.add_argument("--ready-timeout", type=float, default=180.0)
+    ap.add_argument("--settle-s", type=float, default=None,
+                    help="guard.settle_s of the agents (default: the config's default)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.role}-{args.id} %(name)s: %(message)s")

@@ -183,7 +183,14 @@ def generated(data: dict, results_dir: str) -> str:
                          f"{c('dryrun', 'event_to_apply_ms_p99')} |")
         note = fan[0].get("note")
         if note:
-            lines += ["", f"Churn: {note.split(';')[0].split(',', 1)[1].strip()}."]
+            lines += ["", f"Churn: {note.split(';')[0].split(',', 1)[1].strip()}. The agents run "
+                      "with `guard.settle_s: 0`, so the figures are the pipeline's own latency."]
+        dflt = sorted((r["agents"], r["metric"], r) for r in fan
+                      if r["metric"].endswith("_default_config"))
+        if dflt:
+            lines += ["", "With the default config (`guard.settle_s` 2 s: the guard waits "
+                      "before applying a re-addressed peer, on purpose): " + ", ".join(
+                          f"K={k} {m.split('_')[-3]} {_cell(r, 1)} ms" for k, m, r in dflt) + "."]
         lines.append("")
     lines += ["### Plots", ""]
     for name in ("conn_setup", "rr", "stream", "update_one", "full_sync", "memory", "fanout"):

@@ -56,6 +56,7 @@ PROFILES: dict[str, dict] = {
         "memory_peers": [1000, 10000, 50000], "memory_reps": 3,
         "fanout_agents": [10, 25, 50], "fanout_peers": 1000, "fanout_rounds": 3,
         "fanout_changes": 20, "fanout_rate": 2.0, "fanout_settle_s": 4.0,
+        "fanout_default_config": True,
     },
     "quick": {
         "peers": [1, 10000], "reps": 3, "nice": -10,
@@ -65,6 +66,7 @@ PROFILES: dict[str, dict] = {
         "memory_peers": [10000], "memory_reps": 2,
         "fanout_agents": [10], "fanout_peers": 500, "fanout_rounds": 2,
         "fanout_changes": 10, "fanout_rate": 4.0, "fanout_settle_s": 3.0,
+        "fanout_default_config": False,
     },
     "smoke": {
         "peers": [100], "reps": 1, "nice": None,
@@ -73,7 +75,8 @@ PROFILES: dict[str, dict] = {
         "map_write_reps": 2, "full_sync_reps": 1, "plan_diff_reps": 1,
         "memory_peers": [100], "memory_reps": 1,
         "fanout_agents": [2], "fanout_peers": 20, "fanout_rounds": 1,
-        "fanout_changes": 3, "fanout_rate": 10.0, "fanout_settle_s": 1.0,
+        "fanout_changes": 3, "fanout_rate": 10.0, "fanout_settle_s": 3.0,
+        "fanout_default_config": True,
     },
 }
 
