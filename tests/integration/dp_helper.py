@@ -9,6 +9,8 @@ Datapath actions (args: interface, private, overlay, pin_root, subnet):
   apply     start (adopt), apply ops, close
   observe   start (adopt), print observe() and counters(), close
   teardown  EbpfDatapath.remove()
+  plan      start (adopt), plan ``node`` (this one), ``peers``, ``policies`` (record JSON) under
+            ``config`` (a config mapping), apply the diff against observe(), close
 
 Ops spec: {"nat": {overlay: real}, "rnat": {real: overlay}, "peers": {real: identity},
 "ports": {"tcp": [port...], "udp": [...]}, "failsafe": {cidr: flags},
@@ -137,6 +139,30 @@ def act_hold(a: dict) -> None:
     dp.close()
 
 
+def act_plan(a: dict) -> None:
+    from overlay.config import config_from_dict
+    from overlay.diff import diff
+    from overlay.model import node_from_dict, policy_from_dict
+    from overlay.plan import plan
+
+    dp = _datapath(a)
+    dp.start()
+    try:
+        cfg = config_from_dict(a["config"])
+        me = node_from_dict({"v": 1, **a["node"]})
+        peers = [node_from_dict({"v": 1, **p}) for p in a.get("peers", [])]
+        policies = {pid: policy_from_dict(p, pid) for pid, p in a.get("policies", {}).items()}
+        desired = plan(me, peers, cfg, policies=policies)
+        ops = diff(desired.tables, dp.observe())
+        dp.apply(ops)
+        out = _state(dp)
+        out["ops"] = len(ops)
+        out["selected_by"] = list(desired.selected_by)
+        _out(out)
+    finally:
+        dp.close()
+
+
 def act_teardown(a: dict) -> None:
     from overlay.datapath.ebpf.datapath import EbpfDatapath
 
@@ -189,6 +215,8 @@ def act_connect_tcp(a: dict) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(a.get("timeout", 3))
     try:
+        if a.get("bind"):
+            s.bind((a["bind"], 0))  # the source address to connect from
         s.connect((a["host"], a["port"]))
         s.sendall(b"hello")
         reply = json.loads(s.recv(1000).decode())
@@ -310,7 +338,7 @@ def act_ping(a: dict) -> None:
 
 ACTIONS = {
     "start": act_start, "apply": act_apply, "observe": act_observe, "hold": act_hold,
-    "teardown": act_teardown, "serve-tcp": act_serve_tcp, "serve-udp": act_serve_udp,
+    "teardown": act_teardown, "plan": act_plan, "serve-tcp": act_serve_tcp, "serve-udp": act_serve_udp,
     "connect-tcp": act_connect_tcp, "send-udp": act_send_udp,
     "stream-serve": act_stream_serve, "ping": act_ping, "stream-send": act_stream_send,
 }
