@@ -14,6 +14,10 @@ from overlay.ops import Op
 
 @runtime_checkable
 class Datapath(Protocol):
+    """The methods every datapath has. Optional, used when present (not part of
+    the runtime check): ``fill() -> {map: {"entries": n, "max_entries": m}}``,
+    the fill levels ``/status`` reports (the eBPF datapath has it)."""
+
     name: str
 
     def start(self) -> None:

@@ -298,7 +298,8 @@ class EbpfDatapath:
 
     def _build_sizes(self) -> dict[str, int] | None:
         """``sizes`` as build.py takes them: a mapping of -D names (OVL_NAT_MAX...).
-        Accepts such a mapping or the config's MapSizes (nat, peers, conntrack, failsafe)."""
+        Accepts such a mapping or the config's MapSizes (nat, peers, conntrack, failsafe,
+        policy, cidr_ident, names)."""
         sizes = self.sizes
         if sizes is None or isinstance(sizes, Mapping):
             return dict(sizes) if sizes else None
