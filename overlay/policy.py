@@ -30,7 +30,7 @@ import hashlib
 import ipaddress
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from overlay.model import Policy
 from overlay.ops import IDENTITY_CIDR, IDENTITY_MEMBER, NAME_MAX_BYTES, PROTO_NUMBERS
@@ -156,17 +156,12 @@ class PolicyTables:
 
 
 def _policies_by_id(policies: Iterable[Policy] | Mapping[str, Policy]) -> list[Policy]:
+    """Policies sorted by id; a mapping's keys name policies that carry no id."""
     if isinstance(policies, Mapping):
-        items = [p if p.policy_id else _with_id(p, pid) for pid, p in policies.items()]
+        items = [p if p.policy_id else replace(p, policy_id=pid) for pid, p in policies.items()]
     else:
         items = list(policies)
     return sorted(items, key=lambda p: p.policy_id)
-
-
-def _with_id(policy: Policy, pid: str) -> Policy:
-    from dataclasses import replace
-
-    return replace(policy, policy_id=pid)
 
 
 def _containing(cidr: str, present: set[tuple[int, int]]) -> list[str]:
