@@ -466,7 +466,10 @@ def main_run(args) -> int:
     from bench.report import goals_text
 
     say(goals_text(data))
-    return 1 if data["run"]["errors"] and not data["rows"] else 0
+    if data["run"]["errors"]:
+        say(f"==> {len(data['run']['errors'])} suite error(s): see the run's errors.log")
+        return 1
+    return 0
 
 
 def main_report(args) -> int:
