@@ -67,11 +67,21 @@ static __always_inline void ovl_ct_nat_create(const struct ovl_pkt *p, __u32 rea
 {
 	struct ovl_ct_key k;
 	struct ovl_ct_val v = {};
+	struct ovl_ct_val *old;
+	__u64 now = bpf_ktime_get_ns();
 
 	ovl_ct_reply_key(&k, p->proto, real, p->saddr, p->sport, p->dport);
+	/* The common case is a packet of a flow already tracked with this same
+	 * translation: refresh the timestamp in place instead of rewriting the
+	 * LRU entry on every packet. */
+	old = ovl_ct.lookup(&k);
+	if (old && old->overlay == overlay && (old->flags & OVL_CT_F_NAT)) {
+		old->last_seen_ns = now;
+		return;
+	}
 	v.overlay = overlay;
 	v.flags = OVL_CT_F_EGRESS | OVL_CT_F_NAT;
-	v.last_seen_ns = bpf_ktime_get_ns();
+	v.last_seen_ns = now;
 	ovl_ct.update(&k, &v);
 }
 
