@@ -6,25 +6,14 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/packages.sh
+. "$ROOT/scripts/packages.sh"
 PACKAGES=(python3-matplotlib gcc util-linux iproute2 iptables ipset zookeeper)
 
 "$ROOT/scripts/setup.sh"
 
 printf '==> bench packages\n'
-missing=()
-for p in "${PACKAGES[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$p")
-  fi
-done
-if ((${#missing[@]})); then
-  echo "    installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
-else
-  echo "    all ${#PACKAGES[@]} present"
-fi
+ensure_packages "${PACKAGES[@]}"
 # .venv is made with --system-site-packages: Debian's matplotlib is visible in it
 "$ROOT/.venv/bin/python" -c "import matplotlib" \
   || { echo "bench-setup: matplotlib is not importable from .venv" >&2; exit 1; }

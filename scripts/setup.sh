@@ -6,6 +6,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/packages.sh
+. "$ROOT/scripts/packages.sh"
 VENV="$ROOT/.venv"
 PACKAGES=(
   python3 python3-venv python3-dev python3-bpfcc bpfcc-tools linux-headers-amd64
@@ -21,20 +23,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 step "Debian packages"
-missing=()
-for p in "${PACKAGES[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$p")
-  fi
-done
-if ((${#missing[@]})); then
-  echo "    installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
-else
-  echo "    all ${#PACKAGES[@]} present"
-fi
+ensure_packages "${PACKAGES[@]}"
 
 step "kernel headers for bcc"
 KVER="$(uname -r)"
