@@ -213,38 +213,45 @@ def member_ops(name: str) -> dict:
     return {"nat": nat, "rnat": rnat, "peers": peers}
 
 
+def wire_networks(ns: dict[str, Netns], hosts: dict[str, dict]) -> None:
+    """Wire the topology above into namespaces ``ns`` (keys "sw", "edgeB" and the host
+    names): h1, h2, h4 on network A's bridge, h3 behind edge B, the wan between the edges,
+    and the 1:1 NAT of every host that has a ``public`` address."""
+    sw, edge = ns["sw"], ns["edgeB"]
+    sw.run("ip", "link", "add", "br0", "type", "bridge")
+    sw.run("ip", "addr", "add", "10.0.0.254/24", "dev", "br0")
+    sw.run("ip", "link", "set", "br0", "up")
+    for i, h in enumerate(("h1", "h2", "h4"), start=1):
+        veth(ns[h], "eth0", sw, f"p{i}")
+        sw.run("ip", "link", "set", f"p{i}", "master", "br0")
+    veth(ns["h3"], "eth0", edge, "lan")
+    edge.run("ip", "addr", "add", "10.0.0.254/24", "dev", "lan")
+    veth(sw, "wan", edge, "wan")
+    sw.run("ip", "addr", "add", "198.18.0.1/30", "dev", "wan")
+    edge.run("ip", "addr", "add", "198.18.0.2/30", "dev", "wan")
+    sw.run("ip", "route", "add", "198.18.2.0/24", "via", "198.18.0.2")
+    edge.run("ip", "route", "add", "198.18.1.0/24", "via", "198.18.0.1")
+    for e in (sw, edge):
+        e.sysctl("net.ipv4.ip_forward", "1")
+    for name, h in hosts.items():
+        if h.get("public"):
+            # the edges' 1:1 NAT (emulation of the networks, not the product)
+            e = sw if h["network"] == "A" else edge
+            e.run("iptables", "-t", "nat", "-A", "PREROUTING", "-d", h["public"],
+                  "-j", "DNAT", "--to-destination", h["private"])
+            e.run("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", h["private"],
+                  "-o", "wan", "-j", "SNAT", "--to-source", h["public"])
+        ns[name].run("ip", "addr", "add", f"{h['private']}/24", "dev", "eth0")
+        ns[name].run("ip", "route", "add", "default", "via", "10.0.0.254")
+
+
 class Lab:
     """The topology above; ``start_datapaths()`` loads h1..h3 with member ops."""
 
     def __init__(self, make: NetnsSet):
         self.ns = {name: make(name) for name in ("sw", "edgeB", "h1", "h2", "h3", "h4")}
         self.pin_roots: dict[str, str] = {}
-        sw, edge = self.ns["sw"], self.ns["edgeB"]
-        sw.run("ip", "link", "add", "br0", "type", "bridge")
-        sw.run("ip", "addr", "add", "10.0.0.254/24", "dev", "br0")
-        sw.run("ip", "link", "set", "br0", "up")
-        for i, h in enumerate(("h1", "h2", "h4"), start=1):
-            veth(self.ns[h], "eth0", sw, f"p{i}")
-            sw.run("ip", "link", "set", f"p{i}", "master", "br0")
-        veth(self.ns["h3"], "eth0", edge, "lan")
-        edge.run("ip", "addr", "add", "10.0.0.254/24", "dev", "lan")
-        veth(sw, "wan", edge, "wan")
-        sw.run("ip", "addr", "add", "198.18.0.1/30", "dev", "wan")
-        edge.run("ip", "addr", "add", "198.18.0.2/30", "dev", "wan")
-        sw.run("ip", "route", "add", "198.18.2.0/24", "via", "198.18.0.2")
-        edge.run("ip", "route", "add", "198.18.1.0/24", "via", "198.18.0.1")
-        for ns in (sw, edge):
-            ns.sysctl("net.ipv4.ip_forward", "1")
-        for h in HOSTS.values():
-            edge_ns = sw if h["network"] == "A" else edge
-            edge_ns.run("iptables", "-t", "nat", "-A", "PREROUTING", "-d", h["public"],
-                        "-j", "DNAT", "--to-destination", h["private"])
-            edge_ns.run("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", h["private"],
-                        "-o", "wan", "-j", "SNAT", "--to-source", h["public"])
-        for name, h in [*HOSTS.items(), ("h4", OUTSIDER)]:
-            ns = self.ns[name]
-            ns.run("ip", "addr", "add", f"{h['private']}/24", "dev", "eth0")
-            ns.run("ip", "route", "add", "default", "via", "10.0.0.254")
+        wire_networks(self.ns, {**HOSTS, "h4": OUTSIDER})
         # the bridge forwards once its ports are up; bounded wait
         for _ in range(10):
             if self.ns["h1"].helper("ping", host="10.0.0.2", count=1, wait=1.0)["ok"]:

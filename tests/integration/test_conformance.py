@@ -35,7 +35,7 @@ import time
 
 import pytest
 
-from .conftest import PYTHON, Netns, veth
+from .conftest import PYTHON, Netns, wire_networks
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -233,32 +233,7 @@ class ConformanceLab:
     def build(self) -> None:
         for name in ("sw", "edgeB", *HOSTS):
             self._netns(name)
-        sw, edge = self.ns["sw"], self.ns["edgeB"]
-        sw.run("ip", "link", "add", "br0", "type", "bridge")
-        sw.run("ip", "addr", "add", "10.0.0.254/24", "dev", "br0")
-        sw.run("ip", "link", "set", "br0", "up")
-        for i, h in enumerate(("h1", "h2", "h4"), start=1):
-            veth(self.ns[h], "eth0", sw, f"p{i}")
-            sw.run("ip", "link", "set", f"p{i}", "master", "br0")
-        veth(self.ns["h3"], "eth0", edge, "lan")
-        edge.run("ip", "addr", "add", "10.0.0.254/24", "dev", "lan")
-        veth(sw, "wan", edge, "wan")
-        sw.run("ip", "addr", "add", "198.18.0.1/30", "dev", "wan")
-        edge.run("ip", "addr", "add", "198.18.0.2/30", "dev", "wan")
-        sw.run("ip", "route", "add", "198.18.2.0/24", "via", "198.18.0.2")
-        edge.run("ip", "route", "add", "198.18.1.0/24", "via", "198.18.0.1")
-        for ns in (sw, edge):
-            ns.sysctl("net.ipv4.ip_forward", "1")
-        for name, h in HOSTS.items():
-            # the edges' 1:1 NAT (emulation of the networks, not the product)
-            e = sw if h["network"] == "A" else edge
-            e.run("iptables", "-t", "nat", "-A", "PREROUTING", "-d", h["public"],
-                  "-j", "DNAT", "--to-destination", h["private"])
-            e.run("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", h["private"], "-o", "wan",
-                  "-j", "SNAT", "--to-source", h["public"])
-            ns = self.ns[name]
-            ns.run("ip", "addr", "add", f"{h['private']}/24", "dev", "eth0")
-            ns.run("ip", "route", "add", "default", "via", "10.0.0.254")
+        wire_networks(self.ns, HOSTS)
         for _ in range(10):  # the bridge forwards once its ports are up; bounded
             if self.probe({"h1": [{"proto": "icmp", "host": "10.0.0.2"}]}, timeout=1.0)["h1"][0]["ok"]:
                 break
