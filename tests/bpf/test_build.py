@@ -185,9 +185,6 @@ def test_pin_dir_must_be_a_plain_absolute_path(bad):
 
 
 def _map_id(fd: int) -> int:
-    info = build._MapInfo()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    from overlay.datapath.ebpf.testrun import libbpf
+    from overlay.datapath.ebpf import bpfsys
 
-    assert libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) == 0
-    return info.id
+    return bpfsys.map_info(fd).id

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import hashlib
 import logging
 import os
@@ -287,18 +286,6 @@ def map_specs(sizes: Mapping[str, int] | None = None) -> dict[str, MapSpec]:
 # ---------------------------------------------------------------- pinned maps
 
 
-class _MapInfo(ctypes.Structure):
-    # The head of struct bpf_map_info; the kernel fills what fits.
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-    ]
-
-
 def _check_pin_dir_name(pin_dir: str) -> str:
     if not os.path.isabs(pin_dir) or any(c in pin_dir for c in '"\\\n\0'):
         raise InvalidConfigError("datapath.pin_dir", f"must be an absolute plain path: {pin_dir!r}")
@@ -307,26 +294,25 @@ def _check_pin_dir_name(pin_dir: str) -> str:
 
 def map_spec_of_fd(fd: int) -> MapSpec:
     """The geometry of the map behind ``fd`` (as the kernel reports it)."""
-    from overlay.datapath.ebpf.testrun import libbpf
+    from overlay.datapath.ebpf import bpfsys
 
-    info = _MapInfo()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    rc = libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
-    if rc < 0:
-        raise DatapathError(f"fd {fd} is not a readable BPF map ({os.strerror(-rc)})")
-    return MapSpec(info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
+    try:
+        info = bpfsys.map_info(fd)
+    except DatapathError as e:
+        raise DatapathError(f"fd {fd} is not a readable BPF map ({e})") from None
+    return MapSpec(info.type, info.key_size, info.value_size, info.max_entries, info.flags)
 
 
 def _pinned_spec(path: str) -> MapSpec | None:
     """The geometry of the map pinned at ``path``; None if nothing is pinned there."""
-    from overlay.datapath.ebpf.testrun import libbpf
+    from overlay.datapath.ebpf import bpfsys
 
-    fd = libbpf().bpf_obj_get(path.encode())
-    if fd < 0:
-        err = -fd if fd < -1 else ctypes.get_errno()
-        if err == errno.ENOENT:
-            return None
-        raise DatapathError(f"cannot open the pinned object {path}: {os.strerror(err)}")
+    if not os.path.lexists(path):
+        return None
+    try:
+        fd = bpfsys.obj_get(path)
+    except DatapathError as e:
+        raise DatapathError(f"cannot open the pinned object {path}: {e}") from None
     try:
         return map_spec_of_fd(fd)
     except DatapathError as e:
