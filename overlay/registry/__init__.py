@@ -10,6 +10,7 @@ no arguments) whenever that view changed; the agent then reads
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -17,6 +18,19 @@ from typing import Protocol, runtime_checkable
 from overlay.model import Node, Policy
 
 Listener = Callable[[], None]
+
+log = logging.getLogger(__name__)
+
+
+def notify_listener(listener: Listener | None, node_id: str) -> None:
+    """Call a registry listener, if any; a failing listener is logged, never raised into
+    the registry's watch thread."""
+    if listener is None:
+        return
+    try:
+        listener()
+    except Exception:
+        log.exception("node %s: registry listener failed", node_id)
 
 
 @dataclass(frozen=True)

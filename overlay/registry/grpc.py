@@ -37,7 +37,7 @@ from overlay.controller.convert import change_from_pb
 from overlay.controller.errors import Unavailable
 from overlay.errors import InvalidRecord, OverlayError, RegistryError
 from overlay.model import Node, Policy, node_from_dict, policy_from_dict, valid_name
-from overlay.registry import Listener, RegistryView
+from overlay.registry import Listener, RegistryView, notify_listener
 
 log = logging.getLogger(__name__)
 
@@ -380,10 +380,4 @@ class GrpcRegistry:
             self._max_change = int(value["max_change"]) if value is not None else None
 
     def _notify(self) -> None:
-        listener = self._listener
-        if listener is None:
-            return
-        try:
-            listener()
-        except Exception:
-            log.exception("node %s: registry listener failed", self.node_id)
+        notify_listener(self._listener, self.node_id)

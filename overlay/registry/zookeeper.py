@@ -70,7 +70,7 @@ from overlay.model import (
     serialise_node,
     valid_name,
 )
-from overlay.registry import Listener, RegistryView
+from overlay.registry import Listener, RegistryView, notify_listener
 
 log = logging.getLogger(__name__)
 
@@ -989,13 +989,7 @@ class ZooKeeperRegistry:
         self._revision += 1
 
     def _notify(self) -> None:
-        listener = self._listener
-        if listener is None:
-            return
-        try:
-            listener()
-        except Exception:
-            log.exception("node %s: registry listener failed", self.node_id)
+        notify_listener(self._listener, self.node_id)
 
 
 def _put(d: dict, key: str, value: Any) -> bool:
