@@ -18,6 +18,10 @@ _LOGS = ("not needed: the daemon logs to stderr, which systemd sends to the jour
          "pipelines; for a file, redirect stderr (StandardError=append:PATH in the unit)")
 _LAYOUT = ("not needed: the ZooKeeper layout under registry.prefix is fixed "
            "(alloc/id-to-ip, alloc/ip-to-id, nodes/: docs/registry.md)")
+_AWS = ("not needed: nothing is tagged; discovery: {provider: aws-imds} reads the "
+        "instance metadata without keys")
+_NETWORK_SECTION = ("the old system's per-network section: set network: <this host's network> "
+                    "and registry.hosts")
 
 # old key -> what to write instead (or why nothing is needed)
 OLD_KEYS: dict[str, str] = {
@@ -36,14 +40,10 @@ OLD_KEYS: dict[str, str] = {
     "open_ports": "the old system's top-level key: use filter.open_ports",
     "ssh_whitelist": "the old system's top-level key: use filter.ssh_whitelist (a list of CIDRs)",
     "max_change": "the old system's top-level key: use guard.max_change",
-    "aws_key": ("not needed: nothing is tagged; discovery: {provider: aws-imds} reads the "
-                "instance metadata without keys"),
-    "aws_secret_key": ("not needed: nothing is tagged; discovery: {provider: aws-imds} reads "
-                       "the instance metadata without keys"),
-    "ec2": ("the old system's per-network section: set network: <this host's network> "
-            "and registry.hosts"),
-    "vpc": ("the old system's per-network section: set network: <this host's network> "
-            "and registry.hosts"),
+    "aws_key": _AWS,
+    "aws_secret_key": _AWS,
+    "ec2": _NETWORK_SECTION,
+    "vpc": _NETWORK_SECTION,
     "neti": ("the old system's [neti] section: its keys are top-level or in sections here "
              "(docs/config.md, \"Coming from the old system\")"),
     "overlay_ip": "the old system's key: use addresses.overlay",
