@@ -337,3 +337,4 @@ def test_netlink_reads_the_root_namespace_lo():
     # no root needed: reading addresses over netlink is unprivileged
     with __import__("pyroute2").IPRoute() as ipr:
         assert netlink.first_ipv4(ipr, "lo") == "127.0.0.1"
+
