@@ -9,7 +9,8 @@ tmpfs``), with ``OVERLAY_BPF_DIR`` and ``PYTHONPATH`` unset and ``/`` as the wor
 directory: nothing it does can read the repository's ``bpf/``, ``proto/`` or package.
 In that state two daemons of the fresh installation run in a namespace pair with the
 static registry: overlay traffic flows both ways (and to a ``nat_overrides`` key
-outside the overlay subnet), and ``overlay status --json`` answers.
+outside the overlay subnet), and ``overlay status --json`` answers; its ``overlay
+install-unit`` writes the packaged units for that virtualenv.
 """
 
 from __future__ import annotations
@@ -147,6 +148,15 @@ def test_installed_wheel_runs_a_daemon_pair_without_the_checkout(installed, netn
     assert probe.returncode == 0, probe.stderr
     pkg_file, bpf_dir = probe.stdout.split()
     assert pkg_file.startswith(f"{hidden.venv}/lib/") and bpf_dir.startswith(f"{hidden.venv}/lib/")
+    # the units and the sample config come from the wheel too, rendered for this virtualenv
+    root = dist[0] / "root"
+    res = hidden.run("overlay", "install-unit", "--root", str(root))
+    assert res.returncode == 0, res.stderr
+    unit = root / "etc/systemd/system/overlay.service"
+    assert f"ExecStart={hidden.venv}/bin/overlay daemon -c /etc/overlay/overlay.yaml" in unit.read_text().splitlines()
+    assert (root / "etc/overlay/overlay.yaml").read_bytes() == (REPO / "packaging/overlay.yaml").read_bytes()
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and "overlay.service" not in verify.stdout + verify.stderr, verify.stderr
 
     ns = {name: netns_factory(f"pkg{name}") for name in HOSTS}
     veth(ns["a"], "eth0", ns["b"], "eth0")
