@@ -28,6 +28,7 @@ PLUGIN_COMMANDS = (
     "overlay.lab.cli",
     "overlay.controller.cli",
     "overlay.drops_cli",
+    "overlay.install_unit",
 )
 
 
@@ -53,7 +54,8 @@ def cmd_check_config(args) -> int:
     from overlay.config import load_config
 
     cfg = load_config(args.file)
-    _out(f"{args.file}: OK (node {cfg.node_id}, network {cfg.network}, "
+    network = cfg.network or (f"from {cfg.discovery.provider}" if cfg.discovery else "-")
+    _out(f"{args.file}: OK (node {cfg.node_id}, network {network}, "
          f"registry {cfg.registry.backend}, datapath {cfg.datapath.backend})")
     return EXIT_OK
 
@@ -61,7 +63,7 @@ def cmd_check_config(args) -> int:
 def cmd_daemon(args) -> int:
     from overlay.daemon import run_daemon
 
-    return run_daemon(args.config, dry_run=args.dry_run, log_level=args.log_level)
+    return run_daemon(args.config, dry_run=args.dry_run, log_level=args.log_level, log_format=args.log_format)
 
 
 def _fetch_status(listen: str | None, config: str | None) -> dict:
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="overlay", description="Overlay: an overlay network with an eBPF datapath.")
     p.add_argument("--version", action="version", version=f"overlay {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="log lines as text (default) or one JSON object per line (docs/daemon.md)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
@@ -167,10 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from overlay.logs import setup_logging
+
+    setup_logging(None, args.log_level, args.log_format)
+    # with --log-format json the final error is a JSON log line too, for the same pipeline
+    err = _err if args.log_format == "text" else log.error
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
@@ -178,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except InvalidConfigError as exc:
-        _err(f"invalid config: {exc}")
+        err(f"invalid config: {exc}")
         return EXIT_USAGE
     except UnsupportedError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAILURE
     except OverlayError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE

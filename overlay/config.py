@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from overlay import addr
+from overlay.config_hints import unknown_key_reason
+from overlay.discovery import NETWORK_PROVIDERS
 from overlay.errors import InvalidConfigError, InvalidRecord
 from overlay.model import Node, node_from_dict, valid_name
 
@@ -126,7 +128,7 @@ class ThrottleConfig:
 @dataclass(frozen=True)
 class Config:
     node_id: str
-    network: str
+    network: str | None  # None: a controller's config, or discovery supplies it (NETWORK_PROVIDERS)
     overlay_subnet: ipaddress.IPv4Network
     addresses: Addresses | None = None
     discovery: Discovery | None = None
@@ -145,6 +147,11 @@ class Config:
     def nat_override_map(self) -> dict[str, str]:
         return dict(self.nat_overrides)
 
+    @property
+    def override_routes(self) -> tuple[str, ...]:
+        """``nat_overrides`` keys outside the overlay subnet: routed to the overlay device too."""
+        return tuple(k for k, _ in self.nat_overrides if ipaddress.IPv4Address(k) not in self.overlay_subnet)
+
 
 # --- a small reader that tracks the key path -------------------------------------------
 
@@ -159,14 +166,17 @@ class _Section:
             raise InvalidConfigError(path or "<top>", f"must be a mapping, got {_kind(obj)}")
         self._obj = dict(obj)
         self._path = path
+        self._known: set[str] = set()  # the keys this section was asked for: the valid ones
 
     def sub(self, key: str) -> str:
         return f"{self._path}.{key}" if self._path else key
 
     def has(self, key: str) -> bool:
+        self._known.add(key)
         return key in self._obj
 
     def get(self, key: str, conv: Callable[[Any], Any], default: Any = None, required: bool = False):
+        self._known.add(key)
         if key not in self._obj:
             if required:
                 raise InvalidConfigError(self.sub(key), "is required")
@@ -175,11 +185,13 @@ class _Section:
         return _convert(self.sub(key), value, conv)
 
     def section(self, key: str) -> _Section:
+        self._known.add(key)
         return _Section(self._obj.pop(key, None), self.sub(key))
 
     def done(self) -> None:
+        """Reject what is left: an old-system key with its replacement, else a near miss."""
         for key in self._obj:
-            raise InvalidConfigError(self.sub(str(key)), "unknown key")
+            raise InvalidConfigError(self.sub(str(key)), unknown_key_reason(str(key), self._known))
 
 
 def _kind(value: Any) -> str:
@@ -426,6 +438,13 @@ def _filter(sec: _Section) -> FilterConfig:
     return FilterConfig(reject_all, mode, tuple(sorted(set(open_ports))), tuple(dict.fromkeys(whitelist)))
 
 
+def _override_key(value: Any, subnet: ipaddress.IPv4Network) -> str:
+    """Any host address (the old system's overrides were not limited to the subnet);
+    inside the subnet, not its network or broadcast address."""
+    key = addr.host_ipv4(value)
+    return addr.in_subnet_host(key, subnet) if ipaddress.IPv4Address(key) in subnet else key
+
+
 def _nat_overrides(path: str, value: Any, subnet: ipaddress.IPv4Network) -> tuple[tuple[str, str], ...]:
     if value is None:
         return ()
@@ -434,8 +453,10 @@ def _nat_overrides(path: str, value: Any, subnet: ipaddress.IPv4Network) -> tupl
     out = []
     for key, target in value.items():
         kpath = f"{path}[{key!r}]" if not isinstance(key, str) else f"{path}.{key}"
-        overlay = _convert(kpath, key, lambda v: addr.in_subnet_host(v, subnet))
+        overlay = _convert(kpath, key, lambda v: _override_key(v, subnet))
         real = _convert(kpath, target, addr.host_ipv4)
+        if real == overlay:
+            raise InvalidConfigError(kpath, f"translates {overlay} to itself")
         out.append((overlay, real))
     return tuple(sorted(out))
 
@@ -464,7 +485,7 @@ def config_from_dict(obj: Any) -> Config:
     node_id = top.get("node_id", lambda v: valid_name(v, "node_id"), None)
     if node_id is None:
         node_id = _convert("node_id", socket.gethostname().split(".")[0] or "localhost", lambda v: valid_name(v, "node_id (from the hostname)"))
-    network = top.get("network", lambda v: valid_name(v, "network"), "default")
+    network = top.get("network", lambda v: valid_name(v, "network"), None)
     addresses = _addresses(top.section("addresses"), subnet) if top.has("addresses") else None
     discovery = _discovery(top.section("discovery")) if top.has("discovery") else None
     if addresses is not None and discovery is not None:
@@ -480,6 +501,10 @@ def config_from_dict(obj: Any) -> Config:
     state_dir = top.get("state_dir", _str, "/var/lib/overlay")
     controller = _controller(top.section("controller")) if top.has("controller") else None
     top.done()
+    if network is None and controller is None and (discovery is None or discovery.provider not in NETWORK_PROVIDERS):
+        raise InvalidConfigError("network", "is required: the address domain of this node (ec2, vpc, dc1...); "
+                                 "peers in the same network are reached at their private address, others at "
+                                 f"their public one (discovery provider {', '.join(NETWORK_PROVIDERS)} can supply it)")
     return Config(
         node_id=node_id,
         network=network,

@@ -8,41 +8,21 @@ throttle); an invalid new config is logged and the old one kept.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 
+from overlay import sdnotify
 from overlay.config import Config, load_config
 from overlay.errors import InvalidConfigError, OverlayError, UnsupportedError
+from overlay.logs import setup_logging
 from overlay.model import Node
 
 log = logging.getLogger(__name__)
-
-
-class _NodeIdFilter(logging.Filter):
-    def __init__(self, node_id: str):
-        super().__init__()
-        self.node_id = node_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.node_id = self.node_id
-        return True
-
-
-def setup_logging(node_id: str, level: str = "info") -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_NodeIdFilter(node_id))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s node=%(node_id)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    logging.getLogger("kazoo").setLevel(logging.WARNING)
 
 
 def preflight(config: Config) -> None:
@@ -100,6 +80,7 @@ def make_datapath(config: Config, self_node: Node | None, dry_run: bool = False)
         sizes=dp.sizes,
         pin_root=dp.pin_root,
         overlay_device=dp.overlay_device,
+        extra_routes=config.override_routes,
     )
 
 
@@ -111,12 +92,23 @@ def local_addresses(config: Config) -> tuple[str, str]:
     return discover(config)
 
 
-def run_daemon(config_path: str, dry_run: bool = False, log_level: str = "info") -> int:
+def with_network(config: Config) -> Config:
+    """``config`` with its network filled in from discovery when the file leaves it out."""
+    if config.network is not None:
+        return config
+    from overlay.discovery import network
+
+    return dataclasses.replace(config, network=network(config))
+
+
+def run_daemon(config_path: str, dry_run: bool = False, log_level: str = "info",
+               log_format: str = "text") -> int:
     config = load_config(config_path)
-    setup_logging(config.node_id, log_level)
+    setup_logging(config.node_id, log_level, log_format)
     if not dry_run:
         preflight(config)
     private, public = local_addresses(config)
+    config = with_network(config)
     registry = make_registry(config)
     requested = config.addresses.overlay if config.addresses else None
     overlay = registry.allocate(config.node_id, requested)
@@ -160,13 +152,31 @@ def run_daemon(config_path: str, dry_run: bool = False, log_level: str = "info")
     try:
         registry.start(agent.notify)
         registry.register(self_node)
+        if sdnotify.enabled():
+            threading.Thread(target=_announce_ready, args=(agent, stop, config.registry.timeout_s),
+                             name="sd-notify", daemon=True).start()
         agent.run(stop)
     finally:
+        sdnotify.notify("STOPPING=1")
         status.stop()
         registry.close()
         datapath.close()
     log.info("stopped")
     return 0
+
+
+def _announce_ready(agent, stop: threading.Event, grace_s: float) -> None:
+    """systemd READY=1 (Type=notify): once the first apply is done, or after ``grace_s``
+    when the registry does not answer: the daemon then serves the last applied state
+    (fail static), and a unit that waited for the registry would fail the whole boot."""
+    deadline = time.monotonic() + grace_s
+    while not agent.ready and time.monotonic() < deadline:
+        if stop.wait(0.1):
+            return
+    status = ("in sync with the registry" if agent.ready
+              else f"the registry did not answer within {grace_s:g} s: serving the last applied state")
+    sdnotify.notify("READY=1", f"STATUS={status}")
+    log.info("ready (systemd notified): %s", status)
 
 
 def _reload(config_path: str, agent, registry) -> None:
@@ -175,8 +185,12 @@ def _reload(config_path: str, agent, registry) -> None:
     except InvalidConfigError as exc:
         log.error("SIGHUP: keeping the running config, the new one is invalid: %s", exc)
         return
-    if config.node_id != agent.config.node_id or config.datapath != agent.config.datapath:
-        log.warning("SIGHUP: node_id and datapath changes need a restart; applying the rest")
+    if config.network is None:
+        config = dataclasses.replace(config, network=agent.config.network)
+    if (config.node_id, config.network, config.datapath, config.override_routes) != (
+            agent.config.node_id, agent.config.network, agent.config.datapath, agent.config.override_routes):
+        log.warning("SIGHUP: node_id, network, datapath and the routes of nat_overrides outside "
+                    "the overlay subnet change at a restart; applying the rest")
     if hasattr(registry, "replace"):
         registry.replace(config.registry.peers)
     agent.set_config(config)

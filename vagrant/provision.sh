@@ -9,7 +9,9 @@
 #                                          a network has registry: grpc)
 # and starts systemd units: overlay-lab-net, overlay-lab-echo (test port),
 # overlay (members), overlay-zookeeper (ZooKeeper) and overlay-controller (the
-# gRPC controller, beside ZooKeeper). The Vagrantfile uploads this VM's
+# gRPC controller, beside ZooKeeper). overlay and overlay-controller are the
+# packaged units (`overlay install-unit`, packaging/systemd/), ordered after the lab's
+# own units by drop-ins. The Vagrantfile uploads this VM's
 # certificates to /tmp/overlay-certs; they go to /etc/overlay/certs. Idempotent.
 set -euo pipefail
 
@@ -46,11 +48,8 @@ say "project into $VENV"
 if [[ ! -x "$VENV/bin/python" ]]; then
   python3 -m venv --system-site-packages "$VENV"
 fi
-if [[ -n "$CONTROLLER" && ( "$ROLE" == zookeeper || "$ROLE" == member ) ]]; then
-  # the gRPC code of proto/overlay.proto (overlay/_gen, not committed), before installing
-  "$VENV/bin/pip" install -q --disable-pip-version-check grpcio-tools
-  PYTHON="$VENV/bin/python" "$SRC/scripts/gen_proto.sh"
-fi
+# a wheel built from the source: it carries the eBPF sources, the proto's generated code
+# and the systemd units (docs/install.md)
 "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC"
 
 install -d -m 0755 /etc/overlay /var/lib/overlay
@@ -70,6 +69,10 @@ fi
 
 unit() {  # unit NAME CONTENT
   printf '%s\n' "$2" > "/etc/systemd/system/$1.service"
+}
+dropin() {  # dropin UNIT CONTENT: lab ordering added to a packaged unit
+  mkdir -p "/etc/systemd/system/$1.service.d"
+  printf '%s\n' "$2" > "/etc/systemd/system/$1.service.d/lab.conf"
 }
 
 say "network set-up (overlay lab script $NAME --vagrant)"
@@ -112,18 +115,10 @@ WantedBy=multi-user.target"
       "$OVERLAY" lab config "$NAME" --vagrant --topology "$TOPO" > /etc/overlay/controller.yaml.new
       "$OVERLAY" check-config /etc/overlay/controller.yaml.new
       mv /etc/overlay/controller.yaml.new /etc/overlay/controller.yaml
-      unit overlay-controller "[Unit]
-Description=Overlay lab: gRPC controller (stores in ZooKeeper)
+      "$OVERLAY" install-unit --no-config   # the packaged units (overlay-controller.service)
+      dropin overlay-controller "[Unit]
 After=overlay-zookeeper.service
-Wants=overlay-zookeeper.service
-
-[Service]
-ExecStart=$OVERLAY controller -c /etc/overlay/controller.yaml
-Restart=on-failure
-RestartSec=2
-
-[Install]
-WantedBy=multi-user.target"
+Wants=overlay-zookeeper.service"
       systemctl daemon-reload
       systemctl enable overlay-controller.service
       systemctl restart overlay-controller.service
@@ -151,19 +146,9 @@ if [[ "$ROLE" == member ]]; then
   "$OVERLAY" lab config "$NAME" --vagrant --interface auto --topology "$TOPO" > /etc/overlay/overlay.yaml.new
   "$OVERLAY" check-config /etc/overlay/overlay.yaml.new
   mv /etc/overlay/overlay.yaml.new /etc/overlay/overlay.yaml
-  unit overlay "[Unit]
-Description=Overlay daemon
-After=overlay-lab-net.service network-online.target
-Wants=network-online.target
-
-[Service]
-ExecStart=$OVERLAY daemon -c /etc/overlay/overlay.yaml
-ExecReload=/bin/kill -HUP \$MAINPID
-Restart=on-failure
-RestartSec=2
-
-[Install]
-WantedBy=multi-user.target"
+  "$OVERLAY" install-unit --no-config   # the packaged units (overlay.service)
+  dropin overlay "[Unit]
+After=overlay-lab-net.service"
   systemctl daemon-reload
   systemctl enable overlay.service
   systemctl restart overlay.service

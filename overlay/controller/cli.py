@@ -32,14 +32,17 @@ def cmd_controller(args) -> int:
     import signal
     import threading
 
+    from overlay import sdnotify
     from overlay.config import load_config
     from overlay.controller.server import Controller
+    from overlay.logs import setup_logging
 
     config = load_config(args.config)
     if config.controller is None:
         from overlay.errors import InvalidConfigError
 
         raise InvalidConfigError("controller", "is required to run the controller ({listen, tls: {ca, cert, key}})")
+    setup_logging(config.node_id, args.log_level, args.log_format)
     controller = Controller(config)
     stop = threading.Event()
 
@@ -50,10 +53,12 @@ def cmd_controller(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     controller.start()
     _out(f"controller serving on {controller.address}")
+    sdnotify.notify("READY=1", f"STATUS=serving on {controller.address}")
     try:
         while not stop.wait(1.0):
             pass
     finally:
+        sdnotify.notify("STOPPING=1")
         controller.stop()
     return EXIT_OK
 

@@ -1,6 +1,7 @@
 """The generated gRPC modules of ``proto/overlay.proto`` (``overlay/_gen``, not committed).
 
-``scripts/gen_proto.sh`` (run by ``scripts/setup.sh``) generates them at install.
+A wheel carries them (generated at build time); in a checkout ``scripts/gen_proto.sh``
+(run by ``scripts/setup.sh``) generates them.
 :func:`modules` imports them; when they are missing (a fresh checkout that skipped
 the set-up) it generates them on the fly with ``grpc_tools`` the same way, or
 raises one clear :class:`~overlay.errors.OverlayError` saying what to run.
@@ -8,19 +9,15 @@ raises one clear :class:`~overlay.errors.OverlayError` saying what to run.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
-import shutil
-import tempfile
 import threading
 from types import ModuleType
 
 from overlay.errors import OverlayError
+from overlay.resources import data_file
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../overlay
-_ROOT = os.path.dirname(_PKG_DIR)
-PROTO = os.path.join(_ROOT, "proto", "overlay.proto")
 GEN_DIR = os.path.join(_PKG_DIR, "_gen")
 SERVICE = "overlay.v1.Registry"
 
@@ -48,44 +45,14 @@ def modules() -> tuple[ModuleType, ModuleType]:
 
 
 def generate() -> None:
-    """What scripts/gen_proto.sh does, in Python: protoc into a temporary directory,
-    fix the import to be package-relative, move the files into ``overlay/_gen``."""
-    hint = "run `make test` or scripts/setup.sh (it runs scripts/gen_proto.sh)"
-    if not os.path.exists(PROTO):
-        raise OverlayError(f"the generated gRPC code (overlay/_gen) is missing and {PROTO} is not there; {hint}")
-    try:
-        from importlib.metadata import version
+    """What scripts/gen_proto.sh does (:func:`overlay.protogen.generate`), into ``overlay/_gen``."""
+    from overlay import protogen
 
-        from grpc_tools import protoc
-    except ImportError:
-        raise OverlayError(f"the generated gRPC code (overlay/_gen) is missing and grpcio-tools is not installed; {hint}") from None
-    with open(PROTO, "rb") as fh:
-        proto = fh.read()
-    tools = version("grpcio-tools")
-    stamp = hashlib.sha256(proto + f"grpcio-tools {tools}\n".encode()).hexdigest()
-    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
-    with tempfile.TemporaryDirectory(prefix="overlay-gen-") as tmp:
-        rc = protoc.main([
-            "grpc_tools.protoc", f"-I{os.path.dirname(PROTO)}", f"-I{include}",
-            f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", PROTO,
-        ])
-        if rc != 0:
-            raise OverlayError(f"grpc_tools.protoc failed on {PROTO} (exit {rc}); {hint}")
-        grpc_py = os.path.join(tmp, "overlay_pb2_grpc.py")
-        with open(grpc_py, encoding="utf-8") as fh:
-            text = fh.read()
-        fixed = text.replace("\nimport overlay_pb2 as overlay__pb2\n", "\nfrom . import overlay_pb2 as overlay__pb2\n")
-        if fixed == text:
-            raise OverlayError(f"unexpected import in the generated {grpc_py}; {hint}")
-        with open(grpc_py, "w", encoding="utf-8") as fh:
-            fh.write(fixed)
-        with open(os.path.join(tmp, "__init__.py"), "w", encoding="utf-8") as fh:
-            fh.write('"""Generated from proto/overlay.proto by scripts/gen_proto.sh; not committed."""\n')
-        with open(os.path.join(tmp, "STAMP"), "w", encoding="utf-8") as fh:
-            fh.write(stamp + "\n")
-        try:
-            os.makedirs(GEN_DIR, exist_ok=True)
-            for name in ("__init__.py", "overlay_pb2.py", "overlay_pb2.pyi", "overlay_pb2_grpc.py", "STAMP"):
-                shutil.move(os.path.join(tmp, name), os.path.join(GEN_DIR, name))
-        except OSError as exc:
-            raise OverlayError(f"cannot write the generated gRPC code into {GEN_DIR} ({exc.strerror}); {hint}") from None
+    hint = "run `make test` or scripts/setup.sh (it runs scripts/gen_proto.sh)"
+    proto = data_file("proto", "overlay.proto")  # the packaged copy, else the repository's
+    if proto is None:
+        raise OverlayError(f"the generated gRPC code (overlay/_gen) is missing and overlay.proto is not there; {hint}")
+    try:
+        protogen.generate(str(proto), GEN_DIR, force=True)
+    except protogen.GenerateError as exc:
+        raise OverlayError(f"the generated gRPC code (overlay/_gen) is missing and cannot be made: {exc}; {hint}") from None

@@ -3,8 +3,9 @@ entry point group (third parties: ``name = "package.module:Class"``).
 
 A backend is a class following :class:`overlay.datapath.Datapath`, built
 with keyword arguments (``interface``, ``overlay_subnet``, ``self_private``,
-``self_overlay``, ``sizes``, ``pin_root``, ``overlay_device``; a backend
-ignores what it does not use). To remove an installed datapath without a
+``self_overlay``, ``sizes``, ``pin_root``, ``overlay_device``, ``extra_routes``:
+the ``nat_overrides`` keys outside the overlay subnet; a backend ignores what it
+does not use). To remove an installed datapath without a
 running one (``overlay datapath teardown``), a backend may offer a
 classmethod ``remove(**kwargs)``; otherwise ``teardown`` builds the backend
 and calls its ``teardown()``.

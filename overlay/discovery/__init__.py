@@ -8,6 +8,10 @@ Third parties add providers through the ``overlay.providers`` entry point
 group: the entry point loads a callable ``provider(config) -> (private, public)``.
 Built-in names cannot be overridden. Whatever a provider returns is checked to
 be a single usable IPv4 host address.
+
+``network(config)`` returns this node's network: ``config.network``, else the one a
+provider of :data:`NETWORK_PROVIDERS` reports (``aws-imds``: the VPC id, or ``ec2``
+for an instance outside any VPC, as the old system decided).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def _builtin(name: str) -> Provider | None:
 
 
 BUILTIN = ("static", "netlink", "aws-imds")
+# providers that also tell this node's network, so that the config may leave `network` out
+NETWORK_PROVIDERS = ("aws-imds",)
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -100,3 +106,24 @@ def discover(config: Config) -> tuple[str, str]:
             raise DiscoveryError(f"address provider {name!r}: {what} address: {exc}") from None
     log.info("node %s: addresses from %s: private %s, public %s", config.node_id, name, out[0], out[1])
     return out[0], out[1]
+
+
+def network(config: Config) -> str:
+    """This node's network: the config's, else its discovery provider's (validated as a name)."""
+    if config.network is not None:
+        return config.network
+    name = config.discovery.provider if config.discovery is not None else None
+    if name == "aws-imds":
+        from overlay.discovery import aws_imds
+
+        value = aws_imds.network(config)
+    else:
+        raise DiscoveryError(f"the config has no network and discovery provider {name!r} does not supply one")
+    from overlay.model import valid_name
+
+    try:
+        valid_name(value, "network")
+    except (ValueError, TypeError) as exc:
+        raise DiscoveryError(f"address provider {name!r}: network: {exc}") from None
+    log.info("node %s: network %s from %s", config.node_id, value, name)
+    return value

@@ -7,6 +7,10 @@ Elastic IP on a VPC interface, for instance), the public address is read from
 ``/latest/meta-data/network/interfaces/macs/<mac>/public-ipv4s`` of the
 primary interface (``/latest/meta-data/mac``). Proxies from the environment are
 never used: the metadata service is link-local.
+
+The network (when the config has no ``network``) is the primary interface's VPC id
+(``.../macs/<mac>/vpc-id``), or ``ec2`` when it has none (an instance outside any
+VPC), as the old system decided.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ LOCAL_IPV4 = "/latest/meta-data/local-ipv4"
 PUBLIC_IPV4 = "/latest/meta-data/public-ipv4"
 MAC = "/latest/meta-data/mac"
 MAC_PUBLIC_IPV4S = "/latest/meta-data/network/interfaces/macs/{mac}/public-ipv4s"
+MAC_VPC_ID = "/latest/meta-data/network/interfaces/macs/{mac}/vpc-id"
+NO_VPC_NETWORK = "ec2"
 
 
 class _NotFound(Exception):
@@ -119,8 +125,25 @@ class Client:
         return first
 
 
-def discover(config: Config) -> tuple[str, str]:
+    def network(self) -> str:
+        """The primary interface's VPC id, or ``ec2`` outside any VPC."""
+        try:
+            mac = self.get(MAC)
+            return self.get(MAC_VPC_ID.format(mac=mac)) or NO_VPC_NETWORK
+        except _NotFound:
+            return NO_VPC_NETWORK
+
+
+def _client(config: Config) -> Client:
     d = config.discovery
     if d is None:
         raise DiscoveryError("discovery provider aws-imds needs a discovery section")
-    return Client(d.endpoint, d.timeout_s).addresses()
+    return Client(d.endpoint, d.timeout_s)
+
+
+def network(config: Config) -> str:
+    return _client(config).network()
+
+
+def discover(config: Config) -> tuple[str, str]:
+    return _client(config).addresses()

@@ -173,3 +173,44 @@ def test_guard_release_command(zk_daemon, zk_client):
     assert "22" in out.stdout
     wait_for(lambda: len(status(port)["peers"]) == 8, timeout=20, what="held removals applied")
     assert not status(port)["guard"]["tripped"]
+
+
+def test_daemon_without_network_takes_the_vpc_id_from_imds(zk_server, zk_prefix, zk_client, tmp_path):
+    """A config with no network and aws-imds discovery (a local fake IMDS): the daemon takes
+    the VPC id as its network, so the dry run reaches the peer in the same VPC at its
+    private address and the other at its public one."""
+    from overlay.discovery import aws_imds
+    from tests.unit.test_discovery import FakeIMDS
+
+    for path in ("alloc/id-to-ip", "alloc/ip-to-id", "nodes"):
+        zk_client.ensure_path(f"{zk_prefix}/{path}")
+    peers = {"same": ("vpc-0a1b2c3d", "10.0.0.12", "198.18.1.12", "192.168.0.12"),
+             "other": ("ec2", "10.0.0.13", "198.18.2.13", "192.168.0.13")}
+    for node_id, (network, private, public, overlay) in peers.items():
+        tx = zk_client.transaction()
+        tx.create(f"{zk_prefix}/alloc/id-to-ip/{node_id}", overlay.encode())
+        tx.create(f"{zk_prefix}/alloc/ip-to-id/{overlay}", node_id.encode())
+        tx.create(f"{zk_prefix}/nodes/{node_id}", json.dumps({
+            "v": 1, "node_id": node_id, "network": network, "private": private, "public": public,
+            "overlay": overlay, "groups": [], "open_ports": []}).encode(), ephemeral=True)
+        assert not any(isinstance(r, Exception) for r in tx.commit())
+    mac = "0e:49:61:0f:c3:99"
+    meta = {
+        aws_imds.LOCAL_IPV4: "10.0.0.11", aws_imds.PUBLIC_IPV4: "198.18.1.11", aws_imds.MAC: mac,
+        f"/latest/meta-data/network/interfaces/macs/{mac}/vpc-id": "vpc-0a1b2c3d",
+    }
+    with FakeIMDS(meta) as fake:
+        cfg = tmp_path / "overlay.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "node_id": "web-1", "overlay_subnet": SUBNET,
+            "discovery": {"provider": "aws-imds", "endpoint": fake.endpoint},
+            "registry": {"backend": "zookeeper", "hosts": [zk_server.address], "prefix": zk_prefix, "timeout_s": 6},
+            "datapath": {"backend": "dryrun"},
+        }))
+        res = subprocess.run([*OVERLAY, "daemon", "-c", str(cfg), "--dry-run"], capture_output=True, text=True,
+                             timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "put nat 192.168.0.12 -> 10.0.0.12" in lines      # same VPC: private
+    assert "put nat 192.168.0.13 -> 198.18.2.13" in lines    # ec2: public
+    assert "network vpc-0a1b2c3d" in res.stderr

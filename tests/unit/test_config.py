@@ -107,7 +107,10 @@ INVALID: list[Bad] = [
     Bad("ssh-whitelist-not-cidr", _cfg("filter:\n  ssh_whitelist: ['198.18.0.0/15', 'office']\n"), "filter.ssh_whitelist[1]", "is not an IPv4 network"),
     Bad("ssh-whitelist-host-bits", _cfg("filter:\n  ssh_whitelist: ['198.18.0.1/15']\n"), "filter.ssh_whitelist[0]", "has host bits set"),
     # nat_overrides
-    Bad("nat-override-key-outside-subnet", _cfg("nat_overrides: {'10.9.9.9': '10.0.0.250'}\n"), "nat_overrides.10.9.9.9", "outside the overlay subnet"),
+    Bad("nat-override-key-subnet-broadcast", _cfg("nat_overrides: {'192.168.63.255': '10.0.0.250'}\n"), "nat_overrides.192.168.63.255", "network or broadcast address"),
+    Bad("nat-override-key-loopback", _cfg("nat_overrides: {'127.0.0.1': '10.0.0.250'}\n"), "nat_overrides.127.0.0.1", "loopback"),
+    Bad("nat-override-key-cidr", _cfg("nat_overrides: {'10.9.0.0/16': '10.0.0.250'}\n"), "nat_overrides.10.9.0.0/16", "is a network (CIDR)"),
+    Bad("nat-override-to-itself", _cfg("nat_overrides: {'10.9.9.9': '10.9.9.9'}\n"), "nat_overrides.10.9.9.9", "translates 10.9.9.9 to itself"),
     Bad("nat-override-value-cidr", _cfg("nat_overrides: {'192.168.63.1': '10.0.0.0/24'}\n"), "nat_overrides.192.168.63.1", "is a network (CIDR)"),
     Bad("nat-override-value-multicast", _cfg("nat_overrides: {'192.168.63.1': '239.1.1.1'}\n"), "nat_overrides.192.168.63.1", "multicast"),
     Bad("nat-overrides-list", _cfg("nat_overrides: ['192.168.63.1']\n"), "nat_overrides", "must be a mapping"),
@@ -160,11 +163,40 @@ INVALID: list[Bad] = [
     Bad("datapath-size-policy-too-small", _cfg("datapath:\n  sizes:\n    policy: 8\n"), "datapath.sizes.policy", "must be between 16"),
     Bad("datapath-size-cidr-ident-string", _cfg("datapath:\n  sizes:\n    cidr_ident: many\n"), "datapath.sizes.cidr_ident", "must be an integer"),
     Bad("datapath-size-names-too-big", _cfg("datapath:\n  sizes:\n    names: 99999999\n"), "datapath.sizes.names", "must be between"),
+    # network is required (no silent "default"), unless discovery supplies it (aws-imds)
+    Bad("network-missing", "node_id: web-1\n" + ADDR, "network", "is required"),
+    Bad("empty-file", "", "network", "is required"),
+    Bad("only-comments", "# nothing here\n", "network", "is required"),
+    Bad("network-missing-netlink-discovery", "discovery: {provider: netlink, interface: eth0}\n", "network", "is required"),
+    Bad("network-missing-static-discovery", "discovery: {provider: static}\n", "network", "aws-imds can supply it"),
+    Bad("network-null", "network:\n" + ADDR, "network", "must be a string, got NoneType"),
+    # keys of the old system (Neti), each with its replacement or why it is not needed
+    Bad("old-log-file", _cfg(ADDR + "log_file: /var/log/neti.log\n"), "log_file", "the journal"),
+    Bad("old-zk-hosts", _cfg("zk_hosts: 'zk1:2181,zk2:2181'\n"), "zk_hosts", "use registry.hosts"),
+    Bad("old-zk-hosts-in-registry", _cfg("registry:\n  zk_hosts: ['zk1:2181']\n"), "registry.zk_hosts", "use registry.hosts"),
+    Bad("old-zk-prefix", _cfg("zk_prefix: /neti\n"), "zk_prefix", "use registry.prefix"),
+    Bad("old-zk-iptoid-node", _cfg("zk_iptoid_node: ip_to_id\n"), "zk_iptoid_node", "layout under registry.prefix is fixed"),
+    Bad("old-table-files-path", _cfg("table_files_path: /etc/neti/tables\n"), "table_files_path", "not needed"),
+    Bad("old-reject-all-top-level", _cfg("reject_all: true\n"), "reject_all", "use filter.reject_all"),
+    Bad("old-open-ports-top-level", _cfg("open_ports: [80]\n"), "open_ports", "use filter.open_ports"),
+    Bad("old-ssh-whitelist-top-level", _cfg("ssh_whitelist: ['10.0.0.0/8']\n"), "ssh_whitelist", "use filter.ssh_whitelist"),
+    Bad("old-max-change-top-level", _cfg("max_change: 20\n"), "max_change", "use guard.max_change"),
+    Bad("old-vpc-section", _cfg("vpc: {zk_hosts: 'zk1:2181'}\n"), "vpc", "set network:"),
+    Bad("old-aws-key", _cfg("aws_key: AKIA\n"), "aws_key", "aws-imds"),
+    Bad("old-neti-section", _cfg("neti: {overlay_subnet: 192.168.0.0/18}\n"), "neti", "[neti] section"),
+    # near misses: a "did you mean" from the section's own keys
+    Bad("typo-top-level", _cfg("overlay_subnt: 192.168.0.0/18\n"), "overlay_subnt", "unknown key (did you mean overlay_subnet?)"),
+    Bad("typo-filter", _cfg("filter:\n  open_port: [80]\n"), "filter.open_port", "unknown key (did you mean open_ports?)"),
+    Bad("typo-registry", _cfg("registry:\n  prefx: /overlay\n"), "registry.prefx", "unknown key (did you mean prefix?)"),
+    Bad("typo-datapath", _cfg("datapath:\n  interfce: eth1\n"), "datapath.interfce", "unknown key (did you mean interface?)"),
+    Bad("typo-guard", _cfg("guard:\n  max_changes: 5\n"), "guard.max_changes", "unknown key (did you mean max_change?)"),
+    Bad("typo-discovery", _cfg("discovery: {provider: netlink, interfaces: eth0}\n"), "discovery.interfaces", "unknown key (did you mean interface?)"),
 ]
 
 VALID_EXTRA = {
-    "empty-file": "",
-    "only-comments": "# nothing here\n",
+    # the old system's own example: an override outside the /18 overlay subnet
+    "nat-override-outside-subnet": _cfg("nat_overrides: {'192.168.75.1': '10.8.1.1', '192.168.63.1': '10.0.0.250'}\n"),
+    "network-from-aws-imds": "node_id: web-1\ndiscovery: {provider: aws-imds}\n",
     "discovery-netlink": _cfg("discovery: {provider: netlink, interface: eth0}\n"),
     "port-ranges": _cfg("filter:\n  open_ports: [443, '8000-8100', 80, 443]\n"),
     "registry-grpc": _cfg("registry:\n  backend: grpc\n  controller: 'ctl.example:9470'\n  tls: {ca: /etc/overlay/certs/ca.crt, cert: /etc/overlay/certs/web-1.crt, key: /etc/overlay/certs/web-1.key, server_name: ctl.example}\n"),
@@ -309,12 +341,37 @@ def test_static_peers_example():
 
 
 def test_port_specs_are_normalised():
-    cfg = config_from_dict({"node_id": "a", "filter": {"open_ports": [443, "8000-8100", 80, 443, " 22 "]}})
+    cfg = config_from_dict({"node_id": "a", "network": "n", "filter": {"open_ports": [443, "8000-8100", 80, 443, " 22 "]}})
     assert cfg.filter.open_ports == ((22, 22), (80, 80), (443, 443), (8000, 8100))
 
 
+def test_unknown_key_far_from_every_known_key_gets_no_guess():
+    with pytest.raises(InvalidConfigError) as info:
+        config_from_dict({"network": "n", "colour": "blue"})
+    assert (info.value.path, info.value.reason) == ("colour", "unknown key")
+
+
+def test_nat_overrides_outside_the_subnet_are_routed():
+    cfg = config_from_dict({"network": "n", "nat_overrides": {
+        "192.168.75.1": "10.8.1.1", "192.168.63.1": "10.0.0.250", "10.9.9.9": "10.0.0.251"}})
+    assert cfg.nat_override_map == {"192.168.75.1": "10.8.1.1", "192.168.63.1": "10.0.0.250", "10.9.9.9": "10.0.0.251"}
+    # 192.168.0.0/18 ends at 192.168.63.255: only the other two need a route of their own
+    assert sorted(cfg.override_routes) == ["10.9.9.9", "192.168.75.1"]
+
+
+def test_network_left_to_aws_imds_and_controller_configs():
+    assert config_from_dict({"discovery": {"provider": "aws-imds"}}).network is None
+    ctl = config_from_dict({"controller": {"tls": {"ca": "a", "cert": "b", "key": "c"}}})
+    assert ctl.network is None and ctl.controller is not None
+
+
+def test_check_config_says_where_the_network_comes_from(files, cli):
+    assert "network from aws-imds" in cli["network-from-aws-imds"].stdout
+    assert "network ec2" in cli["examples/full.yaml"].stdout
+
+
 def test_config_is_frozen():
-    cfg = config_from_dict({"node_id": "a"})
+    cfg = config_from_dict({"node_id": "a", "network": "n"})
     with pytest.raises(AttributeError):
         cfg.node_id = "b"  # type: ignore[misc]
 

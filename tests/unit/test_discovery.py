@@ -220,6 +220,42 @@ def test_imds_ignores_proxy_environment(monkeypatch):
         assert discover(imds_config(fake.endpoint)) == ("10.0.0.11", "198.18.1.11")
 
 
+def _no_network(cfg: Config) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, network=None)
+
+
+def test_imds_network_is_the_vpc_id():
+    mac = "0e:49:61:0f:c3:11"
+    meta = {aws_imds.MAC: mac, f"/latest/meta-data/network/interfaces/macs/{mac}/vpc-id": "vpc-0a1b2c3d"}
+    with FakeIMDS(meta) as fake:
+        assert disc.network(_no_network(imds_config(fake.endpoint))) == "vpc-0a1b2c3d"
+
+
+def test_imds_network_is_ec2_outside_any_vpc():
+    with FakeIMDS({aws_imds.MAC: "0e:00:00:00:00:02"}) as fake:
+        assert disc.network(_no_network(imds_config(fake.endpoint))) == "ec2"
+
+
+def test_imds_network_that_is_not_a_name_is_refused():
+    mac = "0e:00:00:00:00:03"
+    meta = {aws_imds.MAC: mac, f"/latest/meta-data/network/interfaces/macs/{mac}/vpc-id": "vpc 1/2"}
+    with FakeIMDS(meta) as fake, pytest.raises(DiscoveryError, match="network"):
+        disc.network(_no_network(imds_config(fake.endpoint)))
+
+
+def test_configured_network_wins_without_asking_imds():
+    with FakeIMDS({aws_imds.MAC: "0e:00:00:00:00:04"}) as fake:
+        assert disc.network(imds_config(fake.endpoint)) == "ec2"  # config(): network "ec2"
+    assert fake.requests == []
+
+
+def test_network_from_a_provider_that_has_none():
+    with pytest.raises(DiscoveryError, match="does not supply one"):
+        disc.network(_no_network(config(discovery=Discovery("netlink", interface="eth0"))))
+
+
 def test_imds_endpoint_must_be_http():
     with pytest.raises(DiscoveryError, match="http"):
         discover(imds_config("file:///etc/passwd"))
@@ -301,3 +337,4 @@ def test_netlink_reads_the_root_namespace_lo():
     # no root needed: reading addresses over netlink is unprivileged
     with __import__("pyroute2").IPRoute() as ipr:
         assert netlink.first_ipv4(ipr, "lo") == "127.0.0.1"
+

@@ -47,6 +47,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from overlay import resources
 from overlay.datapath.ebpf import abi
 from overlay.errors import DatapathError, InvalidConfigError, UnsupportedError
 
@@ -116,20 +117,16 @@ class MapSpec:
 
 
 def _candidate_dirs() -> list[Path]:
-    candidates = []
     env = os.environ.get(BPF_DIR_ENV)
-    if env:
-        candidates.append(Path(env))
-    candidates.append(Path(__file__).resolve().parents[3] / "bpf")
-    candidates.append(Path(sys.prefix) / "share" / "overlay" / "bpf")
-    return candidates
+    return ([Path(env)] if env else []) + resources.candidates("bpf")
 
 
 def bpf_dir() -> Path:
     """The ``bpf/`` source directory.
 
-    ``$OVERLAY_BPF_DIR`` if set, else the repository's ``bpf/`` next to the
-    package, else ``<sys.prefix>/share/overlay/bpf`` (an installed copy).
+    ``$OVERLAY_BPF_DIR`` if set (an override), else the copy an installed wheel
+    carries (``overlay/_data/bpf``), else the repository's ``bpf/`` next to the
+    package (a checkout or an editable install): :mod:`overlay.resources`.
     """
     candidates = _candidate_dirs()
     for cand in candidates:

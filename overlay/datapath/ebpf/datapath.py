@@ -187,8 +187,10 @@ class EbpfDatapath:
 
     def __init__(self, interface: str, overlay_subnet: str, self_private: str,
                  self_overlay: str | None = None, sizes=None,
-                 pin_root: str = DEFAULT_PIN_ROOT, overlay_device: str = "ovl0", **_ignored):
+                 pin_root: str = DEFAULT_PIN_ROOT, overlay_device: str = "ovl0",
+                 extra_routes=(), **_ignored):
         self.interface = interface
+        self.extra_routes = tuple(extra_routes)  # nat_overrides keys outside the subnet
         self.overlay_subnet = str(overlay_subnet)
         self.self_private = self_private
         self.self_overlay = self_overlay
@@ -249,7 +251,8 @@ class EbpfDatapath:
         try:
             netdev.loosen_rp_filter(self.interface)
             ovl = netdev.ensure_overlay_device(
-                self.overlay_device, self.overlay_subnet, self.self_private, self.self_overlay
+                self.overlay_device, self.overlay_subnet, self.self_private, self.self_overlay,
+                self.extra_routes,
             )
             if maps.get_cfg(abi.CfgIndex.EGRESS_IFINDEX) != uplink:
                 maps.set_cfg(abi.CfgIndex.EGRESS_IFINDEX, uplink)
@@ -326,7 +329,8 @@ class EbpfDatapath:
                 maps.set_cfg(abi.CfgIndex.ABI_VERSION, abi.ABI_VERSION)
                 netdev.loosen_rp_filter(self.interface)
                 ovl = netdev.ensure_overlay_device(
-                    self.overlay_device, self.overlay_subnet, self.self_private, self.self_overlay
+                    self.overlay_device, self.overlay_subnet, self.self_private, self.self_overlay,
+                    self.extra_routes,
                 )
                 for key, (idx, direction) in self._hooks(uplink, ovl).items():
                     netdev.attach(idx, direction, fds[key], self._prog_name(key))

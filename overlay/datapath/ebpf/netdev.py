@@ -6,7 +6,8 @@ Set-up, every step idempotent (EEXIST and ENODEV are expected answers):
   ``dummy``), ``arp off`` on ``ovl0``, both up, IPv6 off on both, forwarding
   off on ``ovl0p`` (a packet the overlay program lets through dies there
   instead of being routed back), this host's overlay address as /32 on
-  ``ovl0`` and ``<overlay subnet> dev ovl0 src <private address>``;
+  ``ovl0`` and ``<overlay subnet> dev ovl0 src <private address>``, and a /32
+  route to ``ovl0`` for each ``nat_overrides`` key outside the subnet;
 - reverse-path filtering loosened (strict -> loose) on the uplink and
   ``all``: translated replies arrive on the uplink with an overlay source;
 - a clsact qdisc and this module's own direct-action ``bpf`` filters, at a
@@ -23,8 +24,9 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -143,8 +145,12 @@ def peer_name(device: str) -> str:
 
 
 def ensure_overlay_device(device: str, overlay_subnet: str, self_private: str,
-                          self_overlay: str | None) -> int:
-    """Create or fix the overlay device; returns its ifindex."""
+                          self_overlay: str | None, extra_routes: Iterable[str] = ()) -> int:
+    """Create or fix the overlay device; returns its ifindex.
+
+    ``extra_routes``: host addresses outside the subnet that are routed to the device
+    too (``nat_overrides`` keys outside ``overlay_subnet``); other /32 routes to the
+    device, left by an earlier config, are removed."""
     NetlinkError = _netlink_error()
     subnet = ipaddress.IPv4Network(overlay_subnet, strict=True)
     peer = peer_name(device)
@@ -183,7 +189,28 @@ def ensure_overlay_device(device: str, overlay_subnet: str, self_private: str,
             )
         except NetlinkError as exc:
             raise _fail(f"route {subnet} dev {device} src {self_private}", exc) from None
+        _sync_host_routes(ipr, device, idx, self_private, set(extra_routes))
     return idx
+
+
+def _sync_host_routes(ipr, device: str, idx: int, self_private: str, want: set[str]) -> None:
+    """Exactly the /32 routes ``want`` to the overlay device, in the main table."""
+    NetlinkError = _netlink_error()
+    for msg in ipr.get_routes(family=socket.AF_INET, table=254, oif=idx):
+        dst = msg.get_attr("RTA_DST")
+        if msg["dst_len"] == 32 and dst not in want and msg.get_attr("RTA_OIF") == idx:
+            try:
+                ipr.route("del", dst=dst, dst_len=32, oif=idx, table=254, scope=msg["scope"],
+                          proto=msg["proto"])
+                log.info("removed route %s/32 dev %s (no longer a nat_overrides key)", dst, device)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ESRCH, errno.ENOENT):
+                    raise _fail(f"remove route {dst}/32 dev {device}", exc) from None
+    for dst in sorted(want):
+        try:
+            ipr.route("replace", dst=dst, dst_len=32, oif=idx, prefsrc=self_private, scope=253)
+        except NetlinkError as exc:
+            raise _fail(f"route {dst}/32 dev {device} src {self_private} (nat_overrides)", exc) from None
 
 
 def remove_overlay_device(device: str) -> None:
