@@ -93,7 +93,7 @@ def _client(args):
 
 def _invalid_is_usage(func):
     def wrapper(args) -> int:
-        from overlay.controller.errors import InvalidArgument
+        from overlay.errors import InvalidArgument
 
         try:
             return func(args)

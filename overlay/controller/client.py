@@ -11,16 +11,19 @@ import grpc
 
 from overlay.config import TlsConfig
 from overlay.controller import convert
-from overlay.controller.errors import (
+from overlay.controller.proto import modules
+from overlay.errors import (
+    AllocationExhausted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    InvalidConfigError,
     NotFound,
+    OverlayError,
     PermissionDenied,
+    RegistryError,
     Unavailable,
 )
-from overlay.controller.proto import modules
-from overlay.errors import AllocationExhausted, InvalidConfigError, OverlayError, RegistryError
 from overlay.model import Node, Policy
 
 MAX_MESSAGE = 64 * 1024 * 1024

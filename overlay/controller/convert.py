@@ -16,8 +16,7 @@ import ipaddress
 from typing import Any
 
 from overlay import addr
-from overlay.controller.errors import InvalidArgument
-from overlay.errors import InvalidRecord
+from overlay.errors import InvalidArgument, InvalidRecord
 from overlay.model import (
     MAX_GROUPS,
     MAX_PORTS,

@@ -20,17 +20,20 @@ import grpc
 from overlay import addr
 from overlay.controller import convert
 from overlay.controller.certs import Identity, identity_of
-from overlay.controller.errors import (
+from overlay.controller.proto import modules
+from overlay.controller.store import Plan, Store
+from overlay.errors import (
+    AllocationExhausted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    InvalidRecord,
     NotFound,
+    OverlayError,
     PermissionDenied,
+    RegistryError,
     Unavailable,
 )
-from overlay.controller.proto import modules
-from overlay.controller.store import Plan, Store
-from overlay.errors import AllocationExhausted, InvalidRecord, OverlayError, RegistryError
 
 log = logging.getLogger(__name__)
 

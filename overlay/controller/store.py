@@ -69,13 +69,14 @@ from kazoo.security import OPEN_ACL_UNSAFE
 
 from overlay.config import RegistryConfig
 from overlay.controller.convert import Key, key_parse, key_text
-from overlay.controller.errors import (
+from overlay.errors import (
+    AllocationExhausted,
     AlreadyExists,
     FailedPrecondition,
     NotFound,
+    RegistryError,
     Unavailable,
 )
-from overlay.errors import AllocationExhausted, RegistryError
 from overlay.model import Node, Policy, serialise_node, serialise_policy
 from overlay.registry import RegistryView
 from overlay.registry.zookeeper import (
@@ -372,13 +373,11 @@ class Store:
                 raise AlreadyExists(f"requested: overlay address {requested} is allocated to node {owner!r}")
         try:
             return self.observer.allocate(node_id, requested or None)
-        except AllocationExhausted:
+        except (AllocationExhausted, AlreadyExists, Unavailable):
             raise
         except RegistryError as exc:
-            if not self._zk_connected() or "is unreachable" in str(exc):
+            if not self._zk_connected():
                 raise Unavailable(str(exc)) from None
-            if "already allocated" in str(exc):
-                raise AlreadyExists(str(exc)) from None
             raise FailedPrecondition(str(exc)) from None
 
     def register(self, node: Node, leased: bool) -> None:

@@ -34,8 +34,7 @@ import grpc
 from overlay.config import RegistryConfig
 from overlay.controller.client import CLIENT_OPTIONS, Client, raise_for
 from overlay.controller.convert import change_from_pb
-from overlay.controller.errors import Unavailable
-from overlay.errors import InvalidRecord, OverlayError, RegistryError
+from overlay.errors import InvalidRecord, OverlayError, RegistryError, Unavailable
 from overlay.model import Node, Policy, node_from_dict, policy_from_dict, valid_name
 from overlay.registry import Listener, RegistryView, notify_listener
 

@@ -61,7 +61,13 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_acl, make_digest_acl
 
 from overlay import addr
 from overlay.config import Auth, RegistryConfig
-from overlay.errors import AllocationExhausted, InvalidRecord, RegistryError
+from overlay.errors import (
+    AllocationExhausted,
+    AlreadyExists,
+    InvalidRecord,
+    RegistryError,
+    Unavailable,
+)
 from overlay.model import (
     Node,
     Policy,
@@ -184,7 +190,7 @@ def _translate(what: str, hosts: str) -> Iterator[None]:
         raise RegistryError(f"{what}: ZooKeeper rejected the credentials in registry.auth") from None
     except (ConnectionLoss, ConnectionClosedError, SessionExpiredError, KazooTimeoutError,
             OperationTimeoutError) as exc:
-        raise RegistryError(f"{what}: ZooKeeper at {hosts} is unreachable ({type(exc).__name__})") from None
+        raise Unavailable(f"{what}: ZooKeeper at {hosts} is unreachable ({type(exc).__name__})") from None
     except KazooException as exc:
         raise RegistryError(f"{what}: ZooKeeper error {type(exc).__name__}: {exc}") from None
 
@@ -550,7 +556,7 @@ class ZooKeeperRegistry:
         tx.create(f"{self._id_to_ip}/{node_id}", ip.encode(), acl=self._record_acl)
         results = self._wait(tx.commit_async())
         if isinstance(results[2], NodeExistsError):
-            raise RegistryError(
+            raise AlreadyExists(
                 f"overlay address {ip} is already allocated to node {self._owner_of(ip)!r} "
                 f"(alloc/ip-to-id/{ip}); {node_id} keeps {current}"
             )
@@ -597,7 +603,7 @@ class ZooKeeperRegistry:
             except NodeExistsError:
                 return None
             return ip
-        raise RegistryError(
+        raise AlreadyExists(
             f"overlay address {ip} is already allocated to node {owner!r} (alloc/ip-to-id/{ip}); "
             "choose another addresses.overlay or have an operator release it"
         )

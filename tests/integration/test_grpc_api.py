@@ -16,7 +16,9 @@ import textwrap
 import grpc
 import pytest
 
-from overlay.controller.errors import (
+from overlay.controller.proto import modules
+from overlay.errors import (
+    AllocationExhausted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -24,8 +26,6 @@ from overlay.controller.errors import (
     PermissionDenied,
     Unavailable,
 )
-from overlay.controller.proto import modules
-from overlay.errors import AllocationExhausted
 from overlay.model import Endpoint, Policy
 from tests.integration import grpc_support as gs
 

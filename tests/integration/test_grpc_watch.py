@@ -23,8 +23,8 @@ import pytest
 
 from overlay.controller import servicer as servicer_mod
 from overlay.controller.convert import change_from_pb
-from overlay.controller.errors import NotFound
 from overlay.controller.store import coalesce
+from overlay.errors import NotFound
 from overlay.model import Endpoint, Policy
 from tests.integration import grpc_support as gs
 

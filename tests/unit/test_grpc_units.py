@@ -13,18 +13,19 @@ import pytest
 from overlay.config import RegistryConfig, TlsConfig
 from overlay.controller import certs, convert
 from overlay.controller.client import raise_for
-from overlay.controller.errors import (
+from overlay.controller.proto import modules
+from overlay.controller.servicer import status_of
+from overlay.controller.store import Store, coalesce, desired_items
+from overlay.errors import (
+    AllocationExhausted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OverlayError,
     PermissionDenied,
     Unavailable,
 )
-from overlay.controller.proto import modules
-from overlay.controller.servicer import status_of
-from overlay.controller.store import Store, coalesce, desired_items
-from overlay.errors import AllocationExhausted, OverlayError
 from overlay.model import Endpoint, Node, Policy
 from overlay.registry import RegistryView
 
