@@ -81,8 +81,9 @@ def cmd_certs_issue(args) -> int:
 
 
 def _client(args):
-    from overlay.controller.client import Client, tls_from_dir
     from overlay.errors import InvalidConfigError
+    from overlay.rpc.client import Client
+    from overlay.rpc.tls import tls_from_dir
 
     tls = tls_from_dir(args.certs, args.as_name)
     for f in (tls.ca, tls.cert, tls.key):
@@ -141,8 +142,8 @@ def cmd_groups_list(args) -> int:
 
 @_invalid_is_usage
 def cmd_groups_put(args) -> int:
-    from overlay.controller import convert
-    from overlay.controller.proto import modules
+    from overlay.rpc import convert
+    from overlay.rpc.proto import modules
 
     pb2, _ = modules()
     name, description = convert.group_from_pb(pb2.Group(name=args.name, description=args.description or ""))
@@ -181,8 +182,8 @@ def cmd_policies_list(args) -> int:
 
 @_invalid_is_usage
 def cmd_policies_put(args) -> int:
-    from overlay.controller import convert
-    from overlay.controller.proto import modules
+    from overlay.rpc import convert
+    from overlay.rpc.proto import modules
 
     pb2, _ = modules()
     msg = pb2.Policy(policy_id=args.policy_id, to_group=args.to_group, proto=args.proto, ports=args.ports or [])

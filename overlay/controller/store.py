@@ -68,7 +68,6 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.security import OPEN_ACL_UNSAFE
 
 from overlay.config import RegistryConfig
-from overlay.controller.convert import Key, key_parse, key_text
 from overlay.errors import (
     AllocationExhausted,
     AlreadyExists,
@@ -88,6 +87,7 @@ from overlay.registry.zookeeper import (
     _record_acl,
     _world_read,
 )
+from overlay.rpc.convert import Key, key_parse, key_text
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,12 @@ from collections.abc import Callable
 import grpc
 
 from overlay.config import RegistryConfig
-from overlay.controller.client import CLIENT_OPTIONS, Client, raise_for
-from overlay.controller.convert import change_from_pb
 from overlay.errors import InvalidRecord, OverlayError, RegistryError, Unavailable
 from overlay.model import Node, Policy, node_from_dict, policy_from_dict, valid_name
 from overlay.registry import Listener, RegistryView, notify_listener
+from overlay.rpc.client import CLIENT_OPTIONS, Client
+from overlay.rpc.convert import change_from_pb
+from overlay.rpc.status import raise_for
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,8 @@ def controllers() -> Iterator[Callable]:
 
 
 def client(address: str, certs_dir: str, name: str = "operator", timeout: float = 10.0):
-    from overlay.controller.client import Client, tls_from_dir
+    from overlay.rpc.client import Client
+    from overlay.rpc.tls import tls_from_dir
 
     return Client(address, tls_from_dir(certs_dir, name), timeout=timeout, options=FAST_CLIENT_OPTIONS)
 

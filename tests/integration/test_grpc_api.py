@@ -16,7 +16,6 @@ import textwrap
 import grpc
 import pytest
 
-from overlay.controller.proto import modules
 from overlay.errors import (
     AllocationExhausted,
     AlreadyExists,
@@ -27,6 +26,7 @@ from overlay.errors import (
     Unavailable,
 )
 from overlay.model import Endpoint, Policy
+from overlay.rpc.proto import modules
 from tests.integration import grpc_support as gs
 
 pytestmark = pytest.mark.zk

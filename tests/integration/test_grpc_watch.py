@@ -22,10 +22,10 @@ import time
 import pytest
 
 from overlay.controller import servicer as servicer_mod
-from overlay.controller.convert import change_from_pb
 from overlay.controller.store import coalesce
 from overlay.errors import NotFound
 from overlay.model import Endpoint, Policy
+from overlay.rpc.convert import change_from_pb
 from tests.integration import grpc_support as gs
 
 pytestmark = pytest.mark.zk
@@ -236,7 +236,7 @@ def _last_revision(hist: str) -> int:
 
 
 def _decode(hexes: list[str]) -> list[tuple]:
-    from overlay.controller.proto import modules
+    from overlay.rpc.proto import modules
 
     pb2, _ = modules()
     out = []
@@ -382,7 +382,8 @@ def test_slow_consumer_gets_coalesced_updates(zk_server, zk_prefix, certs, monke
     with gs.controllers() as start:
         ctl = start(_cfg(zk_server, zk_prefix, certs))
         small_window = (*gs.FAST_CLIENT_OPTIONS, ("grpc.http2.bdp_probe", 0))
-        from overlay.controller.client import Client, tls_from_dir
+        from overlay.rpc.client import Client
+        from overlay.rpc.tls import tls_from_dir
 
         with gs.client(ctl.address, certs[0]) as op, \
                 Client(ctl.address, tls_from_dir(certs[0]), options=small_window) as slow:

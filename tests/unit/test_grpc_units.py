@@ -11,10 +11,7 @@ import grpc
 import pytest
 
 from overlay.config import RegistryConfig, TlsConfig
-from overlay.controller import certs, convert
-from overlay.controller.client import raise_for
-from overlay.controller.proto import modules
-from overlay.controller.servicer import status_of
+from overlay.controller import certs
 from overlay.controller.store import Store, coalesce, desired_items
 from overlay.errors import (
     AllocationExhausted,
@@ -28,6 +25,9 @@ from overlay.errors import (
 )
 from overlay.model import Endpoint, Node, Policy
 from overlay.registry import RegistryView
+from overlay.rpc import convert
+from overlay.rpc.proto import modules
+from overlay.rpc.status import raise_for, status_of
 
 SUBNET = ipaddress.IPv4Network("192.168.0.0/24")
 pb2, pb2_grpc = modules()
