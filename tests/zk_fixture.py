@@ -103,7 +103,7 @@ def expire_session(client) -> None:
 def zk_server() -> Iterator[object]:
     if not os.path.exists(ZK_JAR) or shutil.which("java") is None:
         pytest.skip("Debian's zookeeper package (and java) is not installed")
-    from overlay.zkserver import ZooKeeperServer
+    from overlay.zk.server import ZooKeeperServer
 
     data_dir = tempfile.mkdtemp(prefix="overlay-zk-")
     server = ZooKeeperServer(data_dir, "127.0.0.1", free_port(), fsync=False, die_with_parent=True)

@@ -37,7 +37,7 @@ def _lab(args, quiet: bool = False):
     from overlay.lab.lab import Lab
 
     # the steps say what happens; the ZooKeeper wrapper's own lines would interleave
-    logging.getLogger("overlay.zkserver").setLevel(logging.WARNING)
+    logging.getLogger("overlay.zk.server").setLevel(logging.WARNING)
 
     return Lab(getattr(args, "topology", None), emit=None if quiet else _emit)
 
@@ -92,7 +92,7 @@ def cmd_config(args) -> int:
 
 def _interface_with(address: str) -> str:
     from overlay.errors import OverlayError
-    from overlay.lab.netns import run
+    from overlay.netns import run
 
     out = run(["ip", "-j", "-4", "addr", "show"]).stdout
     for link in json.loads(out or "[]"):
@@ -115,7 +115,7 @@ def cmd_script(args) -> int:
 
 
 def cmd_exec(args) -> int:
-    from overlay.lab.netns import nsenter
+    from overlay.netns import nsenter
 
     ns = _lab(args, quiet=True).namespace_of(args.node)
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd

@@ -30,8 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from overlay.lab import netns as nx
-from overlay.lab.netns import LabError
+from overlay import netns as nx
 from overlay.lab.topology import (
     NS_PREFIX,
     PIN_DIR,
@@ -50,6 +49,11 @@ from overlay.lab.topology import (
 from overlay.lab.topology import certs_dir as topology_certs_dir
 
 log = logging.getLogger(__name__)
+
+
+class LabError(nx.NetnsError):
+    """The lab could not do what was asked; the message names the step and the cause."""
+
 
 STATE_VERSION = 1
 READY_TIMEOUT = 120.0
@@ -252,7 +256,7 @@ class Lab:
                 self.down()
             except Exception as down_exc:  # noqa: BLE001 - report both
                 self.emit(f"clean-up also failed: {down_exc}", True)
-            if isinstance(exc, LabError):
+            if isinstance(exc, nx.NetnsError):
                 raise LabError(f"lab up failed at step {step}; everything it made was removed. {exc}") from None
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -270,7 +274,7 @@ class Lab:
         restarted: list[str] = []
         try:
             self._repair(topo, state, members, restarted, ready_timeout)
-        except LabError as exc:
+        except nx.NetnsError as exc:
             raise LabError(f"the lab that is up failed verification at step {self._steps[0]} "
                            f"({self._step_title}): {exc}; "
                            "`overlay lab down` then `overlay lab up` rebuilds it") from None
@@ -320,9 +324,9 @@ class Lab:
         for cmd in ("ip", "nsenter", "ethtool", "iptables-restore", "sysctl", "sh"):
             if shutil.which(cmd) is None:
                 raise LabError(f"{cmd}: command not found (make lab installs what is missing)")
-        from overlay.zkserver import DEFAULT_CLASSPATH, _debian_environment
+        from overlay.zk.server import DEFAULT_CLASSPATH, debian_environment
 
-        java = _debian_environment().get("JAVA") or "/usr/bin/java"
+        java = debian_environment().get("JAVA") or "/usr/bin/java"
         if not os.path.exists(java) or not os.path.exists(DEFAULT_CLASSPATH):
             raise LabError(f"ZooKeeper is not installed ({java}, {DEFAULT_CLASSPATH}): apt-get install zookeeper")
         if daemons:
@@ -387,14 +391,14 @@ class Lab:
         return bool(p) and nx.alive(p.get("pid"), p.get("start"))
 
     def _zk_server(self, topo: Topology):
-        from overlay.zkserver import ZooKeeperServer
+        from overlay.zk.server import ZooKeeperServer
 
         return ZooKeeperServer(self.zk_dir, topo.zk_address, topo.zk_port, netns=self.names.zookeeper(topo),
                                fsync=False, heap_mb=256, max_session_ms=30000,
                                die_with_parent=self.die_with_parent)
 
     def _start_zookeeper(self, topo: Topology, state: dict) -> None:
-        from overlay.zkserver import ZooKeeperError
+        from overlay.zk.server import ZooKeeperError
 
         zk = self._zk_server(topo)
         try:

@@ -25,10 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from overlay.lab import netns as nx
+from overlay import netns as nx
 from overlay.lab.check import OVERLAY, format_matrix, probe_once
-from overlay.lab.lab import Lab
-from overlay.lab.netns import LabError
+from overlay.lab.lab import Lab, LabError
 
 from .conftest import require_bcc
 

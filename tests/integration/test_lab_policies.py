@@ -26,8 +26,8 @@ import time
 
 import pytest
 
+from overlay import netns as nx
 from overlay.config import load_config
-from overlay.lab import netns as nx
 from overlay.lab.check import probe_once
 from overlay.lab.lab import Lab
 
