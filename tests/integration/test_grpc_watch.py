@@ -22,7 +22,7 @@ import time
 import pytest
 
 from overlay.controller import servicer as servicer_mod
-from overlay.controller.store import coalesce
+from overlay.controller.journal import coalesce
 from overlay.errors import NotFound
 from overlay.model import Endpoint, Policy
 from overlay.rpc.convert import change_from_pb
@@ -45,8 +45,7 @@ def _cfg(zk_server, zk_prefix, certs, **kw):
 
 
 def _state_of(store) -> dict:
-    with store._lock:
-        return {k: v for k, (_, v) in store._state.items()}
+    return store.values()
 
 
 def _read_until(call, pb2, head: int, timeout: float = 20.0) -> list:
@@ -451,7 +450,7 @@ def test_registration_comes_back_after_the_controllers_session_expires(zk_server
             ip = op.allocate("web-1")
             op.register(gs.node("web-1", ip))
             old = ctl.store.session_id
-            expire_session(ctl.store._zk)
+            expire_session(ctl.store._zk.client)
             gs.wait_for(lambda: ctl.store.session_id not in (0, old) and
                         (zk_client.exists(f"{zk_prefix}/nodes/web-1") or None) is not None and
                         zk_client.exists(f"{zk_prefix}/nodes/web-1").ephemeralOwner == ctl.store.session_id,

@@ -12,7 +12,7 @@ import pytest
 
 from overlay.config import RegistryConfig, TlsConfig
 from overlay.controller import certs
-from overlay.controller.store import Store, coalesce, desired_items
+from overlay.controller.journal import Journal, coalesce, desired_items
 from overlay.errors import (
     AllocationExhausted,
     AlreadyExists,
@@ -142,17 +142,14 @@ def test_journal_keys():
 # --- journal planning ------------------------------------------------------------------------
 
 
-def _store(window: int = 16) -> Store:
-    store = Store(RegistryConfig(hosts=("127.0.0.1:1",)), SUBNET, window=window)
-    with store._lock:
-        store._loaded, store._epoch = True, "e1"
-    return store
+def _store(window: int = 16) -> Journal:
+    journal = Journal(window)
+    journal.load([], "e1", 0)
+    return journal
 
 
-def _fill(store: Store, changes: list[tuple]) -> None:
-    with store._lock:
-        for key, value in changes:
-            store._apply(store._head + 1, key, value)
+def _fill(journal: Journal, changes: list[tuple]) -> None:
+    journal.extend([(journal.head + 1 + i, key, value) for i, (key, value) in enumerate(changes)])
 
 
 def test_read_since_plans():
@@ -180,7 +177,7 @@ def test_read_since_plans():
     assert old.kind == "snapshot" and old.reset and old.revision == store.head
     assert store.read_since(store.head - 10, "e1", 100).kind == "delta"
     # every superseded revision (and the deletion) is known as dead, for compaction
-    assert sorted(store._dead)[:11] == [*range(1, 11), 12]  # 11 (group b) is live
+    assert store.take_dead(store.head, 11) == [*range(1, 11), 12]  # 11 (group b) is live
 
 
 def test_coalesce_keeps_the_last_change_per_item_in_order():
