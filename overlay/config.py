@@ -516,3 +516,14 @@ def load_config(path: str) -> Config:
     if obj is None:
         obj = {}
     return config_from_dict(obj)
+
+
+def datapath_location(config_path: str | None, interface: str | None = None,
+                      pin_root: str | None = None) -> tuple[Config | None, str, str]:
+    """Where a datapath lives, for the commands that act on one without the daemon (``maps``,
+    ``drops``, ``why``, ``datapath teardown``): ``--interface`` / ``--pin-root`` first, then
+    the config file's ``datapath`` section, then its defaults. Returns
+    ``(config or None, interface, pin_root)``."""
+    config = load_config(config_path) if config_path else None
+    dp = config.datapath if config is not None else DatapathConfig()
+    return config, interface or dp.interface, pin_root or dp.pin_root

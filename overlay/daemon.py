@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from overlay.config import Config, load_config
+from overlay.config import Config, datapath_location, load_config
 from overlay.errors import InvalidConfigError, OverlayError, UnsupportedError
 from overlay.model import Node
 
@@ -206,9 +206,7 @@ def _dry_run(config: Config, registry, datapath, self_node: Node) -> int:
 
 
 def teardown_datapath(config_path: str | None, interface: str | None = None, pin_root: str | None = None) -> None:
-    config = load_config(config_path) if config_path else None
-    iface = interface or (config.datapath.interface if config else "eth0")
-    root = pin_root or (config.datapath.pin_root if config else "/sys/fs/bpf/overlay")
+    config, iface, root = datapath_location(config_path, interface, pin_root)
     backend = config.datapath.backend if config else "ebpf"
     if backend == "dryrun":
         return
