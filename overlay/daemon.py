@@ -69,29 +69,18 @@ def preflight(config: Config) -> None:
 
 
 def make_registry(config: Config):
-    backend = config.registry.backend
-    if backend == "static":
-        from overlay.registry.static import StaticRegistry
+    """The registry ``registry.backend`` names (:data:`overlay.backends.REGISTRIES`)."""
+    from overlay.backends import create_registry
 
-        return StaticRegistry(config.registry.peers)
-    if backend == "zookeeper":
-        from overlay.registry.zookeeper import ZooKeeperRegistry
-
-        return ZooKeeperRegistry(config.registry, config.overlay_subnet, config.node_id)
-    if backend == "grpc":
-        from overlay.registry.grpc import GrpcRegistry
-
-        return GrpcRegistry(config.registry, config.overlay_subnet, config.node_id)
-    raise UnsupportedError(f"registry.backend {backend} is not available in this build")
+    return create_registry(config)
 
 
 def make_datapath(config: Config, self_node: Node | None, dry_run: bool = False):
-    from overlay.datapath.registry import create
+    from overlay.backends import create_datapath
 
     backend = "dryrun" if dry_run else config.datapath.backend
-
     dp = config.datapath
-    return create(
+    return create_datapath(
         backend,
         interface=dp.interface,
         overlay_subnet=str(config.overlay_subnet),
@@ -212,7 +201,7 @@ def teardown_datapath(config_path: str | None, interface: str | None = None, pin
         return
     if os.geteuid() != 0:
         raise UnsupportedError("overlay datapath teardown needs root")
-    from overlay.datapath.registry import teardown
+    from overlay.backends import teardown_datapath as remove
 
-    teardown(backend, interface=iface, pin_root=root,
+    remove(backend, interface=iface, pin_root=root,
              overlay_device=config.datapath.overlay_device if config else "ovl0")

@@ -38,6 +38,10 @@ class CapacityError(DatapathError):
     """An update would not fit the datapath's maps; nothing was applied."""
 
 
+class DiscoveryError(OverlayError):
+    """This node's addresses could not be discovered (an address provider failed)."""
+
+
 class RegistryError(OverlayError):
     """The registry failed or refused an operation."""
 

@@ -4,8 +4,10 @@ A registry is selected by name (``registry.backend``) and follows the
 :class:`Registry` protocol. It keeps its own view of the fleet, updated
 incrementally, and calls the listener given to :meth:`Registry.start` (with
 no arguments) whenever that view changed; the agent then reads
-:meth:`Registry.view`. Third parties add backends through the
-``overlay.registries`` entry point group.
+:meth:`Registry.view`. Backends are found by name in
+:data:`overlay.backends.REGISTRIES`: the built-ins, then the
+``overlay.registries`` entry point group; the name resolves to a class whose
+``from_config(config)`` builds the registry for this node's config.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class RegistryView:
 
 @runtime_checkable
 class Registry(Protocol):
+    """What the agent needs of a registry. Its class also has a classmethod
+    ``from_config(config: Config) -> Registry`` (how :mod:`overlay.backends` builds it;
+    not part of the runtime check)."""
+
     name: str
 
     def start(self, listener: Listener) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import grpc
 
-from overlay.config import RegistryConfig
+from overlay.config import Config, RegistryConfig
 from overlay.errors import InvalidRecord, OverlayError, RegistryError, Unavailable
 from overlay.model import Node, Policy, node_from_dict, policy_from_dict, valid_name
 from overlay.registry import Listener, RegistryView, notify_listener
@@ -53,6 +53,10 @@ class GrpcRegistry:
     """The Registry protocol over the controller's gRPC API (see the module docstring)."""
 
     name = "grpc"
+
+    @classmethod
+    def from_config(cls, config: Config) -> GrpcRegistry:
+        return cls(config.registry, config.overlay_subnet, config.node_id)
 
     def __init__(self, config: RegistryConfig, subnet: ipaddress.IPv4Network, node_id: str, *,
                  rng: random.Random | None = None, backoff: tuple[float, float] = (0.2, 10.0),

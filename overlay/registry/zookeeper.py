@@ -36,7 +36,7 @@ from kazoo.exceptions import (
     UnimplementedError,
 )
 
-from overlay.config import RegistryConfig
+from overlay.config import Config, RegistryConfig
 from overlay.errors import RegistryError
 from overlay.model import (
     Node,
@@ -63,6 +63,10 @@ class ZooKeeperRegistry:
     """The Registry protocol over ZooKeeper (see the module docstring and docs/registry.md)."""
 
     name = "zookeeper"
+
+    @classmethod
+    def from_config(cls, config: Config) -> ZooKeeperRegistry:
+        return cls(config.registry, config.overlay_subnet, config.node_id)
 
     def __init__(self, config: RegistryConfig, subnet: ipaddress.IPv4Network, node_id: str | None, *,
                  rng: random.Random | None = None):

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import overlay.discovery as disc
+from overlay import backends
 from overlay.config import Addresses, Config, Discovery
 from overlay.discovery import DiscoveryError, aws_imds, discover, netlink
 from overlay.errors import OverlayError
@@ -68,7 +68,7 @@ class _EP:
     ("nope", None, "unknown address provider 'nope'; known: aws-imds, fake, netlink, static"),
 ])
 def test_entry_point_providers(monkeypatch, name, plugin, error):
-    monkeypatch.setattr(disc, "_entry_points", lambda: [_EP("fake", plugin)])
+    monkeypatch.setattr(backends, "entry_points", lambda group: [_EP("fake", plugin)] if group == "overlay.providers" else [])
     cfg = config(discovery=Discovery(name))
     if error is None:
         assert discover(cfg) == ("10.1.2.3", "198.18.2.3")
@@ -78,7 +78,8 @@ def test_entry_point_providers(monkeypatch, name, plugin, error):
 
 
 def test_builtin_names_cannot_be_overridden(monkeypatch):
-    monkeypatch.setattr(disc, "_entry_points", lambda: [_EP("static", lambda cfg: ("10.9.9.9", "10.9.9.9"))])
+    monkeypatch.setattr(backends, "entry_points",
+                        lambda group: [_EP("static", lambda cfg: ("10.9.9.9", "10.9.9.9"))])
     assert discover(config(addresses=Addresses("10.0.0.1", "198.18.0.1"))) == ("10.0.0.1", "198.18.0.1")
 
 
