@@ -141,10 +141,6 @@ class Config:
     state_dir: str = "/var/lib/overlay"
     controller: ControllerConfig | None = None
 
-    @property
-    def nat_override_map(self) -> dict[str, str]:
-        return dict(self.nat_overrides)
-
 
 # --- a small reader that tracks the key path -------------------------------------------
 

@@ -292,7 +292,7 @@ def test_full_example_matches_the_design():
     assert cfg.filter.reject_all is False
     assert cfg.filter.open_ports == ((80, 80),)
     assert cfg.filter.ssh_whitelist == ("198.18.0.0/15",)
-    assert cfg.nat_override_map == {"192.168.63.1": "10.0.0.250"}
+    assert dict(cfg.nat_overrides) == {"192.168.63.1": "10.0.0.250"}
     assert cfg.guard.max_change == 20
     assert cfg.status_listen == ("127.0.0.1", 9464)
 
