@@ -69,7 +69,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from overlay.lab.topology import load_topology, render_config, render_controller_config
+    from overlay.lab.render import render_config, render_controller_config
+    from overlay.lab.topology import load_topology
 
     topo = load_topology(args.topology)
     kwargs = {"target": "vagrant" if args.vagrant else "netns"}
@@ -98,7 +99,8 @@ def _interface_with(address: str) -> str:
 
 
 def cmd_script(args) -> int:
-    from overlay.lab.topology import load_topology, node_script
+    from overlay.lab.render import node_script
+    from overlay.lab.topology import load_topology
 
     topo = load_topology(args.topology)
     if args.node not in topo.node_names():
