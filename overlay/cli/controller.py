@@ -143,8 +143,8 @@ def cmd_policies_list(args) -> int:
         src = f"group:{p.from_group}" if p.WhichOneof("src") == "from_group" else f"cidr:{p.from_cidr}"
         rows.append((p.policy_id, src, f"group:{p.to_group}", p.proto, list(p.ports)))
     if args.json:
-        out = [{"policy_id": r[0], "from": r[1], "to": r[2], "proto": r[3], "ports": r[4]} for r in rows]
-        out(json.dumps({"revision": rev, "policies": out, "rejected": rejected}, indent=2, sort_keys=True))
+        items = [{"policy_id": r[0], "from": r[1], "to": r[2], "proto": r[3], "ports": r[4]} for r in rows]
+        out(json.dumps({"revision": rev, "policies": items, "rejected": rejected}, indent=2, sort_keys=True))
         return EXIT_OK
     _table([("POLICY", "FROM", "TO", "PROTO", "PORTS"), *((a, b, c_, d, _ports(e)) for a, b, c_, d, e in rows)])
     for pid, reason in sorted(rejected.items()):
