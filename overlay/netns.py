@@ -369,10 +369,11 @@ class Netns:
     def cmd(self, *argv: str) -> list[str]:
         return ["nsenter", f"--net={NETNS_DIR}/{self.name}", *argv]
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 30,
-            input: str | None = None) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, check: bool = True, timeout: float = 30, input: str | None = None,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
         try:
-            proc = subprocess.run(self.cmd(*argv), capture_output=True, text=True, timeout=timeout, input=input)
+            proc = subprocess.run(self.cmd(*argv), capture_output=True, text=True, timeout=timeout, input=input,
+                                  cwd=cwd)
         except subprocess.TimeoutExpired:
             raise NetnsError(f"[{self.name}] {' '.join(argv)}: did not finish within {timeout:g} s") from None
         if check and proc.returncode != 0:

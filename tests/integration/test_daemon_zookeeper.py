@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.zk_fixture import free_port, wait_for
+from tests.support.wait import free_port, wait_for
 
 pytestmark = pytest.mark.zk
 OVERLAY = [sys.executable, "-m", "overlay.cli"]

@@ -28,8 +28,7 @@ import pytest
 from overlay import netns as nx
 from overlay.lab.check import OVERLAY, format_matrix, probe_once
 from overlay.lab.lab import Lab, LabError
-
-from .conftest import require_bcc
+from tests.support.netns import require_bcc
 
 pytestmark = [pytest.mark.root, pytest.mark.zk]
 

@@ -1,4 +1,4 @@
-"""ZooKeeperRegistry against a real ZooKeeper (Debian's package, started by tests/zk_fixture.py).
+"""ZooKeeperRegistry against a real ZooKeeper (Debian's package, started by the fixture in tests/conftest.py).
 
 Every test gets its own prefix; timing assertions poll with bounded deadlines.
 """
@@ -22,7 +22,8 @@ from overlay.model import Node, serialise_node
 from overlay.registry import Registry
 from overlay.registry.zookeeper import ZooKeeperRegistry
 from overlay.zk.layout import bootstrap
-from tests.zk_fixture import expire_session, wait_for
+from tests.support.wait import wait_for
+from tests.support.zk import expire_session
 
 pytestmark = pytest.mark.zk
 
@@ -417,7 +418,7 @@ def _measure(server, prefix, registries, n: int) -> dict[str, int]:
 def test_reads_per_change_do_not_grow_with_n(zk_server, registries):
     import uuid
 
-    from tests.zk_fixture import wipe
+    from tests.support.zk import wipe
 
     results = {}
     for n in (100, 10_000):

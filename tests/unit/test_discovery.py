@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import shutil
@@ -18,6 +17,7 @@ from overlay import backends
 from overlay.config import Addresses, Config, Discovery
 from overlay.discovery import DiscoveryError, aws_imds, discover, netlink
 from overlay.errors import OverlayError
+from overlay.netns import Netns, in_netns
 
 SUBNET = ipaddress.IPv4Network("192.168.0.0/18")
 
@@ -231,48 +231,27 @@ def test_imds_endpoint_must_be_http():
 
 def _run_in_netns(netns: str, fn):
     """Call ``fn()`` in a thread moved into ``netns`` (setns affects only that thread)."""
-    out: dict = {}
-
-    def run():
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, 0x40000000) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(30)
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    result = in_netns(netns, fn)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 @pytest.fixture
 def netns():
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create a network namespace")
-    name = f"ovltest-disc-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-    def ip(*args):
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-    ip("netns", "add", name)
+    ns = Netns.add(f"ovltest-disc-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
-        ip("-n", name, "link", "add", "priv0", "type", "veth", "peer", "name", "pub0")
-        ip("-n", name, "addr", "add", "10.77.0.5/24", "dev", "priv0")
-        ip("-n", name, "addr", "add", "10.77.0.6/24", "dev", "priv0")  # secondary
-        ip("-n", name, "addr", "add", "198.18.77.5/24", "dev", "pub0")
-        ip("-n", name, "link", "add", "empty0", "type", "veth", "peer", "name", "empty1")
-        yield name
+        for cmd in (("link", "add", "priv0", "type", "veth", "peer", "name", "pub0"),
+                    ("addr", "add", "10.77.0.5/24", "dev", "priv0"),
+                    ("addr", "add", "10.77.0.6/24", "dev", "priv0"),  # secondary
+                    ("addr", "add", "198.18.77.5/24", "dev", "pub0"),
+                    ("link", "add", "empty0", "type", "veth", "peer", "name", "empty1")):
+            ns.run("ip", *cmd)
+        yield ns.name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=20)
+        ns.delete()
 
 
 def test_netlink_private_and_public_interfaces(netns):
