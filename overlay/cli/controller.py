@@ -65,6 +65,14 @@ def _client(args):
     return Client(args.controller, tls, timeout=args.timeout, path="--certs")
 
 
+def _write(args, call, done: str) -> int:
+    """One write over gRPC (``call(client) -> revision``); prints ``done (revision N)``."""
+    with _client(args) as c:
+        rev = call(c)
+    out(f"{done} (revision {rev})")
+    return EXIT_OK
+
+
 def _invalid_is_usage(func):
     def wrapper(args) -> int:
         from overlay.errors import InvalidArgument
@@ -94,10 +102,7 @@ def cmd_nodes_list(args) -> int:
     for n in nodes:
         ports = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in n.open_ports]
         rows.append((n.node_id, n.network, n.private, n.public, n.overlay, ",".join(n.groups) or "-", _ports(ports)))
-    _table(rows)
-    for node_id, reason in sorted(rejected.items()):
-        out(f"# rejected {node_id}: {reason}")
-    out(f"# {len(nodes)} nodes at revision {rev}")
+    _listing(rows, rejected, f"# {len(nodes)} nodes at revision {rev}")
     return EXIT_OK
 
 
@@ -120,18 +125,13 @@ def cmd_groups_put(args) -> int:
 
     pb2, _ = modules()
     name, description = convert.group_from_pb(pb2.Group(name=args.name, description=args.description or ""))
-    with _client(args) as c:
-        rev = c.put_group(name, description, create_only=args.create_only)
-    out(f"group {name} written (revision {rev})")
-    return EXIT_OK
+    return _write(args, lambda c: c.put_group(name, description, create_only=args.create_only),
+                  f"group {name} written")
 
 
 @_invalid_is_usage
 def cmd_groups_delete(args) -> int:
-    with _client(args) as c:
-        rev = c.delete_group(args.name)
-    out(f"group {args.name} deleted (revision {rev})")
-    return EXIT_OK
+    return _write(args, lambda c: c.delete_group(args.name), f"group {args.name} deleted")
 
 
 @_invalid_is_usage
@@ -146,10 +146,8 @@ def cmd_policies_list(args) -> int:
         items = [{"policy_id": r[0], "from": r[1], "to": r[2], "proto": r[3], "ports": r[4]} for r in rows]
         out(json.dumps({"revision": rev, "policies": items, "rejected": rejected}, indent=2, sort_keys=True))
         return EXIT_OK
-    _table([("POLICY", "FROM", "TO", "PROTO", "PORTS"), *((a, b, c_, d, _ports(e)) for a, b, c_, d, e in rows)])
-    for pid, reason in sorted(rejected.items()):
-        out(f"# rejected {pid}: {reason}")
-    out(f"# {len(policies)} policies at revision {rev}")
+    _listing([("POLICY", "FROM", "TO", "PROTO", "PORTS"), *((a, b, c_, d, _ports(e)) for a, b, c_, d, e in rows)],
+             rejected, f"# {len(policies)} policies at revision {rev}")
     return EXIT_OK
 
 
@@ -165,23 +163,26 @@ def cmd_policies_put(args) -> int:
     else:
         msg.from_cidr = args.from_cidr
     policy = convert.policy_from_pb(msg)  # the same checks as the controller, before connecting
-    with _client(args) as c:
-        rev = c.put_policy(policy, create_only=args.create_only)
-    out(f"policy {policy.policy_id} written (revision {rev})")
-    return EXIT_OK
+    return _write(args, lambda c: c.put_policy(policy, create_only=args.create_only),
+                  f"policy {policy.policy_id} written")
 
 
 @_invalid_is_usage
 def cmd_policies_delete(args) -> int:
-    with _client(args) as c:
-        rev = c.delete_policy(args.policy_id)
-    out(f"policy {args.policy_id} deleted (revision {rev})")
-    return EXIT_OK
+    return _write(args, lambda c: c.delete_policy(args.policy_id), f"policy {args.policy_id} deleted")
 
 
 def _table(rows) -> None:
     for line in table(rows):
         out(line)
+
+
+def _listing(rows, rejected: dict[str, str], summary: str) -> None:
+    """A table, then the ignored records with their reasons, then ``summary``."""
+    _table(rows)
+    for key, reason in sorted(rejected.items()):
+        out(f"# rejected {key}: {reason}")
+    out(summary)
 
 
 # --- registration ---------------------------------------------------------------------------
@@ -202,33 +203,29 @@ def register_operator(sub) -> None:
                        help="use NAME.crt/NAME.key from --certs (default operator)")
         p.add_argument("--timeout", type=float, default=10.0, help="deadline of the call in seconds (default 10)")
 
-    sp = add_command(sub, "nodes", None, "registered nodes (operator, over gRPC)")
-    nsub = sp.add_subparsers(dest="nodes_command", metavar="ACTION", parser_class=Parser)
-    nl = add_command(nsub, "list", cmd_nodes_list, "list registered nodes and ignored records")
-    conn(nl)
-    nl.add_argument("--json", action="store_true", help="print JSON")
+    def family(name: str, help: str, list_func, list_help: str):
+        """``overlay NAME list [--json]`` and the parser of NAME's other actions."""
+        sp = add_command(sub, name, None, help)
+        actions = sp.add_subparsers(dest=f"{name}_command", metavar="ACTION", parser_class=Parser)
+        action(actions, "list", list_func, list_help).add_argument("--json", action="store_true", help="print JSON")
+        return actions
 
-    sp = add_command(sub, "groups", None, "groups (operator, over gRPC)")
-    gsub = sp.add_subparsers(dest="groups_command", metavar="ACTION", parser_class=Parser)
-    gl = add_command(gsub, "list", cmd_groups_list, "list groups")
-    conn(gl)
-    gl.add_argument("--json", action="store_true", help="print JSON")
-    gp = add_command(gsub, "put", cmd_groups_put, "create or update a group")
-    conn(gp)
+    def action(actions, name: str, func, help: str):
+        sp = add_command(actions, name, func, help)
+        conn(sp)
+        return sp
+
+    family("nodes", "registered nodes (operator, over gRPC)", cmd_nodes_list, "list registered nodes and ignored records")
+
+    gsub = family("groups", "groups (operator, over gRPC)", cmd_groups_list, "list groups")
+    gp = action(gsub, "put", cmd_groups_put, "create or update a group")
     gp.add_argument("name", help="group name")
     gp.add_argument("--description", default="", help="free text")
     gp.add_argument("--create-only", action="store_true", help="fail if the group exists")
-    gd = add_command(gsub, "delete", cmd_groups_delete, "delete a group")
-    conn(gd)
-    gd.add_argument("name", help="group name")
+    action(gsub, "delete", cmd_groups_delete, "delete a group").add_argument("name", help="group name")
 
-    sp = add_command(sub, "policies", None, "policies (operator, over gRPC)")
-    psub = sp.add_subparsers(dest="policies_command", metavar="ACTION", parser_class=Parser)
-    pl = add_command(psub, "list", cmd_policies_list, "list policies and ignored records")
-    conn(pl)
-    pl.add_argument("--json", action="store_true", help="print JSON")
-    pp = add_command(psub, "put", cmd_policies_put, "create or update a policy")
-    conn(pp)
+    psub = family("policies", "policies (operator, over gRPC)", cmd_policies_list, "list policies and ignored records")
+    pp = action(psub, "put", cmd_policies_put, "create or update a policy")
     pp.add_argument("policy_id", help="policy id")
     src = pp.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-group", help="allow from members of this group")
@@ -237,6 +234,4 @@ def register_operator(sub) -> None:
     pp.add_argument("--proto", required=True, choices=["tcp", "udp", "icmp"])
     pp.add_argument("--ports", nargs="*", metavar="PORT", help="ports or ranges (80 8000-8100); none for icmp")
     pp.add_argument("--create-only", action="store_true", help="fail if the policy exists")
-    pd = add_command(psub, "delete", cmd_policies_delete, "delete a policy")
-    conn(pd)
-    pd.add_argument("policy_id", help="policy id")
+    action(psub, "delete", cmd_policies_delete, "delete a policy").add_argument("policy_id", help="policy id")

@@ -135,25 +135,24 @@ def cmd_daemon(args) -> int:
     return EXIT_OK
 
 
-def cmd_zookeeper(args) -> int:
+def cmd_server(args) -> int:
+    """``overlay lab zookeeper|controller stop|start``."""
     lab = _lab(args, quiet=True)
+    stop, start, stopped, started = {
+        "zookeeper": (lab.zookeeper_stop, lab.zookeeper_start,
+                      "ZooKeeper stopped (its data is kept; `overlay lab zookeeper start` brings it back)",
+                      lambda: f"ZooKeeper running at {lab.topology().zookeeper}"),
+        "controller": (lab.controller_stop, lab.controller_start,
+                       "controller stopped (its daemons keep their datapath; `overlay lab controller start` "
+                       "brings it back)",
+                       lambda: f"controller serving at {lab.topology().controller}"),
+    }[args.lab_command]
     if args.action == "stop":
-        lab.zookeeper_stop()
-        emit("ZooKeeper stopped (its data is kept; `overlay lab zookeeper start` brings it back)")
+        stop()
+        emit(stopped)
     else:
-        lab.zookeeper_start()
-        emit(f"ZooKeeper running at {lab.topology().zookeeper}")
-    return EXIT_OK
-
-
-def cmd_controller(args) -> int:
-    lab = _lab(args, quiet=True)
-    if args.action == "stop":
-        lab.controller_stop()
-        emit("controller stopped (its daemons keep their datapath; `overlay lab controller start` brings it back)")
-    else:
-        lab.controller_start()
-        emit(f"controller serving at {lab.topology().controller}")
+        start()
+        emit(started())
     return EXIT_OK
 
 
@@ -229,7 +228,7 @@ def register(sub) -> None:
     sp = add("daemon", cmd_daemon, "stop (SIGTERM), kill (SIGKILL) or start one lab daemon")
     sp.add_argument("action", choices=["stop", "kill", "start"])
     sp.add_argument("host")
-    sp = add("zookeeper", cmd_zookeeper, "stop or start the lab's ZooKeeper (its data is kept)")
+    sp = add("zookeeper", cmd_server, "stop or start the lab's ZooKeeper (its data is kept)")
     sp.add_argument("action", choices=["stop", "start"])
-    sp = add("controller", cmd_controller, "stop or start the lab's gRPC controller (networks with registry: grpc)")
+    sp = add("controller", cmd_server, "stop or start the lab's gRPC controller (networks with registry: grpc)")
     sp.add_argument("action", choices=["stop", "start"])

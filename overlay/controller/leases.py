@@ -17,7 +17,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
@@ -37,30 +37,32 @@ class Registration:
     expires: float
 
 
+@dataclass
 class Leases:
-    def __init__(self, session: zkc.Session, layout: Layout, record_acl: list, replica: str, *,
-                 lease_s: float, clock: Callable[[], float]):
-        self._zk = session
-        self._layout = layout
-        self._record_acl = record_acl
-        self.replica = replica
-        self.lease_s = lease_s
-        self._clock = clock
-        self._regs: dict[str, Registration] = {}
-        self._streams: dict[str, int] = {}
-        self._lock = threading.Lock()
+    """The registrations of one replica, published through ``session`` under ``layout`` with
+    ``record_acl``; ``clock`` times the leases."""
+
+    session: zkc.Session
+    layout: Layout
+    record_acl: list
+    replica: str
+    lease_s: float
+    clock: Callable[[], float]
+    _regs: dict[str, Registration] = field(default_factory=dict, init=False)
+    _streams: dict[str, int] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def register(self, node: Node, data: bytes, leased: bool) -> None:
         """Publish ``node`` in this session (taking it over from another session)."""
         with self._lock:
-            self._regs[node.node_id] = Registration(node, data, leased, self._clock() + self.lease_s)
+            self._regs[node.node_id] = Registration(node, data, leased, self.clock() + self.lease_s)
         self._put_ephemeral(node.node_id, data, takeover=True)
 
     def deregister(self, node_id: str) -> None:
         with self._lock:
             reg = self._regs.pop(node_id, None)
         try:
-            self._zk.wait(self._zk.client.delete_async(self._path(node_id)))
+            self.session.wait(self.session.client.delete_async(self._path(node_id)))
         except NoNodeError:
             if reg is None:
                 raise NotFound(f"node_id: node {node_id!r} is not registered") from None
@@ -78,7 +80,7 @@ class Leases:
                 self._streams.pop(node_id, None)
                 reg = self._regs.get(node_id)
                 if reg is not None:
-                    reg.expires = self._clock() + self.lease_s
+                    reg.expires = self.clock() + self.lease_s
 
     def registrations(self) -> dict[str, bool]:
         """node_id -> leased, for the registrations this replica holds."""
@@ -99,7 +101,7 @@ class Leases:
 
     def expire(self) -> None:
         """Worker: remove the records whose lease ran out (no stream for ``lease_s``)."""
-        now = self._clock()
+        now = self.clock()
         expired = []
         with self._lock:
             for node_id, reg in list(self._regs.items()):
@@ -110,31 +112,31 @@ class Leases:
             self._release(node_id)
 
     def _path(self, node_id: str) -> str:
-        return f"{self._layout.nodes}/{node_id}"
+        return f"{self.layout.nodes}/{node_id}"
 
     def _session_id(self) -> int:
-        return zkc.session_id(self._zk.client) or 0
+        return zkc.session_id(self.session.client) or 0
 
     def _put_ephemeral(self, node_id: str, data: bytes, takeover: bool) -> bool:
         """Create ``nodes/<node_id>`` in this session, or bring it up to date. A record held by
         another session is replaced in one transaction if ``takeover`` (the node moved here),
         else left alone (returns False)."""
         path = self._path(node_id)
-        client = self._zk.client
+        client = self.session.client
         for _ in range(5):
             try:
-                self._zk.wait(client.create_async(path, data, acl=self._record_acl, ephemeral=True))
+                self.session.wait(client.create_async(path, data, acl=self.record_acl, ephemeral=True))
                 return True
             except NodeExistsError:
                 pass
             try:
-                current, stat = self._zk.wait(client.get_async(path))
+                current, stat = self.session.wait(client.get_async(path))
             except NoNodeError:
                 continue
             if stat.ephemeralOwner == self._session_id():
                 if current != data:
                     try:
-                        self._zk.wait(client.set_async(path, data, version=stat.version))
+                        self.session.wait(client.set_async(path, data, version=stat.version))
                     except (BadVersionError, NoNodeError):
                         continue
                 return True
@@ -142,8 +144,8 @@ class Leases:
                 return False
             tx = client.transaction()
             tx.delete(path, version=stat.version)
-            tx.create(path, data, acl=self._record_acl, ephemeral=True)
-            results = self._zk.wait(tx.commit_async())
+            tx.create(path, data, acl=self.record_acl, ephemeral=True)
+            results = self.session.wait(tx.commit_async())
             if not any(isinstance(r, Exception) for r in results):
                 log.info("controller %s: took over the registration of %s from session 0x%x",
                          self.replica, node_id, stat.ephemeralOwner)
@@ -152,12 +154,12 @@ class Leases:
 
     def _release(self, node_id: str) -> None:
         path = self._path(node_id)
-        client = self._zk.client
+        client = self.session.client
         try:
-            _, stat = self._zk.wait(client.get_async(path))
+            _, stat = self.session.wait(client.get_async(path))
         except NoNodeError:
             return
         if stat.ephemeralOwner == self._session_id():
             with contextlib.suppress(NoNodeError, BadVersionError):
-                self._zk.wait(client.delete_async(path, version=stat.version))
+                self.session.wait(client.delete_async(path, version=stat.version))
                 log.info("controller %s: lease of %s expired; record removed", self.replica, node_id)

@@ -95,7 +95,7 @@ class Store:
         self._journal = Journal(window)
         self._connected = False
         self.leases = Leases(self._zk, self._layout, record_acl(config.auth or config.operator), self.replica,
-                             lease_s=lease_s, clock=clock)
+                             lease_s, clock)
         self._election = Election(self._zk, self._layout, self._item_acl, self.replica, self._became_leader)
         self._sync = JournalSync(self._zk, self._layout, self._journal, self._item_acl, self.replica, self._notify)
 

@@ -222,6 +222,21 @@ class _Obj:
         except (ValueError, TypeError) as exc:
             self.fail(str(exc), key)
 
+    def address(self, key: str, net: ipaddress.IPv4Network, what: str, seen: dict[str, str] | None = None,
+                where: str = "") -> str:
+        """The required IPv4 address ``key``, inside ``net`` (``what`` names it) and, with
+        ``seen``, not used before (then recorded there, by key path)."""
+        value = self.get(key, _ip, required=True)
+        try:
+            _in(value, net, what)
+        except ValueError as exc:
+            self.fail(str(exc), key)
+        if seen is not None:
+            if value in seen:
+                self.fail(f"{value} is already used{where} by {seen[value]}", key)
+            seen[value] = self.sub(key)
+        return value
+
     def child(self, key: str, required: bool = True) -> _Obj:
         if key not in self.obj:
             if required:
@@ -372,19 +387,8 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
             if subnet.overlaps(cidr):
                 n.fail(f"{subnet} overlaps {label} {cidr}", "subnet")
         edge = n.child("edge")
-        edge_private = edge.get("private", _ip, required=True)
-        edge_public = edge.get("public", _ip, required=True)
-        try:
-            _in(edge_private, subnet, "the network's subnet")
-        except ValueError as exc:
-            edge.fail(str(exc), "private")
-        try:
-            _in(edge_public, internet_subnet, "internet.subnet")
-        except ValueError as exc:
-            edge.fail(str(exc), "public")
-        if edge_public in seen_public:
-            edge.fail(f"{edge_public} is already used by {seen_public[edge_public]}", "public")
-        seen_public[edge_public] = edge.sub("public")
+        edge_private = edge.address("private", subnet, "the network's subnet")
+        edge_public = edge.address("public", internet_subnet, "internet.subnet", seen_public)
         edge.done()
         hosts_raw = n.get("hosts", lambda v: v, required=True)
         if not isinstance(hosts_raw, list) or not hosts_raw:
@@ -399,22 +403,8 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
             if hname in seen_hosts:
                 h.fail(f"host {hname!r} is already defined at {seen_hosts[hname]}", "name")
             seen_hosts[hname] = h.path
-            private = h.get("private", _ip, required=True)
-            try:
-                _in(private, subnet, "the network's subnet")
-            except ValueError as exc:
-                h.fail(str(exc), "private")
-            if private in seen_private:
-                h.fail(f"{private} is already used in network {name} by {seen_private[private]}", "private")
-            seen_private[private] = h.sub("private")
-            public = h.get("public", _ip, required=True)
-            try:
-                _in(public, public_subnet, "the network's public_subnet")
-            except ValueError as exc:
-                h.fail(str(exc), "public")
-            if public in seen_public:
-                h.fail(f"{public} is already used by {seen_public[public]}", "public")
-            seen_public[public] = h.sub("public")
+            private = h.address("private", subnet, "the network's subnet", seen_private, f" in network {name}")
+            public = h.address("public", public_subnet, "the network's public_subnet", seen_public)
             member = h.get("member", _bool, True)
             groups = h.get("groups", _groups, ())
             overlay = h.get("overlay", _ip)

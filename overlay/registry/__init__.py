@@ -13,6 +13,7 @@ no arguments) whenever that view changed; the agent then reads
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -51,6 +52,28 @@ class RegistryView:
     connected: bool = True
     synced: bool = True
     revision: int = 0
+
+
+@dataclass
+class ViewState:
+    """A registry's view while it changes: the fields of :class:`RegistryView`, changed
+    under ``lock``; :meth:`snapshot` is what ``view()`` returns."""
+
+    nodes: dict[str, Node] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    policies: dict[str, Policy] = field(default_factory=dict)
+    max_change: int | None = None
+    connected: bool = False
+    synced: bool = False
+    revision: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def snapshot(self) -> RegistryView:
+        """A consistent copy (fresh dicts: a caller may keep or change what it gets)."""
+        with self.lock:
+            return RegistryView(nodes=dict(self.nodes), rejected=dict(self.rejected),
+                                policies=dict(self.policies), max_change=self.max_change,
+                                connected=self.connected, synced=self.synced, revision=self.revision)
 
 
 @runtime_checkable

@@ -44,7 +44,7 @@ from overlay.model import (
     serialise_node,
     valid_name,
 )
-from overlay.registry import Listener, RegistryView, notify_listener
+from overlay.registry import Listener, RegistryView, ViewState, notify_listener
 from overlay.registry.zk_records import MAX_MAX_CHANGE, Records
 from overlay.zk import client as zkc
 from overlay.zk.acl import operator_acl, record_acl
@@ -80,14 +80,7 @@ class ZooKeeperRegistry:
         self._record_acl = record_acl(config.auth)
         self._alloc = Allocator(self._zk, self._layout, self.subnet, self._record_acl, rng)
 
-        self._lock = threading.Lock()  # guards the view state below
-        self._nodes: dict[str, Node] = {}
-        self._rejected: dict[str, str] = {}
-        self._policies: dict[str, Policy] = {}
-        self._max_change: int | None = None
-        self._connected = False
-        self._synced = False
-        self._revision = 0
+        self._v = ViewState()          # the view (changed under self._v.lock)
 
         self._book = Records(self._zk, self._layout, self.subnet, self.node_id)   # worker-private
 
@@ -150,16 +143,7 @@ class ZooKeeperRegistry:
             self._ensure_own_record(replace_data=True)
 
     def view(self) -> RegistryView:
-        with self._lock:  # fresh copies: a caller may keep or change what it gets
-            return RegistryView(
-                nodes=dict(self._nodes),
-                rejected=dict(self._rejected),
-                policies=dict(self._policies),
-                max_change=self._max_change,
-                connected=self._connected,
-                synced=self._synced,
-                revision=self._revision,
-            )
+        return self._v.snapshot()
 
     def release_guard(self) -> None:
         return None
@@ -172,9 +156,9 @@ class ZooKeeperRegistry:
             client, self._zk.client = self._zk.client, None
         if client is not None:
             zkc.close(client, self._on_state)
-        with self._lock:
-            self._connected = False
-            self._synced = False
+        with self._v.lock:
+            self._v.connected = False
+            self._v.synced = False
             self._bump()
 
     # --- full re-reads on request -----------------------------------------------------------
@@ -268,10 +252,10 @@ class ZooKeeperRegistry:
                         self.node_id)
         else:
             log.warning("node %s: ZooKeeper connection suspended; keeping the last view", self.node_id)
-        with self._lock:
-            changed = self._connected or self._synced
-            self._connected = False
-            self._synced = False
+        with self._v.lock:
+            changed = self._v.connected or self._v.synced
+            self._v.connected = False
+            self._v.synced = False
             if changed:
                 self._bump()
         if changed:
@@ -373,11 +357,11 @@ class ZooKeeperRegistry:
             else:
                 rejected[f"policy:{pid}"] = reason
         max_change = self._book.parse_max_change(got[self._layout.max_change])
-        with self._lock:
-            self._nodes, self._policies, self._rejected = nodes, policies, rejected
-            self._max_change = max_change
-            self._connected = True
-            self._synced = True
+        with self._v.lock:
+            self._v.nodes, self._v.policies, self._v.rejected = nodes, policies, rejected
+            self._v.max_change = max_change
+            self._v.connected = True
+            self._v.synced = True
             self._bump()
         log.info("node %s: registry resync (%s): %d peers, %d rejected, %d policies in %.2f s",
                  self.node_id, reason, len(nodes), len(rejected), len(policies), time.monotonic() - t0)
@@ -451,16 +435,16 @@ class ZooKeeperRegistry:
         new_max = self._book.parse_max_change(got.get(self._layout.max_change)) if max_change_event else None
 
         changed = False
-        with self._lock:
-            nodes, rejected, policies = self._nodes, self._rejected, self._policies
+        with self._v.lock:
+            nodes, rejected, policies = self._v.nodes, self._v.rejected, self._v.policies
             for name, (node, reason) in node_changes.items():
                 changed |= _put(nodes, name, node)
                 changed |= _put(rejected, name, reason)
             for pid, (pol, reason) in policy_changes.items():
                 changed |= _put(policies, pid, pol)
                 changed |= _put(rejected, f"policy:{pid}", reason)
-            if max_change_event and new_max != self._max_change:
-                self._max_change = new_max
+            if max_change_event and new_max != self._v.max_change:
+                self._v.max_change = new_max
                 changed = True
             if changed:
                 self._bump()
@@ -470,8 +454,8 @@ class ZooKeeperRegistry:
     # --- view bookkeeping -----------------------------------------------------------------
 
     def _bump(self) -> None:
-        """Caller holds self._lock."""
-        self._revision += 1
+        """Caller holds self._v.lock."""
+        self._v.revision += 1
 
     def _notify(self) -> None:
         notify_listener(self._listener, self.node_id)

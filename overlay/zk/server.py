@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from overlay.errors import OverlayError
@@ -133,6 +134,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
+@dataclass(eq=False)
 class ZooKeeperServer:
     """One standalone ZooKeeper process with its own config and data in ``data_dir``.
 
@@ -141,34 +143,25 @@ class ZooKeeperServer:
     simulate a hung server). Logs go to ``<data_dir>/zookeeper.log``.
     """
 
-    def __init__(
-        self,
-        data_dir: str | os.PathLike[str],
-        host: str = "127.0.0.1",
-        port: int = 2181,
-        netns: str | None = None,
-        *,
-        tick_ms: int = 500,
-        min_session_ms: int = 1000,
-        max_session_ms: int = 30000,
-        fsync: bool = True,
-        heap_mb: int = 512,
-        die_with_parent: bool = False,
-    ):
-        self.data_dir = Path(data_dir).resolve()
-        self.host = host
-        self.port = int(port)
-        self.netns = netns
-        self.tick_ms = tick_ms
-        self.min_session_ms = min_session_ms
-        self.max_session_ms = max_session_ms
-        self.fsync = fsync
-        self.heap_mb = heap_mb
-        # SIGKILL the server when the thread that started it dies (tests: nothing outlives
-        # a killed pytest). Off by default: the lab's server outlives `overlay lab up`.
-        self.die_with_parent = die_with_parent
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._paused = False
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 2181
+    netns: str | None = None
+    _: KW_ONLY
+    tick_ms: int = 500
+    min_session_ms: int = 1000
+    max_session_ms: int = 30000
+    fsync: bool = True
+    heap_mb: int = 512
+    # SIGKILL the server when the thread that started it dies (tests: nothing outlives
+    # a killed pytest). Off by default: the lab's server outlives `overlay lab up`.
+    die_with_parent: bool = False
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _paused: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()   # str or os.PathLike given
+        self.port = int(self.port)
 
     @property
     def address(self) -> str:

@@ -22,6 +22,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
@@ -34,22 +35,22 @@ Handler = Callable[[str | None, list[tuple], list[tuple]], None]
 IDLE_WAKE_S = 1.0
 
 
+@dataclass
 class WatchWorker:
-    def __init__(self, name: str, handle: Handler, *, who: str, backoff: tuple[float, float] = (0.5, 5.0),
-                 max_batch: int = 20000, every_round: bool = False,
-                 can_resync: Callable[[], bool] = lambda: True):
-        self.name = name
-        self._handle = handle
-        self._who = who
-        self._backoff = backoff
-        self._max_batch = max_batch
-        self._every_round = every_round
-        self._can_resync = can_resync
-        self._queue: deque[tuple] = deque()
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._due: str | None = None   # a resync still owed after a failed round
+    """``name`` is the thread's; ``who`` starts its log lines (``node web-1``)."""
+
+    name: str
+    handle: Handler
+    who: str
+    backoff: tuple[float, float] = (0.5, 5.0)
+    max_batch: int = 20000
+    every_round: bool = False
+    can_resync: Callable[[], bool] = lambda: True
+    _queue: deque[tuple] = field(default_factory=deque, init=False)
+    _cond: threading.Condition = field(default_factory=threading.Condition, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _due: str | None = field(default=None, init=False)   # a resync still owed after a failed round
 
     @property
     def running(self) -> bool:
@@ -91,33 +92,33 @@ class WatchWorker:
             if not self._queue:
                 self._cond.wait(IDLE_WAKE_S)
             batch = []
-            while self._queue and len(batch) < self._max_batch:
+            while self._queue and len(batch) < self.max_batch:
                 batch.append(self._queue.popleft())
         return batch
 
     def _run(self) -> None:
-        backoff = self._backoff[0]
+        backoff = self.backoff[0]
         while not self._stop.is_set():
             batch = self._take()
             if self._stop.is_set() or any(item[0] == "stop" for item in batch):
                 return
             last = max((i for i, item in enumerate(batch) if item[0] == "resync"), default=-1)
             resync = batch[last][1] if last >= 0 else self._due
-            if not batch and resync is None and not self._every_round:
+            if not batch and resync is None and not self.every_round:
                 continue
             events = [item for item in batch[last + 1:] if item[0] == "event"]
             try:
-                self._handle(resync, events, batch)
+                self.handle(resync, events, batch)
                 self._due = None
-                backoff = self._backoff[0]
+                backoff = self.backoff[0]
             except Exception as exc:  # never let the worker die; resync once we can
                 if self._stop.is_set():
                     return
                 if isinstance(exc, KazooException | KazooTimeoutError | RegistryError):
-                    log.warning("%s: ZooKeeper work failed (%s: %s); will resync", self._who, type(exc).__name__, exc)
+                    log.warning("%s: ZooKeeper work failed (%s: %s); will resync", self.who, type(exc).__name__, exc)
                 else:
-                    log.exception("%s: unexpected error in the %s worker; will resync", self._who, self.name)
+                    log.exception("%s: unexpected error in the %s worker; will resync", self.who, self.name)
                 if self._stop.wait(backoff):
                     return
-                backoff = min(backoff * 2, self._backoff[1])
-                self._due = "after error" if self._can_resync() else None
+                backoff = min(backoff * 2, self.backoff[1])
+                self._due = "after error" if self.can_resync() else None
