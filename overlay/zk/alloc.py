@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import random
 
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.exceptions import NodeExistsError, NoNodeError, RolledBackError, RuntimeInconsistency
 
 from overlay import addr
 from overlay.errors import AllocationExhausted, AlreadyExists, RegistryError
@@ -23,7 +23,7 @@ from overlay.zk.layout import Layout
 log = logging.getLogger(__name__)
 
 MAX_ALLOC_ROUNDS = 8       # re-reads of id-to-ip when another process of this node races us
-_SECONDARY = ("RolledBackError", "RuntimeInconsistency")   # a transaction's other operations
+_SECONDARY = (RolledBackError, RuntimeInconsistency)   # a transaction's operations that did not fail
 
 
 class Allocator:
@@ -208,4 +208,4 @@ def _raise_first_error(results: list) -> None:
     """Raise the error of a failed transaction (the cause, not the operations it rolled back)."""
     errors = [r for r in results if isinstance(r, Exception)]
     if errors:
-        raise next((e for e in errors if type(e).__name__ not in _SECONDARY), errors[0])
+        raise next((e for e in errors if not isinstance(e, _SECONDARY)), errors[0])
