@@ -401,3 +401,16 @@ def test_yaml_is_parsed_safely(tmp_path):
     with pytest.raises(InvalidConfigError) as info:
         load_config(str(p))
     assert "python/object" in str(info.value)
+
+
+def test_datapath_location_flags_then_config_then_defaults(tmp_path):
+    from overlay.config import datapath_location
+
+    assert datapath_location(None) == (None, "eth0", "/sys/fs/bpf/overlay")
+    assert datapath_location(None, "ens5", "/x") == (None, "ens5", "/x")
+    p = tmp_path / "c.yaml"
+    p.write_text("node_id: a\ndatapath: {interface: ens6, pin_root: /sys/fs/bpf/mine}\n")
+    cfg, iface, root = datapath_location(str(p))
+    assert (cfg.node_id, iface, root) == ("a", "ens6", "/sys/fs/bpf/mine")
+    assert datapath_location(str(p), "ens7", None)[1:] == ("ens7", "/sys/fs/bpf/mine")
+    assert datapath_location(str(p), None, "/y")[1:] == ("ens6", "/y")
