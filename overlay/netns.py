@@ -176,7 +176,7 @@ def parallel_in_netns(calls: Sequence[tuple[str, Callable[..., Any], tuple]], ti
 # --- processes --------------------------------------------------------------------------
 
 
-def die_with_parent() -> None:
+def die_with_parent_preexec() -> None:
     """``preexec_fn`` of a child: SIGKILL it when the thread that started it dies (tests:
     nothing outlives a killed pytest)."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -220,7 +220,7 @@ def start_process(argv: Sequence[str], log_path: str, cwd: str | None = None,
             proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=cwd, env=env, close_fds=True,
-                preexec_fn=die_with_parent if die_with_parent else None,
+                preexec_fn=die_with_parent_preexec if die_with_parent else None,
             )
         except OSError as exc:
             raise NetnsError(f"cannot start {argv[0]}: {exc.strerror}") from None

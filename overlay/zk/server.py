@@ -27,7 +27,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from overlay.errors import OverlayError
-from overlay.netns import die_with_parent, in_netns
+from overlay.netns import die_with_parent_preexec, in_netns
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class ZooKeeperServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=str(self.data_dir),
-                preexec_fn=die_with_parent if self.die_with_parent else None,
+                preexec_fn=die_with_parent_preexec if self.die_with_parent else None,
             )
         self._paused = False
         deadline = time.monotonic() + timeout
