@@ -226,8 +226,8 @@ class Host:
     # requests
 
     def start(self, a: dict) -> dict:
+        from overlay.backends import create_datapath as create
         from overlay.config import config_from_dict
-        from overlay.datapath.registry import create
         from overlay.model import Node
 
         self.args = a

@@ -143,7 +143,7 @@ def _one(ns: Netns, hosts: str, churner: _Proc, mode: str, k: int, n: int, round
 
 def run_fanout(results: ResultSet, zk_ns: Netns, params: dict, log_dir: str,
                say=print) -> None:
-    from overlay.zkserver import ZooKeeperServer
+    from overlay.zk.server import ZooKeeperServer
 
     data_dir = tempfile.mkdtemp(prefix="ovl-bench-zk-")
     server = ZooKeeperServer(data_dir, "127.0.0.1", PORT, netns=zk_ns.name, fsync=False,

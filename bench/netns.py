@@ -5,7 +5,8 @@ made it), every veth pair is created directly between two of them (``ip -n A
 link add ... peer ... netns B``), so the root namespace never gets a link, an
 address or a route. :class:`Topology` deletes what it made on ``close()``,
 killing whatever still runs inside first; :func:`remove_stale` removes what a
-killed run left behind (namespaces and bpffs pins whose pid is gone).
+killed run left behind (namespaces and bpffs pins whose pid is gone). The namespace
+class is the project's one (:class:`overlay.netns.Netns`).
 """
 
 from __future__ import annotations
@@ -13,21 +14,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
+
+from overlay.netns import Netns, del_netns, kill_inside, list_netns, run
+
+__all__ = ["PIN_BASE", "PREFIX", "Netns", "Topology", "delete_netns", "ip", "remove_stale"]
 
 PREFIX = "ovl-bench-"
 PIN_BASE = "/sys/fs/bpf/overlay/bench"
 
 
 def ip(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def list_netns() -> list[str]:
-    out = ip("netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
+    return run(["ip", *args], check=check, timeout=timeout)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -46,17 +44,9 @@ def _owner_pid(name: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def kill_inside(name: str) -> None:
-    """SIGKILL every process whose network namespace is ``name``."""
-    pids = ip("netns", "pids", name, check=False).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
 def delete_netns(name: str) -> None:
     kill_inside(name)
-    ip("netns", "del", name, check=False)
+    del_netns(name)
 
 
 def remove_stale() -> list[str]:
@@ -77,33 +67,6 @@ def remove_stale() -> list[str]:
     return removed
 
 
-class Netns:
-    def __init__(self, name: str):
-        self.name = name
-
-    def cmd(self, *argv: str) -> list[str]:
-        # nsenter --net keeps the mount namespace (and so /sys/fs/bpf) as it is
-        return ["nsenter", f"--net=/run/netns/{self.name}", *argv]
-
-    def run(self, *argv: str, check: bool = True, timeout: float = 60,
-            input: str | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.cmd(*argv), capture_output=True, text=True, timeout=timeout,
-                              input=input)
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"[{self.name}] {' '.join(argv)} -> {proc.returncode}: "
-                               f"{proc.stderr.strip() or proc.stdout.strip()}")
-        return proc
-
-    def popen(self, *argv: str, **kwargs) -> subprocess.Popen:
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.cmd(*argv), **kwargs)
-
-    def sysctl(self, key: str, value: str) -> None:
-        path = "/proc/sys/" + key.replace(".", "/")
-        self.run("sh", "-c", f"echo {value} > {path}")
-
-
 class Topology:
     """Namespaces and veth pairs of one run; ``close()`` removes them all."""
 
@@ -113,10 +76,8 @@ class Topology:
         self.pin_root = os.path.join(PIN_BASE, str(os.getpid()))
 
     def netns(self, name: str) -> Netns:
-        ns = Netns(self.base + name)
-        ip("netns", "add", ns.name)
+        ns = Netns.add(self.base + name)
         self.made.append(ns)
-        ns.run("ip", "link", "set", "lo", "up")
         return ns
 
     def veth(self, a: Netns, dev_a: str, addr_a: str, b: Netns, dev_b: str, addr_b: str) -> None:

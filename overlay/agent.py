@@ -1,6 +1,6 @@
 """The agent: register, watch, guard, throttle, plan, diff, apply.
 
-Data flows one way: the registry's view -> churn guard -> plan -> diff
+Data flows one way: the registry's view -> plan -> churn guard -> diff
 against what the datapath holds -> datapath.apply(ops). The agent keeps a
 copy of the datapath state it last observed or applied, so a change costs
 O(changed entries) in the kernel; a full re-observation happens at start,
@@ -18,37 +18,16 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from overlay.config import Config
 from overlay.diff import apply_ops, diff
 from overlay.errors import OverlayError
+from overlay.guard import Guard, weigh
 from overlay.model import Node
 from overlay.ops import NatEntry
 from overlay.plan import AppliedPeer, DesiredState, plan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GuardState:
-    tripped: bool = False
-    threshold: int = 20
-    size: int = 0
-    held: dict[str, list[str]] = field(default_factory=lambda: {"removed": [], "changed": []})
-    release_requested: bool = False
-    trips: int = 0
-    settling: int = 0
-
-    def to_dict(self) -> dict:
-        return {
-            "tripped": self.tripped,
-            "threshold": self.threshold,
-            "size": self.size,
-            "held": {k: list(v) for k, v in self.held.items()},
-            "trips": self.trips,
-            "settling": self.settling,
-        }
 
 
 class Agent:
@@ -76,7 +55,7 @@ class Agent:
         self.extra_failsafe = extra_failsafe
         self.wake = threading.Event()
         self.lock = threading.RLock()
-        self.guard = GuardState(threshold=config.guard.max_change)
+        self.guard = Guard(threshold=config.guard.max_change, node_id=self_node.node_id)
         self.observed: dict[str, dict] | None = None
         self.applied_peers: dict[str, AppliedPeer] = {}  # by overlay address
         self.excluded: tuple[tuple[str, str], ...] = ()
@@ -92,7 +71,6 @@ class Agent:
         self.last_resync = float("-inf")
         self.heartbeat = clock()
         self._was_connected = True
-        self._churn_since: float | None = None
         self.next_deadline: float | None = None
 
     # --- wiring -------------------------------------------------------------------------
@@ -103,11 +81,10 @@ class Agent:
 
     def request_release(self) -> str:
         with self.lock:
-            if not self.guard.tripped:
-                return "the churn guard is not holding anything"
-            self.guard.release_requested = True
-        self.wake.set()
-        return f"released: {self.guard.size} held changes will be applied"
+            released, message = self.guard.request_release()
+        if released:
+            self.wake.set()
+        return message
 
     def set_config(self, config: Config) -> None:
         with self.lock:
@@ -198,53 +175,18 @@ class Agent:
             return ops
 
     def _guarded(self, desired: DesiredState) -> tuple[dict, dict[str, AppliedPeer]]:
-        """Apply the churn guard: hold removals and real-address changes above the threshold.
-
-        Additions go through at once. Removals and changes first wait ``guard.settle_s``
-        (a registry hiccup arrives as a stream of events, not one), then the whole batch
-        is weighed against the threshold.
-        """
+        """Apply the churn guard (:mod:`overlay.guard`): hold removals and real-address
+        changes above the threshold, or while a batch settles; additions go through."""
         want = {p.overlay: p for p in desired.peers}
-        old = self.applied_peers
-        removed = sorted(o for o in old if o not in want)
-        changed = sorted(o for o in old if o in want and want[o].real != old[o].real)
-        size = len(removed) + len(changed)
-        g = self.guard
-        now = self.clock()
-        self.next_deadline = None
-        if size == 0:
-            self._churn_since = None
-            g.settling = 0
-        elif not g.tripped and not g.release_requested and self.config.guard.settle_s > 0:
-            if self._churn_since is None:
-                self._churn_since = now
-            settle_end = self._churn_since + self.config.guard.settle_s
-            if now < settle_end:
-                g.settling = size
-                self.next_deadline = settle_end
-                return self._hold(desired, want, removed, changed)
-        g.settling = 0
-        if size <= g.threshold or g.release_requested:
-            self._churn_since = None
-            if g.tripped:
-                how = "released by the operator" if g.release_requested else f"threshold now {g.threshold}"
-                log.warning("[%s] churn guard: applying %d held changes (%s)", self.self_node.node_id, g.size, how)
-            g.tripped, g.size, g.release_requested = False, 0, False
-            g.held = {"removed": [], "changed": []}
-            return desired.tables, want
-        if not g.tripped or g.size != size:
-            g.trips += 1 if not g.tripped else 0
-            log.warning(
-                "[%s] churn guard tripped: %d removed and %d changed peers exceed max_change %d; "
-                "holding them (raise the threshold or run `overlay guard release`)",
-                self.self_node.node_id, len(removed), len(changed), g.threshold,
-            )
-        g.tripped, g.size = True, size
-        g.held = {"removed": [old[o].node_id for o in removed], "changed": [old[o].node_id for o in changed]}
-        return self._hold(desired, want, removed, changed)
+        churn = weigh(self.applied_peers, want)
+        decision = self.guard.decide(churn, self.clock(), self.config.guard.settle_s, self.applied_peers)
+        self.next_deadline = decision.settle_until
+        if decision.hold:
+            return self._hold(desired, want, churn.removed, churn.changed)
+        return desired.tables, want
 
-    def _hold(self, desired: DesiredState, want: dict[str, AppliedPeer], removed: list[str],
-              changed: list[str]) -> tuple[dict, dict[str, AppliedPeer]]:
+    def _hold(self, desired: DesiredState, want: dict[str, AppliedPeer], removed: tuple[str, ...],
+              changed: tuple[str, ...]) -> tuple[dict, dict[str, AppliedPeer]]:
         """The desired tables with ``removed`` and ``changed`` peers kept as applied."""
         old = self.applied_peers
         tables = copy.deepcopy(desired.tables)

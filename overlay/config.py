@@ -18,7 +18,6 @@ import yaml
 
 from overlay import addr
 from overlay.config_hints import unknown_key_reason
-from overlay.discovery import NETWORK_PROVIDERS
 from overlay.errors import InvalidConfigError, InvalidRecord
 from overlay.model import Node, node_from_dict, valid_name
 
@@ -26,6 +25,9 @@ DEFAULT_SUBNET = "192.168.0.0/18"
 REGISTRY_BACKENDS = ("zookeeper", "grpc", "static")
 DATAPATH_BACKENDS = ("ebpf", "iptables", "dryrun")
 DISCOVERY_PROVIDERS = ("static", "netlink", "aws-imds")
+
+# address providers that also tell this node's network, so that `network` may be left out
+NETWORK_PROVIDERS = ("aws-imds",)
 
 
 @dataclass(frozen=True)
@@ -142,10 +144,6 @@ class Config:
     status_listen: tuple[str, int] = ("127.0.0.1", 9464)
     state_dir: str = "/var/lib/overlay"
     controller: ControllerConfig | None = None
-
-    @property
-    def nat_override_map(self) -> dict[str, str]:
-        return dict(self.nat_overrides)
 
     @property
     def override_routes(self) -> tuple[str, ...]:
@@ -541,3 +539,14 @@ def load_config(path: str) -> Config:
     if obj is None:
         obj = {}
     return config_from_dict(obj)
+
+
+def datapath_location(config_path: str | None, interface: str | None = None,
+                      pin_root: str | None = None) -> tuple[Config | None, str, str]:
+    """Where a datapath lives, for the commands that act on one without the daemon (``maps``,
+    ``drops``, ``why``, ``datapath teardown``): ``--interface`` / ``--pin-root`` first, then
+    the config file's ``datapath`` section, then its defaults. Returns
+    ``(config or None, interface, pin_root)``."""
+    config = load_config(config_path) if config_path else None
+    dp = config.datapath if config is not None else DatapathConfig()
+    return config, interface or dp.interface, pin_root or dp.pin_root

@@ -17,7 +17,7 @@ import threading
 import time
 
 from overlay import sdnotify
-from overlay.config import Config, load_config
+from overlay.config import Config, datapath_location, load_config
 from overlay.errors import InvalidConfigError, OverlayError, UnsupportedError
 from overlay.logs import setup_logging
 from overlay.model import Node
@@ -49,29 +49,18 @@ def preflight(config: Config) -> None:
 
 
 def make_registry(config: Config):
-    backend = config.registry.backend
-    if backend == "static":
-        from overlay.registry.static import StaticRegistry
+    """The registry ``registry.backend`` names (:data:`overlay.backends.REGISTRIES`)."""
+    from overlay.backends import create_registry
 
-        return StaticRegistry(config.registry.peers)
-    if backend == "zookeeper":
-        from overlay.registry.zookeeper import ZooKeeperRegistry
-
-        return ZooKeeperRegistry(config.registry, config.overlay_subnet, config.node_id)
-    if backend == "grpc":
-        from overlay.registry.grpc import GrpcRegistry
-
-        return GrpcRegistry(config.registry, config.overlay_subnet, config.node_id)
-    raise UnsupportedError(f"registry.backend {backend} is not available in this build")
+    return create_registry(config)
 
 
 def make_datapath(config: Config, self_node: Node | None, dry_run: bool = False):
-    from overlay.datapath.registry import create
+    from overlay.backends import create_datapath
 
     backend = "dryrun" if dry_run else config.datapath.backend
-
     dp = config.datapath
-    return create(
+    return create_datapath(
         backend,
         interface=dp.interface,
         overlay_subnet=str(config.overlay_subnet),
@@ -220,15 +209,13 @@ def _dry_run(config: Config, registry, datapath, self_node: Node) -> int:
 
 
 def teardown_datapath(config_path: str | None, interface: str | None = None, pin_root: str | None = None) -> None:
-    config = load_config(config_path) if config_path else None
-    iface = interface or (config.datapath.interface if config else "eth0")
-    root = pin_root or (config.datapath.pin_root if config else "/sys/fs/bpf/overlay")
+    config, iface, root = datapath_location(config_path, interface, pin_root)
     backend = config.datapath.backend if config else "ebpf"
     if backend == "dryrun":
         return
     if os.geteuid() != 0:
         raise UnsupportedError("overlay datapath teardown needs root")
-    from overlay.datapath.registry import teardown
+    from overlay.backends import teardown_datapath as remove
 
-    teardown(backend, interface=iface, pin_root=root,
+    remove(backend, interface=iface, pin_root=root,
              overlay_device=config.datapath.overlay_device if config else "ovl0")

@@ -41,12 +41,10 @@ def _out(text: str = "") -> None:
 
 
 def _pin_dir(args) -> str:
-    from overlay.config import load_config
-    from overlay.datapath.ebpf.datapath import DEFAULT_PIN_ROOT, pin_dir_for
+    from overlay.config import datapath_location
+    from overlay.datapath.ebpf.datapath import pin_dir_for
 
-    config = load_config(args.config) if args.config else None
-    iface = args.interface or (config.datapath.interface if config else "eth0")
-    root = args.pin_root or (config.datapath.pin_root if config else DEFAULT_PIN_ROOT)
+    _, iface, root = datapath_location(args.config, args.interface, args.pin_root)
     if os.geteuid() != 0:
         raise UnsupportedError(f"overlay {args.command} reads pinned BPF maps and needs root")
     pin_dir = pin_dir_for(iface, root)

@@ -1,7 +1,11 @@
 """The one exception tree of the project (DESIGN §7.7).
 
 Backends translate their own errors into these at the boundary; nothing
-returns False to mean failure.
+returns False to mean failure. An error's kind is its class, never its
+message: the registry kinds below (``NotFound``, ``AlreadyExists``,
+``FailedPrecondition``, ``Unavailable``) and ``InvalidArgument`` /
+``PermissionDenied`` are what the gRPC layer maps to status codes
+(``overlay.rpc.status``), both ways.
 """
 
 
@@ -34,9 +38,42 @@ class CapacityError(DatapathError):
     """An update would not fit the datapath's maps; nothing was applied."""
 
 
+class DiscoveryError(OverlayError):
+    """This node's addresses could not be discovered (an address provider failed)."""
+
+
 class RegistryError(OverlayError):
     """The registry failed or refused an operation."""
 
 
 class AllocationExhausted(RegistryError):
     """No free overlay address is left in the subnet."""
+
+
+class NotFound(RegistryError):
+    """The node, group or policy does not exist."""
+
+
+class AlreadyExists(RegistryError):
+    """The item exists (create_only), or an address is held by another node."""
+
+
+class FailedPrecondition(RegistryError):
+    """The registry is not in a state that allows the call (an address not allocated)."""
+
+
+class Unavailable(RegistryError):
+    """The registry (ZooKeeper, or for a client the controller) cannot be reached now; retry later."""
+
+
+class InvalidArgument(OverlayError):
+    """A request field is wrong; ``field`` is its path (``node.private``, ``policy.ports[1]``)."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+class PermissionDenied(OverlayError):
+    """The caller's certificate does not allow the call."""

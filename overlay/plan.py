@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from overlay.config import Config
 from overlay.model import Node, Policy
@@ -50,7 +50,6 @@ class DesiredState:
     tables: dict[str, dict]
     peers: tuple[AppliedPeer, ...] = ()
     excluded: tuple[tuple[str, str], ...] = ()
-    by_id: Mapping[str, AppliedPeer] = field(default_factory=dict)
     selected_by: tuple[str, ...] = ()  # ids of the policies that select this node (default-deny)
 
 
@@ -189,32 +188,6 @@ def plan(
         tables=tables,
         peers=tuple(applied),
         excluded=tuple(sorted(excluded.items())),
-        by_id={p.node_id: p for p in applied},
         selected_by=pol.selected_by,
     )
 
-
-@dataclass(frozen=True)
-class Churn:
-    removed: tuple[str, ...]
-    changed: tuple[str, ...]
-    added: tuple[str, ...]
-
-    @property
-    def size(self) -> int:
-        """What the churn guard weighs: removals plus changed real addresses."""
-        return len(self.removed) + len(self.changed)
-
-
-def churn(applied: Mapping[str, AppliedPeer], desired: Mapping[str, AppliedPeer]) -> Churn:
-    """Compare the peers applied now with the desired ones, by node id."""
-    removed = tuple(sorted(k for k in applied if k not in desired))
-    added = tuple(sorted(k for k in desired if k not in applied))
-    changed = tuple(
-        sorted(
-            k
-            for k, p in desired.items()
-            if k in applied and (applied[k].real != p.real or applied[k].overlay != p.overlay)
-        )
-    )
-    return Churn(removed, changed, added)

@@ -7,7 +7,7 @@ One implementation for its three callers:
   needs no generation step;
 - ``scripts/gen_proto.sh`` (development checkouts; run by ``scripts/setup.sh``):
   ``python overlay/protogen.py PROTO OUT_DIR``;
-- :mod:`overlay.controller.proto`, on the fly in a checkout that skipped the set-up.
+- :mod:`overlay.rpc.proto`, on the fly in a checkout that skipped the set-up.
 
 The output is skipped when ``OUT_DIR/STAMP`` (the proto's digest and the grpcio-tools
 version) matches. grpc_tools writes an absolute import of the sibling module

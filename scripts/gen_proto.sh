@@ -3,7 +3,7 @@
 # development checkouts and editable installs (a wheel build generates its own copy).
 # Idempotent: skips when overlay/_gen/STAMP (proto digest + grpc_tools version) matches.
 # Run by scripts/setup.sh. The work is overlay/protogen.py's, which the wheel build and
-# overlay/controller/proto.py (on the fly, when overlay/_gen is missing) use too.
+# overlay/rpc/proto.py (on the fly, when overlay/_gen is missing) use too.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

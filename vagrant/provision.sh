@@ -103,7 +103,7 @@ After=overlay-lab-net.service
 Requires=overlay-lab-net.service
 
 [Service]
-ExecStart=$VENV/bin/python -m overlay.zkserver --data-dir /var/lib/overlay-zk --host $ZK_ADDRESS --port $ZK_PORT
+ExecStart=$VENV/bin/python -m overlay.zk.server --data-dir /var/lib/overlay-zk --host $ZK_ADDRESS --port $ZK_PORT
 Restart=on-failure
 
 [Install]

@@ -1,7 +1,8 @@
-"""The gRPC controller (``overlay controller``, DESIGN §4.2a; docs/grpc.md).
+"""The gRPC controller's server side (``overlay controller``, DESIGN §4.2a; docs/grpc.md).
 
 ``store`` (ZooKeeper and the change journal), ``servicer`` (authorisation,
-validation, status codes), ``server`` (the ``grpc.aio`` server with health and
-reflection), ``certs`` (``overlay certs``), ``client`` (calls with deadlines),
-``cli`` (the commands), ``proto`` (the generated code of proto/overlay.proto).
+validation; errors leave as status codes through :mod:`overlay.rpc.status`),
+``server`` (the ``grpc.aio`` server with health and reflection), ``certs``
+(``overlay certs``). What clients share with it (the generated code, conversions,
+the client, status codes) is :mod:`overlay.rpc`.
 """

@@ -14,15 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from overlay.config import Config, TlsConfig
-from overlay.controller.proto import SERVICE, modules
+from overlay.config import Config
 from overlay.controller.servicer import Hub, RegistryServicer
 from overlay.controller.store import Store
 from overlay.errors import InvalidConfigError, OverlayError
+from overlay.rpc.proto import SERVICE, modules
+from overlay.rpc.tls import MAX_MESSAGE, read_tls
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE = 64 * 1024 * 1024
 
 # Keepalive (server side): ping idle clients every 20 s, drop them if no answer in 10 s;
 # let clients ping every 5 s or more, even without calls in flight.
@@ -36,22 +35,6 @@ SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
 )
-
-
-def read_tls(tls: TlsConfig, path: str) -> tuple[bytes, bytes, bytes]:
-    """(ca, cert, key) PEM bytes; a missing file is an InvalidConfigError naming its key."""
-    out = []
-    for name in ("ca", "cert", "key"):
-        filename = getattr(tls, name)
-        try:
-            with open(filename, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise InvalidConfigError(f"{path}.{name}", f"cannot read {filename}: {exc.strerror}") from None
-        if b"-----BEGIN" not in data:
-            raise InvalidConfigError(f"{path}.{name}", f"{filename} is not a PEM file")
-        out.append(data)
-    return out[0], out[1], out[2]
 
 
 class Controller:

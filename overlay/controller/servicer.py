@@ -18,19 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from overlay import addr
-from overlay.controller import convert
 from overlay.controller.certs import Identity, identity_of
-from overlay.controller.errors import (
-    AlreadyExists,
-    FailedPrecondition,
+from overlay.controller.store import Plan, Store
+from overlay.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    Unavailable,
 )
-from overlay.controller.proto import modules
-from overlay.controller.store import Plan, Store
-from overlay.errors import AllocationExhausted, InvalidRecord, OverlayError, RegistryError
+from overlay.rpc import convert
+from overlay.rpc.proto import modules
+from overlay.rpc.status import status_of
 
 log = logging.getLogger(__name__)
 
@@ -38,27 +35,6 @@ SNAPSHOT_CHUNK = 500          # items per snapshot message
 COALESCE_AFTER = 1024         # a stream this many revisions behind gets one coalesced delta
 AHEAD_WAIT_S = 5.0            # a client ahead of this replica waits this long for it to catch up
 IDLE_WAKE_S = 30.0
-
-STATUS_OF: tuple[tuple[type, grpc.StatusCode], ...] = (
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (AllocationExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (InvalidRecord, grpc.StatusCode.INVALID_ARGUMENT),
-    (RegistryError, grpc.StatusCode.UNAVAILABLE),
-    (OverlayError, grpc.StatusCode.INTERNAL),
-)
-
-
-def status_of(exc: BaseException) -> grpc.StatusCode | None:
-    for cls, code in STATUS_OF:
-        if isinstance(exc, cls):
-            return code
-    return None
-
 
 class Hub:
     """Wakes Watch coroutines when the store changed (called from any thread)."""

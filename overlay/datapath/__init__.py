@@ -1,8 +1,15 @@
 """Datapaths: what enforces the desired state on a host.
 
 A datapath is selected by name (``datapath.backend``) and follows the
-:class:`Datapath` protocol. Third parties add their own through the
-``overlay.datapaths`` entry point group.
+:class:`Datapath` protocol. Backends are found by name in
+:data:`overlay.backends.DATAPATHS`: the built-ins, then the
+``overlay.datapaths`` entry point group; the name resolves to a class built
+with keyword arguments (``interface``, ``overlay_subnet``, ``self_private``,
+``self_overlay``, ``sizes``, ``pin_root``, ``overlay_device``; a backend
+ignores what it does not use). To remove an installed datapath without a
+running one (``overlay datapath teardown``), a backend may offer a
+classmethod ``remove(**kwargs)``; otherwise it is built and its
+``teardown()`` called.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ when the config lists them, else from the provider named by
 ``discovery.provider`` — ``static``, ``netlink`` (an interface's address, read
 over netlink) or ``aws-imds`` (the EC2 instance metadata service, IMDSv2).
 Third parties add providers through the ``overlay.providers`` entry point
-group: the entry point loads a callable ``provider(config) -> (private, public)``.
-Built-in names cannot be overridden. Whatever a provider returns is checked to
-be a single usable IPv4 host address.
+group (:mod:`overlay.backends`): the entry point loads a callable
+``provider(config) -> (private, public)``. Built-in names cannot be
+overridden. Whatever a provider returns is checked to be a single usable IPv4
+host address.
 
 ``network(config)`` returns this node's network: ``config.network``, else the one a
 provider of :data:`NETWORK_PROVIDERS` reports (``aws-imds``: the VPC id, or ``ec2``
@@ -16,69 +17,27 @@ for an instance outside any VPC, as the old system decided).
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from overlay import addr
-from overlay.errors import OverlayError
+from overlay.backends import PROVIDERS
+from overlay.config import NETWORK_PROVIDERS  # noqa: F401  (re-exported: docs name it here)
+from overlay.errors import DiscoveryError, OverlayError
 
 if TYPE_CHECKING:
     from overlay.config import Config
 
 log = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "overlay.providers"
 Provider = Callable[["Config"], tuple[str, str]]
 
 
-class DiscoveryError(OverlayError):
-    """This node's addresses could not be discovered."""
-
-
-def _builtin(name: str) -> Provider | None:
-    # imported lazily: no import-time side effects, and pyroute2 only when used
-    if name == "static":
-        from overlay.discovery import static
-
-        return static.discover
-    if name == "netlink":
-        from overlay.discovery import netlink
-
-        return netlink.discover
-    if name == "aws-imds":
-        from overlay.discovery import aws_imds
-
-        return aws_imds.discover
-    return None
-
-
-BUILTIN = ("static", "netlink", "aws-imds")
-# providers that also tell this node's network, so that the config may leave `network` out
-NETWORK_PROVIDERS = ("aws-imds",)
-
-
-def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-
-
 def get_provider(name: str) -> Provider:
-    """The provider called ``name``: a built-in one, else an ``overlay.providers`` entry point."""
-    provider = _builtin(name)
-    if provider is not None:
-        return provider
-    found = [ep for ep in _entry_points() if ep.name == name]
-    if not found:
-        known = sorted(set(BUILTIN) | {ep.name for ep in _entry_points()})
-        raise DiscoveryError(f"unknown address provider {name!r}; known: {', '.join(known)}")
-    try:
-        provider = found[0].load()
-    except Exception as exc:  # a broken plugin must not crash with a traceback
-        raise DiscoveryError(f"address provider {name!r} ({found[0].value}) failed to load: {exc}") from None
-    if not callable(provider):
-        raise DiscoveryError(f"address provider {name!r} ({found[0].value}) is not callable")
-    return provider
+    """The provider called ``name``: a built-in one, else an ``overlay.providers`` entry point
+    (:data:`overlay.backends.PROVIDERS`)."""
+    return PROVIDERS.lookup(name)
 
 
 def discover(config: Config) -> tuple[str, str]:

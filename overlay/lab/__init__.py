@@ -2,6 +2,6 @@
 
 ``topology`` (pure: the file, names, daemon configs, network scripts), ``lab``
 (up/down/status/check), ``check`` (the expected matrix, probes, the table),
-``netns`` (namespaces and processes), ``echo`` (the test-port server),
-``cli`` (``overlay lab ...``).
+``echo`` (the test-port server). Namespaces and processes are
+:mod:`overlay.netns`'s; the commands (``overlay lab ...``) are :mod:`overlay.cli.lab`.
 """

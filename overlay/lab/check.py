@@ -152,7 +152,7 @@ def probe_once(address: str, port: int, timeout: float) -> dict:
 
 
 def run_probes(topo: Topology, probes: Sequence[Probe], names: Names, timeout: float = 3.0) -> list[Result]:
-    from overlay.lab.netns import parallel_in_netns
+    from overlay.netns import parallel_in_netns
 
     calls, index = [], []
     results: list[Result | None] = [None] * len(probes)

@@ -10,13 +10,10 @@ and network set-up are written by the code that writes the netns lab's.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import ipaddress
 import os
 import re
-import shlex
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -40,15 +37,6 @@ VAGRANT_CERTS_DIR = "/etc/overlay/certs"
 HOST_RE = re.compile(r"^[a-z][a-z0-9-]{0,14}$")     # also an interface name on the switch
 NETWORK_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")     # "e-<network>" is an interface name
 RESERVED_HOST_NAMES = ("edge", "sw", "inet", "lo")
-
-# Keys of a member's daemon config that the lab owns (a topology may not set them).
-LAB_OWNED = (
-    ("node_id",), ("network",), ("addresses",), ("discovery",), ("state_dir",),
-    ("status_listen",), ("registry", "backend"), ("registry", "hosts"),
-    ("registry", "controller"), ("registry", "tls"),
-    ("datapath", "interface"), ("datapath", "pin_root"),
-)
-
 
 class TopologyError(InvalidConfigError):
     """The topology file is invalid; ``path`` names the file and the key."""
@@ -234,6 +222,21 @@ class _Obj:
         except (ValueError, TypeError) as exc:
             self.fail(str(exc), key)
 
+    def address(self, key: str, net: ipaddress.IPv4Network, what: str, seen: dict[str, str] | None = None,
+                where: str = "") -> str:
+        """The required IPv4 address ``key``, inside ``net`` (``what`` names it) and, with
+        ``seen``, not used before (then recorded there, by key path)."""
+        value = self.get(key, _ip, required=True)
+        try:
+            _in(value, net, what)
+        except ValueError as exc:
+            self.fail(str(exc), key)
+        if seen is not None:
+            if value in seen:
+                self.fail(f"{value} is already used{where} by {seen[value]}", key)
+            seen[value] = self.sub(key)
+        return value
+
     def child(self, key: str, required: bool = True) -> _Obj:
         if key not in self.obj:
             if required:
@@ -384,19 +387,8 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
             if subnet.overlaps(cidr):
                 n.fail(f"{subnet} overlaps {label} {cidr}", "subnet")
         edge = n.child("edge")
-        edge_private = edge.get("private", _ip, required=True)
-        edge_public = edge.get("public", _ip, required=True)
-        try:
-            _in(edge_private, subnet, "the network's subnet")
-        except ValueError as exc:
-            edge.fail(str(exc), "private")
-        try:
-            _in(edge_public, internet_subnet, "internet.subnet")
-        except ValueError as exc:
-            edge.fail(str(exc), "public")
-        if edge_public in seen_public:
-            edge.fail(f"{edge_public} is already used by {seen_public[edge_public]}", "public")
-        seen_public[edge_public] = edge.sub("public")
+        edge_private = edge.address("private", subnet, "the network's subnet")
+        edge_public = edge.address("public", internet_subnet, "internet.subnet", seen_public)
         edge.done()
         hosts_raw = n.get("hosts", lambda v: v, required=True)
         if not isinstance(hosts_raw, list) or not hosts_raw:
@@ -411,22 +403,8 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
             if hname in seen_hosts:
                 h.fail(f"host {hname!r} is already defined at {seen_hosts[hname]}", "name")
             seen_hosts[hname] = h.path
-            private = h.get("private", _ip, required=True)
-            try:
-                _in(private, subnet, "the network's subnet")
-            except ValueError as exc:
-                h.fail(str(exc), "private")
-            if private in seen_private:
-                h.fail(f"{private} is already used in network {name} by {seen_private[private]}", "private")
-            seen_private[private] = h.sub("private")
-            public = h.get("public", _ip, required=True)
-            try:
-                _in(public, public_subnet, "the network's public_subnet")
-            except ValueError as exc:
-                h.fail(str(exc), "public")
-            if public in seen_public:
-                h.fail(f"{public} is already used by {seen_public[public]}", "public")
-            seen_public[public] = h.sub("public")
+            private = h.address("private", subnet, "the network's subnet", seen_private, f" in network {name}")
+            public = h.address("public", public_subnet, "the network's public_subnet", seen_public)
             member = h.get("member", _bool, True)
             groups = h.get("groups", _groups, ())
             overlay = h.get("overlay", _ip)
@@ -454,265 +432,7 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
         internet_subnet=internet_subnet, zk_name=zk_name, zk_address=zk_address, zk_port=zk_port,
         networks=tuple(networks), daemon=daemon, vagrant=vagrant, controller_port=controller_port,
     )
-    for key_path in LAB_OWNED:
-        if _dig(daemon, key_path) is not _MISSING:
-            raise TopologyError(f"{source}: daemon.{'.'.join(key_path)}", "is set by the lab, per host")
-    for host in topo.members:
-        for key_path in LAB_OWNED:
-            if _dig(host.daemon, key_path) is not _MISSING:
-                raise TopologyError(f"{source}: host {host.name}: daemon.{'.'.join(key_path)}",
-                                    "is set by the lab, per host")
-        validate_member_config(topo, host)
-    if topo.controller is not None:
-        from overlay.config import config_from_dict
+    from overlay.lab.render import check_daemon_configs  # the configs derive from the topology
 
-        try:
-            config_from_dict(controller_config(topo))
-        except InvalidConfigError as exc:
-            raise TopologyError(f"{source}: controller config {exc.path}", exc.reason) from None
+    check_daemon_configs(topo)
     return topo
-
-
-_MISSING = object()
-
-
-def _dig(obj: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(obj, dict) or key not in obj:
-            return _MISSING
-        obj = obj[key]
-    return obj
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-# --- daemon configs ------------------------------------------------------------------
-
-
-def member_config(
-    topo: Topology,
-    host: Host | str,
-    *,
-    target: str = "netns",
-    interface: str | None = None,
-    run_dir: str = RUN_DIR,
-    pin_dir: str = PIN_DIR,
-) -> dict:
-    """The daemon config (DESIGN §4.1a) of member ``host``, as a mapping.
-
-    ``target="netns"``: uplink ``eth0``, pin_root ``<pin_dir>/<host>`` (bpffs is
-    shared by every namespace), state under ``<run_dir>/hosts/<host>/state``.
-    ``target="vagrant"``: the VM's lab interface (``interface``), the product's
-    default pin_root and state_dir.
-
-    A member of a ``registry: grpc`` network uses the controller
-    (:attr:`Topology.controller`) with its own node certificate from
-    :func:`certs_dir` (``<run_dir>/certs``; Vagrant: ``/etc/overlay/certs``);
-    the others use ZooKeeper directly.
-    """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}")
-    if isinstance(host, str):
-        host = topo.host(host)
-    if not host.member:
-        raise TopologyError(f"{topo.source}: host {host.name}", "is an outsider (member: false): it runs no daemon")
-    addresses = {"private": host.private, "public": host.public}
-    if host.overlay:
-        addresses["overlay"] = host.overlay
-    if target == "netns":
-        datapath = {"interface": interface or "eth0", "pin_root": f"{pin_dir}/{host.name}"}
-        state_dir = f"{run_dir}/hosts/{host.name}/state"
-    else:
-        datapath = {"interface": interface or "eth1", "pin_root": "/sys/fs/bpf/overlay"}
-        state_dir = "/var/lib/overlay"
-    base = {
-        "node_id": host.name,
-        "network": host.network,
-        "overlay_subnet": str(topo.overlay_subnet),
-        "addresses": addresses,
-        "groups": list(host.groups),
-        "registry": _member_registry(topo, host, certs_dir(target, run_dir)),
-        "datapath": {"backend": "ebpf", **datapath},
-        "filter": {"reject_all": True, "open_ports": [], "ssh_whitelist": []},
-        "status_listen": STATUS_LISTEN,
-        "state_dir": state_dir,
-    }
-    return deep_merge(deep_merge(base, topo.daemon), host.daemon)
-
-
-def certs_dir(target: str = "netns", run_dir: str = RUN_DIR) -> str:
-    """Where the lab's certificates are (CA, controller, one per ``registry: grpc`` member)."""
-    return f"{run_dir}/certs" if target == "netns" else VAGRANT_CERTS_DIR
-
-
-def _member_registry(topo: Topology, host: Host, certs: str) -> dict:
-    if topo.registry_of(host) == "grpc":
-        tls = {"ca": f"{certs}/ca.crt", "cert": f"{certs}/{host.name}.crt", "key": f"{certs}/{host.name}.key"}
-        return {"backend": "grpc", "controller": topo.controller, "prefix": "/overlay", "tls": tls}
-    return {"backend": "zookeeper", "hosts": [topo.zookeeper], "prefix": "/overlay"}
-
-
-def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = RUN_DIR) -> dict:
-    """The config of ``overlay controller`` on the ZooKeeper machine (docs/grpc.md), as a mapping.
-
-    It listens at the ZooKeeper machine's address and stores under the members' prefix
-    (``daemon.registry.prefix`` of the topology, default ``/overlay``).
-    """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}")
-    if topo.controller is None:
-        raise TopologyError(f"{topo.source}: networks", "no network has registry: grpc, so the lab runs no controller")
-    certs = certs_dir(target, run_dir)
-    prefix = _dig(topo.daemon, ("registry", "prefix"))
-    return {
-        "node_id": topo.zk_name,
-        "overlay_subnet": str(topo.overlay_subnet),
-        "registry": {"backend": "zookeeper", "hosts": [topo.zookeeper],
-                     "prefix": "/overlay" if prefix is _MISSING else prefix},
-        "controller": {
-            "listen": topo.controller,
-            "tls": {"ca": f"{certs}/ca.crt", "cert": f"{certs}/controller.crt", "key": f"{certs}/controller.key"},
-        },
-    }
-
-
-def render_controller_config(topo: Topology, **kwargs) -> str:
-    """``controller_config`` as the YAML file ``overlay controller -c`` reads."""
-    head = (
-        f"# Controller config of lab machine {topo.zk_name}, written by `overlay lab config {topo.zk_name}`\n"
-        f"# from {topo.source}. Keys: docs/grpc.md.\n"
-    )
-    return head + yaml.safe_dump(controller_config(topo, **kwargs), sort_keys=False, default_flow_style=False)
-
-
-def validate_member_config(topo: Topology, host: Host) -> None:
-    from overlay.config import config_from_dict
-
-    try:
-        config_from_dict(member_config(topo, host))
-    except InvalidConfigError as exc:
-        raise TopologyError(f"{topo.source}: host {host.name}: daemon config {exc.path}", exc.reason) from None
-
-
-def render_config(topo: Topology, host: Host | str, **kwargs) -> str:
-    """``member_config`` as the YAML file the daemon reads (what ``overlay lab config`` prints)."""
-    if isinstance(host, str):
-        host = topo.host(host)
-    cfg = member_config(topo, host, **kwargs)
-    head = (
-        f"# Daemon config of lab host {host.name} (network {host.network}), written by\n"
-        f"# `overlay lab config` from {topo.source}. Keys: DESIGN.md §4.1a, docs/config.md.\n"
-    )
-    return head + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
-
-
-# --- per-node network scripts -----------------------------------------------------------
-#
-# Each lab machine (host, edge, ZooKeeper) gets a POSIX shell script that
-# configures its addresses, routes, forwarding, checksum offload and (edges)
-# the 1:1 NAT. In the netns lab the interfaces already exist with fixed names
-# and the script runs inside the machine's namespace; in a Vagrant VM the
-# hypervisor made the interfaces, so the script first finds each one by the
-# address Vagrant gave it. Every command is idempotent (replace, not add).
-
-_VAGRANT_PRELUDE = """\
-dev_of() { ip -o -4 addr show to "$1/32" | awk '{print $2; exit}'; }
-need_dev() {
-  d="$(dev_of "$1")"
-  if [ -z "$d" ]; then echo "no interface has address $1 (check the Vagrant private networks)" >&2; exit 1; fi
-  echo "$d"
-}
-"""
-
-
-def _q(s: object) -> str:
-    return shlex.quote(str(s))
-
-
-def edge_nat_rules(topo: Topology, network: Network | str, lan: str, wan: str) -> str:
-    """The edge's 1:1 NAT as an ``iptables-restore`` file (the whole nat table)."""
-    if isinstance(network, str):
-        network = topo.network(network)
-    lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
-             ":POSTROUTING ACCEPT [0:0]"]
-    for h in network.hosts:
-        lines.append(f"-A PREROUTING -i {wan} -d {h.public}/32 -j DNAT --to-destination {h.private}")
-    for h in network.hosts:
-        lines.append(f"-A POSTROUTING -o {wan} -s {h.private}/32 -j SNAT --to-source {h.public}")
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
-def node_script(topo: Topology, node: str, target: str = "netns") -> str:
-    """The network set-up script of lab machine ``node`` (a host, ``<network>-edge`` or ZooKeeper)."""
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}")
-    vagrant = target == "vagrant"
-    out = ["#!/bin/sh", f"# lab machine {node}: network set-up ({target}); written by `overlay lab script`",
-           "set -eu"]
-    if vagrant:
-        out.append(_VAGRANT_PRELUDE.rstrip("\n"))
-    else:
-        out += ["ip link set lo up",
-                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"]
-
-    def dev(var: str, name: str, address: str) -> None:
-        out.append(f'{var}="$(need_dev {address})"' if vagrant else f"{var}={name}")
-
-    def iface(var: str, address: str, prefixlen: int) -> None:
-        out.append(f'ip link set "${var}" up')
-        out.append(f'ethtool -K "${var}" tx off rx off >/dev/null')
-        out.append(f'ip addr replace {address}/{prefixlen} dev "${var}"')
-
-    if node == topo.zk_name:
-        dev("wan", "eth0", topo.zk_address)
-        iface("wan", topo.zk_address, topo.internet_subnet.prefixlen)
-        for n in topo.networks:
-            out.append(f'ip route replace {n.public_subnet} via {n.edge_public} dev "$wan"')
-        return "\n".join(out) + "\n"
-
-    for net in topo.networks:
-        if node == net.edge_name:
-            dev("lan", "lan", net.edge_private)
-            dev("wan", "wan", net.edge_public)
-            iface("lan", net.edge_private, net.subnet.prefixlen)
-            iface("wan", net.edge_public, topo.internet_subnet.prefixlen)
-            out.append("sysctl -qw net.ipv4.ip_forward=1")
-            for other in topo.networks:
-                if other.name != net.name:
-                    out.append(f'ip route replace {other.public_subnet} via {other.edge_public} dev "$wan"')
-            rules = edge_nat_rules(topo, net, "$lan", "$wan")
-            # unquoted here-doc: $lan and $wan expand to the interface names
-            out += ["iptables-restore <<EOF", rules.rstrip("\n"), "EOF"]
-            return "\n".join(out) + "\n"
-
-    host = topo.host(node)
-    net = topo.network(host.network)
-    dev("lan", "eth0", host.private)
-    iface("lan", host.private, net.subnet.prefixlen)
-    # netns: everything not on the segment goes to the edge (as in a cloud VPC);
-    # vagrant: only the public range, the default route stays on the management NIC.
-    dst = "default" if not vagrant else str(topo.public_range)
-    out.append(f'ip route replace {dst} via {net.edge_private} dev "$lan"')
-    return "\n".join(out) + "\n"
-
-
-def iter_links(topo: Topology, names: Names) -> Iterator[tuple[str, str, str, str]]:
-    """The netns lab's veth pairs: (namespace A, device A, namespace B, device B).
-
-    Device A is the switch (or internet) side, enslaved to that namespace's bridge.
-    """
-    for net in topo.networks:
-        for h in net.hosts:
-            yield names.switch(net), h.name, names.host(h), "eth0"
-        yield names.switch(net), "edge", names.edge(net), "lan"
-        yield names.internet, f"e-{net.name}", names.edge(net), "wan"
-    yield names.internet, topo.zk_name, names.zookeeper(topo), "eth0"

@@ -4,13 +4,16 @@ A registry is selected by name (``registry.backend``) and follows the
 :class:`Registry` protocol. It keeps its own view of the fleet, updated
 incrementally, and calls the listener given to :meth:`Registry.start` (with
 no arguments) whenever that view changed; the agent then reads
-:meth:`Registry.view`. Third parties add backends through the
-``overlay.registries`` entry point group.
+:meth:`Registry.view`. Backends are found by name in
+:data:`overlay.backends.REGISTRIES`: the built-ins, then the
+``overlay.registries`` entry point group; the name resolves to a class whose
+``from_config(config)`` builds the registry for this node's config.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -51,8 +54,34 @@ class RegistryView:
     revision: int = 0
 
 
+@dataclass
+class ViewState:
+    """A registry's view while it changes: the fields of :class:`RegistryView`, changed
+    under ``lock``; :meth:`snapshot` is what ``view()`` returns."""
+
+    nodes: dict[str, Node] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    policies: dict[str, Policy] = field(default_factory=dict)
+    max_change: int | None = None
+    connected: bool = False
+    synced: bool = False
+    revision: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def snapshot(self) -> RegistryView:
+        """A consistent copy (fresh dicts: a caller may keep or change what it gets)."""
+        with self.lock:
+            return RegistryView(nodes=dict(self.nodes), rejected=dict(self.rejected),
+                                policies=dict(self.policies), max_change=self.max_change,
+                                connected=self.connected, synced=self.synced, revision=self.revision)
+
+
 @runtime_checkable
 class Registry(Protocol):
+    """What the agent needs of a registry. Its class also has a classmethod
+    ``from_config(config: Config) -> Registry`` (how :mod:`overlay.backends` builds it;
+    not part of the runtime check)."""
+
     name: str
 
     def start(self, listener: Listener) -> None:

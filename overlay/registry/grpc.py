@@ -31,13 +31,13 @@ from collections.abc import Callable
 
 import grpc
 
-from overlay.config import RegistryConfig
-from overlay.controller.client import CLIENT_OPTIONS, Client, raise_for
-from overlay.controller.convert import change_from_pb
-from overlay.controller.errors import Unavailable
-from overlay.errors import InvalidRecord, OverlayError, RegistryError
-from overlay.model import Node, Policy, node_from_dict, policy_from_dict, valid_name
-from overlay.registry import Listener, RegistryView, notify_listener
+from overlay.config import Config, RegistryConfig
+from overlay.errors import InvalidRecord, OverlayError, RegistryError, Unavailable
+from overlay.model import Node, node_from_dict, policy_from_dict, valid_name
+from overlay.registry import Listener, RegistryView, ViewState, notify_listener
+from overlay.rpc.client import CLIENT_OPTIONS, Client
+from overlay.rpc.convert import change_from_pb
+from overlay.rpc.status import raise_for
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ class GrpcRegistry:
 
     name = "grpc"
 
+    @classmethod
+    def from_config(cls, config: Config) -> GrpcRegistry:
+        return cls(config.registry, config.overlay_subnet, config.node_id)
+
     def __init__(self, config: RegistryConfig, subnet: ipaddress.IPv4Network, node_id: str, *,
                  rng: random.Random | None = None, backoff: tuple[float, float] = (0.2, 10.0),
                  watch_deadline_s: float = WATCH_DEADLINE_S, options: tuple = CLIENT_OPTIONS,
@@ -69,15 +73,8 @@ class GrpcRegistry:
         self._timeout = max(1.0, config.timeout_s)
         self._client = Client(config.controller, config.tls, timeout=self._timeout, options=options)
 
-        self._lock = threading.Lock()
-        self._nodes: dict[str, Node] = {}
-        self._rejected: dict[str, str] = {}
-        self._policies: dict[str, Policy] = {}
+        self._v = ViewState()          # the view (changed under self._v.lock)
         self._groups: dict[str, str] = {}
-        self._max_change: int | None = None
-        self._connected = False
-        self._synced = False
-        self._revision = 0          # of the view (every change, connection state included)
 
         self._rev = 0               # the controller's revision applied last
         self._epoch = ""
@@ -125,10 +122,7 @@ class GrpcRegistry:
         self._last_register = time.monotonic()
 
     def view(self) -> RegistryView:
-        with self._lock:
-            return RegistryView(nodes=dict(self._nodes), rejected=dict(self._rejected),
-                                policies=dict(self._policies), max_change=self._max_change,
-                                connected=self._connected, synced=self._synced, revision=self._revision)
+        return self._v.snapshot()
 
     def release_guard(self) -> None:
         return None
@@ -161,7 +155,7 @@ class GrpcRegistry:
 
     @property
     def groups(self) -> dict[str, str]:
-        with self._lock:
+        with self._v.lock:
             return dict(self._groups)
 
     # --- calls ------------------------------------------------------------------------------
@@ -253,15 +247,15 @@ class GrpcRegistry:
             backoff = min(backoff * 2, self._backoff[1])
 
     def _set_connected(self, up: bool) -> bool:
-        with self._lock:
+        with self._v.lock:
             if up:
-                changed = not (self._connected and self._synced)
-                self._connected = self._synced = True
+                changed = not (self._v.connected and self._v.synced)
+                self._v.connected = self._v.synced = True
             else:
-                changed = self._connected or self._synced
-                self._connected = self._synced = False
+                changed = self._v.connected or self._v.synced
+                self._v.connected = self._v.synced = False
             if changed:
-                self._revision += 1
+                self._v.revision += 1
         return changed
 
     def _own_changed(self) -> bool:
@@ -277,7 +271,7 @@ class GrpcRegistry:
             own = self._own
             if self._stop.is_set():
                 return
-            if own is None or not self._connected or not (self._force_register or self._own_changed()):
+            if own is None or not self._v.connected or not (self._force_register or self._own_changed()):
                 continue
             wait = self._last_register + REREGISTER_MIN_S - time.monotonic()
             if wait > 0 and self._stop.wait(wait):
@@ -303,14 +297,14 @@ class GrpcRegistry:
             if not msg.last:
                 return False
             items, self._pending = self._pending, None
-            with self._lock:
-                self._nodes, self._rejected, self._policies, self._groups = {}, {}, {}, {}
-                self._max_change = None
+            with self._v.lock:
+                self._v.nodes, self._v.rejected, self._v.policies, self._groups = {}, {}, {}, {}
+                self._v.max_change = None
                 self._own_value = None
                 for key, value in items.items():
                     self._apply(key, value)
                 self._rev, self._epoch = msg.revision, msg.epoch
-                self._revision += 1
+                self._v.revision += 1
             self.snapshots += 1
             if msg.reset:
                 self.resets += 1
@@ -323,12 +317,12 @@ class GrpcRegistry:
             raise _Desync(f"delta {msg.base_revision}->{msg.revision} (epoch {msg.epoch[:8]}) "
                           f"does not follow {self._rev} (epoch {self._epoch[:8]})")
         items = [i for i in (self._decode(ch) for ch in msg.changes) if i is not None]
-        with self._lock:
+        with self._v.lock:
             for key, value in items:
                 self._apply(key, value)
             self._rev = msg.revision
             if items:
-                self._revision += 1
+                self._v.revision += 1
         return bool(items)
 
     def _decode(self, ch):
@@ -345,39 +339,39 @@ class GrpcRegistry:
             if ident == self.node_id:
                 self._own_value = value
                 return
-            self._nodes.pop(ident, None)
-            self._rejected.pop(ident, None)
+            self._v.nodes.pop(ident, None)
+            self._v.rejected.pop(ident, None)
             if value is None:
                 return
             if "rejected" in value:
-                self._rejected[ident] = str(value["rejected"])
+                self._v.rejected[ident] = str(value["rejected"])
                 return
             try:
                 node = node_from_dict(value.get("node"), self.subnet)
                 if node.node_id != ident:
                     raise InvalidRecord(f"node record names node_id {node.node_id!r} but is listed as {ident!r}")
-                self._nodes[ident] = node
+                self._v.nodes[ident] = node
             except InvalidRecord as exc:
-                self._rejected[ident] = str(exc)
+                self._v.rejected[ident] = str(exc)
         elif kind == "policy":
-            self._policies.pop(ident, None)
-            self._rejected.pop(f"policy:{ident}", None)
+            self._v.policies.pop(ident, None)
+            self._v.rejected.pop(f"policy:{ident}", None)
             if value is None:
                 return
             if "rejected" in value:
-                self._rejected[f"policy:{ident}"] = str(value["rejected"])
+                self._v.rejected[f"policy:{ident}"] = str(value["rejected"])
                 return
             try:
-                self._policies[ident] = policy_from_dict(value.get("policy"), ident)
+                self._v.policies[ident] = policy_from_dict(value.get("policy"), ident)
             except InvalidRecord as exc:
-                self._rejected[f"policy:{ident}"] = str(exc)
+                self._v.rejected[f"policy:{ident}"] = str(exc)
         elif kind == "group":
             if value is None:
                 self._groups.pop(ident, None)
             else:
                 self._groups[ident] = str(value.get("group", {}).get("description", ""))
         elif kind == "config" and ident == "max_change":
-            self._max_change = int(value["max_change"]) if value is not None else None
+            self._v.max_change = int(value["max_change"]) if value is not None else None
 
     def _notify(self) -> None:
         notify_listener(self._listener, self.node_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
+from overlay.config import Config
 from overlay.errors import RegistryError
 from overlay.model import Node
 from overlay.registry import Listener, RegistryView
@@ -17,6 +18,10 @@ from overlay.registry import Listener, RegistryView
 
 class StaticRegistry:
     name = "static"
+
+    @classmethod
+    def from_config(cls, config: Config) -> StaticRegistry:
+        return cls(config.registry.peers)
 
     def __init__(self, peers: Iterable[Node] = ()):
         self._lock = threading.Lock()

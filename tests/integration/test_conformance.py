@@ -12,7 +12,7 @@ Each backend gets the same topology (an emulation, in namespaces named
 h1..h3 are members: each runs the datapath, programmed through the real pure
 core as the daemon's agent does (``config_from_dict`` -> ``Node`` -> ``plan``
 -> ``diff`` against ``observe()`` -> ``apply``, in a process inside the
-namespace, see conformance_support.py), with ``reject_all: true``, an open
+namespace, see tests/support/conformance.py), with ``reject_all: true``, an open
 port (8080, TCP and UDP) and an ``ssh_whitelist`` holding the outsider's
 addresses. h4 is an outsider running no datapath. Checksum offload is off on
 every veth (the backend's own included).
@@ -35,13 +35,14 @@ import time
 
 import pytest
 
-from .conftest import PYTHON, Netns, wire_networks
+from tests.support.netns import HelperNetns
+from tests.support.paths import program
+from tests.support.twonets import wire_networks
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SUPPORT = os.path.join(HERE, "conformance_support.py")
-SERVER = os.path.join(HERE, "iptables_helper.py")  # "serve PORT...": TCP and UDP, answers "<peer ip>\n"
+SUPPORT = program("conformance")
+SERVER = program("iptctl")  # "serve PORT...": TCP and UDP, answers "<peer ip>\n"
 
 BACKENDS = {"ebpf": "ebpf", "iptables": "ipt"}  # backend -> short name in namespace names
 SUBNET = "192.168.0.0/18"
@@ -164,13 +165,13 @@ def _require(backend: str) -> None:
 
 
 class Agent:
-    """The per-host control process (conformance_support.py agent); bounded reads."""
+    """The per-host control process (tests.support.conformance agent); bounded reads."""
 
-    def __init__(self, ns: Netns, log_path: str):
+    def __init__(self, ns: HelperNetns, log_path: str):
         self.ns = ns
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = ns.popen(PYTHON, SUPPORT, "agent", stdin=subprocess.PIPE,
+        self.proc = ns.popen(*SUPPORT, "agent", stdin=subprocess.PIPE,
                              stderr=self._log, text=True)
 
     def send(self, cmd: str, **kw) -> None:
@@ -217,7 +218,7 @@ class ConformanceLab:
         self.pin_base = f"/sys/fs/bpf/overlay/conf-{os.getpid()}"
         self.made_overlay_dir = not os.path.exists("/sys/fs/bpf/overlay")
         self.log_dir = f"/tmp/{self.prefix}logs"
-        self.ns: dict[str, Netns] = {}
+        self.ns: dict[str, HelperNetns] = {}
         self.agents: dict[str, Agent] = {}
         self.servers: list[subprocess.Popen] = []
         self.started: dict[str, dict] = {}
@@ -225,8 +226,8 @@ class ConformanceLab:
 
     # -- build --
 
-    def _netns(self, name: str) -> Netns:
-        ns = Netns(self.prefix + name)
+    def _netns(self, name: str) -> HelperNetns:
+        ns = HelperNetns.add(self.prefix + name)
         self.ns[name] = ns
         return ns
 
@@ -265,7 +266,7 @@ class ConformanceLab:
     def start(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
         for name in HOSTS:
-            proc = self.ns[name].popen(PYTHON, SERVER, "serve", str(SERVICE), str(OPEN), str(SSH),
+            proc = self.ns[name].popen(*SERVER, "serve", str(SERVICE), str(OPEN), str(SSH),
                                        text=True, stderr=subprocess.DEVNULL)
             self.servers.append(proc)
         for proc in self.servers:
@@ -289,7 +290,7 @@ class ConformanceLab:
     def probe(self, batches: dict[str, list[dict]], timeout: float = 2.0) -> dict[str, list[dict]]:
         """Run each host's probes in parallel (all hosts at once); bounded."""
         procs = {
-            src: self.ns[src].popen(PYTHON, SUPPORT, "probe",
+            src: self.ns[src].popen(*SUPPORT, "probe",
                                     json.dumps({"probes": items, "timeout": timeout}), text=True)
             for src, items in batches.items()
         }

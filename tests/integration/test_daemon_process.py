@@ -5,23 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support.wait import free_port, wait_for
+
 OVERLAY = [sys.executable, "-m", "overlay.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peers(n: int) -> list[dict]:
@@ -52,19 +46,6 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def wait_for(pred, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = pred()
-            if value:
-                return value
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 @pytest.fixture
 def daemon(tmp_path):
     port = free_port()
@@ -83,7 +64,7 @@ def daemon(tmp_path):
 
 def test_daemon_serves_status_reloads_on_hup_and_stops_on_term(daemon):
     proc, port, cfg, logfile = daemon
-    wait_for(lambda: get(port, "/readyz")[0] == 200)
+    wait_for(lambda: get(port, "/readyz")[0] == 200, 15.0, "the daemon ready", 0.1, ignore=(OSError,))
     assert get(port, "/healthz")[0] == 200
     status = json.loads(get(port, "/status")[1])
     for key in ("node_id", "overlay", "ready", "peers", "drops", "rejected", "guard"):
@@ -106,7 +87,7 @@ def test_daemon_serves_status_reloads_on_hup_and_stops_on_term(daemon):
 
     write_config(cfg, port, 5)
     proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: len(json.loads(get(port, "/status")[1])["peers"]) == 5)
+    wait_for(lambda: len(json.loads(get(port, "/status")[1])["peers"]) == 5, 15.0, "5 peers", 0.1, ignore=(OSError,))
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.zk_fixture import free_port, wait_for
+from tests.support.wait import free_port, wait_for
 
 pytestmark = pytest.mark.zk
 OVERLAY = [sys.executable, "-m", "overlay.cli"]
@@ -180,7 +180,7 @@ def test_daemon_without_network_takes_the_vpc_id_from_imds(zk_server, zk_prefix,
     the VPC id as its network, so the dry run reaches the peer in the same VPC at its
     private address and the other at its public one."""
     from overlay.discovery import aws_imds
-    from tests.unit.test_discovery import FakeIMDS
+    from tests.support.imds import FakeIMDS
 
     for path in ("alloc/id-to-ip", "alloc/ip-to-id", "nodes"):
         zk_client.ensure_path(f"{zk_prefix}/{path}")

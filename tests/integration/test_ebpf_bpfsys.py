@@ -16,8 +16,7 @@ import pytest
 from overlay.datapath.ebpf import abi
 from overlay.errors import CapacityError, DatapathError
 from overlay.ops import NatEntry, Op, PeerEntry
-
-from .conftest import require_root
+from tests.support.netns import require_root
 
 pytestmark = [pytest.mark.root]
 

@@ -1,4 +1,4 @@
-"""The eBPF datapath end to end, in network namespaces (see conftest.Lab).
+"""The eBPF datapath end to end, in network namespaces (see tests/support/twonets.py).
 
 h1 and h2 share network A, h3 sits in network B behind a 1:1 NAT edge, h4
 is an outsider in A running nothing. h1..h3 run EbpfDatapath, programmed
@@ -16,18 +16,9 @@ import subprocess
 import pytest
 
 from overlay.datapath.ebpf import abi
-
-from .conftest import (
-    HELPER,
-    HOSTS,
-    OUTSIDER,
-    PYTHON,
-    lab_context,
-    member_ops,
-    real_of,
-    require_bcc,
-    veth,
-)
+from tests.support.netns import require_bcc, veth
+from tests.support.paths import REPO, program
+from tests.support.twonets import HOSTS, OUTSIDER, lab_context, member_ops, real_of
 
 pytestmark = [pytest.mark.root]
 
@@ -243,16 +234,16 @@ def test_unsupported_one_line(host):
     assert res == {"error": "UnsupportedError", "message": "interface eth9 does not exist"}
     # "ip netns exec" remounts /sys: no bpffs there
     out = subprocess.run(
-        ["ip", "netns", "exec", ns.name, PYTHON, HELPER, "start",
+        ["ip", "netns", "exec", ns.name, *program("dpctl"), "start",
          json.dumps({**args, "expect_error": True})],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, cwd=REPO,
     )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["error"] == "UnsupportedError" and "bpffs is not mounted" in res["message"]
     assert "\n" not in res["message"]
     # not root
     out = ns.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                 PYTHON, HELPER, "start", json.dumps({**args, "expect_error": True}),
+                 *program("dpctl"), "start", json.dumps({**args, "expect_error": True}),
                  check=False)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["error"] == "UnsupportedError" and "needs root" in res["message"]

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .conftest import HOSTS, lab_context, member_ops
+from tests.support.twonets import HOSTS, lab_context, member_ops
 
 pytestmark = [pytest.mark.root]
 

@@ -16,7 +16,8 @@ import textwrap
 import grpc
 import pytest
 
-from overlay.controller.errors import (
+from overlay.errors import (
+    AllocationExhausted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -24,10 +25,11 @@ from overlay.controller.errors import (
     PermissionDenied,
     Unavailable,
 )
-from overlay.controller.proto import modules
-from overlay.errors import AllocationExhausted
 from overlay.model import Endpoint, Policy
-from tests.integration import grpc_support as gs
+from overlay.rpc.proto import modules
+from tests.support import grpc as gs
+from tests.support.paths import PYTHON
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.zk
 
@@ -176,14 +178,14 @@ def test_rejected_records_are_listed_not_served(clients, ctl, zk_client, zk_pref
         "v": 1, "node_id": "thief", "network": "ec2", "private": "10.0.0.9", "public": "198.18.1.9",
         "overlay": op.get_node("web-1").overlay}).encode())
     zk_client.create(f"{zk_prefix}/policies/broken", b'{"v": 1, "proto": "sctp"}')
-    nodes, rejected = gs.wait_for(lambda: (lambda r: r if len(r[1]) == 2 else None)(op.list_nodes()[:2]),
+    nodes, rejected = wait_for(lambda: (lambda r: r if len(r[1]) == 2 else None)(op.list_nodes()[:2]),
                                   what="rejected records")
     assert [n.node_id for n in nodes] == ["web-1"]
     assert "not JSON" in rejected["bad-json"]
     assert "allocated to 'web-1'" in rejected["thief"]
     with pytest.raises(NotFound, match="ignored"):
         op.get_node("thief")
-    _, prej, _ = gs.wait_for(lambda: (lambda r: r if r[1] else None)(op.list_policies()), what="policy rejected")
+    _, prej, _ = wait_for(lambda: (lambda r: r if r[1] else None)(op.list_policies()), what="policy rejected")
     assert "broken" in prej
 
 
@@ -368,7 +370,6 @@ STANDALONE = textwrap.dedent('''
     import json, sys
     sys.modules["overlay"] = None          # this client must not use the overlay package
     gen, target, certs = sys.argv[1:4]
-    sys.path.insert(0, gen)
     import grpc
     import overlay_pb2 as pb2, overlay_pb2_grpc as pb2_grpc
 
@@ -418,10 +419,10 @@ def test_client_in_another_process_from_the_proto_alone(ctl, certs):
     try:
         os.makedirs(os.path.join(work, "gen"))
         gen = gs.generate_standalone(os.path.join(work, "gen"))
-        script = os.path.join(work, "client.py")
+        script = os.path.join(gen, "client.py")  # beside the generated code: imported from there
         with open(script, "w") as fh:
             fh.write(STANDALONE)
-        proc = subprocess.run([gs.PYTHON, script, gen, ctl.address, certs[0]], capture_output=True, text=True,
+        proc = subprocess.run([PYTHON, script, gen, ctl.address, certs[0]], capture_output=True, text=True,
                               timeout=60, cwd=work, env=gs.standalone_env())
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -456,7 +457,7 @@ def test_zookeeper_unreachable_is_unavailable_and_reads_keep_serving(clients, ct
         slow.close()
     finally:
         zk_server.resume()
-    gs.wait_for(lambda: _writes_again(op), timeout=30, what="writes after ZooKeeper is back")
+    wait_for(lambda: _writes_again(op), timeout=30, what="writes after ZooKeeper is back")
 
 
 def gs_certs(ctl) -> str:

@@ -23,8 +23,9 @@ from overlay.config import RegistryConfig, TlsConfig
 from overlay.model import Endpoint, Policy
 from overlay.registry import Registry
 from overlay.registry.grpc import GrpcRegistry
-from tests.integration import grpc_support as gs
-from tests.zk_fixture import free_port
+from tests.support import grpc as gs
+from tests.support.paths import PYTHON
+from tests.support.wait import free_port, port_open, wait_for
 
 pytestmark = pytest.mark.zk
 SUBNET = "192.168.0.0/24"
@@ -77,7 +78,7 @@ def test_backend_follows_holds_and_resumes(zk_server, zk_prefix, certs, zk_clien
                 return v if (v.connected and v.synced and "web-2" in v.nodes and v.max_change == 7
                              and "bad" in v.rejected and "p" in v.policies) else None
 
-            v = gs.wait_for(settled, what="the view")
+            v = wait_for(settled, what="the view")
             assert v.nodes == {"web-2": web2}  # not its own record
             assert v.policies["p"] == pol and reg.groups == {"web": "web servers"}
             assert "not JSON" in v.rejected["bad"]
@@ -86,7 +87,7 @@ def test_backend_follows_holds_and_resumes(zk_server, zk_prefix, certs, zk_clien
 
             # the controller goes away: fail static, the view keeps every record
             ctl.stop()
-            v = gs.wait_for(lambda: (lambda x: x if not x.connected else None)(reg.view()), what="disconnection")
+            v = wait_for(lambda: (lambda x: x if not x.connected else None)(reg.view()), what="disconnection")
             assert v.nodes == {"web-2": web2} and v.max_change == 7 and not v.synced
             assert v.revision > rev_before
             zk_client.set(f"{zk_prefix}/config/max_change", b"9")
@@ -95,17 +96,17 @@ def test_backend_follows_holds_and_resumes(zk_server, zk_prefix, certs, zk_clien
 
             # back on the same address: resumed from its revision (no snapshot), registered again
             ctl2 = start(cfg)
-            gs.wait_for(lambda: reg.view().connected and reg.view().max_change == 9, timeout=15,
+            wait_for(lambda: reg.view().connected and reg.view().max_change == 9, timeout=15,
                         what="reconnection")
             assert reg.snapshots == 1 and reg.resets == 0
             with gs.client(ctl2.address, certs[0]) as op:
-                gs.wait_for(lambda: op.list_nodes()[0] == [me], timeout=10, what="re-registration")
+                wait_for(lambda: op.list_nodes()[0] == [me], timeout=10, what="re-registration")
                 # web-2 was registered through the first controller: its record went with it
                 assert "web-2" not in reg.view().nodes
         finally:
             reg.close()
         with gs.client(ctl2.address, certs[0]) as op:
-            gs.wait_for(lambda: op.list_nodes()[0] == [], what="deregistration on close")
+            wait_for(lambda: op.list_nodes()[0] == [], what="deregistration on close")
 
 
 def test_backend_reregisters_when_its_record_is_removed(zk_server, zk_prefix, certs):
@@ -118,7 +119,7 @@ def test_backend_reregisters_when_its_record_is_removed(zk_server, zk_prefix, ce
             reg.register(me)
             with gs.client(ctl.address, certs[0]) as op:
                 op.deregister("web-1")
-                gs.wait_for(lambda: op.list_nodes()[0] == [me], timeout=10, what="the record back")
+                wait_for(lambda: op.list_nodes()[0] == [me], timeout=10, what="the record back")
         finally:
             reg.close()
 
@@ -128,7 +129,7 @@ def test_backend_backs_off_with_jitter_while_the_controller_is_unreachable(certs
     reg = _backend(f"127.0.0.1:{free_port()}", certs[0], sleep=delays.append)
     reg.start(lambda: None)
     try:
-        gs.wait_for(lambda: len(delays) >= 8, timeout=20, what="retries")
+        wait_for(lambda: len(delays) >= 8, timeout=20, what="retries")
     finally:
         reg.close()
     lo, hi = reg._backoff
@@ -143,7 +144,7 @@ def test_backend_backs_off_with_jitter_while_the_controller_is_unreachable(certs
 
 # --- the processes: controller, daemon and operator commands from the CLI ---------------------
 
-OVERLAY = [gs.PYTHON, "-m", "overlay.cli"]
+OVERLAY = [PYTHON, "-m", "overlay.cli"]
 
 
 def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -192,7 +193,7 @@ def test_controller_daemon_and_operator_commands(zk_server, zk_prefix, tmp_path)
         procs.append(daemon)
         conn = ["--controller", f"127.0.0.1:{port}", "--certs", d]
         # a peer registered by the operator, seen by the daemon
-        _wait_port(port)
+        wait_for(lambda: port_open(port), timeout=60, what=f"the controller to listen on {port}", interval=0.1)
         with gs.client(f"127.0.0.1:{port}", d) as op:
             web2 = gs.node("web-2", op.allocate("web-2"), network="vpc", index=2)
             op.register(web2)
@@ -204,7 +205,7 @@ def test_controller_daemon_and_operator_commands(zk_server, zk_prefix, tmp_path)
                     return None
                 return s if s["ready"] and [p["node_id"] for p in s["peers"]] == ["web-2"] else None
 
-            status = gs.wait_for(ready, timeout=30, what="the daemon to apply its peer")
+            status = wait_for(ready, timeout=30, what="the daemon to apply its peer")
             assert status["registry"] == {"backend": "grpc", "connected": True}
 
             res = _run("nodes", "list", "--json", *conn)
@@ -237,7 +238,7 @@ def test_controller_daemon_and_operator_commands(zk_server, zk_prefix, tmp_path)
             # the daemon stops: its record goes (deregistered)
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(20) == 0
-            gs.wait_for(lambda: [n.node_id for n in op.list_nodes()[0]] == ["web-2"], what="web-1 deregistered")
+            wait_for(lambda: [n.node_id for n in op.list_nodes()[0]] == ["web-2"], what="web-1 deregistered")
         ctl.send_signal(signal.SIGTERM)
         assert ctl.wait(20) == 0
     finally:
@@ -252,16 +253,3 @@ def test_controller_daemon_and_operator_commands(zk_server, zk_prefix, tmp_path)
     node_cfg.write_text(yaml.safe_dump(bad))
     res = _run("daemon", "-c", str(node_cfg))
     assert res.returncode == 2 and "registry.tls.ca: cannot read" in res.stderr and "Traceback" not in res.stderr
-
-
-def _wait_port(port: int) -> bool:
-    import socket
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.1)
-    pytest.fail(f"the controller did not listen on {port}")
-

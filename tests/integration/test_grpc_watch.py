@@ -22,11 +22,13 @@ import time
 import pytest
 
 from overlay.controller import servicer as servicer_mod
-from overlay.controller.convert import change_from_pb
-from overlay.controller.errors import NotFound
-from overlay.controller.store import coalesce
+from overlay.controller.journal import coalesce
+from overlay.errors import NotFound
 from overlay.model import Endpoint, Policy
-from tests.integration import grpc_support as gs
+from overlay.rpc.convert import change_from_pb
+from tests.support import grpc as gs
+from tests.support.paths import PYTHON
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.zk
 
@@ -45,8 +47,7 @@ def _cfg(zk_server, zk_prefix, certs, **kw):
 
 
 def _state_of(store) -> dict:
-    with store._lock:
-        return {k: v for k, (_, v) in store._state.items()}
+    return store.values()
 
 
 def _read_until(call, pb2, head: int, timeout: float = 20.0) -> list:
@@ -68,7 +69,6 @@ WATCHER = textwrap.dedent('''
     import json, os, sys
     sys.modules["overlay"] = None
     gen, target, certs, hist = sys.argv[1:5]
-    sys.path.insert(0, gen)
     import grpc
     import overlay_pb2 as pb2, overlay_pb2_grpc as pb2_grpc
 
@@ -164,7 +164,8 @@ def test_watch_resumes_across_kills_with_the_servers_history(zk_server, zk_prefi
     try:
         os.makedirs(os.path.join(work, "gen"))
         gen = gs.generate_standalone(os.path.join(work, "gen"))
-        script, hist = os.path.join(work, "watcher.py"), os.path.join(work, "history.jsonl")
+        # the script sits beside the generated code, which it imports from there
+        script, hist = os.path.join(gen, "watcher.py"), os.path.join(work, "history.jsonl")
         with open(script, "w") as fh:
             fh.write(WATCHER)
         with gs.controllers() as start:
@@ -174,7 +175,7 @@ def test_watch_resumes_across_kills_with_the_servers_history(zk_server, zk_prefi
             op.put_group("web", "before the watcher")
 
             def launch() -> subprocess.Popen:
-                p = subprocess.Popen([gs.PYTHON, script, gen, ctl.address, certs[0], hist], cwd=work,
+                p = subprocess.Popen([PYTHON, script, gen, ctl.address, certs[0], hist], cwd=work,
                                      env=gs.standalone_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
                 procs.append(p)
@@ -194,7 +195,7 @@ def test_watch_resumes_across_kills_with_the_servers_history(zk_server, zk_prefi
                 t.start()
             kills = 0
             for n, point in enumerate(points):
-                gs.wait_for(lambda p=point: pace.done >= p or not any(t.is_alive() for t in producers),
+                wait_for(lambda p=point: pace.done >= p or not any(t.is_alive() for t in producers),
                             timeout=60, what=f"{point} updates")
                 watcher.send_signal(signal.SIGKILL)
                 watcher.wait(10)
@@ -206,7 +207,7 @@ def test_watch_resumes_across_kills_with_the_servers_history(zk_server, zk_prefi
                 t.join(30)
             assert not errors, errors
             head = store.head
-            gs.wait_for(lambda: _last_revision(hist) == head, timeout=30, what="the watcher to catch up")
+            wait_for(lambda: _last_revision(hist) == head, timeout=30, what="the watcher to catch up")
             watcher.send_signal(signal.SIGKILL)
             watcher.wait(10)
             journal = {rev: (key, value) for rev, key, value in store.journal()}
@@ -236,7 +237,7 @@ def _last_revision(hist: str) -> int:
 
 
 def _decode(hexes: list[str]) -> list[tuple]:
-    from overlay.controller.proto import modules
+    from overlay.rpc.proto import modules
 
     pb2, _ = modules()
     out = []
@@ -295,7 +296,7 @@ def test_too_old_revision_gets_a_fresh_snapshot_and_the_journal_is_compacted(zk_
                 op.put_group("churn", f"v{i}")
             head, epoch = ctl.store.head, ctl.store.epoch
             # compacted: superseded entries older than the window are gone from ZooKeeper
-            children = gs.wait_for(lambda: (lambda c: c if len(c) <= 16 + 2 else None)(
+            children = wait_for(lambda: (lambda c: c if len(c) <= 16 + 2 else None)(
                 zk_client.get_children(f"{zk_prefix}/changes")), what="compaction")
             assert f"r-{head:020d}" in children
             floor = json.loads(zk_client.get(f"{zk_prefix}/changes")[0])["floor"]
@@ -348,14 +349,14 @@ def test_two_replicas_agree_and_survive_the_leader(zk_server, zk_prefix, certs):
         rev2 = op_b.put_group("db", "from b")
         m = next(watch_a)
         assert m.revision == rev2 and m.changes[0].group.description == "from b"
-        gs.wait_for(lambda: a.store.head == b.store.head, what="replicas at the same head")
+        wait_for(lambda: a.store.head == b.store.head, what="replicas at the same head")
         assert a.store.journal() == b.store.journal()
         watch_a.cancel()
         # the leader goes away: B takes over the journal; B's watcher sees no gap
         resume_from, epoch = m.revision, m.epoch
         op_a.close()
         a.stop()
-        gs.wait_for(lambda: b.store.is_leader, timeout=30, what="B to lead")
+        wait_for(lambda: b.store.is_leader, timeout=30, what="B to lead")
         rev3 = op_b.put_group("db", "after failover")
         m = next(watch_b)
         assert m.base_revision == rev and m.kind == pb2.WatchResponse.DELTA  # rev2's change came first
@@ -382,7 +383,8 @@ def test_slow_consumer_gets_coalesced_updates(zk_server, zk_prefix, certs, monke
     with gs.controllers() as start:
         ctl = start(_cfg(zk_server, zk_prefix, certs))
         small_window = (*gs.FAST_CLIENT_OPTIONS, ("grpc.http2.bdp_probe", 0))
-        from overlay.controller.client import Client, tls_from_dir
+        from overlay.rpc.client import Client
+        from overlay.rpc.tls import tls_from_dir
 
         with gs.client(ctl.address, certs[0]) as op, \
                 Client(ctl.address, tls_from_dir(certs[0]), options=small_window) as slow:
@@ -424,7 +426,7 @@ def test_a_nodes_record_lives_while_it_watches_plus_the_lease(zk_server, zk_pref
             ip = web1.allocate("web-1")
             web1.register(gs.node("web-1", ip))
             assert zk_client.exists(path).ephemeralOwner == ctl.store.session_id
-            gs.wait_for(lambda: zk_client.exists(path) is None, timeout=6, what="the lease to expire")
+            wait_for(lambda: zk_client.exists(path) is None, timeout=6, what="the lease to expire")
             # with a Watch stream open the record stays
             call = web1.watch(0, timeout=30)
             next(call)
@@ -432,7 +434,7 @@ def test_a_nodes_record_lives_while_it_watches_plus_the_lease(zk_server, zk_pref
             time.sleep(2.5)
             assert zk_client.exists(path) is not None
             call.cancel()
-            gs.wait_for(lambda: zk_client.exists(path) is None, timeout=6, what="the lease to expire after the stream")
+            wait_for(lambda: zk_client.exists(path) is None, timeout=6, what="the lease to expire after the stream")
             # an operator's registration is not leased
             ip2 = op.allocate("web-2")
             op.register(gs.node("web-2", ip2, index=2))
@@ -442,7 +444,7 @@ def test_a_nodes_record_lives_while_it_watches_plus_the_lease(zk_server, zk_pref
 
 
 def test_registration_comes_back_after_the_controllers_session_expires(zk_server, zk_prefix, certs, zk_client):
-    from tests.zk_fixture import expire_session
+    from tests.support.zk import expire_session
 
     with gs.controllers() as start:
         ctl = start(_cfg(zk_server, zk_prefix, certs))
@@ -450,8 +452,8 @@ def test_registration_comes_back_after_the_controllers_session_expires(zk_server
             ip = op.allocate("web-1")
             op.register(gs.node("web-1", ip))
             old = ctl.store.session_id
-            expire_session(ctl.store._zk)
-            gs.wait_for(lambda: ctl.store.session_id not in (0, old) and
+            expire_session(ctl.store._zk.client)
+            wait_for(lambda: ctl.store.session_id not in (0, old) and
                         (zk_client.exists(f"{zk_prefix}/nodes/web-1") or None) is not None and
                         zk_client.exists(f"{zk_prefix}/nodes/web-1").ephemeralOwner == ctl.store.session_id,
                         timeout=20, what="re-registration under the new session")

@@ -4,7 +4,7 @@ Topology (emulation; namespaces named ``ovl-ipt-<pid>-*``):
 h1 and h2 share network A (10.0.0.0/24 on a bridge in "sw", which is also
 A's 1:1 NAT edge); h3 sits in network B (the same 10.0.0.0/24) behind edge
 "edgeB", so h1 reaches h3 only through its public address. Checksum offload
-is off on every veth. The datapath runs inside h1 (iptables_helper.py
+is off on every veth. The datapath runs inside h1 (tests.support.iptctl
 datapath), programmed with ops from plan() and diff(); servers run in h2, h3.
 
 Nothing touches the root namespace: every command runs in a namespace the
@@ -13,36 +13,25 @@ fixture made and deletes again, failures included.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.support.netns import HelperNetns, NetnsSet
+from tests.support.paths import program
+from tests.support.twonets import HOSTS, SUBNET, wire_networks
+
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "iptables_helper.py")
+HELPER = program("iptctl")
 PORT = 7000          # a service port, not open: members only under reject_all
 OPEN_PORT = 8080     # in filter.open_ports
 SSH_PORT = 22
 PORTS = (PORT, OPEN_PORT, SSH_PORT)
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PYTHON = os.path.join(REPO, ".venv", "bin", "python")
-if not os.path.exists(PYTHON):
-    PYTHON = sys.executable
-
-SUBNET = "192.168.0.0/18"
-HOSTS = {
-    "h1": {"network": "A", "private": "10.0.0.1", "public": "198.18.1.1", "overlay": "192.168.0.1"},
-    "h2": {"network": "A", "private": "10.0.0.2", "public": "198.18.1.2", "overlay": "192.168.0.2"},
-    "h3": {"network": "B", "private": "10.0.0.11", "public": "198.18.2.11", "overlay": "192.168.0.3"},
-}
 
 
 def _require() -> None:
@@ -53,79 +42,14 @@ def _require() -> None:
             pytest.skip(f"{tool} is not installed")
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=20)
-
-
-class Netns:
-    """A namespace made by this test; every command runs inside it."""
-
-    def __init__(self, name: str):
-        self.name = name
-        _ip("netns", "add", name)
-        self.run("ip", "link", "set", "lo", "up")
-
-    def cmd(self, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
-
-    def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.cmd(*argv), capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"[{self.name}] {' '.join(argv)} -> {proc.returncode}: {proc.stderr}")
-        return proc
-
-    def popen(self, *argv: str, **kwargs) -> subprocess.Popen:
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.cmd(*argv), **kwargs)
-
-    def delete(self) -> None:
-        for pid in _ip("netns", "pids", self.name, check=False).stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), 9)
-        _ip("netns", "del", self.name, check=False)
-
-
-def veth(a: Netns, dev_a: str, b: Netns, dev_b: str) -> None:
-    """A veth pair between two namespaces (made in ``a``: nothing in the root namespace)."""
-    a.run("ip", "link", "add", dev_a, "type", "veth", "peer", "name", "ovlipttmp", "netns", b.name)
-    b.run("ip", "link", "set", "ovlipttmp", "name", dev_b)
-    for ns, dev in ((a, dev_a), (b, dev_b)):
-        ns.run("ethtool", "-K", dev, "tx", "off", "rx", "off")
-        ns.run("ip", "link", "set", dev, "up")
-
-
 class Topology:
     """network A: h1, h2 on a bridge in "sw" (also A's 1:1 NAT edge, 198.18.1.0/24);
-    network B: h3 behind "edgeB" (1:1 NAT, 198.18.2.0/24); the edges share a wan link."""
+    network B: h3 behind "edgeB" (1:1 NAT, 198.18.2.0/24); the edges share a wan link
+    (tests/support/twonets.py, without the outsider)."""
 
-    def __init__(self, make):
+    def __init__(self, make: NetnsSet):
         self.ns = {name: make(name) for name in ("sw", "edgeB", "h1", "h2", "h3")}
-        sw, edge = self.ns["sw"], self.ns["edgeB"]
-        sw.run("ip", "link", "add", "br0", "type", "bridge")
-        sw.run("ip", "addr", "add", "10.0.0.254/24", "dev", "br0")
-        sw.run("ip", "link", "set", "br0", "up")
-        for i, h in enumerate(("h1", "h2"), start=1):
-            veth(sw, f"p{i}", self.ns[h], "eth0")
-            sw.run("ip", "link", "set", f"p{i}", "master", "br0")
-        veth(edge, "lan", self.ns["h3"], "eth0")
-        edge.run("ip", "addr", "add", "10.0.0.254/24", "dev", "lan")
-        veth(sw, "wan", edge, "wan")
-        sw.run("ip", "addr", "add", "198.18.0.1/30", "dev", "wan")
-        edge.run("ip", "addr", "add", "198.18.0.2/30", "dev", "wan")
-        sw.run("ip", "route", "add", "198.18.2.0/24", "via", "198.18.0.2")
-        edge.run("ip", "route", "add", "198.18.1.0/24", "via", "198.18.0.1")
-        for ns in (sw, edge):
-            ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        for name, h in HOSTS.items():
-            e = sw if h["network"] == "A" else edge
-            e.run("iptables", "-t", "nat", "-A", "PREROUTING", "-d", h["public"],
-                  "-j", "DNAT", "--to-destination", h["private"])
-            e.run("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", h["private"], "-o", "wan",
-                  "-j", "SNAT", "--to-source", h["public"])
-            ns = self.ns[name]
-            ns.run("ip", "addr", "add", f"{h['private']}/24", "dev", "eth0")
-            ns.run("ip", "route", "add", "default", "via", "10.0.0.254")
+        wire_networks(self.ns, HOSTS)
         # the bridge needs a moment before it forwards (bounded)
         for _ in range(10):
             if self.ns["h1"].run("ping", "-c", "1", "-W", "1", "10.0.0.2", check=False).returncode == 0:
@@ -135,25 +59,18 @@ class Topology:
 @pytest.fixture
 def topo():
     _require()
-    made: list[Netns] = []
-
-    def make(name: str) -> Netns:
-        ns = Netns(f"ovl-ipt-{os.getpid()}-{name}")
-        made.append(ns)
-        return ns
-
+    made = NetnsSet(f"ovl-ipt-{os.getpid()}-")
     try:
-        yield Topology(make)
+        yield Topology(made)
     finally:
-        for ns in reversed(made):
-            ns.delete()
+        made.close()
 
 
 class Helper:
     """The datapath process in h1's namespace, driven by JSON lines."""
 
-    def __init__(self, ns: Netns):
-        self.proc = ns.popen(PYTHON, HELPER, "datapath", stdin=subprocess.PIPE, text=True)
+    def __init__(self, ns: HelperNetns):
+        self.proc = ns.popen(*HELPER, "datapath", stdin=subprocess.PIPE, text=True)
 
     def call(self, cmd: str, **kw) -> dict:
         self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
@@ -194,15 +111,15 @@ def node(name: str) -> dict:
             "public": h["public"], "overlay": h["overlay"]}
 
 
-def connect(ns: Netns, proto: str, host: str, port: int) -> dict:
-    out = ns.run(PYTHON, HELPER, "connect", proto, host, str(port), timeout=15)
+def connect(ns: HelperNetns, proto: str, host: str, port: int) -> dict:
+    out = ns.run(*HELPER, "connect", proto, host, str(port), timeout=15)
     return json.loads(out.stdout)
 
 
 def start_servers(topo) -> list[subprocess.Popen]:
     procs = []
     for name in ("h1", "h2", "h3"):
-        p = topo.ns[name].popen(PYTHON, HELPER, "serve", *map(str, PORTS), text=True)
+        p = topo.ns[name].popen(*HELPER, "serve", *map(str, PORTS), text=True)
         procs.append(p)
     for p in procs:
         assert p.stdout.readline().strip() == "ready"

@@ -25,12 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from overlay.lab import netns as nx
+from overlay import netns as nx
 from overlay.lab.check import OVERLAY, format_matrix, probe_once
-from overlay.lab.lab import Lab
-from overlay.lab.netns import LabError
-
-from .conftest import require_bcc
+from overlay.lab.lab import Lab, LabError
+from tests.support.netns import require_bcc
 
 pytestmark = [pytest.mark.root, pytest.mark.zk]
 

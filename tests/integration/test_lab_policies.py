@@ -26,12 +26,11 @@ import time
 
 import pytest
 
+from overlay import netns as nx
 from overlay.config import load_config
-from overlay.lab import netns as nx
 from overlay.lab.check import probe_once
 from overlay.lab.lab import Lab
-
-from .conftest import require_bcc
+from tests.support.netns import require_bcc
 
 pytestmark = [pytest.mark.root, pytest.mark.zk]
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import new_pin_root, require_bcc, veth
+from tests.support.netns import new_pin_root, require_bcc, veth
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = {

@@ -4,7 +4,7 @@ mode, and ``overlay drops [--follow]``.
 
 Two namespaces joined by a veth: ``db`` (10.9.0.1, groups [db]) runs the
 datapath, programmed as the daemon does it (plan -> diff -> apply, through
-dp_helper.py ``plan``); ``cli`` holds the clients' addresses: web-1 10.9.0.2
+tests.support.dpctl ``plan``); ``cli`` holds the clients' addresses: web-1 10.9.0.2
 (group web), app-1 10.9.0.3 (group app), and 10.9.0.5, no member but inside
 the CIDR of a policy. Policies: web -> db tcp/5432, 10.9.0.4/30 -> db tcp/2222.
 """
@@ -19,7 +19,8 @@ import subprocess
 
 import pytest
 
-from .conftest import PYTHON, REPO, NetnsSet, new_pin_root, require_bcc, veth
+from tests.support.netns import NetnsSet, new_pin_root, require_bcc, veth
+from tests.support.paths import PYTHON, REPO
 
 pytestmark = [pytest.mark.root]
 

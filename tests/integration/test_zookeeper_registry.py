@@ -1,4 +1,4 @@
-"""ZooKeeperRegistry against a real ZooKeeper (Debian's package, started by tests/zk_fixture.py).
+"""ZooKeeperRegistry against a real ZooKeeper (Debian's package, started by the fixture in tests/conftest.py).
 
 Every test gets its own prefix; timing assertions poll with bounded deadlines.
 """
@@ -20,8 +20,10 @@ from overlay.config import Auth, RegistryConfig
 from overlay.errors import AllocationExhausted, RegistryError
 from overlay.model import Node, serialise_node
 from overlay.registry import Registry
-from overlay.registry.zookeeper import ZooKeeperRegistry, bootstrap
-from tests.zk_fixture import expire_session, wait_for
+from overlay.registry.zookeeper import ZooKeeperRegistry
+from overlay.zk.layout import bootstrap
+from tests.support.wait import wait_for
+from tests.support.zk import expire_session
 
 pytestmark = pytest.mark.zk
 
@@ -164,7 +166,7 @@ def test_reregisters_after_session_expiry_and_deletion(zk_server, zk_prefix, reg
     old_session = a.session_id
     assert zk_client.exists(path).ephemeralOwner == old_session
     t0 = time.monotonic()
-    expire_session(a._client)
+    expire_session(a._zk.client)
 
     def reregistered():
         st = zk_client.exists(path)
@@ -279,7 +281,7 @@ def test_hostile_records_are_rejected(zk_server, zk_prefix, registries, zk_clien
     assert obs.rejected_total - before == len(hostile) + 2  # + policy:evil + config/max_change
     # one log line per record version: re-reading the same versions logs nothing new
     counted = obs.rejected_total
-    obs._enqueue(("resync", "test"))
+    obs.request_resync("test")
     wait_for(lambda: obs.view().revision > view.revision, what="resync")
     assert obs.rejected_total == counted
     # a new version of a bad record is counted again; fixing it admits it
@@ -416,7 +418,7 @@ def _measure(server, prefix, registries, n: int) -> dict[str, int]:
 def test_reads_per_change_do_not_grow_with_n(zk_server, registries):
     import uuid
 
-    from tests.zk_fixture import wipe
+    from tests.support.zk import wipe
 
     results = {}
     for n in (100, 10_000):

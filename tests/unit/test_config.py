@@ -324,7 +324,7 @@ def test_full_example_matches_the_design():
     assert cfg.filter.reject_all is False
     assert cfg.filter.open_ports == ((80, 80),)
     assert cfg.filter.ssh_whitelist == ("198.18.0.0/15",)
-    assert cfg.nat_override_map == {"192.168.63.1": "10.0.0.250"}
+    assert dict(cfg.nat_overrides) == {"192.168.63.1": "10.0.0.250"}
     assert cfg.guard.max_change == 20
     assert cfg.status_listen == ("127.0.0.1", 9464)
 
@@ -354,7 +354,7 @@ def test_unknown_key_far_from_every_known_key_gets_no_guess():
 def test_nat_overrides_outside_the_subnet_are_routed():
     cfg = config_from_dict({"network": "n", "nat_overrides": {
         "192.168.75.1": "10.8.1.1", "192.168.63.1": "10.0.0.250", "10.9.9.9": "10.0.0.251"}})
-    assert cfg.nat_override_map == {"192.168.75.1": "10.8.1.1", "192.168.63.1": "10.0.0.250", "10.9.9.9": "10.0.0.251"}
+    assert dict(cfg.nat_overrides) == {"192.168.75.1": "10.8.1.1", "192.168.63.1": "10.0.0.250", "10.9.9.9": "10.0.0.251"}
     # 192.168.0.0/18 ends at 192.168.63.255: only the other two need a route of their own
     assert sorted(cfg.override_routes) == ["10.9.9.9", "192.168.75.1"]
 
@@ -458,3 +458,16 @@ def test_yaml_is_parsed_safely(tmp_path):
     with pytest.raises(InvalidConfigError) as info:
         load_config(str(p))
     assert "python/object" in str(info.value)
+
+
+def test_datapath_location_flags_then_config_then_defaults(tmp_path):
+    from overlay.config import datapath_location
+
+    assert datapath_location(None) == (None, "eth0", "/sys/fs/bpf/overlay")
+    assert datapath_location(None, "ens5", "/x") == (None, "ens5", "/x")
+    p = tmp_path / "c.yaml"
+    p.write_text("node_id: a\nnetwork: n\ndatapath: {interface: ens6, pin_root: /sys/fs/bpf/mine}\n")
+    cfg, iface, root = datapath_location(str(p))
+    assert (cfg.node_id, iface, root) == ("a", "ens6", "/sys/fs/bpf/mine")
+    assert datapath_location(str(p), "ens7", None)[1:] == ("ens7", "/sys/fs/bpf/mine")
+    assert datapath_location(str(p), None, "/y")[1:] == ("ens6", "/y")

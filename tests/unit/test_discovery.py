@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import shutil
 import subprocess
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import overlay.discovery as disc
+from overlay import backends
 from overlay.config import Addresses, Config, Discovery
 from overlay.discovery import DiscoveryError, aws_imds, discover, netlink
 from overlay.errors import OverlayError
+from overlay.netns import Netns, in_netns
+from tests.support.imds import FakeIMDS
 
 SUBNET = ipaddress.IPv4Network("192.168.0.0/18")
 
@@ -68,7 +68,7 @@ class _EP:
     ("nope", None, "unknown address provider 'nope'; known: aws-imds, fake, netlink, static"),
 ])
 def test_entry_point_providers(monkeypatch, name, plugin, error):
-    monkeypatch.setattr(disc, "_entry_points", lambda: [_EP("fake", plugin)])
+    monkeypatch.setattr(backends, "entry_points", lambda group: [_EP("fake", plugin)] if group == "overlay.providers" else [])
     cfg = config(discovery=Discovery(name))
     if error is None:
         assert discover(cfg) == ("10.1.2.3", "198.18.2.3")
@@ -78,74 +78,13 @@ def test_entry_point_providers(monkeypatch, name, plugin, error):
 
 
 def test_builtin_names_cannot_be_overridden(monkeypatch):
-    monkeypatch.setattr(disc, "_entry_points", lambda: [_EP("static", lambda cfg: ("10.9.9.9", "10.9.9.9"))])
+    monkeypatch.setattr(backends, "entry_points",
+                        lambda group: [_EP("static", lambda cfg: ("10.9.9.9", "10.9.9.9"))])
     assert discover(config(addresses=Addresses("10.0.0.1", "198.18.0.1"))) == ("10.0.0.1", "198.18.0.1")
 
 
 # --- aws-imds against a local fake ---------------------------------------------------------
 
-
-class FakeIMDS:
-    """IMDSv2 on 127.0.0.1: PUT /latest/api/token, then GETs with the token (401 without)."""
-
-    def __init__(self, meta: dict[str, str], token_status: int = 200, delay: float = 0.0):
-        self.meta = meta
-        self.token_status = token_status
-        self.delay = delay
-        self.token = uuid.uuid4().hex
-        self.requests: list[tuple[str, str, dict]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code: int, body: str = "") -> None:
-                data = body.encode()
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
-
-            def do_PUT(self):
-                fake.requests.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
-                if fake.delay:
-                    time.sleep(fake.delay)
-                if self.path != aws_imds.TOKEN_PATH:
-                    return self._send(404)
-                if "X-aws-ec2-metadata-token-ttl-seconds" not in self.headers:
-                    return self._send(400)
-                if fake.token_status != 200:
-                    return self._send(fake.token_status)
-                self._send(200, fake.token)
-
-            def do_GET(self):
-                fake.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
-                if self.headers.get("X-aws-ec2-metadata-token") != fake.token:
-                    return self._send(401)
-                if self.path in fake.meta:
-                    return self._send(200, fake.meta[self.path])
-                self._send(404)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 def imds_config(endpoint: str, timeout: float = 2.0) -> Config:
@@ -266,48 +205,27 @@ def test_imds_endpoint_must_be_http():
 
 def _run_in_netns(netns: str, fn):
     """Call ``fn()`` in a thread moved into ``netns`` (setns affects only that thread)."""
-    out: dict = {}
-
-    def run():
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, 0x40000000) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(30)
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    result = in_netns(netns, fn)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 @pytest.fixture
 def netns():
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create a network namespace")
-    name = f"ovltest-disc-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-    def ip(*args):
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-    ip("netns", "add", name)
+    ns = Netns.add(f"ovltest-disc-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
-        ip("-n", name, "link", "add", "priv0", "type", "veth", "peer", "name", "pub0")
-        ip("-n", name, "addr", "add", "10.77.0.5/24", "dev", "priv0")
-        ip("-n", name, "addr", "add", "10.77.0.6/24", "dev", "priv0")  # secondary
-        ip("-n", name, "addr", "add", "198.18.77.5/24", "dev", "pub0")
-        ip("-n", name, "link", "add", "empty0", "type", "veth", "peer", "name", "empty1")
-        yield name
+        for cmd in (("link", "add", "priv0", "type", "veth", "peer", "name", "pub0"),
+                    ("addr", "add", "10.77.0.5/24", "dev", "priv0"),
+                    ("addr", "add", "10.77.0.6/24", "dev", "priv0"),  # secondary
+                    ("addr", "add", "198.18.77.5/24", "dev", "pub0"),
+                    ("link", "add", "empty0", "type", "veth", "peer", "name", "empty1")):
+            ns.run("ip", *cmd)
+        yield ns.name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=20)
+        ns.delete()
 
 
 def test_netlink_private_and_public_interfaces(netns):

@@ -11,22 +11,23 @@ import grpc
 import pytest
 
 from overlay.config import RegistryConfig, TlsConfig
-from overlay.controller import certs, convert
-from overlay.controller.client import raise_for
-from overlay.controller.errors import (
+from overlay.controller import certs
+from overlay.controller.journal import Journal, coalesce, desired_items
+from overlay.errors import (
+    AllocationExhausted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OverlayError,
     PermissionDenied,
     Unavailable,
 )
-from overlay.controller.proto import modules
-from overlay.controller.servicer import status_of
-from overlay.controller.store import Store, coalesce, desired_items
-from overlay.errors import AllocationExhausted, OverlayError
 from overlay.model import Endpoint, Node, Policy
 from overlay.registry import RegistryView
+from overlay.rpc import convert
+from overlay.rpc.proto import modules
+from overlay.rpc.status import raise_for, status_of
 
 SUBNET = ipaddress.IPv4Network("192.168.0.0/24")
 pb2, pb2_grpc = modules()
@@ -141,17 +142,14 @@ def test_journal_keys():
 # --- journal planning ------------------------------------------------------------------------
 
 
-def _store(window: int = 16) -> Store:
-    store = Store(RegistryConfig(hosts=("127.0.0.1:1",)), SUBNET, window=window)
-    with store._lock:
-        store._loaded, store._epoch = True, "e1"
-    return store
+def _store(window: int = 16) -> Journal:
+    journal = Journal(window)
+    journal.load([], "e1", 0)
+    return journal
 
 
-def _fill(store: Store, changes: list[tuple]) -> None:
-    with store._lock:
-        for key, value in changes:
-            store._apply(store._head + 1, key, value)
+def _fill(journal: Journal, changes: list[tuple]) -> None:
+    journal.extend([(journal.head + 1 + i, key, value) for i, (key, value) in enumerate(changes)])
 
 
 def test_read_since_plans():
@@ -179,7 +177,7 @@ def test_read_since_plans():
     assert old.kind == "snapshot" and old.reset and old.revision == store.head
     assert store.read_since(store.head - 10, "e1", 100).kind == "delta"
     # every superseded revision (and the deletion) is known as dead, for compaction
-    assert sorted(store._dead)[:11] == [*range(1, 11), 12]  # 11 (group b) is live
+    assert store.take_dead(store.head, 11) == [*range(1, 11), 12]  # 11 (group b) is live
 
 
 def test_coalesce_keeps_the_last_change_per_item_in_order():

@@ -16,17 +16,19 @@ import yaml
 from overlay.cli import main
 from overlay.config import config_from_dict, load_config
 from overlay.lab.check import OVERLAY, PRIVATE, Result, expected_probes, format_matrix
+from overlay.lab.render import (
+    controller_config,
+    edge_nat_rules,
+    member_config,
+    node_script,
+    render_config,
+)
 from overlay.lab.topology import (
     Names,
     TopologyError,
-    controller_config,
     default_topology_path,
-    edge_nat_rules,
     load_topology,
-    member_config,
-    node_script,
     parse_topology,
-    render_config,
     topology_from_dict,
 )
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from overlay.config import config_from_dict
 from overlay.model import Node
 from overlay.ops import FS_ALL, FS_SSH, MODE_AUDIT, MODE_ENFORCE, TABLES, NatEntry, PeerEntry
-from overlay.plan import AppliedPeer, bitmap_ports, churn, plan, ports_bitmap
+from overlay.plan import AppliedPeer, bitmap_ports, plan, ports_bitmap
 from overlay.policy import hash31
 
 
@@ -53,7 +53,7 @@ def test_real_address(desc, peer, real):
     assert d.tables["nat"] == {peer.overlay: NatEntry(real)}
     assert d.tables["rnat"] == {real: peer.overlay}
     assert d.tables["peers"] == {real: entry(peer.groups)}
-    assert d.by_id[peer.node_id] == AppliedPeer(peer.node_id, peer.network, peer.overlay, real, peer.groups)
+    assert d.peers == (AppliedPeer(peer.node_id, peer.network, peer.overlay, real, peer.groups),)
     assert d.excluded == ()
 
 
@@ -61,7 +61,6 @@ def test_tables_present_and_peers_sorted():
     d = plan(SELF, [VPC_A, EC2_B], cfg())
     assert set(d.tables) == set(TABLES)
     assert [p.node_id for p in d.peers] == ["ec2-b", "vpc-a"]
-    assert set(d.by_id) == {"ec2-b", "vpc-a"}
 
 
 def test_reverse_map_and_peers_table():
@@ -345,65 +344,3 @@ def test_failsafe_empty_when_nothing_configured():
 )
 def test_config_table(filt, expected):
     assert plan(SELF, [], cfg(filter=filt)).tables["config"] == expected
-
-
-# --- churn --------------------------------------------------------------------------------
-
-
-def _applied(*specs):
-    return {i: AppliedPeer(i, "ec2", ov, real) for i, ov, real in specs}
-
-
-CHURN_CASES = [
-    ("nothing", _applied(("a", "192.168.0.2", "10.0.0.2")), _applied(("a", "192.168.0.2", "10.0.0.2")), (), (), ()),
-    ("one added is not churn", {}, _applied(("a", "192.168.0.2", "10.0.0.2")), (), (), ("a",)),
-    ("one removed", _applied(("a", "192.168.0.2", "10.0.0.2")), {}, ("a",), (), ()),
-    (
-        "real address changed",
-        _applied(("a", "192.168.0.2", "10.0.0.2")),
-        _applied(("a", "192.168.0.2", "10.0.0.3")),
-        (),
-        ("a",),
-        (),
-    ),
-    (
-        "overlay changed",
-        _applied(("a", "192.168.0.2", "10.0.0.2")),
-        _applied(("a", "192.168.0.3", "10.0.0.2")),
-        (),
-        ("a",),
-        (),
-    ),
-    (
-        "mixed",
-        _applied(("a", "192.168.0.2", "10.0.0.2"), ("b", "192.168.0.3", "10.0.0.3"), ("c", "192.168.0.4", "10.0.0.4")),
-        _applied(("b", "192.168.0.3", "10.0.0.33"), ("c", "192.168.0.4", "10.0.0.4"), ("d", "192.168.0.5", "10.0.0.5"), ("e", "192.168.0.6", "10.0.0.6")),
-        ("a",),
-        ("b",),
-        ("d", "e"),
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    ("desc", "before", "after", "removed", "changed", "added"), CHURN_CASES, ids=[c[0] for c in CHURN_CASES]
-)
-def test_churn(desc, before, after, removed, changed, added):
-    c = churn(before, after)
-    assert (c.removed, c.changed, c.added) == (removed, changed, added)
-    assert c.size == len(removed) + len(changed)
-
-
-def test_churn_ignores_group_changes():
-    before = {"a": AppliedPeer("a", "ec2", "192.168.0.2", "10.0.0.2", ("web",))}
-    after = {"a": AppliedPeer("a", "ec2", "192.168.0.2", "10.0.0.2", ("db",))}
-    assert churn(before, after).size == 0
-
-
-def test_churn_from_plans():
-    peers = [node(f"p{i}", "ec2", f"10.0.1.{i}", f"198.18.1.{i}", f"192.168.1.{i}") for i in range(1, 31)]
-    before = plan(SELF, peers, cfg())
-    after = plan(SELF, peers[5:] + [node("new", "ec2", "10.0.2.1", "198.18.2.1", "192.168.2.1")], cfg())
-    c = churn(before.by_id, after.by_id)
-    assert c.size == 5
-    assert c.added == ("new",)

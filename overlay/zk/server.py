@@ -5,14 +5,13 @@ config file of our own in ``data_dir`` (its own snapshots, a loopback or lab
 client address, admin server off, a short ``tickTime`` so that session expiry
 is fast to test), never from ``/etc/zookeeper``.
 
-``python -m overlay.zkserver --data-dir D --port P`` runs one in the
+``python -m overlay.zk.server --data-dir D --port P`` runs one in the
 foreground until interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import re
@@ -24,9 +23,11 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from overlay.errors import OverlayError
+from overlay.netns import die_with_parent_preexec, in_netns
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,13 @@ DEFAULT_CLASSPATH = "/usr/share/java/zookeeper.jar"
 # zookeeper.jar only carries slf4j-api; these bind it to log4j 1.2 (both in Debian).
 LOG_JARS = ("/usr/share/java/slf4j-log4j12.jar", "/usr/share/java/log4j-1.2.jar")
 MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
-_CLONE_NEWNET = 0x40000000
 
 
 class ZooKeeperError(OverlayError):
     """The ZooKeeper server could not be started or did not answer."""
 
 
-def _debian_environment(path: str = DEBIAN_ENVIRONMENT) -> dict[str, str]:
+def debian_environment(path: str = DEBIAN_ENVIRONMENT) -> dict[str, str]:
     """``JAVA`` and ``CLASSPATH`` as Debian's zkEnv.sh sets them (shell assignments)."""
     env: dict[str, str] = {}
     try:
@@ -68,7 +68,7 @@ def java_command(config_file: str, conf_dir: str, *, heap_mb: int = 512) -> list
     ``conf_dir`` goes first on the class path (in place of ``/etc/zookeeper/conf``)
     so that the ``log4j.properties`` we write there is the one used.
     """
-    denv = _debian_environment()
+    denv = debian_environment()
     java = denv.get("JAVA") or DEFAULT_JAVA
     entries = [e for e in (denv.get("CLASSPATH") or DEFAULT_CLASSPATH).split(":") if e]
     entries = [e for e in entries if not e.rstrip("/").endswith("/etc/zookeeper/conf")]
@@ -90,12 +90,6 @@ def java_command(config_file: str, conf_dir: str, *, heap_mb: int = 512) -> list
         MAIN_CLASS,
         config_file,
     ]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask for SIGKILL when the parent (thread) dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _zk_probe(host: str, port: int, timeout: float) -> bool:
@@ -140,33 +134,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _probe_in_netns(netns: str, host: str, port: int, timeout: float) -> bool:
-    """Run :func:`_zk_probe` from a short-lived thread moved into ``netns``."""
-    result = [False]
-    error: list[str] = []
-
-    def run() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    error.append(os.strerror(ctypes.get_errno()))
-                    return
-            finally:
-                os.close(fd)
-            result[0] = _zk_probe(host, port, timeout)
-        except OSError as exc:
-            error.append(str(exc))
-
-    t = threading.Thread(target=run, name=f"zk-probe-{netns}", daemon=True)
-    t.start()
-    t.join(timeout + 5)
-    if error:
-        log.debug("probe in netns %s failed: %s", netns, error[0])
-    return result[0]
-
-
+@dataclass(eq=False)
 class ZooKeeperServer:
     """One standalone ZooKeeper process with its own config and data in ``data_dir``.
 
@@ -175,34 +143,25 @@ class ZooKeeperServer:
     simulate a hung server). Logs go to ``<data_dir>/zookeeper.log``.
     """
 
-    def __init__(
-        self,
-        data_dir: str | os.PathLike[str],
-        host: str = "127.0.0.1",
-        port: int = 2181,
-        netns: str | None = None,
-        *,
-        tick_ms: int = 500,
-        min_session_ms: int = 1000,
-        max_session_ms: int = 30000,
-        fsync: bool = True,
-        heap_mb: int = 512,
-        die_with_parent: bool = False,
-    ):
-        self.data_dir = Path(data_dir).resolve()
-        self.host = host
-        self.port = int(port)
-        self.netns = netns
-        self.tick_ms = tick_ms
-        self.min_session_ms = min_session_ms
-        self.max_session_ms = max_session_ms
-        self.fsync = fsync
-        self.heap_mb = heap_mb
-        # SIGKILL the server when the thread that started it dies (tests: nothing outlives
-        # a killed pytest). Off by default: the lab's server outlives `overlay lab up`.
-        self.die_with_parent = die_with_parent
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._paused = False
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 2181
+    netns: str | None = None
+    _: KW_ONLY
+    tick_ms: int = 500
+    min_session_ms: int = 1000
+    max_session_ms: int = 30000
+    fsync: bool = True
+    heap_mb: int = 512
+    # SIGKILL the server when the thread that started it dies (tests: nothing outlives
+    # a killed pytest). Off by default: the lab's server outlives `overlay lab up`.
+    die_with_parent: bool = False
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _paused: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()   # str or os.PathLike given
+        self.port = int(self.port)
 
     @property
     def address(self) -> str:
@@ -226,7 +185,7 @@ class ZooKeeperServer:
         (self.data_dir / "data").mkdir(exist_ok=True)
         cfg = self.data_dir / "zoo.cfg"
         lines = [
-            "# written by overlay.zkserver; standalone server for tests and the lab",
+            "# written by overlay.zk.server; standalone server for tests and the lab",
             f"tickTime={self.tick_ms}",
             f"minSessionTimeout={self.min_session_ms}",
             f"maxSessionTimeout={self.max_session_ms}",
@@ -272,7 +231,7 @@ class ZooKeeperServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=str(self.data_dir),
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=die_with_parent_preexec if self.die_with_parent else None,
             )
         self._paused = False
         deadline = time.monotonic() + timeout
@@ -297,7 +256,7 @@ class ZooKeeperServer:
     def ping(self, timeout: float = 1.0) -> bool:
         """True if the server completes a client handshake now."""
         if self.netns:
-            return _probe_in_netns(self.netns, self.host, self.port, timeout)
+            return in_netns(self.netns, _zk_probe, self.host, self.port, timeout, timeout=timeout + 5) is True
         return _zk_probe(self.host, self.port, timeout)
 
     def _signal(self, sig: int) -> None:
@@ -355,7 +314,7 @@ class ZooKeeperServer:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m overlay.zkserver",
+        prog="python -m overlay.zk.server",
         description="Run a standalone ZooKeeper (Debian's package) in the foreground.",
     )
     parser.add_argument("--data-dir", required=True, help="directory for config, data and zookeeper.log")

@@ -1,9 +1,9 @@
 """Processes for test_conformance.py, run inside a test namespace (``nsenter --net``).
 
-    python conformance_support.py agent          the daemon's reconcile step for one
+    python -m tests.support.conformance agent          the daemon's reconcile step for one
                                                  host, driven by JSON lines on stdin
                                                  (one JSON answer a line)
-    python conformance_support.py probe JSON     a batch of TCP / UDP / ICMP probes,
+    python -m tests.support.conformance probe JSON     a batch of TCP / UDP / ICMP probes,
                                                  run in parallel; prints one JSON line
 
 Agent commands: ``{"cmd": "start", "config": {...}}`` builds the datapath from
@@ -15,7 +15,7 @@ peers), diffs against ``observe()`` and applies, like ``Agent.reconcile``;
 
 Probe items: ``{"proto": "tcp"|"udp"|"icmp", "host": addr, "port": n}``.
 Results, in order: ``{"ok", "seen", "peer", "error"}``: ``seen`` is the
-client address the server reported (servers are ``iptables_helper.py serve``,
+client address the server reported (servers are ``tests.support.iptctl serve``,
 which answer ``"<peer ip>\\n"``), ``peer`` the client's view of the other
 end (TCP ``getpeername``; UDP and ICMP the source of the reply). Every wait
 is bounded by ``timeout`` (default 2 s). Tests only.
@@ -26,15 +26,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import select
 import socket
-import struct
 import sys
 import threading
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.support.packets import await_echo_reply, echo_request
 
 TIMEOUT_S = 2.0
 
@@ -141,33 +139,14 @@ def probe_udp(host: str, port: int, timeout: float) -> dict:
         s.close()
 
 
-def _icmp_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def probe_icmp(host: str, ident: int, timeout: float) -> dict:
     """One echo request over a raw socket; the first matching echo reply wins."""
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     try:
-        payload = b"overlay-conformance"
-        head = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
-        s.sendto(struct.pack("!BBHHH", 8, 0, _icmp_checksum(head + payload), ident, 1) + payload,
-                 (host, 0))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([s], [], [], left)
-            if not ready:
-                break
-            pkt, src = s.recvfrom(2048)
-            ihl = (pkt[0] & 0x0F) * 4
-            typ, _code, _csum, rid, seq = struct.unpack("!BBHHH", pkt[ihl:ihl + 8])
-            if typ == 0 and rid == ident and seq == 1:
-                return {"ok": True, "seen": None, "peer": src[0], "error": None}
+        s.sendto(echo_request(ident, 1, b"overlay-conformance"), (host, 0))
+        src = await_echo_reply(s, ident, 1, timeout)
+        if src is not None:
+            return {"ok": True, "seen": None, "peer": src, "error": None}
         return {"ok": False, "seen": None, "peer": None, "error": "no echo reply"}
     except OSError as exc:
         return _failed(exc)

@@ -16,8 +16,7 @@ import ipaddress
 from typing import Any
 
 from overlay import addr
-from overlay.controller.errors import InvalidArgument
-from overlay.errors import InvalidRecord
+from overlay.errors import InvalidArgument, InvalidRecord
 from overlay.model import (
     MAX_GROUPS,
     MAX_PORTS,
@@ -91,6 +90,13 @@ def node_from_pb(msg, subnet: ipaddress.IPv4Network, field: str = "node") -> Nod
               "public": msg.public, "overlay": msg.overlay, "groups": list(msg.groups),
               "open_ports": ports}
     return _check(field, lambda r: node_from_dict(r, subnet), record)
+
+
+def node_record_from_pb(msg) -> dict:
+    """A ``Node`` message as a node record (DESIGN §4.2), not validated."""
+    return {"v": 1, "node_id": msg.node_id, "network": msg.network, "private": msg.private,
+            "public": msg.public, "overlay": msg.overlay, "groups": list(msg.groups),
+            "open_ports": [_port_json(p) for p in msg.open_ports]}
 
 
 def node_from_record(record: dict, subnet: ipaddress.IPv4Network | None = None) -> Node:
@@ -187,10 +193,7 @@ def change_from_pb(ch) -> tuple[Key, dict | None]:
     if which == "rejected":
         return key, {"rejected": ch.rejected}
     if which == "node" and kind == "node":
-        n = ch.node
-        return key, {"node": {"v": 1, "node_id": n.node_id, "network": n.network, "private": n.private,
-                              "public": n.public, "overlay": n.overlay, "groups": list(n.groups),
-                              "open_ports": [_port_json(p) for p in n.open_ports]}}
+        return key, {"node": node_record_from_pb(ch.node)}
     if which == "policy" and kind == "policy":
         p = ch.policy
         src: dict[str, Any] = {"group": p.from_group} if p.WhichOneof("src") == "from_group" else {"cidr": p.from_cidr}

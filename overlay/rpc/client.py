@@ -1,29 +1,19 @@
 """A client of ``overlay.v1.Registry`` over mutual TLS: the daemon's grpc backend and the
 operator commands use it. Every call has a deadline; status codes come back as the
-project's errors (:func:`raise_for`)."""
+project's errors (:func:`overlay.rpc.status.raise_for`)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import grpc
 
 from overlay.config import TlsConfig
-from overlay.controller import convert
-from overlay.controller.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Unavailable,
-)
-from overlay.controller.proto import modules
-from overlay.errors import AllocationExhausted, InvalidConfigError, OverlayError, RegistryError
 from overlay.model import Node, Policy
-
-MAX_MESSAGE = 64 * 1024 * 1024
+from overlay.rpc import convert
+from overlay.rpc.proto import modules
+from overlay.rpc.status import raise_for
+from overlay.rpc.tls import MAX_MESSAGE, read_tls
 
 # Keepalive (client side): ping every 30 s (the server allows one every 5 s), give up on
 # the connection if a ping is not answered in 10 s; pings also while only Watch is open.
@@ -38,52 +28,9 @@ CLIENT_OPTIONS = (
     ("grpc.enable_retries", 0),
 )
 
-_ERRORS = {
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: AllocationExhausted,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
-}
-
-
-def raise_for(exc: grpc.RpcError, what: str = "") -> OverlayError:
-    """The project's error for a failed call (to be raised by the caller)."""
-    code = exc.code() if hasattr(exc, "code") else None
-    details = (exc.details() if hasattr(exc, "details") else None) or str(code)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        field, sep, reason = details.partition(": ")
-        return InvalidArgument(field, reason) if sep else InvalidArgument("", details)
-    cls = _ERRORS.get(code, RegistryError)
-    prefix = f"{what}: " if what and not details.startswith(what) else ""
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return cls(f"{prefix}the controller did not answer in time")
-    return cls(f"{prefix}{details}")
-
-
-def load_tls(tls: TlsConfig, path: str = "registry.tls") -> tuple[bytes, bytes, bytes]:
-    out = []
-    for name in ("ca", "cert", "key"):
-        filename = getattr(tls, name)
-        try:
-            with open(filename, "rb") as fh:
-                out.append(fh.read())
-        except OSError as exc:
-            raise InvalidConfigError(f"{path}.{name}", f"cannot read {filename}: {exc.strerror}") from None
-    return out[0], out[1], out[2]
-
-
-def tls_from_dir(directory: str, name: str = "operator") -> TlsConfig:
-    """The files ``overlay certs`` wrote: ca.crt, NAME.crt, NAME.key."""
-    return TlsConfig(os.path.join(directory, "ca.crt"), os.path.join(directory, f"{name}.crt"),
-                     os.path.join(directory, f"{name}.key"))
-
 
 def channel(target: str, tls: TlsConfig, *, options: tuple = CLIENT_OPTIONS, path: str = "registry.tls") -> grpc.Channel:
-    ca, cert, key = load_tls(tls, path)
+    ca, cert, key = read_tls(tls, path)
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     opts = list(options)
     if tls.server_name:
@@ -133,11 +80,11 @@ class Client:
 
     def get_node(self, node_id: str) -> Node:
         resp = self._unary("GetNode", self.pb2.GetNodeRequest(node_id=node_id), f"reading node {node_id}")
-        return convert.node_from_record(_node_record(resp.node))
+        return convert.node_from_record(convert.node_record_from_pb(resp.node))
 
     def list_nodes(self) -> tuple[list[Node], dict[str, str], int]:
         resp = self._unary("ListNodes", self.pb2.ListNodesRequest(), "listing nodes")
-        nodes = [convert.node_from_record(_node_record(n)) for n in resp.nodes]
+        nodes = [convert.node_from_record(convert.node_record_from_pb(n)) for n in resp.nodes]
         return nodes, {r.id: r.reason for r in resp.rejected}, resp.revision
 
     # --- groups and policies ----------------------------------------------------------------
@@ -174,8 +121,3 @@ class Client:
         req = self.pb2.WatchRequest(from_revision=from_revision, epoch=epoch)
         return self.stub.Watch(req, timeout=timeout)
 
-
-def _node_record(n) -> dict:
-    return {"v": 1, "node_id": n.node_id, "network": n.network, "private": n.private, "public": n.public,
-            "overlay": n.overlay, "groups": list(n.groups),
-            "open_ports": [int(p) if p.isdigit() else p for p in n.open_ports]}

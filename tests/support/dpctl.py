@@ -1,6 +1,7 @@
 """Run inside a test namespace: drive EbpfDatapath, or be a small client/server.
 
-Usage: python dp_helper.py ACTION JSON-ARGS; prints one JSON line (the result).
+Usage: python -m tests.support.dpctl ACTION JSON-ARGS (from the repository); prints one
+JSON line (the result).
 Every network wait is bounded by a timeout.
 
 Datapath actions (args: interface, private, overlay, pin_root, subnet):
@@ -31,7 +32,7 @@ import struct
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.support.packets import await_echo_reply, echo_request
 
 
 def _out(obj) -> None:
@@ -299,15 +300,6 @@ def act_stream_send(a: dict) -> None:
     _out({"sent": sent, "sha256": h, "echo": echo, "error": error})
 
 
-def _icmp_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def act_ping(a: dict) -> None:
     """ICMP echo over a raw socket (no ping binary needed): ``count`` requests,
     each waiting up to ``wait`` s; reports the source address of each reply."""
@@ -317,20 +309,10 @@ def act_ping(a: dict) -> None:
     try:
         for seq in range(1, a.get("count", 3) + 1):
             payload = b"overlay-ping" + struct.pack("!d", time.time())
-            head = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-            csum = _icmp_checksum(head + payload)
-            s.sendto(struct.pack("!BBHHH", 8, 0, csum, ident, seq) + payload, (a["host"], 0))
-            deadline = time.monotonic() + a.get("wait", 2.0)
-            while (left := deadline - time.monotonic()) > 0:
-                r, _, _ = select.select([s], [], [], left)
-                if not r:
-                    break
-                pkt, src = s.recvfrom(2048)
-                ihl = (pkt[0] & 0x0F) * 4
-                typ, _code, _c, rid, rseq = struct.unpack("!BBHHH", pkt[ihl:ihl + 8])
-                if typ == 0 and rid == ident and rseq == seq:
-                    replies.append(src[0])
-                    break
+            s.sendto(echo_request(ident, seq, payload), (a["host"], 0))
+            src = await_echo_reply(s, ident, seq, a.get("wait", 2.0))
+            if src is not None:
+                replies.append(src)
     finally:
         s.close()
     _out({"ok": bool(replies), "replies": len(replies), "from": sorted(set(replies))})

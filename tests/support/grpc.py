@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -19,12 +17,9 @@ import pytest
 
 from overlay.config import Config, config_from_dict
 from overlay.model import Node
+from tests.support.paths import PYTHON, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROTO = os.path.join(REPO, "proto", "overlay.proto")
-PYTHON = os.path.join(REPO, ".venv", "bin", "python")
-if not os.path.exists(PYTHON):
-    PYTHON = sys.executable
 
 NODES = ("web-1", "web-2", "web-3", "db-1")
 
@@ -90,7 +85,8 @@ def controllers() -> Iterator[Callable]:
 
 
 def client(address: str, certs_dir: str, name: str = "operator", timeout: float = 10.0):
-    from overlay.controller.client import Client, tls_from_dir
+    from overlay.rpc.client import Client
+    from overlay.rpc.tls import tls_from_dir
 
     return Client(address, tls_from_dir(certs_dir, name), timeout=timeout, options=FAST_CLIENT_OPTIONS)
 
@@ -106,18 +102,6 @@ def code_of(fn: Callable) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()
     pytest.fail("the call succeeded")
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition",
-             interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def generate_standalone(directory: str) -> str:

@@ -1,4 +1,4 @@
-"""``overlay lab ...``: the netns lab's commands (registered by overlay/cli.py).
+"""``overlay lab ...``: the netns lab's commands (:mod:`overlay.lab`; docs/lab.md).
 
     overlay lab up [--no-daemons]       build it (idempotent), step by step with timings
     overlay lab down                    remove everything it made
@@ -17,12 +17,7 @@ import json
 import os
 import sys
 
-EXIT_OK, EXIT_FAILURE = 0, 1
-
-
-def _emit(text: str, newline: bool = True) -> None:
-    sys.stdout.write(text + ("\n" if newline else ""))
-    sys.stdout.flush()
+from overlay.cli.output import EXIT_FAILURE, EXIT_OK, Parser, add_command, emit, table
 
 
 def _color() -> bool:
@@ -37,9 +32,9 @@ def _lab(args, quiet: bool = False):
     from overlay.lab.lab import Lab
 
     # the steps say what happens; the ZooKeeper wrapper's own lines would interleave
-    logging.getLogger("overlay.zkserver").setLevel(logging.WARNING)
+    logging.getLogger("overlay.zk.server").setLevel(logging.WARNING)
 
-    return Lab(getattr(args, "topology", None), emit=None if quiet else _emit)
+    return Lab(getattr(args, "topology", None), emit=None if quiet else emit)
 
 
 def cmd_up(args) -> int:
@@ -55,9 +50,9 @@ def cmd_down(args) -> int:
 def cmd_status(args) -> int:
     status = _lab(args, quiet=True).status()
     if args.json:
-        _emit(json.dumps(status, indent=2, sort_keys=False))
+        emit(json.dumps(status, indent=2, sort_keys=False))
     else:
-        _emit(format_status(status))
+        emit(format_status(status))
     return EXIT_OK
 
 
@@ -67,14 +62,15 @@ def cmd_check(args) -> int:
     lab = _lab(args, quiet=True)
     results, ok = lab.check(timeout=args.timeout)
     if args.json:
-        _emit(json.dumps({"ok": ok, "probes": [r.as_dict() for r in results]}, indent=2))
+        emit(json.dumps({"ok": ok, "probes": [r.as_dict() for r in results]}, indent=2))
     else:
-        _emit(format_matrix(lab.topology(), results, color=_color(), verbose=args.verbose))
+        emit(format_matrix(lab.topology(), results, color=_color(), verbose=args.verbose))
     return EXIT_OK if ok else EXIT_FAILURE
 
 
 def cmd_config(args) -> int:
-    from overlay.lab.topology import load_topology, render_config, render_controller_config
+    from overlay.lab.render import render_config, render_controller_config
+    from overlay.lab.topology import load_topology
 
     topo = load_topology(args.topology)
     kwargs = {"target": "vagrant" if args.vagrant else "netns"}
@@ -92,7 +88,7 @@ def cmd_config(args) -> int:
 
 def _interface_with(address: str) -> str:
     from overlay.errors import OverlayError
-    from overlay.lab.netns import run
+    from overlay.netns import run
 
     out = run(["ip", "-j", "-4", "addr", "show"]).stdout
     for link in json.loads(out or "[]"):
@@ -103,7 +99,8 @@ def _interface_with(address: str) -> str:
 
 
 def cmd_script(args) -> int:
-    from overlay.lab.topology import load_topology, node_script
+    from overlay.lab.render import node_script
+    from overlay.lab.topology import load_topology
 
     topo = load_topology(args.topology)
     if args.node not in topo.node_names():
@@ -115,7 +112,7 @@ def cmd_script(args) -> int:
 
 
 def cmd_exec(args) -> int:
-    from overlay.lab.netns import nsenter
+    from overlay.netns import nsenter
 
     ns = _lab(args, quiet=True).namespace_of(args.node)
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -130,33 +127,32 @@ def cmd_daemon(args) -> int:
 
     lab = _lab(args, quiet=True)
     if args.action == "start":
-        _emit(f"started the daemon of {args.host} (pid {lab.start_daemon(args.host)})")
+        emit(f"started the daemon of {args.host} (pid {lab.start_daemon(args.host)})")
     else:
         sig = signal.SIGKILL if args.action == "kill" else signal.SIGTERM
-        _emit(f"{'killed' if args.action == 'kill' else 'stopped'} the daemon of {args.host} "
+        emit(f"{'killed' if args.action == 'kill' else 'stopped'} the daemon of {args.host} "
               f"(pid {lab.kill_daemon(args.host, sig)})")
     return EXIT_OK
 
 
-def cmd_zookeeper(args) -> int:
+def cmd_server(args) -> int:
+    """``overlay lab zookeeper|controller stop|start``."""
     lab = _lab(args, quiet=True)
+    stop, start, stopped, started = {
+        "zookeeper": (lab.zookeeper_stop, lab.zookeeper_start,
+                      "ZooKeeper stopped (its data is kept; `overlay lab zookeeper start` brings it back)",
+                      lambda: f"ZooKeeper running at {lab.topology().zookeeper}"),
+        "controller": (lab.controller_stop, lab.controller_start,
+                       "controller stopped (its daemons keep their datapath; `overlay lab controller start` "
+                       "brings it back)",
+                       lambda: f"controller serving at {lab.topology().controller}"),
+    }[args.lab_command]
     if args.action == "stop":
-        lab.zookeeper_stop()
-        _emit("ZooKeeper stopped (its data is kept; `overlay lab zookeeper start` brings it back)")
+        stop()
+        emit(stopped)
     else:
-        lab.zookeeper_start()
-        _emit(f"ZooKeeper running at {lab.topology().zookeeper}")
-    return EXIT_OK
-
-
-def cmd_controller(args) -> int:
-    lab = _lab(args, quiet=True)
-    if args.action == "stop":
-        lab.controller_stop()
-        _emit("controller stopped (its daemons keep their datapath; `overlay lab controller start` brings it back)")
-    else:
-        lab.controller_start()
-        _emit(f"controller serving at {lab.topology().controller}")
+        start()
+        emit(started())
     return EXIT_OK
 
 
@@ -188,22 +184,19 @@ def format_status(s: dict) -> str:
             logp = d["log"]
         rows.append((h["name"], h["network"], h["netns"], h["private"], h["public"], h["overlay"] or "-",
                      ",".join(h["groups"]) or "-", dstate, logp))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    lines += table(rows)
     lines.append("test-port servers' logs: <run dir>/logs/echo-<host>.log; "
                  "`overlay lab exec HOST` opens a shell in a host")
     return "\n".join(lines)
 
 
-def register(sub, parser_class) -> None:
+def register(sub) -> None:
     p = sub.add_parser("lab", help="the two-network lab in network namespaces (docs/lab.md)",
                        description="The two-network lab in network namespaces (docs/lab.md).")
-    lsub = p.add_subparsers(dest="lab_command", metavar="ACTION", parser_class=parser_class)
+    lsub = p.add_subparsers(dest="lab_command", metavar="ACTION", parser_class=Parser)
 
     def add(name: str, func, help: str):
-        sp = lsub.add_parser(name, help=help, description=help)
-        sp.set_defaults(func=func)
+        sp = add_command(lsub, name, func, help)
         sp.add_argument("--topology", metavar="FILE",
                         help="topology file (default: $OVERLAY_LAB_TOPOLOGY or the packaged default; "
                              "a lab that is up keeps the one it was built from)")
@@ -235,7 +228,7 @@ def register(sub, parser_class) -> None:
     sp = add("daemon", cmd_daemon, "stop (SIGTERM), kill (SIGKILL) or start one lab daemon")
     sp.add_argument("action", choices=["stop", "kill", "start"])
     sp.add_argument("host")
-    sp = add("zookeeper", cmd_zookeeper, "stop or start the lab's ZooKeeper (its data is kept)")
+    sp = add("zookeeper", cmd_server, "stop or start the lab's ZooKeeper (its data is kept)")
     sp.add_argument("action", choices=["stop", "start"])
-    sp = add("controller", cmd_controller, "stop or start the lab's gRPC controller (networks with registry: grpc)")
+    sp = add("controller", cmd_server, "stop or start the lab's gRPC controller (networks with registry: grpc)")
     sp.add_argument("action", choices=["stop", "start"])

@@ -1,11 +1,10 @@
-"""Helper processes for test_iptables_netns.py, run inside a test namespace.
+"""Test programs of test_iptables_netns.py and the conformance suite, run inside a test
+namespace as ``python -m tests.support.iptctl`` (from the repository).
 
-    python iptables_helper.py serve PORT [PORT...]   TCP and UDP servers answering "<peer ip>\\n"
-    python iptables_helper.py connect tcp|udp HOST PORT
-                                                      one exchange; prints JSON
-                                                      {"ok", "peer", "reply", "error"}
-    python iptables_helper.py datapath                the iptables datapath, driven by JSON
-                                                      lines on stdin, one JSON answer a line
+    iptctl serve PORT [PORT...]       TCP and UDP servers answering "<peer ip>\\n"
+    iptctl connect tcp|udp HOST PORT  one exchange; prints JSON {"ok", "peer", "reply", "error"}
+    iptctl datapath                   the iptables datapath, driven by JSON lines on stdin,
+                                      one JSON answer a line
 
 Datapath commands: {"cmd": "start", "kwargs": {...}};
 {"cmd": "program", "config": {...}, "peers": [{node fields}], "force_apply": bool}

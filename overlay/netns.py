@@ -1,11 +1,13 @@
-"""Namespaces, commands and processes for the netns lab.
+"""Network namespaces and the processes we start: the one home of these primitives.
 
-The lab is an emulation harness, not the product: it drives ``ip``,
-``iptables`` and ``ethtool`` as subprocesses. Commands that must run inside a
-namespace use ``nsenter --net`` (not ``ip netns exec``, which remounts
-``/sys`` and so hides bpffs from the daemons). Short Python work inside a
-namespace (probes, status requests) runs in a thread that has ``setns``-ed
-into it. Every call has a timeout.
+Used by the ZooKeeper server wrapper (:mod:`overlay.zk.server`), the netns lab
+(:mod:`overlay.lab`), the tests (``tests/support``) and the benchmarks (``bench/``);
+never by the daemon's product path (the product talks netlink through pyroute2).
+
+Commands run inside a namespace through ``nsenter --net`` (not ``ip netns exec``,
+which also remounts ``/sys`` and so hides bpffs from a datapath). Short Python work
+inside a namespace runs in a thread that has ``setns``-ed into it: ``setns`` moves
+only the calling thread. Every call has a timeout.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from typing import Any, TypeVar
 from overlay.errors import OverlayError
 
 NETNS_DIR = "/run/netns"
-_CLONE_NEWNET = 0x40000000
+CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
 
 
-class LabError(OverlayError):
-    """The lab could not do what was asked; the message names the step and the cause."""
+class NetnsError(OverlayError):
+    """A namespace or a command in it failed; the message names the step and the cause."""
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -36,15 +39,16 @@ class LabError(OverlayError):
 
 def run(argv: Sequence[str], *, input: str | None = None, timeout: float = 30,
         check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``argv`` (output captured as text); a failure raises NetnsError naming the command."""
     try:
         proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
-        raise LabError(f"{argv[0]}: command not found") from None
+        raise NetnsError(f"{argv[0]}: command not found") from None
     except subprocess.TimeoutExpired:
-        raise LabError(f"`{' '.join(argv)}` did not finish within {timeout:g} s") from None
+        raise NetnsError(f"`{' '.join(argv)}` did not finish within {timeout:g} s") from None
     if check and proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip()
-        raise LabError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): {msg}")
+        raise NetnsError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): {msg}")
     return proc
 
 
@@ -57,8 +61,8 @@ def sh(ns: str, script: str, timeout: float = 30) -> subprocess.CompletedProcess
     """Run a POSIX shell script inside ``ns``; a failure names the namespace and the output."""
     try:
         return run(nsenter(ns, ["sh", "-c", script]), timeout=timeout)
-    except LabError as exc:
-        raise LabError(f"in {ns}: {exc}") from None
+    except NetnsError as exc:
+        raise NetnsError(f"in {ns}: {exc}") from None
 
 
 def ip_batch(ns: str, commands: Sequence[str], timeout: float = 30) -> None:
@@ -110,8 +114,33 @@ def netns_pids(ns: str) -> list[int]:
     return pids
 
 
+def kill_inside(ns: str, sig: int = signal.SIGKILL) -> list[int]:
+    """Send ``sig`` to every process inside ``ns`` (no waiting); returns their pids."""
+    pids = netns_pids(ns)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return pids
+
+
+def setns(ns: str) -> None:
+    """Move the calling thread into network namespace ``ns``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsError(f"namespace {ns} does not exist") from None
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(f"setns into {ns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 30) -> T:
-    """Call ``fn(*args)`` in a fresh thread moved into namespace ``ns``; return its result."""
+    """Call ``fn(*args)`` in a fresh thread moved into namespace ``ns``; return its result
+    (an exception it raised, or a :class:`NetnsError` for a timeout, is returned too)."""
     return parallel_in_netns([(ns, fn, args)], timeout=timeout)[0]
 
 
@@ -119,13 +148,13 @@ def parallel_in_netns(calls: Sequence[tuple[str, Callable[..., Any], tuple]], ti
     """Run each ``(ns, fn, args)`` in its own thread inside ``ns``; results in order.
 
     A call that raised returns its exception object (the caller decides); one
-    that did not finish in ``timeout`` seconds returns a ``LabError``.
+    that did not finish in ``timeout`` seconds returns a :class:`NetnsError`.
     """
-    results: list[Any] = [LabError("did not finish in time")] * len(calls)
+    results: list[Any] = [NetnsError("did not finish in time")] * len(calls)
 
     def worker(i: int, ns: str, fn: Callable[..., Any], args: tuple) -> None:
         try:
-            _setns(ns)
+            setns(ns)
             results[i] = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             results[i] = exc
@@ -140,25 +169,17 @@ def parallel_in_netns(calls: Sequence[tuple[str, Callable[..., Any], tuple]], ti
         t.join(max(0.0, deadline - time.monotonic()))
     for i, t in enumerate(threads):
         if t.is_alive():
-            results[i] = LabError(f"{calls[i][0]}: did not finish within {timeout:g} s")
+            results[i] = NetnsError(f"{calls[i][0]}: did not finish within {timeout:g} s")
     return results
 
 
-def _setns(ns: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise LabError(f"namespace {ns} does not exist") from None
-    try:
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise LabError(f"setns into {ns}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
 # --- processes --------------------------------------------------------------------------
+
+
+def die_with_parent_preexec() -> None:
+    """``preexec_fn`` of a child: SIGKILL it when the thread that started it dies (tests:
+    nothing outlives a killed pytest)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -187,10 +208,6 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
 def start_process(argv: Sequence[str], log_path: str, cwd: str | None = None,
                   env: dict[str, str] | None = None, die_with_parent: bool = False) -> tuple[int, int]:
     """Start ``argv`` detached (own session), output appended to ``log_path``.
@@ -203,10 +220,10 @@ def start_process(argv: Sequence[str], log_path: str, cwd: str | None = None,
             proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=cwd, env=env, close_fds=True,
-                preexec_fn=_die_with_parent if die_with_parent else None,
+                preexec_fn=die_with_parent_preexec if die_with_parent else None,
             )
         except OSError as exc:
-            raise LabError(f"cannot start {argv[0]}: {exc.strerror}") from None
+            raise NetnsError(f"cannot start {argv[0]}: {exc.strerror}") from None
     _detached.append(proc)  # keep the Popen so that a child we outlive as parent is reaped
     st = proc_start_time(proc.pid)
     return proc.pid, st or 0
@@ -327,3 +344,55 @@ def tail(path: str, lines: int = 15) -> str:
     except OSError:
         return "(no log)"
     return "\n".join("    " + ln for ln in text.splitlines()[-lines:])
+
+
+# --- one namespace ----------------------------------------------------------------------
+
+
+class Netns:
+    """A network namespace by name and the commands that run inside it (``nsenter --net``).
+
+    ``Netns(name)`` names an existing one; :meth:`add` creates one (loopback up).
+    :meth:`delete` kills what still runs inside and removes it.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @classmethod
+    def add(cls, name: str, **kwargs: Any) -> Netns:
+        run(["ip", "netns", "add", name])
+        ns = cls(name, **kwargs)
+        ns.run("ip", "link", "set", "lo", "up")
+        return ns
+
+    def cmd(self, *argv: str) -> list[str]:
+        return ["nsenter", f"--net={NETNS_DIR}/{self.name}", *argv]
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 30, input: str | None = None,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
+        try:
+            proc = subprocess.run(self.cmd(*argv), capture_output=True, text=True, timeout=timeout, input=input,
+                                  cwd=cwd)
+        except subprocess.TimeoutExpired:
+            raise NetnsError(f"[{self.name}] {' '.join(argv)}: did not finish within {timeout:g} s") from None
+        if check and proc.returncode != 0:
+            raise NetnsError(f"[{self.name}] {' '.join(argv)} -> {proc.returncode}\n"
+                             f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+        return proc
+
+    def popen(self, *argv: str, **kwargs: Any) -> subprocess.Popen:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        return subprocess.Popen(self.cmd(*argv), **kwargs)
+
+    def sysctl(self, key: str, value: str) -> None:
+        self.run("sh", "-c", f"echo {value} > /proc/sys/{key.replace('.', '/')}")
+
+    def offload_off(self, dev: str) -> None:
+        """Checksum offload off (DESIGN §5: otherwise veth hides checksum errors)."""
+        self.run("ethtool", "-K", dev, "tx", "off", "rx", "off")
+
+    def delete(self) -> None:
+        kill_inside(self.name)
+        del_netns(self.name)

@@ -1,0 +1,73 @@
+"""The project's error kinds <-> gRPC status codes, both ways (DESIGN §7.7).
+
+The servicer leaves every error as a status code (:func:`status_of`); a client turns
+a failed call back into the error kind (:func:`raise_for`). Kinds are classes of
+:mod:`overlay.errors`; nothing here looks at a message's text except to split an
+INVALID_ARGUMENT's ``field: reason``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from overlay.errors import (
+    AllocationExhausted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidRecord,
+    NotFound,
+    OverlayError,
+    PermissionDenied,
+    RegistryError,
+    Unavailable,
+)
+
+# Server side, first match wins (subclasses before their bases).
+STATUS_OF: tuple[tuple[type, grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (AllocationExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (InvalidRecord, grpc.StatusCode.INVALID_ARGUMENT),
+    (RegistryError, grpc.StatusCode.UNAVAILABLE),
+    (OverlayError, grpc.StatusCode.INTERNAL),
+)
+
+# Client side: the kind of a failed call (INVALID_ARGUMENT is split into field and reason;
+# any other code is a RegistryError).
+ERROR_OF: dict[grpc.StatusCode, type[OverlayError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: AllocationExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code an error leaves the servicer with; None for one that is not ours."""
+    for cls, code in STATUS_OF:
+        if isinstance(exc, cls):
+            return code
+    return None
+
+
+def raise_for(exc: grpc.RpcError, what: str = "") -> OverlayError:
+    """The project's error for a failed call (to be raised by the caller)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else None) or str(code)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, sep, reason = details.partition(": ")
+        return InvalidArgument(field, reason) if sep else InvalidArgument("", details)
+    cls = ERROR_OF.get(code, RegistryError)
+    prefix = f"{what}: " if what and not details.startswith(what) else ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return cls(f"{prefix}the controller did not answer in time")
+    return cls(f"{prefix}{details}")

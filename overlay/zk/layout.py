@@ -1,0 +1,87 @@
+"""The ZooKeeper layout under a prefix (DESIGN §4.2, contract) and its one-time bootstrap.
+
+::
+
+    alloc/id-to-ip/<node_id>   persistent, data = overlay address
+    alloc/ip-to-id/<overlay>   persistent, data = node_id
+    nodes/<node_id>            EPHEMERAL, data = node record (JSON)
+    groups/<group>             persistent
+    policies/<policy_id>       persistent, data = policy (JSON)
+    config/max_change          persistent, data = guard threshold (integer)
+
+and, for the controller (docs/grpc.md): ``changes`` (the journal) and ``controllers``
+(the leader election).
+"""
+
+from __future__ import annotations
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import NodeExistsError
+
+from overlay.config import Auth, RegistryConfig
+from overlay.zk import client as zkc
+from overlay.zk.acl import layout_acls
+
+# The parents of the layout, relative to the prefix ("" is the prefix itself).
+PARENTS = ("", "alloc", "alloc/id-to-ip", "alloc/ip-to-id", "nodes", "groups", "policies", "config")
+
+
+class Layout:
+    """Absolute paths of the layout under ``prefix`` (given with or without a trailing /)."""
+
+    def __init__(self, prefix: str):
+        p = prefix.rstrip("/")
+        self.prefix = p
+        self.nodes = f"{p}/nodes"
+        self.policies = f"{p}/policies"
+        self.groups = f"{p}/groups"
+        self.config = f"{p}/config"
+        self.max_change = f"{p}/config/max_change"
+        self.id_to_ip = f"{p}/alloc/id-to-ip"
+        self.ip_to_id = f"{p}/alloc/ip-to-id"
+        self.changes = f"{p}/changes"          # the controller's journal
+        self.controllers = f"{p}/controllers"  # the controllers' leader election
+
+    def path(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if rel else self.prefix
+
+
+def create_layout(client: KazooClient, layout: Layout, operator: Auth) -> None:
+    """Create the layout's parents with their ACLs, or set the ACLs where they exist."""
+    acls = layout_acls(operator)
+    for rel in PARENTS:
+        path = layout.path(rel)
+        acl = acls[rel]
+        if client.exists(path) is None:
+            try:
+                client.create(path, b"", acl=acl, makepath=True)
+                continue
+            except NodeExistsError:
+                pass
+        client.set_acls(path, acl)
+
+
+def bootstrap(config: RegistryConfig, operator_auth: Auth, *, max_change: int | None = None) -> None:
+    """Operator, once: create the layout under ``config.prefix`` with its ACLs (idempotent).
+
+    Parents are readable by everyone; ``nodes`` and ``alloc/*`` let everyone add
+    children (a node's own record and allocation, which it creates with an ACL
+    naming only itself as writer) but only the operator delete them;
+    ``policies``, ``groups`` and ``config`` are written by the operator only.
+    """
+    layout = Layout(config.prefix)
+    client = zkc.new_client(config, (operator_auth,))
+    with zkc.translate(f"bootstrapping the registry layout under {config.prefix}", ",".join(config.hosts)):
+        client.start(timeout=max(config.timeout_s, 1.0))
+        try:
+            create_layout(client, layout, operator_auth)
+            if max_change is not None:
+                acl = layout_acls(operator_auth)[""]
+                if client.exists(layout.max_change) is None:
+                    client.create(layout.max_change, str(int(max_change)).encode(), acl=acl)
+                else:
+                    client.set(layout.max_change, str(int(max_change)).encode())
+                    client.set_acls(layout.max_change, acl)
+        finally:
+            client.stop()
+            client.close()
