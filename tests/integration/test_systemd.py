@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from overlay import sdnotify
-from tests.integration import grpc_support as gs
-from tests.zk_fixture import free_port
+from tests.support import grpc as gs
+from tests.support.wait import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAY_BIN = Path(sys.executable).parent / "overlay"
