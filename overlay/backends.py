@@ -97,6 +97,17 @@ class Backends:
 
     # --- config: names and plugin sections (overlay.config) ------------------------------------
 
+    def config_name(self, value: Any) -> str:
+        """``value`` if it is a name of this table (built in, or installed as an entry point of
+        its group), else ValueError listing the available ones (the config names the key)."""
+        if isinstance(value, str) and value in self.builtins:
+            return value  # without reading the installed distributions' metadata
+        names = self.names()
+        if not isinstance(value, str) or value not in names:
+            raise ValueError(f"{value!r} is not one of the available {self.kind}s: {', '.join(names)} "
+                             f"(built in, or installed as an {self.group} entry point; see overlay plugins)")
+        return value
+
     def config_hook(self, name: str, path: str) -> Callable[[dict], Any] | None:
         """The ``validate_config`` of plugin ``name`` (None for a built-in, or a plugin without
         one); a plugin that cannot be loaded is an :class:`InvalidConfigError` at ``path``."""

@@ -311,20 +311,6 @@ def _addresses(sec: _Section, subnet: ipaddress.IPv4Network) -> Addresses:
     return Addresses(private, public, overlay)
 
 
-def _backend_name(table: Backends) -> Callable[[Any], str]:
-    """A name of ``table``: built in, or installed as an entry point of its group."""
-    def conv(value: Any) -> str:
-        if isinstance(value, str) and value in table.builtins:
-            return value
-        names = table.names()
-        if not isinstance(value, str) or value not in names:
-            raise ValueError(f"{value!r} is not one of the available {table.kind}s: {', '.join(names)} "
-                             f"(built in, or installed as an {table.group} entry point; see overlay plugins)")
-        return value
-
-    return conv
-
-
 def _plugin_options(sec: _Section, table: Backends, name: str, key: str) -> Any:
     """For a plugin ``name`` of ``table``: the keys of ``sec`` not read yet, validated by the
     plugin's ``validate_config`` hook (errors at key paths under ``sec``); None for a built-in,
@@ -336,7 +322,7 @@ def _plugin_options(sec: _Section, table: Backends, name: str, key: str) -> Any:
 
 
 def _discovery(sec: _Section) -> Discovery:
-    provider = sec.get("provider", _backend_name(PROVIDERS), required=True)
+    provider = sec.get("provider", PROVIDERS.config_name, required=True)
     if provider not in PROVIDERS.builtins:
         options = _plugin_options(sec, PROVIDERS, provider, "provider")
         sec.done()
@@ -352,7 +338,7 @@ def _discovery(sec: _Section) -> Discovery:
 
 
 def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
-    backend = sec.get("backend", _backend_name(REGISTRIES), "zookeeper")
+    backend = sec.get("backend", REGISTRIES.config_name, "zookeeper")
     if backend not in REGISTRIES.builtins:  # a plugin: timeout_s is the core's, the rest its own
         timeout_s = sec.get("timeout_s", _seconds, 10.0)
         options = _plugin_options(sec, REGISTRIES, backend, "backend")
@@ -446,7 +432,7 @@ def _ifname(value: Any) -> str:
 
 
 def _datapath(sec: _Section) -> DatapathConfig:
-    backend = sec.get("backend", _backend_name(DATAPATHS), "ebpf")
+    backend = sec.get("backend", DATAPATHS.config_name, "ebpf")
     mode = sec.get("mode", _choice("tc", "socket"), "tc")
     interface = sec.get("interface", _ifname, "eth0")
     overlay_device = sec.get("overlay_device", _ifname, "ovl0")
