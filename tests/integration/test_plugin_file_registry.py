@@ -5,7 +5,8 @@ party's package would be, into a temporary ``--target`` directory (never into th
 ``.venv``: only the processes given that directory on ``PYTHONPATH`` can see it). Then:
 
 - the plugin's own test suite passes against the installed package;
-- ``overlay plugins`` lists it (distribution, version, module, loads, validates its section);
+- ``overlay plugins`` lists it (distribution, version, module, loads, validates its section),
+  and lists a broken distribution with its error, without a traceback;
 - a bad key in its section exits 2 naming ``registry.<key>``, and without the plugin on the
   path ``registry.backend: file`` exits 2 naming ``registry.backend`` and what is available;
 - (root) two daemons with ``registry.backend: file`` on one shared directory, each in its
@@ -57,14 +58,14 @@ def plugin_site():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _env(site: Path | None) -> dict:
+def _env(site: Path | str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if site is not None:
         env["PYTHONPATH"] = str(site)
     return env
 
 
-def _overlay(*args: str, site: Path | None, timeout: float = 60) -> subprocess.CompletedProcess:
+def _overlay(*args: str, site: Path | str | None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*OVERLAY, *args], capture_output=True, text=True, timeout=timeout, env=_env(site),
                           cwd=REPO)
 
@@ -101,6 +102,37 @@ def test_overlay_plugins_lists_it(plugin_site):
     # without it on the path, only the built-ins
     res = _overlay("plugins", "--json", site=None)
     assert [r["name"] for r in json.loads(res.stdout)["overlay.registries"]] == ["grpc", "static", "zookeeper"]
+
+
+def test_a_broken_installed_plugin_is_listed_with_its_error(plugin_site, tmp_path):
+    # a real distribution whose entry point names a module that does not exist
+    broken = tmp_path / "broken"
+    info = broken / "overlay_broken-0.2.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: overlay-broken\nVersion: 0.2.0\n")
+    (info / "entry_points.txt").write_text("[overlay.registries]\nbroken = overlay_no_such_module:Registry\n")
+    site = f"{plugin_site / 'site'}:{broken}"
+    res = _overlay("plugins", "--json", site=site)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)["overlay.registries"] if not r["builtin"]}
+    assert rows["broken"] == {"name": "broken", "builtin": False, "distribution": "overlay-broken", "version": "0.2.0",
+                              "module": "overlay_no_such_module:Registry", "shadowed_by": None, "loads": False,
+                              "error": "registry backend 'broken' (overlay_no_such_module:Registry) failed to load: "
+                                       "No module named 'overlay_no_such_module'", "config_hook": None}
+    assert rows["file"]["loads"] is True  # the others are unaffected
+    text = _overlay("plugins", site=site)
+    assert text.returncode == 0 and "Traceback" not in text.stdout + text.stderr
+    line = next(ln for ln in text.stdout.splitlines() if "overlay_no_such_module" in ln)
+    assert "ERROR: registry backend 'broken'" in line
+    # choosing it is a config error at registry.backend, not a crash
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"node_id": "a", "network": "lab", "registry": {"backend": "broken"},
+                                   "addresses": {"private": "10.0.0.1", "public": "198.18.0.1"}}))
+    res = _overlay("check-config", str(cfg), site=site)
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("overlay: invalid config: registry.backend: registry backend 'broken' "
+                                  "(overlay_no_such_module:Registry) failed to load: No module named "
+                                  "'overlay_no_such_module'")
 
 
 def _config(name: str, fleet: str, pin_root: str, **registry) -> dict:
