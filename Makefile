@@ -12,7 +12,7 @@ setup:
 
 lint: setup
 	@echo "==> ruff"
-	@$(VENV)/bin/ruff check overlay tests
+	@$(VENV)/bin/ruff check overlay tests examples/plugins
 
 test: setup lint
 	@echo "==> pytest"

@@ -17,14 +17,16 @@ from typing import Any
 import yaml
 
 from overlay import addr
+from overlay.backends import DATAPATHS, PROVIDERS, REGISTRIES, Backends
 from overlay.config_hints import unknown_key_reason
 from overlay.errors import InvalidConfigError, InvalidRecord
 from overlay.model import Node, node_from_dict, valid_name
 
 DEFAULT_SUBNET = "192.168.0.0/18"
-REGISTRY_BACKENDS = ("zookeeper", "grpc", "static")
-DATAPATH_BACKENDS = ("ebpf", "iptables", "dryrun")
-DISCOVERY_PROVIDERS = ("static", "netlink", "aws-imds")
+# the built-in names; plugins add theirs through entry points (overlay.backends, docs/plugins.md)
+REGISTRY_BACKENDS = tuple(REGISTRIES.builtins)
+DATAPATH_BACKENDS = tuple(DATAPATHS.builtins)
+DISCOVERY_PROVIDERS = tuple(PROVIDERS.builtins)
 
 # address providers that also tell this node's network, so that `network` may be left out
 NETWORK_PROVIDERS = ("aws-imds",)
@@ -44,6 +46,7 @@ class Discovery:
     public_interface: str | None = None   # netlink: where the public address lives (default: same)
     endpoint: str = "http://169.254.169.254"  # aws-imds
     timeout_s: float = 2.0
+    options: Any = None  # a plugin provider: what its validate_config returned (docs/plugins.md)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class RegistryConfig:
     peers: tuple[Node, ...] = ()  # backend: static
     controller: str | None = None  # backend: grpc, "host:port"
     tls: TlsConfig | None = None   # backend: grpc
+    options: Any = None            # a plugin backend: what its validate_config returned
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class DatapathConfig:
     overlay_device: str = "ovl0"
     pin_root: str = "/sys/fs/bpf/overlay"
     sizes: MapSizes = field(default_factory=MapSizes)
+    options: Any = None  # a plugin backend: what its validate_config returned
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,10 @@ class _Section:
         self._path = path
         self._known: set[str] = set()  # the keys this section was asked for: the valid ones
 
+    @property
+    def path(self) -> str:
+        return self._path
+
     def sub(self, key: str) -> str:
         return f"{self._path}.{key}" if self._path else key
 
@@ -185,6 +194,11 @@ class _Section:
     def section(self, key: str) -> _Section:
         self._known.add(key)
         return _Section(self._obj.pop(key, None), self.sub(key))
+
+    def rest(self) -> dict:
+        """Take every key not read yet (a plugin's part of the section)."""
+        rest, self._obj = self._obj, {}
+        return rest
 
     def done(self) -> None:
         """Reject what is left: an old-system key with its replacement, else a near miss."""
@@ -297,22 +311,22 @@ def _addresses(sec: _Section, subnet: ipaddress.IPv4Network) -> Addresses:
     return Addresses(private, public, overlay)
 
 
-def _provider_name(value: Any) -> str:
-    """A built-in address provider, or one installed through the overlay.providers entry points."""
-    if value in DISCOVERY_PROVIDERS:
-        return value
-    valid_name(value, "provider")
-    from importlib.metadata import entry_points
-
-    installed = sorted(ep.name for ep in entry_points(group="overlay.providers"))
-    if value not in installed:
-        known = ", ".join([*DISCOVERY_PROVIDERS, *installed])
-        raise ValueError(f"{value!r} is not a known address provider (known: {known})")
-    return value
+def _plugin_options(sec: _Section, table: Backends, name: str, key: str) -> Any:
+    """For a plugin ``name`` of ``table``: the keys of ``sec`` not read yet, validated by the
+    plugin's ``validate_config`` hook (errors at key paths under ``sec``); None for a built-in,
+    or a plugin without the hook (then ``sec.done()`` rejects what is left)."""
+    hook = table.config_hook(name, sec.sub(key))
+    if hook is None:
+        return None
+    return table.validate_section(name, hook, sec.rest(), sec.path)
 
 
 def _discovery(sec: _Section) -> Discovery:
-    provider = sec.get("provider", _provider_name, required=True)
+    provider = sec.get("provider", PROVIDERS.config_name, required=True)
+    if provider not in PROVIDERS.builtins:
+        options = _plugin_options(sec, PROVIDERS, provider, "provider")
+        sec.done()
+        return Discovery(provider, options=options)
     interface = sec.get("interface", _str)
     public_interface = sec.get("public_interface", _str)
     endpoint = sec.get("endpoint", _str, "http://169.254.169.254")
@@ -324,7 +338,12 @@ def _discovery(sec: _Section) -> Discovery:
 
 
 def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
-    backend = sec.get("backend", _choice(*REGISTRY_BACKENDS), "zookeeper")
+    backend = sec.get("backend", REGISTRIES.config_name, "zookeeper")
+    if backend not in REGISTRIES.builtins:  # a plugin: timeout_s is the core's, the rest its own
+        timeout_s = sec.get("timeout_s", _seconds, 10.0)
+        options = _plugin_options(sec, REGISTRIES, backend, "backend")
+        sec.done()
+        return RegistryConfig(backend, hosts=(), timeout_s=timeout_s, options=options)
     hosts = sec.get("hosts", lambda v: _list_of(sec.sub("hosts"), v, _hosts_port), ("127.0.0.1:2181",))
     if not hosts:
         raise InvalidConfigError(sec.sub("hosts"), "must list at least one host:port")
@@ -413,18 +432,19 @@ def _ifname(value: Any) -> str:
 
 
 def _datapath(sec: _Section) -> DatapathConfig:
-    backend = sec.get("backend", _choice(*DATAPATH_BACKENDS), "ebpf")
+    backend = sec.get("backend", DATAPATHS.config_name, "ebpf")
     mode = sec.get("mode", _choice("tc", "socket"), "tc")
     interface = sec.get("interface", _ifname, "eth0")
     overlay_device = sec.get("overlay_device", _ifname, "ovl0")
     pin_root = sec.get("pin_root", _str, "/sys/fs/bpf/overlay")
     sizes = _sizes(sec.section("sizes"))
+    options = _plugin_options(sec, DATAPATHS, backend, "backend")  # a plugin: the keys left are its own
     sec.done()
     if mode == "socket":
         raise InvalidConfigError(sec.sub("mode"), "socket mode is not available yet; use tc")
     if mode != "tc" and backend != "ebpf":
         raise InvalidConfigError(sec.sub("mode"), "only applies to backend: ebpf")
-    return DatapathConfig(backend, mode, interface, overlay_device, pin_root, sizes)
+    return DatapathConfig(backend, mode, interface, overlay_device, pin_root, sizes, options)
 
 
 def _filter(sec: _Section) -> FilterConfig:

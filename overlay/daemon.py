@@ -70,6 +70,7 @@ def make_datapath(config: Config, self_node: Node | None, dry_run: bool = False)
         pin_root=dp.pin_root,
         overlay_device=dp.overlay_device,
         extra_routes=config.override_routes,
+        options=dp.options,
     )
 
 
@@ -218,4 +219,5 @@ def teardown_datapath(config_path: str | None, interface: str | None = None, pin
     from overlay.backends import teardown_datapath as remove
 
     remove(backend, interface=iface, pin_root=root,
-             overlay_device=config.datapath.overlay_device if config else "ovl0")
+           overlay_device=config.datapath.overlay_device if config else "ovl0",
+           options=config.datapath.options if config else None)

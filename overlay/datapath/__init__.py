@@ -5,11 +5,12 @@ A datapath is selected by name (``datapath.backend``) and follows the
 :data:`overlay.backends.DATAPATHS`: the built-ins, then the
 ``overlay.datapaths`` entry point group; the name resolves to a class built
 with keyword arguments (``interface``, ``overlay_subnet``, ``self_private``,
-``self_overlay``, ``sizes``, ``pin_root``, ``overlay_device``; a backend
-ignores what it does not use). To remove an installed datapath without a
-running one (``overlay datapath teardown``), a backend may offer a
-classmethod ``remove(**kwargs)``; otherwise it is built and its
-``teardown()`` called.
+``self_overlay``, ``sizes``, ``pin_root``, ``overlay_device``, ``extra_routes``,
+``options``: what a plugin's ``validate_config`` made of its keys of ``datapath``,
+docs/plugins.md; a backend ignores what it does not use). To remove an
+installed datapath without a running one (``overlay datapath teardown``), a
+backend may offer a classmethod ``remove(**kwargs)``; otherwise it is built
+and its ``teardown()`` called.
 """
 
 from __future__ import annotations

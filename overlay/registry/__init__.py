@@ -7,7 +7,9 @@ no arguments) whenever that view changed; the agent then reads
 :meth:`Registry.view`. Backends are found by name in
 :data:`overlay.backends.REGISTRIES`: the built-ins, then the
 ``overlay.registries`` entry point group; the name resolves to a class whose
-``from_config(config)`` builds the registry for this node's config.
+``from_config(config)`` builds the registry for this node's config. A plugin's class
+may also have ``validate_config(section) -> options`` for its keys of ``registry``
+(kept as ``config.registry.options``; docs/plugins.md).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ INVALID: list[Bad] = [
     Bad("overlay-network-address", _addr(private="10.0.0.11", public="198.18.1.11", overlay="192.168.0.0"), "addresses.overlay", "network or broadcast address"),
     Bad("overlay-broadcast-address", _addr(private="10.0.0.11", public="198.18.1.11", overlay="192.168.63.255"), "addresses.overlay", "network or broadcast address"),
     Bad("addresses-and-discovery", _cfg(ADDR + "discovery: {provider: static}\n"), "discovery", "not both"),
-    Bad("discovery-unknown-provider", _cfg("discovery: {provider: gcp}\n"), "discovery.provider", "is not a known address provider"),
+    Bad("discovery-unknown-provider", _cfg("discovery: {provider: gcp}\n"), "discovery.provider", "'gcp' is not one of the available address providers: aws-imds, netlink, static ("),
     Bad("discovery-netlink-no-interface", _cfg("discovery: {provider: netlink}\n"), "discovery.interface", "required for provider netlink"),
     # filter
     Bad("open-port-zero", _cfg("filter:\n  open_ports: [0]\n"), "filter.open_ports[0]", "outside 1..65535"),
@@ -115,7 +115,7 @@ INVALID: list[Bad] = [
     Bad("nat-override-value-multicast", _cfg("nat_overrides: {'192.168.63.1': '239.1.1.1'}\n"), "nat_overrides.192.168.63.1", "multicast"),
     Bad("nat-overrides-list", _cfg("nat_overrides: ['192.168.63.1']\n"), "nat_overrides", "must be a mapping"),
     # registry
-    Bad("registry-backend-unknown", _cfg("registry:\n  backend: etcd\n"), "registry.backend", "'etcd' is not one of"),
+    Bad("registry-backend-unknown", _cfg("registry:\n  backend: etcd\n"), "registry.backend", "'etcd' is not one of the available registry backends: grpc, static, zookeeper ("),
     Bad("registry-hosts-no-port", _cfg("registry:\n  hosts: ['198.18.0.2']\n"), "registry.hosts[0]", 'expected "host:port"'),
     Bad("registry-hosts-bad-port", _cfg("registry:\n  hosts: ['zk1:2181', 'zk2:99999']\n"), "registry.hosts[1]", "outside 1..65535"),
     Bad("registry-hosts-string", _cfg("registry:\n  hosts: 'zk1:2181'\n"), "registry.hosts", "must be a list, got str"),
@@ -129,7 +129,7 @@ INVALID: list[Bad] = [
     Bad("registry-static-peer-outside-subnet", _cfg("registry:\n  backend: static\n  peers: [{node_id: a, network: vpc, private: 10.0.0.1, public: 198.19.0.1, overlay: 10.1.0.1}]\n"), "registry.peers[0]", "outside the overlay subnet"),
     Bad("registry-static-peer-unknown-key", _cfg("registry:\n  backend: static\n  peers: [{node_id: a, network: vpc, private: 10.0.0.1, public: 198.19.0.1, overlay: 192.168.1.1, colour: red}]\n"), "registry.peers[0]", "unknown keys ['colour']"),
     # datapath
-    Bad("datapath-backend-unknown", _cfg("datapath:\n  backend: xdp\n"), "datapath.backend", "is not one of"),
+    Bad("datapath-backend-unknown", _cfg("datapath:\n  backend: xdp\n"), "datapath.backend", "'xdp' is not one of the available datapath backends: dryrun, ebpf, iptables ("),
     Bad("datapath-interface-too-long", _cfg("datapath:\n  interface: enp0s31f6abcdefgh\n"), "datapath.interface", "at most 15 characters"),
     Bad("datapath-interface-slash", _cfg("datapath:\n  interface: eth0/1\n"), "datapath.interface", "not a valid interface name"),
     Bad("datapath-mode-with-iptables", _cfg("datapath:\n  backend: iptables\n  mode: socket\n"), "datapath.mode", "socket mode is not available"),
