@@ -38,6 +38,39 @@ def host_ipv4(value: object) -> str:
     return str(ip)
 
 
+def host_ipv6(value: object) -> str:
+    """A single usable IPv6 unicast host address (global or unique-local), canonical text."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected an IPv6 address string, got {type(value).__name__}")
+    if "/" in value:
+        raise ValueError(f"{value!r} is a network (CIDR), expected a single host address")
+    try:
+        ip = ipaddress.IPv6Address(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv6 address") from None
+    if ip.is_unspecified:
+        raise ValueError(f"{value} is the unspecified address")
+    if ip.is_loopback:
+        raise ValueError(f"{value} is the loopback address")
+    if ip.is_multicast:
+        raise ValueError(f"{value} is a multicast address")
+    if ip.is_link_local:
+        raise ValueError(f"{value} is link-local (ambiguous without a link); use a global or unique-local address")
+    if ip.ipv4_mapped is not None:
+        raise ValueError(f"{value} is an IPv4-mapped address; give the IPv4 address as private/public")
+    return str(ip)
+
+
+def cidr_ip(value: object) -> str:
+    """An IPv4 or IPv6 network in CIDR form with no host bits set."""
+    if isinstance(value, str) and ":" in value:
+        try:
+            return str(ipaddress.IPv6Network(value.strip(), strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IPv6 network: {exc}") from None
+    return cidr_ipv4(value)
+
+
 def cidr_ipv4(value: object) -> str:
     """An IPv4 network in CIDR form with no host bits set ("10.0.0.0/8")."""
     if not isinstance(value, str):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from overlay.errors import UnsupportedError
 
-PROTOS = {"icmp": 1, "tcp": 6, "udp": 17}
+PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
 PROTO_NAMES = {v: k for k, v in PROTOS.items()}
 SSH_PORT = 22
 
@@ -107,25 +107,41 @@ def event_record(ev, namer: Namer, mono_to_wall: Callable[[int], float]) -> dict
         "reason": reason,
         "audit": bool(ev.audit),
         "proto": proto_name(ev.proto),
-        "src": abi.be32_to_ip(ev.saddr),
+        "family": ev.family or None,
+        "src": abi.words_to_ip(ev.saddr, ev.family) if ev.family else None,
         "sport": abi.be16_to_port(ev.sport),
-        "dst": abi.be32_to_ip(ev.daddr),
+        "dst": abi.words_to_ip(ev.daddr, ev.family) if ev.family else None,
         "dport": abi.be16_to_port(ev.dport),
         "policy": namer.policy(ev.policy),
         "policy_index": ev.policy or None,
     }
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+FRAGMENT_NOTES = {
+    "frag_short": "a first fragment without its full L4 header, or a later one overlapping it",
+    "frag_orphan": "a later fragment whose first fragment was not seen or not allowed",
+    "martian": "a loopback or own source address arriving from the wire",
+}
+
+
 def format_event(r: dict) -> str:
-    if r["proto"] in ("tcp", "udp"):
-        flow = f"{r['proto']} {r['src']}:{r['sport']} -> {r['dst']}:{r['dport']}"
-    elif r["proto"] == "icmp":
-        flow = f"icmp {r['src']} -> {r['dst']} (id {r['sport']})"
+    if r["src"] is None:
+        flow = "(not parsed)"
+    elif r["proto"] in ("tcp", "udp") and r["reason"] not in ("frag_orphan",):
+        flow = f"{r['proto']} {_hostport(r['src'], r['sport'])} -> {_hostport(r['dst'], r['dport'])}"
+    elif r["proto"] in ("icmp", "icmpv6"):
+        flow = f"{r['proto']} {r['src']} -> {r['dst']} (id {r['sport']})"
     else:
-        flow = f"proto {r['proto']} {r['src']} -> {r['dst']}"
+        flow = f"{'proto ' + r['proto'] if r['proto'] not in ('tcp', 'udp') else r['proto']} {r['src']} -> {r['dst']}"
     text = f"{r['time']} {r['direction']} {'AUDIT (passed)' if r['audit'] else 'drop'} {r['reason']} {flow}"
     if r["reason"] == "policy":
         text += f"  default-deny: node selected by policy {r['policy'] or '#' + str(r['policy_index'])}"
+    elif r["reason"] in FRAGMENT_NOTES:
+        text += f"  ({FRAGMENT_NOTES[r['reason']]})"
     return text
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 PROTO = {"tcp": abi.PortSlot.TCP, "udp": abi.PortSlot.UDP}
+
+
+def now_ns() -> int:
+    """bpf_ktime_get_ns()'s clock."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 class Datapath:
@@ -91,10 +98,31 @@ class Datapath:
     def set_failsafe(self, cidr: str, flags: int) -> None:
         self.bpf[b"ovl_failsafe"][abi.lpm_key(cidr)] = ctypes.c_uint32(flags)
 
-    def set_ct(self, key: abi.OvlCtKey, overlay: str | None = None, flags: int = abi.CT_F_EGRESS,
-               last_seen: int = 1) -> None:
-        val = abi.OvlCtVal(abi.ip_to_be32(overlay) if overlay else 0, flags, last_seen)
-        self.bpf[b"ovl_ct"][key] = val
+    def set_ct(self, key, overlay: str | None = None, flags: int = abi.CT_F_EGRESS,
+               last_seen: int | None = None, state: int | None = None, gen: int = 0,
+               age_s: float = 0.0) -> None:
+        """Seed an ovl_ct (OvlCtKey) or ovl_ct6 (OvlCt6Key) entry. ``state``
+        defaults to ESTABLISHED for TCP, NEW otherwise; ``last_seen`` to now
+        minus ``age_s`` (bpf_ktime_get_ns is CLOCK_MONOTONIC)."""
+        if state is None:
+            state = abi.CtState.ESTABLISHED if key.proto == 6 else abi.CtState.NEW
+        if last_seen is None:
+            last_seen = now_ns() - int(age_s * 1e9)
+        val = abi.OvlCtVal(abi.ip_to_be32(overlay) if overlay else 0, gen, last_seen, int(state), flags)
+        table = b"ovl_ct6" if isinstance(key, abi.OvlCt6Key) else b"ovl_ct"
+        self.bpf[table][key] = val
+
+    def set_marker(self, key: abi.OvlCt6Key, age_s: float = 0.0) -> None:
+        self.bpf[b"ovl_ct_in"][key] = abi.OvlCtInVal(now_ns() - int(age_s * 1e9))
+
+    def set_self(self, addr: str) -> None:
+        self.bpf[b"ovl_self"][abi.addr6(addr)] = ctypes.c_uint32(abi.SELF_F_OWN)
+
+    def set_peer6(self, real: str, flags: int = abi.PEER_F_MEMBER, identity: int = 0) -> None:
+        self.bpf[b"ovl_peers6"][abi.addr6(real)] = abi.OvlPeerVal(identity, flags)
+
+    def set_failsafe6(self, cidr: str, flags: int) -> None:
+        self.bpf[b"ovl_failsafe6"][abi.lpm6_key(cidr)] = ctypes.c_uint32(flags)
 
     def seed(self, seed: dict) -> None:
         for index, value in seed.get("cfg", {}).items():
@@ -107,8 +135,17 @@ class Datapath:
             self.open_port(proto, port)
         for cidr, flags in seed.get("failsafe", {}).items():
             self.set_failsafe(cidr, flags)
-        for key, overlay, flags in seed.get("ct", ()):
-            self.set_ct(key, overlay, flags)
+        for entry in seed.get("ct", ()):
+            key, overlay, flags, *rest = entry
+            self.set_ct(key, overlay, flags, **(rest[0] if rest else {}))
+        for key in seed.get("markers", ()):
+            self.set_marker(key)
+        for addr in seed.get("self", ()):
+            self.set_self(addr)
+        for real, flags in seed.get("peers6", {}).items():
+            self.set_peer6(real, flags)
+        for cidr, flags in seed.get("failsafe6", {}).items():
+            self.set_failsafe6(cidr, flags)
 
     # -- inspection
     def counters(self) -> dict[abi.Reason, int]:
@@ -121,18 +158,35 @@ class Datapath:
         return out
 
     def ct_entries(self) -> dict[tuple, tuple]:
-        """{(saddr, daddr, sport, dport, proto): (overlay or None, flags, last_seen)}"""
+        """ovl_ct and ovl_ct6: {(saddr, daddr, sport, dport, proto): (overlay or None,
+        flags, state, last_seen, nat_gen)}"""
         out = {}
-        for k, v in self.bpf[b"ovl_ct"].items():
-            key = (
-                abi.be32_to_ip(k.saddr),
-                abi.be32_to_ip(k.daddr),
-                abi.be16_to_port(k.sport),
-                abi.be16_to_port(k.dport),
-                k.proto,
-            )
-            out[key] = (abi.be32_to_ip(v.overlay) if v.overlay else None, v.flags, v.last_seen_ns)
+        for table in (b"ovl_ct", b"ovl_ct6"):
+            for k, v in self.bpf[table].items():
+                if table == b"ovl_ct":
+                    s, d = abi.be32_to_ip(k.saddr), abi.be32_to_ip(k.daddr)
+                else:
+                    s, d = abi.words_to_ip(k.saddr, k.family), abi.words_to_ip(k.daddr, k.family)
+                key = (s, d, abi.be16_to_port(k.sport), abi.be16_to_port(k.dport), k.proto)
+                out[key] = (abi.be32_to_ip(v.overlay) if v.overlay else None, v.flags,
+                            abi.CtState(v.state), v.last_seen_ns, v.nat_gen)
         return out
+
+    def markers(self) -> set[tuple]:
+        """ovl_ct_in: {(family, saddr, daddr, sport, dport, proto)}"""
+        return {
+            (k.family, abi.words_to_ip(k.saddr, k.family), abi.words_to_ip(k.daddr, k.family),
+             abi.be16_to_port(k.sport), abi.be16_to_port(k.dport), k.proto)
+            for k, _ in self.bpf[b"ovl_ct_in"].items()
+        }
+
+    def frags(self) -> dict[tuple, tuple]:
+        """ovl_frag: {(family, saddr, daddr, id, proto): (verdict, overlay or None)}"""
+        return {
+            (k.family, abi.words_to_ip(k.saddr, k.family), abi.words_to_ip(k.daddr, k.family),
+             k.id, k.proto): (abi.Reason(v.verdict), abi.be32_to_ip(v.overlay) if v.overlay else None)
+            for k, v in self.bpf[b"ovl_frag"].items()
+        }
 
     def drain_events(self) -> list[abi.OvlDropEvent]:
         self.bpf.ring_buffer_consume()
@@ -140,12 +194,21 @@ class Datapath:
         return events
 
     # -- reset
+    @staticmethod
+    def _written_port_words(ports) -> set[int]:
+        """Non-zero ovl_ports words, also those written through MapSet (one batch read)."""
+        from overlay.datapath.ebpf import bpfsys
+
+        info = bpfsys.map_info(ports.map_fd)
+        return {struct.unpack("=I", k)[0] for k, v in bpfsys.items(ports.map_fd, info) if any(v)}
+
     def reset(self) -> None:
         for name in ("ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ct", "ovl_failsafe", "ovl_cidr_ident",
-                     "ovl_policy", "ovl_names"):
+                     "ovl_policy", "ovl_names", "ovl_peers6", "ovl_failsafe6", "ovl_cidr_ident6",
+                     "ovl_self", "ovl_ct6", "ovl_ct_in", "ovl_frag"):
             self.bpf[name.encode()].clear()
         ports = self.bpf[b"ovl_ports"]
-        for idx in self._port_words:
+        for idx in self._port_words | self._written_port_words(ports):
             ports[ctypes.c_int(idx)] = ctypes.c_uint64(0)
         self._port_words.clear()
         cfg = self.bpf[b"ovl_cfg"]

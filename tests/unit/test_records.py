@@ -395,7 +395,7 @@ _GOOD = {
 @pytest.mark.parametrize(
     ("key", "value", "fragment"),
     [
-        ("v", 2, "unsupported version"),
+        ("v", 3, "unsupported version"),
         ("v", True, "unsupported version"),
         ("node_id", "web/1", "node_id"),
         ("node_id", "web-1\n", "node_id"),

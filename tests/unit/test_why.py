@@ -162,10 +162,15 @@ def test_cli_arguments():
 
 
 def test_event_formatting():
+    import ctypes
+
     from overlay.datapath.ebpf import abi
 
-    ev = abi.OvlDropEvent(10**9, abi.ip_to_be32(APP), abi.ip_to_be32(HOST), abi.port_to_be16(40000),
-                          abi.port_to_be16(5432), 6, abi.Reason.DROP_POLICY, 1, 0, 77)
+    def a16(ip):
+        return (ctypes.c_uint32 * 4)(*abi.ip_to_words(ip))
+
+    ev = abi.OvlDropEvent(10**9, a16(APP), a16(HOST), abi.port_to_be16(40000),
+                          abi.port_to_be16(5432), 6, abi.Reason.DROP_POLICY, 1, 0, 77, 4)
 
     class Namer:
         def policy(self, index):
@@ -175,9 +180,26 @@ def test_event_formatting():
     assert rec == {
         "time": "2023-11-14T22:13:21.000Z", "ts_ns": 10**9, "direction": "ingress", "reason": "policy",
         "audit": True, "proto": "tcp", "src": APP, "sport": 40000, "dst": HOST, "dport": 5432,
-        "policy": "web-db-5432", "policy_index": 77,
+        "policy": "web-db-5432", "policy_index": 77, "family": 4,
     }
     assert format_event(rec) == (
         "2023-11-14T22:13:21.000Z ingress AUDIT (passed) policy tcp 10.0.0.13:40000 -> 10.0.0.1:5432"
         "  default-deny: node selected by policy web-db-5432"
     )
+    six = abi.OvlDropEvent(2 * 10**9, a16("2001:db8::9"), a16("fe80::1"), abi.port_to_be16(5000),
+                           abi.port_to_be16(22), 6, abi.Reason.DROP_MARTIAN, 0, 0, 0, 6)
+    rec = event_record(six, Namer(), lambda ns: 1_700_000_000 + ns / 1e9)
+    assert (rec["family"], rec["src"], rec["dst"], rec["reason"]) == (6, "2001:db8::9", "fe80::1", "martian")
+    assert format_event(rec) == (
+        "2023-11-14T22:13:22.000Z ingress drop martian tcp [2001:db8::9]:5000 -> [fe80::1]:22"
+        "  (a loopback or own source address arriving from the wire)"
+    )
+    orphan = abi.OvlDropEvent(10**9, a16("10.0.0.99"), a16(HOST), 0, 0, 17, abi.Reason.DROP_FRAG_ORPHAN,
+                              0, 0, 0, 4)
+    assert format_event(event_record(orphan, Namer(), lambda ns: 1_700_000_000 + ns / 1e9)) == (
+        "2023-11-14T22:13:21.000Z ingress drop frag_orphan udp 10.0.0.99 -> 10.0.0.1"
+        "  (a later fragment whose first fragment was not seen or not allowed)"
+    )
+    bad = abi.OvlDropEvent(10**9, a16("::"), a16("::"), 0, 0, 0, abi.Reason.DROP_MALFORMED, 0, 0, 0, 0)
+    rec = event_record(bad, Namer(), lambda ns: 1_700_000_000 + ns / 1e9)
+    assert rec["src"] is None and format_event(rec).endswith("drop malformed (not parsed)")

@@ -9,7 +9,8 @@ libbpf (each one is a single ``bpf(2)`` command):
 - ``lookup``, ``update``, ``delete``, ``get_next_key`` and ``keys``;
 - ``update_batch`` and ``delete_batch``, which fall back to one call per
   element when the kernel refuses the batch command for a map type (LPM
-  tries, for example), and ``items`` which batch-reads where it can;
+  tries, for example), ``items`` which batch-reads where it can, and
+  ``scan``, a resumable bounded piece of a batched pass (the sweep);
 - ``map_info(fd)`` and ``prog_info(fd)`` (``bpf_obj_get_info_by_fd``);
 - ``map_create`` for the loader's own small maps;
 - :class:`RingBuffer`: a reader of a ring buffer map (``ring_buffer__new``,
@@ -413,7 +414,7 @@ def items(fd: int, info: MapInfo, limit: int | None = None) -> list[tuple[bytes,
     limit = info.max_entries if limit is None else limit
     vsize = info.value_buffer_size
     try:
-        return _lookup_batch_all(fd, info.key_size, vsize, limit)
+        return _lookup_batch_from(fd, info.key_size, vsize, None, limit)[0]
     except _Refused:
         pass
     out = []
@@ -428,14 +429,19 @@ class _Refused(Exception):
     pass
 
 
-def _lookup_batch_all(fd: int, key_size: int, value_size: int, limit: int) -> list[tuple[bytes, bytes]]:
+def _lookup_batch_from(fd: int, key_size: int, value_size: int, token: bytes | None,
+                       limit: int) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """Up to about ``limit`` pairs from the batch position ``token`` (None: the
+    start); returns them and the token to resume from (None: the end)."""
     out: list[tuple[bytes, bytes]] = []
-    chunk = 256
+    chunk = max(1, min(256, limit))
     token_size = max(key_size, 8)
     in_tok = ctypes.create_string_buffer(token_size)
     out_tok = ctypes.create_string_buffer(token_size)
     opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
-    first = True
+    first = token is None
+    if token is not None:
+        ctypes.memmove(in_tok, token, min(len(token), token_size))
     # Each round returns at least one element or ends; bounded by limit.
     for _ in range(limit + 2):
         keys_buf = ctypes.create_string_buffer(key_size * chunk)
@@ -458,11 +464,24 @@ def _lookup_batch_all(fd: int, key_size: int, value_size: int, limit: int) -> li
             out.append(
                 (kraw[i * key_size:(i + 1) * key_size], vraw[i * value_size:(i + 1) * value_size])
             )
-        if code == _errno.ENOENT or len(out) >= limit:
-            break
+        if code == _errno.ENOENT:
+            return out, None
         ctypes.memmove(in_tok, out_tok, token_size)
         first = False
-    return out[:limit]
+        if len(out) >= limit:
+            break
+    return out, in_tok.raw
+
+
+def scan(fd: int, info: MapInfo, cursor: bytes | None, limit: int) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """A bounded piece of a full pass over a hash map: about ``limit`` (key,
+    value) pairs from ``cursor`` (None: the start) and the cursor to resume
+    from (None: the pass is complete). For maps whose batch lookup the
+    kernel refuses, the whole map is returned at once (cursor None)."""
+    try:
+        return _lookup_batch_from(fd, info.key_size, info.value_buffer_size, cursor, limit)
+    except _Refused:
+        return items(fd, info), None
 
 
 def update_batch(
