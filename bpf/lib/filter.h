@@ -214,6 +214,26 @@ static __always_inline __u32 ovl_reverse_nat(struct __sk_buff *skb, const struct
 	return overlay;
 }
 
+/* Refuse a new inbound flow (default-deny or reject_all). In audit mode the
+ * flow passes, so it is reported once, on its first packet (and marked like
+ * an admitted flow); its later packets are neither counted nor reported
+ * again. ICMP has no flows: every packet is reported. */
+static __always_inline int ovl_refuse(const struct ovl_pkt *p, __u8 reason, __u32 policy)
+{
+	struct ovl_ct6_key t;
+
+	if (ovl_cfg_get(OVL_CFG_MODE) != OVL_MODE_AUDIT)
+		return ovl_drop_rule(p, reason, OVL_DIR_INGRESS, policy);
+	if (p->has_l4 && (p->proto == IPPROTO_UDP ||
+			  (p->proto == IPPROTO_TCP && !ovl_tcp_bare_syn(p->tcp_flags)))) {
+		ovl_ct_own_tuple(&t, p);
+		if (ovl_ct_in.lookup(&t))
+			return TC_ACT_OK;       /* reported with its first packet */
+	}
+	ovl_ct_mark_inbound(p);
+	return ovl_drop_rule(p, reason, OVL_DIR_INGRESS, policy);
+}
+
 static __always_inline int ovl_later_fragment(struct __sk_buff *skb, const struct ovl_pkt *p,
 					      int filtering, int failsafe)
 {
@@ -281,15 +301,14 @@ static __always_inline int ovl_filter_ingress(struct __sk_buff *skb)
 		/* default-deny: members, open ports and reject_all no longer apply */
 		if (ovl_policy_match(&p))
 			return ovl_admit(&p, OVL_PASS_POLICY, filtering);
-		return ovl_drop_rule(&p, OVL_DROP_POLICY, OVL_DIR_INGRESS,
-				     (__u32)ovl_cfg_get(OVL_CFG_POLICY_DEFAULT));
+		return ovl_refuse(&p, OVL_DROP_POLICY, (__u32)ovl_cfg_get(OVL_CFG_POLICY_DEFAULT));
 	}
 	if (ovl_is_member(&p))
 		return ovl_admit(&p, OVL_PASS_MEMBER, filtering);
 	if (ovl_port_open(&p))
 		return ovl_admit(&p, OVL_PASS_OPEN_PORT, filtering);
 	if (ovl_cfg_get(OVL_CFG_REJECT_ALL))
-		return ovl_drop(&p, OVL_DROP_NOT_ALLOWED, OVL_DIR_INGRESS);
+		return ovl_refuse(&p, OVL_DROP_NOT_ALLOWED, 0);
 	return ovl_admit(&p, OVL_PASS_DEFAULT, filtering);
 }
 

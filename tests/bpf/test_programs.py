@@ -497,6 +497,23 @@ def test_ingress(dp, case):
     check(dp, case)
 
 
+def test_audit_reports_a_refused_flow_once(dp):
+    """Audit mode passes a would-be-dropped inbound flow: its first packet is counted
+    and reported (and the flow marked), its later packets are not; a new flow (another
+    SYN, another tuple) is. ICMP has no flows: each packet is reported."""
+    dp.seed({"cfg": AUDIT})
+    for pkt in (tcp(OUTSIDER, HOST, 40000, 8080), tcp(OUTSIDER, HOST, 40000, 8080, flags="A"),
+                tcp(OUTSIDER, HOST, 40000, 8080, flags="PA"), udp(OUTSIDER, HOST, 1, 2), udp(OUTSIDER, HOST, 1, 2),
+                tcp(OUTSIDER, HOST, 40000, 8080), tcp(OUTSIDER, HOST, 40001, 8080, flags="A"),
+                echo(OUTSIDER, HOST), echo(OUTSIDER, HOST)):
+        assert dp.run("ingress", pkt)[0] == OK
+    events = [ev_dict(e) for e in dp.drain_events()]
+    assert [(e["sport"], e["dport"], e["proto"]) for e in events] == [
+        (40000, 8080, TCP_P), (1, 2, UDP_P), (40000, 8080, TCP_P), (40001, 8080, TCP_P),
+        (0x4242, 0, ICMP_P), (0x4242, 0, ICMP_P)]
+    assert dp.counters() == {Reason.DROP_NOT_ALLOWED: 6}
+
+
 def test_ingress_refreshes_last_seen(dp):
     dp.set_ct(_CT_UDP_OUT, None, PLAIN, age_s=60)
     before = dp.ct_entries()[(OUTSIDER, HOST, 9999, 5353, UDP_P)][3]
