@@ -149,8 +149,8 @@ def act_plan(a: dict) -> None:
     dp.start()
     try:
         cfg = config_from_dict(a["config"])
-        me = node_from_dict({"v": 1, **a["node"]})
-        peers = [node_from_dict({"v": 1, **p}) for p in a.get("peers", [])]
+        me = node_from_dict({"v": 2, **a["node"]})
+        peers = [node_from_dict({"v": 2, **p}) for p in a.get("peers", [])]
         policies = {pid: policy_from_dict(p, pid) for pid, p in a.get("policies", {}).items()}
         desired = plan(me, peers, cfg, policies=policies)
         ops = diff(desired.tables, dp.observe())
