@@ -351,13 +351,17 @@ class EbpfDatapath:
     def _pinned_abi(self) -> int:
         """The ABI version of the pinned state (0: none, or unreadable)."""
         try:
-            maps = MapSet.from_pinned(self.pin_dir, names=(CFG,))
-        except (DatapathError, OSError):
+            fd = bpfsys.obj_get(os.path.join(self.pin_dir, CFG))
+        except DatapathError:
             return 0
         try:
-            return maps.get_cfg(abi.CfgIndex.ABI_VERSION)
+            info = bpfsys.map_info(fd)
+            raw = bpfsys.lookup(fd, struct.pack("=I", abi.CfgIndex.ABI_VERSION), 4, info.value_size)
+        except DatapathError:
+            return 0
         finally:
-            maps.close()
+            bpfsys.close(fd)
+        return struct.unpack("=Q", raw[:8])[0] if raw else 0
 
     def _unpin_stale_maps(self, build) -> dict[str, tuple[bpfsys.MapInfo, list]]:
         """Unpin the pinned maps whose geometry is not what this build declares
