@@ -32,6 +32,7 @@ enum ovl_cfg_index {
 	OVL_CFG_CT_UDP_S = 11,
 	OVL_CFG_CT_ICMP_S = 12,     /* ICMP and ICMPv6 echo */
 	OVL_CFG_FRAG_S = 13,        /* lifetime of a remembered fragment verdict */
+	OVL_CFG_SELF_HINT = 14,     /* bit ovl_self_bit(a) set for every address a in ovl_self */
 	OVL_CFG_MAX = 32,
 };
 
@@ -101,9 +102,13 @@ struct ovl_addr6 {
 };
 
 /* ovl_self: BPF_HASH key struct ovl_addr6 (this host's own addresses, IPv4
- * ones IPv4-mapped) -> __u32 OVL_SELF_F_* */
+ * ones IPv4-mapped) -> __u32 OVL_SELF_F_*. So that most packets need no
+ * lookup, OVL_CFG_SELF_HINT has bit ovl_self_bit(a) set for each address a
+ * in the map: bit = ((a[0] ^ a[1] ^ a[2] ^ a[3]) * OVL_SELF_HINT_MUL) >> 26
+ * (u32 words as stored, 32-bit product); user space keeps it in step. */
 #define OVL_SELF_F_OWN 1
 #define OVL_SELF_MAX 64
+#define OVL_SELF_HINT_MUL 0x9E3779B1
 
 /* ovl_ports: BPF_ARRAY of __u64 bitmap words, OVL_PORT_WORDS per protocol.
  * index = slot * OVL_PORT_WORDS + port / 64, bit = port % 64 (host order port). */

@@ -375,6 +375,7 @@ static __always_inline int ovl_ct_egress(struct __sk_buff *skb)
 static __always_inline struct ovl_ct_val *ovl_ct_ingress(const struct ovl_pkt *p)
 {
 	struct ovl_ct6_key t;
+	struct ovl_ct_key k4;
 	struct ovl_ct_val *v;
 	struct ovl_nat_val *nat;
 	__u32 overlay, gen;
@@ -384,26 +385,45 @@ static __always_inline struct ovl_ct_val *ovl_ct_ingress(const struct ovl_pkt *p
 		return NULL;
 	if (p->proto == IPPROTO_TCP && ovl_tcp_bare_syn(p->tcp_flags))
 		return NULL;
-	ovl_ct_own_tuple(&t, p);
-	now = bpf_ktime_get_ns();
-	v = ovl_ct_live(&t, now);
+	if (p->family == 4) {           /* the IPv4 key straight from the packet */
+		__builtin_memset(&k4, 0, sizeof(k4));
+		k4.saddr = p->saddr;
+		k4.daddr = p->daddr;
+		k4.sport = p->sport;
+		k4.dport = p->dport;
+		k4.proto = p->proto;
+		v = ovl_ct.lookup(&k4);
+	} else {
+		ovl_ct_own_tuple(&t, p);
+		v = ovl_ct6.lookup(&t);
+	}
 	if (!v)
-		return NULL;
+		return NULL;    /* the common miss (inbound flows): no clock read */
+	now = bpf_ktime_get_ns();
+	if (ovl_ct_expired(v, p->proto, now)) {
+		ovl_count(OVL_CT_EXPIRED);
+		goto gone;
+	}
 	overlay = v->overlay;
 	if (overlay) {
 		gen = (__u32)ovl_cfg_get(OVL_CFG_NAT_GEN);
 		if (v->nat_gen != gen) {
 			nat = ovl_nat.lookup(&overlay);
 			if (!nat || nat->real != p->saddr) {
-				ovl_ct_del(&t);
 				ovl_count(OVL_CT_NAT_STALE);
-				return NULL;
+				goto gone;
 			}
 			v->nat_gen = gen;
 		}
 	}
 	ovl_ct_step(v, p, 1, now);
 	return v;
+gone:
+	if (p->family == 4)
+		ovl_ct.delete(&k4);
+	else
+		ovl_ct6.delete(&t);
+	return NULL;
 }
 
 static __always_inline int ovl_is_icmp_error(__u8 type)

@@ -35,6 +35,7 @@
 static __always_inline int ovl_is_martian(const struct ovl_pkt *p)
 {
 	struct ovl_addr6 k;
+	__u32 bit;
 
 	if (p->family == 4) {
 		if ((bpf_ntohl(p->saddr) >> 24) == 127)
@@ -42,6 +43,10 @@ static __always_inline int ovl_is_martian(const struct ovl_pkt *p)
 	} else if (!p->src[0] && !p->src[1] && !p->src[2] && p->src[3] == bpf_htonl(1)) {
 		return 1;       /* ::1 */
 	}
+	/* the hint rules out almost every source without a lookup */
+	bit = ((p->src[0] ^ p->src[1] ^ p->src[2] ^ p->src[3]) * (__u32)OVL_SELF_HINT_MUL) >> 26;
+	if (!((ovl_cfg_get(OVL_CFG_SELF_HINT) >> bit) & 1))
+		return 0;
 	__builtin_memcpy(k.addr, p->src, sizeof(k.addr));
 	return ovl_self.lookup(&k) != NULL;
 }

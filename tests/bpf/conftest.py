@@ -116,7 +116,12 @@ class Datapath:
         self.bpf[b"ovl_ct_in"][key] = abi.OvlCtInVal(now_ns() - int(age_s * 1e9))
 
     def set_self(self, addr: str) -> None:
-        self.bpf[b"ovl_self"][abi.addr6(addr)] = ctypes.c_uint32(abi.SELF_F_OWN)
+        """An own address, with its bit in OVL_CFG_SELF_HINT (as MapSet.apply keeps it)."""
+        key = abi.addr6(addr)
+        self.bpf[b"ovl_self"][key] = ctypes.c_uint32(abi.SELF_F_OWN)
+        cfg = self.bpf[b"ovl_cfg"]
+        hint = cfg[ctypes.c_int(abi.CfgIndex.SELF_HINT)].value
+        self.set_cfg(abi.CfgIndex.SELF_HINT, hint | 1 << abi.self_hint_bit(list(key.addr)))
 
     def set_peer6(self, real: str, flags: int = abi.PEER_F_MEMBER, identity: int = 0) -> None:
         self.bpf[b"ovl_peers6"][abi.addr6(real)] = abi.OvlPeerVal(identity, flags)

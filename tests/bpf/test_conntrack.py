@@ -248,3 +248,32 @@ def test_sweep_deletes_expired_entries_in_bounded_rounds(dp, maps):
     left = {k for k in dp.ct_entries() if k[0] == OUTSIDER}
     assert left == live
     assert len(dp.markers()) == 5
+
+
+# --------------------------------------------------------------- own addresses: the hint
+
+
+def _bit(addr: str) -> int:
+    """The header's formula, written out again: ((w0^w1^w2^w3) * 0x9E3779B1 mod 2^32) >> 26."""
+    import ipaddress
+    import struct
+
+    ip = ipaddress.ip_address(addr)
+    raw = ip.packed if ip.version == 6 else b"\0" * 10 + b"\xff\xff" + ip.packed
+    w = struct.unpack("=4I", raw)
+    return (((w[0] ^ w[1] ^ w[2] ^ w[3]) * 0x9E3779B1) % (1 << 32)) >> 26
+
+
+def test_self_hint_follows_the_self_table(dp, maps):
+    hint = abi.CfgIndex.SELF_HINT
+    own = [HOST, "192.168.0.1", "2001:db8::11"]
+    maps.apply([Op("self", a, 1) for a in own])
+    assert maps.get_cfg(hint) == sum({1 << _bit(a) for a in own})
+    dp.seed({"cfg": REJECT})
+    for a in own:
+        pkt = udp(a, HOST) if ":" not in a else None
+        if pkt is not None:
+            assert dp.run("ingress", pkt)[0] == SHOT
+    assert dp.counters() == {Reason.DROP_MARTIAN: 2}
+    maps.apply([Op("self", a) for a in own])
+    assert maps.get_cfg(hint) == 0 and maps.read_table("self") == {}

@@ -25,6 +25,7 @@ CT_F_EGRESS = 1
 CT_F_NAT = 2
 SELF_F_OWN = 1
 SELF_MAX = 64
+SELF_HINT_MUL = 0x9E3779B1
 CT_DEFAULT_TCP_SYN_S = 120
 CT_DEFAULT_TCP_ESTABLISHED_S = 432000
 CT_DEFAULT_TCP_FIN_S = 120
@@ -55,6 +56,7 @@ class CfgIndex(enum.IntEnum):
     CT_UDP_S = 11
     CT_ICMP_S = 12
     FRAG_S = 13
+    SELF_HINT = 14
     MAX = 32
 
 
@@ -301,6 +303,12 @@ def words_to_ip(words, family: int | None = None) -> str:
     if family != 6 and raw[:12] == _MAPPED:
         return socket.inet_ntoa(raw[12:])
     return str(ipaddress.IPv6Address(raw))
+
+
+def self_hint_bit(words) -> int:
+    """The bit of OVL_CFG_SELF_HINT that an address (its four u32 words as stored) sets."""
+    x = words[0] ^ words[1] ^ words[2] ^ words[3]
+    return ((x * SELF_HINT_MUL) & 0xFFFFFFFF) >> 26
 
 
 def addr6(addr: str) -> OvlAddr6:

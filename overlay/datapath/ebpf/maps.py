@@ -295,6 +295,11 @@ class MapSet:
 
         for table in _DEL_FIRST:
             self._delete(table, dels)
+        if puts.get(SELF):  # widen the hint first: a new own address is never missed
+            hint = self.get_cfg(abi.CfgIndex.SELF_HINT)
+            for k, _ in puts[SELF]:
+                hint |= 1 << abi.self_hint_bit(struct.unpack("=4I", k))
+            self.set_cfg(abi.CfgIndex.SELF_HINT, hint)
         for table in _PUT_ORDER:
             self._put(table, puts)
         for table in _DEL_LAST:
@@ -302,6 +307,18 @@ class MapSet:
         if puts.get(NAT) or dels.get(NAT):
             # after the writes: an entry verified before them must be checked again
             self.set_cfg(abi.CfgIndex.NAT_GEN, (self.get_cfg(abi.CfgIndex.NAT_GEN) + 1) & 0xFFFFFFFF)
+        if puts.get(SELF) or dels.get(SELF):
+            self.update_self_hint()
+
+    def update_self_hint(self) -> int:
+        """Recompute OVL_CFG_SELF_HINT from ovl_self (a few entries): the programs
+        look an arriving source up in ovl_self only when its bit is set. Set before
+        a put (a wider hint is harmless) and narrowed after a delete."""
+        hint = 0
+        for key in bpfsys.keys(self.fd(SELF), self.info(SELF).key_size, abi.SELF_MAX):
+            hint |= 1 << abi.self_hint_bit(struct.unpack("=4I", key))
+        self.set_cfg(abi.CfgIndex.SELF_HINT, hint)
+        return hint
 
     def _check_capacity(self, puts, dels) -> None:
         """Refuse the whole apply (CapacityError, nothing written) when any map
