@@ -14,6 +14,15 @@ three back to back (the order rotates) and a noisy neighbour hits them alike:
 ``ipt`` and ``ebpf`` hold N peers (the target last in rule order) and talk to
 the target's overlay address. Load generator clients run on CPU 0, the
 server on CPU 1 (when there are two).
+
+Before/after rows in one run (``--backends ...,ebpf-tc-before,ebpf-srv,ebpf-srv-before``):
+``ebpf-tc-before`` is ``ebpf-tc`` on the datapath of another revision
+(``--before-rev``, default the branch point of issue 11; bench/before.py) in its
+own client namespace ``ebfb`` (10.77.4.1 -> ``srv`` 10.77.4.2). ``ebpf-srv`` and
+``ebpf-srv-before`` put the datapath on the SERVER instead, in server namespaces
+of their own (``srvf``, ``srvfb``) with their own ovlbench server: ``reject_all``,
+the client one member among N peers, the client plain. Each pair gives paired
+``<metric>_vs_before`` ratios besides ``_vs_bare``.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ DEFAULT_OUT = os.path.join(RESULTS_DIR, "latest.json")
 PORT = 5000  # conn_setup; rr on PORT+1, stream on PORT+2
 DATA_SUITES = ("conn_setup", "rr", "stream")
 CONTROL_SUITES = ("update_one", "full_sync")
-ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout")
+ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout", "prog_cost")
 
 CLIENTS = {  # backend -> (namespace name, client address, server address)
     "bare": ("bare", "10.77.1.1", "10.77.1.2"),
@@ -425,6 +434,27 @@ class Bench:
         finally:
             host.close(teardown=True)
 
+    # -- per-packet cost of the programs --
+
+    def prog_cost(self) -> None:
+        from bench.progcost import CASES, measure
+
+        got = measure(self.before_root)
+        for backend, cases in got.items():
+            for case, ns in cases.items():
+                self.results.add(make_row("prog_cost", backend, 0, case, "ns", [ns],
+                                          f"{CASES[case]}; best of interleaved BPF_PROG_TEST_RUN "
+                                          "batches", digits=1))
+        before = got.get("ebpf-tc-before", {})
+        for case, ns in got["ebpf-tc"].items():
+            if before.get(case):
+                self.results.add(make_row("prog_cost", "ebpf-tc", 0, f"{case}_vs_before", "x",
+                                          [ns / before[case]], f"revision {self.before_rev}"))
+        say("  prog_cost  " + ", ".join(
+            f"{case.removesuffix('_ns')} {ns:.0f}"
+            + (f" (before {before[case]:.0f})" if before.get(case) else "") + " ns"
+            for case, ns in got["ebpf-tc"].items()))
+
     # -- fanout --
 
     def fanout(self) -> None:
@@ -444,6 +474,9 @@ class Bench:
         if "memory" in self.suites and self.backends:
             say("==> memory")
             self.memory()
+        if "prog_cost" in self.suites and "ebpf-tc" in self.backends:
+            say("==> per-packet cost of the tc programs")
+            self.guarded("prog_cost", self.prog_cost)
         if "fanout" in self.suites:
             say("==> fanout")
             self.guarded("fanout", self.fanout)

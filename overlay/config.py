@@ -406,40 +406,34 @@ def _controller(sec: _Section) -> ControllerConfig:
     return ControllerConfig(tls, listen, lease_s, window)
 
 
-def _sizes(sec: _Section) -> MapSizes:
-    sizes = MapSizes(
-        nat=sec.get("nat", _int_range(16, 1 << 22), MapSizes.nat),
-        peers=sec.get("peers", _int_range(16, 1 << 22), MapSizes.peers),
-        conntrack=sec.get("conntrack", _int_range(64, 1 << 24), MapSizes.conntrack),
-        failsafe=sec.get("failsafe", _int_range(16, 1 << 16), MapSizes.failsafe),
-        policy=sec.get("policy", _int_range(16, 1 << 22), MapSizes.policy),
-        cidr_ident=sec.get("cidr_ident", _int_range(16, 1 << 20), MapSizes.cidr_ident),
-        names=sec.get("names", _int_range(16, 1 << 22), MapSizes.names),
-        conntrack6=sec.get("conntrack6", _int_range(64, 1 << 24), MapSizes.conntrack6),
-        conntrack_in=sec.get("conntrack_in", _int_range(64, 1 << 24), MapSizes.conntrack_in),
-        frag=sec.get("frag", _int_range(64, 1 << 20), MapSizes.frag),
-        peers6=sec.get("peers6", _int_range(16, 1 << 22), MapSizes.peers6),
-        failsafe6=sec.get("failsafe6", _int_range(16, 1 << 16), MapSizes.failsafe6),
-        cidr_ident6=sec.get("cidr_ident6", _int_range(16, 1 << 20), MapSizes.cidr_ident6),
-    )
+# datapath.sizes.<key>: (lowest, highest) accepted
+_SIZE_RANGES = {
+    "nat": (16, 1 << 22), "peers": (16, 1 << 22), "conntrack": (64, 1 << 24), "failsafe": (16, 1 << 16),
+    "policy": (16, 1 << 22), "cidr_ident": (16, 1 << 20), "names": (16, 1 << 22),
+    "conntrack6": (64, 1 << 24), "conntrack_in": (64, 1 << 24), "frag": (64, 1 << 20),
+    "peers6": (16, 1 << 22), "failsafe6": (16, 1 << 16), "cidr_ident6": (16, 1 << 20),
+}
+
+
+def _typed_section(sec: _Section, cls, ranges: dict[str, tuple[int, int]]):
+    """``cls`` (a frozen dataclass of integers) from ``sec``: each field in its range,
+    its dataclass default when absent."""
+    default = cls()
+    values = {name: sec.get(name, _int_range(*ranges[name]), getattr(default, name)) for name in ranges}
     sec.done()
-    return sizes
+    return cls(**values)
+
+
+def _sizes(sec: _Section) -> MapSizes:
+    return _typed_section(sec, MapSizes, _SIZE_RANGES)
+
+
+_LIFETIME_RANGES = {name: (1, 10_000_000) for name in (
+    "tcp_syn_s", "tcp_established_s", "tcp_fin_s", "tcp_rst_s", "udp_s", "icmp_s")} | {"frag_s": (1, 120)}
 
 
 def _conntrack(sec: _Section) -> ConntrackConfig:
-    d = ConntrackConfig()
-    long_s = _int_range(1, 10_000_000)
-    ct = ConntrackConfig(
-        tcp_syn_s=sec.get("tcp_syn_s", long_s, d.tcp_syn_s),
-        tcp_established_s=sec.get("tcp_established_s", long_s, d.tcp_established_s),
-        tcp_fin_s=sec.get("tcp_fin_s", long_s, d.tcp_fin_s),
-        tcp_rst_s=sec.get("tcp_rst_s", long_s, d.tcp_rst_s),
-        udp_s=sec.get("udp_s", long_s, d.udp_s),
-        icmp_s=sec.get("icmp_s", long_s, d.icmp_s),
-        frag_s=sec.get("frag_s", _int_range(1, 120), d.frag_s),
-    )
-    sec.done()
-    return ct
+    return _typed_section(sec, ConntrackConfig, _LIFETIME_RANGES)
 
 
 def _ifname(value: Any) -> str:

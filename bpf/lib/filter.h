@@ -51,21 +51,32 @@ static __always_inline int ovl_is_martian(const struct ovl_pkt *p)
 	return ovl_self.lookup(&k) != NULL;
 }
 
-static __always_inline __u32 ovl_failsafe_flags(const struct ovl_pkt *p)
+enum ovl_src_trie {
+	OVL_TRIE_FAILSAFE = 0,  /* ovl_failsafe / ovl_failsafe6 */
+	OVL_TRIE_CIDR_IDENT = 1, /* ovl_cidr_ident / ovl_cidr_ident6 */
+};
+
+/* The value of the longest prefix holding the packet's source in one of the
+ * source LPM tries, of the packet's family; NULL if none. */
+static __always_inline __u32 *ovl_src_lpm(const struct ovl_pkt *p, int trie)
 {
 	struct ovl_lpm_key k4;
 	struct ovl_lpm6_key k6;
-	__u32 *flags;
 
 	if (p->family == 4) {
 		k4.prefixlen = 32;
 		k4.addr = p->saddr;
-		flags = ovl_failsafe.lookup(&k4);
-	} else {
-		k6.prefixlen = 128;
-		__builtin_memcpy(k6.addr, p->src, sizeof(k6.addr));
-		flags = ovl_failsafe6.lookup(&k6);
+		return trie == OVL_TRIE_FAILSAFE ? ovl_failsafe.lookup(&k4) : ovl_cidr_ident.lookup(&k4);
 	}
+	k6.prefixlen = 128;
+	__builtin_memcpy(k6.addr, p->src, sizeof(k6.addr));
+	return trie == OVL_TRIE_FAILSAFE ? ovl_failsafe6.lookup(&k6) : ovl_cidr_ident6.lookup(&k6);
+}
+
+static __always_inline __u32 ovl_failsafe_flags(const struct ovl_pkt *p)
+{
+	__u32 *flags = ovl_src_lpm(p, OVL_TRIE_FAILSAFE);
+
 	return flags ? *flags : 0;
 }
 
@@ -138,21 +149,11 @@ static __always_inline int ovl_policy_allows(__u32 identity, const struct ovl_pk
 static __always_inline int ovl_policy_match(const struct ovl_pkt *p)
 {
 	struct ovl_peer_val *peer = ovl_peer_of(p);
-	struct ovl_lpm_key k4;
-	struct ovl_lpm6_key k6;
 	__u32 *cidr;
 
 	if (peer && (peer->flags & OVL_PEER_F_MEMBER) && ovl_policy_allows(peer->identity, p))
 		return 1;
-	if (p->family == 4) {
-		k4.prefixlen = 32;
-		k4.addr = p->saddr;
-		cidr = ovl_cidr_ident.lookup(&k4);
-	} else {
-		k6.prefixlen = 128;
-		__builtin_memcpy(k6.addr, p->src, sizeof(k6.addr));
-		cidr = ovl_cidr_ident6.lookup(&k6);
-	}
+	cidr = ovl_src_lpm(p, OVL_TRIE_CIDR_IDENT);
 	return cidr && ovl_policy_allows(*cidr, p);
 }
 

@@ -270,7 +270,7 @@ class IptablesDatapath:
 
             # The installed text is trusted only when it is exactly what we render for it.
             expect = self._render(parsed)
-            clean = {t: present[t] and expect[t] == _table_text_of(t, installed[t]) for t in self._tables}
+            clean = {t: present[t] and expect[t] == _table_text(t, installed[t]) for t in self._tables}
             clean.update({t: bool(self._set_exists[t]) for t in self._sets})
             for table in self._last:
                 self._last[table] = expect[table] if clean[table] else None
@@ -444,11 +444,6 @@ class IptablesDatapath:
             return out
 
         remove_installed(run, interface, tables=RULE_TABLES if ipv6 else ("nat", "filter"))
-
-
-def _table_text_of(table: str, lines: list[str]) -> str:
-    """The restore text our chains would be rendered as, given their installed lines."""
-    return _table_text(table, lines)
 
 
 def teardown_text(table: str, save_text: str) -> str | None:

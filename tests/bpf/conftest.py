@@ -247,3 +247,15 @@ def dp(compiled) -> Datapath:
     compiled.reset()
     yield compiled
     compiled.reset()
+
+
+@pytest.fixture
+def maps(dp):
+    """A MapSet on the compiled datapath's maps (written the way the daemon writes them)."""
+    from overlay.datapath.ebpf.maps import MapSet
+
+    ms = MapSet.from_bpf(dp.bpf)
+    try:
+        yield ms
+    finally:
+        ms.close()

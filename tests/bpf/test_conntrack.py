@@ -16,7 +16,6 @@ from scapy.layers.inet import ICMP, IP, UDP
 
 from overlay.datapath.ebpf import abi
 from overlay.datapath.ebpf.abi import CfgIndex, Reason
-from overlay.datapath.ebpf.maps import MapSet
 from overlay.ops import NatEntry, Op
 
 from .conftest import now_ns
@@ -179,15 +178,6 @@ def test_overlay_egress_verifies_the_generation(dp):
     dp.set_ct(_NAT_KEY, PEER_OVL, EGRESS_NAT, gen=4)
     assert dp.run("overlay_egress", tcp(HOST, PEER_OVL, 40000, 80, flags="A"))[0] == OK
     assert dp.ct_entries()[_NAT_TUPLE][4] == 9
-
-
-@pytest.fixture
-def maps(dp):
-    ms = MapSet.from_bpf(dp.bpf)
-    try:
-        yield ms
-    finally:
-        ms.close()
 
 
 def test_apply_bumps_the_generation_after_nat_writes(dp, maps):

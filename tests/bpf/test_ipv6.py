@@ -34,7 +34,6 @@ from scapy.packet import Raw
 
 from overlay.datapath.ebpf import abi
 from overlay.datapath.ebpf.abi import CfgIndex, Reason
-from overlay.datapath.ebpf.maps import MapSet
 from overlay.ops import Op
 
 from .tables import (
@@ -292,15 +291,6 @@ def test_flow6_both_directions(dp):
 
 
 # --------------------------------------------------------------- policies over IPv6
-
-
-@pytest.fixture
-def maps(dp):
-    ms = MapSet.from_bpf(dp.bpf)
-    try:
-        yield ms
-    finally:
-        ms.close()
 
 
 WEB_ID, CIDR_ID, POLICY_IDX = 0x1234, 0x80000042, 7

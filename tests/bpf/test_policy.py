@@ -79,15 +79,6 @@ def program(maps: MapSet, groups, peers, policies, **filt):
     return desired
 
 
-@pytest.fixture
-def maps(dp):
-    ms = MapSet.from_bpf(dp.bpf)
-    try:
-        yield ms
-    finally:
-        ms.close()
-
-
 # --------------------------------------------------------------- the table
 
 WEB, APP, WEBAPP, BARE = "10.0.0.12", "10.0.0.13", "198.18.2.12", "10.0.0.14"

@@ -23,20 +23,13 @@ import pytest
 
 from overlay.datapath.ebpf import bpfsys
 
-from .conftest import HOSTS, PYTHON, lab_context, member_ops
+from .conftest import HOSTS, PYTHON, finish, lab_context, member_ops
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
 NBYTES = 4 * 1024 * 1024
 SECONDS = 25.0  # long enough for the new holder to compile (a reload, not an adoption)
 PORT = 7200
-
-
-def finish(proc, timeout: float = 60) -> dict:
-    out, err = proc.communicate(timeout=timeout)
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    assert lines, err
-    return json.loads(lines[-1])
 
 
 def map_id(path: str) -> int:

@@ -426,7 +426,7 @@ def items(fd: int, info: MapInfo, limit: int | None = None) -> list[tuple[bytes,
 
 
 class _Refused(Exception):
-    pass
+    """The kernel refuses batch lookups for this map type."""
 
 
 def _lookup_batch_from(fd: int, key_size: int, value_size: int, token: bytes | None,
@@ -474,10 +474,8 @@ def _lookup_batch_from(fd: int, key_size: int, value_size: int, token: bytes | N
 
 
 def scan(fd: int, info: MapInfo, cursor: bytes | None, limit: int) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
-    """A bounded piece of a full pass over a hash map: about ``limit`` (key,
-    value) pairs from ``cursor`` (None: the start) and the cursor to resume
-    from (None: the pass is complete). For maps whose batch lookup the
-    kernel refuses, the whole map is returned at once (cursor None)."""
+    """About ``limit`` (key, value) pairs of a hash map from ``cursor`` (None: the start)
+    and the cursor to resume from (None: done); the whole map where batches are refused."""
     try:
         return _lookup_batch_from(fd, info.key_size, info.value_buffer_size, cursor, limit)
     except _Refused:
