@@ -236,7 +236,7 @@ static __always_inline int ovl_parse6(struct __sk_buff *skb, struct ovl_pkt *p)
 	for (i = 0; i < OVL_IP6_MAX_EXT; i++) {
 		if (nh != OVL_NEXTHDR_HOP && nh != OVL_NEXTHDR_ROUTING && nh != OVL_NEXTHDR_DEST &&
 		    nh != OVL_NEXTHDR_AUTH && nh != OVL_NEXTHDR_FRAGMENT)
-			break;
+			goto upper;
 		if (off + 8 > end || bpf_skb_load_bytes(skb, off, ext, 8) < 0)
 			return OVL_P_MALFORMED;
 		if (nh == OVL_NEXTHDR_FRAGMENT) {
@@ -262,9 +262,13 @@ static __always_inline int ovl_parse6(struct __sk_buff *skb, struct ovl_pkt *p)
 			off += ((__u32)ext[1] + 1) * 8;
 		}
 		nh = ext[0];
+		off &= 0x1ffff; /* identity (off <= end); one range for every path: the verifier prunes */
 	}
-	if (i == OVL_IP6_MAX_EXT || off > end)
+	return OVL_P_MALFORMED;         /* too many extension headers */
+upper:
+	if (off > end)
 		return OVL_P_MALFORMED;
+	off &= 0x1ffff;
 	p->proto = nh;
 	if (p->frag == OVL_FRAG_NONE)
 		p->frag_proto = nh;

@@ -71,18 +71,20 @@ class Link:
         veth(self.member, "eth0", self.outsider, "eth0")
         self.member.run("ip", "addr", "add", f"{MEMBER}/24", "dev", "eth0")
         self.outsider.run("ip", "addr", "add", f"{OUTSIDER}/24", "dev", "eth0")
-        self.link_local = self._link_local()
+        self.link_local = self._link_local(self.member)
+        self._link_local(self.outsider)  # nmap -6 needs a usable source address too
         self.server = self.member.popen(PYTHON, SERVER, "serve", str(CLOSED), str(OPEN), text=True)
         assert self.server.stdout.readline().strip() == "ready"
         self.pin_root = new_pin_root(f"nmap-{backend}")
 
-    def _link_local(self) -> str:
-        for _ in range(50):  # DAD takes a moment; bounded
-            out = self.member.run("ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link").stdout
+    @staticmethod
+    def _link_local(ns) -> str:
+        for _ in range(100):  # DAD takes a moment; bounded
+            out = ns.run("ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link").stdout
             if out and "tentative" not in out:
                 return out.split()[3].split("/")[0]
             time.sleep(0.1)
-        raise AssertionError(f"no usable link-local address on the member: {out!r}")
+        raise AssertionError(f"[{ns.name}] no usable link-local address on eth0: {out!r}")
 
     def scan(self, name: str) -> tuple[str, str]:
         """nmap SCANS[name] from the outsider: (closed port state, open port state)."""
