@@ -414,7 +414,7 @@ def items(fd: int, info: MapInfo, limit: int | None = None) -> list[tuple[bytes,
     limit = info.max_entries if limit is None else limit
     vsize = info.value_buffer_size
     try:
-        return _lookup_batch_from(fd, info.key_size, vsize, None, limit)[0]
+        return _lookup_batch_from(fd, info.key_size, vsize, None, limit)[0][:limit]
     except _Refused:
         pass
     out = []
@@ -425,14 +425,13 @@ def items(fd: int, info: MapInfo, limit: int | None = None) -> list[tuple[bytes,
     return out
 
 
-class _Refused(Exception):
-    """The kernel refuses batch lookups for this map type."""
+class _Refused(Exception):  # the kernel refuses batch lookups for this map type
+    pass
 
 
 def _lookup_batch_from(fd: int, key_size: int, value_size: int, token: bytes | None,
                        limit: int) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
-    """Up to about ``limit`` pairs from the batch position ``token`` (None: the
-    start); returns them and the token to resume from (None: the end)."""
+    """About ``limit`` pairs from batch position ``token`` (None: the start) and the next token."""
     out: list[tuple[bytes, bytes]] = []
     chunk = max(1, min(256, limit))
     token_size = max(key_size, 8)
@@ -461,9 +460,8 @@ def _lookup_batch_from(fd: int, key_size: int, value_size: int, token: bytes | N
             _raise("bpf_map_lookup_batch", code)
         kraw, vraw = keys_buf.raw, vals_buf.raw
         for i in range(count.value):
-            out.append(
-                (kraw[i * key_size:(i + 1) * key_size], vraw[i * value_size:(i + 1) * value_size])
-            )
+            out.append((kraw[i * key_size:(i + 1) * key_size],
+                        vraw[i * value_size:(i + 1) * value_size]))
         if code == _errno.ENOENT:
             return out, None
         ctypes.memmove(in_tok, out_tok, token_size)
@@ -474,8 +472,7 @@ def _lookup_batch_from(fd: int, key_size: int, value_size: int, token: bytes | N
 
 
 def scan(fd: int, info: MapInfo, cursor: bytes | None, limit: int) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
-    """About ``limit`` (key, value) pairs of a hash map from ``cursor`` (None: the start)
-    and the cursor to resume from (None: done); the whole map where batches are refused."""
+    """About ``limit`` pairs from ``cursor`` (None: the start), the next cursor (None: done)."""
     try:
         return _lookup_batch_from(fd, info.key_size, info.value_buffer_size, cursor, limit)
     except _Refused:
