@@ -127,8 +127,7 @@ Runner = Callable[[list[str], "str | None"], tuple[int, str, str]]
 Flusher = Callable[[Iterable[str], Iterable[str]], int]
 
 
-def _tool(table: str, kind: str) -> str:
-    """iptables-save / ip6tables-restore ... for a rules table."""
+def _tool(table: str, kind: str) -> str:  # iptables-save, ip6tables-restore, ...
     return f"{'ip6tables' if table == 'filter6' else 'iptables'}-{kind}"
 
 

@@ -16,11 +16,10 @@ libbpf (each one is a single ``bpf(2)`` command):
 - :class:`RingBuffer`: a reader of a ring buffer map (``ring_buffer__new``,
   ``__poll``, ``__free``), e.g. the pinned ``ovl_events`` for ``overlay drops``.
 
-Keys and values are ``bytes`` (or anything ``bytes()`` accepts: ctypes
-structures, ``bytearray``). Every failure raises
-:class:`overlay.errors.DatapathError` naming the operation, the errno and
-its text. libbpf >= 1.0 returns ``-errno`` from these wrappers; the
-module relies on that and on nothing else of libbpf's state.
+Keys and values are ``bytes`` (or anything ``bytes()`` accepts: ctypes structures,
+``bytearray``). Every failure raises :class:`overlay.errors.DatapathError` naming the
+operation, the errno and its text. libbpf >= 1.0 returns ``-errno`` from these
+wrappers; the module relies on that and on nothing else of libbpf's state.
 """
 
 from __future__ import annotations
