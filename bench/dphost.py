@@ -8,7 +8,8 @@ costs what it costs the daemon. Times are ``time.perf_counter`` around
 ``datapath.apply(ops)`` unless named otherwise.
 
 Requests:
-  {"cmd": "start", "backend": "ebpf"|"iptables", "interface", "private", "pin_root", "sizes"}
+  {"cmd": "start", "backend": "ebpf"|"iptables", "interface", "private", "pin_root", "sizes",
+   "filter"}                                       (filter: the config's filter section)
   {"cmd": "program", "n": N, "target_real": ip}   plan N peers, diff, apply (from whatever is there)
   {"cmd": "clear"}                                 remove every peer (apply the deletes)
   {"cmd": "full_sync", "n": N, "target_real": ip, "reps": R}   R x (clear, then timed program)
@@ -232,8 +233,11 @@ class Host:
 
         self.args = a
         self.backend = a["backend"]
-        self.cfg = config_from_dict(fleetlib.config_dict(
-            self.backend, a["interface"], a["private"], a.get("pin_root"), a.get("sizes")))
+        cfg = fleetlib.config_dict(self.backend, a["interface"], a["private"], a.get("pin_root"),
+                                   a.get("sizes"))
+        if a.get("filter"):  # e.g. a server filtering: {"reject_all": true} (its client a member)
+            cfg["filter"] = a["filter"]
+        self.cfg = config_from_dict(cfg)
         c = self.cfg
         self.me = Node(c.node_id, c.network, c.addresses.private, c.addresses.public,
                        c.addresses.overlay)

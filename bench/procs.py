@@ -92,16 +92,18 @@ class LoadServer:
 
 
 class DpHost:
-    """A ``bench.dphost`` process in a namespace, spoken to in JSON lines."""
+    """A ``bench.dphost`` process in a namespace, spoken to in JSON lines. With
+    ``root`` (an extracted revision, bench/before.py) the same driver runs on that
+    revision's ``overlay`` and ``bpf``."""
 
-    def __init__(self, ns: Netns, log_path: str, cpu: int | None = None):
+    def __init__(self, ns: Netns, log_path: str, cpu: int | None = None, root: str = REPO):
         self.ns = ns
         self.log = open(log_path, "a")
-        argv = [PYTHON, "-m", "bench.dphost"]
+        argv = [PYTHON, "-m", "bench.dphost"] if root == REPO else [PYTHON, os.path.join(BENCH_DIR, "dphost.py")]
         if cpu is not None:
             argv = ["taskset", "-c", str(cpu), *argv]
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = ns.popen(*argv, stdin=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO,
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = ns.popen(*argv, stdin=subprocess.PIPE, stderr=self.log, text=True, cwd=root,
                              env=env)
         self._read(120)
 

@@ -14,6 +14,15 @@ three back to back (the order rotates) and a noisy neighbour hits them alike:
 ``ipt`` and ``ebpf`` hold N peers (the target last in rule order) and talk to
 the target's overlay address. Load generator clients run on CPU 0, the
 server on CPU 1 (when there are two).
+
+Before/after rows in one run (``--backends ...,ebpf-tc-before,ebpf-srv,ebpf-srv-before``):
+``ebpf-tc-before`` is ``ebpf-tc`` on the datapath of another revision
+(``--before-rev``, default the branch point of issue 11; bench/before.py) in its
+own client namespace ``ebfb`` (10.77.4.1 -> ``srv`` 10.77.4.2). ``ebpf-srv`` and
+``ebpf-srv-before`` put the datapath on the SERVER instead, in server namespaces
+of their own (``srvf``, ``srvfb``) with their own ovlbench server: ``reject_all``,
+the client one member among N peers, the client plain. Each pair gives paired
+``<metric>_vs_before`` ratios besides ``_vs_bare``.
 """
 
 from __future__ import annotations
@@ -38,14 +47,26 @@ DEFAULT_OUT = os.path.join(RESULTS_DIR, "latest.json")
 PORT = 5000  # conn_setup; rr on PORT+1, stream on PORT+2
 DATA_SUITES = ("conn_setup", "rr", "stream")
 CONTROL_SUITES = ("update_one", "full_sync")
-ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout")
+ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout", "prog_cost")
 
 CLIENTS = {  # backend -> (namespace name, client address, server address)
     "bare": ("bare", "10.77.1.1", "10.77.1.2"),
     "iptables": ("ipt", "10.77.2.1", "10.77.2.2"),
     "ebpf-tc": ("ebpf", "10.77.3.1", "10.77.3.2"),
+    "ebpf-tc-before": ("ebfb", "10.77.4.1", "10.77.4.2"),
+    "ebpf-srv": ("sfc", "10.77.5.1", "10.77.5.2"),
+    "ebpf-srv-before": ("sfbc", "10.77.6.1", "10.77.6.2"),
 }
-DP_BACKEND = {"iptables": "iptables", "ebpf-tc": "ebpf"}
+DP_BACKEND = {"iptables": "iptables", "ebpf-tc": "ebpf", "ebpf-tc-before": "ebpf", "ebpf-srv": "ebpf",
+              "ebpf-srv-before": "ebpf"}
+# Backends whose datapath filters on the SERVER (reject_all, the client a member among N
+# peers), in a server namespace of their own; the client runs nothing and talks to the
+# server's real address. The others translate on the client (the shared server "srv").
+SERVER_SIDE = {"ebpf-srv": "srvf", "ebpf-srv-before": "srvfb"}
+# Backends that run the datapath of another revision (--before-rev, bench/before.py),
+# and the backend of this revision they are paired with (<metric>_vs_before).
+BEFORE = {"ebpf-tc-before": "ebpf-tc", "ebpf-srv-before": "ebpf-srv"}
+CONTROL_BACKENDS = ("iptables", "ebpf-tc")  # full_sync, update_one, memory
 
 PROFILES: dict[str, dict] = {
     "full": {
@@ -98,7 +119,7 @@ def _on_term(signum, _frame):
 
 class Bench:
     def __init__(self, profile: str, suites: list[str], backends: list[str], log_dir: str,
-                 peers: list[int] | None = None):
+                 peers: list[int] | None = None, before_rev: str | None = None):
         self.p = dict(PROFILES[profile])
         if peers:
             self.p["peers"] = peers
@@ -107,8 +128,11 @@ class Bench:
         self.suites = suites
         self.backends = [b for b in backends if b != "bare"]
         self.log_dir = log_dir
+        self.before_rev = before_rev
+        self.before_root: str | None = None
         self.results = ResultSet(profile, {**self.p, "suites": suites,
-                                           "backends": ["bare", *self.backends]})
+                                           "backends": ["bare", *self.backends],
+                                           **({"before_rev": before_rev} if before_rev else {})})
         self.topo = Topology()
         self.ns: dict = {}
         self.hosts: dict[str, DpHost] = {}
@@ -134,6 +158,13 @@ class Bench:
                 note = "paired: each repetition's value / the bare value measured beside it"
             elif metric.endswith("_vs_iptables"):
                 note = "paired: each repetition's ebpf-tc value / the iptables value beside it"
+            elif metric.endswith("_vs_before"):
+                note = (f"paired: each repetition's value / the {backend}-before value beside it "
+                        f"(revision {self.before_rev})")
+            elif backend in BEFORE:
+                note = f"the datapath of revision {self.before_rev} (bench/before.py)"
+            if backend in SERVER_SIDE or BEFORE.get(backend) in SERVER_SIDE:
+                note = (note + "; " if note else "") + "the server filters (reject_all, client a member)"
             self.results.add(make_row(suite, backend, peers, metric, unit, vals, note))
 
     def guarded(self, suite: str, fn, *args) -> None:
@@ -153,25 +184,47 @@ class Bench:
     def build(self) -> None:
         srv = self.topo.netns("srv")
         self.ns["srv"] = srv
+        self.servers: dict[str, LoadServer] = {}
         for backend in ["bare", *self.backends]:
             name, client, server = CLIENTS[backend]
             ns = self.topo.netns(name)
-            dev = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce"}[backend]
-            self.topo.veth(ns, "eth0", f"{client}/24", srv, dev, f"{server}/24")
+            if backend in SERVER_SIDE:
+                own = self.topo.netns(SERVER_SIDE[backend])
+                self.topo.veth(ns, "eth0", f"{client}/24", own, "eth0", f"{server}/24")
+                self.ns[f"{backend}:srv"] = own
+            else:
+                dev = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce", "ebpf-tc-before": "cf"}[backend]
+                self.topo.veth(ns, "eth0", f"{client}/24", srv, dev, f"{server}/24")
             self.ns[backend] = ns
         self.server = LoadServer(srv, PORT, seconds=3600, cpu=self.server_cpu,
                                  nice=self.p.get("nice"))
+        for backend in SERVER_SIDE:
+            if backend in self.backends:
+                self.servers[backend] = LoadServer(self.ns[f"{backend}:srv"], PORT, seconds=3600,
+                                                   cpu=self.server_cpu, nice=self.p.get("nice"))
+        if any(b in BEFORE for b in self.backends):
+            from bench.before import extract
+
+            self.before_root = extract(self.before_rev, os.path.join(self.log_dir, "before"))
+            say(f"  before: revision {self.before_rev} extracted to {os.path.relpath(self.before_root)}")
 
     def start_hosts(self, sizes: dict | None = None) -> None:
         for backend in self.backends:
             self.hosts[backend] = self.start_host(backend, sizes)
 
     def start_host(self, backend: str, sizes: dict | None = None) -> DpHost:
-        _name, client, _server = CLIENTS[backend]
-        host = DpHost(self.ns[backend], os.path.join(self.log_dir, f"dphost-{backend}.log"))
-        args = {"backend": DP_BACKEND[backend], "interface": "eth0", "private": client}
-        if backend == "ebpf-tc":
-            args["pin_root"] = self.topo.pins(f"ebpf-{time.monotonic_ns()}")
+        _name, client, server = CLIENTS[backend]
+        server_side = backend in SERVER_SIDE
+        ns = self.ns[f"{backend}:srv"] if server_side else self.ns[backend]
+        root = self.before_root if backend in BEFORE else None
+        host = DpHost(ns, os.path.join(self.log_dir, f"dphost-{backend}.log"),
+                      **({"root": root} if root else {}))
+        args = {"backend": DP_BACKEND[backend], "interface": "eth0",
+                "private": server if server_side else client}
+        if server_side:
+            args["filter"] = {"reject_all": True}
+        if DP_BACKEND[backend] == "ebpf":
+            args["pin_root"] = self.topo.pins(f"{backend}-{time.monotonic_ns()}")
         if sizes:
             args["sizes"] = sizes
         try:
@@ -189,13 +242,15 @@ class Bench:
         self.hosts.clear()
         if self.server is not None:
             self.server.stop()
+        for server in getattr(self, "servers", {}).values():
+            server.stop()
         self.topo.close()
 
     # -- the data plane --
 
     def target(self, backend: str, n: int) -> str:
-        if backend == "bare":
-            return CLIENTS["bare"][2]
+        if backend == "bare" or backend in SERVER_SIDE:
+            return CLIENTS[backend][2]  # the server's real address
         return fleetlib.target_overlay(n)
 
     def traffic(self, suite: str, n: int) -> None:
@@ -237,6 +292,11 @@ class Bench:
             if suite == "conn_setup" and e and i and i["conn_per_s"]:
                 self.sample(suite, "ebpf-tc", n, "conn_per_s_vs_iptables",
                             e["conn_per_s"] / i["conn_per_s"])
+            for before, after in BEFORE.items():
+                for metric, value in got.get(after, {}).items():
+                    old = got.get(before, {}).get(metric)
+                    if old:
+                        self.sample(suite, after, n, f"{metric}_vs_before", value / old)
         if suite == "conn_setup" and "ebpf-tc" in self.hosts and self.p.get("prog_stats_s"):
             self.prog_stats(n)
         summary = []
@@ -273,9 +333,14 @@ class Bench:
                                   f"{out['conn_per_s']:.0f} conn/s with stats on", digits=1))
 
     def control(self, n: int) -> None:
-        """Program N peers (full_sync reps), then one-peer updates."""
+        """Program N peers (full_sync reps), then one-peer updates. The before and
+        server-side backends only get their N peers (the traffic suites' setting)."""
         for backend in self.backends:
             host = self.hosts[backend]
+            if backend not in CONTROL_BACKENDS:
+                target = CLIENTS[backend][1] if backend in SERVER_SIDE else CLIENTS[backend][2]
+                host.call("program", n=n, target_real=target, timeout=1800)
+                continue
             if "full_sync" in self.suites:
                 res = host.call("full_sync", n=n, target_real=CLIENTS[backend][2],
                                 reps=self.p["full_sync_reps"], timeout=1800)
@@ -285,7 +350,7 @@ class Bench:
             else:
                 host.call("program", n=n, target_real=CLIENTS[backend][2], timeout=1800)
         if "update_one" in self.suites and n >= 2:
-            for backend in self.backends:
+            for backend in [b for b in self.backends if b in CONTROL_BACKENDS]:
                 host = self.hosts[backend]
                 reps = self.p["update_reps"][backend]
                 if backend == "iptables" and n >= 50000:
@@ -300,7 +365,7 @@ class Bench:
                         "update_one", backend, n, "map_write_ms", "ms", res["ms"],
                         "the same ops written straight into the maps (no capacity check)",
                         digits=5))
-            host = self.hosts[self.backends[0]]
+            host = self.hosts[[b for b in self.backends if b in CONTROL_BACKENDS][0]]
             res = host.call("plan_diff", reps=self.p["plan_diff_reps"], timeout=1800)
             self.results.add(make_row("update_one", "core", n, "plan_diff_ms", "ms", res["ms"],
                                       "the agent's plan + diff over all N peers for one change"))
@@ -321,7 +386,7 @@ class Bench:
     # -- memory --
 
     def memory(self) -> None:
-        for backend in self.backends:
+        for backend in [b for b in self.backends if b in CONTROL_BACKENDS]:
             for n in self.p["memory_peers"]:
                 self.guarded("memory", self._memory_one, backend, n)
 
@@ -369,6 +434,27 @@ class Bench:
         finally:
             host.close(teardown=True)
 
+    # -- per-packet cost of the programs --
+
+    def prog_cost(self) -> None:
+        from bench.progcost import CASES, measure
+
+        got = measure(self.before_root)
+        for backend, cases in got.items():
+            for case, ns in cases.items():
+                self.results.add(make_row("prog_cost", backend, 0, case, "ns", [ns],
+                                          f"{CASES[case]}; best of interleaved BPF_PROG_TEST_RUN "
+                                          "batches", digits=1))
+        before = got.get("ebpf-tc-before", {})
+        for case, ns in got["ebpf-tc"].items():
+            if before.get(case):
+                self.results.add(make_row("prog_cost", "ebpf-tc", 0, f"{case}_vs_before", "x",
+                                          [ns / before[case]], f"revision {self.before_rev}"))
+        say("  prog_cost  " + ", ".join(
+            f"{case.removesuffix('_ns')} {ns:.0f}"
+            + (f" (before {before[case]:.0f})" if before.get(case) else "") + " ns"
+            for case, ns in got["ebpf-tc"].items()))
+
     # -- fanout --
 
     def fanout(self) -> None:
@@ -388,6 +474,9 @@ class Bench:
         if "memory" in self.suites and self.backends:
             say("==> memory")
             self.memory()
+        if "prog_cost" in self.suites and "ebpf-tc" in self.backends:
+            say("==> per-packet cost of the tc programs")
+            self.guarded("prog_cost", self.prog_cost)
         if "fanout" in self.suites:
             say("==> fanout")
             self.guarded("fanout", self.fanout)
@@ -402,7 +491,7 @@ def preflight(backends: list[str]) -> list[str]:
         raise SystemExit("bench: bpffs is not mounted at /sys/fs/bpf (scripts/bench-setup.sh)")
     ok = []
     for b in backends:
-        if b == "ebpf-tc":
+        if DP_BACKEND.get(b) == "ebpf":
             try:
                 import bcc  # noqa: F401
             except ImportError:
@@ -417,7 +506,11 @@ def main_run(args) -> int:
     unknown = set(suites) - set(ALL_SUITES)
     if unknown:
         raise SystemExit(f"bench: unknown suites {sorted(unknown)} (known: {', '.join(ALL_SUITES)})")
-    backends = preflight(args.backends.split(","))
+    wanted = args.backends.split(",")
+    if set(wanted) - set(CLIENTS):
+        raise SystemExit(f"bench: unknown backends {sorted(set(wanted) - set(CLIENTS))} "
+                         f"(known: {', '.join(CLIENTS)})")
+    backends = preflight(wanted)
     build_loadgen()
     removed = remove_stale()
     if removed:
@@ -427,7 +520,12 @@ def main_run(args) -> int:
                            f"{stamp}-{args.profile}")
     os.makedirs(log_dir, exist_ok=True)
     peers = [int(x) for x in args.peers.split(",")] if args.peers else None
-    bench = Bench(args.profile, suites, backends, log_dir, peers)
+    before_rev = None
+    if any(b in BEFORE for b in backends):
+        from bench.before import DEFAULT_REV
+
+        before_rev = args.before_rev or DEFAULT_REV
+    bench = Bench(args.profile, suites, backends, log_dir, peers, before_rev=before_rev)
     say(f"==> bench {args.profile}: suites {', '.join(suites)}; backends bare, "
         f"{', '.join(bench.backends)}; logs in {os.path.relpath(log_dir)}")
     say(f"    load average {open('/proc/loadavg').read().split()[:3]} on {os.cpu_count()} CPUs; "
@@ -492,6 +590,9 @@ def main(argv=None) -> int:
     r.add_argument("--suites", help=f"comma-separated subset of {','.join(ALL_SUITES)}")
     r.add_argument("--backends", default="bare,iptables,ebpf-tc")
     r.add_argument("--peers", help="comma-separated peer counts (overrides the profile)")
+    r.add_argument("--before-rev", default=None,
+                   help="revision whose datapath the *-before backends run (default: "
+                        "the branch point of issue 11, see bench/before.py)")
     r.add_argument("--out", default=DEFAULT_OUT)
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--report", dest="report", action="store_true", default=None,

@@ -9,33 +9,58 @@ from __future__ import annotations
 
 import ipaddress
 
-_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _RESERVED = ipaddress.IPv4Network("240.0.0.0/4")
+
+
+def _host(value: object, cls, family: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``value`` as one address of ``cls``, refusing what no host address can be."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected an {family} address string, got {type(value).__name__}")
+    if "/" in value:
+        raise ValueError(f"{value!r} is a network (CIDR), expected a single host address")
+    try:
+        ip = cls(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not an {family} address") from None
+    if ip.is_unspecified:
+        raise ValueError(f"{value} is the unspecified address")
+    if ip.is_multicast:
+        raise ValueError(f"{value} is a multicast address")
+    if ip.is_loopback:
+        raise ValueError(f"{value} is {'a loopback' if family == 'IPv4' else 'the loopback'} address")
+    return ip
 
 
 def host_ipv4(value: object) -> str:
     """A single usable IPv4 host address, returned in canonical text form."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected an IPv4 address string, got {type(value).__name__}")
-    if "/" in value:
-        raise ValueError(f"{value!r} is a network (CIDR), expected a single host address")
-    try:
-        ip = ipaddress.IPv4Address(value.strip())
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IPv4 address") from None
+    ip = _host(value, ipaddress.IPv4Address, "IPv4")
     if str(ip) != value.strip():
         raise ValueError(f"{value!r} is not in canonical dotted-quad form")
-    if ip.is_unspecified:
-        raise ValueError(f"{value} is the unspecified address")
     if ip == ipaddress.IPv4Address("255.255.255.255"):
         raise ValueError(f"{value} is the broadcast address")
-    if ip.is_multicast:
-        raise ValueError(f"{value} is a multicast address")
-    if ip in _LOOPBACK:
-        raise ValueError(f"{value} is a loopback address")
     if ip in _RESERVED:
         raise ValueError(f"{value} is in the reserved range 240.0.0.0/4")
     return str(ip)
+
+
+def host_ipv6(value: object) -> str:
+    """A single usable IPv6 unicast host address (global or unique-local), canonical text."""
+    ip = _host(value, ipaddress.IPv6Address, "IPv6")
+    if ip.is_link_local:
+        raise ValueError(f"{value} is link-local (ambiguous without a link); use a global or unique-local address")
+    if ip.ipv4_mapped is not None:
+        raise ValueError(f"{value} is an IPv4-mapped address; give the IPv4 address as private/public")
+    return str(ip)
+
+
+def cidr_ip(value: object) -> str:
+    """An IPv4 or IPv6 network in CIDR form with no host bits set."""
+    if isinstance(value, str) and ":" in value:
+        try:
+            return str(ipaddress.IPv6Network(value.strip(), strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IPv6 network: {exc}") from None
+    return cidr_ipv4(value)
 
 
 def cidr_ipv4(value: object) -> str:

@@ -29,6 +29,8 @@ from overlay.plan import AppliedPeer, DesiredState, plan
 
 log = logging.getLogger(__name__)
 
+SWEEP_S = 5.0  # the datapath's sweep of expired conntrack and fragment state, every so often
+
 
 class Agent:
     def __init__(
@@ -72,6 +74,8 @@ class Agent:
         self.heartbeat = clock()
         self._was_connected = True
         self.next_deadline: float | None = None
+        self.last_sweep = float("-inf")
+        self.swept: dict[str, int] = {}
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -106,8 +110,23 @@ class Agent:
                 due = self.next_deadline is not None and now >= self.next_deadline
                 if due or now - self.last_resync >= self.resync_s:
                     self.wake.set()
+                self.sweep()
                 continue
             self.step(stop)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Let the datapath delete expired state (bounded work), every SWEEP_S."""
+        now = self.clock()
+        if now - self.last_sweep < SWEEP_S or not callable(getattr(self.datapath, "sweep", None)):
+            return
+        self.last_sweep = now
+        try:
+            with self.lock:
+                for name, n in self.datapath.sweep().items():
+                    self.swept[name] = self.swept.get(name, 0) + n
+        except OverlayError as exc:
+            log.debug("[%s] sweep failed: %s", self.self_node.node_id, exc)
 
     def step(self, stop: threading.Event | None = None) -> None:
         """One throttled reconcile: wait a jittered delay, coalescing what arrives meanwhile."""
@@ -256,6 +275,7 @@ class Agent:
                 "guard": self.guard.to_dict() | {"held_count": self.guard.size},
                 "applies": self.applies,
                 "ops_total": self.ops_total,
+                "swept": dict(self.swept),
                 "last_error": self.last_error,
             } | ({"fill": fill} if fill is not None else {})
 

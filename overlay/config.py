@@ -37,6 +37,8 @@ class Addresses:
     private: str
     public: str
     overlay: str | None = None
+    private6: str | None = None   # optional single IPv6 addresses (records v2)
+    public6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,26 @@ class MapSizes:
     policy: int = 65536       # ovl_policy entries: (identity, proto, port prefix) -> policy
     cidr_ident: int = 4096    # ovl_cidr_ident: the distinct CIDR sources of policies
     names: int = 65536        # ovl_names: policy ids and rules, identities' groups, CIDRs
+    conntrack6: int = 65536   # ovl_ct6: IPv6 flows this host initiated
+    conntrack_in: int = 65536  # ovl_ct_in: inbound markers (both families)
+    frag: int = 8192          # ovl_frag: remembered verdicts of fragmented datagrams
+    peers6: int = 65536       # ovl_peers6: peers' IPv6 real addresses
+    failsafe6: int = 1024     # ovl_failsafe6: IPv6 failsafe prefixes
+    cidr_ident6: int = 4096   # ovl_cidr_ident6: IPv6 policy CIDRs
+
+
+@dataclass(frozen=True)
+class ConntrackConfig:
+    """Lifetimes (seconds) of the eBPF datapath's conntrack entries per state,
+    and of a fragment's remembered verdict (docs/datapath.md)."""
+
+    tcp_syn_s: int = 120
+    tcp_established_s: int = 432000
+    tcp_fin_s: int = 120
+    tcp_rst_s: int = 10
+    udp_s: int = 120
+    icmp_s: int = 30
+    frag_s: int = 5
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,7 @@ class DatapathConfig:
     overlay_device: str = "ovl0"
     pin_root: str = "/sys/fs/bpf/overlay"
     sizes: MapSizes = field(default_factory=MapSizes)
+    conntrack: ConntrackConfig = field(default_factory=ConntrackConfig)
     options: Any = None  # a plugin backend: what its validate_config returned
 
 
@@ -307,8 +330,10 @@ def _addresses(sec: _Section, subnet: ipaddress.IPv4Network) -> Addresses:
     private = sec.get("private", addr.host_ipv4, required=True)
     public = sec.get("public", addr.host_ipv4, required=True)
     overlay = sec.get("overlay", lambda v: addr.in_subnet_host(v, subnet))
+    private6 = sec.get("private6", addr.host_ipv6)
+    public6 = sec.get("public6", addr.host_ipv6)
     sec.done()
-    return Addresses(private, public, overlay)
+    return Addresses(private, public, overlay, private6, public6)
 
 
 def _plugin_options(sec: _Section, table: Backends, name: str, key: str) -> Any:
@@ -355,7 +380,7 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
     tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=True)
     peers = sec.get(
         "peers",
-        lambda v: _list_of(sec.sub("peers"), v, lambda p: node_from_dict({"v": 1, **p} if isinstance(p, dict) else p, subnet)),
+        lambda v: _list_of(sec.sub("peers"), v, lambda p: node_from_dict({"v": 2, **p} if isinstance(p, dict) else p, subnet)),
         (),
     )
     sec.done()
@@ -410,18 +435,34 @@ def _controller(sec: _Section) -> ControllerConfig:
     return ControllerConfig(tls, listen, lease_s, window)
 
 
-def _sizes(sec: _Section) -> MapSizes:
-    sizes = MapSizes(
-        nat=sec.get("nat", _int_range(16, 1 << 22), MapSizes.nat),
-        peers=sec.get("peers", _int_range(16, 1 << 22), MapSizes.peers),
-        conntrack=sec.get("conntrack", _int_range(1024, 1 << 24), MapSizes.conntrack),
-        failsafe=sec.get("failsafe", _int_range(16, 1 << 16), MapSizes.failsafe),
-        policy=sec.get("policy", _int_range(16, 1 << 22), MapSizes.policy),
-        cidr_ident=sec.get("cidr_ident", _int_range(16, 1 << 20), MapSizes.cidr_ident),
-        names=sec.get("names", _int_range(16, 1 << 22), MapSizes.names),
-    )
+# datapath.sizes.<key>: (lowest, highest) accepted
+_SIZE_RANGES = {
+    "nat": (16, 1 << 22), "peers": (16, 1 << 22), "conntrack": (64, 1 << 24), "failsafe": (16, 1 << 16),
+    "policy": (16, 1 << 22), "cidr_ident": (16, 1 << 20), "names": (16, 1 << 22),
+    "conntrack6": (64, 1 << 24), "conntrack_in": (64, 1 << 24), "frag": (64, 1 << 20),
+    "peers6": (16, 1 << 22), "failsafe6": (16, 1 << 16), "cidr_ident6": (16, 1 << 20),
+}
+
+
+def _typed_section(sec: _Section, cls, ranges: dict[str, tuple[int, int]]):
+    """``cls`` (a frozen dataclass of integers) from ``sec``: each field in its range,
+    its dataclass default when absent."""
+    default = cls()
+    values = {name: sec.get(name, _int_range(*ranges[name]), getattr(default, name)) for name in ranges}
     sec.done()
-    return sizes
+    return cls(**values)
+
+
+def _sizes(sec: _Section) -> MapSizes:
+    return _typed_section(sec, MapSizes, _SIZE_RANGES)
+
+
+_LIFETIME_RANGES = {name: (1, 10_000_000) for name in (
+    "tcp_syn_s", "tcp_established_s", "tcp_fin_s", "tcp_rst_s", "udp_s", "icmp_s")} | {"frag_s": (1, 120)}
+
+
+def _conntrack(sec: _Section) -> ConntrackConfig:
+    return _typed_section(sec, ConntrackConfig, _LIFETIME_RANGES)
 
 
 def _ifname(value: Any) -> str:
@@ -438,20 +479,21 @@ def _datapath(sec: _Section) -> DatapathConfig:
     overlay_device = sec.get("overlay_device", _ifname, "ovl0")
     pin_root = sec.get("pin_root", _str, "/sys/fs/bpf/overlay")
     sizes = _sizes(sec.section("sizes"))
+    conntrack = _conntrack(sec.section("conntrack"))
     options = _plugin_options(sec, DATAPATHS, backend, "backend")  # a plugin: the keys left are its own
     sec.done()
     if mode == "socket":
         raise InvalidConfigError(sec.sub("mode"), "socket mode is not available yet; use tc")
     if mode != "tc" and backend != "ebpf":
         raise InvalidConfigError(sec.sub("mode"), "only applies to backend: ebpf")
-    return DatapathConfig(backend, mode, interface, overlay_device, pin_root, sizes, options)
+    return DatapathConfig(backend, mode, interface, overlay_device, pin_root, sizes, conntrack, options)
 
 
 def _filter(sec: _Section) -> FilterConfig:
     reject_all = sec.get("reject_all", _bool, False)
     mode = sec.get("mode", _choice("enforce", "audit"), "enforce")
     open_ports = sec.get("open_ports", lambda v: _list_of(sec.sub("open_ports"), v, addr.port_spec), ())
-    whitelist = sec.get("ssh_whitelist", lambda v: _list_of(sec.sub("ssh_whitelist"), v, addr.cidr_ipv4), ())
+    whitelist = sec.get("ssh_whitelist", lambda v: _list_of(sec.sub("ssh_whitelist"), v, addr.cidr_ip), ())
     sec.done()
     return FilterConfig(reject_all, mode, tuple(sorted(set(open_ports))), tuple(dict.fromkeys(whitelist)))
 

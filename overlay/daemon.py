@@ -110,6 +110,8 @@ def run_daemon(config_path: str, dry_run: bool = False, log_level: str = "info",
         overlay=overlay,
         groups=config.groups,
         open_ports=config.filter.open_ports,
+        private6=config.addresses.private6 if config.addresses else None,
+        public6=config.addresses.public6 if config.addresses else None,
     )
     log.info("this node: overlay %s, private %s, public %s, network %s", overlay, private, public, config.network)
     datapath = make_datapath(config, self_node, dry_run)

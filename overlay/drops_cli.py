@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from overlay.errors import UnsupportedError
 
-PROTOS = {"icmp": 1, "tcp": 6, "udp": 17}
+PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
 PROTO_NAMES = {v: k for k, v in PROTOS.items()}
 SSH_PORT = 22
 
@@ -105,25 +105,41 @@ def event_record(ev, namer: Namer, mono_to_wall: Callable[[int], float]) -> dict
         "reason": reason,
         "audit": bool(ev.audit),
         "proto": proto_name(ev.proto),
-        "src": abi.be32_to_ip(ev.saddr),
+        "family": ev.family or None,
+        "src": abi.words_to_ip(ev.saddr, ev.family) if ev.family else None,
         "sport": abi.be16_to_port(ev.sport),
-        "dst": abi.be32_to_ip(ev.daddr),
+        "dst": abi.words_to_ip(ev.daddr, ev.family) if ev.family else None,
         "dport": abi.be16_to_port(ev.dport),
         "policy": namer.policy(ev.policy),
         "policy_index": ev.policy or None,
     }
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+FRAGMENT_NOTES = {
+    "frag_short": "a first fragment without its full L4 header, or a later one overlapping it",
+    "frag_orphan": "a later fragment whose first fragment was not seen or not allowed",
+    "martian": "a loopback or own source address arriving from the wire",
+}
+
+
 def format_event(r: dict) -> str:
-    if r["proto"] in ("tcp", "udp"):
-        flow = f"{r['proto']} {r['src']}:{r['sport']} -> {r['dst']}:{r['dport']}"
-    elif r["proto"] == "icmp":
-        flow = f"icmp {r['src']} -> {r['dst']} (id {r['sport']})"
+    if r["src"] is None:
+        flow = "(not parsed)"
+    elif r["proto"] in ("tcp", "udp") and r["reason"] not in ("frag_orphan",):
+        flow = f"{r['proto']} {_hostport(r['src'], r['sport'])} -> {_hostport(r['dst'], r['dport'])}"
+    elif r["proto"] in ("icmp", "icmpv6"):
+        flow = f"{r['proto']} {r['src']} -> {r['dst']} (id {r['sport']})"
     else:
-        flow = f"proto {r['proto']} {r['src']} -> {r['dst']}"
+        flow = f"{'proto ' + r['proto'] if r['proto'] not in ('tcp', 'udp') else r['proto']} {r['src']} -> {r['dst']}"
     text = f"{r['time']} {r['direction']} {'AUDIT (passed)' if r['audit'] else 'drop'} {r['reason']} {flow}"
     if r["reason"] == "policy":
         text += f"  default-deny: node selected by policy {r['policy'] or '#' + str(r['policy_index'])}"
+    elif r["reason"] in FRAGMENT_NOTES:
+        text += f"  ({FRAGMENT_NOTES[r['reason']]})"
     return text
 
 
@@ -234,65 +250,71 @@ class Verdict:
 
 
 class LiveMaps:
-    """The lookups ``why`` needs, on the pinned maps (the kernel's own LPM matching)."""
+    """The lookups ``why`` needs, on the pinned maps (the kernel's own LPM matching).
+    Addresses may be IPv4 or IPv6: the map of each family is asked."""
 
     def __init__(self, maps):
         self.maps = maps
 
-    def _lookup(self, name: str, key: bytes) -> bytes | None:
+    def _get(self, table: str, key) -> bytes | None:
         from overlay.datapath.ebpf import bpfsys
+        from overlay.datapath.ebpf.codec import encode_key, map_of
 
+        name = map_of(table, key)
         info = self.maps.info(name)
-        return bpfsys.lookup(self.maps.fd(name), key, info.key_size, info.value_size)
+        return bpfsys.lookup(self.maps.fd(name), encode_key(table, key), info.key_size, info.value_size)
 
     def cfg(self, key: str) -> int:
         from overlay.datapath.ebpf.maps import CONFIG_INDEX
 
         return self.maps.get_cfg(CONFIG_INDEX[key])
 
-    def failsafe(self, src: str) -> int:
-        from overlay.datapath.ebpf import abi
-        from overlay.datapath.ebpf.maps import FAILSAFE
+    def own(self, src: str) -> bool:
+        return self._get("self", src) is not None
 
-        raw = self._lookup(FAILSAFE, bytes(abi.lpm_key(f"{src}/32")))
+    def failsafe(self, src: str) -> int:
+        raw = self._get("failsafe", _host_cidr(src))
         return 0 if raw is None else int.from_bytes(raw[:4], sys.byteorder)
 
     def peer(self, src: str):
         from overlay.datapath.ebpf import abi
-        from overlay.datapath.ebpf.maps import PEERS
 
-        raw = self._lookup(PEERS, abi.ip_to_be32(src).to_bytes(4, sys.byteorder))
+        raw = self._get("peers", src)
         if raw is None:
             return None
         v = abi.OvlPeerVal.from_buffer_copy(raw)
         return v.identity, v.flags
 
     def cidr_identity(self, src: str) -> int | None:
-        from overlay.datapath.ebpf import abi
-        from overlay.datapath.ebpf.maps import CIDR_IDENT
-
-        raw = self._lookup(CIDR_IDENT, bytes(abi.lpm_key(f"{src}/32")))
+        raw = self._get("cidr_ident", _host_cidr(src))
         return None if raw is None else int.from_bytes(raw[:4], sys.byteorder)
 
     def policy(self, identity: int, proto: int, port: int) -> int | None:
-        from overlay.datapath.ebpf import abi
-        from overlay.datapath.ebpf.maps import POLICY
-
-        raw = self._lookup(POLICY, bytes(abi.policy_key(identity, proto, port, 16)))
+        raw = self._get("policy", (identity, proto, port, 16))
         return None if raw is None else int.from_bytes(raw[:4], sys.byteorder)
 
     def name(self, kind: str, number: int) -> str | None:
         return name_of(self.maps, kind, number)
 
     def port_open(self, proto: int, port: int) -> bool:
-        from overlay.datapath.ebpf import abi
-        from overlay.datapath.ebpf.maps import PORTS
-
-        slot = {6: abi.PortSlot.TCP, 17: abi.PortSlot.UDP}.get(proto)
+        slot = {6: 0, 17: 1}.get(proto)
         if slot is None:
             return False
-        raw = self._lookup(PORTS, (int(slot) * abi.PORT_WORDS + port // 64).to_bytes(4, sys.byteorder))
+        raw = self._get("ports", (slot, port // 64))
         return raw is not None and bool(int.from_bytes(raw[:8], sys.byteorder) >> (port % 64) & 1)
+
+
+def _host_cidr(ip: str) -> str:
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+ICMPV6 = 58
+FRAGMENT_RULE = (
+    "fragments share their datagram's verdict: the first fragment is judged like this flow and must "
+    "carry the whole L4 header (TCP 20 bytes, UDP/ICMP 8), else it is dropped (frag_short); later "
+    "fragments pass only on the remembered verdict of their first one (else frag_orphan), and one "
+    "starting inside the TCP header (offset 8 or 16) is dropped (frag_short)"
+)
 
 
 def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
@@ -308,8 +330,16 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
     v = Verdict(src, dst, pname, port)
     v.audit = live.cfg("mode") == 1
     v.enforced = bool(live.cfg("policy_enforced"))
-    v.notes.append("a reply of an established flow always passes (this explains a new flow; "
-                   "conntrack is not consulted)")
+    filtering = v.enforced or bool(live.cfg("reject_all"))
+    v.notes.append("a reply of a flow this host initiated passes as established (conntrack, not "
+                   "consulted here); flows other hosts initiate are judged on every packet, as below")
+    if filtering:
+        v.notes.append(FRAGMENT_RULE)
+    six = ipaddress.ip_address(src).version == 6
+    if proto == ICMPV6 and six:
+        v.notes.append("ICMPv6 neighbour discovery (types 133-137 with hop limit 255) and MLD (130-132, "
+                       "143 from a link-local source) always pass (pass_ndp); ICMPv6 errors about a "
+                       "tracked or admitted flow pass as related")
 
     def done(verdict: str, reason: str, rule: str, **kw) -> Verdict:
         v.verdict, v.reason, v.rule = verdict, reason, rule
@@ -317,13 +347,17 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
             setattr(v, k, val)
         return v
 
+    if ipaddress.ip_address(src).is_loopback:
+        return done("drop", "martian", f"martian: {src} is a loopback source, never legitimate from the wire")
+    if live.own(src):
+        return done("drop", "martian", f"martian: {src} is one of this host's own addresses (spoofed)")
     flags = live.failsafe(src)
     if flags & FS_ALL:
         return done("allow", "failsafe", f"failsafe: {src} is a registry/management address (never blocked)")
     if flags & FS_SSH and proto == 6 and port == SSH_PORT:
         return done("allow", "failsafe", f"failsafe: ssh from {src} (filter.ssh_whitelist, never blocked)")
-    if ipaddress.IPv4Address(src) in ipaddress.IPv4Network("127.0.0.0/8"):
-        return done("allow", "loopback", "loopback")
+    # policies: ICMPv6 is looked up as ICMP (a policy `proto: icmp` covers both)
+    lookup_proto = 1 if proto == ICMPV6 else proto
 
     peer = live.peer(src)
     member = peer is not None and bool(peer[1] & PEER_F_MEMBER)
@@ -351,7 +385,7 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
         for identity, how in ((peer[0] if member else None, "member"), (cidr_ident, "cidr")):
             if identity is None:
                 continue
-            index = live.policy(identity, proto, port)
+            index = live.policy(identity, lookup_proto, port)
             if index is None:
                 continue
             pid = live.name("policy", index) or f"#{index}"
@@ -375,11 +409,11 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
     return done("allow", "default", "default accept (reject_all is off, no policy selects this node)")
 
 
-def _ipv4(text: str) -> str:
+def _ip(text: str) -> str:
     try:
-        return str(ipaddress.IPv4Address(text))
+        return str(ipaddress.ip_address(text.split("%", 1)[0]))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
 
 
 def _proto(text: str) -> int:
@@ -388,7 +422,7 @@ def _proto(text: str) -> int:
         return PROTOS[t]
     if t.isdigit() and 0 <= int(t) <= 255:
         return int(t)
-    raise argparse.ArgumentTypeError(f"{text!r} is not tcp, udp, icmp or a protocol number")
+    raise argparse.ArgumentTypeError(f"{text!r} is not tcp, udp, icmp, icmpv6 or a protocol number")
 
 
 def _port(text: str) -> int:
@@ -400,6 +434,9 @@ def _port(text: str) -> int:
 
 
 def cmd_why(args) -> int:
+    if ipaddress.ip_address(args.src).version != ipaddress.ip_address(args.dst).version:
+        print(f"overlay why: DST {args.dst} is not of the IP version of SRC {args.src}", file=sys.stderr)
+        return 2
     maps = _open_maps(_pin_dir(args))
     try:
         v = explain(args.src, args.dst, args.proto, args.port, LiveMaps(maps))
@@ -451,9 +488,10 @@ def register(sub, parser_class) -> None:
     help_ = "explain the verdict this node would give a new flow SRC -> DST PROTO/PORT, from the live maps"
     sp = sub.add_parser("why", help=help_, description=help_)
     sp.set_defaults(func=cmd_why)
-    sp.add_argument("src", type=_ipv4, metavar="SRC", help="source address (as it arrives: a peer's real address)")
-    sp.add_argument("dst", type=_ipv4, metavar="DST", help="destination address (this node)")
-    sp.add_argument("proto", type=_proto, metavar="PROTO", help="tcp, udp, icmp or a protocol number")
+    sp.add_argument("src", type=_ip, metavar="SRC",
+                    help="source address, IPv4 or IPv6 (as it arrives: a peer's real address)")
+    sp.add_argument("dst", type=_ip, metavar="DST", help="destination address (this node)")
+    sp.add_argument("proto", type=_proto, metavar="PROTO", help="tcp, udp, icmp, icmpv6 or a protocol number")
     sp.add_argument("port", type=_port, metavar="PORT", help="destination port (0 or - for icmp)")
     dp_opts(sp)
     sp.add_argument("--json", action="store_true", help="print JSON")

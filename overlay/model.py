@@ -16,7 +16,8 @@ from typing import Any
 from overlay import addr
 from overlay.errors import InvalidRecord
 
-RECORD_VERSION = 1
+RECORD_VERSION = 1          # policies; nodes without IPv6 addresses
+NODE_RECORD_V6 = 2          # nodes with private6/public6 (older daemons keep reading v1)
 MAX_RECORD_BYTES = 4096
 MAX_GROUPS = 64
 MAX_PORTS = 256
@@ -24,6 +25,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")
 PROTOS = ("tcp", "udp", "icmp")
 
 _NODE_KEYS = {"v", "node_id", "network", "private", "public", "overlay", "groups", "open_ports"}
+_NODE_KEYS_V6 = _NODE_KEYS | {"private6", "public6"}
 _POLICY_KEYS = {"v", "from", "to", "proto", "ports"}
 
 
@@ -67,14 +69,22 @@ class Node:
     overlay: str
     groups: tuple[str, ...] = ()
     open_ports: tuple[tuple[int, int], ...] = ()
+    private6: str | None = None
+    public6: str | None = None
 
     def real_address_from(self, network: str) -> str:
         """The address a node in ``network`` uses to reach this one."""
         return self.private if network == self.network else self.public
 
+    def real6_from(self, network: str) -> str | None:
+        """The IPv6 address a node in ``network`` sees this one's packets come
+        from (private6 in the same network, else public6), if it has one."""
+        return self.private6 if network == self.network else self.public6
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "v": RECORD_VERSION,
+        """The record: version 1 unless an IPv6 address is set (then 2, with them)."""
+        out: dict[str, Any] = {
+            "v": NODE_RECORD_V6 if self.private6 or self.public6 else RECORD_VERSION,
             "node_id": self.node_id,
             "network": self.network,
             "private": self.private,
@@ -83,6 +93,10 @@ class Node:
             "groups": list(self.groups),
             "open_ports": [_spec_to_json(s) for s in self.open_ports],
         }
+        for key in ("private6", "public6"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
 
 
 @dataclass(frozen=True)
@@ -132,20 +146,23 @@ def _load_json_object(data: bytes | str, what: str) -> dict:
     return obj
 
 
-def _check_version(obj: dict, what: str) -> None:
+def _check_version(obj: dict, what: str, versions: tuple[int, ...] = (RECORD_VERSION,)) -> int:
     v = obj.get("v")
-    if isinstance(v, bool) or v != RECORD_VERSION:
-        raise InvalidRecord(f"{what}: unsupported version v={v!r} (expected {RECORD_VERSION})")
+    if isinstance(v, bool) or v not in versions:
+        want = " or ".join(map(str, versions))
+        raise InvalidRecord(f"{what}: unsupported version v={v!r} (expected {want})")
+    return v
 
 
 def node_from_dict(obj: Any, subnet: ipaddress.IPv4Network | None = None) -> Node:
     """Validate a decoded node record. ``subnet``, when given, must hold ``overlay``."""
     if not isinstance(obj, dict):
         raise InvalidRecord("node record must be a JSON object")
-    _check_version(obj, "node record")
-    unknown = set(obj) - _NODE_KEYS
+    version = _check_version(obj, "node record", (RECORD_VERSION, NODE_RECORD_V6))
+    unknown = set(obj) - (_NODE_KEYS_V6 if version == NODE_RECORD_V6 else _NODE_KEYS)
     if unknown:
-        raise InvalidRecord(f"node record: unknown keys {sorted(map(str, unknown))}")
+        more = " (private6/public6 need version 2)" if unknown & {"private6", "public6"} else ""
+        raise InvalidRecord(f"node record: unknown keys {sorted(map(str, unknown))}{more}")
     key = "node_id"
     try:
         node_id = valid_name(obj.get("node_id"), "node_id")
@@ -169,9 +186,13 @@ def node_from_dict(obj: Any, subnet: ipaddress.IPv4Network | None = None) -> Nod
         groups = tuple(sorted({valid_name(g, "group") for g in groups_raw}))
         key = "open_ports"
         open_ports = _port_list(obj.get("open_ports", []), "open_ports")
+        v6 = {}
+        for key in ("private6", "public6"):
+            if obj.get(key) is not None:
+                v6[key] = addr.host_ipv6(obj[key])
     except ValueError as exc:
         raise InvalidRecord(f"node record: {key}: {exc}") from None
-    return Node(node_id, network, private, public, overlay, groups, open_ports)
+    return Node(node_id, network, private, public, overlay, groups, open_ports, **v6)
 
 
 def parse_node_record(data: bytes | str, subnet: ipaddress.IPv4Network | None = None) -> Node:
@@ -192,7 +213,7 @@ def _endpoint(obj: Any, what: str, allow_cidr: bool) -> Endpoint:
     if "group" in obj:
         return Endpoint(group=valid_name(obj["group"], "group"))
     if allow_cidr and "cidr" in obj:
-        return Endpoint(cidr=addr.cidr_ipv4(obj["cidr"]))
+        return Endpoint(cidr=addr.cidr_ip(obj["cidr"]))
     raise ValueError(f"{what} has unknown key {next(iter(obj))!r}")
 
 

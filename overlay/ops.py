@@ -7,18 +7,23 @@ into ops. Tables:
 
 ``nat``       overlay address (str) -> NatEntry(real, override)
 ``rnat``      real address (str) -> overlay address (str)
-``peers``     real address (str) -> PeerEntry(identity, flags)
+``peers``     real address (str, IPv4 or IPv6) -> PeerEntry(identity, flags)
 ``ports``     (slot, word) -> 64-bit bitmap word (int, non-zero); slot 0 tcp, 1 udp
-``failsafe``  CIDR (str, "a.b.c.d/n") -> flags (int): FS_SSH | FS_ALL
+``failsafe``  CIDR (str, "a.b.c.d/n" or IPv6) -> flags (int): FS_SSH | FS_ALL
 ``config``    name (str) -> int: reject_all, mode (always present); policy_enforced,
-              policy_default (present only when non-zero, like ``ports`` words)
+              policy_default (present only when non-zero, like ``ports`` words); the
+              conntrack lifetimes in seconds (``ct_tcp_syn_s``, ``ct_tcp_established_s``,
+              ``ct_tcp_fin_s``, ``ct_tcp_rst_s``, ``ct_udp_s``, ``ct_icmp_s``, ``frag_s``; present
+              only when not the default, like ``ports`` words: 0 means the default)
 ``policy``    (identity, proto number, first port, port prefix bits 0..16) -> policy index
               (int): new inbound flows from ``identity`` to a port whose first bits
               are those of ``first port`` are allowed by that policy (docs/policies.md)
-``cidr_ident`` CIDR (str) -> CIDR identity (int, bit 31 set)
+``cidr_ident`` CIDR (str, IPv4 or IPv6) -> CIDR identity (int, bit 31 set)
 ``names``     (kind, number) -> text (str): ("policy", index) -> policy id,
               ("rule", index) -> the rule in words, ("identity", identity) -> its
               groups comma-separated, ("cidr", identity) -> its CIDR
+``self``      this host's own address (str, IPv4 or IPv6) -> SELF_OWN: a packet from
+              the wire with such a source (or a loopback one) is a martian
 
 ``policy``, ``cidr_ident`` and ``names`` are enforced by the eBPF datapath only;
 the iptables backend keeps them in memory and ignores them (docs/policies.md).
@@ -30,7 +35,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-TABLES = ("nat", "rnat", "peers", "ports", "failsafe", "config", "policy", "cidr_ident", "names")
+TABLES = ("nat", "rnat", "peers", "ports", "failsafe", "config", "policy", "cidr_ident", "names",
+          "self")
 
 # Mirrors of the ABI constants that the pure core needs (bpf/include/overlay_abi.h).
 FS_SSH = 1
@@ -40,7 +46,10 @@ PORT_WORDS = 1024
 PORT_SLOTS = {"tcp": 0, "udp": 1}
 MODE_ENFORCE = 0
 MODE_AUDIT = 1
-CONFIG_KEYS = ("reject_all", "mode", "policy_enforced", "policy_default")
+CT_LIFETIME_KEYS = ("ct_tcp_syn_s", "ct_tcp_established_s", "ct_tcp_fin_s", "ct_tcp_rst_s",
+                    "ct_udp_s", "ct_icmp_s", "frag_s")
+CONFIG_KEYS = ("reject_all", "mode", "policy_enforced", "policy_default", *CT_LIFETIME_KEYS)
+SELF_OWN = 1
 PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
 IDENTITY_MEMBER = 1          # a member in no group
 IDENTITY_CIDR = 0x80000000   # bit 31: a CIDR identity

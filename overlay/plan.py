@@ -7,12 +7,13 @@ that were applied and of those excluded, each with a reason.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from overlay.config import Config
+from overlay.config import Config, ConntrackConfig
 from overlay.model import Node, Policy
 from overlay.ops import (
     FS_ALL,
@@ -20,6 +21,7 @@ from overlay.ops import (
     MODE_AUDIT,
     MODE_ENFORCE,
     PORT_SLOTS,
+    SELF_OWN,
     NatEntry,
     PeerEntry,
     empty_state,
@@ -34,15 +36,19 @@ class AppliedPeer:
     overlay: str
     real: str
     groups: tuple[str, ...] = ()
+    real6: str | None = None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "node_id": self.node_id,
             "network": self.network,
             "overlay": self.overlay,
             "real": self.real,
             "groups": list(self.groups),
         }
+        if self.real6:
+            out["real6"] = self.real6
+        return out
 
 
 @dataclass(frozen=True)
@@ -77,18 +83,42 @@ def bitmap_ports(words: Mapping[tuple[int, int], int], slot: int) -> list[int]:
 
 
 def _registry_addresses(config: Config) -> list[str]:
-    """IP literals of what this node's registry backend talks to: the controller
-    (backend grpc) or the ZooKeeper hosts (never locked out, DESIGN §5)."""
+    """IP literals (IPv4 or IPv6) of what this node's registry backend talks to: the
+    controller (backend grpc) or the ZooKeeper hosts (never locked out, DESIGN §5)."""
     reg = config.registry
     targets = [reg.controller] if reg.backend == "grpc" and reg.controller else list(reg.hosts)
     out = []
     for hp in targets:
         host = hp.rpartition(":")[0].strip("[]")
         try:
-            out.append(str(ipaddress.IPv4Address(host)))
+            out.append(str(ipaddress.ip_address(host)))
         except ValueError:
             continue  # a name; resolved addresses can be passed in as extra_failsafe
     return out
+
+
+def _host_prefix(ip: str) -> str:
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def self_addresses(node: Node) -> dict[str, int]:
+    """The ``self`` table: this node's own addresses (private, public, overlay,
+    private6, public6). A packet arriving on the uplink with one of them (or a
+    loopback address) as source is a martian."""
+    addrs = (node.private, node.public, node.overlay, node.private6, node.public6)
+    return {a: SELF_OWN for a in addrs if a}
+
+
+def conntrack_config(config: Config) -> dict[str, int]:
+    """The ``config`` entries of the conntrack lifetimes (seconds) that differ
+    from their defaults: the datapath takes an absent (0) lifetime as its
+    default, so a default configuration writes nothing (like ``ports`` words)."""
+    ct, default = config.datapath.conntrack, ConntrackConfig()
+    return {
+        f"ct_{f.name}" if f.name != "frag_s" else f.name: getattr(ct, f.name)
+        for f in dataclasses.fields(ct)
+        if getattr(ct, f.name) != getattr(default, f.name)
+    }
 
 
 def plan(
@@ -151,15 +181,25 @@ def plan(
         if real in (self_node.private, self_node.public) and node.network == self_node.network:
             excluded[node.node_id] = f"real address {real} is this node's own"
             continue
-        applied.append(AppliedPeer(node.node_id, node.network, node.overlay, real, node.groups))
+        applied.append(AppliedPeer(node.node_id, node.network, node.overlay, real, node.groups,
+                                   node.real6_from(self_node.network)))
 
     pol = plan_policies(self_node.groups, (p.groups for p in applied), policies)
     tables = empty_state()
     nat, rnat, peer_table = tables["nat"], tables["rnat"], tables["peers"]
+    own6 = {self_node.private6, self_node.public6} - {None}
+    used6 = defaultdict(list)
+    for p in applied:
+        if p.real6:
+            used6[p.real6].append(p.node_id)
     for p in applied:
         nat[p.overlay] = NatEntry(p.real)
         rnat[p.real] = p.overlay
-        peer_table[p.real] = PeerEntry(identity=pol.identity_of[group_set_key(p.groups)])
+        entry = PeerEntry(identity=pol.identity_of[group_set_key(p.groups)])
+        peer_table[p.real] = entry
+        # an IPv6 address claimed by two peers, or this node's own, admits neither
+        if p.real6 and len(used6[p.real6]) == 1 and p.real6 not in own6:
+            peer_table[p.real6] = entry
     for overlay, real in config.nat_overrides:
         if overlay == self_node.overlay:
             continue
@@ -172,13 +212,15 @@ def plan(
     for cidr in config.filter.ssh_whitelist:
         failsafe[cidr] |= FS_SSH
     for ip in [*_registry_addresses(config), *extra_failsafe]:
-        failsafe[f"{ip}/32"] |= FS_ALL
+        failsafe[_host_prefix(ip)] |= FS_ALL
     tables["failsafe"] = dict(failsafe)
+    tables["self"] = self_addresses(self_node)
 
     tables["config"] = {
         "reject_all": int(config.filter.reject_all),
         "mode": MODE_AUDIT if config.filter.mode == "audit" else MODE_ENFORCE,
         **pol.config,
+        **conntrack_config(config),
     }
     tables["policy"] = pol.policy
     tables["cidr_ident"] = pol.cidr_ident

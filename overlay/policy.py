@@ -19,6 +19,9 @@ policy selects as ``to`` is default-deny for new inbound flows that no policy
 * **Policy index.** Each policy that selects this node gets a number (hash of
   its id, 0 never used), the value of its ``policy`` entries, reported in drop
   events and mapped back to the id through ``names``.
+* **IPv6.** A member's IPv6 real address gets the identity of its group set
+  (ovl_peers6); IPv6 policy CIDRs get CIDR identities like IPv4 ones (an
+  IPv4 CIDR never contains an IPv6 one); ``proto: icmp`` covers ICMPv6.
 * **Ports.** A range is cut into at most 30 aligned prefixes ``(first port,
   fixed bits)``; no ports means every port ``(0, 0)``; ICMP is ``(0, 16)``,
   looked up with port 0.
@@ -164,15 +167,19 @@ def _policies_by_id(policies: Iterable[Policy] | Mapping[str, Policy]) -> list[P
     return sorted(items, key=lambda p: p.policy_id)
 
 
-def _containing(cidr: str, present: set[tuple[int, int]]) -> list[str]:
-    """The CIDRs of ``present`` ((network int, prefix length)) that contain ``cidr``."""
-    net = ipaddress.IPv4Network(cidr)
+def _containing(cidr: str, present: set[tuple[int, int, int]]) -> list[str]:
+    """The CIDRs of ``present`` ((IP version, network int, prefix length)) that
+    contain ``cidr`` (of the same family: an IPv4 CIDR never holds an IPv6 one)."""
+    net = ipaddress.ip_network(cidr)
+    bits = net.max_prefixlen
+    full = (1 << bits) - 1
     addr, plen = int(net.network_address), net.prefixlen
+    make = ipaddress.IPv4Address if net.version == 4 else ipaddress.IPv6Address
     out = []
     for b in range(plen + 1):
-        mask = (0xFFFFFFFF << (32 - b)) & 0xFFFFFFFF
-        if (addr & mask, b) in present:
-            out.append(f"{ipaddress.IPv4Address(addr & mask)}/{b}")
+        mask = (full << (bits - b)) & full
+        if (net.version, addr & mask, b) in present:
+            out.append(f"{make(addr & mask)}/{b}")
     return out
 
 
@@ -210,7 +217,7 @@ def plan_policies(self_groups: Iterable[str], peer_groups: Iterable[Iterable[str
             add(identity, pol)
 
     cidr_ident = cidr_identities(by_cidr, hash_fn)
-    present = {(int(n.network_address), n.prefixlen) for n in map(ipaddress.IPv4Network, by_cidr)}
+    present = {(n.version, int(n.network_address), n.prefixlen) for n in map(ipaddress.ip_network, by_cidr)}
     for cidr, identity in cidr_ident.items():
         pols = sorted((p for c in _containing(cidr, present) for p in by_cidr[c]), key=lambda p: p.policy_id)
         for pol in pols:

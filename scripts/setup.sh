@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PACKAGES=(
   python3 python3-venv python3-dev python3-bpfcc bpfcc-tools linux-headers-amd64
-  zookeeper iproute2 iptables ipset ethtool gcc make procps psmisc kmod vagrant
+  zookeeper iproute2 iptables ipset ethtool gcc make procps psmisc kmod vagrant nmap
   systemd util-linux
 )
 

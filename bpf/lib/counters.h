@@ -28,8 +28,11 @@ static __always_inline void ovl_report(const struct ovl_pkt *p, __u8 reason,
 		return;
 	__builtin_memset(e, 0, sizeof(*e));
 	e->ts_ns = bpf_ktime_get_ns();
-	e->saddr = p->saddr;
-	e->daddr = p->daddr;
+	if (p->family) {
+		__builtin_memcpy(e->saddr, p->src, sizeof(e->saddr));
+		__builtin_memcpy(e->daddr, p->dst, sizeof(e->daddr));
+	}
+	e->family = p->family;
 	e->sport = p->sport;
 	e->dport = p->dport;
 	e->proto = p->proto;

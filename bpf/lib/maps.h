@@ -34,6 +34,24 @@
 #ifndef OVL_NAMES_MAX
 #define OVL_NAMES_MAX 65536
 #endif
+#ifndef OVL_CT6_MAX
+#define OVL_CT6_MAX 65536
+#endif
+#ifndef OVL_CT_IN_MAX
+#define OVL_CT_IN_MAX 65536
+#endif
+#ifndef OVL_FRAG_MAX
+#define OVL_FRAG_MAX 8192
+#endif
+#ifndef OVL_PEERS6_MAX
+#define OVL_PEERS6_MAX 65536
+#endif
+#ifndef OVL_FAILSAFE6_MAX
+#define OVL_FAILSAFE6_MAX 1024
+#endif
+#ifndef OVL_CIDR_IDENT6_MAX
+#define OVL_CIDR_IDENT6_MAX 4096
+#endif
 #ifndef OVL_EVENTS_PAGES
 #define OVL_EVENTS_PAGES 16
 #endif
@@ -62,7 +80,17 @@ OVL_TABLE("lpm_trie", struct ovl_policy_key, __u32, ovl_policy, OVL_POLICY_MAX,
 /* Read by user space only (overlay why, overlay drops). */
 OVL_TABLE("hash", struct ovl_name_key, struct ovl_name, ovl_names, OVL_NAMES_MAX,
 	  BPF_F_NO_PREALLOC);
+OVL_TABLE("hash", struct ovl_addr6, struct ovl_peer_val, ovl_peers6, OVL_PEERS6_MAX, 0);
+OVL_TABLE("lpm_trie", struct ovl_lpm6_key, __u32, ovl_failsafe6, OVL_FAILSAFE6_MAX,
+	  BPF_F_NO_PREALLOC);
+OVL_TABLE("lpm_trie", struct ovl_lpm6_key, __u32, ovl_cidr_ident6, OVL_CIDR_IDENT6_MAX,
+	  BPF_F_NO_PREALLOC);
+OVL_TABLE("hash", struct ovl_addr6, __u32, ovl_self, OVL_SELF_MAX, 0);
+/* Conntrack: flows this host initiated (per family), and inbound markers. */
 OVL_TABLE("lru_hash", struct ovl_ct_key, struct ovl_ct_val, ovl_ct, OVL_CT_MAX, 0);
+OVL_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_val, ovl_ct6, OVL_CT6_MAX, 0);
+OVL_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_in_val, ovl_ct_in, OVL_CT_IN_MAX, 0);
+OVL_TABLE("lru_hash", struct ovl_frag_key, struct ovl_frag_val, ovl_frag, OVL_FRAG_MAX, 0);
 OVL_TABLE("array", int, __u64, ovl_cfg, OVL_CFG_MAX, 0);
 OVL_TABLE("percpu_array", int, __u64, ovl_counters, OVL_COUNTER_MAX, 0);
 

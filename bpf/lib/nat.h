@@ -42,22 +42,23 @@ static __always_inline int ovl_rewrite_addr(struct __sk_buff *skb, const struct 
 }
 
 /* ovl0 egress: everything routed to the overlay subnet. Translate the
- * destination overlay -> real, remember the flow for its replies, and hand
- * the packet to the uplink with a FIB and neighbour lookup. */
+ * destination overlay -> real (every fragment of a datagram: later ones get
+ * the L3 rewrite only), remember the flow for its replies, and hand the
+ * packet to the uplink with a FIB and neighbour lookup. Anything but IPv4
+ * passes untouched (no IPv6 overlay addressing). */
 static __always_inline int ovl_nat_egress(struct __sk_buff *skb)
 {
 	struct ovl_pkt p;
 	struct ovl_nat_val *nat;
 	__u32 overlay, real;
 	__u64 ifindex;
-	int r;
 
-	r = ovl_parse(skb, &p);
-	if (r == OVL_P_NOT_IPV4) {
+	if (skb->protocol != bpf_htons(ETH_P_IP)) {
 		ovl_count(OVL_PASS_UNTOUCHED);
 		return TC_ACT_OK;
 	}
-	if (r != OVL_P_OK)
+	/* a first fragment without its L4 header would leave a stale L4 checksum */
+	if (ovl_parse(skb, &p) != OVL_P_OK || p.short_l4)
 		return ovl_drop(&p, OVL_DROP_MALFORMED, OVL_DIR_EGRESS);
 
 	overlay = p.daddr;
@@ -68,8 +69,7 @@ static __always_inline int ovl_nat_egress(struct __sk_buff *skb)
 	if (ovl_rewrite_addr(skb, &p, OVL_IP_DADDR_OFF, overlay, real) < 0)
 		return ovl_drop(&p, OVL_DROP_MALFORMED, OVL_DIR_EGRESS);
 	ovl_count(OVL_NAT_EGRESS);
-	if (ovl_ct_egress_trackable(&p))
-		ovl_ct_nat_create(&p, real, overlay);
+	ovl_ct_nat_track(&p, real, overlay);
 
 	ifindex = ovl_cfg_get(OVL_CFG_EGRESS_IFINDEX);
 	if (!ifindex)

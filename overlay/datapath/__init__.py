@@ -24,7 +24,9 @@ from overlay.ops import Op
 class Datapath(Protocol):
     """The methods every datapath has. Optional, used when present (not part of
     the runtime check): ``fill() -> {map: {"entries": n, "max_entries": m}}``,
-    the fill levels ``/status`` reports (the eBPF datapath has it)."""
+    the fill levels ``/status`` reports, and ``sweep() -> {map: deleted}``,
+    called by the agent every few seconds to delete expired state in bounded
+    rounds (the eBPF datapath has both)."""
 
     name: str
 

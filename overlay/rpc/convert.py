@@ -67,7 +67,8 @@ def _port_strings(specs: tuple[tuple[int, int], ...]) -> list[str]:
 def node_to_pb(pb2, node: Node):
     return pb2.Node(node_id=node.node_id, network=node.network, private=node.private,
                     public=node.public, overlay=node.overlay, groups=list(node.groups),
-                    open_ports=_port_strings(node.open_ports))
+                    open_ports=_port_strings(node.open_ports), private6=node.private6 or "",
+                    public6=node.public6 or "")
 
 
 def node_from_pb(msg, subnet: ipaddress.IPv4Network, field: str = "node") -> Node:
@@ -89,6 +90,10 @@ def node_from_pb(msg, subnet: ipaddress.IPv4Network, field: str = "node") -> Nod
     record = {"v": 1, "node_id": node_id, "network": network, "private": msg.private,
               "public": msg.public, "overlay": msg.overlay, "groups": list(msg.groups),
               "open_ports": ports}
+    for name in ("private6", "public6"):
+        if getattr(msg, name):
+            record[name] = _check(f"{field}.{name}", addr.host_ipv6, getattr(msg, name))
+            record["v"] = 2
     return _check(field, lambda r: node_from_dict(r, subnet), record)
 
 

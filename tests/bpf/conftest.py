@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from pathlib import Path
 
 import pytest
 
 from overlay.datapath.ebpf import abi
+from tests.support.wait import now_ns
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,10 +91,36 @@ class Datapath:
     def set_failsafe(self, cidr: str, flags: int) -> None:
         self.bpf[b"ovl_failsafe"][abi.lpm_key(cidr)] = ctypes.c_uint32(flags)
 
-    def set_ct(self, key: abi.OvlCtKey, overlay: str | None = None, flags: int = abi.CT_F_EGRESS,
-               last_seen: int = 1) -> None:
-        val = abi.OvlCtVal(abi.ip_to_be32(overlay) if overlay else 0, flags, last_seen)
-        self.bpf[b"ovl_ct"][key] = val
+    def set_ct(self, key, overlay: str | None = None, flags: int = abi.CT_F_EGRESS,
+               last_seen: int | None = None, state: int | None = None, gen: int = 0,
+               age_s: float = 0.0) -> None:
+        """Seed an ovl_ct (OvlCtKey) or ovl_ct6 (OvlCt6Key) entry. ``state``
+        defaults to ESTABLISHED for TCP, NEW otherwise; ``last_seen`` to now
+        minus ``age_s`` (bpf_ktime_get_ns is CLOCK_MONOTONIC)."""
+        if state is None:
+            state = abi.CtState.ESTABLISHED if key.proto == 6 else abi.CtState.NEW
+        if last_seen is None:
+            last_seen = now_ns() - int(age_s * 1e9)
+        val = abi.OvlCtVal(abi.ip_to_be32(overlay) if overlay else 0, gen, last_seen, int(state), flags)
+        table = b"ovl_ct6" if isinstance(key, abi.OvlCt6Key) else b"ovl_ct"
+        self.bpf[table][key] = val
+
+    def set_marker(self, key: abi.OvlCt6Key, age_s: float = 0.0) -> None:
+        self.bpf[b"ovl_ct_in"][key] = abi.OvlCtInVal(now_ns() - int(age_s * 1e9))
+
+    def set_self(self, addr: str) -> None:
+        """An own address, with its bit in OVL_CFG_SELF_HINT (as MapSet.apply keeps it)."""
+        key = abi.addr6(addr)
+        self.bpf[b"ovl_self"][key] = ctypes.c_uint32(abi.SELF_F_OWN)
+        cfg = self.bpf[b"ovl_cfg"]
+        hint = cfg[ctypes.c_int(abi.CfgIndex.SELF_HINT)].value
+        self.set_cfg(abi.CfgIndex.SELF_HINT, hint | 1 << abi.self_hint_bit(list(key.addr)))
+
+    def set_peer6(self, real: str, flags: int = abi.PEER_F_MEMBER, identity: int = 0) -> None:
+        self.bpf[b"ovl_peers6"][abi.addr6(real)] = abi.OvlPeerVal(identity, flags)
+
+    def set_failsafe6(self, cidr: str, flags: int) -> None:
+        self.bpf[b"ovl_failsafe6"][abi.lpm6_key(cidr)] = ctypes.c_uint32(flags)
 
     def seed(self, seed: dict) -> None:
         for index, value in seed.get("cfg", {}).items():
@@ -105,8 +133,17 @@ class Datapath:
             self.open_port(proto, port)
         for cidr, flags in seed.get("failsafe", {}).items():
             self.set_failsafe(cidr, flags)
-        for key, overlay, flags in seed.get("ct", ()):
-            self.set_ct(key, overlay, flags)
+        for entry in seed.get("ct", ()):
+            key, overlay, flags, *rest = entry
+            self.set_ct(key, overlay, flags, **(rest[0] if rest else {}))
+        for key in seed.get("markers", ()):
+            self.set_marker(key)
+        for addr in seed.get("self", ()):
+            self.set_self(addr)
+        for real, flags in seed.get("peers6", {}).items():
+            self.set_peer6(real, flags)
+        for cidr, flags in seed.get("failsafe6", {}).items():
+            self.set_failsafe6(cidr, flags)
 
     # -- inspection
     def counters(self) -> dict[abi.Reason, int]:
@@ -119,18 +156,35 @@ class Datapath:
         return out
 
     def ct_entries(self) -> dict[tuple, tuple]:
-        """{(saddr, daddr, sport, dport, proto): (overlay or None, flags, last_seen)}"""
+        """ovl_ct and ovl_ct6: {(saddr, daddr, sport, dport, proto): (overlay or None,
+        flags, state, last_seen, nat_gen)}"""
         out = {}
-        for k, v in self.bpf[b"ovl_ct"].items():
-            key = (
-                abi.be32_to_ip(k.saddr),
-                abi.be32_to_ip(k.daddr),
-                abi.be16_to_port(k.sport),
-                abi.be16_to_port(k.dport),
-                k.proto,
-            )
-            out[key] = (abi.be32_to_ip(v.overlay) if v.overlay else None, v.flags, v.last_seen_ns)
+        for table in (b"ovl_ct", b"ovl_ct6"):
+            for k, v in self.bpf[table].items():
+                if table == b"ovl_ct":
+                    s, d = abi.be32_to_ip(k.saddr), abi.be32_to_ip(k.daddr)
+                else:
+                    s, d = abi.words_to_ip(k.saddr, k.family), abi.words_to_ip(k.daddr, k.family)
+                key = (s, d, abi.be16_to_port(k.sport), abi.be16_to_port(k.dport), k.proto)
+                out[key] = (abi.be32_to_ip(v.overlay) if v.overlay else None, v.flags,
+                            abi.CtState(v.state), v.last_seen_ns, v.nat_gen)
         return out
+
+    def markers(self) -> set[tuple]:
+        """ovl_ct_in: {(family, saddr, daddr, sport, dport, proto)}"""
+        return {
+            (k.family, abi.words_to_ip(k.saddr, k.family), abi.words_to_ip(k.daddr, k.family),
+             abi.be16_to_port(k.sport), abi.be16_to_port(k.dport), k.proto)
+            for k, _ in self.bpf[b"ovl_ct_in"].items()
+        }
+
+    def frags(self) -> dict[tuple, tuple]:
+        """ovl_frag: {(family, saddr, daddr, id, proto): (verdict, overlay or None)}"""
+        return {
+            (k.family, abi.words_to_ip(k.saddr, k.family), abi.words_to_ip(k.daddr, k.family),
+             k.id, k.proto): (abi.Reason(v.verdict), abi.be32_to_ip(v.overlay) if v.overlay else None)
+            for k, v in self.bpf[b"ovl_frag"].items()
+        }
 
     def drain_events(self) -> list[abi.OvlDropEvent]:
         self.bpf.ring_buffer_consume()
@@ -138,17 +192,22 @@ class Datapath:
         return events
 
     # -- reset
+    @staticmethod
+    def _written_port_words(ports) -> set[int]:
+        """Non-zero ovl_ports words, also those written through MapSet (one batch read)."""
+        from overlay.datapath.ebpf import bpfsys
+
+        info = bpfsys.map_info(ports.map_fd)
+        return {struct.unpack("=I", k)[0] for k, v in bpfsys.items(ports.map_fd, info) if any(v)}
+
     def reset(self) -> None:
         for name in ("ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ct", "ovl_failsafe", "ovl_cidr_ident",
-                     "ovl_policy", "ovl_names"):
+                     "ovl_policy", "ovl_names", "ovl_peers6", "ovl_failsafe6", "ovl_cidr_ident6",
+                     "ovl_self", "ovl_ct6", "ovl_ct_in", "ovl_frag"):
             self.bpf[name.encode()].clear()
-        # Every word, not only those open_port() set: tests that program the maps
-        # through MapSet.apply (test_policy.py, with Hypothesis-chosen ports) open
-        # ports too, and a bit left behind turns a later case's drop into a pass.
         ports = self.bpf[b"ovl_ports"]
-        for idx in range(abi.PortSlot.SLOTS * abi.PORT_WORDS):
-            if ports[ctypes.c_int(idx)].value:
-                ports[ctypes.c_int(idx)] = ctypes.c_uint64(0)
+        for idx in self._written_port_words(ports):
+            ports[ctypes.c_int(idx)] = ctypes.c_uint64(0)
         cfg = self.bpf[b"ovl_cfg"]
         for i in range(abi.CfgIndex.MAX):
             cfg[ctypes.c_int(i)] = ctypes.c_uint64(0)
@@ -180,3 +239,15 @@ def dp(compiled) -> Datapath:
     compiled.reset()
     yield compiled
     compiled.reset()
+
+
+@pytest.fixture
+def maps(dp):
+    """A MapSet on the compiled datapath's maps (written the way the daemon writes them)."""
+    from overlay.datapath.ebpf.maps import MapSet
+
+    ms = MapSet.from_bpf(dp.bpf)
+    try:
+        yield ms
+    finally:
+        ms.close()

@@ -22,6 +22,7 @@ ENUMS = {
     "ovl_reason": (abi.Reason, ["OVL_"]),
     "ovl_port_slot": (abi.PortSlot, ["OVL_PORT_SLOT_", "OVL_PORT_"]),
     "ovl_name_kind": (abi.NameKind, ["OVL_NAME_"]),
+    "ovl_ct_state": (abi.CtState, ["OVL_CT_"]),
 }
 # maps whose key or value is one of the ABI structs: (map, "Key"|"Leaf", struct)
 MAP_TYPES = [
@@ -34,6 +35,17 @@ MAP_TYPES = [
     ("ovl_policy", "Key", "ovl_policy_key"),
     ("ovl_names", "Key", "ovl_name_key"),
     ("ovl_names", "Leaf", "ovl_name"),
+    ("ovl_peers6", "Key", "ovl_addr6"),
+    ("ovl_peers6", "Leaf", "ovl_peer_val"),
+    ("ovl_failsafe6", "Key", "ovl_lpm6_key"),
+    ("ovl_cidr_ident6", "Key", "ovl_lpm6_key"),
+    ("ovl_self", "Key", "ovl_addr6"),
+    ("ovl_ct6", "Key", "ovl_ct6_key"),
+    ("ovl_ct6", "Leaf", "ovl_ct_val"),
+    ("ovl_ct_in", "Key", "ovl_ct6_key"),
+    ("ovl_ct_in", "Leaf", "ovl_ct_in_val"),
+    ("ovl_frag", "Key", "ovl_frag_key"),
+    ("ovl_frag", "Leaf", "ovl_frag_val"),
 ]
 
 
@@ -173,3 +185,8 @@ def test_helpers_roundtrip():
     assert abi.be16_to_port(abi.port_to_be16(8080)) == 8080
     key = abi.lpm_key("198.18.0.0/15")
     assert (key.prefixlen, abi.be32_to_ip(key.addr)) == (15, "198.18.0.0")
+    key6 = abi.lpm6_key("2001:db8::/32")
+    assert key6.prefixlen == 32 and bytes(key6)[4:8] == bytes.fromhex("20010db8")
+    assert abi.words_to_ip(abi.ip_to_words("fe80::1"), 6) == "fe80::1"
+    assert bytes(abi.addr6("10.1.2.3")) == bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
+    assert abi.words_to_ip(abi.ip_to_words("10.1.2.3")) == "10.1.2.3"

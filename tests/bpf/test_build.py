@@ -25,7 +25,8 @@ def test_exports():
     }
     assert build.MAPS == ("ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ports", "ovl_failsafe",
                           "ovl_ct", "ovl_cfg", "ovl_counters", "ovl_events", "ovl_cidr_ident",
-                          "ovl_policy", "ovl_names")
+                          "ovl_policy", "ovl_names", "ovl_peers6", "ovl_failsafe6", "ovl_cidr_ident6",
+                          "ovl_self", "ovl_ct6", "ovl_ct_in", "ovl_frag")
     assert set(build.map_specs()) == set(build.MAPS)
 
 
@@ -37,6 +38,7 @@ def test_compiled_maps_have_the_declared_geometry(compiled):
     assert specs["ovl_ct"].max_entries == 262144
     assert specs["ovl_ports"].max_entries == abi.PortSlot.SLOTS * abi.PORT_WORDS
     assert specs["ovl_events"].max_entries == 16 * 4096
+    assert specs["ovl_frag"].max_entries == 8192 and specs["ovl_self"].max_entries == abi.SELF_MAX
 
 
 def test_programs_loaded(compiled):
@@ -100,7 +102,7 @@ def test_source_digest_follows_sources(tmp_path, monkeypatch):
 
 def test_assembled_source_inlines_lib_headers_once():
     text = build.assemble_source()
-    assert not re.search(r'#\s*include\s+"(maps|parse|nat|conntrack|filter|counters)\.h"', text)
+    assert not re.search(r'#\s*include\s+"(maps|parse|nat|conntrack|filter|counters|frag)\.h"', text)
     assert not re.search(r'#\s*include\s+"tc_\w+\.c"', text)
     assert '#include "overlay_abi.h"' in text
     assert text.count("#ifndef OVL_MAPS_H") == 1

@@ -7,7 +7,7 @@ build.py compiled. Two parts:
 * tables of cases (DESIGN §7.10): member identity, multi-group identity, CIDR
   sources (nested), port range edges, ICMP, default-deny (members, open ports
   and reject_all no longer apply), the policy index in the drop event, audit,
-  failsafe before policy, an established reply under default-deny, loopback,
+  failsafe before policy, an established reply under default-deny, martians,
   a node that no policy selects;
 * a differential test (acceptance 1): hypothesis draws groups, peers,
   policies, the node's own groups, filter settings and packets; the program's
@@ -38,6 +38,7 @@ from overlay.policy import policy_indexes
 OK, SHOT = 0, 2
 TCP_P, UDP_P, ICMP_P = 6, 17, 1
 HOST = "10.0.0.1"
+OWN = (HOST, "198.18.0.1", "192.168.0.1")  # this node's private, public, overlay (program())
 
 
 def packet(src: str, proto: str, dport: int = 0, sport: int = 40000, dst: str = HOST) -> bytes:
@@ -76,15 +77,6 @@ def program(maps: MapSet, groups, peers, policies, **filt):
     desired = plan(me, peers, cfg, policies=policies)
     maps.apply(diff(desired.tables, maps.read_all()))
     return desired
-
-
-@pytest.fixture
-def maps(dp):
-    ms = MapSet.from_bpf(dp.bpf)
-    try:
-        yield ms
-    finally:
-        ms.close()
 
 
 # --------------------------------------------------------------- the table
@@ -154,7 +146,8 @@ CASES = [
     deny("failsafe-ssh-only-port-22", "203.0.113.5", "tcp", 23, filt={"ssh_whitelist": ["203.0.113.0/24"]}),
     allow("registry-address-beats-policy", "198.18.0.10", "udp", 2181, Reason.PASS_FAILSAFE,
           filt={"registry": "198.18.0.10"}),
-    allow("loopback-under-default-deny", "127.0.0.1", "tcp", 1, Reason.PASS_LOOPBACK),
+    Case("loopback-is-martian-under-default-deny", "127.0.0.1", "tcp", 1, SHOT, Reason.DROP_MARTIAN),
+    Case("own-public-address-is-martian", "198.18.0.1", "tcp", 5432, SHOT, Reason.DROP_MARTIAN),
     # a node no policy selects keeps the members / reject_all behaviour
     allow("not-selected-member", APP, "tcp", 5432, Reason.PASS_MEMBER, groups=("cache2",)),
     allow("not-selected-default", "203.0.113.9", "tcp", 5432, Reason.PASS_DEFAULT, groups=()),
@@ -172,11 +165,11 @@ def test_policy_table(dp, maps, case):
     assert out == packet(case.src, case.proto, case.dport)  # never altered
     assert dp.counters() == {case.reason: 1}
     events = dp.drain_events()
-    if case.reason in (Reason.DROP_POLICY, Reason.DROP_NOT_ALLOWED):
+    if case.reason in (Reason.DROP_POLICY, Reason.DROP_NOT_ALLOWED, Reason.DROP_MARTIAN):
         assert len(events) == 1
         ev = events[0]
         assert (ev.reason, ev.audit, ev.direction) == (case.reason, case.audit, 0)
-        assert abi.be32_to_ip(ev.saddr) == case.src and abi.be16_to_port(ev.dport) == case.dport
+        assert abi.words_to_ip(ev.saddr, ev.family) == case.src and abi.be16_to_port(ev.dport) == case.dport
         if case.reason == Reason.DROP_POLICY:
             assert ev.policy == DEFAULT_INDEX
             assert maps.read_table("names")[("policy", ev.policy)] == "ops-cidr"
@@ -249,12 +242,12 @@ def reference(world: World, src: str, proto: str, dport: int) -> tuple[int, Reas
     (verdict, the counter it lands in)."""
     addr = ipaddress.IPv4Address(src)
     drop = OK if world.audit else SHOT
+    if addr in ipaddress.IPv4Network("127.0.0.0/8") or src in OWN:
+        return drop, Reason.DROP_MARTIAN
     if src == world.registry:
         return OK, Reason.PASS_FAILSAFE
     if proto == "tcp" and dport == 22 and any(addr in ipaddress.IPv4Network(c) for c in world.ssh_whitelist):
         return OK, Reason.PASS_FAILSAFE
-    if addr in ipaddress.IPv4Network("127.0.0.0/8"):
-        return OK, Reason.PASS_LOOPBACK
     selecting = [p for p in world.policies if p.dst.group in world.node_groups]
     if selecting:
         for p in selecting:
@@ -348,6 +341,7 @@ def test_differential_against_reference_model(compiled, record_property):
         compiled.drain_events()
         for src, proto, dport in data.draw(packets_st(world)):
             dport = 0 if proto == "icmp" else dport
+            compiled.bpf[b"ovl_ct_in"].clear()  # every packet starts a new flow (the model's premise)
             before = compiled.counters()
             verdict, _ = compiled.run("ingress", packet(src, proto, dport))
             after = compiled.counters()

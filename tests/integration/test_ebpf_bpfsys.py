@@ -30,11 +30,18 @@ BPF_HASH(ovl_peers, u32, struct ovl_peer_val, 8);
 BPF_ARRAY(ovl_ports, u64, 2048);
 BPF_LPM_TRIE(ovl_failsafe, struct ovl_lpm_key, u32, 8);
 BPF_TABLE("lru_hash", struct ovl_ct_key, struct ovl_ct_val, ovl_ct, 64);
-BPF_ARRAY(ovl_cfg, u64, 8);
+BPF_ARRAY(ovl_cfg, u64, 32);
 BPF_PERCPU_ARRAY(ovl_counters, u64, 32);
 BPF_F_TABLE("lpm_trie", struct ovl_lpm_key, u32, ovl_cidr_ident, 4, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("lpm_trie", struct ovl_policy_key, u32, ovl_policy, 8, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct ovl_name_key, struct ovl_name, ovl_names, 4, BPF_F_NO_PREALLOC);
+BPF_HASH(ovl_peers6, struct ovl_addr6, struct ovl_peer_val, 8);
+BPF_F_TABLE("lpm_trie", struct ovl_lpm6_key, u32, ovl_failsafe6, 8, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct ovl_lpm6_key, u32, ovl_cidr_ident6, 4, BPF_F_NO_PREALLOC);
+BPF_HASH(ovl_self, struct ovl_addr6, u32, 8);
+BPF_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_val, ovl_ct6, 64);
+BPF_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_in_val, ovl_ct_in, 64);
+BPF_TABLE("lru_hash", struct ovl_frag_key, struct ovl_frag_val, ovl_frag, 64);
 int dummy(struct __sk_buff *skb) {
     u32 k = 0;
     u64 *v = ovl_cfg.lookup(&k);
@@ -144,6 +151,7 @@ def test_batches_and_fallbacks(bpf):
 
 
 def test_mapset_roundtrip_and_capacity(bpf):
+    from overlay.datapath.ebpf import bpfsys
     from overlay.datapath.ebpf.maps import MapSet, to_jsonable
 
     ms = MapSet.from_bpf(bpf)
@@ -152,6 +160,7 @@ def test_mapset_roundtrip_and_capacity(bpf):
         assert state == {
             "nat": {}, "rnat": {}, "peers": {}, "ports": {}, "failsafe": {},
             "config": {"reject_all": 0, "mode": 0}, "policy": {}, "cidr_ident": {}, "names": {},
+            "self": {},
         }
         ops = [
             Op("nat", "192.168.0.2", NatEntry("10.0.0.2")),
@@ -161,7 +170,12 @@ def test_mapset_roundtrip_and_capacity(bpf):
             Op("ports", (0, 1), 1 << 16),       # tcp 80
             Op("ports", (1, 0), 1 << 53),       # udp 53
             Op("failsafe", "198.18.0.0/15", abi.FS_SSH),
+            Op("failsafe", "2001:db8::/32", abi.FS_ALL),
+            Op("peers", "2001:db8::2", PeerEntry(7, 1)),
+            Op("self", "10.0.0.1", 1),
+            Op("self", "2001:db8::1", 1),
             Op("config", "reject_all", 1),
+            Op("config", "ct_udp_s", 60),
             Op("nat", "192.168.0.9", NatEntry("10.0.0.9")),
             Op("nat", "192.168.0.9", None),     # last op wins
         ]
@@ -172,10 +186,14 @@ def test_mapset_roundtrip_and_capacity(bpf):
             "192.168.63.1": NatEntry("10.0.0.250", True),
         }
         assert state["rnat"] == {"10.0.0.2": "192.168.0.2"}
-        assert state["peers"] == {"10.0.0.2": PeerEntry(7, 1)}
+        assert state["peers"] == {"10.0.0.2": PeerEntry(7, 1), "2001:db8::2": PeerEntry(7, 1)}
         assert state["ports"] == {(0, 1): 1 << 16, (1, 0): 1 << 53}
-        assert state["failsafe"] == {"198.18.0.0/15": abi.FS_SSH}
-        assert state["config"] == {"reject_all": 1, "mode": 0}
+        assert state["failsafe"] == {"198.18.0.0/15": abi.FS_SSH, "2001:db8::/32": abi.FS_ALL}
+        assert state["config"] == {"reject_all": 1, "mode": 0, "ct_udp_s": 60}
+        assert state["self"] == {"10.0.0.1": 1, "2001:db8::1": 1}
+        # the IPv6 entries live in their own maps
+        assert len(bpfsys.items(bpf["ovl_peers6"].map_fd, bpfsys.map_info(bpf["ovl_peers6"].map_fd))) == 1
+        assert ms.get_cfg(abi.CfgIndex.NAT_GEN) == 1  # the apply wrote nat entries
         assert to_jsonable(state)["ports"] == {"tcp": [80], "udp": [53]}
 
         # the kernel side agrees on the layout
@@ -197,10 +215,11 @@ def test_mapset_roundtrip_and_capacity(bpf):
             ms.apply([Op("nat", "not-an-ip", NatEntry("10.0.0.1"))])
 
         # deletes of array entries write zero and disappear from read_all
-        ms.apply([Op("ports", (0, 1), None), Op("config", "reject_all", None)])
+        ms.apply([Op("ports", (0, 1), None), Op("config", "reject_all", None),
+                  Op("config", "ct_udp_s", None)])
         state = ms.read_all()
         assert state["ports"] == {(1, 0): 1 << 53}
-        assert state["config"]["reject_all"] == 0
+        assert state["config"] == {"reject_all": 0, "mode": 0}
 
         counters = ms.counters()
         assert counters["drop_not_allowed"] == 0 and counters["pass_member"] == 0
@@ -208,6 +227,8 @@ def test_mapset_roundtrip_and_capacity(bpf):
         fill = ms.fill()
         assert fill["ovl_nat"] == {"entries": 8, "max_entries": 8}
         assert fill["ovl_ports"]["entries"] == 1
+        for name in ("ovl_ct", "ovl_ct6", "ovl_ct_in", "ovl_frag"):  # conntrack fill for /status
+            assert fill[name] == {"entries": 0, "max_entries": 64}, name
         assert ms.ct_entries() == []
     finally:
         ms.close()

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from overlay.datapath.ebpf import abi
-from tests.support.netns import require_bcc, veth
+from tests.support.netns import finish, require_bcc, veth
 from tests.support.paths import REPO, program
 from tests.support.twonets import HOSTS, OUTSIDER, lab_context, member_ops, real_of
 
@@ -40,13 +40,6 @@ def tcp(lab, src: str, dst_ns: str, host: str, port: int, timeout: float = 3) ->
 
 def serve(lab, name: str, kind: str, port: int, count: int = 1, timeout: float = 15):
     return lab.ns[name].helper_bg(kind, port=port, count=count, timeout=timeout)
-
-
-def finish(proc) -> dict:
-    out, err = proc.communicate(timeout=30)
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    assert lines, err
-    return json.loads(lines[-1])
 
 
 def counters(lab, name: str) -> dict:

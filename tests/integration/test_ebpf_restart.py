@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from tests.support.netns import finish
 from tests.support.twonets import HOSTS, lab_context, member_ops
 
 pytestmark = [pytest.mark.root]
@@ -24,13 +25,6 @@ pytestmark = [pytest.mark.root]
 NBYTES = 4 * 1024 * 1024
 SECONDS = 5.0
 PORT = 7100
-
-
-def finish(proc, timeout: float = 40) -> dict:
-    out, err = proc.communicate(timeout=timeout)
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    assert lines, err
-    return json.loads(lines[-1])
 
 
 def rx_packets(ns, dev: str) -> int:

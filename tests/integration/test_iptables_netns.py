@@ -142,7 +142,8 @@ def test_iptables_datapath_end_to_end(topo):
 
         # -- allow-all, both peers members: overlay addresses reach the real ones --------
         first = dp.call("program", config=h1_config(), peers=[node("h2"), node("h3")])
-        assert first["ops"] > 0 and first["stats"]["iptables_restores"] == 2
+        # nat, filter and the IPv6 filter (ip6tables): IPv6 is on in these namespaces
+        assert first["ops"] > 0 and first["stats"]["iptables_restores"] == 3
         assert h1.run("iptables", "-S", "INPUT").stdout.splitlines()[1:] == [
             "-A INPUT -j OVERLAY-IN", "-A INPUT -s 203.0.113.9/32 -j ACCEPT"]
         assert h1.run("iptables", "-t", "nat", "-S", "OUTPUT").stdout.splitlines()[1:] == [
@@ -165,8 +166,8 @@ def test_iptables_datapath_end_to_end(topo):
         # -- the same state again: no ops; a forced apply still runs no iptables-restore ----
         again = dp.call("program", config=h1_config(), peers=[node("h2"), node("h3")], force_apply=True)
         assert again["ops"] == 0
-        assert again["stats"]["iptables_restores"] == 2 and again["stats"]["ipset_swaps"] == 1
-        assert again["stats"]["tables_skipped"] == 3
+        assert again["stats"]["iptables_restores"] == 3 and again["stats"]["ipset_swaps"] == 2
+        assert again["stats"]["tables_skipped"] == 5
 
         # -- reject_all; h2 leaves (non-member); an open port and a whitelisted SSH range --
         cfg = h1_config(reject_all=True, open_ports=[OPEN_PORT], ssh_whitelist=["10.0.0.2/32"])
@@ -210,6 +211,7 @@ def test_iptables_datapath_end_to_end(topo):
         def removed() -> None:
             saved = h1.run("iptables-save").stdout
             assert "OVERLAY" not in saved, saved
+            assert "OVERLAY" not in h1.run("ip6tables-save").stdout
             assert "-A INPUT -s 203.0.113.9/32 -j ACCEPT" in saved
             assert "-A OUTPUT -d 203.0.113.8/32 -j RETURN" in saved
             assert h1.run("ipset", "list", "-n").stdout.strip() == ""

@@ -253,7 +253,7 @@ def test_hostile_records_are_rejected(zk_server, zk_prefix, registries, zk_clien
         "cidr": (_record("cidr", "192.168.2.4", private="10.0.0.0/24"), "CIDR"),
         "outside": (_record("outside", "10.200.0.1"), "outside the overlay subnet"),
         "thief": (_record("thief", peer.overlay), "allocated to 'peer', not 'thief'"),
-        "owned": (_record("owned", "192.168.2.2", v=2), "unsupported version"),
+        "owned": (_record("owned", "192.168.2.2", v=3), "unsupported version"),
         "big": (big, "over the 4096-byte limit"),
         "alias": (_record("someone-else", "192.168.2.5"), "names node_id 'someone-else'"),
         "unallocated": (_record("unallocated", "192.168.2.6"), "not allocated"),

@@ -17,7 +17,7 @@ Ops spec: {"nat": {overlay: real}, "rnat": {real: overlay}, "peers": {real: iden
 "ports": {"tcp": [port...], "udp": [...]}, "failsafe": {cidr: flags},
 "config": {name: value}}; ``"delete": {table: [keys]}`` deletes.
 
-Traffic actions: serve-tcp, serve-udp, connect-tcp, send-udp, stream-serve, stream-send.
+Traffic actions: serve-tcp, serve-udp, connect-tcp, send-udp, stream-serve, stream-send, syn-flood.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import struct
 import sys
 import time
 
-from tests.support.packets import await_echo_reply, echo_request
+from tests.support.packets import await_echo_reply, echo_request, icmp_checksum
 
 
 def _out(obj) -> None:
@@ -150,8 +150,8 @@ def act_plan(a: dict) -> None:
     dp.start()
     try:
         cfg = config_from_dict(a["config"])
-        me = node_from_dict({"v": 1, **a["node"]})
-        peers = [node_from_dict({"v": 1, **p}) for p in a.get("peers", [])]
+        me = node_from_dict({"v": 2, **a["node"]})
+        peers = [node_from_dict({"v": 2, **p}) for p in a.get("peers", [])]
         policies = {pid: policy_from_dict(p, pid) for pid, p in a.get("policies", {}).items()}
         desired = plan(me, peers, cfg, policies=policies)
         ops = diff(desired.tables, dp.observe())
@@ -270,7 +270,9 @@ def act_stream_serve(a: dict) -> None:
 
 def act_stream_send(a: dict) -> None:
     """Send ``nbytes`` of deterministic data, paced over ``seconds``; report
-    the sha256, the server's echo of its own and any error (a reset shows here)."""
+    the sha256, the server's echo of its own and any error (a reset shows here).
+    With ``pause_after`` and ``pause_s``: idle for ``pause_s`` once that many bytes
+    are out (printing {"paused": bytes})."""
     nbytes, seconds, chunks = a["nbytes"], a.get("seconds", 5.0), a.get("chunks", 100)
     data = random.Random(a.get("seed", 1)).randbytes(nbytes)
     h = hashlib.sha256(data).hexdigest()
@@ -282,12 +284,19 @@ def act_stream_send(a: dict) -> None:
         s.connect((a["host"], a["port"]))
         print(json.dumps({"connected": True}), flush=True)
         t0 = time.monotonic()
+        paused = a.get("pause_s", 0.0) <= 0
         for i in range(chunks):
             piece = data[i * step:(i + 1) * step]
             if not piece:
                 break
             s.sendall(piece)
             sent += len(piece)
+            if not paused and sent >= a.get("pause_after", nbytes):
+                # the flow goes idle (what an LRU evicts first); bounded
+                print(json.dumps({"paused": sent}), flush=True)
+                time.sleep(a["pause_s"])
+                paused = True
+                t0 += a["pause_s"]
             delay = t0 + (i + 1) * seconds / chunks - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -298,6 +307,33 @@ def act_stream_send(a: dict) -> None:
     finally:
         s.close()
     _out({"sent": sent, "sha256": h, "echo": echo, "error": error})
+
+
+def act_syn_flood(a: dict) -> None:
+    """``count`` TCP SYNs to ``host``:``port`` from this host's ``src`` address and
+    random source ports (raw socket), within ``max_s`` seconds; reports how many went."""
+    src, dst = socket.inet_aton(a["src"]), socket.inet_aton(a["host"])
+    rng = random.Random(a.get("seed", 7))
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    sent, deadline = 0, time.monotonic() + a.get("max_s", 30)
+    try:
+        for i in range(a["count"]):
+            if time.monotonic() > deadline:
+                break
+            sport = rng.randrange(1024, 65536)
+            tcp = struct.pack("!HHIIBBHHH", sport, a["port"], rng.getrandbits(32), 0, 5 << 4, 0x02, 65535, 0, 0)
+            pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+            tcp = tcp[:16] + struct.pack("!H", icmp_checksum(pseudo + tcp)) + tcp[18:]
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), i & 0xFFFF, 0, 64, 6, 0, src, dst)
+            ip = ip[:10] + struct.pack("!H", icmp_checksum(ip)) + ip[12:]
+            try:
+                s.sendto(ip + tcp, (a["host"], 0))
+                sent += 1
+            except BlockingIOError:
+                time.sleep(0.001)
+    finally:
+        s.close()
+    _out({"sent": sent})
 
 
 def act_ping(a: dict) -> None:
@@ -323,6 +359,7 @@ ACTIONS = {
     "teardown": act_teardown, "plan": act_plan, "serve-tcp": act_serve_tcp, "serve-udp": act_serve_udp,
     "connect-tcp": act_connect_tcp, "send-udp": act_send_udp,
     "stream-serve": act_stream_serve, "ping": act_ping, "stream-send": act_stream_send,
+    "syn-flood": act_syn_flood,
 }
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Test programs of test_iptables_netns.py and the conformance suite, run inside a test
 namespace as ``python -m tests.support.iptctl`` (from the repository).
 
-    iptctl serve PORT [PORT...]       TCP and UDP servers answering "<peer ip>\\n"
+    iptctl serve PORT [PORT...]       TCP and UDP servers (IPv4 and IPv6) answering "<peer ip>\\n"
     iptctl connect tcp|udp HOST PORT  one exchange; prints JSON {"ok", "peer", "reply", "error"}
     iptctl datapath                   the iptables datapath, driven by JSON lines on stdin,
                                       one JSON answer a line
@@ -24,11 +24,27 @@ import traceback
 TIMEOUT_S = 2.0
 
 
+def _dual_stack(kind: int) -> socket.socket:
+    """A socket on :: that takes IPv4 too (IPv4-mapped), or on 0.0.0.0 without IPv6."""
+    try:
+        s = socket.socket(socket.AF_INET6, kind)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        return s
+    except OSError:
+        return socket.socket(socket.AF_INET, kind)
+
+
+def _peer_text(peer) -> str:
+    """The client's address as it would be seen over IPv4 or IPv6 (no ::ffff: prefix,
+    no scope)."""
+    return peer[0].removeprefix("::ffff:").split("%")[0]
+
+
 def serve(ports: list[int]) -> None:
     def tcp(port: int) -> None:
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv = _dual_stack(socket.SOCK_STREAM)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("0.0.0.0", port))
+        srv.bind(("::" if srv.family == socket.AF_INET6 else "0.0.0.0", port))
         srv.listen(64)
         while True:
             conn, peer = srv.accept()
@@ -36,16 +52,16 @@ def serve(ports: list[int]) -> None:
                 conn.settimeout(TIMEOUT_S)
                 try:
                     conn.recv(64)
-                    conn.sendall(f"{peer[0]}\n".encode())
+                    conn.sendall(f"{_peer_text(peer)}\n".encode())
                 except OSError:
                     pass
 
     def udp(port: int) -> None:
-        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        srv.bind(("0.0.0.0", port))
+        srv = _dual_stack(socket.SOCK_DGRAM)
+        srv.bind(("::" if srv.family == socket.AF_INET6 else "0.0.0.0", port))
         while True:
             _, peer = srv.recvfrom(64)
-            srv.sendto(f"{peer[0]}\n".encode(), peer)
+            srv.sendto(f"{_peer_text(peer)}\n".encode(), peer)
 
     for port in ports:
         for fn in (tcp, udp):

@@ -73,6 +73,14 @@ class HelperNetns(Netns):
         return proc
 
 
+def finish(proc, timeout: float = 40) -> dict:
+    """Wait for a ``helper_bg`` process; its last JSON line."""
+    out, err = proc.communicate(timeout=timeout)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert lines, err
+    return json.loads(lines[-1])
+
+
 def veth(a: Netns, dev_a: str, b: Netns, dev_b: str) -> None:
     """A veth pair between two namespaces (created inside them, never in the root
     namespace), both ends up, checksum offload off."""

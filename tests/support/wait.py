@@ -41,3 +41,8 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+def now_ns() -> int:
+    """bpf_ktime_get_ns()'s clock (CLOCK_MONOTONIC), for conntrack timestamps in tests."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)

@@ -274,3 +274,38 @@ def test_a_few_removals_are_applied_after_settling():
     agent.reconcile()
     assert not agent.guard.tripped
     assert not any(peer(i).overlay in dp.state["nat"] for i in range(3))
+
+
+def test_sweep_runs_every_few_seconds_and_is_reported():
+    """The agent lets the datapath delete expired state at most every SWEEP_S;
+    a failing sweep is logged, never raised."""
+    from overlay.agent import SWEEP_S
+    from overlay.errors import DatapathError
+
+    agent, _, dp, clock = make_agent()
+    calls = []
+
+    def sweep():
+        calls.append(clock.now)
+        if len(calls) == 3:
+            raise DatapathError("map gone")
+        return {"ovl_ct": 2, "ovl_frag": 1}
+
+    dp.sweep = sweep
+    for _ in range(4):
+        agent.sweep()            # the same instant: once
+    clock.now += SWEEP_S / 2
+    agent.sweep()
+    assert calls == [0.0]
+    clock.now += SWEEP_S
+    agent.sweep()
+    clock.now += SWEEP_S
+    agent.sweep()                # raises inside: swallowed
+    assert len(calls) == 3
+    assert agent.status()["swept"] == {"ovl_ct": 4, "ovl_frag": 2}
+
+
+def test_sweep_without_a_sweeping_datapath_is_a_no_op():
+    agent, _, _, _ = make_agent()
+    agent.sweep()
+    assert agent.status()["swept"] == {}

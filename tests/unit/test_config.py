@@ -92,6 +92,10 @@ INVALID: list[Bad] = [
     Bad("addresses-and-discovery", _cfg(ADDR + "discovery: {provider: static}\n"), "discovery", "not both"),
     Bad("discovery-unknown-provider", _cfg("discovery: {provider: gcp}\n"), "discovery.provider", "'gcp' is not one of the available address providers: aws-imds, netlink, static ("),
     Bad("discovery-netlink-no-interface", _cfg("discovery: {provider: netlink}\n"), "discovery.interface", "required for provider netlink"),
+    Bad("private6-link-local", _cfg(ADDR + "  private6: 'fe80::1'\n"), "addresses.private6", "link-local"),
+    Bad("public6-ipv4", _cfg(ADDR + "  public6: 198.18.1.11\n"), "addresses.public6", "is not an IPv6 address"),
+    Bad("public6-loopback", _cfg(ADDR + "  public6: '::1'\n"), "addresses.public6", "loopback"),
+    Bad("private6-cidr", _cfg(ADDR + "  private6: '2001:db8::/64'\n"), "addresses.private6", "is a network"),
     # filter
     Bad("open-port-zero", _cfg("filter:\n  open_ports: [0]\n"), "filter.open_ports[0]", "outside 1..65535"),
     Bad("open-port-65536", _cfg("filter:\n  open_ports: [80, 65536]\n"), "filter.open_ports[1]", "outside 1..65535"),
@@ -105,6 +109,7 @@ INVALID: list[Bad] = [
     Bad("reject-all-string", _cfg("filter:\n  reject_all: 'yes'\n"), "filter.reject_all", "must be true or false"),
     Bad("filter-mode-unknown", _cfg("filter:\n  mode: permissive\n"), "filter.mode", "is not one of"),
     Bad("ssh-whitelist-not-cidr", _cfg("filter:\n  ssh_whitelist: ['198.18.0.0/15', 'office']\n"), "filter.ssh_whitelist[1]", "is not an IPv4 network"),
+    Bad("ssh-whitelist-ipv6-host-bits", _cfg("filter:\n  ssh_whitelist: ['2001:db8::1/32']\n"), "filter.ssh_whitelist[0]", "is not an IPv6 network"),
     Bad("ssh-whitelist-host-bits", _cfg("filter:\n  ssh_whitelist: ['198.18.0.1/15']\n"), "filter.ssh_whitelist[0]", "has host bits set"),
     # nat_overrides
     Bad("nat-override-key-subnet-broadcast", _cfg("nat_overrides: {'192.168.63.255': '10.0.0.250'}\n"), "nat_overrides.192.168.63.255", "network or broadcast address"),
@@ -191,6 +196,15 @@ INVALID: list[Bad] = [
     Bad("typo-datapath", _cfg("datapath:\n  interfce: eth1\n"), "datapath.interfce", "unknown key (did you mean interface?)"),
     Bad("typo-guard", _cfg("guard:\n  max_changes: 5\n"), "guard.max_changes", "unknown key (did you mean max_change?)"),
     Bad("typo-discovery", _cfg("discovery: {provider: netlink, interfaces: eth0}\n"), "discovery.interfaces", "unknown key (did you mean interface?)"),
+    # conntrack lifetimes and the sizes of the conntrack, fragment and IPv6 maps (docs/config.md)
+    Bad("conntrack-zero", _cfg("datapath:\n  conntrack:\n    udp_s: 0\n"), "datapath.conntrack.udp_s", "must be between 1"),
+    Bad("conntrack-float", _cfg("datapath:\n  conntrack:\n    tcp_syn_s: 1.5\n"), "datapath.conntrack.tcp_syn_s", "must be an integer"),
+    Bad("conntrack-frag-too-long", _cfg("datapath:\n  conntrack:\n    frag_s: 600\n"), "datapath.conntrack.frag_s", "between 1 and 120"),
+    Bad("conntrack-unknown", _cfg("datapath:\n  conntrack:\n    tcp_time_wait_s: 5\n"), "datapath.conntrack.tcp_time_wait_s", "unknown key"),
+    Bad("conntrack-not-mapping", _cfg("datapath:\n  conntrack: 30\n"), "datapath.conntrack", "must be a mapping"),
+    Bad("size-conntrack-in-too-small", _cfg("datapath:\n  sizes:\n    conntrack_in: 10\n"), "datapath.sizes.conntrack_in", "must be between 64"),
+    Bad("size-frag-string", _cfg("datapath:\n  sizes:\n    frag: lots\n"), "datapath.sizes.frag", "must be an integer"),
+    Bad("size-peers6-too-small", _cfg("datapath:\n  sizes:\n    peers6: 1\n"), "datapath.sizes.peers6", "must be between 16"),
 ]
 
 VALID_EXTRA = {
@@ -202,6 +216,8 @@ VALID_EXTRA = {
     "registry-grpc": _cfg("registry:\n  backend: grpc\n  controller: 'ctl.example:9470'\n  tls: {ca: /etc/overlay/certs/ca.crt, cert: /etc/overlay/certs/web-1.crt, key: /etc/overlay/certs/web-1.key, server_name: ctl.example}\n"),
     "controller": "overlay_subnet: 192.168.0.0/18\nregistry:\n  hosts: ['127.0.0.1:2181']\ncontroller:\n  listen: '0.0.0.0:9470'\n  lease_s: 30\n  window: 10000\n  tls: {ca: ca.crt, cert: controller.crt, key: controller.key}\n",
     "policy-map-sizes": _cfg("datapath:\n  sizes:\n    policy: 131072\n    cidr_ident: 256\n    names: 1024\n"),
+    "ipv6": _cfg(ADDR + "  private6: '2001:db8::11'\n  public6: '2001:db8:1::11'\nfilter:\n  ssh_whitelist: ['2001:db8::/32', '198.18.0.0/15']\n"),
+    "conntrack": _cfg("datapath:\n  conntrack: {tcp_syn_s: 30, tcp_established_s: 86400, tcp_fin_s: 60, tcp_rst_s: 5, udp_s: 60, icmp_s: 10, frag_s: 3}\n  sizes: {conntrack: 64, conntrack6: 128, conntrack_in: 256, frag: 64, peers6: 16, failsafe6: 16, cidr_ident6: 16}\n"),
 }
 
 
@@ -309,6 +325,24 @@ def test_minimal_example_takes_the_documented_defaults():
     assert cfg.guard.max_change == 20
     assert (cfg.throttle.min_s, cfg.throttle.max_s) == (0.0, 0.0)
     assert cfg.status_listen == ("127.0.0.1", 9464)
+    assert (cfg.addresses.private6, cfg.addresses.public6) == (None, None)
+    ct = cfg.datapath.conntrack  # docs/config.md, in the spirit of the kernel's conntrack
+    assert (ct.tcp_syn_s, ct.tcp_established_s, ct.tcp_fin_s, ct.tcp_rst_s) == (120, 432000, 120, 10)
+    assert (ct.udp_s, ct.icmp_s, ct.frag_s) == (120, 30, 5)
+    sizes = cfg.datapath.sizes
+    assert (sizes.conntrack6, sizes.conntrack_in, sizes.frag) == (65536, 65536, 8192)
+    assert (sizes.peers6, sizes.failsafe6, sizes.cidr_ident6) == (65536, 1024, 4096)
+
+
+def test_config_defaults_are_the_abi_defaults():
+    """The config's default lifetimes are the ones the programs use for 0 (ovl_cfg)."""
+    from overlay.config import ConntrackConfig
+    from overlay.datapath.ebpf import abi
+
+    d = ConntrackConfig()
+    assert (d.tcp_syn_s, d.tcp_established_s, d.tcp_fin_s, d.tcp_rst_s, d.udp_s, d.icmp_s, d.frag_s) == (
+        abi.CT_DEFAULT_TCP_SYN_S, abi.CT_DEFAULT_TCP_ESTABLISHED_S, abi.CT_DEFAULT_TCP_FIN_S,
+        abi.CT_DEFAULT_TCP_RST_S, abi.CT_DEFAULT_UDP_S, abi.CT_DEFAULT_ICMP_S, abi.CT_DEFAULT_FRAG_S)
 
 
 def test_full_example_matches_the_design():

@@ -211,6 +211,7 @@ _values = {
     "cidr_ident": st.dictionaries(st.sampled_from(["10.0.0.0/8", "10.1.0.0/16"]), st.integers(1 << 31, (1 << 31) + 3)),
     "names": st.dictionaries(st.tuples(st.sampled_from(["policy", "identity"]), st.integers(1, 3)),
                              st.sampled_from(["web", "db", "p1"]), max_size=6),
+    "self": st.dictionaries(st.sampled_from(["10.0.0.1", "198.18.1.1", "fd00::1"]), st.just(1)),
 }
 states = st.fixed_dictionaries({t: _values[t] for t in TABLES})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import pytest
@@ -26,6 +27,11 @@ ROUNDTRIP = [
     ("ports", (1, 1023), 1 << 63),
     ("failsafe", "198.18.0.0/15", abi.FS_SSH),
     ("failsafe", "10.1.2.3/32", abi.FS_ALL),
+    ("failsafe", "2001:db8::/32", abi.FS_SSH),
+    ("peers", "2001:db8::7", PeerEntry(identity=9, flags=abi.PEER_F_MEMBER)),
+    ("cidr_ident", "fd00::/8", (1 << 31) | 5),
+    ("self", "10.0.0.1", 1),
+    ("self", "fd00::1", 1),
 ]
 
 
@@ -42,6 +48,10 @@ def test_layouts_are_the_abi():
     assert encode_key("config", "reject_all") == struct.pack("=I", abi.CfgIndex.REJECT_ALL)
     assert encode_key("config", "mode") == struct.pack("=I", abi.CfgIndex.MODE)
     assert encode_value("config", None) == bytes(8)
+    assert encode_key("peers", "2001:db8::7") == bytes.fromhex("20010db8000000000000000000000007")
+    assert encode_key("self", "10.0.0.1") == bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
+    assert encode_key("failsafe", "fd00::/8") == struct.pack("=I", 8) + bytes([0xFD]) + bytes(15)
+    assert encode_key("config", "ct_udp_s") == struct.pack("=I", abi.CfgIndex.CT_UDP_S)
 
 
 @pytest.mark.parametrize("table,key,value,error", [
@@ -64,10 +74,19 @@ def test_bad_input_raises(table, key, value, error):
 def test_ct_and_ports_rendering():
     key = abi.OvlCtKey(abi.ip_to_be32("10.0.0.2"), abi.ip_to_be32("10.0.0.1"),
                        abi.port_to_be16(80), abi.port_to_be16(40000), 6)
-    val = abi.OvlCtVal(abi.ip_to_be32("192.168.0.2"), abi.CT_F_EGRESS | abi.CT_F_NAT, 123)
+    val = abi.OvlCtVal(abi.ip_to_be32("192.168.0.2"), 7, 123, abi.CtState.CLOSING,
+                       abi.CT_F_EGRESS | abi.CT_F_NAT)
     assert decode_ct(bytes(key), bytes(val)) == {
-        "saddr": "10.0.0.2", "daddr": "10.0.0.1", "sport": 80, "dport": 40000, "proto": 6,
-        "overlay": "192.168.0.2", "flags": 3, "last_seen_ns": 123,
+        "family": 4, "saddr": "10.0.0.2", "daddr": "10.0.0.1", "sport": 80, "dport": 40000, "proto": 6,
+        "overlay": "192.168.0.2", "state": "closing", "flags": 3, "nat_gen": 7, "last_seen_ns": 123,
+    }
+    words = ctypes.c_uint32 * 4
+    key6 = abi.OvlCt6Key(words(*abi.ip_to_words("2001:db8::2")), words(*abi.ip_to_words("2001:db8::1")),
+                         abi.port_to_be16(443), abi.port_to_be16(50000), 6, 6)
+    val6 = abi.OvlCtVal(0, 0, 5, abi.CtState.SYN_SENT, abi.CT_F_EGRESS)
+    assert decode_ct(bytes(key6), bytes(val6)) == {
+        "family": 6, "saddr": "2001:db8::2", "daddr": "2001:db8::1", "sport": 443, "dport": 50000,
+        "proto": 6, "overlay": None, "state": "syn_sent", "flags": 1, "nat_gen": 0, "last_seen_ns": 5,
     }
     assert ports_to_list({(0, 0): 1 << 22, (0, 1): 1 << 16, (1, 0): 1 << 53}) == {
         "tcp": [22, 80], "udp": [53]}

@@ -45,7 +45,8 @@ def test_service_and_methods_are_the_contract():
     assert methods["Watch"].server_streaming and not methods["Watch"].client_streaming
     assert not any(m.server_streaming for n, m in methods.items() if n != "Watch")
     assert [f.name for f in pb2.Node.DESCRIPTOR.fields] == [
-        "node_id", "network", "private", "public", "overlay", "groups", "open_ports"]
+        "node_id", "network", "private", "public", "overlay", "groups", "open_ports", "private6", "public6"]
+    assert [f.number for f in pb2.Node.DESCRIPTOR.fields] == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # additive
     assert "from_revision" in pb2.WatchRequest.DESCRIPTOR.fields_by_name
     # errors are status codes: no response carries a success flag
     for msg in pb2.DESCRIPTOR.message_types_by_name.values():
@@ -72,6 +73,8 @@ GOOD = dict(node_id="web-1", network="ec2", private="10.0.0.1", public="198.18.1
     ("node.groups", dict(groups=[f"g{i}" for i in range(65)]), "more than 64"),
     ("node.open_ports[1]", dict(open_ports=["80", "70000"]), "outside 1..65535"),
     ("node.open_ports[0]", dict(open_ports=["http"]), "not a port"),
+    ("node.private6", dict(private6="fe80::1"), "link-local"),
+    ("node.public6", dict(public6="10.0.0.1"), "not an IPv6 address"),
 ])
 def test_node_from_pb_names_the_field(field, change, fragment):
     with pytest.raises(InvalidArgument) as info:
@@ -86,6 +89,16 @@ def test_node_round_trip_is_canonical():
     assert node.groups == ("canary", "web") and node.open_ports == ((80, 80), (8000, 8100))
     back = convert.node_to_pb(pb2, node)
     assert list(back.open_ports) == ["80", "8000-8100"]
+    assert convert.node_from_pb(back, SUBNET) == node
+    assert (back.private6, back.public6) == ("", "")
+
+
+def test_node_ipv6_fields_round_trip_as_a_v2_record():
+    node = convert.node_from_pb(pb2.Node(**GOOD, private6="2001:db8::7", public6="2001:db8:1::7"), SUBNET)
+    assert (node.private6, node.public6) == ("2001:db8::7", "2001:db8:1::7")
+    assert node.to_dict()["v"] == 2
+    back = convert.node_to_pb(pb2, node)
+    assert (back.private6, back.public6) == ("2001:db8::7", "2001:db8:1::7")
     assert convert.node_from_pb(back, SUBNET) == node
 
 

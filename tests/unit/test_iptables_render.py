@@ -58,6 +58,7 @@ class FakeKernel:
 
     def __init__(self):
         self.chains = {t: {c: [] for c in cs} for t, cs in self.BUILTIN.items()}
+        self.chains6 = {"filter": {c: [] for c in self.BUILTIN["filter"]}}  # ip6tables
         self.counts: dict[str, int] = {}  # comment -> packets (for -c)
         self.sets: dict[str, list[str]] = {}
         self.calls: list[list[str]] = []
@@ -70,22 +71,23 @@ class FakeKernel:
         self.calls.append(list(argv))
         if self.fail and argv[0] == self.fail:
             return 1, "", f"{argv[0]}: simulated failure"
-        if argv[0] == "iptables-save":
-            return 0, self._save(argv[argv.index("-t") + 1], "-c" in argv), ""
-        if argv[0] == "iptables-restore":
+        if argv[0] in ("iptables-save", "ip6tables-save"):
+            chains = self.chains6 if argv[0].startswith("ip6") else self.chains
+            return 0, self._save(chains, argv[argv.index("-t") + 1], "-c" in argv), ""
+        if argv[0] in ("iptables-restore", "ip6tables-restore"):
             assert "--noflush" in argv
-            self._restore(stdin)
+            self._restore(self.chains6 if argv[0].startswith("ip6") else self.chains, stdin)
             return 0, "", ""
         if argv[0] == "ipset":
             return self._ipset(argv[1:], stdin)
         raise AssertionError(argv)
 
-    def _save(self, table, counters):
+    def _save(self, chains, table, counters):
         out = [f"*{table}"]
-        for chain in self.chains[table]:
+        for chain in chains[table]:
             policy = "ACCEPT" if chain in self.BUILTIN[table] else "-"
             out.append(f":{chain} {policy} [0:0]")
-        for chain, rules in self.chains[table].items():
+        for chain, rules in chains[table].items():
             for rule in rules:
                 line = f"-A {chain} {rule}"
                 if counters:
@@ -94,17 +96,17 @@ class FakeKernel:
                 out.append(line)
         return "\n".join(out + ["COMMIT", ""])
 
-    def _restore(self, text):
+    def _restore(self, chains, text):
         table = None
         staged = None
         for line in text.splitlines():
             if line.startswith("*"):
                 table = line[1:]
-                staged = {c: list(r) for c, r in self.chains[table].items()}
+                staged = {c: list(r) for c, r in chains[table].items()}
             elif line.startswith(":"):
                 staged[line[1:].split()[0]] = []
             elif line == "COMMIT":
-                self.chains[table] = staged
+                chains[table] = staged
             elif line:
                 toks = shlex.split(line)
                 op, chain = toks[0], toks[1]
@@ -129,7 +131,8 @@ class FakeKernel:
         if args[0] == "save":
             if args[1] not in self.sets:
                 return 1, "", "The set with the given name does not exist"
-            lines = [f"create {args[1]} hash:ip family inet"]
+            family = "inet6" if args[1].startswith("OVERLAY-PEERS6") else "inet"
+            lines = [f"create {args[1]} hash:ip family {family}"]
             lines += [f"add {args[1]} {a}" for a in self.sets[args[1]]]
             return 0, "\n".join(lines) + "\n", ""
         if args[0] == "restore":
@@ -154,9 +157,21 @@ class FakeKernel:
         raise AssertionError(args)
 
 
-def datapath(kernel: FakeKernel) -> IptablesDatapath:
+class FakeFlusher:
+    """Records the conntrack flushes asked for (the real one is tested in namespaces)."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[str], list[str]]] = []
+
+    def __call__(self, sources, overlays) -> int:
+        self.calls.append((sorted(sources), sorted(overlays)))
+        return len(self.calls[-1][0]) + len(self.calls[-1][1])
+
+
+def datapath(kernel: FakeKernel, ipv6: bool = True, flusher=None) -> IptablesDatapath:
     return IptablesDatapath("eth0", SUBNET, self_private="10.0.0.1", self_overlay="192.168.0.1",
-                            runner=kernel, manage_route=False)
+                            runner=kernel, manage_route=False, ipv6=ipv6,
+                            flusher=flusher if flusher is not None else FakeFlusher())
 
 
 def program(dp: IptablesDatapath, want: dict[str, dict]) -> list[Op]:
@@ -184,8 +199,17 @@ def test_nat_rules_are_sorted_by_address_not_text():
     assert [r.split()[3] for r in ipt.nat_rules(state)] == ["192.168.0.9/32", "192.168.0.10/32"]
 
 
+MARTIANS4 = [
+    '-A OVERLAY-IN -s 127.0.0.0/8 -i eth0 -m comment --comment "ovl:drop_martian" -j DROP',
+    '-A OVERLAY-IN -s 10.0.0.1/32 -i eth0 -m comment --comment "ovl:drop_martian" -j DROP',
+    '-A OVERLAY-IN -s 192.168.0.1/32 -i eth0 -m comment --comment "ovl:drop_martian" -j DROP',
+    '-A OVERLAY-IN -s 198.18.1.1/32 -i eth0 -m comment --comment "ovl:drop_martian" -j DROP',
+]
+
+
 def test_filter_rules_in_design_order():
-    assert ipt.filter_rules(tables(), SUBNET) == [
+    assert ipt.filter_rules(tables(), SUBNET, "eth0") == [
+        *MARTIANS4,
         '-A OVERLAY-IN -s 198.18.0.0/15 -p tcp -m tcp --dport 22 -m comment --comment "ovl:pass_failsafe" -j ACCEPT',
         '-A OVERLAY-IN -s 198.18.0.2/32 -m comment --comment "ovl:pass_failsafe" -j ACCEPT',
         '-A OVERLAY-IN -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "ovl:pass_established" -j ACCEPT',
@@ -219,6 +243,48 @@ def test_default_verdict(filt, last_in, last_out):
     outs = [r for r in rules if r.startswith("-A OVERLAY-OUT ")]
     assert ins[-1] == f"-A OVERLAY-IN {last_in}"
     assert outs == [f"-A OVERLAY-OUT -d 192.168.0.0/18 {last_out}"]
+
+
+SELF6 = Node("h1", "A", "10.0.0.1", "198.18.1.1", "192.168.0.1", private6="2001:db8::1")
+PEERS6 = [Node("h2", "A", "10.0.0.2", "198.18.1.2", "192.168.0.2", private6="2001:db8::2"),
+          Node("h3", "B", "10.0.0.11", "198.18.2.11", "192.168.0.3", public6="2001:db8:2::11")]
+
+
+def tables6(**filt) -> dict[str, dict]:
+    cfg = config(**filt, ssh_whitelist=["198.18.0.0/15", "2001:db8:ad::/48"])
+    return plan(SELF6, PEERS6, cfg).tables
+
+
+def test_ipv6_filter_rules_in_design_order():
+    icmp6 = "-p ipv6-icmp -m icmp6 --icmpv6-type"
+    ndp = [f'-A OVERLAY-IN {icmp6} {t} -m hl --hl-eq 255 -m comment --comment "ovl:pass_ndp" -j ACCEPT'
+           for t in (133, 134, 135, 136, 137)]
+    mld = [f'-A OVERLAY-IN -s {src} {icmp6} {t} -m comment --comment "ovl:pass_ndp" -j ACCEPT'
+           for src in ("fe80::/10", "::/128") for t in (130, 131, 132, 143)]
+    assert ipt.filter_rules(tables6(reject_all=True), SUBNET, "eth0", 6) == [
+        '-A OVERLAY-IN -s ::1/128 -i eth0 -m comment --comment "ovl:drop_martian" -j DROP',
+        '-A OVERLAY-IN -s 2001:db8::1/128 -i eth0 -m comment --comment "ovl:drop_martian" -j DROP',
+        '-A OVERLAY-IN -s 2001:db8:ad::/48 -p tcp -m tcp --dport 22 -m comment --comment "ovl:pass_failsafe" -j ACCEPT',
+        '-A OVERLAY-IN -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "ovl:pass_established" -j ACCEPT',
+        '-A OVERLAY-IN -i lo -m comment --comment "ovl:pass_loopback" -j ACCEPT',
+        *ndp, *mld,
+        '-A OVERLAY-IN -m set --match-set OVERLAY-PEERS6 src -m comment --comment "ovl:pass_member" -j ACCEPT',
+        '-A OVERLAY-IN -p tcp -m tcp --dport 80 -m comment --comment "ovl:pass_open_port" -j ACCEPT',
+        '-A OVERLAY-IN -p udp -m udp --dport 80 -m comment --comment "ovl:pass_open_port" -j ACCEPT',
+        '-A OVERLAY-IN -m comment --comment "ovl:drop_not_allowed" -j DROP',
+    ]
+    # the IPv4 rules do not see the IPv6 entries
+    assert not [r for r in ipt.filter_rules(tables6(), SUBNET, "eth0") if "2001:db8" in r]
+    assert ipt.ipset_members(tables6(), 6) == ["2001:db8::2", "2001:db8:2::11"]
+    assert ipt.ipset_members(tables6()) == ["10.0.0.2", "198.18.2.11"]
+    assert ipt.ipset_script(["2001:db8::2"], 64, False, "ipset6").splitlines() == [
+        "create OVERLAY-PEERS6-TMP hash:ip family inet6 hashsize 1024 maxelem 64",
+        "add OVERLAY-PEERS6-TMP 2001:db8::2"]
+
+
+def test_martians_without_an_interface_and_in_audit_mode():
+    rules = ipt.filter_rules(tables(mode="audit"), SUBNET)
+    assert rules[0] == '-A OVERLAY-IN -s 127.0.0.0/8 ! -i lo -m comment --comment "ovl:drop_martian:audit" -j RETURN'
 
 
 def test_whitelist_ssh_all_and_both_flags():
@@ -296,8 +362,14 @@ def test_restore_text_declares_and_flushes_only_our_chains():
                                   {"mode": "audit", "open_ports": list(range(1000, 1040, 2)) + ["2000-2100"]}])
 def test_parse_round_trip(filt):
     want = tables(**filt)
-    back = ipt.parse_filter(ipt.filter_rules(want, SUBNET))
-    assert back == {"failsafe": want["failsafe"], "ports": want["ports"], "config": want["config"]}
+    back = ipt.parse_filter(ipt.filter_rules(want, SUBNET, "eth0"))
+    assert back == {"failsafe": want["failsafe"], "ports": want["ports"], "config": want["config"],
+                    "self": want["self"]}
+    want6 = tables6(**filt)
+    back6 = ipt.parse_filter(ipt.filter_rules(want6, SUBNET, "eth0", 6), 6)
+    assert back6["self"] == {"2001:db8::1": 1}
+    assert back6["failsafe"] == {"2001:db8:ad::/48": FS_SSH}
+    assert back6["ports"] == want6["ports"] and back6["config"] == want6["config"]
     nat = ipt.parse_nat(ipt.nat_rules(want, "192.168.0.1", "10.0.0.1"))
     assert nat == want["nat"]
     assert ipt.rnat_of(nat) == want["rnat"]
@@ -334,11 +406,13 @@ def test_first_apply_installs_set_chains_and_jumps_once():
     k = FakeKernel()
     dp = datapath(k)
     program(dp, tables(reject_all=True))
-    assert dp.stats["iptables_restores"] == 2 and dp.stats["ipset_swaps"] == 1
+    assert dp.stats["iptables_restores"] == 3 and dp.stats["ipset_swaps"] == 2
     assert k.chains["nat"]["OUTPUT"] == ["-j OVERLAY-NAT"]
     assert k.chains["filter"]["INPUT"] == ["-j OVERLAY-IN"]
     assert k.chains["filter"]["OUTPUT"] == ["-j OVERLAY-OUT"]
-    assert k.sets == {"OVERLAY-PEERS": ["10.0.0.2", "198.18.2.11"]}
+    assert k.chains6["filter"]["INPUT"] == ["-j OVERLAY-IN"]
+    assert "OVERLAY-OUT" not in k.chains6["filter"]
+    assert k.sets == {"OVERLAY-PEERS": ["10.0.0.2", "198.18.2.11"], "OVERLAY-PEERS6": []}
     assert len(k.chains["nat"]["OVERLAY-NAT"]) == 4
     # a change: chains refilled, jumps not added again
     program(dp, tables(open_ports=[80, 443]))
@@ -353,9 +427,9 @@ def test_unchanged_state_runs_no_restore():
     n = len(k.calls)
     dp.apply([])
     dp.apply(diff(tables(), dp.observe()))
-    assert [c for c in k.calls[n:] if c[0] == "iptables-restore" or c[1:2] in (["restore"], ["swap"])] == []
-    assert dp.stats["iptables_restores"] == 2 and dp.stats["ipset_swaps"] == 1
-    assert dp.stats["tables_skipped"] == 6
+    assert [c for c in k.calls[n:] if c[0].endswith("-restore") or c[1:2] in (["restore"], ["swap"])] == []
+    assert dp.stats["iptables_restores"] == 3 and dp.stats["ipset_swaps"] == 2
+    assert dp.stats["tables_skipped"] == 10
 
 
 def test_only_changed_tables_are_reloaded():
@@ -365,13 +439,14 @@ def test_only_changed_tables_are_reloaded():
     restores = len(k.names("iptables-restore"))
     dp.apply([Op("ports", (0, 443 >> 6), ports_bitmap([(443, 443)], ("tcp",))[(0, 6)])])
     new = k.names("iptables-restore")[restores:]
-    assert len(new) == 1 and dp.stats["ipset_swaps"] == 1
+    assert len(new) == 1 and len(k.names("ip6tables-restore")) == 2 and dp.stats["ipset_swaps"] == 2
     assert "-p tcp -m multiport --dports 80,443 " in "\n".join(k.chains["filter"]["OVERLAY-IN"])
-    # a peer's real address changes: set and nat reloaded, filter not
+    assert "-p tcp -m multiport --dports 80,443 " in "\n".join(k.chains6["filter"]["OVERLAY-IN"])
+    # a peer's real address changes: set and nat reloaded, filters not
     dp.apply([Op("peers", "10.0.0.2"), Op("peers", "10.0.0.22", PeerEntry()),
               Op("nat", "192.168.0.2", NatEntry("10.0.0.22"))])
-    assert dp.stats["ipset_swaps"] == 2
-    assert dp.stats["iptables_restores"] == 4
+    assert dp.stats["ipset_swaps"] == 3
+    assert dp.stats["iptables_restores"] == 6
     assert k.sets["OVERLAY-PEERS"] == ["10.0.0.22", "198.18.2.11"]
     assert "OVERLAY-PEERS-TMP" not in k.sets
 
@@ -384,7 +459,43 @@ def test_restart_adopts_without_reload():
     dp2.start()
     assert diff(tables(reject_all=True), dp2.observe()) == []
     dp2.apply([])
-    assert [c for c in k.calls[n:] if c[0] == "iptables-restore" or c[1] in ("restore", "swap")] == []
+    assert [c for c in k.calls[n:] if c[0].endswith("-restore") or c[1] in ("restore", "swap")] == []
+
+
+def test_restart_adopts_ipv6_state_without_reload():
+    k = FakeKernel()
+    program(datapath(k), tables6(reject_all=True))
+    assert k.sets["OVERLAY-PEERS6"] == ["2001:db8::2", "2001:db8:2::11"]
+    n = len(k.calls)
+    dp2 = datapath(k)
+    dp2.start()
+    assert diff(tables6(reject_all=True), dp2.observe()) == []
+    assert [c for c in k.calls[n:] if c[0].endswith("-restore") or c[1] in ("restore", "swap")] == []
+
+
+def test_host_without_ipv6_renders_and_runs_no_ipv6():
+    k = FakeKernel()
+    dp = datapath(k, ipv6=False)
+    program(dp, tables6(reject_all=True))
+    assert k.names("ip6tables-restore") == [] and k.names("ip6tables-save") == []
+    assert set(k.sets) == {"OVERLAY-PEERS"}
+    assert set(dp.rules()) == {"ipset", "nat", "filter"}
+
+
+def test_removed_peer_and_nat_entry_flush_their_conntrack_entries():
+    k = FakeKernel()
+    flush = FakeFlusher()
+    dp = datapath(k, flusher=flush)
+    program(dp, tables6())
+    assert flush.calls == []
+    dp.apply([Op("peers", "10.0.0.2"), Op("peers", "2001:db8::2"), Op("nat", "192.168.0.2"),
+              Op("rnat", "10.0.0.2")])
+    assert flush.calls == [(["10.0.0.2", "2001:db8::2"], ["192.168.0.2"])]
+    assert dp.flushed == 3
+    dp.apply([Op("nat", "192.168.0.3", NatEntry("198.18.2.99"))])  # re-pointed
+    assert flush.calls[-1] == ([], ["192.168.0.3"])
+    dp.apply([Op("ports", (0, 7), 1)])  # nothing revoked: no flush
+    assert len(flush.calls) == 2
 
 
 def test_drift_is_repaired_on_next_apply():
@@ -408,7 +519,7 @@ def test_a_missing_jump_alone_makes_ops_and_is_repaired():
     assert program(dp, tables())  # the observation reports the drift
     assert k.chains["filter"]["INPUT"] == ["-j OVERLAY-IN"]
     assert [f"-A OVERLAY-IN {r}" for r in k.chains["filter"]["OVERLAY-IN"]] == [
-        r for r in ipt.filter_rules(tables(), SUBNET) if r.startswith("-A OVERLAY-IN ")]
+        r for r in ipt.filter_rules(tables(), SUBNET, "eth0") if r.startswith("-A OVERLAY-IN ")]
     assert program(dp, tables()) == []
 
 
@@ -431,11 +542,12 @@ def test_counters_survive_reload():
     dp = datapath(k)
     program(dp, tables(reject_all=True))
     k.counts = {"ovl:drop_not_allowed": 3, "ovl:pass_member": 5}
-    assert dp.counters()["drop_not_allowed"] == 3
+    # the fake counts per comment, so both families' rules count: 2 x
+    assert dp.counters()["drop_not_allowed"] == 6
     program(dp, tables(reject_all=True, open_ports=[80, 81]))  # reload resets rule counters
     k.counts = {"ovl:drop_not_allowed": 1}
     c = dp.counters()
-    assert c["drop_not_allowed"] == 4 and c["pass_member"] == 5 and c["pass_failsafe"] == 0
+    assert c["drop_not_allowed"] == 8 and c["pass_member"] == 10 and c["pass_failsafe"] == 0
 
 
 def test_failed_reload_is_retried_in_full():
@@ -454,7 +566,7 @@ def test_failed_reload_is_retried_in_full():
 def test_too_many_peers_is_refused_before_anything_runs():
     k = FakeKernel()
     dp = IptablesDatapath("eth0", SUBNET, sizes=type("S", (), {"peers": 16})(), runner=k,
-                          manage_route=False)
+                          manage_route=False, ipv6=False)
     dp.observe()
     n = len(k.calls)
     ops = [Op("peers", f"10.0.1.{i}", PeerEntry()) for i in range(1, 18)]
@@ -474,6 +586,9 @@ def test_unsupported_without_tools_or_root(monkeypatch):
     monkeypatch.setattr(ipt, "_which", lambda tool: None if tool == "ipset" else f"/usr/sbin/{tool}")
     with pytest.raises(UnsupportedError, match="needs ipset"):
         IptablesDatapath("eth0", SUBNET)
+    monkeypatch.setattr(ipt, "_which", lambda tool: None if tool.startswith("ip6") else f"/usr/sbin/{tool}")
+    with pytest.raises(UnsupportedError, match="needs ip6tables-restore, ip6tables-save"):
+        IptablesDatapath("eth0", SUBNET, ipv6=True)
     monkeypatch.setattr(ipt, "_which", lambda tool: f"/usr/sbin/{tool}")
     monkeypatch.setattr(ipt.os, "geteuid", lambda: 1000)
     with pytest.raises(UnsupportedError, match="needs root"):

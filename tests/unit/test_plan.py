@@ -344,3 +344,59 @@ def test_failsafe_empty_when_nothing_configured():
 )
 def test_config_table(filt, expected):
     assert plan(SELF, [], cfg(filter=filt)).tables["config"] == expected
+
+
+def test_conntrack_lifetimes_written_only_when_not_the_default():
+    """0 (absent) means the default in the datapath, so defaults write nothing."""
+    assert plan(SELF, [], cfg(datapath={"conntrack": {"tcp_syn_s": 120}})).tables["config"] == {
+        "reject_all": 0, "mode": MODE_ENFORCE}
+    got = plan(SELF, [], cfg(datapath={"conntrack": {"tcp_syn_s": 30, "udp_s": 60, "frag_s": 2,
+                                                     "tcp_established_s": 86400}})).tables["config"]
+    assert got == {"reject_all": 0, "mode": MODE_ENFORCE, "ct_tcp_syn_s": 30, "ct_udp_s": 60, "frag_s": 2,
+                   "ct_tcp_established_s": 86400}
+
+
+# --- this node's own addresses (martians) and IPv6 -------------------------------------------
+
+SELF6 = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("web",),
+             private6="2001:db8::1", public6="2001:db8:1::1")
+
+
+def test_self_table_lists_every_own_address():
+    assert plan(SELF, [], cfg()).tables["self"] == {"10.0.0.1": 1, "198.18.0.1": 1, "192.168.0.1": 1}
+    assert plan(SELF6, [], cfg()).tables["self"] == {
+        "10.0.0.1": 1, "198.18.0.1": 1, "192.168.0.1": 1, "2001:db8::1": 1, "2001:db8:1::1": 1}
+
+
+def test_peer_ipv6_real_address_private6_same_network_public6_across():
+    same = Node("b", "ec2", "10.0.0.2", "198.18.0.2", "192.168.0.2", ("db",), private6="2001:db8::2",
+                public6="2001:db8:1::2")
+    other = Node("c", "vpc", "10.0.0.3", "198.19.0.3", "192.168.1.3", (), private6="fd00::3",
+                 public6="2001:db8:2::3")
+    only_private6 = Node("d", "vpc", "10.0.0.4", "198.19.0.4", "192.168.1.4", (), private6="fd00::4")
+    d = plan(SELF6, [same, other, only_private6], cfg())
+    assert d.tables["peers"] == {
+        "10.0.0.2": entry(("db",)), "2001:db8::2": entry(("db",)),
+        "198.19.0.3": entry(), "2001:db8:2::3": entry(),
+        "198.19.0.4": entry(),  # its private6 is not reachable from another network
+    }
+    by_id = {p.node_id: p for p in d.peers}
+    assert by_id["b"].real6 == "2001:db8::2" and by_id["d"].real6 is None
+    assert by_id["c"].to_dict()["real6"] == "2001:db8:2::3"
+    # no IPv6 NAT: nat and rnat stay IPv4
+    assert all(":" not in k for k in d.tables["nat"]) and all(":" not in k for k in d.tables["rnat"])
+
+
+def test_ipv6_address_claimed_twice_or_own_admits_nobody():
+    a = Node("a", "ec2", "10.0.0.2", "198.18.0.2", "192.168.0.2", private6="2001:db8::9")
+    b = Node("b", "ec2", "10.0.0.3", "198.18.0.3", "192.168.0.3", private6="2001:db8::9")
+    c = Node("c", "ec2", "10.0.0.4", "198.18.0.4", "192.168.0.4", private6="2001:db8::1")  # ours
+    peers = plan(SELF6, [a, b, c], cfg()).tables["peers"]
+    assert set(peers) == {"10.0.0.2", "10.0.0.3", "10.0.0.4"}
+
+
+def test_ipv6_failsafe_from_whitelist_and_registry():
+    d = plan(SELF, [], cfg(filter={"ssh_whitelist": ["2001:db8::/32", "198.18.0.0/15"]},
+                           registry={"hosts": ["[2001:db8::2]:2181", "198.18.0.2:2181", "zk:2181"]}))
+    assert d.tables["failsafe"] == {"2001:db8::/32": FS_SSH, "198.18.0.0/15": FS_SSH,
+                                    "2001:db8::2/128": FS_ALL, "198.18.0.2/32": FS_ALL}

@@ -210,6 +210,34 @@ def test_cidr_identity_covers_every_containing_policy_cidr():
     assert d.tables["names"][("cidr", ci["10.1.0.0/16"])] == "10.1.0.0/16"
 
 
+def test_ipv6_cidrs_get_identities_and_never_mix_with_ipv4():
+    policies = [
+        pol("all4", "0.0.0.0/0", "db", "tcp", [443]),
+        pol("doc6", "2001:db8::/32", "db", "udp", [53]),
+        pol("lab6", "2001:db8:1::/48", "db", "icmp"),
+        pol("all6", "::/0", "db", "tcp", [22]),
+    ]
+    d = plan(SELF, [], CFG, policies=policies)
+    ci = d.tables["cidr_ident"]
+    assert set(ci) == {"0.0.0.0/0", "2001:db8::/32", "2001:db8:1::/48", "::/0"}
+    idx = policy_indexes(["all4", "all6", "doc6", "lab6"])
+    assert d.tables["policy"] == {
+        (ci["0.0.0.0/0"], 6, 443, 16): idx["all4"],                 # ::/0 is not inside 0.0.0.0/0
+        (ci["::/0"], 6, 22, 16): idx["all6"],
+        (ci["2001:db8::/32"], 6, 22, 16): idx["all6"],
+        (ci["2001:db8::/32"], 17, 53, 16): idx["doc6"],
+        (ci["2001:db8:1::/48"], 6, 22, 16): idx["all6"],
+        (ci["2001:db8:1::/48"], 17, 53, 16): idx["doc6"],
+        (ci["2001:db8:1::/48"], 1, 0, 16): idx["lab6"],
+    }
+
+
+def test_member_ipv6_address_has_the_identity_of_its_groups():
+    peer = replace(node(3, ["web"]), private6="2001:db8::33")
+    d = plan(SELF, [peer], CFG, policies=[pol("web-db", "web", "db", "tcp", [5432])])
+    assert d.tables["peers"]["2001:db8::33"] == d.tables["peers"][peer.private] != PeerEntry()
+
+
 def test_same_entry_from_two_policies_is_named_by_the_first_id():
     policies = [pol("b", "web", "db", "tcp", [5432]), pol("a", "web", "db", "tcp", ["5000-6000"])]
     d = plan(SELF, [node(2, ["web"])], CFG, policies=policies)

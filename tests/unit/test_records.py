@@ -70,6 +70,15 @@ def _norm_specs(specs) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(set(specs)))
 
 
+def _is_host6(ip: ipaddress.IPv6Address) -> bool:
+    try:
+        addr.host_ipv6(str(ip))
+    except ValueError:
+        return False
+    return True
+
+
+hosts6 = st.ip_addresses(v=6).filter(_is_host6).map(str)
 nodes = st.builds(
     Node,
     node_id=names,
@@ -79,6 +88,8 @@ nodes = st.builds(
     overlay=overlays,
     groups=st.lists(names, max_size=8).map(lambda g: tuple(sorted(set(g)))),
     open_ports=st.lists(port_specs, max_size=12).map(_norm_specs),
+    private6=st.one_of(st.none(), hosts6),
+    public6=st.one_of(st.none(), hosts6),
 )
 group_endpoints = names.map(lambda g: Endpoint(group=g))
 cidr_endpoints = cidrs.map(lambda c: Endpoint(cidr=c))
@@ -395,7 +406,7 @@ _GOOD = {
 @pytest.mark.parametrize(
     ("key", "value", "fragment"),
     [
-        ("v", 2, "unsupported version"),
+        ("v", 3, "unsupported version"),
         ("v", True, "unsupported version"),
         ("node_id", "web/1", "node_id"),
         ("node_id", "web-1\n", "node_id"),
@@ -419,6 +430,54 @@ _GOOD = {
 def test_invalid_node_records(key, value, fragment):
     with pytest.raises(InvalidRecord, match=fragment):
         parse_node_record(_dumps(_mutate(_GOOD, key, value)), SUBNET)
+
+
+_GOOD6 = {**_GOOD, "v": 2, "private6": "2001:db8::5", "public6": "2001:db8:1::5"}
+
+
+def test_record_v2_with_ipv6_addresses():
+    node = parse_node_record(_dumps(_GOOD6), SUBNET)
+    assert (node.private6, node.public6) == ("2001:db8::5", "2001:db8:1::5")
+    assert node.real6_from("ec2") == "2001:db8::5" and node.real6_from("vpc") == "2001:db8:1::5"
+    assert json.loads(serialise_node(node))["v"] == 2
+    assert parse_node_record(serialise_node(node), SUBNET) == node
+
+
+def test_v1_records_stay_v1_and_valid():
+    """A node without IPv6 addresses is still written as version 1, which older daemons read."""
+    node = parse_node_record(_dumps(_GOOD), SUBNET)
+    assert node.private6 is None and node.real6_from("ec2") is None
+    assert json.loads(serialise_node(node)) == _GOOD | {"open_ports": [80]}
+    assert parse_node_record(_dumps({**_GOOD, "v": 2}), SUBNET) == node  # v2 without IPv6 is fine
+    only_public6 = parse_node_record(_dumps({**_GOOD, "v": 2, "public6": "2001:db8::7"}), SUBNET)
+    assert (only_public6.private6, only_public6.real6_from("vpc")) == (None, "2001:db8::7")
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("private6", "fe80::5", "link-local"),
+    ("private6", "::1", "loopback"),
+    ("private6", "::", "unspecified"),
+    ("public6", "ff02::1", "multicast"),
+    ("public6", "2001:db8::/64", "network"),
+    ("public6", "::ffff:10.0.0.1", "IPv4-mapped"),
+    ("public6", "10.0.0.1", "not an IPv6 address"),
+    ("private6", 7, "IPv6 address string"),
+])
+def test_invalid_ipv6_fields(key, value, fragment):
+    with pytest.raises(InvalidRecord, match=fragment):
+        parse_node_record(_dumps({**_GOOD6, key: value}), SUBNET)
+
+
+def test_ipv6_fields_need_version_2():
+    with pytest.raises(InvalidRecord, match="need version 2"):
+        parse_node_record(_dumps({**_GOOD, "private6": "2001:db8::5"}), SUBNET)
+
+
+def test_ipv6_policy_cidr():
+    data = b'{"v": 1, "from": {"cidr": "2001:db8::/32"}, "to": {"group": "db"}, "proto": "udp", "ports": [53]}'
+    assert parse_policy_record(data).src == Endpoint(cidr="2001:db8::/32")
+    with pytest.raises(InvalidRecord, match="IPv6 network"):
+        parse_policy_record(data.replace(b"2001:db8::/32", b"2001:db8::1/32"))
 
 
 def test_missing_overlay_without_subnet_is_invalid():

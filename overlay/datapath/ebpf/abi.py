@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import struct
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 PORT_WORDS = 1024
 SSH_PORT = 22
@@ -23,6 +23,16 @@ FS_SSH = 1
 FS_ALL = 2
 CT_F_EGRESS = 1
 CT_F_NAT = 2
+SELF_F_OWN = 1
+SELF_MAX = 64
+SELF_HINT_MUL = 0x9E3779B1
+CT_DEFAULT_TCP_SYN_S = 120
+CT_DEFAULT_TCP_ESTABLISHED_S = 432000
+CT_DEFAULT_TCP_FIN_S = 120
+CT_DEFAULT_TCP_RST_S = 10
+CT_DEFAULT_UDP_S = 120
+CT_DEFAULT_ICMP_S = 30
+CT_DEFAULT_FRAG_S = 5
 IDENTITY_NONE = 0
 IDENTITY_MEMBER = 1
 IDENTITY_CIDR = 0x80000000
@@ -38,7 +48,16 @@ class CfgIndex(enum.IntEnum):
     ABI_VERSION = 3
     POLICY_ENFORCED = 4
     POLICY_DEFAULT = 5
-    MAX = 8
+    NAT_GEN = 6
+    CT_TCP_SYN_S = 7
+    CT_TCP_ESTABLISHED_S = 8
+    CT_TCP_FIN_S = 9
+    CT_TCP_RST_S = 10
+    CT_UDP_S = 11
+    CT_ICMP_S = 12
+    FRAG_S = 13
+    SELF_HINT = 14
+    MAX = 32
 
 
 class FilterMode(enum.IntEnum):
@@ -52,6 +71,9 @@ class Reason(enum.IntEnum):
     DROP_NOT_ALLOWED = 2
     DROP_MALFORMED = 3
     DROP_POLICY = 4
+    DROP_FRAG_SHORT = 5
+    DROP_FRAG_ORPHAN = 6
+    DROP_MARTIAN = 7
     DROP_MAX = 8
     PASS_BASE = 16
     PASS_FAILSAFE = 16
@@ -65,6 +87,10 @@ class Reason(enum.IntEnum):
     NAT_INGRESS = 24
     PASS_UNTOUCHED = 25
     PASS_POLICY = 26
+    PASS_NDP = 27
+    PASS_FRAGMENT = 28
+    CT_EXPIRED = 29
+    CT_NAT_STALE = 30
     COUNTER_MAX = 32
 
 
@@ -74,6 +100,9 @@ DROP_REASONS = {
     Reason.DROP_NOT_ALLOWED: "not_allowed",
     Reason.DROP_MALFORMED: "malformed",
     Reason.DROP_POLICY: "policy",
+    Reason.DROP_FRAG_SHORT: "frag_short",
+    Reason.DROP_FRAG_ORPHAN: "frag_orphan",
+    Reason.DROP_MARTIAN: "martian",
 }
 PASS_REASONS = {
     Reason.PASS_FAILSAFE: "failsafe",
@@ -87,6 +116,10 @@ PASS_REASONS = {
     Reason.NAT_INGRESS: "nat_ingress",
     Reason.PASS_UNTOUCHED: "untouched",
     Reason.PASS_POLICY: "policy",
+    Reason.PASS_NDP: "ndp",
+    Reason.PASS_FRAGMENT: "fragment",
+    Reason.CT_EXPIRED: "ct_expired",
+    Reason.CT_NAT_STALE: "ct_nat_stale",
 }
 
 
@@ -95,6 +128,14 @@ class NameKind(enum.IntEnum):
     RULE = 2
     IDENTITY = 3
     CIDR = 4
+
+
+class CtState(enum.IntEnum):
+    NEW = 0
+    SYN_SENT = 1
+    ESTABLISHED = 2
+    CLOSING = 3
+    CLOSED = 4
 
 
 class PortSlot(enum.IntEnum):
@@ -111,8 +152,16 @@ class OvlPeerVal(ctypes.Structure):
     _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
+class OvlAddr6(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32 * 4)]
+
+
 class OvlLpmKey(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+
+
+class OvlLpm6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32 * 4)]
 
 
 class OvlPolicyKey(ctypes.Structure):
@@ -144,19 +193,58 @@ class OvlCtKey(ctypes.Structure):
     ]
 
 
+class OvlCt6Key(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint32 * 4),
+        ("daddr", ctypes.c_uint32 * 4),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
 class OvlCtVal(ctypes.Structure):
     _fields_ = [
         ("overlay", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
+        ("nat_gen", ctypes.c_uint32),
         ("last_seen_ns", ctypes.c_uint64),
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 6),
+    ]
+
+
+class OvlCtInVal(ctypes.Structure):
+    _fields_ = [("last_seen_ns", ctypes.c_uint64)]
+
+
+class OvlFragKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint32 * 4),
+        ("daddr", ctypes.c_uint32 * 4),
+        ("id", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class OvlFragVal(ctypes.Structure):
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("overlay", ctypes.c_uint32),
+        ("verdict", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
     ]
 
 
 class OvlDropEvent(ctypes.Structure):
     _fields_ = [
         ("ts_ns", ctypes.c_uint64),
-        ("saddr", ctypes.c_uint32),
-        ("daddr", ctypes.c_uint32),
+        ("saddr", ctypes.c_uint32 * 4),
+        ("daddr", ctypes.c_uint32 * 4),
         ("sport", ctypes.c_uint16),
         ("dport", ctypes.c_uint16),
         ("proto", ctypes.c_uint8),
@@ -164,18 +252,26 @@ class OvlDropEvent(ctypes.Structure):
         ("audit", ctypes.c_uint8),
         ("direction", ctypes.c_uint8),
         ("policy", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
     ]
 
 
 STRUCTS = {
     "ovl_nat_val": OvlNatVal,
     "ovl_peer_val": OvlPeerVal,
+    "ovl_addr6": OvlAddr6,
     "ovl_lpm_key": OvlLpmKey,
+    "ovl_lpm6_key": OvlLpm6Key,
     "ovl_policy_key": OvlPolicyKey,
     "ovl_name_key": OvlNameKey,
     "ovl_name": OvlName,
     "ovl_ct_key": OvlCtKey,
+    "ovl_ct6_key": OvlCt6Key,
     "ovl_ct_val": OvlCtVal,
+    "ovl_ct_in_val": OvlCtInVal,
+    "ovl_frag_key": OvlFragKey,
+    "ovl_frag_val": OvlFragVal,
     "ovl_drop_event": OvlDropEvent,
 }
 
@@ -189,6 +285,36 @@ def be32_to_ip(value: int) -> str:
     return socket.inet_ntoa(struct.pack("=I", value))
 
 
+_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def ip_to_words(addr: str) -> tuple[int, int, int, int]:
+    """An IPv6 address, or an IPv4 one IPv4-mapped, as the four u32 words of
+    its 16 bytes in network order (the ABI's 16-byte address form)."""
+    ip = ipaddress.ip_address(addr)
+    raw = ip.packed if ip.version == 6 else _MAPPED + ip.packed
+    return struct.unpack("=4I", raw)
+
+
+def words_to_ip(words, family: int | None = None) -> str:
+    """The inverse of :func:`ip_to_words`; an IPv4-mapped address comes back
+    as IPv4 (unless ``family`` is 6)."""
+    raw = struct.pack("=4I", *words)
+    if family != 6 and raw[:12] == _MAPPED:
+        return socket.inet_ntoa(raw[12:])
+    return str(ipaddress.IPv6Address(raw))
+
+
+def self_hint_bit(words) -> int:
+    """The bit of OVL_CFG_SELF_HINT that an address (its four u32 words as stored) sets."""
+    x = words[0] ^ words[1] ^ words[2] ^ words[3]
+    return ((x * SELF_HINT_MUL) & 0xFFFFFFFF) >> 26
+
+
+def addr6(addr: str) -> OvlAddr6:
+    return OvlAddr6((ctypes.c_uint32 * 4)(*ip_to_words(addr)))
+
+
 def port_to_be16(port: int) -> int:
     return struct.unpack("=H", struct.pack("!H", port))[0]
 
@@ -200,6 +326,12 @@ def be16_to_port(value: int) -> int:
 def lpm_key(cidr: str) -> OvlLpmKey:
     net = ipaddress.IPv4Network(cidr, strict=True)
     return OvlLpmKey(net.prefixlen, ip_to_be32(str(net.network_address)))
+
+
+def lpm6_key(cidr: str) -> OvlLpm6Key:
+    net = ipaddress.IPv6Network(cidr, strict=True)
+    words = struct.unpack("=4I", net.network_address.packed)
+    return OvlLpm6Key(net.prefixlen, (ctypes.c_uint32 * 4)(*words))
 
 
 def policy_key(identity: int, proto: int, port: int, port_bits: int) -> OvlPolicyKey:

@@ -9,17 +9,17 @@ libbpf (each one is a single ``bpf(2)`` command):
 - ``lookup``, ``update``, ``delete``, ``get_next_key`` and ``keys``;
 - ``update_batch`` and ``delete_batch``, which fall back to one call per
   element when the kernel refuses the batch command for a map type (LPM
-  tries, for example), and ``items`` which batch-reads where it can;
+  tries, for example), ``items`` which batch-reads where it can, and
+  ``scan``, a resumable bounded piece of a batched pass (the sweep);
 - ``map_info(fd)`` and ``prog_info(fd)`` (``bpf_obj_get_info_by_fd``);
 - ``map_create`` for the loader's own small maps;
 - :class:`RingBuffer`: a reader of a ring buffer map (``ring_buffer__new``,
   ``__poll``, ``__free``), e.g. the pinned ``ovl_events`` for ``overlay drops``.
 
-Keys and values are ``bytes`` (or anything ``bytes()`` accepts: ctypes
-structures, ``bytearray``). Every failure raises
-:class:`overlay.errors.DatapathError` naming the operation, the errno and
-its text. libbpf >= 1.0 returns ``-errno`` from these wrappers; the
-module relies on that and on nothing else of libbpf's state.
+Keys and values are ``bytes`` (or anything ``bytes()`` accepts: ctypes structures,
+``bytearray``). Every failure raises :class:`overlay.errors.DatapathError` naming the
+operation, the errno and its text. libbpf >= 1.0 returns ``-errno`` from these
+wrappers; the module relies on that and on nothing else of libbpf's state.
 """
 
 from __future__ import annotations
@@ -413,7 +413,7 @@ def items(fd: int, info: MapInfo, limit: int | None = None) -> list[tuple[bytes,
     limit = info.max_entries if limit is None else limit
     vsize = info.value_buffer_size
     try:
-        return _lookup_batch_all(fd, info.key_size, vsize, limit)
+        return _lookup_batch_from(fd, info.key_size, vsize, None, limit)[0][:limit]
     except _Refused:
         pass
     out = []
@@ -424,18 +424,22 @@ def items(fd: int, info: MapInfo, limit: int | None = None) -> list[tuple[bytes,
     return out
 
 
-class _Refused(Exception):
+class _Refused(Exception):  # the kernel refuses batch lookups for this map type
     pass
 
 
-def _lookup_batch_all(fd: int, key_size: int, value_size: int, limit: int) -> list[tuple[bytes, bytes]]:
+def _lookup_batch_from(fd: int, key_size: int, value_size: int, token: bytes | None,
+                       limit: int) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """About ``limit`` pairs from batch position ``token`` (None: the start) and the next token."""
     out: list[tuple[bytes, bytes]] = []
-    chunk = 256
+    chunk = max(1, min(256, limit))
     token_size = max(key_size, 8)
     in_tok = ctypes.create_string_buffer(token_size)
     out_tok = ctypes.create_string_buffer(token_size)
     opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
-    first = True
+    first = token is None
+    if token is not None:
+        ctypes.memmove(in_tok, token, min(len(token), token_size))
     # Each round returns at least one element or ends; bounded by limit.
     for _ in range(limit + 2):
         keys_buf = ctypes.create_string_buffer(key_size * chunk)
@@ -455,14 +459,23 @@ def _lookup_batch_all(fd: int, key_size: int, value_size: int, limit: int) -> li
             _raise("bpf_map_lookup_batch", code)
         kraw, vraw = keys_buf.raw, vals_buf.raw
         for i in range(count.value):
-            out.append(
-                (kraw[i * key_size:(i + 1) * key_size], vraw[i * value_size:(i + 1) * value_size])
-            )
-        if code == _errno.ENOENT or len(out) >= limit:
-            break
+            out.append((kraw[i * key_size:(i + 1) * key_size],
+                        vraw[i * value_size:(i + 1) * value_size]))
+        if code == _errno.ENOENT:
+            return out, None
         ctypes.memmove(in_tok, out_tok, token_size)
         first = False
-    return out[:limit]
+        if len(out) >= limit:
+            break
+    return out, in_tok.raw
+
+
+def scan(fd: int, info: MapInfo, cursor: bytes | None, limit: int) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """About ``limit`` pairs from ``cursor`` (None: the start), the next cursor (None: done)."""
+    try:
+        return _lookup_batch_from(fd, info.key_size, info.value_buffer_size, cursor, limit)
+    except _Refused:
+        return items(fd, info), None
 
 
 def update_batch(

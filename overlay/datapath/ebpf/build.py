@@ -71,6 +71,13 @@ MAPS = (
     "ovl_cidr_ident",
     "ovl_policy",
     "ovl_names",
+    "ovl_peers6",
+    "ovl_failsafe6",
+    "ovl_cidr_ident6",
+    "ovl_self",
+    "ovl_ct6",
+    "ovl_ct_in",
+    "ovl_frag",
 )
 
 DEFAULT_SIZES: dict[str, int] = {
@@ -82,6 +89,12 @@ DEFAULT_SIZES: dict[str, int] = {
     "OVL_POLICY_MAX": 65536,
     "OVL_CIDR_IDENT_MAX": 4096,
     "OVL_NAMES_MAX": 65536,
+    "OVL_CT6_MAX": 65536,
+    "OVL_CT_IN_MAX": 65536,
+    "OVL_FRAG_MAX": 8192,
+    "OVL_PEERS6_MAX": 65536,
+    "OVL_FAILSAFE6_MAX": 1024,
+    "OVL_CIDR_IDENT6_MAX": 4096,
 }
 _SIZE_LIMIT = 1 << 26
 
@@ -238,6 +251,8 @@ def source_digest(sizes: Mapping[str, int] | None = None) -> str:
 def map_specs(sizes: Mapping[str, int] | None = None) -> dict[str, MapSpec]:
     s = normalize_sizes(sizes)
     u32, u64 = 4, 8
+    addr6, lpm6 = ctypes.sizeof(abi.OvlAddr6), ctypes.sizeof(abi.OvlLpm6Key)
+    ct6 = ctypes.sizeof(abi.OvlCt6Key)
     return {
         "ovl_nat": MapSpec(_MAP_HASH, u32, ctypes.sizeof(abi.OvlNatVal), s["OVL_NAT_MAX"]),
         "ovl_rnat": MapSpec(_MAP_HASH, u32, u32, s["OVL_NAT_MAX"]),
@@ -276,6 +291,26 @@ def map_specs(sizes: Mapping[str, int] | None = None) -> dict[str, MapSpec]:
             ctypes.sizeof(abi.OvlName),
             s["OVL_NAMES_MAX"],
             _BPF_F_NO_PREALLOC,
+        ),
+        "ovl_peers6": MapSpec(
+            _MAP_HASH, addr6, ctypes.sizeof(abi.OvlPeerVal), s["OVL_PEERS6_MAX"]
+        ),
+        "ovl_failsafe6": MapSpec(
+            _MAP_LPM_TRIE, lpm6, u32, s["OVL_FAILSAFE6_MAX"], _BPF_F_NO_PREALLOC
+        ),
+        "ovl_cidr_ident6": MapSpec(
+            _MAP_LPM_TRIE, lpm6, u32, s["OVL_CIDR_IDENT6_MAX"], _BPF_F_NO_PREALLOC
+        ),
+        "ovl_self": MapSpec(_MAP_HASH, addr6, u32, abi.SELF_MAX),
+        "ovl_ct6": MapSpec(_MAP_LRU_HASH, ct6, ctypes.sizeof(abi.OvlCtVal), s["OVL_CT6_MAX"]),
+        "ovl_ct_in": MapSpec(
+            _MAP_LRU_HASH, ct6, ctypes.sizeof(abi.OvlCtInVal), s["OVL_CT_IN_MAX"]
+        ),
+        "ovl_frag": MapSpec(
+            _MAP_LRU_HASH,
+            ctypes.sizeof(abi.OvlFragKey),
+            ctypes.sizeof(abi.OvlFragVal),
+            s["OVL_FRAG_MAX"],
         ),
     }
 

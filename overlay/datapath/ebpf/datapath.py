@@ -33,7 +33,7 @@ import os
 import struct
 from collections.abc import Mapping
 
-from overlay.datapath.ebpf import abi, bpfsys, netdev
+from overlay.datapath.ebpf import abi, bpfsys, netdev, upgrade
 from overlay.datapath.ebpf.maps import CFG, MapSet, ports_to_list, to_jsonable
 from overlay.errors import DatapathError, OverlayError, UnsupportedError
 from overlay.ops import Op
@@ -55,6 +55,12 @@ _SIZE_FIELDS = {
     "policy": "OVL_POLICY_MAX",
     "cidr_ident": "OVL_CIDR_IDENT_MAX",
     "names": "OVL_NAMES_MAX",
+    "conntrack6": "OVL_CT6_MAX",
+    "conntrack_in": "OVL_CT_IN_MAX",
+    "frag": "OVL_FRAG_MAX",
+    "peers6": "OVL_PEERS6_MAX",
+    "failsafe6": "OVL_FAILSAFE6_MAX",
+    "cidr_ident6": "OVL_CIDR_IDENT6_MAX",
 }
 
 PROGRAM_PINS = {
@@ -346,10 +352,29 @@ class EbpfDatapath:
         self.adopted = False
         log.info("loaded and attached the datapath on %s (pinned at %s)", self.interface, self.pin_dir)
 
+    def _pinned_abi(self) -> int:
+        """The ABI version of the pinned state (0: none, or unreadable)."""
+        try:
+            fd = bpfsys.obj_get(os.path.join(self.pin_dir, CFG))
+        except DatapathError:
+            return 0
+        try:
+            info = bpfsys.map_info(fd)
+            raw = bpfsys.lookup(fd, struct.pack("=I", abi.CfgIndex.ABI_VERSION), 4, info.value_size)
+        except DatapathError:
+            return 0
+        finally:
+            bpfsys.close(fd)
+        return struct.unpack("=Q", raw[:8])[0] if raw else 0
+
     def _unpin_stale_maps(self, build) -> dict[str, tuple[bpfsys.MapInfo, list]]:
         """Unpin the pinned maps whose geometry is not what this build declares
-        (bcc would reuse them unchecked), keeping their entries to carry over.
-        The programs attached now keep using the old maps until replaced."""
+        (bcc would reuse them unchecked), or whose layout an ABI change made
+        unreadable, keeping the entries that can be carried over
+        (:mod:`overlay.datapath.ebpf.upgrade`). The programs attached now keep
+        using the old maps until replaced."""
+        old_abi = self._pinned_abi()
+        abi_changed = old_abi not in (0, abi.ABI_VERSION)
         carried = {}
         for name, want in build.map_specs(self._build_sizes()).items():
             path = os.path.join(self.pin_dir, name)
@@ -360,18 +385,21 @@ class EbpfDatapath:
                 info = bpfsys.map_info(fd)
                 have = (info.type, info.key_size, info.value_size, info.max_entries, info.flags)
                 if have == (want.map_type, want.key_size, want.value_size, want.max_entries,
-                            want.flags):
+                            want.flags) and not (abi_changed and name in upgrade.RECREATE_ON_ABI_CHANGE):
                     continue
-                keep = info.type != bpfsys.MAP_TYPE_RINGBUF and (
+                same = info.type != bpfsys.MAP_TYPE_RINGBUF and (
                     info.type, info.key_size, info.value_size
                 ) == (want.map_type, want.key_size, want.value_size)
-                carried[name] = (info, bpfsys.items(fd, info) if keep else [])
+                items = bpfsys.items(fd, info) if info.type != bpfsys.MAP_TYPE_RINGBUF else []
+                converted = upgrade.carry(name, old_abi, info.value_size, items) if abi_changed else None
+                carried[name] = (info, converted if converted is not None else items if same else [])
             finally:
                 bpfsys.close(fd)
             os.unlink(path)
             log.warning(
-                "map %s changed geometry (max_entries %d -> %d): re-creating it%s", name,
-                info.max_entries, want.max_entries,
+                "map %s changed (max_entries %d -> %d, value size %d -> %d, ABI %d -> %d): "
+                "re-creating it%s", name, info.max_entries, want.max_entries, info.value_size,
+                want.value_size, old_abi, abi.ABI_VERSION,
                 f", carrying {len(carried[name][1])} entries over" if carried[name][1] else "",
             )
         return carried
@@ -408,6 +436,10 @@ class EbpfDatapath:
 
     def fill(self) -> dict[str, dict[str, int]]:
         return self._maps().fill()
+
+    def sweep(self, budget: int = 4096) -> dict[str, int]:
+        """Delete expired conntrack, marker and fragment entries (bounded; see MapSet.sweep)."""
+        return self._maps().sweep(budget)
 
     def attachments(self) -> dict[str, dict]:
         """Our tc filters and the ids of what they run (for status and tests)."""
@@ -461,7 +493,10 @@ def remove(interface: str, pin_root: str = DEFAULT_PIN_ROOT, overlay_device: str
 
 def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
     """The live maps of ``interface``'s datapath, JSON-ready, read from the
-    pins (no daemon, no compiler). Each map is ``{"entries": ..., "max_entries": n}``."""
+    pins (no daemon, no compiler). Each map is ``{"entries": ..., "max_entries": n}``;
+    ``ovl_peers`` and ``ovl_failsafe`` list the IPv6 entries of ovl_peers6 and
+    ovl_failsafe6 too, ``ovl_ct`` those of ovl_ct6; ``fill`` counts every map
+    (the inbound markers ovl_ct_in and the fragments ovl_frag by count only)."""
     pin_dir = pin_dir_for(interface, pin_root)
     if not os.path.isdir(pin_dir):
         raise DatapathError(f"nothing pinned at {pin_dir} (is the datapath loaded?)")
@@ -475,6 +510,8 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             "abi_version": maps.get_cfg(abi.CfgIndex.ABI_VERSION),
             "policy_enforced": maps.get_cfg(abi.CfgIndex.POLICY_ENFORCED),
             "policy_default": maps.get_cfg(abi.CfgIndex.POLICY_DEFAULT),
+            "nat_gen": maps.get_cfg(abi.CfgIndex.NAT_GEN),
+            "lifetimes_ns": maps.lifetimes_ns(),
         }
         js = to_jsonable(state)
         fill = maps.fill()
@@ -499,6 +536,7 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             "ovl_cidr_ident": body("ovl_cidr_ident", js["cidr_ident"]),
             "ovl_names": body("ovl_names", js["names"]),
             "ovl_cfg": body(CFG, cfg),
+            "ovl_self": body("ovl_self", js["self"]),
             "ovl_ct": body("ovl_ct", maps.ct_entries()),
             "ovl_counters": {"entries": maps.counters()},
             "fill": fill,

@@ -1,0 +1,344 @@
+"""Encoding between the ops vocabulary (:mod:`overlay.ops`) and the map bytes of the ABI.
+
+Pure (no kernel). :class:`~overlay.datapath.ebpf.maps.MapSet` uses it to read
+and write the maps; ``overlay why`` and the bench use the same encoders.
+
+===========  ==================  ===========================================
+ops table    map                 encoding
+===========  ==================  ===========================================
+nat          ovl_nat (hash)      be32 overlay -> ovl_nat_val{be32 real, flags}
+rnat         ovl_rnat (hash)     be32 real -> be32 overlay
+peers        ovl_peers (hash)    IPv4: be32 real -> ovl_peer_val{identity, flags}
+             ovl_peers6 (hash)   IPv6: ovl_addr6 -> ovl_peer_val
+ports        ovl_ports (array)   u32 slot*PORT_WORDS+word -> u64 bitmap word
+failsafe     ovl_failsafe (lpm)  IPv4: ovl_lpm_key{prefixlen, be32 addr} -> u32 flags
+             ovl_failsafe6       IPv6: ovl_lpm6_key{prefixlen, addr[4]} -> u32 flags
+config       ovl_cfg (array)     u32 enum ovl_cfg_index -> u64
+policy       ovl_policy (lpm)    ovl_policy_key{48 + bits, identity, proto, 0,
+                                 be16 first port} -> u32 policy index
+cidr_ident   ovl_cidr_ident /6   like failsafe -> u32 CIDR identity
+names        ovl_names (hash)    ovl_name_key{enum ovl_name_kind, number} ->
+                                 ovl_name{NUL-terminated text}
+self         ovl_self (hash)     ovl_addr6 (IPv4 mapped) -> u32 OVL_SELF_F_*
+===========  ==================  ===========================================
+
+An ops key names its family by its form ("10.0.0.1" or "fd00::1"), so the
+tables with IPv6 entries (``peers``, ``failsafe``, ``cidr_ident``, ``self``)
+keep one vocabulary for both families; :func:`map_of` says which map an entry
+lives in.
+
+Counter names (:func:`counter_name`, used by /status and /metrics): drops
+as ``drop_`` + their ``abi.DROP_REASONS`` name; verdict passes as ``pass_``
++ their ``abi.PASS_REASONS`` name; the translation and conntrack counters
+keep their names (``nat_egress``, ``nat_ingress``, ``ct_expired``,
+``ct_nat_stale``). Since ABI 3 the eBPF datapath never counts
+``pass_loopback`` (loopback sources on the uplink are ``drop_martian``); the
+name stays for the iptables backend's ``-i lo`` rule.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+import struct
+from collections.abc import Mapping
+
+from overlay.datapath.ebpf import abi
+from overlay.errors import CapacityError, DatapathError
+from overlay.ops import NatEntry, PeerEntry
+
+# Map names of the ABI (build.MAPS lists the same names for the loader).
+NAT, RNAT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS, EVENTS = (
+    "ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ports", "ovl_failsafe", "ovl_ct", "ovl_cfg",
+    "ovl_counters", "ovl_events",
+)
+CIDR_IDENT, POLICY, NAMES = "ovl_cidr_ident", "ovl_policy", "ovl_names"
+PEERS6, FAILSAFE6, CIDR_IDENT6, SELF = "ovl_peers6", "ovl_failsafe6", "ovl_cidr_ident6", "ovl_self"
+CT6, CT_IN, FRAG = "ovl_ct6", "ovl_ct_in", "ovl_frag"
+CT_MAPS = (CT, CT6, CT_IN, FRAG)
+
+# table -> (its IPv4 map, its IPv6 map or None)
+TABLE_MAPS = {
+    "nat": (NAT, None), "rnat": (RNAT, None), "peers": (PEERS, PEERS6), "ports": (PORTS, None),
+    "failsafe": (FAILSAFE, FAILSAFE6), "config": (CFG, None), "policy": (POLICY, None),
+    "cidr_ident": (CIDR_IDENT, CIDR_IDENT6), "names": (NAMES, None), "self": (SELF, SELF),
+}
+TABLE_MAP = {t: m for t, (m, _) in TABLE_MAPS.items()}  # the first (IPv4) map of each table
+CONFIG_INDEX = {
+    "reject_all": abi.CfgIndex.REJECT_ALL,
+    "mode": abi.CfgIndex.MODE,
+    "policy_enforced": abi.CfgIndex.POLICY_ENFORCED,
+    "policy_default": abi.CfgIndex.POLICY_DEFAULT,
+    "ct_tcp_syn_s": abi.CfgIndex.CT_TCP_SYN_S,
+    "ct_tcp_established_s": abi.CfgIndex.CT_TCP_ESTABLISHED_S,
+    "ct_tcp_fin_s": abi.CfgIndex.CT_TCP_FIN_S,
+    "ct_tcp_rst_s": abi.CfgIndex.CT_TCP_RST_S,
+    "ct_udp_s": abi.CfgIndex.CT_UDP_S,
+    "ct_icmp_s": abi.CfgIndex.CT_ICMP_S,
+    "frag_s": abi.CfgIndex.FRAG_S,
+}
+NAME_KIND = {
+    "policy": abi.NameKind.POLICY, "rule": abi.NameKind.RULE,
+    "identity": abi.NameKind.IDENTITY, "cidr": abi.NameKind.CIDR,
+}
+_KIND_NAME = {int(v): k for k, v in NAME_KIND.items()}
+# The config size (datapath.sizes.<key>) of each map that can fill up.
+SIZE_KEY = {
+    NAT: "nat", RNAT: "nat", PEERS: "peers", FAILSAFE: "failsafe", CT: "conntrack",
+    POLICY: "policy", CIDR_IDENT: "cidr_ident", NAMES: "names", PEERS6: "peers6",
+    FAILSAFE6: "failsafe6", CIDR_IDENT6: "cidr_ident6", SELF: "(fixed)", CT6: "conntrack6",
+    CT_IN: "conntrack_in", FRAG: "frag",
+}
+
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+
+
+def counter_name(reason: int) -> str | None:
+    """The public name of a counter slot, or None for an unnamed slot."""
+    if reason in abi.DROP_REASONS:
+        return f"drop_{abi.DROP_REASONS[reason]}"
+    name = abi.PASS_REASONS.get(reason)
+    if name is None:
+        return None
+    return name if name.startswith(("nat_", "ct_")) else f"pass_{name}"
+
+
+def is_v6(text) -> bool:
+    """An address or CIDR in IPv6 form (the family of an ops key)."""
+    return isinstance(text, str) and ":" in text
+
+
+def map_of(table: str, key) -> str:
+    """The map holding ``table[key]``."""
+    try:
+        v4, v6 = TABLE_MAPS[table]
+    except KeyError:
+        raise DatapathError(f"unknown table {table!r}") from None
+    return v6 if v6 is not None and is_v6(key) else v4
+
+
+def _addr(value, what: str) -> int:
+    # inet_pton takes only the strict dotted quad; it is ~20x cheaper than ipaddress,
+    # which matters when a full sync encodes hundreds of thousands of addresses.
+    try:
+        return _U32.unpack(socket.inet_pton(socket.AF_INET, value))[0]
+    except (OSError, TypeError):
+        raise DatapathError(f"{what}: not an IPv4 address: {value!r}") from None
+
+
+def _addr16(value, what: str) -> bytes:
+    """The 16-byte form of an address of either family (IPv4 mapped)."""
+    try:
+        return bytes(abi.addr6(value))
+    except (ValueError, TypeError):
+        raise DatapathError(f"{what}: not an IP address: {value!r}") from None
+
+
+def _cidr(value, table: str = "failsafe") -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except (ValueError, TypeError):
+        raise DatapathError(f"{table}: not an IP network: {value!r}") from None
+
+
+def _u(value, bits: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
+        raise DatapathError(f"{what}: not a u{bits}: {value!r}")
+    return value
+
+
+# -- encoders (ops -> bytes) ----------------------------------------------------
+
+
+def encode_key(table: str, key) -> bytes:
+    if table in ("nat", "rnat") or (table == "peers" and not is_v6(key)):
+        return _U32.pack(_addr(key, f"{table} key"))
+    if table in ("peers", "self"):
+        return _addr16(key, f"{table} key")
+    if table == "ports":
+        try:
+            slot, word = key
+        except (TypeError, ValueError):
+            raise DatapathError(f"ports key: expected (slot, word), got {key!r}") from None
+        if slot not in (abi.PortSlot.TCP, abi.PortSlot.UDP) or not (
+            isinstance(word, int) and 0 <= word < abi.PORT_WORDS
+        ):
+            raise CapacityError(
+                f"ports key {key!r}: outside ovl_ports ({int(abi.PortSlot.SLOTS)} slots of "
+                f"{abi.PORT_WORDS} words)"
+            )
+        return _U32.pack(int(slot) * abi.PORT_WORDS + word)
+    if table in ("failsafe", "cidr_ident"):
+        cidr = _cidr(key, table)
+        return bytes(abi.lpm6_key(cidr) if is_v6(cidr) else abi.lpm_key(cidr))
+    if table == "config":
+        if key not in CONFIG_INDEX:
+            raise DatapathError(f"config key: unknown {key!r} (known: {', '.join(CONFIG_INDEX)})")
+        return _U32.pack(int(CONFIG_INDEX[key]))
+    if table == "policy":
+        try:
+            identity, proto, port, bits = key
+        except (TypeError, ValueError):
+            raise DatapathError(f"policy key: expected (identity, proto, port, bits), got {key!r}") from None
+        _u(identity, 32, "policy identity")
+        _u(proto, 8, "policy proto")
+        _u(port, 16, "policy port")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 16:
+            raise DatapathError(f"policy key {key!r}: port bits must be 0..16")
+        if port & ((1 << (16 - bits)) - 1):
+            raise DatapathError(f"policy key {key!r}: port {port} has bits past the first {bits}")
+        return bytes(abi.policy_key(identity, proto, port, bits))
+    if table == "names":
+        try:
+            kind, number = key
+            kind_id = NAME_KIND[kind]
+        except (TypeError, ValueError, KeyError):
+            raise DatapathError(
+                f"names key: expected (kind, number) with kind in {', '.join(NAME_KIND)}, got {key!r}"
+            ) from None
+        return bytes(abi.OvlNameKey(int(kind_id), _u(number, 32, "names number")))
+    raise DatapathError(f"unknown table {table!r}")
+
+
+def encode_value(table: str, value) -> bytes:
+    """The map value for a put; ``value=None`` (delete) only for arrays (0)."""
+    if table == "nat":
+        if isinstance(value, str):
+            value = NatEntry(value)
+        if not isinstance(value, NatEntry):
+            raise DatapathError(f"nat value: expected NatEntry, got {value!r}")
+        flags = abi.NAT_F_OVERRIDE if value.override else 0
+        return bytes(abi.OvlNatVal(_addr(value.real, "nat real"), flags))
+    if table == "rnat":
+        return _U32.pack(_addr(value, "rnat value"))
+    if table == "peers":
+        if not isinstance(value, PeerEntry):
+            raise DatapathError(f"peers value: expected PeerEntry, got {value!r}")
+        return bytes(
+            abi.OvlPeerVal(_u(value.identity, 32, "peer identity"), _u(value.flags, 32, "peer flags"))
+        )
+    if table == "ports":
+        return _U64.pack(0 if value is None else _u(value, 64, "ports word"))
+    if table in ("failsafe", "self"):
+        return _U32.pack(_u(value, 32, f"{table} flags"))
+    if table == "config":
+        return _U64.pack(0 if value is None else _u(value, 64, "config value"))
+    if table == "policy":
+        return _U32.pack(_u(value, 32, "policy index"))
+    if table == "cidr_ident":
+        return _U32.pack(_u(value, 32, "cidr identity"))
+    if table == "names":
+        if not isinstance(value, str):
+            raise DatapathError(f"names value: expected text, got {value!r}")
+        raw = value.encode()
+        if len(raw) >= abi.NAME_LEN or b"\0" in raw:
+            raise DatapathError(f"names value: {len(raw)} bytes (at most {abi.NAME_LEN - 1}, no NUL)")
+        return bytes(abi.OvlName(raw))
+    raise DatapathError(f"unknown table {table!r}")
+
+
+# -- decoders (bytes -> ops) ----------------------------------------------------
+
+
+def _lpm_text(key: bytes) -> str:
+    if len(key) == ctypes.sizeof(abi.OvlLpm6Key):
+        k6 = abi.OvlLpm6Key.from_buffer_copy(key)
+        return f"{abi.words_to_ip(k6.addr, 6)}/{k6.prefixlen}"
+    k = abi.OvlLpmKey.from_buffer_copy(key)
+    return f"{abi.be32_to_ip(k.addr)}/{k.prefixlen}"
+
+
+def decode_item(table: str, key: bytes, value: bytes):
+    if table == "nat":
+        v = abi.OvlNatVal.from_buffer_copy(value)
+        return (
+            abi.be32_to_ip(_U32.unpack(key)[0]),
+            NatEntry(abi.be32_to_ip(v.real), bool(v.flags & abi.NAT_F_OVERRIDE)),
+        )
+    if table == "rnat":
+        return abi.be32_to_ip(_U32.unpack(key)[0]), abi.be32_to_ip(_U32.unpack(value)[0])
+    if table == "peers":
+        v = abi.OvlPeerVal.from_buffer_copy(value)
+        if len(key) == 16:
+            addr = abi.words_to_ip(struct.unpack("=4I", key), 6)
+        else:
+            addr = abi.be32_to_ip(_U32.unpack(key)[0])
+        return addr, PeerEntry(v.identity, v.flags)
+    if table == "self":
+        return abi.words_to_ip(struct.unpack("=4I", key)), _U32.unpack(value[:4])[0]
+    if table == "ports":
+        idx = _U32.unpack(key)[0]
+        return (idx // abi.PORT_WORDS, idx % abi.PORT_WORDS), _U64.unpack(value)[0]
+    if table in ("failsafe", "cidr_ident"):
+        return _lpm_text(key), _U32.unpack(value[:4])[0]
+    if table == "policy":
+        k = abi.OvlPolicyKey.from_buffer_copy(key)
+        bits = k.prefixlen - abi.POLICY_PORT_BITS
+        return (k.identity, k.proto, abi.be16_to_port(k.port), bits), _U32.unpack(value[:4])[0]
+    if table == "names":
+        k = abi.OvlNameKey.from_buffer_copy(key)
+        text = value.split(b"\0", 1)[0].decode(errors="replace")
+        return (_KIND_NAME.get(k.kind, str(k.kind)), k.id), text
+    raise DatapathError(f"unknown table {table!r}")
+
+
+_STATE_NAMES = {int(s): s.name.lower() for s in abi.CtState}
+
+
+def decode_ct(key: bytes, value: bytes) -> dict:
+    """An ovl_ct or ovl_ct6 entry (told apart by the key size) as a dict."""
+    if len(key) == ctypes.sizeof(abi.OvlCtKey):
+        k4 = abi.OvlCtKey.from_buffer_copy(key)
+        saddr, daddr, family = abi.be32_to_ip(k4.saddr), abi.be32_to_ip(k4.daddr), 4
+        sport, dport, proto = k4.sport, k4.dport, k4.proto
+    else:
+        k6 = abi.OvlCt6Key.from_buffer_copy(key)
+        family = k6.family
+        saddr, daddr = abi.words_to_ip(k6.saddr, family), abi.words_to_ip(k6.daddr, family)
+        sport, dport, proto = k6.sport, k6.dport, k6.proto
+    v = abi.OvlCtVal.from_buffer_copy(value)
+    return {
+        "family": family,
+        "saddr": saddr,
+        "daddr": daddr,
+        "sport": abi.be16_to_port(sport),
+        "dport": abi.be16_to_port(dport),
+        "proto": proto,
+        "overlay": abi.be32_to_ip(v.overlay) if v.overlay else None,
+        "state": _STATE_NAMES.get(v.state, str(v.state)),
+        "flags": v.flags,
+        "nat_gen": v.nat_gen,
+        "last_seen_ns": v.last_seen_ns,
+    }
+
+
+def ports_to_list(words: Mapping[tuple[int, int], int]) -> dict[str, list[int]]:
+    """{(slot, word): bitmap} -> {"tcp": [ports], "udp": [ports]} (for humans and JSON)."""
+    out: dict[str, list[int]] = {"tcp": [], "udp": []}
+    names = {int(abi.PortSlot.TCP): "tcp", int(abi.PortSlot.UDP): "udp"}
+    for (slot, word), bits in sorted(words.items()):
+        for bit in range(64):
+            if bits >> bit & 1:
+                out[names.get(slot, str(slot))].append(word * 64 + bit)
+    return out
+
+
+def to_jsonable(state: Mapping[str, Mapping]) -> dict[str, dict]:
+    """An ops state (read_all) rendered with JSON types only."""
+    return {
+        "nat": {k: {"real": v.real, "override": v.override} for k, v in state["nat"].items()},
+        "rnat": dict(state["rnat"]),
+        "peers": {k: {"identity": v.identity, "flags": v.flags} for k, v in state["peers"].items()},
+        "ports": ports_to_list(state["ports"]),
+        "failsafe": dict(state["failsafe"]),
+        "config": dict(state["config"]),
+        "policy": [
+            {"identity": i, "proto": p, "port": port, "bits": b, "index": v}
+            for (i, p, port, b), v in sorted(state.get("policy", {}).items())
+        ],
+        "cidr_ident": dict(state.get("cidr_ident", {})),
+        "names": {f"{kind}:{n}": text for (kind, n), text in sorted(state.get("names", {}).items())},
+        "self": dict(state.get("self", {})),
+    }

@@ -1,0 +1,44 @@
+"""ABI 2 -> 3 conversion of pinned conntrack entries (pure; the live upgrade is
+tests/integration/test_ebpf_upgrade.py)."""
+
+from __future__ import annotations
+
+import struct
+
+from overlay.datapath.ebpf import abi, upgrade
+
+
+def key(proto: int, sport: int = 80) -> bytes:
+    return bytes(abi.OvlCtKey(abi.ip_to_be32("10.0.0.2"), abi.ip_to_be32("10.0.0.1"),
+                              abi.port_to_be16(sport), abi.port_to_be16(40000), proto))
+
+
+def v2(overlay: str | None, flags: int, seen: int) -> bytes:
+    """An ABI-2 struct ovl_ct_val: {__u32 overlay, __u32 flags, __u64 last_seen_ns}."""
+    return struct.pack("=IIQ", abi.ip_to_be32(overlay) if overlay else 0, flags, seen)
+
+
+def test_only_translated_entries_are_carried_and_re_verified():
+    nat = abi.CT_F_EGRESS | abi.CT_F_NAT
+    items = [
+        (key(6), v2("192.168.0.2", nat, 111)),            # a translated TCP flow
+        (key(17, 53), v2("192.168.0.3", nat, 222)),        # a translated UDP flow
+        (key(6, 443), v2(None, abi.CT_F_EGRESS, 333)),     # plain: maybe an inbound flow's reply
+        (key(6, 444), v2(None, nat, 444)),                 # NAT flag without an overlay: junk
+    ]
+    out = upgrade.carry("ovl_ct", 2, 16, items)
+    assert [k for k, _ in out] == [key(6), key(17, 53)]
+    tcp = abi.OvlCtVal.from_buffer_copy(out[0][1])
+    udp = abi.OvlCtVal.from_buffer_copy(out[1][1])
+    assert (abi.be32_to_ip(tcp.overlay), tcp.state, tcp.flags, tcp.last_seen_ns) == (
+        "192.168.0.2", abi.CtState.ESTABLISHED, nat, 111)
+    assert (udp.state, udp.last_seen_ns) == (abi.CtState.NEW, 222)
+    assert tcp.nat_gen == udp.nat_gen == 0xFFFFFFFF  # never current: checked on the next reply
+    assert len(out[0][1]) == 24
+
+
+def test_no_conversion_for_other_maps_or_versions():
+    assert upgrade.carry("ovl_nat", 2, 8, [(b"k", b"v")]) is None
+    assert upgrade.carry("ovl_ct", 3, 24, []) is None
+    assert upgrade.carry("ovl_ct", 2, 24, []) is None  # not the ABI-2 layout
+    assert "ovl_events" in upgrade.RECREATE_ON_ABI_CHANGE
