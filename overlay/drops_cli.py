@@ -310,10 +310,11 @@ def _host_cidr(ip: str) -> str:
 
 ICMPV6 = 58
 FRAGMENT_RULE = (
-    "fragments share their datagram's verdict: the first fragment is judged like this flow and must "
-    "carry the whole L4 header (TCP 20 bytes, UDP/ICMP 8), else it is dropped (frag_short); later "
-    "fragments pass only on the remembered verdict of their first one (else frag_orphan), and one "
-    "starting inside the TCP header (offset 8 or 16) is dropped (frag_short)"
+    "fragments share their datagram's verdict: the first fragment is judged like this flow; one "
+    "without its whole L4 header (TCP 20 bytes, UDP/ICMP 8) only by the member, policy-port and "
+    "open-port steps, never as established, else it is dropped (frag_short); later fragments pass "
+    "only on the remembered verdict of their first one (else frag_orphan), and one starting inside "
+    "what the first one carried is dropped (frag_short)"
 )
 
 

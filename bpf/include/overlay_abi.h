@@ -247,7 +247,9 @@ struct ovl_frag_val {
 	__u64 ts_ns;                /* when the first fragment passed */
 	__u32 overlay;              /* IPv4 reply of a translated flow: the source to restore */
 	__u8 verdict;               /* enum ovl_reason the first fragment passed with */
-	__u8 pad[3];
+	__u8 pad;
+	__u16 l4_len;               /* bytes of L4 the first fragment carried: a later
+				     * fragment starting before that overlaps it */
 };
 
 /* ovl_events: ring buffer of struct ovl_drop_event */

@@ -186,11 +186,15 @@ static __always_inline __u64 ovl_ct_lifetime_ns(__u8 proto, __u8 state)
 	return ovl_lifetime_ns(OVL_CFG_CT_ICMP_S, OVL_CT_DEFAULT_ICMP_S);
 }
 
-/* Past its lifetime? A last_seen after `now` (another CPU refreshed it
- * meanwhile) is live. */
+/* Past its lifetime? The age is a signed difference: a last_seen a little
+ * after `now` (another CPU refreshed it meanwhile) is a negative age, live;
+ * and any age below 2^63 ns is exact modulo 2^64, whatever the clock's. */
 static __always_inline int ovl_past(__u64 now, __u64 seen, __u64 life_ns)
 {
-	return now > seen && now - seen > life_ns;
+	__u64 age = now - seen;
+
+	/* an age of 2^63 ns or more is a negative one: a last_seen after `now` */
+	return age < (1ULL << 63) && age > life_ns;
 }
 
 static __always_inline int ovl_ct_expired(const struct ovl_ct_val *v, __u8 proto, __u64 now)

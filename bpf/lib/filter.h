@@ -3,7 +3,8 @@
  * Order (DESIGN section 5, docs/datapath.md):
  *   martian (loopback or own source)   -> drop martian, always
  *   failsafe (ovl_failsafe / 6)         -> pass
- *   fragments (later ones, short first) -> remembered verdict, else drop
+ *   fragments: a later one               -> its first one's remembered verdict, else drop
+ *              a short first one         -> member, policy port, open port, else drop
  *   established (ovl_ct / 6: flows this host initiated) -> pass, reverse NAT
  *   related (ICMP errors about them or about admitted inbound flows)
  *   IPv6 NDP and MLD                    -> pass
@@ -115,7 +116,7 @@ static __always_inline int ovl_port_open(const struct ovl_pkt *p)
 	__u32 port;
 	__u64 *word;
 
-	if (!p->has_l4)
+	if (!p->has_ports)
 		return 0;
 	if (p->proto == IPPROTO_TCP)
 		idx = OVL_PORT_SLOT_TCP * OVL_PORT_WORDS;
@@ -243,11 +244,10 @@ static __always_inline int ovl_refuse(const struct ovl_pkt *p, __u8 reason, __u3
 static __always_inline int ovl_later_fragment(struct __sk_buff *skb, const struct ovl_pkt *p,
 					      int filtering, int failsafe)
 {
-	struct ovl_frag_val *fv;
+	struct ovl_frag_val *fv = ovl_frag_verdict(p);
 
-	if (!failsafe && filtering && ovl_frag_tiny_overlap(p))
-		return ovl_drop(p, OVL_DROP_FRAG_SHORT, OVL_DIR_INGRESS);
-	fv = ovl_frag_verdict(p);
+	if (!failsafe && filtering && fv && p->frag_off < fv->l4_len)
+		return ovl_drop(p, OVL_DROP_FRAG_SHORT, OVL_DIR_INGRESS);   /* overlaps the first */
 	if (fv && fv->overlay)
 		ovl_nat_ingress(skb, p, fv->overlay);
 	if (failsafe)
@@ -257,6 +257,30 @@ static __always_inline int ovl_later_fragment(struct __sk_buff *skb, const struc
 	if (filtering)
 		return ovl_drop(p, OVL_DROP_FRAG_ORPHAN, OVL_DIR_INGRESS);
 	return ovl_pass(OVL_PASS_UNTOUCHED);
+}
+
+/* A first fragment too short for its whole L4 header (nmap -f, -ff), on a
+ * node that filters: judged only by the steps that need nothing more than
+ * its addresses and ports (a member's address; a policy's or an open port's
+ * destination port, which a TCP or UDP fragment carries in its first 4
+ * bytes); never established or related, which need the TCP flags or the
+ * ICMP header. The verdict holds for the reassembled datagram: no later
+ * fragment can rewrite the ports (one that overlaps is dropped). */
+static __always_inline int ovl_short_first_fragment(const struct ovl_pkt *p)
+{
+	int reason = 0;
+
+	if (ovl_cfg_get(OVL_CFG_POLICY_ENFORCED)) {
+		if (p->has_ports && ovl_policy_match(p))
+			reason = OVL_PASS_POLICY;
+	} else if (ovl_is_member(p)) {
+		reason = OVL_PASS_MEMBER;
+	} else if (ovl_port_open(p)) {
+		reason = OVL_PASS_OPEN_PORT;
+	}
+	if (reason)
+		return ovl_pass_datagram(p, reason, 0, 1);
+	return ovl_drop(p, OVL_DROP_FRAG_SHORT, OVL_DIR_INGRESS);
 }
 
 static __always_inline int ovl_filter_ingress(struct __sk_buff *skb)
@@ -290,7 +314,7 @@ static __always_inline int ovl_filter_ingress(struct __sk_buff *skb)
 		return ovl_later_fragment(skb, &p, filtering, 0);
 	if (p.short_l4) {
 		if (filtering)
-			return ovl_drop(&p, OVL_DROP_FRAG_SHORT, OVL_DIR_INGRESS);
+			return ovl_short_first_fragment(&p);
 		return ovl_pass(OVL_PASS_UNTOUCHED);
 	}
 

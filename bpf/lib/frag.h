@@ -1,17 +1,20 @@
 /* frag.h: one verdict for all the fragments of a datagram (ingress).
  *
  * A first fragment (offset 0, more fragments) is judged like a whole
- * datagram on its full L4 header (one without it is dropped, frag_short).
+ * datagram on its full L4 header. One without it (nmap -f: 8 bytes of TCP)
+ * is judged only by the steps that need nothing but its addresses and ports
+ * (member, policy port, open port: filter.h), else dropped, frag_short.
  * When it passes, its verdict is remembered in ovl_frag under (family,
  * protocol, IP id, source, destination), with the overlay address to restore
- * when it is a reply of a translated flow. A later fragment passes, with the
- * same source translation (L3 checksum only: it carries no L4 header), only
- * while such a verdict is remembered (ovl_cfg OVL_CFG_FRAG_S, default 5 s);
- * else it is dropped (frag_orphan). A later fragment whose offset lands
- * inside the minimal L4 header (RFC 1858 "tiny overlap": TCP offset 8 or 16)
- * is dropped as frag_short. Fragments that arrive before their first
- * fragment are orphans: the datagram is lost (it would be refused anyway if
- * its first fragment were refused).
+ * when it is a reply of a translated flow and the number of L4 bytes it
+ * carried. A later fragment passes, with the same source translation (L3
+ * checksum only: it carries no L4 header), only while such a verdict is
+ * remembered (ovl_cfg OVL_CFG_FRAG_S, default 5 s); else it is dropped
+ * (frag_orphan). A later fragment that starts inside what the first one
+ * carried overlaps it (RFC 1858 "tiny overlap": it could rewrite the TCP
+ * flags or more after the verdict) and is dropped, frag_short. Fragments
+ * that arrive before their first fragment are orphans: the datagram is lost
+ * (it would be refused anyway if its first fragment were refused).
  */
 #ifndef OVL_FRAG_H
 #define OVL_FRAG_H
@@ -42,6 +45,7 @@ static __always_inline void ovl_frag_remember(const struct ovl_pkt *p, __u8 verd
 	v.ts_ns = bpf_ktime_get_ns();
 	v.overlay = overlay;
 	v.verdict = verdict;
+	v.l4_len = p->l4_len;
 	ovl_frag.update(&k, &v);
 }
 
@@ -60,14 +64,6 @@ static __always_inline struct ovl_frag_val *ovl_frag_verdict(const struct ovl_pk
 		return NULL;
 	}
 	return v;
-}
-
-/* RFC 1858: a later fragment that starts inside the minimal L4 header. */
-static __always_inline int ovl_frag_tiny_overlap(const struct ovl_pkt *p)
-{
-	__u32 csum;
-
-	return p->frag_off < ovl_l4_need(p->frag_proto, &csum);
 }
 
 #endif /* OVL_FRAG_H */

@@ -9,9 +9,12 @@
  *
  * Fragments: a later fragment (offset > 0) has no L4 header; a first fragment
  * (offset 0, more fragments) that does not carry the full minimal L4 header
- * (TCP 20 bytes, UDP 8, ICMP/ICMPv6 8) parses as OVL_P_OK with short_l4 set,
- * so that the filter can drop it as frag_short; the same cut in a whole
- * datagram is OVL_P_MALFORMED.
+ * (TCP 20 bytes, UDP 8, ICMP/ICMPv6 8) parses as OVL_P_OK with short_l4 set
+ * (and has_ports when a TCP or UDP one carries at least its two ports), so
+ * that the filter judges it on what it carries or drops it as frag_short; the
+ * same cut in a whole datagram is OVL_P_MALFORMED. l4_len is how many bytes
+ * of L4 a first fragment carries, so that a later fragment overlapping them
+ * can be told.
  */
 #ifndef OVL_PARSE_H
 #define OVL_PARSE_H
@@ -76,6 +79,7 @@ struct ovl_pkt {
 	__u16 sport;            /* network order; ICMP echo: identifier */
 	__u16 dport;            /* network order; ICMP echo: 0 */
 	__u16 frag_off;         /* fragment offset in bytes */
+	__u16 l4_len;           /* a first fragment: bytes of L4 it carries (at most 65535) */
 	__u8 family;            /* 4 or 6; 0 until the IP header was read */
 	__u8 proto;             /* the L4 protocol (a later fragment: as its header says) */
 	__u8 frag_proto;        /* IPv4 protocol or the fragment header's next header */
@@ -85,7 +89,8 @@ struct ovl_pkt {
 	__u8 icmp_type;
 	__u8 tcp_flags;
 	__u8 hop_limit;         /* IPv6 */
-	__u8 pad;
+	__u8 has_ports;         /* sport and dport were read (has_l4, or a short TCP/UDP
+				 * first fragment that carries them) */
 };
 
 static __always_inline void ovl_v4_mapped(__u32 out[4], __u32 v4)
@@ -138,14 +143,23 @@ static __always_inline int ovl_parse_l4(struct __sk_buff *skb, struct ovl_pkt *p
 	__u32 need, csum;
 
 	need = ovl_l4_need(p->proto, &csum);
+	p->l4_len = avail > 0xffff ? 0xffff : avail;
 	if (!need)
 		return OVL_P_OK;
 	if (need > avail) {
-		if (p->frag == OVL_FRAG_FIRST) {
-			p->short_l4 = 1;
-			return OVL_P_OK;
+		if (p->frag != OVL_FRAG_FIRST)
+			return OVL_P_MALFORMED;
+		p->short_l4 = 1;
+		/* TCP and UDP start with the two ports: enough for the steps that
+		 * judge by address and destination port. */
+		if ((p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) && avail >= 4) {
+			if (bpf_skb_load_bytes(skb, off, l4, 4) < 0)
+				return OVL_P_MALFORMED;
+			__builtin_memcpy(&p->sport, &l4[0], sizeof(p->sport));
+			__builtin_memcpy(&p->dport, &l4[2], sizeof(p->dport));
+			p->has_ports = 1;
 		}
-		return OVL_P_MALFORMED;
+		return OVL_P_OK;
 	}
 	p->l4_off = off;
 	if (p->proto == IPPROTO_TCP) {
@@ -163,6 +177,7 @@ static __always_inline int ovl_parse_l4(struct __sk_buff *skb, struct ovl_pkt *p
 		__builtin_memcpy(&p->sport, &l4[0], sizeof(p->sport));
 		__builtin_memcpy(&p->dport, &l4[2], sizeof(p->dport));
 		p->l4_csum_off = off + csum;
+		p->has_ports = 1;
 	}
 	p->has_l4 = 1;
 	return OVL_P_OK;

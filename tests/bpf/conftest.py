@@ -100,13 +100,15 @@ class Datapath:
         if state is None:
             state = abi.CtState.ESTABLISHED if key.proto == 6 else abi.CtState.NEW
         if last_seen is None:
-            last_seen = now_ns() - int(age_s * 1e9)
+            # modulo 2^64: the programs take the age as a signed 64-bit difference, so an
+            # age older than the clock itself (5 days on a young machine) is exact too
+            last_seen = (now_ns() - int(age_s * 1e9)) % (1 << 64)
         val = abi.OvlCtVal(abi.ip_to_be32(overlay) if overlay else 0, gen, last_seen, int(state), flags)
         table = b"ovl_ct6" if isinstance(key, abi.OvlCt6Key) else b"ovl_ct"
         self.bpf[table][key] = val
 
     def set_marker(self, key: abi.OvlCt6Key, age_s: float = 0.0) -> None:
-        self.bpf[b"ovl_ct_in"][key] = abi.OvlCtInVal(now_ns() - int(age_s * 1e9))
+        self.bpf[b"ovl_ct_in"][key] = abi.OvlCtInVal((now_ns() - int(age_s * 1e9)) % (1 << 64))
 
     def set_self(self, addr: str) -> None:
         """An own address, with its bit in OVL_CFG_SELF_HINT (as MapSet.apply keeps it)."""

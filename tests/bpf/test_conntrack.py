@@ -9,8 +9,6 @@ the way the planner writes datapath.conntrack.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 
@@ -66,10 +64,6 @@ REPLY = {
 MARGIN_S = 2
 
 
-def uptime_s() -> float:
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
-
-
 def _cases(table: dict, configured: bool):
     for (proto, state), life in table.items():
         for inside in (True, False):
@@ -83,9 +77,7 @@ def _cases(table: dict, configured: bool):
 def test_lifetime_per_state(dp, proto, state, life, inside, configured):
     """An entry last seen just inside its state's lifetime passes (refreshed);
     just outside it is a miss: deleted, counted, and the packet judged as new."""
-    age = life - MARGIN_S if inside else life + MARGIN_S
-    if age >= uptime_s() - 1:
-        pytest.skip(f"the monotonic clock is only {uptime_s():.0f} s old; this row needs {age} s")
+    age = life - MARGIN_S if inside else life + MARGIN_S  # may be older than the clock: see set_ct
     dp.seed({"cfg": REJECT})
     if configured:
         for (p, st), seconds in CONFIGURED.items():
@@ -211,8 +203,6 @@ def test_removed_peer_reply_is_dropped_after_one_apply(dp, maps):
 def test_sweep_deletes_expired_entries_in_bounded_rounds(dp, maps):
     dp.set_cfg(CfgIndex.CT_UDP_S, 30)
     dp.set_cfg(CfgIndex.FRAG_S, 5)
-    if uptime_s() < 100:
-        pytest.skip("the monotonic clock is too young for 90 s old entries")
     live, dead = set(), set()
     for i in range(300):
         key = ct_key(OUTSIDER, HOST, 1000 + i, 5353, UDP_P)

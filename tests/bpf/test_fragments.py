@@ -4,14 +4,18 @@ Hand table (docs/datapath.md, "Fragments"), for a node that filters
 (reject_all or policy default-deny):
 
 - a first fragment without its full L4 header (TCP 20 bytes, UDP 8,
-  ICMP/ICMPv6 8) is dropped, frag_short (nmap -f: 8 bytes, -ff: 16 bytes);
+  ICMP/ICMPv6 8; nmap -f: 8 bytes, -ff: 16 bytes) is judged only by the
+  steps that need nothing but its addresses and ports (a member's address, a
+  policy's or an open port's destination port: TCP and UDP carry their ports
+  in their first 4 bytes), never as established; what those steps do not
+  admit is dropped, frag_short;
 - a first fragment that carries it is judged like a whole datagram; when it
   passes, its verdict (and the overlay source of a translated reply) is
   remembered for (family, proto, id, source, destination);
 - a later fragment passes only on a remembered verdict (pass_fragment, with
-  the same source translation, L3 checksum only), else frag_orphan; one whose
-  offset lands inside the minimal L4 header (TCP offset 8 or 16) is dropped,
-  frag_short (RFC 1858);
+  the same source translation, L3 checksum only), else frag_orphan; one that
+  starts inside the L4 bytes its first fragment carried overlaps it and is
+  dropped, frag_short (RFC 1858 "tiny overlap");
 - a failsafe range (address only) passes before the fragment rules;
 - a node that does not filter passes such fragments untouched.
 
@@ -32,6 +36,7 @@ from scapy.packet import Raw
 
 from overlay.datapath.ebpf import abi
 from overlay.datapath.ebpf.abi import CfgIndex, Reason
+from overlay.ops import Op
 
 from .tables import (
     ADMIN,
@@ -109,19 +114,35 @@ def _with_offset(l3_frag, offset_units: int, mf: bool = True):
 
 FIRST_FRAGMENTS = [
     Case("nmap-f-8-byte-first-fragment", "ingress", frame(_F8[0]), SHOT, SAME, {"cfg": REJECT},
-         {Reason.DROP_FRAG_SHORT: 1}, events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P)),
+         {Reason.DROP_FRAG_SHORT: 1},
+         events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P, 40000, 8080)),
     Case("nmap-ff-16-byte-first-fragment", "ingress", frame(_F16[0]), SHOT, SAME, {"cfg": REJECT},
-         {Reason.DROP_FRAG_SHORT: 1}, events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P)),
-    Case("short-first-fragment-to-open-port-too", "ingress", frame(_F8_OPEN[0]), SHOT, SAME,
+         {Reason.DROP_FRAG_SHORT: 1},
+         events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P, 40000, 8080)),
+    Case("short-first-fragment-to-another-port-than-the-open-one", "ingress", frame(_F8[0]), SHOT, SAME,
          {"cfg": REJECT, "ports": [("tcp", 80)]}, {Reason.DROP_FRAG_SHORT: 1},
-         events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P)),
-    Case("short-first-fragment-from-member-too", "ingress", frame(frags(syn(PEER_REAL, HOST, 22), 8)[0]),
-         SHOT, SAME, MEMBER, {Reason.DROP_FRAG_SHORT: 1},
-         events=dropped(Reason.DROP_FRAG_SHORT, PEER_REAL, HOST, TCP_P)),
-    Case("short-udp-first-fragment", "ingress",
-         frame(IP(src=OUTSIDER, dst=HOST, proto=UDP_P, flags="MF", id=5) / Raw(b"\1\2\3\4")), SHOT, SAME,
+         events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P, 40000, 8080)),
+    Case("short-first-fragment-to-open-port-judged-on-its-port", "ingress", frame(_F8_OPEN[0]), OK, SAME,
+         {"cfg": REJECT, "ports": [("tcp", 80)]}, {Reason.PASS_OPEN_PORT: 1}),
+    Case("short-first-fragment-from-member-judged-on-its-address", "ingress",
+         frame(frags(syn(PEER_REAL, HOST, 22), 8)[0]), OK, SAME, MEMBER, {Reason.PASS_MEMBER: 1}),
+    Case("short-first-fragment-never-established", "ingress",
+         frame(frags(IP(src=OUTSIDER, dst=HOST, id=77) / TCP(sport=443, dport=40000, flags="SA",
+                                                            options=[("MSS", 1460)]), 8)[0]), SHOT, SAME,
+         {"cfg": REJECT, "ct": [(ct_key(OUTSIDER, HOST, 443, 40000, TCP_P), None, abi.CT_F_EGRESS)]},
+         {Reason.DROP_FRAG_SHORT: 1},
+         events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P, 443, 40000)),
+    Case("short-udp-first-fragment-with-its-ports", "ingress",
+         frame(IP(src=OUTSIDER, dst=HOST, proto=UDP_P, flags="MF", id=5) / Raw(b"\0\x35\0\x35")), OK, SAME,
+         {"cfg": REJECT, "ports": [("udp", 53)]}, {Reason.PASS_OPEN_PORT: 1}, checksums=False),
+    Case("short-udp-first-fragment-to-a-closed-port", "ingress",
+         frame(IP(src=OUTSIDER, dst=HOST, proto=UDP_P, flags="MF", id=5) / Raw(b"\0\x35\0\x36")), SHOT, SAME,
          {"cfg": REJECT, "ports": [("udp", 53)]}, {Reason.DROP_FRAG_SHORT: 1},
-         events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, UDP_P), checksums=False),
+         events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, UDP_P, 53, 54), checksums=False),
+    Case("first-fragment-without-even-its-ports", "ingress",
+         frame(IP(src=OUTSIDER, dst=HOST, proto=TCP_P, flags="MF", id=5) / Raw(b"\0\x50")), SHOT, SAME,
+         {"cfg": REJECT, "ports": [("tcp", 80)]}, {Reason.DROP_FRAG_SHORT: 1},
+         events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P), checksums=False),
     Case("short-icmp-first-fragment", "ingress",
          frame(IP(src=OUTSIDER, dst=HOST, proto=1, flags="MF", id=6) / Raw(b"\x08\0\0\0")), SHOT, SAME,
          {"cfg": REJECT}, {Reason.DROP_FRAG_SHORT: 1},
@@ -132,14 +153,15 @@ FIRST_FRAGMENTS = [
          frame(frags(long_syn(OUTSIDER, HOST, 8080), 24)[0]), SHOT, SAME, {"cfg": REJECT},
          {Reason.DROP_NOT_ALLOWED: 1}, events=dropped(Reason.DROP_NOT_ALLOWED, OUTSIDER, HOST, TCP_P, 40000, 8080)),
     Case("short-first-fragment-audit-passes", "ingress", frame(_F8[0]), OK, SAME, {"cfg": AUDIT},
-         {Reason.DROP_FRAG_SHORT: 1}, events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P, audit=1)),
+         {Reason.DROP_FRAG_SHORT: 1},
+         events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P, 40000, 8080, audit=1)),
     Case("short-first-fragment-untouched-without-filtering", "ingress", frame(_F8[0]), OK, SAME, {},
          {Reason.PASS_UNTOUCHED: 1}),
     Case("failsafe-all-before-fragment-rules", "ingress", frame(frags(syn(ADMIN, HOST, 2181), 8)[0]), OK,
          SAME, {"cfg": REJECT, "failsafe": {ADMIN_NET: abi.FS_ALL}}, {Reason.PASS_FAILSAFE: 1}),
     Case("failsafe-ssh-needs-the-tcp-header", "ingress", frame(frags(syn(ADMIN, HOST, 22), 8)[0]), SHOT,
          SAME, {"cfg": REJECT, "failsafe": {ADMIN_NET: abi.FS_SSH}}, {Reason.DROP_FRAG_SHORT: 1},
-         events=dropped(Reason.DROP_FRAG_SHORT, ADMIN, HOST, TCP_P)),
+         events=dropped(Reason.DROP_FRAG_SHORT, ADMIN, HOST, TCP_P, 40000, 22)),
     Case("gre-first-fragment-has-no-l4-to-require", "ingress",
          frame(IP(src=PEER_REAL, dst=HOST, proto=47, flags="MF", id=8) / Raw(b"\0" * 8)), OK, SAME, MEMBER,
          {Reason.PASS_MEMBER: 1}),
@@ -148,14 +170,11 @@ FIRST_FRAGMENTS = [
 LATER_FRAGMENTS = [
     Case("orphan-later-fragment", "ingress", frame(_MEMBER[1]), SHOT, SAME, MEMBER,
          {Reason.DROP_FRAG_ORPHAN: 1}, events=dropped(Reason.DROP_FRAG_ORPHAN, PEER_REAL, HOST, UDP_P)),
-    Case("nmap-f-third-fragment-offset-16-overlaps", "ingress", frame(_F8[2]), SHOT, SAME, {"cfg": REJECT},
-         {Reason.DROP_FRAG_SHORT: 1}, events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P)),
+    Case("nmap-f-third-fragment-without-its-first-is-an-orphan", "ingress", frame(_F8[2]), SHOT, SAME,
+         {"cfg": REJECT}, {Reason.DROP_FRAG_ORPHAN: 1},
+         events=dropped(Reason.DROP_FRAG_ORPHAN, OUTSIDER, HOST, TCP_P)),
     Case("later-tcp-fragment-past-the-header-is-an-orphan", "ingress", frame(_TCP_BIG[1]), SHOT, SAME,
          MEMBER, {Reason.DROP_FRAG_ORPHAN: 1}, events=dropped(Reason.DROP_FRAG_ORPHAN, PEER_REAL, HOST, TCP_P)),
-    Case("tiny-overlap-offset-8", "ingress", frame(_F8[1]), SHOT, SAME, {"cfg": REJECT},
-         {Reason.DROP_FRAG_SHORT: 1}, events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P)),
-    Case("tiny-overlap-offset-16", "ingress", frame(_F16[1]), SHOT, SAME, {"cfg": REJECT},
-         {Reason.DROP_FRAG_SHORT: 1}, events=dropped(Reason.DROP_FRAG_SHORT, OUTSIDER, HOST, TCP_P)),
     Case("orphan-untouched-without-filtering", "ingress", frame(_MEMBER[1]), OK, SAME, {},
          {Reason.PASS_UNTOUCHED: 1}),
     Case("failsafe-later-fragment", "ingress", frame(frags(big_udp(ADMIN, HOST), 256)[2]), OK, SAME,
@@ -221,14 +240,15 @@ def test_member_fragmented_tcp_segment_passes(dp):
     assert dp.counters() == {Reason.PASS_MEMBER: 1, Reason.PASS_FRAGMENT: len(_TCP_BIG) - 1}
 
 
-def test_later_fragment_of_allowed_datagram_with_tiny_offset_still_dropped(dp):
+def test_later_fragment_overlapping_what_the_first_carried_is_dropped(dp):
     dp.seed(MEMBER)
     first = frags(IP(src=PEER_REAL, dst=HOST, id=99) / TCP(sport=1, dport=2, flags="PA") / PAYLOAD, 64)
-    assert dp.run("ingress", frame(first[0]))[0] == OK
-    assert dp.run("ingress", frame(_with_offset(first[1], 1)))[0] == SHOT   # offset 8 bytes
-    assert dp.run("ingress", frame(_with_offset(first[1], 2)))[0] == SHOT   # offset 16 bytes
-    assert dp.run("ingress", frame(_with_offset(first[1], 3)))[0] == OK     # offset 24: past the header
-    assert dp.counters() == {Reason.PASS_MEMBER: 1, Reason.DROP_FRAG_SHORT: 2, Reason.PASS_FRAGMENT: 1}
+    assert dp.run("ingress", frame(first[0]))[0] == OK                      # 64 bytes of TCP
+    assert dp.run("ingress", frame(_with_offset(first[1], 1)))[0] == SHOT   # offset 8: the flags again
+    assert dp.run("ingress", frame(_with_offset(first[1], 2)))[0] == SHOT   # offset 16
+    assert dp.run("ingress", frame(_with_offset(first[1], 7)))[0] == SHOT   # offset 56: still inside
+    assert dp.run("ingress", frame(_with_offset(first[1], 8)))[0] == OK     # offset 64: right after it
+    assert dp.counters() == {Reason.PASS_MEMBER: 1, Reason.DROP_FRAG_SHORT: 3, Reason.PASS_FRAGMENT: 1}
 
 
 def test_dropped_first_fragment_leaves_later_ones_orphans(dp):
@@ -342,13 +362,13 @@ def test_ipv6_tiny_first_fragment_and_orphans(dp):
         f[IPv6ExtHdrFragment].nh = 6
     verdicts = [dp.run("ingress", bytes(eth(0x86DD) / f))[0] for f in fs]
     assert verdicts == [SHOT] * len(fs) and len(fs) == 3
-    # the first is short, the later two (offsets 8 and 16) overlap the TCP header
-    assert dp.counters() == {Reason.DROP_FRAG_SHORT: 3}
+    # the first is short and its port is not open; the later two are orphans then
+    assert dp.counters() == {Reason.DROP_FRAG_SHORT: 1, Reason.DROP_FRAG_ORPHAN: 2}
     payload = frags6(V6_OUT, V6_HOST, Raw(_l4_bytes(V6_OUT, V6_HOST, tcp6 / PAYLOAD)), 64)
     for f in payload:
         f[IPv6ExtHdrFragment].nh = 6
     assert dp.run("ingress", bytes(eth(0x86DD) / payload[3]))[0] == SHOT  # offset 192: an orphan
-    assert dp.counters()[Reason.DROP_FRAG_ORPHAN] == 1
+    assert dp.counters()[Reason.DROP_FRAG_ORPHAN] == 3
 
 
 def test_ipv6_member_fragmented_udp_passes(dp):
@@ -372,7 +392,39 @@ def test_ipv6_outsider_fragmented_udp_dropped(dp):
 
 
 @pytest.mark.parametrize("size", [8, 16])
-def test_nmap_style_first_fragments_are_short_whatever_the_port(dp, size):
+def test_nmap_style_fragmented_syn_to_an_open_port_passes_whole(dp, size):
+    """nmap -f / -ff to an open port: the first fragment is judged on its port, the
+    later ones follow it, and the kernel would reassemble the very SYN that was sent."""
     dp.seed({"cfg": REJECT, "ports": [("tcp", 8080)]})
-    assert dp.run("ingress", frame(frags(syn(OUTSIDER, HOST, 8080), size)[0]))[0] == SHOT
-    assert dp.counters() == {Reason.DROP_FRAG_SHORT: 1}
+    fs = frags(syn(OUTSIDER, HOST, 8080), size)
+    outs = run_all(dp, fs)
+    assert [v for v, _ in outs] == [OK] * len(fs) and len(fs) == -(-24 // size)  # a 24-byte header
+    assert dp.counters() == {Reason.PASS_OPEN_PORT: 1, Reason.PASS_FRAGMENT: len(fs) - 1}
+    whole = IP(bytes(reassembled(outs)))
+    assert bytes(whole[TCP]) == bytes(syn(OUTSIDER, HOST, 8080)[TCP])
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_nmap_style_fragmented_syn_to_a_closed_port_is_dropped_whole(dp, size):
+    dp.seed({"cfg": REJECT, "ports": [("tcp", 80)]})
+    fs = frags(syn(OUTSIDER, HOST, 8080), size)
+    assert [v for v, _ in run_all(dp, fs)] == [SHOT] * len(fs)
+    assert dp.counters() == {Reason.DROP_FRAG_SHORT: 1, Reason.DROP_FRAG_ORPHAN: len(fs) - 1}
+    assert dp.frags() == {}
+
+
+@pytest.mark.parametrize("dport,verdicts,counters", [
+    (5432, [OK, OK, OK], {Reason.PASS_POLICY: 1, Reason.PASS_FRAGMENT: 2}),
+    (5433, [SHOT, SHOT, SHOT], {Reason.DROP_FRAG_SHORT: 1, Reason.DROP_FRAG_ORPHAN: 2}),
+], ids=["policy-port", "another-port"])
+def test_short_first_fragment_under_default_deny_judged_on_the_policy_port(dp, maps, dport, verdicts,
+                                                                             counters):
+    """A policy allows web -> this node tcp/5432 (default-deny): a member of web sending
+    its SYN in 8-byte fragments (as nmap -f would) gets the policy's verdict."""
+    web = 0x1234
+    maps.apply([Op("policy", (web, TCP_P, 5432, 16), 7), Op("config", "policy_enforced", 1),
+                Op("config", "policy_default", 7), Op("config", "reject_all", 1)])
+    dp.set_peer(PEER_REAL, identity=web)
+    fs = frags(syn(PEER_REAL, HOST, dport), 8)
+    assert [v for v, _ in run_all(dp, fs)] == verdicts
+    assert dp.counters() == counters

@@ -23,7 +23,7 @@ import pytest
 
 from overlay.datapath.ebpf import bpfsys
 from tests.support.netns import finish
-from tests.support.paths import PYTHON
+from tests.support.paths import REPO, program
 from tests.support.twonets import HOSTS, lab_context, member_ops
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
@@ -50,18 +50,18 @@ def test_abi2_state_is_upgraded_under_a_live_stream():
             extract(DEFAULT_REV, old_root)
         except ArchiveError as exc:
             pytest.skip(str(exc))
-        old_helper = os.path.join(old_root, "tests", "integration", "dp_helper.py")
-        shutil.copytree(os.path.join(os.path.dirname(__file__)), os.path.dirname(old_helper),
+        # the test programs of this revision (tests/support), run on the old library:
+        # `python -m tests.support.dpctl` from old_root puts old_root first on sys.path
+        shutil.copytree(os.path.join(REPO, "tests", "support"), os.path.join(old_root, "tests", "support"),
                         dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-        # the helper of this revision, run on the old library: it puts its own
-        # repository root (old_root) first on sys.path
         with lab_context() as lab:
             h1, h2 = lab.ns["h1"], lab.ns["h2"]
             lab.start_datapaths(("h2",))
             args = lab.dp_args("h1")
             pin_dir = os.path.join(args["pin_root"], "eth0")
-            old = h1.popen(PYTHON, old_helper, "hold",
-                           json.dumps({"ops": member_ops("h1"), "max_s": 60, **args}), text=True)
+            old = h1.popen(*program("dpctl"), "hold",
+                           json.dumps({"ops": member_ops("h1"), "max_s": 60, **args}), text=True,
+                           cwd=old_root)
             holders = [old]
             try:
                 loaded = json.loads(old.stdout.readline())

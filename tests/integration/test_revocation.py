@@ -198,7 +198,7 @@ def test_static_registry_reload_revokes_the_same_4_tuple(net, tmp_path):
 
 @pytest.fixture
 def zookeeper(net, tmp_path):
-    from overlay.zkserver import ZooKeeperServer
+    from overlay.zk.server import ZooKeeperServer
 
     server = ZooKeeperServer(tmp_path / "zk", host=ZK, port=2181, netns=net.zk_ns.name, fsync=False,
                              heap_mb=256, die_with_parent=True)

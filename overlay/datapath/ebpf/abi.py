@@ -236,7 +236,8 @@ class OvlFragVal(ctypes.Structure):
         ("ts_ns", ctypes.c_uint64),
         ("overlay", ctypes.c_uint32),
         ("verdict", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("pad", ctypes.c_uint8),
+        ("l4_len", ctypes.c_uint16),
     ]
 
 

@@ -380,7 +380,14 @@ def _expired(name: str, key: bytes, value: bytes, now: int, life: Mapping[str, i
         v = abi.OvlCtVal.from_buffer_copy(value)
         proto = key[12] if len(key) == 16 else abi.OvlCt6Key.from_buffer_copy(key).proto
         seen, limit = v.last_seen_ns, _ct_lifetime(proto, v.state, life)
-    return now > seen and now - seen > limit
+    return _age_ns(now, seen) > limit
+
+
+def _age_ns(now: int, seen: int) -> int:
+    """``now - seen`` as the programs compute it: a signed 64-bit difference (a ``seen``
+    a little after ``now``, refreshed meanwhile, is a negative age: live)."""
+    age = (now - seen) & 0xFFFF_FFFF_FFFF_FFFF
+    return age - (1 << 64) if age >= 1 << 63 else age
 
 
 def _ct_lifetime(proto: int, state: int, life: Mapping[str, int]) -> int:
