@@ -34,7 +34,7 @@ def _lab(args, quiet: bool = False):
     # the steps say what happens; the ZooKeeper wrapper's own lines would interleave
     logging.getLogger("overlay.zk.server").setLevel(logging.WARNING)
 
-    return Lab(getattr(args, "topology", None), emit=None if quiet else emit)
+    return Lab(getattr(args, "topology", None), name=getattr(args, "name", None), emit=None if quiet else emit)
 
 
 def cmd_up(args) -> int:
@@ -70,10 +70,13 @@ def cmd_check(args) -> int:
 
 def cmd_config(args) -> int:
     from overlay.lab.render import render_config, render_controller_config
-    from overlay.lab.topology import load_topology
+    from overlay.lab.topology import lab_place, load_topology
 
     topo = load_topology(args.topology)
     kwargs = {"target": "vagrant" if args.vagrant else "netns"}
+    if not args.vagrant:
+        place = lab_place(args.name)
+        kwargs["run_dir"] = place.run_dir
     if args.host == topo.zk_name:
         sys.stdout.write(render_controller_config(topo, **kwargs))
         return EXIT_OK
@@ -82,6 +85,8 @@ def cmd_config(args) -> int:
         interface = _interface_with(topo.host(args.host).private)
     if interface:
         kwargs["interface"] = interface
+    if not args.vagrant:
+        kwargs["pin_dir"] = place.pin_dir
     sys.stdout.write(render_config(topo, args.host, **kwargs))
     return EXIT_OK
 
@@ -200,6 +205,10 @@ def register(sub) -> None:
         sp.add_argument("--topology", metavar="FILE",
                         help="topology file (default: $OVERLAY_LAB_TOPOLOGY or the packaged default; "
                              "a lab that is up keeps the one it was built from)")
+        sp.add_argument("--name", metavar="NAME",
+                        help="which lab (default: $OVERLAY_LAB_NAME or 'lab'): namespaces ovl-NAME-*, "
+                             "/run/overlay-NAME, /sys/fs/bpf/overlay/NAME; labs of different names "
+                             "can be up at once")
         return sp
 
     sp = add("up", cmd_up, "build the lab and start ZooKeeper and the daemons (idempotent)")

@@ -32,12 +32,10 @@ from overlay.lab.procs import READY_TIMEOUT, LabError, LabProcesses, overlay_com
 from overlay.lab.render import certs_dir as topology_certs_dir
 from overlay.lab.render import iter_links, node_script
 from overlay.lab.topology import (
-    NS_PREFIX,
-    PIN_DIR,
-    RUN_DIR,
     STATUS_LISTEN,
     Names,
     Topology,
+    lab_place,
     load_topology,
     parse_topology,
 )
@@ -55,10 +53,17 @@ def _quiet(_text: str, _newline: bool = True) -> None:
 
 
 class Lab(LabProcesses):
-    """One lab: a topology, its run directory, its pin directory and namespace prefix."""
+    """One lab: a topology, its run directory, its pin directory and namespace prefix.
 
-    def __init__(self, topology: str | None = None, *, run_dir: str = RUN_DIR, pin_dir: str = PIN_DIR,
-                 prefix: str = NS_PREFIX, emit: Emit | None = None, die_with_parent: bool = False):
+    ``name`` picks all three (:func:`~overlay.lab.topology.lab_place`: default
+    ``$OVERLAY_LAB_NAME`` or ``lab``); ``run_dir``, ``pin_dir`` and ``prefix`` override one."""
+
+    def __init__(self, topology: str | None = None, *, name: str | None = None, run_dir: str | None = None,
+                 pin_dir: str | None = None, prefix: str | None = None, emit: Emit | None = None,
+                 die_with_parent: bool = False):
+        place = lab_place(name)
+        run_dir, pin_dir, prefix = run_dir or place.run_dir, pin_dir or place.pin_dir, prefix or place.prefix
+        self.name = place.name
         self.topology_arg = topology
         # tests: the lab's processes die with the thread that started them (a killed pytest
         # leaves no daemon behind); `overlay lab up` leaves them running, of course

@@ -25,7 +25,10 @@ from overlay.errors import InvalidConfigError
 DEFAULT_TOPOLOGY_NAME = "default-topology.yaml"
 TOPOLOGY_ENV = "OVERLAY_LAB_TOPOLOGY"
 
-NS_PREFIX = "ovl-lab-"                # every namespace the lab makes starts with this
+LAB_NAME_ENV = "OVERLAY_LAB_NAME"     # the lab's name when --name is not given
+DEFAULT_LAB_NAME = "lab"
+LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+NS_PREFIX = "ovl-lab-"                # every namespace the default lab makes starts with this
 RUN_DIR = "/run/overlay-lab"          # state, configs, logs, ZooKeeper data
 PIN_DIR = "/sys/fs/bpf/overlay/lab"   # one pin_root per member below it
 STATUS_LISTEN = "127.0.0.1:9464"      # each namespace has its own loopback
@@ -40,6 +43,29 @@ RESERVED_HOST_NAMES = ("edge", "sw", "inet", "lo")
 
 class TopologyError(InvalidConfigError):
     """The topology file is invalid; ``path`` names the file and the key."""
+
+
+@dataclass(frozen=True)
+class LabPlace:
+    """Where one lab instance lives: its namespace prefix, run directory and pin directory.
+    Two labs with different names can be up at once on one machine."""
+
+    name: str
+    prefix: str
+    run_dir: str
+    pin_dir: str
+
+
+def lab_place(name: str | None = None) -> LabPlace:
+    """The place of lab ``name`` (default: ``$OVERLAY_LAB_NAME``, else ``lab``): namespaces
+    ``ovl-<name>-*``, ``/run/overlay-<name>``, ``/sys/fs/bpf/overlay/<name>``. The default
+    lab is ``ovl-lab-*``, ``/run/overlay-lab``, ``/sys/fs/bpf/overlay/lab``."""
+    name = name or os.environ.get(LAB_NAME_ENV) or DEFAULT_LAB_NAME
+    if not LAB_NAME_RE.match(name):
+        where = "--name" if name != os.environ.get(LAB_NAME_ENV) else LAB_NAME_ENV
+        raise TopologyError(where, f"lab name {name!r} must match {LAB_NAME_RE.pattern} "
+                                   "(it names namespaces and directories)")
+    return LabPlace(name, f"ovl-{name}-", f"/run/overlay-{name}", f"/sys/fs/bpf/overlay/{name}")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,35 @@ def test_namespace_names_are_unique_and_prefixed(topo):
     assert Names("ovl-labtest-").host("ec2-web") == "ovl-labtest-ec2-web"
 
 
+def test_lab_names_pick_prefix_run_and_pin_directories(monkeypatch):
+    from overlay.lab.lab import Lab
+    from overlay.lab.topology import lab_place
+
+    monkeypatch.delenv("OVERLAY_LAB_NAME", raising=False)
+    # the default lab is where `make lab` has always put it
+    assert (Lab().names.prefix, Lab().run_dir, Lab().pin_dir) == (
+        "ovl-lab-", "/run/overlay-lab", "/sys/fs/bpf/overlay/lab")
+    lab = Lab(name="rel7")
+    assert (lab.name, lab.names.prefix, lab.run_dir, lab.pin_dir) == (
+        "rel7", "ovl-rel7-", "/run/overlay-rel7", "/sys/fs/bpf/overlay/rel7")
+    monkeypatch.setenv("OVERLAY_LAB_NAME", "mine")
+    assert Lab().names.host("ec2-web") == "ovl-mine-ec2-web" and Lab().run_dir == "/run/overlay-mine"
+    assert Lab(name="other").run_dir == "/run/overlay-other"       # --name wins over the environment
+    for bad in ("Lab", "a-b", "x" * 13, "1ab", "a/b"):
+        with pytest.raises(TopologyError, match="must match"):
+            lab_place(bad)
+
+
+def test_lab_name_flag_reaches_the_config_it_prints(capsys, monkeypatch):
+    monkeypatch.delenv("OVERLAY_LAB_NAME", raising=False)
+    assert main(["lab", "config", "ec2-web", "--name", "abc"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["state_dir"] == "/run/overlay-abc/hosts/ec2-web/state"
+    assert cfg["datapath"]["pin_root"] == "/sys/fs/bpf/overlay/abc/ec2-web"
+    assert main(["lab", "status", "--name", "Bad!"]) == 2
+    assert "--name" in capsys.readouterr().err
+
+
 def test_member_configs_validate_and_pin_apart(topo):
     pins = set()
     for h in topo.members:
