@@ -1,6 +1,7 @@
 """The eBPF tc datapath: load or adopt, pin, attach, observe and apply.
 
-Everything lives under ``<pin_root>/<interface>/`` on bpffs:
+Everything lives under ``<pin_root>/<netns>/<interface>/`` on bpffs (:mod:`.pins`: the
+network namespace's identity, an ``owner`` record, the move from the old layout):
 
 - the maps of ``build.MAPS`` at ``<dir>/<map name>`` (pinned by bcc itself
   when the programs are compiled with ``pin_dir``, reused on the next build);
@@ -33,7 +34,7 @@ import os
 import struct
 from collections.abc import Mapping
 
-from overlay.datapath.ebpf import abi, bpfsys, netdev
+from overlay.datapath.ebpf import abi, bpfsys, netdev, pins
 from overlay.datapath.ebpf.maps import CFG, MapSet, ports_to_list, to_jsonable
 from overlay.errors import DatapathError, OverlayError, UnsupportedError
 from overlay.ops import Op
@@ -65,7 +66,8 @@ PROGRAM_PINS = {
 
 
 def pin_dir_for(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> str:
-    return os.path.join(pin_root, interface)
+    """The pin directory of ``interface`` in the calling thread's network namespace."""
+    return pins.pin_dir(interface, pin_root)
 
 
 def _bpffs_mounted(path: str) -> bool:
@@ -214,11 +216,17 @@ class EbpfDatapath:
 
         digest = build.source_digest(self._build_sizes())
         with _locked(self.pin_root):
+            pins.claim_legacy(self.interface, self.pin_root, self.pin_dir, uplink, PROGRAM_PINS["ingress"])
+            if (gone := pins.foreign_owner(self.pin_dir)) is not None:
+                log.warning("%s belongs to network namespace %d (cookie %d), which is gone; reloading",
+                            self.pin_dir, gone.inode, gone.cookie)
+                _unpin_all(self.pin_dir)
             os.makedirs(self.pin_dir, exist_ok=True)
             if self._can_adopt(build, digest):
                 self._adopt(uplink)
             else:
                 self._load(build, digest, uplink)
+            pins.write_owner(self.pin_dir)
 
     def _can_adopt(self, build, digest: str) -> bool:
         stored = _read_digest(self.pin_dir)
@@ -449,13 +457,15 @@ def remove(interface: str, pin_root: str = DEFAULT_PIN_ROOT, overlay_device: str
     with _locked(pin_root):
         uplink = netdev.ifindex(interface)
         if uplink is not None:
+            pins.claim_legacy(interface, pin_root, pin_dir, uplink, PROGRAM_PINS["ingress"])
             netdev.detach(uplink, netdev.INGRESS)
             netdev.detach(uplink, netdev.EGRESS)
             netdev.remove_clsact_if_unused(uplink)
         netdev.remove_overlay_device(overlay_device)
         _unpin_all(pin_dir)
-    with contextlib.suppress(OSError):
-        os.rmdir(pin_root)  # only when no other interface is pinned there
+    for parent in (os.path.dirname(pin_dir), pin_root):
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)  # only when no other interface or namespace is pinned there
     log.info("removed the datapath of %s", interface)
 
 
@@ -464,7 +474,8 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
     pins (no daemon, no compiler). Each map is ``{"entries": ..., "max_entries": n}``."""
     pin_dir = pin_dir_for(interface, pin_root)
     if not os.path.isdir(pin_dir):
-        raise DatapathError(f"nothing pinned at {pin_dir} (is the datapath loaded?)")
+        raise DatapathError(f"nothing pinned at {pin_dir} (is the datapath loaded? run this in the "
+                            "daemon's network namespace)")
     maps = MapSet.from_pinned(pin_dir)
     try:
         state = maps.read_all()
