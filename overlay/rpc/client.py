@@ -78,6 +78,11 @@ class Client:
         req = self.pb2.DeregisterNodeRequest(node_id=node_id)
         return self._unary("DeregisterNode", req, f"deregistering node {node_id}", timeout).revision
 
+    def heartbeat(self, node_id: str, timeout: float | None = None) -> float:
+        """Renew ``node_id``'s lease on this replica; returns the lease in seconds."""
+        req = self.pb2.HeartbeatRequest(node_id=node_id)
+        return self._unary("Heartbeat", req, f"renewing the lease of node {node_id}", timeout).lease_s
+
     def get_node(self, node_id: str) -> Node:
         resp = self._unary("GetNode", self.pb2.GetNodeRequest(node_id=node_id), f"reading node {node_id}")
         return convert.node_from_record(convert.node_record_from_pb(resp.node))
