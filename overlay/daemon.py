@@ -208,6 +208,22 @@ def _dry_run(config: Config, registry, datapath, self_node: Node) -> int:
     return 0
 
 
+def deregister_node(config_path: str) -> str:
+    """``overlay deregister``: remove this node's record for good, through the config's
+    registry (a daemon that stops leaves it, so that a restart does not remove the node from
+    its peers). Returns the node id."""
+    config = load_config(config_path)
+    registry = make_registry(config)
+    deregister = getattr(registry, "deregister", None)
+    if deregister is None:
+        raise UnsupportedError(f"registry.backend {config.registry.backend}: there is no record to deregister")
+    try:
+        deregister()
+    finally:
+        registry.close()
+    return config.node_id
+
+
 def teardown_datapath(config_path: str | None, interface: str | None = None, pin_root: str | None = None) -> None:
     config, iface, root = datapath_location(config_path, interface, pin_root)
     backend = config.datapath.backend if config else "ebpf"

@@ -286,7 +286,7 @@ def backend(tmp_path):
     d = str(tmp_path / "c")
     certs.init(d)
     certs.issue(d, "web-1")
-    cfg = RegistryConfig(backend="grpc", controller="127.0.0.1:9", tls=TlsConfig(f"{d}/ca.crt", f"{d}/web-1.crt",
+    cfg = RegistryConfig(backend="grpc", controller=("127.0.0.1:9",), tls=TlsConfig(f"{d}/ca.crt", f"{d}/web-1.crt",
                                                                                f"{d}/web-1.key"))
     reg = GrpcRegistry(cfg, SUBNET, "web-1")
     yield reg
