@@ -57,13 +57,15 @@ class PeerWatch:
     """Polls the ``/status`` of every daemon in ``netns`` (name -> namespace) every
     ``interval`` seconds; a daemon that answers must have applied (peers with) every
     overlay address in ``expected[name]``. Each shortfall is recorded in ``violations``
-    as ``(t, name, missing overlays)``; daemons that do not answer (stopped) are skipped."""
+    as ``(t, name, missing overlays)``; daemons that do not answer are passed over, and
+    those in ``skip`` (known to be stopped) not even asked."""
 
     netns: dict[str, str]
     expected: dict[str, set[str]]
     interval: float = 1.0
     violations: list[tuple[float, str, list[str]]] = field(default_factory=list)
     polls: int = 0
+    skip: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -78,9 +80,9 @@ class PeerWatch:
             self._thread.join(10)
 
     def _run(self) -> None:
-        names = list(self.netns)
         while not self._stop.is_set():
-            for name, s in zip(names, statuses([self.netns[n] for n in names]), strict=True):
+            names = [n for n in self.netns if n not in self.skip]
+            for name, s in zip(names, statuses([self.netns[n] for n in names], timeout=1.0), strict=True):
                 if s is None:
                     continue
                 have = {p.get("overlay") for p in s.get("peers", [])}
