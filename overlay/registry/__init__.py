@@ -8,6 +8,12 @@ no arguments) whenever that view changed; the agent then reads
 :data:`overlay.backends.REGISTRIES`: the built-ins, then the
 ``overlay.registries`` entry point group; the name resolves to a class whose
 ``from_config(config)`` builds the registry for this node's config.
+
+Optional methods, used when a backend has them: ``detach()`` (the daemon stopping: stop
+but leave this node's record, so that a restart does not remove it from its peers; else
+the daemon calls ``close()``), ``deregister()`` (``overlay deregister``: remove this
+node's record for good) and ``status_extra()`` (a mapping merged into ``/status``
+``registry``).
 """
 
 from __future__ import annotations

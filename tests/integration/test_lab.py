@@ -144,6 +144,8 @@ def test_status_json(lab):
     assert len(overlays) == 6
     assert s["zookeeper_info"]["running"] and os.path.getsize(s["zookeeper_info"]["log"]) > 0
     assert s["controller"] == "198.18.0.10:9470"
+    assert [(c["replica"], c["address"], c["running"]) for c in s["controllers"]] == [
+        (1, "198.18.0.10:9470", True), (2, "198.18.0.20:9470", True)]
     c = s["controller_info"]
     assert c["running"] and c["networks"] == ["vpc"] and c["netns"] == s["zookeeper_info"]["netns"]
     assert os.path.getsize(c["log"]) > 0 and os.path.exists(c["config"])
@@ -281,7 +283,7 @@ def test_controller_stopped_its_daemons_fail_static_and_up_restarts_it(lab):
     grpc_hosts = [h.name for h in lab.topology().grpc_members]
     before = _snapshot(lab, grpc_hosts)
     lab.controller_stop()
-    assert not lab.status()["controller_info"]["running"]
+    assert [c["running"] for c in lab.status()["controllers"]] == [False, False]   # both replicas
     # its daemons keep their datapath, not ready; the ZooKeeper ones stay ready
     assert _wait_readyz(lab, _by_registry(lab, 200, 503), 30) == _by_registry(lab, 200, 503)
     assert _snapshot(lab, grpc_hosts) == before
