@@ -146,24 +146,20 @@ def cmd_server(args) -> int:
     import signal
 
     lab = _lab(args, quiet=True)
-    which = getattr(args, "server", None) if args.lab_command == "zookeeper" else getattr(args, "replica", None)
-    sig = signal.SIGKILL if args.action == "kill" else signal.SIGTERM
-    one = f" {which}" if which else ""
-    if args.lab_command == "zookeeper":
-        if args.action == "start":
-            lab.zookeeper_start(which)
-            emit(f"ZooKeeper{one} running ({lab.topology().zookeeper})")
-        else:
-            lab.zookeeper_stop(which, sig)
-            emit(f"ZooKeeper{one} {'killed' if sig == signal.SIGKILL else 'stopped'} (its data is kept; "
-                 "`overlay lab zookeeper start` brings it back)")
-    elif args.action == "start":
-        lab.controller_start(which)
-        emit(f"controller serving at {', '.join(lab.topology().controllers)}")
-    else:
-        lab.controller_stop(which, sig)
-        emit(f"controller{one} {'killed' if sig == signal.SIGKILL else 'stopped'} (its daemons fail over to "
-             "another replica, or fail static; `overlay lab controller start` brings it back)")
+    zookeeper = args.lab_command == "zookeeper"
+    which = args.server if zookeeper else args.replica
+    start, stop = (lab.zookeeper_start, lab.zookeeper_stop) if zookeeper else (lab.controller_start, lab.controller_stop)
+    what = f"{'ZooKeeper' if zookeeper else 'controller'}{f' {which}' if which else ''}"
+    if args.action == "start":
+        start(which)
+        where = lab.topology().zookeeper if zookeeper else ", ".join(lab.topology().controllers)
+        emit(f"{what} running ({where})")
+        return EXIT_OK
+    stop(which, signal.SIGKILL if args.action == "kill" else signal.SIGTERM)
+    after = ("its data is kept" if zookeeper else
+             "its daemons fail over to another replica, or fail static")
+    emit(f"{what} {'killed' if args.action == 'kill' else 'stopped'} ({after}; "
+         f"`overlay lab {args.lab_command} start` brings it back)")
     return EXIT_OK
 
 

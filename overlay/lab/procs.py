@@ -264,7 +264,7 @@ class LabProcesses:
         """Each member's ``/status`` (None where it does not answer), fetched inside its namespace."""
         topo = self.topology()
         hosts = list(hosts if hosts is not None else topo.members)
-        calls = [(self.names.host(h), _http_get, (STATUS_LISTEN, "/status", timeout)) for h in hosts
+        calls = [(self.names.host(h), http_get, (STATUS_LISTEN, "/status", timeout)) for h in hosts
                  if nx.exists(self.names.host(h))]
         results = nx.parallel_in_netns(calls, timeout=timeout + 3) if calls else []
         out: dict[str, dict | None] = {h.name: None for h in hosts}
@@ -279,7 +279,7 @@ class LabProcesses:
         """Each member's ``/readyz`` HTTP code (None where it does not answer)."""
         topo = self.topology()
         hosts = list(hosts if hosts is not None else topo.members)
-        calls = [(self.names.host(h), _http_get, (STATUS_LISTEN, "/readyz", timeout)) for h in hosts]
+        calls = [(self.names.host(h), http_get, (STATUS_LISTEN, "/readyz", timeout)) for h in hosts]
         results = nx.parallel_in_netns(calls, timeout=timeout + 3)
         return {h.name: (r[0] if isinstance(r, tuple) else None) for h, r in zip(hosts, results, strict=True)}
 
@@ -372,7 +372,8 @@ def _tcp_accepts(host: str, port: int, timeout: float) -> bool:
         return False
 
 
-def _http_get(listen: str, path: str, timeout: float) -> tuple[int, bytes]:
+def http_get(listen: str, path: str, timeout: float) -> tuple[int, bytes]:
+    """``GET path`` from ``listen`` (``host:port``) in the calling thread's namespace: (status, body)."""
     host, _, port = listen.rpartition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:

@@ -34,6 +34,7 @@ from tests.support.daemons import Daemon, peer_ids, statuses
 from tests.support.netns import HelperNetns, new_pin_root, require_bcc, veth
 from tests.support.twonets import HOSTS, lab_context
 from tests.support.wait import wait_for
+from tests.support.zk import read_in_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.zk]
 
@@ -188,26 +189,10 @@ def test_sigterm_restarts_and_an_upgrade_keep_peers_nat_and_the_stream():
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _zk_stat(ns: str, path: str) -> tuple[int, int]:
+def _zk_stat(ns: str, path: str) -> tuple[int, int] | None:
     """(czxid, ephemeralOwner) of ``path``, read with kazoo from inside ``ns``."""
-    from overlay import netns as nx
-
-    def read():
-        from kazoo.client import KazooClient
-
-        c = KazooClient(hosts=f"{ZK_IP}:{ZK_PORT}", timeout=5)
-        c.start(timeout=10)
-        try:
-            st = c.exists(path)
-            return (st.czxid, st.ephemeralOwner) if st else None
-        finally:
-            c.stop()
-            c.close()
-
-    res = nx.in_netns(ns, read, timeout=20)
-    if isinstance(res, BaseException):
-        raise res
-    return res
+    st = read_in_netns(ns, f"{ZK_IP}:{ZK_PORT}", lambda c: c.exists(path))
+    return (st.czxid, st.ephemeralOwner) if st else None
 
 
 def _finish(proc, timeout: float = SECONDS + 60) -> dict:

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from tests.support import grpc as gs
-from tests.support.fleet import digest
+from tests.support.fleet import digest, peak_rss_kb
 from tests.support.paths import PYTHON, REPO, program
 from tests.support.wait import free_port, wait_for
 
@@ -55,14 +55,6 @@ def _record(i: int, rev: int) -> dict:
 def _expected(model: dict[str, dict]) -> str:
     return digest([(r["node_id"], r["overlay"], r["private"] if r["network"] == "ec2" else r["public"])
                    for r in model.values()])
-
-
-def _vm_hwm_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
 
 
 @pytest.mark.timeout(2400)
@@ -172,7 +164,7 @@ def test_5000_records_20_watchers_under_churn(zk_server, zk_prefix, zk_client, d
         settle_s = time.monotonic() - t_end
         agents = {name: a for r in got for name, a in r["agents"].items()}
         fleet_rss = [r["rss_kb"] // 1024 for r in got]
-        ctl_rss = _vm_hwm_kb(ctl.pid) // 1024
+        ctl_rss = peak_rss_kb(ctl.pid) // 1024
         with gs.client(f"127.0.0.1:{port}", certs) as op:
             listed = {nd.node_id for nd in op.list_nodes()[0]}
         print(f"\n{n} changes in {churn_s:.0f} s ({n / churn_s:.1f}/s: {counts}); {len(model)} records at the end; "

@@ -20,12 +20,12 @@ import time
 
 import pytest
 
-from overlay import netns as nx
 from overlay.zk.server import ZooKeeperServer
 from tests.support.daemons import Daemon, peer_ids, statuses
 from tests.support.netns import NetnsSet, require_root, veth
 from tests.support.reliability import PeerWatch
 from tests.support.wait import wait_for
+from tests.support.zk import read_in_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.zk]
 
@@ -38,25 +38,14 @@ DROP = (("INPUT", "--dport"), ("OUTPUT", "--sport"))
 def _records(zk_ns: str) -> dict[str, tuple[str, int]]:
     """node_id -> (overlay, owning session) of every record, read from inside ZooKeeper's namespace."""
 
-    def read():
-        from kazoo.client import KazooClient
+    def read(c) -> dict[str, tuple[str, int]]:
+        out = {}
+        for n in c.get_children("/bh/nodes"):
+            data, st = c.get(f"/bh/nodes/{n}")
+            out[n] = (json.loads(data)["overlay"], st.ephemeralOwner)
+        return out
 
-        c = KazooClient(hosts=f"{ZK_IP}:{ZK_PORT}", timeout=5)
-        c.start(timeout=10)
-        try:
-            out = {}
-            for n in c.get_children("/bh/nodes"):
-                data, st = c.get(f"/bh/nodes/{n}")
-                out[n] = (json.loads(data)["overlay"], st.ephemeralOwner)
-            return out
-        finally:
-            c.stop()
-            c.close()
-
-    res = nx.in_netns(zk_ns, read, timeout=30)
-    if isinstance(res, BaseException):
-        raise res
-    return res
+    return read_in_netns(zk_ns, f"{ZK_IP}:{ZK_PORT}", read)
 
 
 @pytest.mark.timeout(600)

@@ -8,7 +8,6 @@ process. ``/status`` is read from inside the namespace by a thread moved into it
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -16,25 +15,14 @@ import signal
 import yaml
 
 from overlay import netns as nx
-from overlay.lab.procs import overlay_command
+from overlay.lab.procs import http_get, overlay_command
 
 STATUS_LISTEN = "127.0.0.1:9464"
 
 
-def _get(listen: str, path: str, timeout: float) -> tuple[int, bytes]:
-    host, _, port = listen.rpartition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def statuses(namespaces: list[str], listen: str = STATUS_LISTEN, timeout: float = 2.0) -> list[dict | None]:
     """``/status`` of the daemon in each namespace (None where it does not answer)."""
-    res = nx.parallel_in_netns([(ns, _get, (listen, "/status", timeout)) for ns in namespaces], timeout=timeout + 3)
+    res = nx.parallel_in_netns([(ns, http_get, (listen, "/status", timeout)) for ns in namespaces], timeout=timeout + 3)
     return [json.loads(r[1]) if isinstance(r, tuple) and r[0] == 200 else None for r in res]
 
 

@@ -31,8 +31,9 @@ def digest(rows: list[tuple[str, str, str]]) -> str:
     return hashlib.sha256("".join(f"{n} {o} {r}\n" for n, o, r in sorted(rows)).encode()).hexdigest()
 
 
-def peak_rss_kb() -> int:
-    with open("/proc/self/status") as fh:
+def peak_rss_kb(pid: int | str = "self") -> int:
+    """Peak resident memory of process ``pid`` (``VmHWM``), in KiB."""
+    with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])

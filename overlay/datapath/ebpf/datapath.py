@@ -124,20 +124,7 @@ def _locked(pin_root: str):
 
 
 def _read_digest(pin_dir: str) -> str | None:
-    path = os.path.join(pin_dir, LOADER_MAP)
-    if not os.path.exists(path):
-        return None
-    try:
-        fd = bpfsys.obj_get(path)
-    except DatapathError:
-        return None
-    try:
-        info = bpfsys.map_info(fd)
-        if info.key_size != 4 or info.value_size != LOADER_VALUE_SIZE:
-            return None
-        raw = bpfsys.lookup(fd, b"\0\0\0\0", 4, LOADER_VALUE_SIZE)
-    finally:
-        bpfsys.close(fd)
+    raw = pins.read_entry(os.path.join(pin_dir, LOADER_MAP), LOADER_VALUE_SIZE)
     if raw is None:
         return None
     return raw.split(b"\0")[0].decode(errors="replace") or None
@@ -149,12 +136,7 @@ def _write_digest(pin_dir: str, digest: str) -> None:
         import hashlib
 
         raw = hashlib.sha256(raw).hexdigest().encode()
-    fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, "ovl_loader", 4, LOADER_VALUE_SIZE, 1)
-    try:
-        bpfsys.update(fd, b"\0\0\0\0", raw.ljust(LOADER_VALUE_SIZE, b"\0"), 4, LOADER_VALUE_SIZE)
-        bpfsys.pin_replace(fd, os.path.join(pin_dir, LOADER_MAP))
-    finally:
-        bpfsys.close(fd)
+    pins.write_entry(os.path.join(pin_dir, LOADER_MAP), "ovl_loader", raw.ljust(LOADER_VALUE_SIZE, b"\0"))
 
 
 def _pinned_prog_id(path: str) -> int | None:

@@ -72,9 +72,9 @@ def pin_dir(interface: str, pin_root: str) -> str:
     return os.path.join(pin_root, str(netns_inode()), interface)
 
 
-def read_owner(directory: str) -> Owner | None:
-    """The owner recorded in ``directory`` (None when none is)."""
-    path = os.path.join(directory, OWNER_MAP)
+def read_entry(path: str, value_size: int) -> bytes | None:
+    """The value of a pinned one-entry array map (the loader digest, the owner), None when
+    there is none or it has another geometry."""
     if not os.path.exists(path):
         return None
     try:
@@ -83,23 +83,33 @@ def read_owner(directory: str) -> Owner | None:
         return None
     try:
         info = bpfsys.map_info(fd)
-        if info.key_size != 4 or info.value_size != OWNER_VALUE.size:
+        if info.key_size != 4 or info.value_size != value_size:
             return None
-        raw = bpfsys.lookup(fd, b"\0\0\0\0", 4, OWNER_VALUE.size)
+        return bpfsys.lookup(fd, b"\0\0\0\0", 4, value_size)
     finally:
         bpfsys.close(fd)
+
+
+def write_entry(path: str, name: str, value: bytes) -> None:
+    """Pin (atomically replacing) a new one-entry array map ``name`` holding ``value`` at ``path``."""
+    fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, name, 4, len(value), 1)
+    try:
+        bpfsys.update(fd, b"\0\0\0\0", value, 4, len(value))
+        bpfsys.pin_replace(fd, path)
+    finally:
+        bpfsys.close(fd)
+
+
+def read_owner(directory: str) -> Owner | None:
+    """The owner recorded in ``directory`` (None when none is)."""
+    raw = read_entry(os.path.join(directory, OWNER_MAP), OWNER_VALUE.size)
     return Owner(*OWNER_VALUE.unpack(raw)) if raw else None
 
 
 def write_owner(directory: str, owner: Owner | None = None) -> None:
     """Record ``owner`` (default: this namespace) in ``directory``."""
     owner = owner or this_owner()
-    fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, "ovl_owner", 4, OWNER_VALUE.size, 1)
-    try:
-        bpfsys.update(fd, b"\0\0\0\0", OWNER_VALUE.pack(owner.inode, owner.cookie), 4, OWNER_VALUE.size)
-        bpfsys.pin_replace(fd, os.path.join(directory, OWNER_MAP))
-    finally:
-        bpfsys.close(fd)
+    write_entry(os.path.join(directory, OWNER_MAP), "ovl_owner", OWNER_VALUE.pack(owner.inode, owner.cookie))
 
 
 def foreign_owner(directory: str) -> Owner | None:
