@@ -157,13 +157,19 @@ def test_status_json(lab):
 
 def test_each_network_uses_its_registry_backend(lab):
     statuses = lab.daemon_statuses()
-    got = {h: (s or {}).get("registry") for h, s in statuses.items()}
+    got = {h: {k: v for k, v in (s or {}).get("registry", {}).items() if k in ("backend", "connected")}
+           for h, s in statuses.items()}
     assert got == _by_registry(lab, {"backend": "zookeeper", "connected": True},
                                {"backend": "grpc", "connected": True}), got
-    # the controller's failsafe entry: the vpc daemons never lock out its address
     topo = lab.topology()
+    # the vpc daemons list both controller replicas and use one of them
+    for h in topo.grpc_members:
+        reg = statuses[h.name]["registry"]
+        assert reg["controllers"] == list(topo.controllers) and reg["controller"] in topo.controllers
+    # the controllers' failsafe entries: the vpc daemons never lock out their addresses
     failsafe = lab.maps("vpc-web")["ovl_failsafe"]["entries"]
-    assert f"{topo.zk_address}/32" in failsafe, failsafe
+    for hp in topo.controllers:
+        assert f"{hp.rpartition(':')[0]}/32" in failsafe, failsafe
     # the controller (stored in the same ZooKeeper) lists the whole fleet, both networks
     certs = lab.status()["controller_info"]["certs"]
     from overlay.lab.lab import overlay_command
