@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from overlay.config import TlsConfig
+from overlay.errors import Unavailable
 from overlay.model import Node, Policy
 from overlay.rpc import convert
 from overlay.rpc.proto import modules
@@ -63,6 +64,8 @@ class Client:
             return getattr(self.stub, name)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise raise_for(exc, what) from None
+        except ValueError as exc:   # the channel was closed meanwhile (a failover replaced it)
+            raise Unavailable(f"{what}: {exc}") from None
 
     # --- nodes ------------------------------------------------------------------------------
 
