@@ -328,6 +328,8 @@ class GrpcRegistry:
                 else:
                     err = raise_for(exc)
                     reason = f"{type(err).__name__}: {err}"
+            except ValueError as exc:    # the channel was closed meanwhile (a call failed over)
+                reason = f"channel closed ({exc})"
             except _Desync as exc:
                 log.warning("node %s: Watch stream out of step (%s); resuming from revision %d",
                             self.node_id, exc, self._rev)
