@@ -238,6 +238,11 @@ class Agent:
 
     # --- reporting ----------------------------------------------------------------------
 
+    def _registry_extra(self) -> dict:
+        """What a registry adds to ``/status`` ``registry`` (grpc: the controller in use)."""
+        extra = getattr(self.registry, "status_extra", None)
+        return extra() if callable(extra) else {}
+
     def status(self) -> dict:
         with self.lock:
             try:
@@ -260,7 +265,7 @@ class Agent:
                 "public": self.self_node.public,
                 "groups": list(self.self_node.groups),
                 "ready": self.ready,
-                "registry": {"backend": self.registry.name, "connected": self.connected},
+                "registry": {"backend": self.registry.name, "connected": self.connected, **self._registry_extra()},
                 "datapath": {"backend": self.datapath.name, "counters": counters},
                 "peers": [p.to_dict() for p in sorted(self.applied_peers.values(), key=lambda p: p.node_id)],
                 "excluded": [{"node_id": n, "reason": r} for n, r in self.excluded],

@@ -77,7 +77,7 @@ class RegistryConfig:
     auth: Auth | None = None
     operator: Auth | None = None
     peers: tuple[Node, ...] = ()  # backend: static
-    controller: str | None = None  # backend: grpc, "host:port"
+    controller: tuple[str, ...] | None = None  # backend: grpc, "host:port" of each replica, in order
     tls: TlsConfig | None = None   # backend: grpc
     options: Any = None            # a plugin backend: what its validate_config returned
 
@@ -88,7 +88,7 @@ class ControllerConfig:
 
     tls: TlsConfig
     listen: str = "127.0.0.1:9470"
-    lease_s: float = 30.0       # a node's record outlives its last Watch stream by this much
+    lease_s: float = 60.0       # a node's record outlives its last contact with every replica by this much
     window: int = 10000         # journal revisions a Watch can resume from
 
 
@@ -302,6 +302,19 @@ def _hosts_port(value: Any) -> str:
     return value
 
 
+def _controllers(path: str, value: Any) -> tuple[str, ...]:
+    """One ``"host:port"`` or a non-empty list of them, without repeats."""
+    if isinstance(value, str):
+        return (_convert(path, value, _hosts_port),)
+    out = _list_of(path, value, _hosts_port)
+    if not out:
+        raise InvalidConfigError(path, "must name at least one controller (\"host:port\")")
+    for i, hp in enumerate(out):
+        if hp in out[:i]:
+            raise InvalidConfigError(f"{path}[{i}]", f"{hp!r} is listed twice")
+    return out
+
+
 def _zk_prefix(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/") or value.endswith("/") or "//" in value:
         raise ValueError(f"must be an absolute ZooKeeper path like /overlay, got {value!r}")
@@ -376,7 +389,7 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
     timeout_s = sec.get("timeout_s", _seconds, 10.0)
     auth = _auth(sec.sub("auth"), sec.get("auth", lambda v: v))
     operator = _auth(sec.sub("operator"), sec.get("operator", lambda v: v))
-    controller = sec.get("controller", _hosts_port)
+    controller = sec.get("controller", lambda v: _controllers(sec.sub("controller"), v))
     tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=True)
     peers = sec.get(
         "peers",
@@ -394,7 +407,8 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
         raise InvalidConfigError(sec.sub("peers"), "is only allowed with backend: static")
     if backend == "grpc":
         if controller is None:
-            raise InvalidConfigError(sec.sub("controller"), "is required for backend: grpc (\"host:port\" of the controller)")
+            raise InvalidConfigError(sec.sub("controller"), "is required for backend: grpc (\"host:port\" of the "
+                                     "controller, or a list of its replicas)")
         if tls is None:
             raise InvalidConfigError(sec.sub("tls"), "is required for backend: grpc ({ca, cert, key})")
     else:
@@ -427,7 +441,7 @@ def _listen(value: Any) -> str:
 def _controller(sec: _Section) -> ControllerConfig:
     listen = sec.get("listen", _listen, "127.0.0.1:9470")
     tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=False)
-    lease_s = sec.get("lease_s", _seconds, 30.0)
+    lease_s = sec.get("lease_s", _seconds, 60.0)
     window = sec.get("window", _int_range(16, 1_000_000), 10000)
     sec.done()
     if tls is None:

@@ -1,7 +1,10 @@
 """``overlay daemon``: wire config, registry, datapath, agent and status endpoint.
 
 SIGTERM and SIGINT stop the daemon and leave the datapath in place, so
-traffic keeps flowing on the last applied state; the next start adopts it.
+traffic keeps flowing on the last applied state; the next start adopts it. They
+also leave this node's registration (ZooKeeper: the session is left open for the
+next start to resume; grpc: the controller's lease), so peers do not remove a
+node that is only restarting; ``overlay deregister`` removes it for good.
 SIGHUP reloads the config file (static peers, filter settings, guard and
 throttle); an invalid new config is logged and the old one kept.
 """
@@ -151,7 +154,9 @@ def run_daemon(config_path: str, dry_run: bool = False, log_level: str = "info",
     finally:
         sdnotify.notify("STOPPING=1")
         status.stop()
-        registry.close()
+        # a stopping daemon leaves its record (a restart must not remove it from its peers):
+        # the ZooKeeper backend keeps its session for the next start, the grpc one its lease
+        getattr(registry, "detach", registry.close)()
         datapath.close()
     log.info("stopped")
     return 0
@@ -209,6 +214,22 @@ def _dry_run(config: Config, registry, datapath, self_node: Node) -> int:
         print(f"# excluded {node_id}: {reason}")
     print(f"# {len(ops)} ops for {len(agent.applied_peers)} peers")
     return 0
+
+
+def deregister_node(config_path: str) -> str:
+    """``overlay deregister``: remove this node's record for good, through the config's
+    registry (a daemon that stops leaves it, so that a restart does not remove the node from
+    its peers). Returns the node id."""
+    config = load_config(config_path)
+    registry = make_registry(config)
+    deregister = getattr(registry, "deregister", None)
+    if deregister is None:
+        raise UnsupportedError(f"registry.backend {config.registry.backend}: there is no record to deregister")
+    try:
+        deregister()
+    finally:
+        registry.close()
+    return config.node_id
 
 
 def teardown_datapath(config_path: str | None, interface: str | None = None, pin_root: str | None = None) -> None:

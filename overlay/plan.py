@@ -83,10 +83,10 @@ def bitmap_ports(words: Mapping[tuple[int, int], int], slot: int) -> list[int]:
 
 
 def _registry_addresses(config: Config) -> list[str]:
-    """IP literals (IPv4 or IPv6) of what this node's registry backend talks to: the
-    controller (backend grpc) or the ZooKeeper hosts (never locked out, DESIGN §5)."""
+    """IP literals (IPv4 or IPv6) of what this node's registry backend talks to: every
+    controller replica (backend grpc) or the ZooKeeper hosts (never locked out, DESIGN §5)."""
     reg = config.registry
-    targets = [reg.controller] if reg.backend == "grpc" and reg.controller else list(reg.hosts)
+    targets = list(reg.controller) if reg.backend == "grpc" and reg.controller else list(reg.hosts)
     out = []
     for hp in targets:
         host = hp.rpartition(":")[0].strip("[]")

@@ -21,6 +21,11 @@ from tests.support.wait import free_port
 from tests.support.zk import ZK_JAR, wipe
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--soak-long", action="store_true", default=False,
+                     help="reliability suite (tests/reliability): run the long variants (also OVERLAY_SOAK_LONG=1)")
+
+
 @pytest.fixture(scope="session")
 def zk_server() -> Iterator[object]:
     if not os.path.exists(ZK_JAR) or shutil.which("java") is None:

@@ -112,6 +112,12 @@ def cmd_nodes_list(args) -> int:
 
 
 @_invalid_is_usage
+def cmd_nodes_deregister(args) -> int:
+    return _write(args, lambda c: c.deregister(args.node_id),
+                  f"node {args.node_id} deregistered (its record is removed; a daemon still running registers again)")
+
+
+@_invalid_is_usage
 def cmd_groups_list(args) -> int:
     with _client(args) as c:
         groups, rev = c.list_groups()
@@ -220,7 +226,11 @@ def register_operator(sub) -> None:
         conn(sp)
         return sp
 
-    family("nodes", "registered nodes (operator, over gRPC)", cmd_nodes_list, "list registered nodes and ignored records")
+    nsub = family("nodes", "registered nodes (operator, over gRPC)", cmd_nodes_list,
+                  "list registered nodes and ignored records")
+    action(nsub, "deregister", cmd_nodes_deregister,
+           "remove a node's record for good (a stopped daemon's record otherwise stays for controller.lease_s)"
+           ).add_argument("node_id", help="the node to remove")
 
     gsub = family("groups", "groups (operator, over gRPC)", cmd_groups_list, "list groups")
     gp = action(gsub, "put", cmd_groups_put, "create or update a group")

@@ -7,8 +7,9 @@
     overlay lab config HOST [--vagrant] a member's daemon config (also used by vagrant/)
     overlay lab script NODE [--vagrant] a lab machine's network set-up script (also used by vagrant/)
     overlay lab exec NODE [CMD ...]     run a command (default: a shell) inside a lab machine
-    overlay lab daemon stop|kill|start HOST, overlay lab zookeeper stop|start,
-    overlay lab controller stop|start
+    overlay lab daemon stop|kill|start HOST, overlay lab zookeeper stop|kill|start [--server N],
+    overlay lab controller stop|kill|start [--replica N]
+    every command: --name NAME (which lab), --topology FILE
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _lab(args, quiet: bool = False):
     # the steps say what happens; the ZooKeeper wrapper's own lines would interleave
     logging.getLogger("overlay.zk.server").setLevel(logging.WARNING)
 
-    return Lab(getattr(args, "topology", None), emit=None if quiet else emit)
+    return Lab(getattr(args, "topology", None), name=getattr(args, "name", None), emit=None if quiet else emit)
 
 
 def cmd_up(args) -> int:
@@ -70,18 +71,23 @@ def cmd_check(args) -> int:
 
 def cmd_config(args) -> int:
     from overlay.lab.render import render_config, render_controller_config
-    from overlay.lab.topology import load_topology
+    from overlay.lab.topology import lab_place, load_topology
 
     topo = load_topology(args.topology)
     kwargs = {"target": "vagrant" if args.vagrant else "netns"}
+    if not args.vagrant:
+        place = lab_place(args.name)
+        kwargs["run_dir"] = place.run_dir
     if args.host == topo.zk_name:
-        sys.stdout.write(render_controller_config(topo, **kwargs))
+        sys.stdout.write(render_controller_config(topo, replica=args.replica or 1, **kwargs))
         return EXIT_OK
     interface = args.interface
     if interface == "auto":
         interface = _interface_with(topo.host(args.host).private)
     if interface:
         kwargs["interface"] = interface
+    if not args.vagrant:
+        kwargs["pin_dir"] = place.pin_dir
     sys.stdout.write(render_config(topo, args.host, **kwargs))
     return EXIT_OK
 
@@ -136,23 +142,24 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_server(args) -> int:
-    """``overlay lab zookeeper|controller stop|start``."""
+    """``overlay lab zookeeper|controller stop|kill|start [--server N | --replica N]``."""
+    import signal
+
     lab = _lab(args, quiet=True)
-    stop, start, stopped, started = {
-        "zookeeper": (lab.zookeeper_stop, lab.zookeeper_start,
-                      "ZooKeeper stopped (its data is kept; `overlay lab zookeeper start` brings it back)",
-                      lambda: f"ZooKeeper running at {lab.topology().zookeeper}"),
-        "controller": (lab.controller_stop, lab.controller_start,
-                       "controller stopped (its daemons keep their datapath; `overlay lab controller start` "
-                       "brings it back)",
-                       lambda: f"controller serving at {lab.topology().controller}"),
-    }[args.lab_command]
-    if args.action == "stop":
-        stop()
-        emit(stopped)
-    else:
-        start()
-        emit(started())
+    zookeeper = args.lab_command == "zookeeper"
+    which = args.server if zookeeper else args.replica
+    start, stop = (lab.zookeeper_start, lab.zookeeper_stop) if zookeeper else (lab.controller_start, lab.controller_stop)
+    what = f"{'ZooKeeper' if zookeeper else 'controller'}{f' {which}' if which else ''}"
+    if args.action == "start":
+        start(which)
+        where = lab.topology().zookeeper if zookeeper else ", ".join(lab.topology().controllers)
+        emit(f"{what} running ({where})")
+        return EXIT_OK
+    stop(which, signal.SIGKILL if args.action == "kill" else signal.SIGTERM)
+    after = ("its data is kept" if zookeeper else
+             "its daemons fail over to another replica, or fail static")
+    emit(f"{what} {'killed' if args.action == 'kill' else 'stopped'} ({after}; "
+         f"`overlay lab {args.lab_command} start` brings it back)")
     return EXIT_OK
 
 
@@ -161,11 +168,15 @@ def format_status(s: dict) -> str:
     z = s["zookeeper_info"]
     zs = f"pid {z['pid']}, running" if z["running"] else "not running"
     lines.append(f"zookeeper {s['zookeeper']} in {z['netns']}: {zs}; log {z['log']}")
+    for z in s.get("zookeepers", [])[1:]:
+        zs = f"pid {z['pid']}, running" if z["running"] else "not running"
+        lines.append(f"zookeeper server {z['server']} {z['address']} in {z['netns']}: {zs}; log {z['log']}")
     c = s.get("controller_info")
     if c is not None:
-        cs = f"pid {c['pid']}, running" if c["running"] else "not running"
-        lines.append(f"controller {s['controller']} in {c['netns']} (for {', '.join(c['networks'])}): {cs}; "
-                     f"log {c['log']}")
+        for r in s["controllers"]:
+            cs = f"pid {r['pid']}, running" if r["running"] else "not running"
+            lines.append(f"controller {r['address']} (replica {r['replica']}) in {r['netns']} "
+                         f"(for {', '.join(c['networks'])}): {cs}; log {r['log']}")
     rows = [("HOST", "NETWORK", "NETNS", "PRIVATE", "PUBLIC", "OVERLAY", "GROUPS", "DAEMON", "LOG")]
     for h in s["hosts"]:
         d = h.get("daemon")
@@ -200,6 +211,10 @@ def register(sub) -> None:
         sp.add_argument("--topology", metavar="FILE",
                         help="topology file (default: $OVERLAY_LAB_TOPOLOGY or the packaged default; "
                              "a lab that is up keeps the one it was built from)")
+        sp.add_argument("--name", metavar="NAME",
+                        help="which lab (default: $OVERLAY_LAB_NAME or 'lab'): namespaces ovl-NAME-*, "
+                             "/run/overlay-NAME, /sys/fs/bpf/overlay/NAME; labs of different names "
+                             "can be up at once")
         return sp
 
     sp = add("up", cmd_up, "build the lab and start ZooKeeper and the daemons (idempotent)")
@@ -219,6 +234,7 @@ def register(sub) -> None:
     sp.add_argument("host", help="a member, or the ZooKeeper machine (zk) for the controller's config")
     sp.add_argument("--vagrant", action="store_true", help="for a Vagrant VM (default pin_root and state_dir)")
     sp.add_argument("--interface", help="the uplink interface; 'auto': the one holding the host's private address")
+    sp.add_argument("--replica", type=int, metavar="N", help="on the ZooKeeper machine: replica N's config (default 1)")
     sp = add("script", cmd_script, "print a lab machine's network set-up script (hosts, <network>-edge, zk)")
     sp.add_argument("node")
     sp.add_argument("--vagrant", action="store_true", help="for a Vagrant VM (finds interfaces by address)")
@@ -228,7 +244,10 @@ def register(sub) -> None:
     sp = add("daemon", cmd_daemon, "stop (SIGTERM), kill (SIGKILL) or start one lab daemon")
     sp.add_argument("action", choices=["stop", "kill", "start"])
     sp.add_argument("host")
-    sp = add("zookeeper", cmd_server, "stop or start the lab's ZooKeeper (its data is kept)")
-    sp.add_argument("action", choices=["stop", "start"])
-    sp = add("controller", cmd_server, "stop or start the lab's gRPC controller (networks with registry: grpc)")
-    sp.add_argument("action", choices=["stop", "start"])
+    sp = add("zookeeper", cmd_server, "stop (SIGTERM), kill (SIGKILL) or start the lab's ZooKeeper (its data is kept)")
+    sp.add_argument("action", choices=["stop", "kill", "start"])
+    sp.add_argument("--server", type=int, metavar="N", help="only server N of the ensemble (default: all)")
+    sp = add("controller", cmd_server, "stop (SIGTERM), kill (SIGKILL) or start the lab's gRPC controller "
+                                       "(networks with registry: grpc)")
+    sp.add_argument("action", choices=["stop", "kill", "start"])
+    sp.add_argument("--replica", type=int, metavar="N", help="only replica N (default: all)")

@@ -26,6 +26,14 @@ def cmd_daemon(args) -> int:
     return run_daemon(args.config, dry_run=args.dry_run, log_level=args.log_level, log_format=args.log_format)
 
 
+def cmd_deregister(args) -> int:
+    from overlay.daemon import deregister_node
+
+    node_id = deregister_node(args.config)
+    out(f"deregistered {node_id}: its record is removed (stop its daemon first, or it registers again)")
+    return EXIT_OK
+
+
 def cmd_status(args) -> int:
     from overlay.status import fetch_status, format_status
 
@@ -100,6 +108,10 @@ def register(sub) -> None:
     sp = add_command(sub, "daemon", cmd_daemon, "run the per-host daemon")
     sp.add_argument("-c", "--config", required=True, help="the YAML config file")
     sp.add_argument("--dry-run", action="store_true", help="plan and print the ops, change nothing, exit")
+
+    sp = add_command(sub, "deregister", cmd_deregister,
+                     "remove this node's record from the registry for good (stopping the daemon does not)")
+    sp.add_argument("-c", "--config", required=True, help="the daemon's YAML config file")
 
     def status_opts(sp):
         sp.add_argument("-c", "--config", help="read status_listen from this config file")

@@ -173,6 +173,14 @@ class RegistryServicer:
         return self.pb2.DeregisterNodeResponse(revision=rev)
 
     @_rpc
+    async def Heartbeat(self, request, context):
+        ident = self._identity(context)
+        node_id = convert.name_arg(request.node_id, "node_id")
+        self._own(ident, node_id, "node_id")
+        self.store.heartbeat(node_id)
+        return self.pb2.HeartbeatResponse(lease_s=self.store.leases.lease_s, revision=self.store.head)
+
+    @_rpc
     async def GetNode(self, request, context):
         self._identity(context)
         node_id = convert.name_arg(request.node_id, "node_id")

@@ -7,6 +7,8 @@ state of their own that matters. Two paths are added under the prefix
     changes                  data = {"epoch": <random id>, "floor": <revision>}
     changes/r-<revision>     one journal entry: {"k": "node/web-1", "v": <value> | null}
     controllers/n-<seq>      EPHEMERAL_SEQUENTIAL, one per replica: the lowest is the leader
+    leases/<node_id>         persistent: the record nodes/<node_id> is leased
+    holders/<replica>        EPHEMERAL, one per replica: the nodes it holds
 
 **Reading and validating** is the daemon's own code: the store's ``observer`` is a
 :class:`~overlay.registry.zookeeper.ZooKeeperRegistry` without a record of its own,
@@ -25,11 +27,12 @@ item (or a deletion) is removed once it is more than ``window`` revisions old;
 ``floor`` records the highest removed revision. A replica starting up folds all live
 entries into the current state.
 
-**Registrations** are :mod:`overlay.controller.leases`'.
+**Registrations** are :mod:`overlay.controller.leases`' (persistent records, leases held
+by any replica, expired by the leader).
 
 Threads: RPC handlers call the public methods from any thread; one worker thread
-follows ZooKeeper (journal, groups, election), leads, compacts and expires
-leases. Listeners added with :meth:`Store.add_listener` are called from the
+follows ZooKeeper (journal, groups, election), leads, compacts, publishes this
+replica's holdings and (leader) expires leases. Listeners added with :meth:`Store.add_listener` are called from the
 worker after the journal advanced or readiness changed; they must be cheap.
 """
 
@@ -80,7 +83,7 @@ NO_AUTH_HINT = "the controller's registry config needs the operator credentials"
 
 
 class Store:
-    def __init__(self, config: RegistryConfig, subnet: ipaddress.IPv4Network, *, lease_s: float = 30.0,
+    def __init__(self, config: RegistryConfig, subnet: ipaddress.IPv4Network, *, lease_s: float = 60.0,
                  window: int = 10000, replica: str | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.subnet = ipaddress.IPv4Network(subnet)
@@ -94,8 +97,8 @@ class Store:
         self.observer = ZooKeeperRegistry(config, self.subnet, None)
         self._journal = Journal(window)
         self._connected = False
-        self.leases = Leases(self._zk, self._layout, record_acl(config.auth or config.operator), self.replica,
-                             lease_s, clock)
+        self.leases = Leases(self._zk, self._layout, record_acl(config.auth or config.operator), self._item_acl,
+                             self.replica, lease_s, clock)
         self._election = Election(self._zk, self._layout, self._item_acl, self.replica, self._became_leader)
         self._sync = JournalSync(self._zk, self._layout, self._journal, self._item_acl, self.replica, self._notify)
 
@@ -198,7 +201,7 @@ class Store:
             raise FailedPrecondition(str(exc)) from None
 
     def register(self, node: Node, leased: bool) -> None:
-        """Publish ``node`` (ephemeral, in this replica's session). Like every write here it
+        """Publish ``node`` (persistent; leased when ``leased``). Like every write here it
         returns once ZooKeeper has it; :meth:`wait_visible` waits for the journal."""
         owner = self._owner_of(node.overlay)
         if owner is None:
@@ -206,7 +209,7 @@ class Store:
         if owner != node.node_id:
             raise AlreadyExists(f"node.overlay: {node.overlay} is allocated to node {owner!r}, not {node.node_id!r}")
         with self._translate(f"registering node {node.node_id}"):
-            self.leases.register(node, serialise_node(node), leased)
+            self.leases.register(node.node_id, serialise_node(node), leased)
 
     def deregister(self, node_id: str) -> None:
         with self._translate(f"deregistering node {node_id}"):
@@ -240,9 +243,16 @@ class Store:
     def stream_closed(self, node_id: str) -> None:
         self.leases.stream_closed(node_id)
 
-    def registrations(self) -> dict[str, bool]:
-        """node_id -> leased, for the registrations this replica holds."""
-        return self.leases.registrations()
+    def heartbeat(self, node_id: str) -> None:
+        """Renew ``node_id``'s lease on this replica (NotFound if it is not registered)."""
+        cur = self._journal.get(("node", node_id))
+        if cur is None or "node" not in cur[1]:
+            raise NotFound(f"node_id: node {node_id!r} is not registered (register it, then send heartbeats)")
+        self.leases.touch(node_id)
+
+    def held(self) -> list[str]:
+        """The nodes this replica holds (open streams, recent registrations and heartbeats)."""
+        return self.leases.held()
 
     # --- ZooKeeper helpers -----------------------------------------------------------------
 
@@ -326,7 +336,10 @@ class Store:
         self._lead()
         if not self._election.leader:
             self._journal.forget_dead(self._journal.floor)
-        self.leases.expire()
+        if self._connected:
+            self.leases.maintain()
+            if self._election.leader and self._journal.loaded:
+                self.leases.lead()
 
     def _resync(self) -> None:
         t0 = time.monotonic()
@@ -336,7 +349,7 @@ class Store:
         self._read_groups(None)
         self._election.join()
         self._sync.check_meta()
-        self.leases.restore()
+        self.leases.restart()
         with self._journal.cond:
             self._connected = True
             self._journal.cond.notify_all()
@@ -397,6 +410,7 @@ class Store:
     # --- the journal in ZooKeeper ----------------------------------------------------------
 
     def _became_leader(self) -> None:
+        self.leases.new_leader()
         self._leader_ticket = self.observer.request_resync("controller leadership")
         self._dirty = True
 

@@ -28,16 +28,22 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from overlay import netns as nx
-from overlay.lab.procs import READY_TIMEOUT, LabError, LabProcesses, overlay_command, require_root
+from overlay.lab.procs import (
+    READY_TIMEOUT,
+    LabError,
+    LabProcesses,
+    controller_key,
+    overlay_command,
+    require_root,
+    zk_key,
+)
 from overlay.lab.render import certs_dir as topology_certs_dir
 from overlay.lab.render import iter_links, node_script
 from overlay.lab.topology import (
-    NS_PREFIX,
-    PIN_DIR,
-    RUN_DIR,
     STATUS_LISTEN,
     Names,
     Topology,
+    lab_place,
     load_topology,
     parse_topology,
 )
@@ -55,10 +61,17 @@ def _quiet(_text: str, _newline: bool = True) -> None:
 
 
 class Lab(LabProcesses):
-    """One lab: a topology, its run directory, its pin directory and namespace prefix."""
+    """One lab: a topology, its run directory, its pin directory and namespace prefix.
 
-    def __init__(self, topology: str | None = None, *, run_dir: str = RUN_DIR, pin_dir: str = PIN_DIR,
-                 prefix: str = NS_PREFIX, emit: Emit | None = None, die_with_parent: bool = False):
+    ``name`` picks all three (:func:`~overlay.lab.topology.lab_place`: default
+    ``$OVERLAY_LAB_NAME`` or ``lab``); ``run_dir``, ``pin_dir`` and ``prefix`` override one."""
+
+    def __init__(self, topology: str | None = None, *, name: str | None = None, run_dir: str | None = None,
+                 pin_dir: str | None = None, prefix: str | None = None, emit: Emit | None = None,
+                 die_with_parent: bool = False):
+        place = lab_place(name)
+        run_dir, pin_dir, prefix = run_dir or place.run_dir, pin_dir or place.pin_dir, prefix or place.prefix
+        self.name = place.name
         self.topology_arg = topology
         # tests: the lab's processes die with the thread that started them (a killed pytest
         # leaves no daemon behind); `overlay lab up` leaves them running, of course
@@ -67,7 +80,7 @@ class Lab(LabProcesses):
         self.pin_dir = pin_dir
         self.names = Names(prefix)
         self.emit: Emit = emit or _quiet
-        self._zk = None          # the ZooKeeperServer this process started, if any
+        self._zk: dict = {}      # the ZooKeeperServers this process started, by server id
         self._topo: Topology | None = None
         self._steps = (0, 0)
         self._step_title = ""
@@ -96,11 +109,23 @@ class Lab(LabProcesses):
 
     @property
     def controller_config_path(self) -> str:
-        return os.path.join(self.run_dir, "controller.yaml")
+        return self.controller_config_of(1)
 
     @property
     def controller_log(self) -> str:
-        return os.path.join(self.run_dir, "logs", "controller.log")
+        return self.controller_log_of(1)
+
+    def controller_config_of(self, replica: int) -> str:
+        return os.path.join(self.run_dir, "controller.yaml" if replica == 1 else f"controller-{replica}.yaml")
+
+    def controller_log_of(self, replica: int) -> str:
+        return os.path.join(self.run_dir, "logs", "controller.log" if replica == 1 else f"controller-{replica}.log")
+
+    def zk_dir_of(self, server: int) -> str:
+        return self.zk_dir if server == 1 else os.path.join(self.run_dir, f"zookeeper-{server}")
+
+    def zk_log_of(self, server: int) -> str:
+        return os.path.join(self.zk_dir_of(server), "zookeeper.log")
 
     def host_dir(self, host: str) -> str:
         return os.path.join(self.run_dir, "hosts", host)
@@ -194,7 +219,8 @@ class Lab(LabProcesses):
         total = (11 if daemons else 7) + int(controller)
         self._steps = (0, total)
         nns = len(self.names.all(topo))
-        via = (f", the controller at {topo.controller} for {len(topo.grpc_members)} of them" if controller else "")
+        via = (f", the controller ({len(topo.controllers)} replicas: {', '.join(topo.controllers)}) for "
+               f"{len(topo.grpc_members)} of them" if controller else "")
         self.emit(f"building the lab from {topo.source}: {len(topo.networks)} networks, {len(topo.hosts)} hosts "
                   f"({len(members)} running the daemon), ZooKeeper at {topo.zookeeper}{via}", True)
         state = {
@@ -214,12 +240,14 @@ class Lab(LabProcesses):
                 self._make_links(topo)
             with self._step("addresses, routes, checksum offload off, 1:1 NAT on the edges"):
                 self._configure(topo)
-            with self._step(f"ZooKeeper at {topo.zookeeper} in {self.names.zookeeper(topo)}"):
+            zk_where = (self.names.zookeeper(topo) if topo.ensemble == 1 else
+                        f"{topo.ensemble} namespaces, {self.names.zookeeper(topo)}...")
+            with self._step(f"ZooKeeper at {topo.zookeeper} in {zk_where}"):
                 self._start_zookeeper(topo, state)
             with self._step(f"test-port servers on :{topo.test_port} ({len(topo.hosts)})"):
                 self._start_echo(topo, state, topo.hosts)
             if controller:
-                with self._step(f"controller at {topo.controller} in {self.names.zookeeper(topo)} "
+                with self._step(f"controller at {', '.join(topo.controllers)} in {self.names.zookeeper(topo)} "
                                 f"(mutual TLS, {len(topo.grpc_members)} node certificates)"):
                     self._make_certs(topo)
                     self._start_controller(topo, state)
@@ -276,10 +304,11 @@ class Lab(LabProcesses):
         with self._step(f"namespaces ({len(self.names.all(topo))})"):
             pass
         with self._step("ZooKeeper") as notes:
-            if not self._proc_alive(state, "zookeeper"):
-                self._start_zookeeper(topo, state)
-                restarted.append("zookeeper")
-                notes.append("restarted")
+            dead = [i for i in range(1, topo.ensemble + 1) if not self._proc_alive(state, zk_key(i))]
+            if dead:
+                self._start_zookeeper(topo, state, dead)
+                restarted += [zk_key(i) for i in dead]
+                notes.append("restarted " + ", ".join(zk_key(i) for i in dead))
         with self._step("test-port servers") as notes:
             dead = [h for h in topo.hosts if not self._proc_alive(state, f"echo:{h.name}")]
             if dead:
@@ -288,11 +317,12 @@ class Lab(LabProcesses):
                 notes.append("restarted " + ", ".join(h.name for h in dead))
         if daemons and topo.controller is not None:
             with self._step("controller") as notes:
-                if not self._proc_alive(state, "controller"):
+                dead = [i for i in range(1, len(topo.controllers) + 1) if not self._proc_alive(state, controller_key(i))]
+                if dead:
                     self._make_certs(topo)   # keeps the CA and certificates that are there
-                    self._start_controller(topo, state)
-                    restarted.append("controller")
-                    notes.append("restarted")
+                    self._start_controller(topo, state, dead)
+                    restarted += [controller_key(i) for i in dead]
+                    notes.append("restarted " + ", ".join(controller_key(i) for i in dead))
         if daemons:
             with self._step("daemons running, ready and converged") as notes:
                 dead = [h for h in members if not self._proc_alive(state, f"daemon:{h.name}")]
@@ -360,7 +390,8 @@ class Lab(LabProcesses):
                      "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"]
             lines += [f"ethtool -K {d} tx off rx off >/dev/null" for d in devs]
             jobs.append((ns, "\n".join(lines)))
-        jobs.append((n.zookeeper(topo), node_script(topo, topo.zk_name)))
+        for i, (server, _address) in enumerate(topo.zk_servers, start=1):
+            jobs.append((n.zookeeper(topo, i), node_script(topo, server)))
         for net in topo.networks:
             jobs.append((n.edge(net), node_script(topo, net.edge_name)))
             for h in net.hosts:
@@ -391,9 +422,9 @@ class Lab(LabProcesses):
         present = sorted(ns for ns in namespaces if nx.exists(ns))
         stopped: list[str] = []
         with self._step("stop processes") as notes:
-            if self._zk is not None:
-                self._zk.stop()
-                self._zk = None
+            for zk in self._zk.values():
+                zk.stop()
+            self._zk = {}
             procs = {key: p for key, p in (state.get("procs") or {}).items() if isinstance(p, dict) and p.get("pid")}
             ran = set(nx.stop_processes([(p["pid"], p.get("start")) for p in procs.values()], timeout=8))
             stopped += sorted(key for key, p in procs.items() if p["pid"] in ran)
@@ -463,6 +494,12 @@ class Lab(LabProcesses):
             hosts.append(entry)
         z = procs.get("zookeeper")
         daemons = bool((state or {}).get("daemons", True))
+
+        def proc_info(key: str, netns: str, log: str, **extra) -> dict:
+            p = procs.get(key)
+            return {"netns": netns, "pid": (p or {}).get("pid"),
+                    "running": bool(p) and nx.alive(p.get("pid"), p.get("start")), "log": log, **extra}
+
         out = {
             "state": phase if state is not None else "down",
             "topology": (state or {}).get("topology") or topo.source,
@@ -474,17 +511,19 @@ class Lab(LabProcesses):
                 "netns": self.names.zookeeper(topo), "pid": (z or {}).get("pid"),
                 "running": bool(z) and nx.alive(z.get("pid"), z.get("start")), "log": self.zk_log,
             },
-            # the gRPC controller: host:port, or None when the lab runs none
+            # every server of the ensemble (one, by default), by server id
+            "zookeepers": [proc_info(zk_key(i), self.names.zookeeper(topo, i), self.zk_log_of(i),
+                                     server=i, address=f"{a}:{topo.zk_port}")
+                           for i, (_n, a) in enumerate(topo.zk_servers, start=1)],
+            # the gRPC controller: its first replica's host:port, or None when the lab runs none
             "controller": topo.controller if daemons else None,
         }
         if out["controller"] is not None:
-            c = procs.get("controller")
-            out["controller_info"] = {
-                "netns": self.names.zookeeper(topo), "pid": (c or {}).get("pid"),
-                "running": bool(c) and nx.alive(c.get("pid"), c.get("start")), "log": self.controller_log,
-                "config": self.controller_config_path, "certs": self.certs_dir,
-                "networks": [n.name for n in topo.networks if n.registry == "grpc"],
-            }
+            networks = [n.name for n in topo.networks if n.registry == "grpc"]
+            out["controllers"] = [proc_info(controller_key(i), self.names.zookeeper(topo), self.controller_log_of(i),
+                                            replica=i, address=a, config=self.controller_config_of(i))
+                                  for i, a in enumerate(topo.controllers, start=1)]
+            out["controller_info"] = {**out["controllers"][0], "certs": self.certs_dir, "networks": networks}
         return out
 
     # --- check ------------------------------------------------------------------------

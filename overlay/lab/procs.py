@@ -29,6 +29,16 @@ class LabError(nx.NetnsError):
     """The lab could not do what was asked; the message names the step and the cause."""
 
 
+def zk_key(server: int) -> str:
+    """The state file's key of ZooKeeper server ``server`` (1, 2, ...)."""
+    return "zookeeper" if server == 1 else f"zookeeper:{server}"
+
+
+def controller_key(replica: int) -> str:
+    """The state file's key of controller replica ``replica`` (1, 2, ...)."""
+    return "controller" if replica == 1 else f"controller:{replica}"
+
+
 class LabProcesses:
     """Mixin of :class:`~overlay.lab.lab.Lab` (its paths, names, state file and topology)."""
 
@@ -36,24 +46,34 @@ class LabProcesses:
         p = state.get("procs", {}).get(key)
         return bool(p) and nx.alive(p.get("pid"), p.get("start"))
 
-    def _zk_server(self, topo: Topology):
+    def _zk_server(self, topo: Topology, server: int = 1):
+        """ZooKeeper server ``server`` of the topology (one of an ensemble when ``ensemble`` > 1)."""
         from overlay.zk.server import ZooKeeperServer
 
-        return ZooKeeperServer(self.zk_dir, topo.zk_address, topo.zk_port, netns=self.names.zookeeper(topo),
-                               fsync=False, heap_mb=256, max_session_ms=30000,
-                               die_with_parent=self.die_with_parent)
+        addresses = tuple(a for _, a in topo.zk_servers)
+        return ZooKeeperServer(self.zk_dir_of(server), addresses[server - 1], topo.zk_port,
+                               netns=self.names.zookeeper(topo, server), fsync=False, heap_mb=256,
+                               max_session_ms=30000, die_with_parent=self.die_with_parent,
+                               ensemble=addresses if len(addresses) > 1 else (), server_id=server)
 
-    def _start_zookeeper(self, topo: Topology, state: dict) -> None:
+    def _start_zookeeper(self, topo: Topology, state: dict, servers=None) -> None:
+        """Start ZooKeeper servers ``servers`` (default: all) and wait until each serves (an
+        ensemble's servers serve once a quorum of them is up: all are started first)."""
         from overlay.zk.server import ZooKeeperError
 
-        zk = self._zk_server(topo)
+        servers = list(servers or range(1, topo.ensemble + 1))
+        made = {i: self._zk_server(topo, i) for i in servers}
         try:
-            zk.start(timeout=ZK_START_TIMEOUT)
+            for i, zk in made.items():
+                zk.start(timeout=ZK_START_TIMEOUT, wait=False)
+                self._zk[i] = zk
+                state["procs"][zk_key(i)] = {"pid": zk.pid, "start": nx.proc_start_time(zk.pid),
+                                             "log": self.zk_log_of(i)}
+            self._save_state(state)
+            for zk in made.values():
+                zk.wait_serving(timeout=ZK_START_TIMEOUT)
         except ZooKeeperError as exc:
             raise LabError(f"ZooKeeper did not start: {exc}") from None
-        self._zk = zk
-        state["procs"]["zookeeper"] = {"pid": zk.pid, "start": nx.proc_start_time(zk.pid), "log": self.zk_log}
-        self._save_state(state)
 
     def _start_echo(self, topo: Topology, state: dict, hosts) -> None:
         os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
@@ -84,43 +104,51 @@ class LabProcesses:
             time.sleep(0.1)
 
     def _make_certs(self, topo: Topology) -> None:
-        """The CA, the controller's certificate (naming the ZooKeeper machine's address) and one
-        node certificate per member of a ``registry: grpc`` network; existing files are kept."""
+        """The CA, the controllers' certificate (naming every replica's address) and one node
+        certificate per member of a ``registry: grpc`` network; existing files are kept."""
         from overlay.controller import certs
 
-        certs.init(self.certs_dir, (topo.zk_address,))
+        certs.init(self.certs_dir, tuple(hp.rpartition(":")[0] for hp in topo.controllers))
         for h in topo.grpc_members:
             crt, key = (os.path.join(self.certs_dir, f"{h.name}.{ext}") for ext in ("crt", "key"))
             if not (os.path.exists(crt) and os.path.exists(key)):
                 certs.issue(self.certs_dir, h.name, force=True)
 
-    def _start_controller(self, topo: Topology, state: dict) -> None:
-        """Start ``overlay controller`` in the ZooKeeper machine's namespace; wait until it serves."""
+    def _start_controller(self, topo: Topology, state: dict, replicas=None) -> None:
+        """Start replicas ``replicas`` (default: all) of ``overlay controller`` in the first
+        ZooKeeper machine's namespace, each at its own address; wait until each serves."""
         os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
-        with open(self.controller_config_path, "w", encoding="utf-8") as fh:
-            fh.write(render_controller_config(topo, run_dir=self.run_dir))
         ns = self.names.zookeeper(topo)
-        argv = nx.nsenter(ns, [*overlay_command(), "--log-level", "info", "controller",
-                               "-c", self.controller_config_path])
-        with open(self.controller_log, "a", encoding="utf-8") as fh:
-            fh.write(f"---- lab: starting the controller at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        pid, st = nx.start_process(argv, self.controller_log, cwd=self.run_dir, env=_child_env(),
-                                   die_with_parent=self.die_with_parent)
-        state["procs"]["controller"] = {"pid": pid, "start": st, "log": self.controller_log}
+        replicas = list(replicas or range(1, len(topo.controllers) + 1))
+        for i in replicas:
+            with open(self.controller_config_of(i), "w", encoding="utf-8") as fh:
+                fh.write(render_controller_config(topo, run_dir=self.run_dir, replica=i))
+            argv = nx.nsenter(ns, [*overlay_command(), "--log-level", "info", "controller",
+                                   "-c", self.controller_config_of(i)])
+            with open(self.controller_log_of(i), "a", encoding="utf-8") as fh:
+                fh.write(f"---- lab: starting the controller at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            pid, st = nx.start_process(argv, self.controller_log_of(i), cwd=self.run_dir, env=_child_env(),
+                                       die_with_parent=self.die_with_parent)
+            state["procs"][controller_key(i)] = {"pid": pid, "start": st, "log": self.controller_log_of(i)}
         self._save_state(state)
         # it listens only once it has loaded its journal from ZooKeeper: accepting is serving
         deadline = time.monotonic() + CONTROLLER_START_TIMEOUT
-        while True:
-            if nx.in_netns(ns, _tcp_accepts, topo.zk_address, topo.controller_port, 1.0, timeout=5) is True:
-                return
-            if not self._proc_alive(state, "controller"):
-                raise LabError(f"the controller exited; last lines of {self.controller_log}:\n"
-                               f"{nx.tail(self.controller_log)}")
-            if time.monotonic() > deadline:
-                raise LabError(f"the controller is not serving on {topo.controller} after "
-                               f"{CONTROLLER_START_TIMEOUT:g} s; last lines of {self.controller_log}:\n"
-                               f"{nx.tail(self.controller_log)}")
-            time.sleep(0.2)
+        waiting = list(replicas)
+        while waiting:
+            for i in list(waiting):
+                host, _, port = topo.controllers[i - 1].rpartition(":")
+                if nx.in_netns(ns, _tcp_accepts, host, int(port), 1.0, timeout=5) is True:
+                    waiting.remove(i)
+                elif not self._proc_alive(state, controller_key(i)):
+                    raise LabError(f"the controller exited; last lines of {self.controller_log_of(i)}:\n"
+                                   f"{nx.tail(self.controller_log_of(i))}")
+            if waiting and time.monotonic() > deadline:
+                i = waiting[0]
+                raise LabError(f"the controller is not serving on {topo.controllers[i - 1]} after "
+                               f"{CONTROLLER_START_TIMEOUT:g} s; last lines of {self.controller_log_of(i)}:\n"
+                               f"{nx.tail(self.controller_log_of(i))}")
+            if waiting:
+                time.sleep(0.2)
 
     def _write_configs(self, topo: Topology, hosts=None) -> None:
         for h in hosts if hosts is not None else topo.members:
@@ -167,43 +195,62 @@ class LabProcesses:
         nx.stop_process(p["pid"], p.get("start"), sig=sig, timeout=10)
         return p["pid"]
 
-    def zookeeper_stop(self) -> None:
-        """Stop the lab's ZooKeeper (its data stays: ``zookeeper_start`` brings it back)."""
+    def _which(self, what: str, n: int, which: int | None) -> list[int]:
+        if which is not None and not 1 <= which <= n:
+            raise LabError(f"this lab has no {what} {which} (1 to {n})")
+        return [which] if which is not None else list(range(1, n + 1))
+
+    def _stop_keys(self, state: dict, keys: list[str], sig: int) -> None:
+        for key in keys:
+            p = state["procs"].get(key)
+            if p:
+                nx.stop_process(p["pid"], p.get("start"), timeout=10, sig=sig)
+
+    def zookeeper_stop(self, server: int | None = None, sig: int = signal.SIGTERM) -> None:
+        """Stop the lab's ZooKeeper (``server``: one server of the ensemble; ``sig`` SIGKILL: a
+        crash). Its data stays: ``zookeeper_start`` brings it back."""
         require_root("zookeeper stop")
         state = self._require_state()
-        if self._zk is not None and self._zk.running():
-            self._zk.stop()
-        else:
-            p = state["procs"].get("zookeeper")
-            if p:
-                nx.stop_process(p["pid"], p.get("start"), timeout=10)
-        self._zk = None
+        servers = self._which("ZooKeeper server", self.topology().ensemble, server)
+        self._stop_keys(state, [zk_key(i) for i in servers], sig)
+        for i in servers:
+            zk = self._zk.pop(i, None)
+            if zk is not None:
+                zk.stop()    # reaps it (already gone)
 
-    def zookeeper_start(self) -> None:
+    def zookeeper_start(self, server: int | None = None) -> None:
         require_root("zookeeper start")
         state = self._require_state()
-        if self._proc_alive(state, "zookeeper"):
-            return
-        self._start_zookeeper(self.topology(), state)
+        topo = self.topology()
+        dead = [i for i in self._which("ZooKeeper server", topo.ensemble, server) if not self._proc_alive(state, zk_key(i))]
+        if dead:
+            self._start_zookeeper(topo, state, dead)
 
-    def controller_stop(self) -> None:
-        """Stop the lab's controller (the daemons that use it keep their datapath: fail static)."""
+    def zookeeper_role(self, server: int) -> str | None:
+        """``leader``, ``follower`` or ``standalone`` (ZooKeeper's ``srvr``), None if it does not answer."""
+        topo = self.topology()
+        self._which("ZooKeeper server", topo.ensemble, server)
+        return self._zk_server(topo, server).role()
+
+    def controller_stop(self, replica: int | None = None, sig: int = signal.SIGTERM) -> None:
+        """Stop the lab's controller (``replica``: one of them; ``sig`` SIGKILL: a crash). The
+        daemons that use it fail over to another replica, or fail static when none is left."""
         require_root("controller stop")
         state = self._require_state()
-        p = state["procs"].get("controller")
-        if p:
-            nx.stop_process(p["pid"], p.get("start"), timeout=10)
+        self._stop_keys(state, [controller_key(i) for i in
+                                self._which("controller replica", len(self.topology().controllers), replica)], sig)
 
-    def controller_start(self) -> None:
+    def controller_start(self, replica: int | None = None) -> None:
         require_root("controller start")
         state = self._require_state()
         topo = self.topology()
         if topo.controller is None or not state.get("daemons", True):
             raise LabError("this lab runs no controller (no network has registry: grpc, or --no-daemons)")
-        if self._proc_alive(state, "controller"):
-            return
-        self._make_certs(topo)
-        self._start_controller(topo, state)
+        dead = [i for i in self._which("controller replica", len(topo.controllers), replica)
+                if not self._proc_alive(state, controller_key(i))]
+        if dead:
+            self._make_certs(topo)
+            self._start_controller(topo, state, dead)
 
     def _require_state(self) -> dict:
         state = self.load_state()
@@ -217,7 +264,7 @@ class LabProcesses:
         """Each member's ``/status`` (None where it does not answer), fetched inside its namespace."""
         topo = self.topology()
         hosts = list(hosts if hosts is not None else topo.members)
-        calls = [(self.names.host(h), _http_get, (STATUS_LISTEN, "/status", timeout)) for h in hosts
+        calls = [(self.names.host(h), http_get, (STATUS_LISTEN, "/status", timeout)) for h in hosts
                  if nx.exists(self.names.host(h))]
         results = nx.parallel_in_netns(calls, timeout=timeout + 3) if calls else []
         out: dict[str, dict | None] = {h.name: None for h in hosts}
@@ -232,7 +279,7 @@ class LabProcesses:
         """Each member's ``/readyz`` HTTP code (None where it does not answer)."""
         topo = self.topology()
         hosts = list(hosts if hosts is not None else topo.members)
-        calls = [(self.names.host(h), _http_get, (STATUS_LISTEN, "/readyz", timeout)) for h in hosts]
+        calls = [(self.names.host(h), http_get, (STATUS_LISTEN, "/readyz", timeout)) for h in hosts]
         results = nx.parallel_in_netns(calls, timeout=timeout + 3)
         return {h.name: (r[0] if isinstance(r, tuple) else None) for h, r in zip(hosts, results, strict=True)}
 
@@ -325,7 +372,8 @@ def _tcp_accepts(host: str, port: int, timeout: float) -> bool:
         return False
 
 
-def _http_get(listen: str, path: str, timeout: float) -> tuple[int, bytes]:
+def http_get(listen: str, path: str, timeout: float) -> tuple[int, bytes]:
+    """``GET path`` from ``listen`` (``host:port``) in the calling thread's namespace: (status, body)."""
     host, _, port = listen.rpartition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:

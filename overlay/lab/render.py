@@ -76,8 +76,8 @@ def member_config(
     ``target="vagrant"``: the VM's lab interface (``interface``), the product's
     default pin_root and state_dir.
 
-    A member of a ``registry: grpc`` network uses the controller
-    (:attr:`Topology.controller`) with its own node certificate from
+    A member of a ``registry: grpc`` network uses the controller's replicas
+    (:attr:`Topology.controllers`, in order) with its own node certificate from
     :func:`certs_dir` (``<run_dir>/certs``; Vagrant: ``/etc/overlay/certs``);
     the others use ZooKeeper directly.
     """
@@ -119,31 +119,37 @@ def certs_dir(target: str = "netns", run_dir: str = RUN_DIR) -> str:
 def _member_registry(topo: Topology, host: Host, certs: str) -> dict:
     if topo.registry_of(host) == "grpc":
         tls = {"ca": f"{certs}/ca.crt", "cert": f"{certs}/{host.name}.crt", "key": f"{certs}/{host.name}.key"}
-        return {"backend": "grpc", "controller": topo.controller, "prefix": "/overlay", "tls": tls}
-    return {"backend": "zookeeper", "hosts": [topo.zookeeper], "prefix": "/overlay"}
+        return {"backend": "grpc", "controller": list(topo.controllers), "prefix": "/overlay", "tls": tls}
+    return {"backend": "zookeeper", "hosts": topo.zookeeper.split(","), "prefix": "/overlay"}
 
 
-def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = RUN_DIR) -> dict:
-    """The config of ``overlay controller`` on the ZooKeeper machine (docs/grpc.md), as a mapping.
+def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = RUN_DIR, replica: int = 1) -> dict:
+    """The config of replica ``replica`` (1, 2, ...) of ``overlay controller`` on the ZooKeeper
+    machine (docs/grpc.md), as a mapping.
 
-    It listens at the ZooKeeper machine's address and stores under the members' prefix
-    (``daemon.registry.prefix`` of the topology, default ``/overlay``).
+    It listens at its own address (:attr:`Topology.controllers`) and stores under the members'
+    prefix (``daemon.registry.prefix`` of the topology, default ``/overlay``).
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}")
     if topo.controller is None:
         raise TopologyError(f"{topo.source}: networks", "no network has registry: grpc, so the lab runs no controller")
+    if not 1 <= replica <= len(topo.controllers):
+        raise TopologyError(f"{topo.source}: controller.addresses", f"there is no replica {replica}")
     certs = certs_dir(target, run_dir)
     prefix = _dig(topo.daemon, ("registry", "prefix"))
+    ctl: dict[str, Any] = {
+        "listen": topo.controllers[replica - 1],
+        "tls": {"ca": f"{certs}/ca.crt", "cert": f"{certs}/controller.crt", "key": f"{certs}/controller.key"},
+    }
+    if topo.lease_s is not None:
+        ctl["lease_s"] = topo.lease_s
     return {
-        "node_id": topo.zk_name,
+        "node_id": topo.zk_name if replica == 1 else f"{topo.zk_name}-ctl{replica}",
         "overlay_subnet": str(topo.overlay_subnet),
-        "registry": {"backend": "zookeeper", "hosts": [topo.zookeeper],
+        "registry": {"backend": "zookeeper", "hosts": topo.zookeeper.split(","),
                      "prefix": "/overlay" if prefix is _MISSING else prefix},
-        "controller": {
-            "listen": topo.controller,
-            "tls": {"ca": f"{certs}/ca.crt", "cert": f"{certs}/controller.crt", "key": f"{certs}/controller.key"},
-        },
+        "controller": ctl,
     }
 
 
@@ -235,9 +241,16 @@ def node_script(topo: Topology, node: str, target: str = "netns") -> str:
         out.append(f'ethtool -K "${var}" tx off rx off >/dev/null')
         out.append(f'ip addr replace {address}/{prefixlen} dev "${var}"')
 
-    if node == topo.zk_name:
-        dev("wan", "eth0", topo.zk_address)
-        iface("wan", topo.zk_address, topo.internet_subnet.prefixlen)
+    servers = dict(topo.zk_servers)
+    if node in servers:
+        address = servers[node]
+        dev("wan", "eth0", address)
+        iface("wan", address, topo.internet_subnet.prefixlen)
+        if node == topo.zk_name:   # the controllers' own addresses, on the first ZooKeeper machine
+            for hp in topo.controllers:
+                extra = hp.rpartition(":")[0]
+                if extra != address:
+                    out.append(f'ip addr replace {extra}/{topo.internet_subnet.prefixlen} dev "$wan"')
         for n in topo.networks:
             out.append(f'ip route replace {n.public_subnet} via {n.edge_public} dev "$wan"')
         return "\n".join(out) + "\n"
@@ -278,7 +291,8 @@ def iter_links(topo: Topology, names: Names) -> Iterator[tuple[str, str, str, st
             yield names.switch(net), h.name, names.host(h), "eth0"
         yield names.switch(net), "edge", names.edge(net), "lan"
         yield names.internet, f"e-{net.name}", names.edge(net), "wan"
-    yield names.internet, topo.zk_name, names.zookeeper(topo), "eth0"
+    for i, (server, _address) in enumerate(topo.zk_servers, start=1):
+        yield names.internet, server, names.zookeeper(topo, i), "eth0"
 
 
 def check_daemon_configs(topo: Topology) -> None:
@@ -296,7 +310,8 @@ def check_daemon_configs(topo: Topology) -> None:
     if topo.controller is not None:
         from overlay.config import config_from_dict
 
-        try:
-            config_from_dict(controller_config(topo))
-        except InvalidConfigError as exc:
-            raise TopologyError(f"{topo.source}: controller config {exc.path}", exc.reason) from None
+        for replica in range(1, len(topo.controllers) + 1):
+            try:
+                config_from_dict(controller_config(topo, replica=replica))
+            except InvalidConfigError as exc:
+                raise TopologyError(f"{topo.source}: controller config {exc.path}", exc.reason) from None

@@ -25,7 +25,10 @@ from overlay.errors import InvalidConfigError
 DEFAULT_TOPOLOGY_NAME = "default-topology.yaml"
 TOPOLOGY_ENV = "OVERLAY_LAB_TOPOLOGY"
 
-NS_PREFIX = "ovl-lab-"                # every namespace the lab makes starts with this
+LAB_NAME_ENV = "OVERLAY_LAB_NAME"     # the lab's name when --name is not given
+DEFAULT_LAB_NAME = "lab"
+LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+NS_PREFIX = "ovl-lab-"                # every namespace the default lab makes starts with this
 RUN_DIR = "/run/overlay-lab"          # state, configs, logs, ZooKeeper data
 PIN_DIR = "/sys/fs/bpf/overlay/lab"   # one pin_root per member below it
 STATUS_LISTEN = "127.0.0.1:9464"      # each namespace has its own loopback
@@ -40,6 +43,29 @@ RESERVED_HOST_NAMES = ("edge", "sw", "inet", "lo")
 
 class TopologyError(InvalidConfigError):
     """The topology file is invalid; ``path`` names the file and the key."""
+
+
+@dataclass(frozen=True)
+class LabPlace:
+    """Where one lab instance lives: its namespace prefix, run directory and pin directory.
+    Two labs with different names can be up at once on one machine."""
+
+    name: str
+    prefix: str
+    run_dir: str
+    pin_dir: str
+
+
+def lab_place(name: str | None = None) -> LabPlace:
+    """The place of lab ``name`` (default: ``$OVERLAY_LAB_NAME``, else ``lab``): namespaces
+    ``ovl-<name>-*``, ``/run/overlay-<name>``, ``/sys/fs/bpf/overlay/<name>``. The default
+    lab is ``ovl-lab-*``, ``/run/overlay-lab``, ``/sys/fs/bpf/overlay/lab``."""
+    name = name or os.environ.get(LAB_NAME_ENV) or DEFAULT_LAB_NAME
+    if not LAB_NAME_RE.match(name):
+        where = "--name" if name != os.environ.get(LAB_NAME_ENV) else LAB_NAME_ENV
+        raise TopologyError(where, f"lab name {name!r} must match {LAB_NAME_RE.pattern} "
+                                   "(it names namespaces and directories)")
+    return LabPlace(name, f"ovl-{name}-", f"/run/overlay-{name}", f"/sys/fs/bpf/overlay/{name}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +110,9 @@ class Topology:
     vagrant: dict = field(default_factory=dict, compare=False)
     text: str = field(default="", compare=False, repr=False)
     controller_port: int = CONTROLLER_PORT
+    ensemble: int = 1                          # ZooKeeper servers: zk, zk2, zk3 ... at consecutive addresses
+    controller_addresses: tuple[str, ...] = ()  # one per controller replica (default: the ZooKeeper address)
+    lease_s: float | None = None               # the controllers' lease_s (None: the product's default)
 
     @property
     def hosts(self) -> tuple[Host, ...]:
@@ -94,16 +123,30 @@ class Topology:
         return tuple(h for h in self.hosts if h.member)
 
     @property
+    def zk_servers(self) -> tuple[tuple[str, str], ...]:
+        """``(machine name, address)`` of each ZooKeeper server: ``zk`` at ``zookeeper.address``,
+        then (``ensemble: 3``) ``zk2``, ``zk3`` at the next addresses, each in its own namespace."""
+        base = ipaddress.IPv4Address(self.zk_address)
+        return tuple((self.zk_name if i == 0 else f"{self.zk_name}{i + 1}", str(base + i))
+                     for i in range(self.ensemble))
+
+    @property
     def zookeeper(self) -> str:
-        return f"{self.zk_address}:{self.zk_port}"
+        """The ZooKeeper connection string: ``host:port`` (an ensemble: every server's, comma-separated)."""
+        return ",".join(f"{a}:{self.zk_port}" for _, a in self.zk_servers)
+
+    @property
+    def controllers(self) -> tuple[str, ...]:
+        """``host:port`` of each replica of the gRPC controller (all on the first ZooKeeper
+        machine, one address each), or () when every network uses ZooKeeper directly."""
+        if not any(n.registry == "grpc" for n in self.networks):
+            return ()
+        return tuple(f"{a}:{self.controller_port}" for a in (self.controller_addresses or (self.zk_address,)))
 
     @property
     def controller(self) -> str | None:
-        """``host:port`` of the gRPC controller (on the ZooKeeper machine), or None when
-        every network uses ZooKeeper directly (then the lab runs no controller)."""
-        if not any(n.registry == "grpc" for n in self.networks):
-            return None
-        return f"{self.zk_address}:{self.controller_port}"
+        """The first replica's ``host:port``, or None when the lab runs no controller."""
+        return self.controllers[0] if self.controllers else None
 
     @property
     def grpc_members(self) -> tuple[Host, ...]:
@@ -129,8 +172,8 @@ class Topology:
         raise TopologyError(self.source, f"no network named {name!r}")
 
     def node_names(self) -> list[str]:
-        """Every machine of the lab: ZooKeeper, the edges, then the hosts (the VM names)."""
-        return [self.zk_name, *(n.edge_name for n in self.networks), *(h.name for h in self.hosts)]
+        """Every machine of the lab: ZooKeeper's, the edges, then the hosts (the VM names)."""
+        return [*(z for z, _ in self.zk_servers), *(n.edge_name for n in self.networks), *(h.name for h in self.hosts)]
 
 
 # --- namespace names -----------------------------------------------------------------
@@ -155,11 +198,12 @@ class Names:
     def internet(self) -> str:
         return f"{self.prefix}inet"
 
-    def zookeeper(self, topo: Topology) -> str:
-        return self.prefix + topo.zk_name
+    def zookeeper(self, topo: Topology, server: int = 1) -> str:
+        """The namespace of ZooKeeper server ``server`` (1: the first, where the controllers run)."""
+        return self.prefix + topo.zk_servers[server - 1][0]
 
     def all(self, topo: Topology) -> list[str]:
-        out = [self.internet, self.zookeeper(topo)]
+        out = [self.internet, *(self.prefix + z for z, _ in topo.zk_servers)]
         for net in topo.networks:
             out += [self.switch(net), self.edge(net), *(self.host(h) for h in net.hosts)]
         return out
@@ -277,6 +321,27 @@ def _port(v: Any) -> int:
     return v
 
 
+def _ensemble(v: Any) -> int:
+    if v not in (1, 3, 5) or isinstance(v, bool):
+        raise ValueError(f"expected 1, 3 or 5 servers, got {v!r}")
+    return v
+
+
+def _lease(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
+        raise ValueError(f"expected seconds between 0 and 3600, got {v!r}")
+    return float(v)
+
+
+def _addresses(v: Any, subnet: ipaddress.IPv4Network) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v:
+        raise ValueError("expected a non-empty list of addresses on the internet segment (one per replica)")
+    out = tuple(_in(_ip(a), subnet, "internet.subnet") for a in v)
+    if len(set(out)) != len(out):
+        raise ValueError("an address is listed twice")
+    return out
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError(f"must be true or false, got {v!r}")
@@ -347,16 +412,28 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
         zk.fail(f"{zk_name!r} is reserved for the lab's own devices", "name")
     zk_address = zk.get("address", _ip, required=True)
     zk_port = zk.get("port", _port, 2181)
-    try:
-        _in(zk_address, internet_subnet, "internet.subnet")
-    except ValueError as exc:
-        zk.fail(str(exc), "address")
+    ensemble = zk.get("ensemble", _ensemble, 1)
+    if ensemble > 1 and len(zk_name) > 14:
+        zk.fail(f"{zk_name!r} is too long for an ensemble (at most 14 characters: {zk_name}2 names a device)", "name")
+    for i in range(ensemble):
+        try:
+            _in(str(ipaddress.IPv4Address(zk_address) + i), internet_subnet, "internet.subnet")
+        except (ValueError, ipaddress.AddressValueError) as exc:
+            zk.fail(f"server {i + 1} of the ensemble: {exc}", "address")
     zk.done()
     ctl = top.child("controller", required=False)
     controller_port = ctl.get("port", _port, CONTROLLER_PORT)
-    if controller_port == zk_port:
-        ctl.fail(f"{controller_port} is ZooKeeper's port (the controller runs on the ZooKeeper machine)", "port")
+    if controller_port in (zk_port, 2888, 3888):
+        ctl.fail(f"{controller_port} is one of ZooKeeper's ports (the controllers run on the ZooKeeper machine)",
+                 "port")
+    ctl_addresses = ctl.get("addresses", lambda v: _addresses(v, internet_subnet), ())
+    lease_s = ctl.get("lease_s", _lease, None)
     ctl.done()
+    zk_ips = {str(ipaddress.IPv4Address(zk_address) + i): i + 1 for i in range(ensemble)}
+    for i, a in enumerate(ctl_addresses):
+        if zk_ips.get(a, 1) != 1:
+            ctl.fail(f"{a} is ZooKeeper server {zk_ips[a]}'s address; the controllers run on the first "
+                     f"ZooKeeper machine ({zk_address}, or addresses of their own)", f"addresses[{i}]")
     daemon = top.get("daemon", _mapping, {})
     vagrant = top.get("vagrant", _mapping, {})
     nets_raw = top.get("networks", lambda v: v, required=True)
@@ -365,7 +442,9 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
 
     networks: list[Network] = []
     seen_hosts: dict[str, str] = {}
-    seen_public: dict[str, str] = {zk_address: "zookeeper.address"}
+    seen_public: dict[str, str] = {a: f"zookeeper server {i}" for a, i in zk_ips.items()}
+    for i, a in enumerate(ctl_addresses):
+        seen_public.setdefault(a, f"controller.addresses[{i}]")
     for i, raw in enumerate(nets_raw):
         n = _Obj(raw, f"networks[{i}]", source)
         name = n.get("name", _matching(NETWORK_RE, "network name"), required=True)
@@ -421,8 +500,10 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
         n.done()
         networks.append(Network(name, subnet, public_subnet, edge_private, edge_public, tuple(hosts), registry))
     top.done()
-    if zk_name in seen_hosts or zk_name in {f"{n.name}-edge" for n in networks}:
-        raise TopologyError(f"{source}: zookeeper.name", f"{zk_name!r} is also a host or edge name")
+    zk_names = [zk_name, *(f"{zk_name}{i + 1}" for i in range(1, ensemble))]
+    for name in zk_names:
+        if name in seen_hosts or name in {f"{n.name}-edge" for n in networks}:
+            raise TopologyError(f"{source}: zookeeper.name", f"{name!r} (a ZooKeeper server) is also a host or edge name")
     fixed = [h.overlay for n in networks for h in n.hosts if h.overlay]
     if len(fixed) != len(set(fixed)):
         raise TopologyError(f"{source}: networks", "two hosts have the same fixed overlay address")
@@ -431,6 +512,7 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
         source=source, overlay_subnet=overlay_subnet, test_port=test_port, public_range=public_range,
         internet_subnet=internet_subnet, zk_name=zk_name, zk_address=zk_address, zk_port=zk_port,
         networks=tuple(networks), daemon=daemon, vagrant=vagrant, controller_port=controller_port,
+        ensemble=ensemble, controller_addresses=ctl_addresses, lease_s=lease_s,
     )
     from overlay.lab.render import check_daemon_configs  # the configs derive from the topology
 

@@ -10,6 +10,12 @@ no arguments) whenever that view changed; the agent then reads
 ``from_config(config)`` builds the registry for this node's config. A plugin's class
 may also have ``validate_config(section) -> options`` for its keys of ``registry``
 (kept as ``config.registry.options``; docs/plugins.md).
+
+Optional methods, used when a backend has them: ``detach()`` (the daemon stopping: stop
+but leave this node's record, so that a restart does not remove it from its peers; else
+the daemon calls ``close()``), ``deregister()`` (``overlay deregister``: remove this
+node's record for good) and ``status_extra()`` (a mapping merged into ``/status``
+``registry``).
 """
 
 from __future__ import annotations

@@ -1,19 +1,23 @@
 """``registry.backend: grpc``: the fleet map from an ``overlay controller`` over one outbound stream.
 
-For daemons on networks that cannot reach ZooKeeper. ``allocate`` and ``register``
-are unary calls (each with a deadline, retried with backoff while the controller is
-unavailable, up to ``registry.timeout_s``); the view follows the controller's
-``Watch`` stream: a snapshot, then ordered deltas, each applied on top of the
-revision it names.
+For daemons on networks that cannot reach ZooKeeper. ``registry.controller`` lists one
+or more replicas of the controller; the daemon talks to one at a time (the current one)
+and fails over to the next when it fails. ``allocate`` and ``register`` are unary calls
+to the current replica (each with a deadline; on UNAVAILABLE the next replica is tried,
+and after a whole round of them a backoff, up to ``registry.timeout_s``); the view
+follows the current replica's ``Watch`` stream: a snapshot, then ordered deltas, each
+applied on top of the revision it names.
 
-The stream is re-opened with exponential backoff and full jitter when it fails, and
-resumes from the last applied revision (the controller sends a fresh snapshot when
-it no longer holds that revision). While it is down the view keeps every record and
-says ``connected=False``: the agent then leaves the datapath as it is (fail static),
-as with the ZooKeeper backend. After every reconnection (and whenever the stream
-shows this node's record gone or different) the node registers again: the
-controller keeps a node's record while the node has a stream open, and
-``lease_s`` after (docs/grpc.md).
+When the stream fails, the next replica is tried at once (a connection that is not ready
+within a few seconds counts as failed), resuming from the last applied revision: the
+journal's revisions are the same on every replica, so a failover costs no snapshot. Only
+when a whole round of replicas failed does the view say ``connected=False`` (the agent
+then keeps the datapath as it is: fail static, not ready), and the next round waits an
+exponential backoff with full jitter. After every reconnection (and whenever the stream
+shows this node's record gone or different) the node registers again through the
+replica it reached: a node's record is leased, kept while the node has a stream open on
+any replica and ``lease_s`` after (docs/grpc.md). ``close`` leaves the record in place
+(a daemon that stops or restarts is not removed; ``deregister`` removes it for good).
 
 Records are validated again here against this node's ``overlay_subnet``; the view
 does not include this node's own record, and ``rejected`` uses the ZooKeeper
@@ -43,10 +47,15 @@ log = logging.getLogger(__name__)
 
 WATCH_DEADLINE_S = 300.0     # a Watch call ends after this; the next one resumes at once
 REREGISTER_MIN_S = 1.0       # at most one re-registration per this many seconds
+CONNECT_TIMEOUT_S = 3.0      # a replica whose connection is not ready by then is skipped
 
 
 class _Desync(Exception):
     """The stream sent something that does not apply to our revision: reconnect and resume."""
+
+
+class _Unreachable(Exception):
+    """A replica's connection did not become ready: try the next one."""
 
 
 class GrpcRegistry:
@@ -59,7 +68,7 @@ class GrpcRegistry:
         return cls(config.registry, config.overlay_subnet, config.node_id)
 
     def __init__(self, config: RegistryConfig, subnet: ipaddress.IPv4Network, node_id: str, *,
-                 rng: random.Random | None = None, backoff: tuple[float, float] = (0.2, 10.0),
+                 rng: random.Random | None = None, backoff: tuple[float, float] = (0.2, 5.0),
                  watch_deadline_s: float = WATCH_DEADLINE_S, options: tuple = CLIENT_OPTIONS,
                  sleep: Callable[[float], None] | None = None):
         if config.controller is None or config.tls is None:
@@ -71,7 +80,14 @@ class GrpcRegistry:
         self._backoff = backoff
         self._watch_deadline = watch_deadline_s
         self._timeout = max(1.0, config.timeout_s)
-        self._client = Client(config.controller, config.tls, timeout=self._timeout, options=options)
+        self._options = options
+        ctl = config.controller
+        self.targets: tuple[str, ...] = (ctl,) if isinstance(ctl, str) else tuple(ctl)
+        self._clients: list[Client | None] = [None] * len(self.targets)
+        self._current = 0            # the replica in use (index into targets)
+        self._pick_lock = threading.Lock()
+        self.failovers = 0           # moves to another replica
+        self.pb2 = self._client_at(0).pb2
 
         self._v = ViewState()          # the view (changed under self._v.lock)
         self._groups: dict[str, str] = {}
@@ -111,15 +127,19 @@ class GrpcRegistry:
 
     def allocate(self, node_id: str, requested: str | None = None) -> str:
         valid_name(node_id, "node_id")
-        return self._retrying(lambda: self._client.allocate(node_id, requested),
+        return self._retrying(lambda c: c.allocate(node_id, requested),
                               f"allocating an overlay address for {node_id}")
 
     def register(self, node: Node) -> None:
         if node.node_id != self.node_id:
             raise RegistryError(f"this registry serves node {self.node_id!r}, not {node.node_id!r}")
         self._own = node
-        self._retrying(lambda: self._client.register(node), f"registering node {node.node_id}")
+        self._retrying(lambda c: c.register(node), f"registering node {node.node_id}")
         self._last_register = time.monotonic()
+
+    def deregister(self) -> None:
+        """Remove this node's record for good (a stopping daemon does not: its lease keeps it)."""
+        self._retrying(lambda c: c.deregister(self.node_id), f"deregistering node {self.node_id}")
 
     def view(self) -> RegistryView:
         return self._v.snapshot()
@@ -128,7 +148,9 @@ class GrpcRegistry:
         return None
 
     def close(self) -> None:
-        """Stop following, and deregister this node (its record goes away, as with ZooKeeper)."""
+        """Stop following. The record stays: the controller keeps it ``lease_s`` after this node's
+        last contact, so a restart does not remove this node from its peers (``deregister``
+        removes it for good)."""
         self._stop.set()
         self._wake.set()
         self._reg_wake.set()
@@ -136,18 +158,27 @@ class GrpcRegistry:
         for t in (self._thread, self._keeper):
             if t is not None:
                 t.join(10)
-        if self._own is not None:
-            try:
-                self._client.deregister(self.node_id, timeout=2.0)
-            except OverlayError as exc:
-                log.info("node %s: not deregistered on close (%s); the controller's lease ends it", self.node_id, exc)
-        self._client.close()
+        with self._pick_lock:
+            for i, c in enumerate(self._clients):
+                if c is not None:
+                    c.close()
+                    self._clients[i] = None
 
     # --- extras -----------------------------------------------------------------------------
 
     @property
     def controller_revision(self) -> int:
         return self._rev
+
+    @property
+    def controller(self) -> str:
+        """The replica in use now."""
+        return self.targets[self._current]
+
+    def status_extra(self) -> dict:
+        """For ``/status`` ``registry``: the replica in use, the failovers, the revision."""
+        return {"controller": self.controller, "controllers": list(self.targets), "failovers": self.failovers,
+                "revision": self._rev}
 
     @property
     def epoch(self) -> str:
@@ -160,15 +191,79 @@ class GrpcRegistry:
 
     # --- calls ------------------------------------------------------------------------------
 
+    # --- replicas -----------------------------------------------------------------------
+
+    def _client_at(self, i: int) -> Client:
+        with self._pick_lock:
+            client = self._clients[i]
+            if client is None:
+                client = self._clients[i] = Client(self.targets[i], self.config.tls, timeout=self._timeout,
+                                                   options=self._options)
+            return client
+
+    @property
+    def _client(self) -> Client:
+        return self._client_at(self._current)
+
+    def _current_client(self) -> tuple[int, Client]:
+        i = self._current
+        return i, self._client_at(i)
+
+    def _fail_over(self, failed: int, why: str) -> None:
+        """Move on from replica ``failed`` (if still current), with a fresh channel for it next
+        time (no reconnection backoff inherited from the failed one)."""
+        with self._pick_lock:
+            client, self._clients[failed] = self._clients[failed], None
+            if self._current != failed:
+                nxt = None
+            else:
+                nxt = self._current = (failed + 1) % len(self.targets)
+        if client is not None:
+            client.close()
+        if nxt is not None and len(self.targets) > 1:
+            self.failovers += 1
+            log.warning("node %s: controller %s failed (%s); trying %s", self.node_id, self.targets[failed], why,
+                        self.targets[nxt])
+
+    def _connect(self, client: Client, timeout: float) -> str | None:
+        """None once ``client``'s channel is ready; why not, as soon as it fails or after ``timeout``."""
+        done = threading.Event()
+        state: list = []
+
+        def seen(s) -> None:
+            if s in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+                state.append(s)
+                done.set()
+
+        client.channel.subscribe(seen, try_to_connect=True)
+        try:
+            done.wait(timeout)
+        finally:
+            client.channel.unsubscribe(seen)
+        if not state:
+            return f"no connection within {timeout:g} s"
+        return None if state[0] == grpc.ChannelConnectivity.READY else "cannot connect"
+
     def _retrying(self, call: Callable, what: str):
+        """``call(client)`` on the current replica; on UNAVAILABLE the next one, a backoff after
+        each whole round, until ``registry.timeout_s``."""
         deadline = time.monotonic() + self._timeout
         delay = self._backoff[0]
+        tried = 0
         while True:
+            i, client = self._current_client()
             try:
-                return call()
+                return call(client)
             except Unavailable as exc:
+                self._fail_over(i, str(exc))
+                tried += 1
+                if tried < len(self.targets):
+                    continue
+                tried = 0
                 if time.monotonic() + delay > deadline or self._stop.is_set():
-                    raise RegistryError(f"{what}: the controller at {self.config.controller} is unavailable ({exc})") from None
+                    where = ", ".join(self.targets)
+                    raise RegistryError(f"{what}: every controller is unavailable ({where}; last: {exc})") from None
                 self._pause(delay)
                 delay = min(delay * 2, self._backoff[1])
 
@@ -191,11 +286,17 @@ class GrpcRegistry:
 
     def _run(self) -> None:
         backoff = self._backoff[0]
+        failed = 0      # replicas that failed in a row since the last live stream (or pause)
         while not self._stop.is_set():
             live = False
-            rotate = False
+            resume_here = False
+            reason = "the stream ended before it was live"
+            i, client = self._current_client()
             try:
-                call = self._client.watch(self._rev, self._epoch, timeout=self._watch_deadline)
+                why = self._connect(client, min(CONNECT_TIMEOUT_S, self._timeout))
+                if why is not None:
+                    raise _Unreachable(why)
+                call = client.watch(self._rev, self._epoch, timeout=self._watch_deadline)
                 with self._call_lock:
                     self._call = call
                 if self._stop.is_set():
@@ -205,33 +306,38 @@ class GrpcRegistry:
                     changed = self._on_message(msg)
                     if not live and self._pending is None:
                         live = True
-                        backoff = self._backoff[0]
+                        failed, backoff = 0, self._backoff[0]
                         changed |= self._set_connected(True)
-                        self._force_register = True   # the controller holds a record while we watch
+                        self._force_register = True   # register through the replica we reached
                         self._reg_wake.set()
                     elif self._own_changed():
                         self._reg_wake.set()
                     if changed:
                         self._notify()
-                log.info("node %s: the controller ended the Watch stream; resuming", self.node_id)
-                rotate = live
+                log.info("node %s: the controller at %s ended the Watch stream; resuming", self.node_id,
+                         self.targets[i])
+                resume_here = live
+            except _Unreachable as exc:
+                reason = str(exc)
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     break
                 code = exc.code() if hasattr(exc, "code") else None
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and live:
-                    rotate = True   # the call's deadline: resume at once
+                    resume_here = True   # the call's deadline: resume at once
                 else:
                     err = raise_for(exc)
-                    log.warning("node %s: Watch stream from %s failed (%s: %s); keeping the last view",
-                                self.node_id, self.config.controller, type(err).__name__, err)
+                    reason = f"{type(err).__name__}: {err}"
+            except ValueError as exc:    # the channel was closed meanwhile (a call failed over)
+                reason = f"channel closed ({exc})"
             except _Desync as exc:
                 log.warning("node %s: Watch stream out of step (%s); resuming from revision %d",
                             self.node_id, exc, self._rev)
                 self._cancel_call()
-                rotate = True
+                resume_here = True
             except Exception:
                 log.exception("node %s: unexpected error following the controller; reconnecting", self.node_id)
+                reason = "unexpected error"
             finally:
                 with self._call_lock:
                     self._call = None
@@ -239,8 +345,15 @@ class GrpcRegistry:
             if self._stop.is_set():
                 break
             self.reconnects += 1
-            if rotate:
+            if resume_here:
                 continue
+            log.warning("node %s: Watch stream from %s failed (%s); keeping the last view", self.node_id,
+                        self.targets[i], reason)
+            self._fail_over(i, reason)
+            failed += 1
+            if failed < len(self.targets):
+                continue       # the next replica, at once
+            failed = 0         # a whole round failed: fail static, back off
             if self._set_connected(False):
                 self._notify()
             self._pause(self._jittered(backoff))
@@ -277,16 +390,17 @@ class GrpcRegistry:
             if wait > 0 and self._stop.wait(wait):
                 return
             self._last_register = time.monotonic()
+            i, client = self._current_client()
             try:
-                self._client.register(own)
+                client.register(own)
                 self._force_register = False
-                log.info("node %s: registered with the controller at %s", self.node_id, self.config.controller)
+                log.info("node %s: registered with the controller at %s", self.node_id, self.targets[i])
             except OverlayError as exc:
                 log.warning("node %s: registration with the controller failed (%s); will retry", self.node_id, exc)
 
     def _on_message(self, msg) -> bool:
         """Apply one Watch message; True if the view changed."""
-        pb2 = self._client.pb2
+        pb2 = self.pb2
         if msg.kind == pb2.WatchResponse.SNAPSHOT:
             if self._pending is None or self._pending_rev != msg.revision:
                 self._pending, self._pending_rev = {}, msg.revision

@@ -9,6 +9,13 @@ Watching is incremental: persistent recursive watches on ``nodes``, ``policies``
 and only the znode an event names is read. A full re-read happens only at start,
 after every reconnection, and when asked (:meth:`ZooKeeperRegistry.request_resync`).
 
+Restarts: :meth:`ZooKeeperRegistry.detach` (what the daemon does on SIGTERM) stops without
+ending the ZooKeeper session, so this node's EPHEMERAL record stays while the session lives
+(``registry.timeout_s``), and writes the session's id and password to
+``<state_dir>/zk-session-<node_id>.json`` (mode 0600); the next start resumes that session
+(the file is read once and removed): the record is never deleted, peers see nothing. A
+session that expired meanwhile is replaced by a new one, and the record re-created.
+
 Threads: kazoo's connection thread only queues events and flags disconnection; one
 worker thread of this registry (:class:`~overlay.zk.worker.WatchWorker`) reads
 ZooKeeper, updates the view and calls the listener. ``allocate`` and ``register``
@@ -21,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
+import os
 import random
 import threading
 import time
@@ -37,7 +46,7 @@ from kazoo.exceptions import (
 )
 
 from overlay.config import Config, RegistryConfig
-from overlay.errors import RegistryError
+from overlay.errors import NotFound, RegistryError
 from overlay.model import (
     Node,
     Policy,
@@ -66,11 +75,14 @@ class ZooKeeperRegistry:
 
     @classmethod
     def from_config(cls, config: Config) -> ZooKeeperRegistry:
-        return cls(config.registry, config.overlay_subnet, config.node_id)
+        return cls(config.registry, config.overlay_subnet, config.node_id,
+                   session_file=os.path.join(config.state_dir, f"zk-session-{config.node_id}.json"))
 
     def __init__(self, config: RegistryConfig, subnet: ipaddress.IPv4Network, node_id: str | None, *,
-                 rng: random.Random | None = None):
-        """``node_id`` is this node's; None makes an observer (no record of its own)."""
+                 rng: random.Random | None = None, session_file: str | None = None):
+        """``node_id`` is this node's; None makes an observer (no record of its own).
+        ``session_file``: where :meth:`detach` leaves the session for the next start."""
+        self._session_file = session_file
         self.config = config
         self.subnet = ipaddress.IPv4Network(subnet)
         self.node_id = OBSERVER_ID if node_id is None else valid_name(node_id, "node_id")
@@ -149,13 +161,37 @@ class ZooKeeperRegistry:
         return None
 
     def close(self) -> None:
+        """Stop, and end the session: this node's record goes at once."""
+        self._stop(keep_session=False)
+
+    def detach(self) -> None:
+        """Stop without ending the session (a daemon stopping or restarting): this node's record
+        stays while the session lives (``registry.timeout_s``), and the next start of this node
+        resumes it from ``session_file``."""
+        self._stop(keep_session=True)
+
+    def deregister(self) -> None:
+        """Remove this node's record for good (``overlay deregister``; resumes a saved session
+        first, so a record still held by it goes too)."""
+        path = f"{self._layout.nodes}/{self.node_id}"
+        with zkc.translate(f"deregistering node {self.node_id}", self._hosts):
+            client = self._ensure_client()
+            try:
+                self._zk.wait(client.delete_async(path))
+            except NoNodeError:
+                raise NotFound(f"node {self.node_id} is not registered at {path}") from None
+
+    def _stop(self, keep_session: bool) -> None:
         self._closed = True
         self._listener = None
         self._worker.stop(self._zk.op_timeout + 5)
         with self._client_lock:
             client, self._zk.client = self._zk.client, None
         if client is not None:
-            zkc.close(client, self._on_state)
+            if keep_session and self._own is not None:
+                self._save_session(zkc.detach(client, self._on_state))
+            else:
+                zkc.close(client, self._on_state)
         with self._v.lock:
             self._v.connected = False
             self._v.synced = False
@@ -207,8 +243,57 @@ class ZooKeeperRegistry:
             if self._closed:
                 raise RegistryError("the ZooKeeper registry is closed")
             if self._zk.client is None:
-                self._zk.client = zkc.connect(self.config, self._on_event, self._on_state)
+                saved = self._saved_session()
+                self._zk.client = zkc.connect(self.config, self._on_event, self._on_state, client_id=saved)
+                if saved is not None:
+                    now = zkc.session_id(self._zk.client)
+                    if now == saved[0]:
+                        log.info("node %s: resumed ZooKeeper session 0x%x of the previous run: its record was "
+                                 "kept", self.node_id, now)
+                    else:
+                        log.info("node %s: the previous run's ZooKeeper session 0x%x had expired; new session "
+                                 "0x%x", self.node_id, saved[0], now or 0)
             return self._zk.client
+
+    def _session_key(self) -> dict:
+        return {"node_id": self.node_id, "hosts": self._hosts, "prefix": self._layout.prefix}
+
+    def _saved_session(self) -> tuple[int, bytes] | None:
+        """The session the previous run of this node left (read once: the file is removed)."""
+        path = self._session_file
+        if not path:
+            return None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                obj = json.load(fh)
+            if not isinstance(obj, dict) or {k: obj.get(k) for k in self._session_key()} != self._session_key():
+                return None      # another node's, ZooKeeper's or prefix's: not ours to take
+            os.unlink(path)
+            return int(obj["session"], 16), bytes.fromhex(obj["password"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("node %s: ignoring the saved ZooKeeper session %s: %s", self.node_id, path, exc)
+            return None
+
+    def _save_session(self, cid: tuple[int, bytes] | None) -> None:
+        if cid is None or not self._session_file:
+            return
+        path = self._session_file
+        body = json.dumps({"v": 1, **self._session_key(), "session": f"{cid[0]:x}", "password": cid[1].hex()})
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            tmp = f"{path}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(body)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("node %s: cannot save the ZooKeeper session to %s (%s); the next start cannot resume it",
+                        self.node_id, path, exc.strerror)
+            return
+        log.info("node %s: left ZooKeeper session 0x%x open: its record stays up to %g s; the next start "
+                 "resumes it", self.node_id, cid[0], self.config.timeout_s)
 
     def _zk_connected(self) -> bool:
         client = self._zk.client

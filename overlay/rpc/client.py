@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from overlay.config import TlsConfig
+from overlay.errors import Unavailable
 from overlay.model import Node, Policy
 from overlay.rpc import convert
 from overlay.rpc.proto import modules
@@ -63,6 +64,8 @@ class Client:
             return getattr(self.stub, name)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise raise_for(exc, what) from None
+        except ValueError as exc:   # the channel was closed meanwhile (a failover replaced it)
+            raise Unavailable(f"{what}: {exc}") from None
 
     # --- nodes ------------------------------------------------------------------------------
 
@@ -77,6 +80,11 @@ class Client:
     def deregister(self, node_id: str, timeout: float | None = None) -> int:
         req = self.pb2.DeregisterNodeRequest(node_id=node_id)
         return self._unary("DeregisterNode", req, f"deregistering node {node_id}", timeout).revision
+
+    def heartbeat(self, node_id: str, timeout: float | None = None) -> float:
+        """Renew ``node_id``'s lease on this replica; returns the lease in seconds."""
+        req = self.pb2.HeartbeatRequest(node_id=node_id)
+        return self._unary("Heartbeat", req, f"renewing the lease of node {node_id}", timeout).lease_s
 
     def get_node(self, node_id: str) -> Node:
         resp = self._unary("GetNode", self.pb2.GetNodeRequest(node_id=node_id), f"reading node {node_id}")

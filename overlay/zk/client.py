@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator
@@ -95,24 +96,30 @@ class WatchConnection(ConnectionHandler):
         super()._read_watch_event(buffer, offset)
 
 
-def new_client(config: RegistryConfig, extra_auth: Iterable[Auth | None] = ()) -> KazooClient:
+def new_client(config: RegistryConfig, extra_auth: Iterable[Auth | None] = (),
+               client_id: tuple[int, bytes] | None = None) -> KazooClient:
     """A kazoo client of ``config.hosts`` with the config's credentials (not started) that
-    retries its connection for ever; its notifications go nowhere until :func:`connect`."""
+    retries its connection for ever; its notifications go nowhere until :func:`connect`.
+    ``client_id`` (session id, password) resumes that session if it is still alive (else
+    the client gets a new one)."""
     auth_data = [(a.scheme, f"{a.user}:{a.password}") for a in (config.auth, config.operator, *extra_auth) if a]
     client = KazooClient(
         hosts=",".join(config.hosts),
         timeout=config.timeout_s,
         auth_data=auth_data or None,
+        client_id=client_id,
         connection_retry=KazooRetry(max_tries=-1, delay=0.2, backoff=1.5, max_delay=2.0, max_jitter=0.3),
     )
     client._connection = WatchConnection(client, client._conn_retry.copy(), logger=client.logger)
     return client
 
 
-def connect(config: RegistryConfig, on_event: EventSink, on_state: StateListener) -> KazooClient:
+def connect(config: RegistryConfig, on_event: EventSink, on_state: StateListener,
+            client_id: tuple[int, bytes] | None = None) -> KazooClient:
     """A started client whose watch notifications go to ``on_event`` and state changes to
-    ``on_state``; nothing is left running if it cannot connect (kazoo's error is raised)."""
-    client = new_client(config)
+    ``on_state``; nothing is left running if it cannot connect (kazoo's error is raised).
+    ``client_id``: a session to resume (:func:`detach`)."""
+    client = new_client(config, client_id=client_id)
     client._connection.event_sink = on_event
     client.add_listener(on_state)
     try:
@@ -133,6 +140,31 @@ def close(client: KazooClient, on_state: StateListener | None = None) -> None:
         client.close()
     except Exception as exc:  # closing must never raise
         log.debug("closing a ZooKeeper client: %s", exc)
+
+
+def detach(client: KazooClient, on_state: StateListener | None = None) -> tuple[int, bytes] | None:
+    """Stop ``client`` without ending its session: no close request is sent, the connection is
+    just dropped, so the session (and its ephemeral znodes) lives until it times out, or until
+    a client resumes it with the returned ``(session id, password)`` (None if it had none).
+    Never raises."""
+    client._connection.event_sink = None
+    if on_state is not None:
+        client.remove_listener(on_state)
+    cid = client.client_id if client.connected else None
+    try:
+        client._stopped.set()      # kazoo's loop ends at the next connection event ...
+        sock = client._connection._socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)     # ... which is this one: no CloseSession goes out
+        with contextlib.suppress(OSError):
+            client._connection._write_sock.send(b"\0")
+        if client._connection.connection_stopped.wait(10):
+            client.handler.stop()
+            client.close()
+    except Exception as exc:  # detaching must never raise
+        log.debug("detaching a ZooKeeper client: %s", exc)
+    return (cid[0], bytes(cid[1])) if cid else None
 
 
 def add_watches(client: KazooClient, paths: Iterable[str], timeout: float) -> None:

@@ -9,8 +9,8 @@
     policies/<policy_id>       persistent, data = policy (JSON)
     config/max_change          persistent, data = guard threshold (integer)
 
-and, for the controller (docs/grpc.md): ``changes`` (the journal) and ``controllers``
-(the leader election).
+and, for the controller (docs/grpc.md): ``changes`` (the journal), ``controllers``
+(the leader election), ``leases`` and ``holders`` (node records written through it).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class Layout:
         self.ip_to_id = f"{p}/alloc/ip-to-id"
         self.changes = f"{p}/changes"          # the controller's journal
         self.controllers = f"{p}/controllers"  # the controllers' leader election
+        self.leases = f"{p}/leases"            # the controller: leased node records
+        self.holders = f"{p}/holders"          # the controller: the nodes each replica holds
 
     def path(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if rel else self.prefix

@@ -1,9 +1,12 @@
-"""A standalone ZooKeeper server from Debian's ``zookeeper`` package.
+"""A ZooKeeper server from Debian's ``zookeeper`` package: standalone, or one of an ensemble.
 
 Used by the tests, the netns lab and ``make`` targets. The server runs from a
 config file of our own in ``data_dir`` (its own snapshots, a loopback or lab
 client address, admin server off, a short ``tickTime`` so that session expiry
-is fast to test), never from ``/etc/zookeeper``.
+is fast to test), never from ``/etc/zookeeper``. With ``ensemble`` (every
+server's address, in server id order) and ``server_id``, it is one server of a
+quorum: peers on ports 2888 (quorum) and 3888 (election) of each address, so
+each server needs an address (a network namespace) of its own.
 
 ``python -m overlay.zk.server --data-dir D --port P`` runs one in the
 foreground until interrupted.
@@ -124,6 +127,20 @@ def _zk_probe(host: str, port: int, timeout: float) -> bool:
         return False
 
 
+def _zk_command(host: str, port: int, cmd: bytes, timeout: float) -> str | None:
+    """A four-letter-word command's answer (None when the server does not answer)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(cmd)
+            out = b""
+            while chunk := sock.recv(4096):
+                out += chunk
+            return out.decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
@@ -156,6 +173,8 @@ class ZooKeeperServer:
     # SIGKILL the server when the thread that started it dies (tests: nothing outlives
     # a killed pytest). Off by default: the lab's server outlives `overlay lab up`.
     die_with_parent: bool = False
+    ensemble: tuple[str, ...] = ()   # every server's address, server id order; () = standalone
+    server_id: int = 1
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _paused: bool = field(default=False, init=False, repr=False)
 
@@ -196,7 +215,13 @@ class ZooKeeperServer:
             "admin.enableServer=false",
             "autopurge.snapRetainCount=3",
             "autopurge.purgeInterval=1",
+            "4lw.commands.whitelist=srvr,ruok",
         ]
+        if self.ensemble:
+            # quorum timing in ticks: a follower may take 10 s to sync, 5 s to answer
+            lines += ["initLimit=20", "syncLimit=10"]
+            lines += [f"server.{i}={a}:2888:3888" for i, a in enumerate(self.ensemble, start=1)]
+            (self.data_dir / "data" / "myid").write_text(f"{self.server_id}\n", encoding="utf-8")
         if not self.fsync:
             lines.append("forceSync=no")
         cfg.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -215,8 +240,10 @@ class ZooKeeperServer:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         return cmd
 
-    def start(self, timeout: float = 60) -> None:
-        """Start the server and wait (at most ``timeout`` seconds) until it answers."""
+    def start(self, timeout: float = 60, wait: bool = True) -> None:
+        """Start the server and wait (at most ``timeout`` seconds) until it answers; with
+        ``wait=False`` return at once (an ensemble's servers answer only once a quorum is up:
+        start them all, then :meth:`wait_serving` on each)."""
         if self.running():
             return
         self.write_config()
@@ -234,8 +261,15 @@ class ZooKeeperServer:
                 preexec_fn=die_with_parent_preexec if self.die_with_parent else None,
             )
         self._paused = False
+        if wait:
+            self.wait_serving(timeout)
+
+    def wait_serving(self, timeout: float = 60) -> None:
+        """Wait until the server answers clients (raise ZooKeeperError after ``timeout``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self._proc is None:
+                break
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 self._proc = None
@@ -252,6 +286,17 @@ class ZooKeeperServer:
             f"ZooKeeper on {self.address} did not answer within {timeout:g} s; "
             f"last log lines:\n{self._log_tail()}"
         )
+
+    def role(self, timeout: float = 2.0) -> str | None:
+        """``leader``, ``follower`` or ``standalone`` (the ``srvr`` command); None if no answer."""
+        if self.netns:
+            text = in_netns(self.netns, _zk_command, self.host, self.port, b"srvr", timeout, timeout=timeout + 5)
+        else:
+            text = _zk_command(self.host, self.port, b"srvr", timeout)
+        if not isinstance(text, str):
+            return None
+        m = re.search(r"^Mode: (\w+)", text, re.MULTILINE)
+        return m.group(1) if m else None
 
     def ping(self, timeout: float = 1.0) -> bool:
         """True if the server completes a client handshake now."""

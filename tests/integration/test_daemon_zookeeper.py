@@ -67,6 +67,7 @@ def zk_daemon(zk_server, zk_prefix, zk_client, tmp_path):
         "datapath": {"backend": "dryrun"},
         "guard": {"max_change": 20},
         "status_listen": f"127.0.0.1:{port}",
+        "state_dir": str(tmp_path / "state"),
     }))
     log = open(tmp_path / "daemon.log", "w")
     proc = subprocess.Popen([*OVERLAY, "daemon", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
@@ -103,6 +104,28 @@ def test_own_record_and_allocation_are_published(zk_daemon, zk_client):
     rec = json.loads(data)
     assert rec["overlay"] == s["overlay"] and rec["private"] == "10.9.0.1"
     assert zk_client.get(f"{prefix}/alloc/ip-to-id/{s['overlay']}")[0] == b"self-1"
+
+
+def test_sigterm_leaves_the_record_and_deregister_removes_it(zk_daemon, zk_client, tmp_path):
+    """A stopping daemon keeps its registration (its session is left for the next start,
+    saved in state_dir); `overlay deregister` removes it for good."""
+    import signal
+
+    proc, port, prefix = zk_daemon
+    path = f"{prefix}/nodes/self-1"
+    owner = zk_client.exists(path).ephemeralOwner
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    time.sleep(1.0)
+    assert zk_client.exists(path).ephemeralOwner == owner          # still there, same session
+    assert (tmp_path / "state" / "zk-session-self-1.json").exists()
+    res = subprocess.run([*OVERLAY, "deregister", "-c", str(tmp_path / "overlay.yaml")], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0 and "deregistered self-1" in res.stdout, res.stderr
+    assert zk_client.exists(path) is None
+    res = subprocess.run([*OVERLAY, "deregister", "-c", str(tmp_path / "overlay.yaml")], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1 and "not registered" in res.stderr and "Traceback" not in res.stderr
 
 
 def _hold_still(port: int, seconds: float, before: dict) -> None:

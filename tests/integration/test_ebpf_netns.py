@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from overlay.datapath.ebpf import abi
-from tests.support.netns import finish, require_bcc, veth
+from tests.support.netns import finish, netns_inode, require_bcc, veth
 from tests.support.paths import REPO, program
 from tests.support.twonets import HOSTS, OUTSIDER, lab_context, member_ops, real_of
 
@@ -182,8 +182,10 @@ def test_missing_filter_reattached_from_pin(lab):
 
 def test_teardown_leaves_nothing(lab):
     args = lab.dp_args("h2")
-    pin_dir = os.path.join(args["pin_root"], "eth0")
-    assert os.path.isdir(pin_dir)
+    # pinned under the namespace's identity (docs/datapath.md, "Pin layout"), with its owner
+    pin_dir = os.path.join(args["pin_root"], str(netns_inode(lab.ns["h2"].name)), "eth0")
+    assert os.path.isdir(pin_dir) and os.listdir(args["pin_root"]) == [os.path.basename(os.path.dirname(pin_dir))]
+    assert "owner" in os.listdir(pin_dir)
     lab.ns["h2"].helper("teardown", **args)
     assert not os.path.exists(pin_dir)
     assert not os.path.exists(args["pin_root"])

@@ -288,7 +288,8 @@ def test_health_and_reflection(ctl, certs):
         desc = db.FindFileContainingSymbol("overlay.v1.Registry")
         methods = {m.name for m in desc.service[0].method}
         assert methods == {"Allocate", "RegisterNode", "DeregisterNode", "GetNode", "ListNodes", "PutGroup",
-                           "DeleteGroup", "ListGroups", "PutPolicy", "DeletePolicy", "ListPolicies", "Watch"}
+                           "DeleteGroup", "ListGroups", "PutPolicy", "DeletePolicy", "ListPolicies", "Watch",
+                           "Heartbeat"}
 
 
 # --- authorisation ----------------------------------------------------------------------------
@@ -309,6 +310,7 @@ def test_authorisation_matrix(clients, ctl, certs):
         "Allocate": lambda: web1.allocate("web-2"),
         "RegisterNode": lambda: web1.register(web2_node),
         "DeregisterNode": lambda: web1.deregister("web-2"),
+        "Heartbeat": lambda: web1.heartbeat("web-2"),
         "PutGroup": lambda: web1.put_group("db", ""),
         "DeleteGroup": lambda: web1.delete_group("web"),
         "PutPolicy": lambda: web1.put_policy(Policy(Endpoint(group="a"), Endpoint(group="b"), "udp", (), "q")),
@@ -322,6 +324,7 @@ def test_authorisation_matrix(clients, ctl, certs):
     # web-1 on itself, and reads: allowed
     ip1 = web1.allocate("web-1")
     web1.register(gs.node("web-1", ip1))
+    assert web1.heartbeat("web-1") > 0
     assert {n.node_id for n in web1.list_nodes()[0]} == {"web-1", "web-2"}
     assert web1.list_groups()[0] == {"web": "w"} and len(web1.list_policies()[0]) == 1
     assert web1.get_node("web-2") == web2_node

@@ -40,10 +40,12 @@ def certs():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _backend(address: str, certs_dir: str, node_id: str = "web-1", timeout_s: float = 5, **kw) -> GrpcRegistry:
+def _backend(address: str | tuple[str, ...], certs_dir: str, node_id: str = "web-1", timeout_s: float = 5,
+             **kw) -> GrpcRegistry:
     import ipaddress
 
-    cfg = RegistryConfig(backend="grpc", controller=address, timeout_s=timeout_s,
+    targets = (address,) if isinstance(address, str) else address
+    cfg = RegistryConfig(backend="grpc", controller=targets, timeout_s=timeout_s,
                          tls=TlsConfig(f"{certs_dir}/ca.crt", f"{certs_dir}/{node_id}.crt", f"{certs_dir}/{node_id}.key"))
     return GrpcRegistry(cfg, ipaddress.IPv4Network(SUBNET), node_id, backoff=(0.05, 0.5),
                         options=gs.FAST_CLIENT_OPTIONS, **kw)
@@ -100,13 +102,61 @@ def test_backend_follows_holds_and_resumes(zk_server, zk_prefix, certs, zk_clien
                         what="reconnection")
             assert reg.snapshots == 1 and reg.resets == 0
             with gs.client(ctl2.address, certs[0]) as op:
-                wait_for(lambda: op.list_nodes()[0] == [me], timeout=10, what="re-registration")
-                # web-2 was registered through the first controller: its record went with it
-                assert "web-2" not in reg.view().nodes
+                wait_for(lambda: sorted(n.node_id for n in op.list_nodes()[0]) == ["web-1", "web-2"], timeout=10,
+                         what="re-registration")
+                # web-2 (an operator's registration) and web-1 (leased) outlived the controller
+                assert reg.view().nodes == {"web-2": web2}
+                assert reg.status_extra()["controller"] == ctl2.address
         finally:
             reg.close()
         with gs.client(ctl2.address, certs[0]) as op:
-            wait_for(lambda: op.list_nodes()[0] == [], what="deregistration on close")
+            # a closing registry (a daemon stopping or restarting) leaves its record to its lease
+            time.sleep(1.0)
+            assert sorted(n.node_id for n in op.list_nodes()[0]) == ["web-1", "web-2"]
+
+
+def test_backend_fails_over_between_replicas_and_resumes(zk_server, zk_prefix, certs, zk_client):
+    """registry.controller lists two replicas: when the one in use goes, the backend moves to
+    the other at once, resumes its Watch from its revision (no snapshot), registers there, and
+    its record is never removed; with both gone it fails static; one back: it converges."""
+    with gs.controllers() as start:
+        cfg = gs.controller_config(zk_server.address, zk_prefix, certs[0], subnet=SUBNET, lease_s=3.0)
+        a = start(cfg, replica="replica-a")
+        b = start(cfg, replica="replica-b")
+        reg = _backend((a.address, b.address), certs[0])
+        reg.start(lambda: None)
+        try:
+            me = gs.node("web-1", reg.allocate("web-1"))
+            reg.register(me)
+            with gs.client(b.address, certs[0]) as op:
+                web2 = gs.node("web-2", op.allocate("web-2"), network="vpc", index=2)
+                op.register(web2)
+                wait_for(lambda: reg.view().connected and "web-2" in reg.view().nodes, what="the view")
+                assert reg.controller == a.address and reg.snapshots == 1
+                path = f"{zk_prefix}/nodes/web-1"
+                created = zk_client.exists(path).czxid
+                a.stop()
+                wait_for(lambda: reg.controller == b.address and reg.view().connected, timeout=5,
+                         what="failover to B")
+                assert reg.failovers == 1 and reg.snapshots == 1 and reg.resets == 0    # resumed, no snapshot
+                wait_for(lambda: b.store.held() == ["web-1"], what="B holds web-1 (its stream is there)")
+                # a change through B reaches the backend as a delta
+                op.put_policy(Policy(Endpoint(group="web"), Endpoint(group="db"), "tcp", ((5432, 5432),), "pg"))
+                wait_for(lambda: "pg" in reg.view().policies, what="the delta")
+                time.sleep(4.0)       # more than a lease: still registered, never re-created
+                assert zk_client.exists(path).czxid == created
+                # every replica gone: fail static, the view keeps every record
+                b.stop()
+                wait_for(lambda: not reg.view().connected, timeout=15, what="fail static")
+                assert reg.view().nodes == {"web-2": web2}
+            # one replica back (a new one, on A's address): it converges, again without a snapshot
+            a2 = start(gs.controller_config(zk_server.address, zk_prefix, certs[0], subnet=SUBNET, lease_s=3.0,
+                                            listen=a.address))
+            wait_for(lambda: reg.view().connected, timeout=15, what="reconnection")
+            assert reg.controller == a2.address and reg.snapshots == 1 and reg.resets == 0
+            assert zk_client.exists(path).czxid == created and reg.view().nodes == {"web-2": web2}
+        finally:
+            reg.close()
 
 
 def test_backend_reregisters_when_its_record_is_removed(zk_server, zk_prefix, certs):
@@ -206,7 +256,9 @@ def test_controller_daemon_and_operator_commands(zk_server, zk_prefix, tmp_path)
                 return s if s["ready"] and [p["node_id"] for p in s["peers"]] == ["web-2"] else None
 
             status = wait_for(ready, timeout=30, what="the daemon to apply its peer")
-            assert status["registry"] == {"backend": "grpc", "connected": True}
+            assert status["registry"] == {"backend": "grpc", "connected": True, "controller": f"127.0.0.1:{port}",
+                                          "controllers": [f"127.0.0.1:{port}"], "failovers": 0,
+                                          "revision": status["registry"]["revision"]}
 
             res = _run("nodes", "list", "--json", *conn)
             assert res.returncode == 0, res.stderr
@@ -235,10 +287,20 @@ def test_controller_daemon_and_operator_commands(zk_server, zk_prefix, tmp_path)
             assert _run("policies", "delete", "web-to-db", *conn).returncode == 0
             assert _run("groups", "delete", "web", *conn).returncode == 0
 
-            # the daemon stops: its record goes (deregistered)
+            # the daemon stops (or restarts): its record stays, leased (docs/grpc.md)
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(20) == 0
-            wait_for(lambda: [n.node_id for n in op.list_nodes()[0]] == ["web-2"], what="web-1 deregistered")
+            time.sleep(1.0)
+            assert sorted(n.node_id for n in op.list_nodes()[0]) == ["web-1", "web-2"]
+            # deregistering for good: the node itself (overlay deregister), or the operator
+            res = _run("deregister", "-c", str(node_cfg))
+            assert res.returncode == 0 and "deregistered web-1" in res.stdout, res.stderr
+            assert [n.node_id for n in op.list_nodes()[0]] == ["web-2"]
+            res = _run("nodes", "deregister", "web-2", *conn)
+            assert res.returncode == 0 and "web-2" in res.stdout, res.stderr
+            assert op.list_nodes()[0] == []
+            res = _run("nodes", "deregister", "web-2", *conn)
+            assert res.returncode == 1 and "not registered" in res.stderr
         ctl.send_signal(signal.SIGTERM)
         assert ctl.wait(20) == 0
     finally:

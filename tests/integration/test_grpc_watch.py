@@ -415,48 +415,156 @@ def test_slow_consumer_gets_coalesced_updates(zk_server, zk_prefix, certs, monke
             {k: v for k, v in _state_of(ctl.store).items() if k[0] == "node"}
 
 
-# --- leases ------------------------------------------------------------------------------------
+# --- leases (issue 16) ------------------------------------------------------------------------
+
+
+def _persistent(zk_client, path: str):
+    """The stat of ``path`` if it exists and no session owns it (not ephemeral), else None."""
+    stat = zk_client.exists(path)
+    return stat if stat is not None and stat.ephemeralOwner == 0 else None
 
 
 def test_a_nodes_record_lives_while_it_watches_plus_the_lease(zk_server, zk_prefix, certs, zk_client):
     with gs.controllers() as start:
         ctl = start(_cfg(zk_server, zk_prefix, certs, lease_s=1.0))
-        path = f"{zk_prefix}/nodes/web-1"
+        path, mark = f"{zk_prefix}/nodes/web-1", f"{zk_prefix}/leases/web-1"
         with gs.client(ctl.address, certs[0], "web-1") as web1, gs.client(ctl.address, certs[0]) as op:
             ip = web1.allocate("web-1")
             web1.register(gs.node("web-1", ip))
-            assert zk_client.exists(path).ephemeralOwner == ctl.store.session_id
-            wait_for(lambda: zk_client.exists(path) is None, timeout=6, what="the lease to expire")
+            # persistent (no replica's session owns it) and leased
+            assert _persistent(zk_client, path) and _persistent(zk_client, mark)
+            assert ctl.store.held() == ["web-1"]
+            wait_for(lambda: zk_client.exists(path) is None, timeout=8, what="the lease to expire")
+            assert zk_client.exists(mark) is None and ctl.store.leases.expired_total == 1
             # with a Watch stream open the record stays
             call = web1.watch(0, timeout=30)
             next(call)
             web1.register(gs.node("web-1", ip))
-            time.sleep(2.5)
-            assert zk_client.exists(path) is not None
+            time.sleep(3.0)
+            assert _persistent(zk_client, path) and ctl.store.held() == ["web-1"]
             call.cancel()
-            wait_for(lambda: zk_client.exists(path) is None, timeout=6, what="the lease to expire after the stream")
-            # an operator's registration is not leased
+            wait_for(lambda: zk_client.exists(path) is None, timeout=8, what="the lease to expire after the stream")
+            # an operator's registration is not leased: it stays until DeregisterNode
             ip2 = op.allocate("web-2")
             op.register(gs.node("web-2", ip2, index=2))
-            time.sleep(2.5)
-            assert zk_client.exists(f"{zk_prefix}/nodes/web-2") is not None
-            assert ctl.store.registrations() == {"web-2": False}
+            time.sleep(3.0)
+            assert _persistent(zk_client, f"{zk_prefix}/nodes/web-2") and not zk_client.exists(f"{zk_prefix}/leases/web-2")
+            assert op.deregister("web-2") > 0 and zk_client.exists(f"{zk_prefix}/nodes/web-2") is None
 
 
-def test_registration_comes_back_after_the_controllers_session_expires(zk_server, zk_prefix, certs, zk_client):
+def test_heartbeats_keep_a_record_that_does_not_watch(zk_server, zk_prefix, certs, zk_client):
+    import grpc
+
+    with gs.controllers() as start:
+        ctl = start(_cfg(zk_server, zk_prefix, certs, lease_s=1.5))
+        path = f"{zk_prefix}/nodes/web-1"
+        with gs.client(ctl.address, certs[0], "web-1") as web1, gs.client(ctl.address, certs[0]) as op:
+            with pytest.raises(NotFound, match="not registered"):
+                web1.heartbeat("web-1")
+            assert gs.code_of(lambda: web1.stub.Heartbeat(web1.pb2.HeartbeatRequest(node_id="web-2"), timeout=5)) \
+                == grpc.StatusCode.PERMISSION_DENIED
+            web1.register(gs.node("web-1", web1.allocate("web-1")))
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5.0:       # three leases long, a heartbeat every 0.5 s
+                assert web1.heartbeat("web-1") == 1.5
+                assert _persistent(zk_client, path)
+                time.sleep(0.5)
+            assert op.heartbeat("web-1") == 1.5      # an operator may renew any node's lease
+            wait_for(lambda: zk_client.exists(path) is None, timeout=10, what="expiry once the heartbeats stop")
+
+
+def test_a_record_outlives_the_replica_it_was_registered_through(zk_server, zk_prefix, certs, zk_client):
+    path = f"{zk_prefix}/nodes/web-1"
+    with gs.controllers() as start:
+        a = start(_cfg(zk_server, zk_prefix, certs, lease_s=2.0), replica="replica-a")
+        b = start(_cfg(zk_server, zk_prefix, certs, lease_s=2.0), replica="replica-b")
+        assert a.store.is_leader
+        with gs.client(a.address, certs[0], "web-1") as via_a:
+            ip = via_a.allocate("web-1")
+            via_a.register(gs.node("web-1", ip))
+            call = via_a.watch(0, timeout=60)
+            next(call)
+            holders = f"{zk_prefix}/holders"
+            wait_for(lambda: b"web-1" in zk_client.get(f"{holders}/replica-a")[0], what="A publishes its holding")
+            created = zk_client.exists(path).czxid
+            # the replica it registered through (and the leader) goes: the record stays
+            a.stop()
+            call.cancel()
+            assert zk_client.exists(f"{holders}/replica-a") is None
+            wait_for(lambda: b.store.is_leader, timeout=30, what="B to lead")
+            # the node fails over to B: it watches there, and is held there
+            with gs.client(b.address, certs[0], "web-1") as via_b:
+                call = via_b.watch(0, timeout=60)
+                next(call)
+                via_b.register(gs.node("web-1", ip))
+                time.sleep(5.0)     # two and a half leases
+                assert zk_client.exists(path).czxid == created     # never removed, never re-created
+                assert b.store.held() == ["web-1"]
+                call.cancel()
+            # silent on every replica: gone one lease later
+            wait_for(lambda: zk_client.exists(path) is None, timeout=10, what="expiry by the new leader")
+
+
+def test_records_of_an_older_controller_are_made_persistent_and_leased(zk_server, zk_prefix, certs, zk_client):
+    """What an older controller left: a record EPHEMERAL in its own session (which also holds
+    its election member). A replica of this version makes it persistent and leased, so the old
+    replica's going no longer removes it."""
+    from kazoo.client import KazooClient
+
+    for p in ("alloc/id-to-ip", "alloc/ip-to-id", "nodes", "controllers"):
+        zk_client.ensure_path(f"{zk_prefix}/{p}")
+    old = KazooClient(hosts=zk_server.address, timeout=10)
+    old.start(timeout=15)
+    try:
+        old.create(f"{zk_prefix}/controllers/n-", b"old-replica", ephemeral=True, sequence=True)
+        ip = "192.168.0.33"
+        old.create(f"{zk_prefix}/alloc/id-to-ip/web-3", ip.encode())
+        old.create(f"{zk_prefix}/alloc/ip-to-id/{ip}", b"web-3")
+        record = json.dumps({"v": 1, **gs.node("web-3", ip, index=3).to_dict()}).encode()
+        old.create(f"{zk_prefix}/nodes/web-3", record, ephemeral=True)
+        # a ZooKeeper daemon's own ephemeral record (not a controller session) is left alone
+        daemon = KazooClient(hosts=zk_server.address, timeout=10)
+        daemon.start(timeout=15)
+        daemon.create(f"{zk_prefix}/alloc/id-to-ip/web-2", b"192.168.0.32")
+        daemon.create(f"{zk_prefix}/alloc/ip-to-id/192.168.0.32", b"web-2")
+        daemon.create(f"{zk_prefix}/nodes/web-2", json.dumps({"v": 1, **gs.node("web-2", "192.168.0.32", index=2)
+                                                               .to_dict()}).encode(), ephemeral=True)
+        with gs.controllers() as start:
+            ctl = start(_cfg(zk_server, zk_prefix, certs, lease_s=30.0))
+            wait_for(lambda: _persistent(zk_client, f"{zk_prefix}/nodes/web-3"), what="the record made persistent")
+            assert zk_client.get(f"{zk_prefix}/nodes/web-3")[0] == record
+            assert _persistent(zk_client, f"{zk_prefix}/leases/web-3")
+            assert zk_client.exists(f"{zk_prefix}/nodes/web-2").ephemeralOwner == daemon.client_id[0]
+            assert ctl.store.leases.migrated_total == 1
+            old.stop()     # the old replica goes: its session closes
+            wait_for(lambda: ctl.store.is_leader, timeout=30, what="the new replica to lead")
+            with gs.client(ctl.address, certs[0]) as op:
+                wait_for(lambda: {n.node_id for n in op.list_nodes()[0]} == {"web-2", "web-3"},
+                         what="both records in the journal")
+        daemon.stop()
+        daemon.close()
+    finally:
+        old.stop()
+        old.close()
+
+
+def test_records_survive_the_controllers_session_expiry(zk_server, zk_prefix, certs, zk_client):
     from tests.support.zk import expire_session
 
     with gs.controllers() as start:
         ctl = start(_cfg(zk_server, zk_prefix, certs))
-        with gs.client(ctl.address, certs[0]) as op:
-            ip = op.allocate("web-1")
-            op.register(gs.node("web-1", ip))
+        with gs.client(ctl.address, certs[0]) as op, gs.client(ctl.address, certs[0], "web-1") as web1:
+            ip = web1.allocate("web-1")
+            web1.register(gs.node("web-1", ip))
+            path = f"{zk_prefix}/nodes/web-1"
+            created = zk_client.exists(path).czxid
             old = ctl.store.session_id
             expire_session(ctl.store._zk.client)
-            wait_for(lambda: ctl.store.session_id not in (0, old) and
-                        (zk_client.exists(f"{zk_prefix}/nodes/web-1") or None) is not None and
-                        zk_client.exists(f"{zk_prefix}/nodes/web-1").ephemeralOwner == ctl.store.session_id,
-                        timeout=20, what="re-registration under the new session")
+            holders = f"{zk_prefix}/holders/{ctl.store.replica}"
+            wait_for(lambda: ctl.store.session_id not in (0, old) and zk_client.exists(holders) is not None
+                     and zk_client.exists(holders).ephemeralOwner == ctl.store.session_id,
+                     timeout=20, what="the holdings published again under the new session")
+            assert zk_client.exists(path).czxid == created      # never removed
             assert op.get_node("web-1").overlay == ip
             # and the journal still advances: the replica leads again
             rev = op.put_group("after", "expiry")

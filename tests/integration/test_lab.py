@@ -1,8 +1,9 @@
 """The two-network lab, end to end (issue 5, acceptance 2-4; issue 7, acceptance 5).
 
-Brings up a lab of the default topology, with its own namespace prefix
-(``ovl-labtest-``), run directory and pin directory, so a lab a developer
-has up (``make lab``: ``ovl-lab-*``) is left alone. ec2's daemons use
+Brings up a lab of the default topology under a name of its own
+(``tests.support.lab``: ``ovl-labt<pid>-*``, its run and pin directories), so a
+lab a developer has up (``make lab``: ``ovl-lab-*``) or another test run's is
+left alone. ec2's daemons use
 ZooKeeper directly, vpc's the gRPC controller beside it. Then: the matrix is
 green; each daemon reports its network's registry backend, connected, and
 the controller lists the whole fleet; flows arrive from the right addresses;
@@ -28,7 +29,7 @@ import pytest
 from overlay import netns as nx
 from overlay.lab.check import OVERLAY, format_matrix, probe_once
 from overlay.lab.lab import Lab, LabError
-from tests.support.netns import require_bcc
+from tests.support.lab import make_lab, require_lab_tools
 
 pytestmark = [pytest.mark.root, pytest.mark.zk]
 
@@ -36,25 +37,6 @@ pytestmark = [pytest.mark.root, pytest.mark.zk]
 STATE_MAPS = ("digest", "ovl_cfg", "ovl_failsafe", "ovl_nat", "ovl_peers", "ovl_ports", "ovl_rnat")
 SESSION_TIMEOUT_S = 10.0   # registry.timeout_s's default: a killed daemon's record outlives it this long
 ZK_OUTAGE_S = 30.0
-
-
-def _make_lab(tag: str, lines: list[str] | None = None) -> Lab:
-    def emit(text: str, newline: bool = True) -> None:
-        print(text, end="\n" if newline else "", flush=True)
-        if lines is not None:
-            lines.append(text)
-
-    return Lab(run_dir=f"/run/overlay-lab-{tag}", pin_dir=f"/sys/fs/bpf/overlay/lab-{tag}",
-               prefix=f"ovl-lab{tag}-", emit=emit, die_with_parent=True)
-
-
-def _require_lab_tools() -> None:
-    require_bcc()
-    if not os.path.exists("/usr/share/java/zookeeper.jar"):
-        pytest.skip("ZooKeeper is not installed (Debian's zookeeper package)")
-    for cmd in ("nsenter", "ethtool", "iptables-restore"):
-        if not any(os.access(os.path.join(d, cmd), os.X_OK) for d in os.environ.get("PATH", "").split(":")):
-            pytest.skip(f"{cmd} is not installed")
 
 
 def _assert_clean(lab: Lab) -> None:
@@ -70,8 +52,8 @@ def lab_lines():
 
 @pytest.fixture(scope="module")
 def lab(lab_lines):
-    _require_lab_tools()
-    lab = _make_lab("test", lab_lines)
+    require_lab_tools()
+    lab = make_lab("labt", lab_lines)
     lab.down()   # leftovers of an interrupted earlier run
     try:
         t0 = time.monotonic()
@@ -162,6 +144,8 @@ def test_status_json(lab):
     assert len(overlays) == 6
     assert s["zookeeper_info"]["running"] and os.path.getsize(s["zookeeper_info"]["log"]) > 0
     assert s["controller"] == "198.18.0.10:9470"
+    assert [(c["replica"], c["address"], c["running"]) for c in s["controllers"]] == [
+        (1, "198.18.0.10:9470", True), (2, "198.18.0.20:9470", True)]
     c = s["controller_info"]
     assert c["running"] and c["networks"] == ["vpc"] and c["netns"] == s["zookeeper_info"]["netns"]
     assert os.path.getsize(c["log"]) > 0 and os.path.exists(c["config"])
@@ -173,13 +157,19 @@ def test_status_json(lab):
 
 def test_each_network_uses_its_registry_backend(lab):
     statuses = lab.daemon_statuses()
-    got = {h: (s or {}).get("registry") for h, s in statuses.items()}
+    got = {h: {k: v for k, v in (s or {}).get("registry", {}).items() if k in ("backend", "connected")}
+           for h, s in statuses.items()}
     assert got == _by_registry(lab, {"backend": "zookeeper", "connected": True},
                                {"backend": "grpc", "connected": True}), got
-    # the controller's failsafe entry: the vpc daemons never lock out its address
     topo = lab.topology()
+    # the vpc daemons list both controller replicas and use one of them
+    for h in topo.grpc_members:
+        reg = statuses[h.name]["registry"]
+        assert reg["controllers"] == list(topo.controllers) and reg["controller"] in topo.controllers
+    # the controllers' failsafe entries: the vpc daemons never lock out their addresses
     failsafe = lab.maps("vpc-web")["ovl_failsafe"]["entries"]
-    assert f"{topo.zk_address}/32" in failsafe, failsafe
+    for hp in topo.controllers:
+        assert f"{hp.rpartition(':')[0]}/32" in failsafe, failsafe
     # the controller (stored in the same ZooKeeper) lists the whole fleet, both networks
     certs = lab.status()["controller_info"]["certs"]
     from overlay.lab.lab import overlay_command
@@ -299,7 +289,7 @@ def test_controller_stopped_its_daemons_fail_static_and_up_restarts_it(lab):
     grpc_hosts = [h.name for h in lab.topology().grpc_members]
     before = _snapshot(lab, grpc_hosts)
     lab.controller_stop()
-    assert not lab.status()["controller_info"]["running"]
+    assert [c["running"] for c in lab.status()["controllers"]] == [False, False]   # both replicas
     # its daemons keep their datapath, not ready; the ZooKeeper ones stay ready
     assert _wait_readyz(lab, _by_registry(lab, 200, 503), 30) == _by_registry(lab, 200, 503)
     assert _snapshot(lab, grpc_hosts) == before
@@ -326,8 +316,8 @@ def test_down_removes_everything(lab):
 
 @pytest.fixture
 def small_lab():
-    _require_lab_tools()
-    lab = _make_lab("fail")
+    require_lab_tools()
+    lab = make_lab("labf")
     lab.down()
     try:
         yield lab

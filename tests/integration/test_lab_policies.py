@@ -1,6 +1,6 @@
 """Group policies in the two-network lab (issue 6, acceptance 2).
 
-A lab of the default topology with its own namespace prefix (``ovl-labpol-``),
+A lab of the default topology under a name of its own (``ovl-pol<pid>-``),
 run directory and pin directory (as test_lab.py does), so neither a lab a
 developer has up nor test_lab's is touched. Every member runs the daemon with
 ``reject_all`` (members admit members). Then, through the registry only
@@ -30,7 +30,7 @@ from overlay import netns as nx
 from overlay.config import load_config
 from overlay.lab.check import probe_once
 from overlay.lab.lab import Lab
-from tests.support.netns import require_bcc
+from tests.support.lab import make_lab, require_lab_tools
 
 pytestmark = [pytest.mark.root, pytest.mark.zk]
 
@@ -40,22 +40,10 @@ DB_PORT, OTHER_PORT = 5432, 7000       # 7000: the lab's test port, served on ev
 CONVERGE_S = 20.0                      # "within seconds": the bound every change must meet
 
 
-def _require_lab_tools() -> None:
-    require_bcc()
-    if not os.path.exists("/usr/share/java/zookeeper.jar"):
-        pytest.skip("ZooKeeper is not installed (Debian's zookeeper package)")
-    for cmd in ("nsenter", "ethtool", "iptables-restore"):
-        if not any(os.access(os.path.join(d, cmd), os.X_OK) for d in os.environ.get("PATH", "").split(":")):
-            pytest.skip(f"{cmd} is not installed")
-
-
 @pytest.fixture(scope="module")
 def lab():
-    _require_lab_tools()
-    tag = "pol"
-    lab = Lab(run_dir=f"/run/overlay-lab-{tag}", pin_dir=f"/sys/fs/bpf/overlay/lab-{tag}",
-              prefix=f"ovl-lab{tag}-", emit=lambda text, newline=True: print(text, flush=True),
-              die_with_parent=True)
+    require_lab_tools()
+    lab = make_lab("pol")
     lab.down()  # leftovers of an interrupted earlier run
     extra: list[tuple[int, int]] = []
     try:

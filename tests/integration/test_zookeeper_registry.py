@@ -17,7 +17,7 @@ from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE
 
 from overlay.config import Auth, RegistryConfig
-from overlay.errors import AllocationExhausted, RegistryError
+from overlay.errors import AllocationExhausted, NotFound, RegistryError
 from overlay.model import Node, serialise_node
 from overlay.registry import Registry
 from overlay.registry.zookeeper import ZooKeeperRegistry
@@ -206,6 +206,71 @@ def test_restart_takes_over_the_previous_sessions_record(zk_server, zk_prefix, r
     wait_for(lambda: (st := zk_client.exists(path)) is not None and st.ephemeralOwner == new.session_id,
              timeout=10, what="record re-created under the new session")
     assert json.loads(zk_client.get(path)[0]) == second.to_dict()
+
+
+def test_detach_keeps_the_record_and_the_next_start_resumes_the_session(zk_server, zk_prefix, registries,
+                                                                         zk_client, tmp_path):
+    """What a daemon's SIGTERM does (issue 16): the session is left open, its id saved (0600);
+    the next start resumes it, so the record is never deleted (same czxid) and a watching peer
+    never loses it. Without a restart the record goes when the session times out."""
+    import os
+    import stat
+
+    config = cfg(zk_server, zk_prefix, timeout_s=3.0)
+    saved = str(tmp_path / "state" / "zk-session-a.json")
+    peer = registries(config, SUBNET, "b")
+    join(peer, "b", 2)
+    seen: list[bool] = []
+    first_run = registries(config, SUBNET, "a", session_file=saved)
+    me = join(first_run, "a", 1)
+    path = f"{zk_prefix}/nodes/a"
+    wait_for(lambda: "a" in peer.view().nodes, what="the peer sees a")
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append("a" in peer.view().nodes)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        before = zk_client.exists(path)
+        session = first_run.session_id
+        first_run.detach()
+        assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600
+        assert json.loads(open(saved).read())["session"] == f"{session:x}"
+        time.sleep(1.0)       # a restart that takes a while (inside the session timeout)
+        second_run = registries(config, SUBNET, "a", session_file=saved)
+        assert second_run.allocate("a") == me.overlay
+        assert second_run.session_id == session and not os.path.exists(saved)
+        second_run.start(lambda: None)
+        second_run.register(me)
+        time.sleep(4.0)       # past the session timeout: the resumed session keeps it
+        after = zk_client.exists(path)
+        assert (after.czxid, after.ephemeralOwner) == (before.czxid, session)
+    finally:
+        stop.set()
+        t.join(5)
+    assert seen and all(seen), "the peer lost a at some point"
+    # no restart: the record lives as long as the session, then goes
+    second_run.detach()
+    wait_for(lambda: zk_client.exists(path) is None, timeout=15, what="the session to time out")
+    # a saved session that expired: the next start gets a new one and registers again
+    third_run = registries(config, SUBNET, "a", session_file=saved)
+    join(third_run, "a", 1)
+    assert third_run.session_id != session and zk_client.exists(path).ephemeralOwner == third_run.session_id
+    # another node's saved session is never taken
+    other = registries(config, SUBNET, "c", session_file=saved)
+    third_run.detach()
+    other.allocate("c")
+    assert other.session_id != third_run.session_id and os.path.exists(saved)
+    # deregistering for good: the saved session is resumed and the record removed
+    last = registries(config, SUBNET, "a", session_file=saved)
+    last.deregister()
+    assert zk_client.exists(path) is None
+    with pytest.raises(NotFound):
+        last.deregister()
 
 
 def test_closed_registry_refuses_work(zk_server, zk_prefix, registries):

@@ -91,6 +91,7 @@ def _state(dp) -> dict:
     from overlay.datapath.ebpf.maps import to_jsonable
 
     return {
+        "pin_dir": dp.pin_dir,
         "adopted": dp.adopted,
         "reattached": dp.reattached,
         "attachments": dp.attachments(),

@@ -109,6 +109,12 @@ class NetnsSet:
         self.made.clear()
 
 
+def netns_inode(name: str) -> int:
+    """The inode of named namespace ``name`` as ``stat`` prints it (an independent reference
+    for the datapath's pin layout, ``<pin_root>/<netns inode>/<interface>``)."""
+    return int(run(["stat", "-L", "-c", "%i", f"/run/netns/{name}"]).stdout)
+
+
 def new_pin_root(tag: str) -> str:
     path = f"/sys/fs/bpf/ovltest-{os.getpid()}-{tag}"
     os.makedirs(path, exist_ok=True)

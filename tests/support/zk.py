@@ -65,3 +65,25 @@ def expire_session(client) -> None:
     finally:
         other.stop()
         other.close()
+
+
+def read_in_netns(ns: str, hosts: str, fn, timeout: float = 30):
+    """``fn(client)`` with a kazoo client of ``hosts`` connected from inside namespace ``ns``
+    (its connection thread is started there, so it is in that namespace too)."""
+    from overlay import netns as nx
+
+    def run():
+        from kazoo.client import KazooClient
+
+        c = KazooClient(hosts=hosts, timeout=5)
+        c.start(timeout=10)
+        try:
+            return fn(c)
+        finally:
+            c.stop()
+            c.close()
+
+    res = nx.in_netns(ns, run, timeout=timeout)
+    if isinstance(res, BaseException):
+        raise res
+    return res

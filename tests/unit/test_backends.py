@@ -4,6 +4,7 @@ mechanism, built-ins first, then entry points (no root: nothing is started)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import pytest
 
@@ -36,7 +37,8 @@ def test_builtin_ebpf_is_lazy_and_follows_the_protocol():
     )
     assert isinstance(dp, Datapath)
     assert dp.name == "ebpf"
-    assert dp.pin_dir == "/sys/fs/bpf/overlay/eth0"
+    # pinned under this network namespace's identity: the inode `stat -L /proc/self/ns/net` shows
+    assert dp.pin_dir == f"/sys/fs/bpf/overlay/{os.stat('/proc/self/ns/net').st_ino}/eth0"
     assert "ebpf" in backends.DATAPATHS.names()
 
 

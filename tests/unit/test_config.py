@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -156,6 +157,10 @@ INVALID: list[Bad] = [
     Bad("registry-grpc-tls-unknown-key", _cfg("registry:\n  backend: grpc\n  controller: 'ctl:9470'\n  tls: {ca: a, cert: b, key: c, pin: d}\n"), "registry.tls.pin", "unknown key"),
     Bad("registry-grpc-tls-empty-ca", _cfg("registry:\n  backend: grpc\n  controller: 'ctl:9470'\n  tls: {ca: '', cert: b, key: c}\n"), "registry.tls.ca", "non-empty string"),
     Bad("registry-controller-with-zookeeper", _cfg("registry:\n  controller: 'ctl:9470'\n"), "registry.controller", "only allowed with backend: grpc"),
+    Bad("registry-controllers-empty", _cfg("registry:\n  backend: grpc\n  controller: []\n  tls: {ca: a, cert: b, key: c}\n"), "registry.controller", "at least one controller"),
+    Bad("registry-controllers-bad-item", _cfg("registry:\n  backend: grpc\n  controller: ['a:1', b]\n  tls: {ca: a, cert: b, key: c}\n"), "registry.controller[1]", 'expected "host:port"'),
+    Bad("registry-controllers-twice", _cfg("registry:\n  backend: grpc\n  controller: ['a:1', 'a:1']\n  tls: {ca: a, cert: b, key: c}\n"), "registry.controller[1]", "listed twice"),
+    Bad("registry-controllers-not-list", _cfg("registry:\n  backend: grpc\n  controller: {a: 1}\n  tls: {ca: a, cert: b, key: c}\n"), "registry.controller", "must be a list"),
     Bad("registry-tls-with-static", _cfg("registry:\n  backend: static\n  tls: {ca: a, cert: b, key: c}\n"), "registry.tls", "only allowed with backend: grpc"),
     Bad("controller-no-tls", _cfg("controller:\n  listen: '0.0.0.0:9470'\n"), "controller.tls", "is required"),
     Bad("controller-listen-no-port", _cfg("controller:\n  listen: ctl\n  tls: {ca: a, cert: b, key: c}\n"), "controller.listen", 'expected "host:port"'),
@@ -391,6 +396,14 @@ def test_nat_overrides_outside_the_subnet_are_routed():
     assert dict(cfg.nat_overrides) == {"192.168.75.1": "10.8.1.1", "192.168.63.1": "10.0.0.250", "10.9.9.9": "10.0.0.251"}
     # 192.168.0.0/18 ends at 192.168.63.255: only the other two need a route of their own
     assert sorted(cfg.override_routes) == ["10.9.9.9", "192.168.75.1"]
+
+
+def test_registry_controller_is_one_address_or_a_list():
+    one = config_from_dict(yaml.safe_load(_cfg("registry:\n  backend: grpc\n  controller: 'ctl:9470'\n  tls: {ca: a, cert: b, key: c}\n")))
+    assert one.registry.controller == ("ctl:9470",)
+    two = config_from_dict(yaml.safe_load(_cfg("registry:\n  backend: grpc\n  controller: ['10.0.0.1:9470', 'ctl2:9471']\n  tls: {ca: a, cert: b, key: c}\n")))
+    assert two.registry.controller == ("10.0.0.1:9470", "ctl2:9471")
+    assert config_from_dict({"controller": {"tls": {"ca": "a", "cert": "b", "key": "c"}}}).controller.lease_s == 60.0
 
 
 def test_network_left_to_aws_imds_and_controller_configs():

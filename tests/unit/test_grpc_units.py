@@ -41,7 +41,8 @@ def test_service_and_methods_are_the_contract():
     assert svc.full_name == "overlay.v1.Registry"
     methods = {m.name: m for m in svc.methods}
     assert set(methods) == {"Allocate", "RegisterNode", "DeregisterNode", "GetNode", "ListNodes", "PutGroup",
-                            "DeleteGroup", "ListGroups", "PutPolicy", "DeletePolicy", "ListPolicies", "Watch"}
+                            "DeleteGroup", "ListGroups", "PutPolicy", "DeletePolicy", "ListPolicies", "Watch",
+                            "Heartbeat"}  # Heartbeat: added by issue 16 (leases), additive
     assert methods["Watch"].server_streaming and not methods["Watch"].client_streaming
     assert not any(m.server_streaming for n, m in methods.items() if n != "Watch")
     assert [f.name for f in pb2.Node.DESCRIPTOR.fields] == [
@@ -298,7 +299,7 @@ def backend(tmp_path):
     d = str(tmp_path / "c")
     certs.init(d)
     certs.issue(d, "web-1")
-    cfg = RegistryConfig(backend="grpc", controller="127.0.0.1:9", tls=TlsConfig(f"{d}/ca.crt", f"{d}/web-1.crt",
+    cfg = RegistryConfig(backend="grpc", controller=("127.0.0.1:9",), tls=TlsConfig(f"{d}/ca.crt", f"{d}/web-1.crt",
                                                                                f"{d}/web-1.key"))
     reg = GrpcRegistry(cfg, SUBNET, "web-1")
     yield reg

@@ -73,6 +73,35 @@ def test_namespace_names_are_unique_and_prefixed(topo):
     assert Names("ovl-labtest-").host("ec2-web") == "ovl-labtest-ec2-web"
 
 
+def test_lab_names_pick_prefix_run_and_pin_directories(monkeypatch):
+    from overlay.lab.lab import Lab
+    from overlay.lab.topology import lab_place
+
+    monkeypatch.delenv("OVERLAY_LAB_NAME", raising=False)
+    # the default lab is where `make lab` has always put it
+    assert (Lab().names.prefix, Lab().run_dir, Lab().pin_dir) == (
+        "ovl-lab-", "/run/overlay-lab", "/sys/fs/bpf/overlay/lab")
+    lab = Lab(name="rel7")
+    assert (lab.name, lab.names.prefix, lab.run_dir, lab.pin_dir) == (
+        "rel7", "ovl-rel7-", "/run/overlay-rel7", "/sys/fs/bpf/overlay/rel7")
+    monkeypatch.setenv("OVERLAY_LAB_NAME", "mine")
+    assert Lab().names.host("ec2-web") == "ovl-mine-ec2-web" and Lab().run_dir == "/run/overlay-mine"
+    assert Lab(name="other").run_dir == "/run/overlay-other"       # --name wins over the environment
+    for bad in ("Lab", "a-b", "x" * 13, "1ab", "a/b"):
+        with pytest.raises(TopologyError, match="must match"):
+            lab_place(bad)
+
+
+def test_lab_name_flag_reaches_the_config_it_prints(capsys, monkeypatch):
+    monkeypatch.delenv("OVERLAY_LAB_NAME", raising=False)
+    assert main(["lab", "config", "ec2-web", "--name", "abc"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["state_dir"] == "/run/overlay-abc/hosts/ec2-web/state"
+    assert cfg["datapath"]["pin_root"] == "/sys/fs/bpf/overlay/abc/ec2-web"
+    assert main(["lab", "status", "--name", "Bad!"]) == 2
+    assert "--name" in capsys.readouterr().err
+
+
 def test_member_configs_validate_and_pin_apart(topo):
     pins = set()
     for h in topo.members:
@@ -84,7 +113,9 @@ def test_member_configs_validate_and_pin_apart(topo):
             assert cfg.registry.backend == "zookeeper" and cfg.registry.hosts == ("198.18.0.10:2181",)
             assert cfg.registry.controller is None and cfg.registry.tls is None
         else:   # vpc: registry: grpc, through the controller beside ZooKeeper
-            assert cfg.registry.backend == "grpc" and cfg.registry.controller == "198.18.0.10:9470"
+            # both replicas of the controller, in order (the daemon fails over between them)
+            assert cfg.registry.backend == "grpc"
+            assert cfg.registry.controller == ("198.18.0.10:9470", "198.18.0.20:9470")
             assert cfg.registry.tls.ca == "/run/overlay-lab/certs/ca.crt"
             assert (cfg.registry.tls.cert, cfg.registry.tls.key) == (
                 f"/run/overlay-lab/certs/{h.name}.crt", f"/run/overlay-lab/certs/{h.name}.key")
@@ -109,6 +140,7 @@ def test_vagrant_config_uses_the_product_defaults(topo):
 def test_mixed_registries_and_the_controller(topo):
     assert [(n.name, n.registry) for n in topo.networks] == [("ec2", "zookeeper"), ("vpc", "grpc")]
     assert topo.controller == "198.18.0.10:9470"
+    assert topo.controllers == ("198.18.0.10:9470", "198.18.0.20:9470")
     assert [h.name for h in topo.grpc_members] == ["vpc-web", "vpc-app", "vpc-db"]
     assert topo.registry_of("ec2-web") == "zookeeper" and topo.registry_of("vpc-out") == "grpc"
     for target, certs in (("netns", "/run/overlay-lab/certs"), ("vagrant", "/etc/overlay/certs")):
@@ -118,6 +150,37 @@ def test_mixed_registries_and_the_controller(topo):
         assert cfg.controller.listen == "198.18.0.10:9470"
         assert (cfg.controller.tls.ca, cfg.controller.tls.cert, cfg.controller.tls.key) == (
             f"{certs}/ca.crt", f"{certs}/controller.crt", f"{certs}/controller.key")
+        second = config_from_dict(controller_config(topo, target=target, replica=2))
+        assert second.controller.listen == "198.18.0.20:9470" and second.registry == cfg.registry
+    with pytest.raises(TopologyError, match="no replica 3"):
+        controller_config(topo, replica=3)
+    # the second replica's address lives on the ZooKeeper machine
+    assert 'ip addr replace 198.18.0.20/24 dev "$wan"' in node_script(topo, "zk")
+
+
+def test_ensemble_of_three_and_controller_options(raw):
+    raw["zookeeper"]["ensemble"] = 3
+    raw["controller"] = {"port": 9470, "addresses": ["198.18.0.10", "198.18.0.30"], "lease_s": 400}
+    t = topology_from_dict(raw)
+    assert t.zk_servers == (("zk", "198.18.0.10"), ("zk2", "198.18.0.11"), ("zk3", "198.18.0.12"))
+    assert t.zookeeper == "198.18.0.10:2181,198.18.0.11:2181,198.18.0.12:2181"
+    names = Names("ovl-x-")
+    assert [names.zookeeper(t, i) for i in (1, 2, 3)] == ["ovl-x-zk", "ovl-x-zk2", "ovl-x-zk3"]
+    assert {"ovl-x-zk", "ovl-x-zk2", "ovl-x-zk3"} <= set(names.all(t))
+    assert t.node_names()[:3] == ["zk", "zk2", "zk3"]
+    ec2 = config_from_dict(member_config(t, "ec2-web"))
+    assert ec2.registry.hosts == ("198.18.0.10:2181", "198.18.0.11:2181", "198.18.0.12:2181")
+    ctl = config_from_dict(controller_config(t, replica=2))
+    assert ctl.registry.hosts == ec2.registry.hosts and ctl.controller.lease_s == 400
+    assert ctl.controller.listen == "198.18.0.30:9470"
+    s = node_script(t, "zk3")
+    assert "ip addr replace 198.18.0.12/24" in s and "198.18.0.30" not in s
+    assert "ip addr replace 198.18.0.30/24" in node_script(t, "zk")
+    from overlay.lab.render import iter_links
+
+    assert [link for link in iter_links(t, names) if link[0] == "ovl-x-inet" and link[1].startswith("zk")] == [
+        ("ovl-x-inet", "zk", "ovl-x-zk", "eth0"), ("ovl-x-inet", "zk2", "ovl-x-zk2", "eth0"),
+        ("ovl-x-inet", "zk3", "ovl-x-zk3", "eth0")]
 
 
 def test_all_zookeeper_topology_runs_no_controller(raw):
@@ -134,7 +197,7 @@ def test_controller_port_and_prefix_follow_the_topology(raw):
     raw["daemon"]["registry"]["prefix"] = "/lab"
     t = topology_from_dict(raw)
     assert t.controller == "198.18.0.10:19470"
-    assert config_from_dict(member_config(t, "vpc-app")).registry.controller == "198.18.0.10:19470"
+    assert config_from_dict(member_config(t, "vpc-app")).registry.controller == ("198.18.0.10:19470",)
     cfg = config_from_dict(controller_config(t))
     assert cfg.controller.listen == "198.18.0.10:19470" and cfg.registry.prefix == "/lab"
 
@@ -186,6 +249,18 @@ INVALID = [
     ("test port 22", _set("test_port", 22), "test_port", "reserved"),
     ("no networks", _set("networks", []), "networks", "non-empty"),
     ("zk outside internet", _set("zookeeper.address", "198.18.5.1"), "zookeeper.address", "outside"),
+    ("ensemble of two", _set("zookeeper.ensemble", 2), "zookeeper.ensemble", "1, 3 or 5"),
+    ("ensemble past the segment", lambda r: (_set("zookeeper.ensemble", 3)(r), _set("zookeeper.address", "198.18.0.253")(r)),
+     "zookeeper.address", "server 3"),
+    ("ensemble meets an edge", lambda r: (_set("zookeeper.ensemble", 3)(r), _set("zookeeper.address", "198.18.0.1")(r)),
+     "edge.public", "already used"),
+    ("controller on zk2", lambda r: (_set("zookeeper.ensemble", 3)(r), _set("controller.addresses", ["198.18.0.11"])(r)),
+     "controller.addresses[0]", "ZooKeeper server 2"),
+    ("controller on an edge", _set("controller.addresses", ["198.18.0.10", "198.18.0.2"]), "edge.public", "already used"),
+    ("controller addresses twice", _set("controller.addresses", ["198.18.0.10", "198.18.0.10"]), "controller.addresses",
+     "listed twice"),
+    ("controller lease", _set("controller.lease_s", -1), "controller.lease_s", "between 0 and 3600"),
+    ("controller on zk ports", _set("controller.port", 2888), "controller.port", "ZooKeeper's ports"),
     ("internet outside public range", _set("internet.subnet", "203.0.113.0/24"), "internet.subnet", "public_range"),
     ("duplicate network", _set("networks.1.name", "ec2"), "networks[1].name", "twice"),
     ("bad network name", _set("networks.0.name", "EC2"), "networks[0].name", "must match"),

@@ -1,6 +1,7 @@
 """The eBPF tc datapath: load or adopt, pin, attach, observe and apply.
 
-Everything lives under ``<pin_root>/<interface>/`` on bpffs:
+Everything lives under ``<pin_root>/<netns>/<interface>/`` on bpffs (:mod:`.pins`: the
+network namespace's identity, an ``owner`` record, the move from the old layout):
 
 - the maps of ``build.MAPS`` at ``<dir>/<map name>`` (pinned by bcc itself
   when the programs are compiled with ``pin_dir``, reused on the next build);
@@ -33,7 +34,7 @@ import os
 import struct
 from collections.abc import Mapping
 
-from overlay.datapath.ebpf import abi, bpfsys, netdev, upgrade
+from overlay.datapath.ebpf import abi, bpfsys, netdev, pins, upgrade
 from overlay.datapath.ebpf.maps import CFG, MapSet, ports_to_list, to_jsonable
 from overlay.errors import DatapathError, OverlayError, UnsupportedError
 from overlay.ops import Op
@@ -71,7 +72,8 @@ PROGRAM_PINS = {
 
 
 def pin_dir_for(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> str:
-    return os.path.join(pin_root, interface)
+    """The pin directory of ``interface`` in the calling thread's network namespace."""
+    return pins.pin_dir(interface, pin_root)
 
 
 def _bpffs_mounted(path: str) -> bool:
@@ -128,20 +130,7 @@ def _locked(pin_root: str):
 
 
 def _read_digest(pin_dir: str) -> str | None:
-    path = os.path.join(pin_dir, LOADER_MAP)
-    if not os.path.exists(path):
-        return None
-    try:
-        fd = bpfsys.obj_get(path)
-    except DatapathError:
-        return None
-    try:
-        info = bpfsys.map_info(fd)
-        if info.key_size != 4 or info.value_size != LOADER_VALUE_SIZE:
-            return None
-        raw = bpfsys.lookup(fd, b"\0\0\0\0", 4, LOADER_VALUE_SIZE)
-    finally:
-        bpfsys.close(fd)
+    raw = pins.read_entry(os.path.join(pin_dir, LOADER_MAP), LOADER_VALUE_SIZE)
     if raw is None:
         return None
     return raw.split(b"\0")[0].decode(errors="replace") or None
@@ -153,12 +142,7 @@ def _write_digest(pin_dir: str, digest: str) -> None:
         import hashlib
 
         raw = hashlib.sha256(raw).hexdigest().encode()
-    fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, "ovl_loader", 4, LOADER_VALUE_SIZE, 1)
-    try:
-        bpfsys.update(fd, b"\0\0\0\0", raw.ljust(LOADER_VALUE_SIZE, b"\0"), 4, LOADER_VALUE_SIZE)
-        bpfsys.pin_replace(fd, os.path.join(pin_dir, LOADER_MAP))
-    finally:
-        bpfsys.close(fd)
+    pins.write_entry(os.path.join(pin_dir, LOADER_MAP), "ovl_loader", raw.ljust(LOADER_VALUE_SIZE, b"\0"))
 
 
 def _pinned_prog_id(path: str) -> int | None:
@@ -220,11 +204,17 @@ class EbpfDatapath:
 
         digest = build.source_digest(self._build_sizes())
         with _locked(self.pin_root):
+            pins.claim_legacy(self.interface, self.pin_root, self.pin_dir, uplink, PROGRAM_PINS["ingress"])
+            if (gone := pins.foreign_owner(self.pin_dir)) is not None:
+                log.warning("%s belongs to network namespace %d (cookie %d), which is gone; reloading",
+                            self.pin_dir, gone.inode, gone.cookie)
+                _unpin_all(self.pin_dir)
             os.makedirs(self.pin_dir, exist_ok=True)
             if self._can_adopt(build, digest):
                 self._adopt(uplink)
             else:
                 self._load(build, digest, uplink)
+            pins.write_owner(self.pin_dir)
 
     def _can_adopt(self, build, digest: str) -> bool:
         stored = _read_digest(self.pin_dir)
@@ -481,13 +471,15 @@ def remove(interface: str, pin_root: str = DEFAULT_PIN_ROOT, overlay_device: str
     with _locked(pin_root):
         uplink = netdev.ifindex(interface)
         if uplink is not None:
+            pins.claim_legacy(interface, pin_root, pin_dir, uplink, PROGRAM_PINS["ingress"])
             netdev.detach(uplink, netdev.INGRESS)
             netdev.detach(uplink, netdev.EGRESS)
             netdev.remove_clsact_if_unused(uplink)
         netdev.remove_overlay_device(overlay_device)
         _unpin_all(pin_dir)
-    with contextlib.suppress(OSError):
-        os.rmdir(pin_root)  # only when no other interface is pinned there
+    for parent in (os.path.dirname(pin_dir), pin_root):
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)  # only when no other interface or namespace is pinned there
     log.info("removed the datapath of %s", interface)
 
 
@@ -499,7 +491,8 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
     (the inbound markers ovl_ct_in and the fragments ovl_frag by count only)."""
     pin_dir = pin_dir_for(interface, pin_root)
     if not os.path.isdir(pin_dir):
-        raise DatapathError(f"nothing pinned at {pin_dir} (is the datapath loaded?)")
+        raise DatapathError(f"nothing pinned at {pin_dir} (is the datapath loaded? run this in the "
+                            "daemon's network namespace)")
     maps = MapSet.from_pinned(pin_dir)
     try:
         state = maps.read_all()
