@@ -9,6 +9,27 @@ message: the registry kinds below (``NotFound``, ``AlreadyExists``,
 """
 
 
+import reprlib
+
+SHOWN_CHARS = 200   # at most this much of an offending value appears in a message
+_REPR = reprlib.Repr()
+_REPR.maxstring = SHOWN_CHARS
+_REPR.maxother = SHOWN_CHARS
+_REPR.maxlevel = 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut to about :data:`SHOWN_CHARS` characters (reprlib-style: nested
+    containers and long strings elided), for error messages that quote what was wrong."""
+    return _REPR.repr(value)
+
+
+def clip(text: str, limit: int = 2 * SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class OverlayError(Exception):
     """Root of every error this package raises on purpose."""
 
@@ -17,9 +38,9 @@ class InvalidConfigError(OverlayError):
     """A configuration value is wrong. ``path`` names the key (``filter.open_ports[0]``)."""
 
     def __init__(self, path: str, reason: str):
-        self.path = path
-        self.reason = reason
-        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path = clip(path, SHOWN_CHARS)
+        self.reason = clip(reason)
+        super().__init__(f"{self.path}: {self.reason}" if path else self.reason)
 
 
 class InvalidRecord(OverlayError):
