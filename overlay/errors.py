@@ -15,14 +15,14 @@ SHOWN_CHARS = 200   # at most this much of an offending value appears in a messa
 _REPR = reprlib.Repr()
 _REPR.maxstring = SHOWN_CHARS
 _REPR.maxother = SHOWN_CHARS
-_REPR.maxlevel = 3
+_REPR.maxlevel = 2
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
 
 
 def shown(value: object) -> str:
     """``repr(value)`` cut to about :data:`SHOWN_CHARS` characters (reprlib-style: nested
     containers and long strings elided), for error messages that quote what was wrong."""
-    return _REPR.repr(value)
+    return clip(_REPR.repr(value), SHOWN_CHARS)
 
 
 def clip(text: str, limit: int = 2 * SHOWN_CHARS) -> str:
