@@ -31,7 +31,18 @@ def clip(text: str, limit: int = 2 * SHOWN_CHARS) -> str:
 
 
 class OverlayError(Exception):
-    """Root of every error this package raises on purpose."""
+    """Root of every error this package raises on purpose.
+
+    ``internal`` is set (:func:`internal`) on errors whose message describes the backend
+    (ZooKeeper hosts, paths): a server tells its client only the kind and a request id."""
+
+    internal = False
+
+
+def internal(exc: OverlayError) -> OverlayError:
+    """Mark ``exc`` as describing the backend (see :class:`OverlayError`); returns it."""
+    exc.internal = True
+    return exc
 
 
 class InvalidConfigError(OverlayError):
@@ -85,6 +96,15 @@ class FailedPrecondition(RegistryError):
 
 class Unavailable(RegistryError):
     """The registry (ZooKeeper, or for a client the controller) cannot be reached now; retry later."""
+
+
+class Throttled(Unavailable):
+    """A limit of the caller's identity was reached (RESOURCE_EXHAUSTED with a retry hint);
+    retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
 
 
 class InvalidArgument(OverlayError):

@@ -63,8 +63,11 @@ from overlay.errors import (
     NotFound,
     RegistryError,
     Unavailable,
+    clip,
+    internal,
 )
 from overlay.model import Node, Policy, serialise_node, serialise_policy
+from overlay.ownership import granted, holders, serialise_assignment
 from overlay.registry.zookeeper import ZooKeeperRegistry
 from overlay.rpc.convert import Key
 from overlay.zk import client as zkc
@@ -110,6 +113,7 @@ class Store:
                                    backoff=(0.2, 5.0), every_round=True)
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
+        self.ungranted_total = 0      # group claims dropped at RegisterNode (no assignment grants them)
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -194,12 +198,26 @@ class Store:
             raise
         except RegistryError as exc:
             if not self._zk_connected():
-                raise Unavailable(str(exc)) from None
-            raise FailedPrecondition(str(exc)) from None
+                raise internal(Unavailable(str(exc))) from None
+            raise internal(FailedPrecondition(str(exc))) from None
 
-    def register(self, node: Node, leased: bool) -> None:
+    def register(self, node: Node, leased: bool) -> tuple[Node, tuple[str, ...]]:
         """Publish ``node`` (ephemeral, in this replica's session). Like every write here it
-        returns once ZooKeeper has it; :meth:`wait_visible` waits for the journal."""
+        returns once ZooKeeper has it; :meth:`wait_visible` waits for the journal.
+
+        Refused when another live node holds one of its addresses (overlay.ownership).
+        Returns the record as Watch serves it (its groups narrowed to the node's
+        assignment) and the claimed groups that were dropped (counted in ``ungranted_total``)."""
+        view = self.observer.view()
+        held = holders(node, view.nodes.values())
+        if held:
+            c = held[0]
+            raise FailedPrecondition(f"node.{c.kind}: {c.kind} address {c.address} is held by the live node {c.holder!r}")
+        shown, ungranted = granted(node, view.grants or {})
+        if ungranted:
+            self.ungranted_total += len(ungranted)
+            log.warning("controller %s: node %s claims groups %s that its assignment does not grant; "
+                        "they are dropped", self.replica, node.node_id, clip(", ".join(ungranted), 200))
         owner = self._owner_of(node.overlay)
         if owner is None:
             raise FailedPrecondition(f"node.overlay: {node.overlay} is not allocated to {node.node_id!r}; call Allocate first")
@@ -207,6 +225,13 @@ class Store:
             raise AlreadyExists(f"node.overlay: {node.overlay} is allocated to node {owner!r}, not {node.node_id!r}")
         with self._translate(f"registering node {node.node_id}"):
             self.leases.register(node, serialise_node(node), leased)
+        return shown, ungranted
+
+    def set_assignment(self, node_id: str, groups: tuple[str, ...]) -> None:
+        """Operator: the groups ``node_id`` may hold (``assignments/<node_id>``)."""
+        with self._translate(f"writing the assignment of {node_id}"):
+            self._put_persistent(f"{self._layout.assignments}/{node_id}", serialise_assignment(groups), False,
+                                 f"node_id: the assignment of {node_id!r}")
 
     def deregister(self, node_id: str) -> None:
         with self._translate(f"deregistering node {node_id}"):

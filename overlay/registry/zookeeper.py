@@ -5,7 +5,7 @@ allocation is :mod:`overlay.zk.alloc`'s, the client and its watches
 :mod:`overlay.zk.client`'s.
 
 Watching is incremental: persistent recursive watches on ``nodes``, ``policies``,
-``config/max_change`` and ``alloc/ip-to-id`` deliver one event per changed znode,
+``config/max_change``, ``alloc/ip-to-id`` and ``assignments`` deliver one event per changed znode,
 and only the znode an event names is read. A full re-read happens only at start,
 after every reconnection, and when asked (:meth:`ZooKeeperRegistry.request_resync`).
 
@@ -80,7 +80,7 @@ class ZooKeeperRegistry:
         self._record_acl = record_acl(config.auth)
         self._alloc = Allocator(self._zk, self._layout, self.subnet, self._record_acl, rng)
 
-        self._v = ViewState()          # the view (changed under self._v.lock)
+        self._v = ViewState(grants={})   # the view (changed under self._v.lock)
 
         self._book = Records(self._zk, self._layout, self.subnet, self.node_id)   # worker-private
 
@@ -216,7 +216,7 @@ class ZooKeeperRegistry:
 
     def _add_watches(self) -> None:
         zkc.add_watches(self._zk.client, (self._layout.nodes, self._layout.policies, self._layout.max_change,
-                                          self._layout.ip_to_id), self._zk.op_timeout)
+                                          self._layout.ip_to_id, self._layout.assignments), self._zk.op_timeout)
 
     def _ensure_layout(self) -> None:
         """The layout's parent paths exist (created here when no ACLs are in use)."""
@@ -225,6 +225,8 @@ class ZooKeeperRegistry:
         lay = self._layout
         missing = [p for p in (lay.nodes, lay.policies, lay.config, lay.id_to_ip, lay.ip_to_id)
                    if self._zk.exists(p) is None]
+        if self.config.auth is None and self._zk.exists(lay.assignments) is None:
+            missing.append(lay.assignments)   # an older layout: made here unless ACLs are on
         if missing:
             if self.config.auth is not None and self.config.operator is None:
                 raise RegistryError(
@@ -329,23 +331,33 @@ class ZooKeeperRegistry:
         self._keep_own_record()
         names = [n for n in self._zk.children(self._layout.nodes) if n != self.node_id]
         policy_ids = self._zk.children(self._layout.policies)
+        assigned = self._zk.children(self._layout.assignments)
         paths = [f"{self._layout.nodes}/{n}" for n in names]
         paths += [f"{self._layout.policies}/{p}" for p in policy_ids]
+        paths += [f"{self._layout.assignments}/{a}" for a in assigned]
         paths.append(self._layout.max_change)
         got = self._zk.get_many(paths)
-        self._book.reset(set(names) | {f"policy:{p}" for p in policy_ids} | {"config:max_change"})
+        self._book.reset(set(names) | {f"policy:{p}" for p in policy_ids} | {f"assignment:{a}" for a in assigned}
+                         | {"config:max_change"})
         for n in names:
             res = got[f"{self._layout.nodes}/{n}"]
             if res is not None:
                 self._book.store_result(n, res)
         self._book.fetch_owners({r.node.overlay for r in self._book.records.values() if r.node is not None})
-        nodes, rejected = {}, {}
+        nodes, rejected, order, grants = {}, {}, {}, {}
         for n in self._book.records:
             node, reason = self._book.evaluate(n)
             if node is not None:
                 nodes[n] = node
+                order[n] = self._book.order_of(node)
             else:
                 rejected[n] = reason
+        for a in assigned:
+            res = got[f"{self._layout.assignments}/{a}"]
+            if res is not None:
+                groups, reason = self._book.parse_assignment(a, res)
+                _put(grants, a, groups)
+                _put(rejected, f"assignment:{a}", reason)
         policies = {}
         for pid in policy_ids:
             res = got[f"{self._layout.policies}/{pid}"]
@@ -359,21 +371,24 @@ class ZooKeeperRegistry:
         max_change = self._book.parse_max_change(got[self._layout.max_change])
         with self._v.lock:
             self._v.nodes, self._v.policies, self._v.rejected = nodes, policies, rejected
+            self._v.order, self._v.grants = order, grants
             self._v.max_change = max_change
             self._v.connected = True
             self._v.synced = True
             self._bump()
-        log.info("node %s: registry resync (%s): %d peers, %d rejected, %d policies in %.2f s",
-                 self.node_id, reason, len(nodes), len(rejected), len(policies), time.monotonic() - t0)
+        log.info("node %s: registry resync (%s): %d peers, %d rejected, %d policies, %d assignments in %.2f s",
+                 self.node_id, reason, len(nodes), len(rejected), len(policies), len(grants), time.monotonic() - t0)
         self._notify()
 
     def _apply_events(self, events: list[tuple]) -> None:
         node_last: dict[str, int] = {}
         policy_last: dict[str, int] = {}
+        assign_last: dict[str, int] = {}
         max_change_event = False
         ips: set[str] = set()
         own_event: int | None = None
         np, pp, ap = self._layout.nodes + "/", self._layout.policies + "/", self._layout.ip_to_id + "/"
+        gp = self._layout.assignments + "/"
         for _, etype, path in events:
             if path.startswith(np):
                 name = path[len(np):]
@@ -393,6 +408,10 @@ class ZooKeeperRegistry:
                 ip = path[len(ap):]
                 if "/" not in ip:
                     ips.add(ip)
+            elif path.startswith(gp):
+                name = path[len(gp):]
+                if "/" not in name:
+                    assign_last[name] = etype
 
         if own_event is not None and self._own is not None:
             self._keep_own_record()
@@ -401,11 +420,13 @@ class ZooKeeperRegistry:
         recheck: set[str] = set()
         for ip in ips:
             self._book.owners.pop(ip, None)
+            self._book.alloc_order.pop(ip, None)
             recheck |= self._book.claims.get(ip, set())
 
         to_read = [n for n, et in node_last.items() if et != EV_DELETED]
         pol_read = [p for p, et in policy_last.items() if et != EV_DELETED]
         paths = [f"{self._layout.nodes}/{n}" for n in to_read] + [f"{self._layout.policies}/{p}" for p in pol_read]
+        paths += [f"{gp}{a}" for a, et in assign_last.items() if et != EV_DELETED]
         if max_change_event:
             paths.append(self._layout.max_change)
         got = self._zk.get_many(paths) if paths else {}
@@ -433,6 +454,14 @@ class ZooKeeperRegistry:
             else:
                 policy_changes[pid] = self._book.parse_policy(pid, res)
         new_max = self._book.parse_max_change(got.get(self._layout.max_change)) if max_change_event else None
+        assign_changes: dict[str, tuple[tuple[str, ...] | None, str | None]] = {}
+        for name, etype in assign_last.items():
+            res = got.get(f"{gp}{name}") if etype != EV_DELETED else None
+            if res is None:
+                self._book.logged.pop(f"assignment:{name}", None)
+                assign_changes[name] = (None, None)
+            else:
+                assign_changes[name] = self._book.parse_assignment(name, res)
 
         changed = False
         with self._v.lock:
@@ -440,6 +469,10 @@ class ZooKeeperRegistry:
             for name, (node, reason) in node_changes.items():
                 changed |= _put(nodes, name, node)
                 changed |= _put(rejected, name, reason)
+                changed |= _put(self._v.order, name, None if node is None else self._book.order_of(node))
+            for name, (groups, reason) in assign_changes.items():
+                changed |= _put(self._v.grants, name, groups)
+                changed |= _put(rejected, f"assignment:{name}", reason)
             for pid, (pol, reason) in policy_changes.items():
                 changed |= _put(policies, pid, pol)
                 changed |= _put(rejected, f"policy:{pid}", reason)

@@ -8,6 +8,7 @@
     groups/<group>             persistent
     policies/<policy_id>       persistent, data = policy (JSON)
     config/max_change          persistent, data = guard threshold (integer)
+    assignments/<node_id>      persistent, data = {"v": 1, "groups": [...]} (granted by the operator)
 
 and, for the controller (docs/grpc.md): ``changes`` (the journal) and ``controllers``
 (the leader election).
@@ -23,7 +24,7 @@ from overlay.zk import client as zkc
 from overlay.zk.acl import layout_acls
 
 # The parents of the layout, relative to the prefix ("" is the prefix itself).
-PARENTS = ("", "alloc", "alloc/id-to-ip", "alloc/ip-to-id", "nodes", "groups", "policies", "config")
+PARENTS = ("", "alloc", "alloc/id-to-ip", "alloc/ip-to-id", "nodes", "groups", "policies", "config", "assignments")
 
 
 class Layout:
@@ -39,6 +40,7 @@ class Layout:
         self.max_change = f"{p}/config/max_change"
         self.id_to_ip = f"{p}/alloc/id-to-ip"
         self.ip_to_id = f"{p}/alloc/ip-to-id"
+        self.assignments = f"{p}/assignments"  # groups granted per node (overlay.ownership)
         self.changes = f"{p}/changes"          # the controller's journal
         self.controllers = f"{p}/controllers"  # the controllers' leader election
 
