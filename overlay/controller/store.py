@@ -70,14 +70,16 @@ from overlay.model import Node, Policy, serialise_node, serialise_policy
 from overlay.ownership import granted, holders, serialise_assignment
 from overlay.registry.zookeeper import ZooKeeperRegistry
 from overlay.rpc.convert import Key
+from overlay.zk import acl as zk_acl
 from overlay.zk import client as zkc
-from overlay.zk.acl import operator_acl, record_acl
+from overlay.zk.acl import operator_acl
 from overlay.zk.layout import Layout
 from overlay.zk.worker import WatchWorker
 
 log = logging.getLogger(__name__)
 
 LEAD_PERIOD_S = 10.0          # the leader re-diffs at least this often, even without events
+ACL_REPAIR_LIMIT = 20_000     # entries whose ACL a replica checks (and fixes) when it starts
 VISIBLE_WAIT_S = 5.0          # writes wait this long for their change to reach the journal
 NO_AUTH_HINT = "the controller's registry config needs the operator credentials"
 
@@ -97,7 +99,8 @@ class Store:
         self.observer = ZooKeeperRegistry(config, self.subnet, None)
         self._journal = Journal(window)
         self._connected = False
-        self.leases = Leases(self._zk, self._layout, record_acl(config.auth or config.operator), self.replica,
+        # records published for nodes are the controller's: operator_acl, like everything it writes
+        self.leases = Leases(self._zk, self._layout, self._item_acl, self.replica,
                              lease_s, clock)
         self._election = Election(self._zk, self._layout, self._item_acl, self.replica, self._became_leader)
         self._sync = JournalSync(self._zk, self._layout, self._journal, self._item_acl, self.replica, self._notify)
@@ -114,6 +117,7 @@ class Store:
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
         self.ungranted_total = 0      # group claims dropped at RegisterNode (no assignment grants them)
+        self.acl_report: zk_acl.RepairReport | None = None   # the re-ACL at start (with registry.operator)
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -356,6 +360,8 @@ class Store:
     def _resync(self) -> None:
         t0 = time.monotonic()
         self._sync.ensure_paths()
+        if self.config.operator is not None and self.acl_report is None:
+            self._repair_acls()
         zkc.add_watches(self._zk.client, (self._layout.changes, self._layout.controllers, self._layout.groups),
                         self._zk.op_timeout)
         self._read_groups(None)
@@ -370,6 +376,16 @@ class Store:
                  self._journal.head, self._journal.epoch[:8], "leader" if self._election.leader else "follower",
                  time.monotonic() - t0)
         self._notify()
+
+    def _repair_acls(self) -> None:
+        """Once per start: bring existing entries to the ACL policy (overlay.zk.acl), bounded."""
+        t0 = time.monotonic()
+        report = zk_acl.repair(self._zk.client, self._layout.prefix, self.config.operator,
+                               self.config.node_identities, limit=ACL_REPAIR_LIMIT, timeout=self._zk.op_timeout)
+        self.acl_report = report
+        level = logging.WARNING if (report.refused or report.truncated) else logging.INFO
+        log.log(level, "controller %s: ACLs under %s: %s (%.2f s)", self.replica, self._layout.prefix,
+                report.summary(), time.monotonic() - t0)
 
     def _handle_events(self, events: list[tuple]) -> None:
         groups: set[str] = set()

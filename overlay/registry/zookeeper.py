@@ -47,7 +47,7 @@ from overlay.model import (
 from overlay.registry import Listener, RegistryView, ViewState, notify_listener
 from overlay.registry.zk_records import MAX_MAX_CHANGE, Records
 from overlay.zk import client as zkc
-from overlay.zk.acl import operator_acl, record_acl
+from overlay.zk.acl import ADMINS, operator_acl, owned_acl, parse_admins
 from overlay.zk.alloc import Allocator
 from overlay.zk.client import CONNECTION_ERRORS, EV_DELETED, Session
 from overlay.zk.layout import Layout, create_layout
@@ -77,7 +77,8 @@ class ZooKeeperRegistry:
         self._hosts = ",".join(config.hosts)
         self._layout = Layout(config.prefix)
         self._zk = Session(max(5.0, 2.0 * config.timeout_s))
-        self._record_acl = record_acl(config.auth)
+        # what this registry writes: a daemon's own entries, or (an observer: the controller's) the operator's
+        self._record_acl = operator_acl(config.operator) if node_id is None else owned_acl(config.auth)
         self._alloc = Allocator(self._zk, self._layout, self.subnet, self._record_acl, rng)
 
         self._v = ViewState(grants={})   # the view (changed under self._v.lock)
@@ -235,11 +236,24 @@ class ZooKeeperRegistry:
                     "overlay.zk.layout.bootstrap"
                 )
             if self.config.operator is not None:
-                create_layout(self._zk.client, lay, self.config.operator)
+                create_layout(self._zk.client, lay, self.config.operator, self.config.node_identities)
             else:
                 for p in missing:
                     with contextlib.suppress(NodeExistsError):
                         self._zk.client.ensure_path(p)
+        if self.config.auth is not None and self.node_id != OBSERVER_ID:
+            # the operator (config/admins) may also change and re-ACL what this node writes
+            try:
+                data, _ = self._zk.get(lay.path(ADMINS))
+                admins = parse_admins(data)
+            except (NoNodeError, NoAuthError):
+                admins = []
+            if not admins:
+                log.warning("node %s: %s/%s is missing or unreadable: the operator cannot re-ACL what this "
+                            "node writes (is its identity in registry.node_identities?)", self.node_id,
+                            lay.prefix, ADMINS)
+            self._record_acl = owned_acl(self.config.auth, admins)
+            self._alloc.record_acl = self._record_acl
         self._layout_ok = True
 
     def _on_state(self, state: str) -> None:

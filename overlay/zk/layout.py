@@ -21,7 +21,7 @@ from kazoo.exceptions import NodeExistsError
 
 from overlay.config import Auth, RegistryConfig
 from overlay.zk import client as zkc
-from overlay.zk.acl import layout_acls
+from overlay.zk.acl import layout_acls, publish_admins
 
 # The parents of the layout, relative to the prefix ("" is the prefix itself).
 PARENTS = ("", "alloc", "alloc/id-to-ip", "alloc/ip-to-id", "nodes", "groups", "policies", "config", "assignments")
@@ -48,9 +48,9 @@ class Layout:
         return f"{self.prefix}/{rel}" if rel else self.prefix
 
 
-def create_layout(client: KazooClient, layout: Layout, operator: Auth) -> None:
+def create_layout(client: KazooClient, layout: Layout, operator: Auth, node_identities: tuple[str, ...] = ()) -> None:
     """Create the layout's parents with their ACLs, or set the ACLs where they exist."""
-    acls = layout_acls(operator)
+    acls = layout_acls(operator, node_identities)
     for rel in PARENTS:
         path = layout.path(rel)
         acl = acls[rel]
@@ -61,22 +61,24 @@ def create_layout(client: KazooClient, layout: Layout, operator: Auth) -> None:
             except NodeExistsError:
                 pass
         client.set_acls(path, acl)
+    publish_admins(client, layout.prefix, operator, node_identities)
 
 
 def bootstrap(config: RegistryConfig, operator_auth: Auth, *, max_change: int | None = None) -> None:
     """Operator, once: create the layout under ``config.prefix`` with its ACLs (idempotent).
 
-    Parents are readable by everyone; ``nodes`` and ``alloc/*`` let everyone add
-    children (a node's own record and allocation, which it creates with an ACL
-    naming only itself as writer) but only the operator delete them;
-    ``policies``, ``groups`` and ``config`` are written by the operator only.
+    Parents are readable by everyone; ``nodes`` and ``alloc/*`` let the identities of
+    ``config.node_identities`` add children (a node's own record and allocation, which it
+    creates with an ACL naming itself and the operator as writers) but only the operator
+    delete them; ``policies``, ``groups``, ``config`` and ``assignments`` are written by the
+    operator only (:mod:`overlay.zk.acl`).
     """
     layout = Layout(config.prefix)
     client = zkc.new_client(config, (operator_auth,))
     with zkc.translate(f"bootstrapping the registry layout under {config.prefix}", ",".join(config.hosts)):
         client.start(timeout=max(config.timeout_s, 1.0))
         try:
-            create_layout(client, layout, operator_auth)
+            create_layout(client, layout, operator_auth, config.node_identities)
             if max_change is not None:
                 acl = layout_acls(operator_auth)[""]
                 if client.exists(layout.max_change) is None:
