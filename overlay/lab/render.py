@@ -31,7 +31,7 @@ from overlay.lab.topology import (
 # Keys of a member's daemon config that the lab owns (a topology may not set them).
 LAB_OWNED = (
     ("node_id",), ("network",), ("addresses",), ("discovery",), ("state_dir",),
-    ("status_listen",), ("registry", "backend"), ("registry", "hosts"),
+    ("status_listen",), ("control_socket",), ("registry", "backend"), ("registry", "hosts"),
     ("registry", "controller"), ("registry", "tls"),
     ("datapath", "interface"), ("datapath", "pin_root"),
 )
@@ -93,9 +93,11 @@ def member_config(
     if target == "netns":
         datapath = {"interface": interface or "eth0", "pin_root": f"{pin_dir}/{host.name}"}
         state_dir = f"{run_dir}/hosts/{host.name}/state"
+        control = {"control_socket": f"{run_dir}/hosts/{host.name}/run/control.sock"}  # one filesystem for all
     else:
         datapath = {"interface": interface or "eth1", "pin_root": "/sys/fs/bpf/overlay"}
         state_dir = "/var/lib/overlay"
+        control = {}
     base = {
         "node_id": host.name,
         "network": host.network,
@@ -107,6 +109,7 @@ def member_config(
         "filter": {"reject_all": True, "open_ports": [], "ssh_whitelist": []},
         "status_listen": STATUS_LISTEN,
         "state_dir": state_dir,
+        **control,
     }
     return deep_merge(deep_merge(base, topo.daemon), host.daemon)
 

@@ -184,6 +184,7 @@ def test_controller_daemon_and_operator_commands(zk_server, zk_prefix, tmp_path)
                      "tls": {"ca": f"{d}/ca.crt", "cert": f"{d}/web-1.crt", "key": f"{d}/web-1.key"}},
         "datapath": {"backend": "dryrun"},
         "status_listen": f"127.0.0.1:{status_port}",
+        "control_socket": str(tmp_path / "run" / "control.sock"),
     }))
     logs = open(tmp_path / "procs.log", "w")
     procs = []

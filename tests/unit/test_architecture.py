@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("addr", "model", "ops", "policy", "plan", "diff", "config", "config_hints", "config_yaml", "ownership",
      "guard", "backends", "netns"),
     ("registry", "datapath", "discovery", "zk", "rpc"),
-    ("agent", "status"),
+    ("agent", "status", "httpd"),
     ("daemon", "controller", "lab"),
     ("cli", "drops_cli", "install_unit"),
 )
