@@ -40,18 +40,18 @@ from overlay.model import Node
 from overlay.rpc.client import Client
 from overlay.rpc.tls import tls_from_dir
 from overlay.errors import OverlayError
-certs, public = sys.argv[1], sys.argv[2]
+controller, certs, private, public = sys.argv[1:5]
 out = {}
-with Client(%r, tls_from_dir(certs, "mallory"), timeout=10) as c:
+with Client(controller, tls_from_dir(certs, "mallory"), timeout=10) as c:
     ip = c.allocate("mallory")
-    node = Node("mallory", "lan", %r, public, ip, ("admin", "web"), ())
+    node = Node("mallory", "lan", private, public, ip, ("admin", "web"), ())
     try:
         rev, ungranted = c.register_node(node)
         out = {"ok": True, "ungranted": list(ungranted), "overlay": ip}
     except OverlayError as exc:
         out = {"ok": False, "kind": type(exc).__name__, "error": str(exc)}
 print(json.dumps(out))
-""" % (CTL, ADDR["mal"])
+"""
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def _identity_of(maps: dict, real: str) -> str | None:
 
 
 def _mallory(w, public: str) -> dict:
-    res = w["ns"]["mal"].run(PYTHON, "-c", MALLORY, w["certs"], public, cwd=REPO, timeout=60)
+    res = w["ns"]["mal"].run(PYTHON, "-c", MALLORY, CTL, w["certs"], ADDR["mal"], public, cwd=REPO, timeout=60)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
