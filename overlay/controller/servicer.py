@@ -231,12 +231,13 @@ class RegistryServicer:
     @_rpc
     async def RegisterNode(self, request, context):
         ident = self._identity(context)
+        if ident.role == "node":
+            self._throttle_register(ident)      # first: a refused call costs as little as possible
         if not request.HasField("node"):
             raise InvalidArgument("node", "is required")
         node = convert.node_from_pb(request.node, self.subnet)
         self._own(ident, node.node_id, "node.node_id")
         if ident.role == "node":
-            self._throttle_register(ident)
             self._attest(node, context)
         shown, ungranted = await self._call(self.store.register, node, ident.role == "node")
         want = shown.to_dict()
