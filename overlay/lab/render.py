@@ -126,6 +126,12 @@ def _member_registry(topo: Topology, host: Host, certs: str) -> dict:
     return {"backend": "zookeeper", "hosts": [topo.zookeeper], "prefix": "/overlay"}
 
 
+def registry_prefix(topo: Topology) -> str:
+    """The members' registry prefix (``daemon.registry.prefix`` of the topology, default ``/overlay``)."""
+    prefix = _dig(topo.daemon, ("registry", "prefix"))
+    return "/overlay" if prefix is _MISSING else prefix
+
+
 def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = RUN_DIR) -> dict:
     """The config of ``overlay controller`` on the ZooKeeper machine (docs/grpc.md), as a mapping.
 
@@ -137,12 +143,11 @@ def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = R
     if topo.controller is None:
         raise TopologyError(f"{topo.source}: networks", "no network has registry: grpc, so the lab runs no controller")
     certs = certs_dir(target, run_dir)
-    prefix = _dig(topo.daemon, ("registry", "prefix"))
     return {
         "node_id": topo.zk_name,
         "overlay_subnet": str(topo.overlay_subnet),
         "registry": {"backend": "zookeeper", "hosts": [topo.zookeeper],
-                     "prefix": "/overlay" if prefix is _MISSING else prefix},
+                     "prefix": registry_prefix(topo)},
         "controller": {
             "listen": topo.controller,
             "tls": {"ca": f"{certs}/ca.crt", "cert": f"{certs}/controller.crt", "key": f"{certs}/controller.key"},

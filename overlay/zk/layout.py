@@ -20,8 +20,9 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NodeExistsError
 
 from overlay.config import Auth, RegistryConfig
+from overlay.ownership import serialise_assignment
 from overlay.zk import client as zkc
-from overlay.zk.acl import layout_acls, publish_admins
+from overlay.zk.acl import layout_acls, operator_acl, publish_admins
 
 # The parents of the layout, relative to the prefix ("" is the prefix itself).
 PARENTS = ("", "alloc", "alloc/id-to-ip", "alloc/ip-to-id", "nodes", "groups", "policies", "config", "assignments")
@@ -86,6 +87,28 @@ def bootstrap(config: RegistryConfig, operator_auth: Auth, *, max_change: int | 
                 else:
                     client.set(layout.max_change, str(int(max_change)).encode())
                     client.set_acls(layout.max_change, acl)
+        finally:
+            client.stop()
+            client.close()
+
+
+def grant_groups(config: RegistryConfig, grants: dict[str, tuple[str, ...]], timeout: float = 30.0) -> None:
+    """Operator: write ``assignments/<node_id>`` for each node (the groups it may hold),
+    straight into ZooKeeper with ``config``'s credentials (the lab does this; elsewhere use
+    ``overlay nodes groups`` through the controller)."""
+    layout = Layout(config.prefix)
+    acl = operator_acl(config.operator)
+    client = zkc.new_client(config)
+    with zkc.translate(f"writing assignments under {config.prefix}", ",".join(config.hosts)):
+        client.start(timeout=max(config.timeout_s, 1.0))
+        try:
+            client.ensure_path(layout.assignments, acl=acl)
+            for node_id, groups in sorted(grants.items()):
+                path, data = f"{layout.assignments}/{node_id}", serialise_assignment(groups)
+                try:
+                    client.create_async(path, data, acl=acl).get(timeout=timeout)
+                except NodeExistsError:
+                    client.set_async(path, data).get(timeout=timeout)
         finally:
             client.stop()
             client.close()
