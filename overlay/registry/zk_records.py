@@ -133,29 +133,25 @@ class Records:
         return None, reason
 
     def parse_policy(self, pid: str, res: Any) -> tuple[Policy | None, str | None]:
-        if isinstance(res, Unreadable):
-            reason, mzxid = f"policies/{pid} cannot be read ({res.error})", -1
-        else:
-            data, stat = res
-            mzxid = stat.mzxid
-            try:
-                return parse_policy_record(data, pid), None
-            except (InvalidRecord, ValueError) as exc:
-                reason = str(exc)
-        self.log_rejection(f"policy:{pid}", mzxid, reason)
-        return None, reason
+        return self._parse(f"policy:{pid}", f"policies/{pid}", res, lambda data: parse_policy_record(data, pid))
 
     def parse_assignment(self, node_id: str, res: Any) -> tuple[tuple[str, ...] | None, str | None]:
         """``(granted groups, None)`` or ``(None, reason)`` for ``assignments/<node_id>``."""
-        key = f"assignment:{node_id}"
+        def parse(data: bytes) -> tuple[str, ...]:
+            valid_name(node_id, "assignment name")
+            return parse_assignment(data)
+
+        return self._parse(f"assignment:{node_id}", f"assignments/{node_id}", res, parse)
+
+    def _parse(self, key: str, where: str, res: Any, parse: Any) -> tuple[Any, str | None]:
+        """``(parse(data), None)``, or ``(None, reason)`` logged once under ``key``."""
         if isinstance(res, Unreadable):
-            reason, mzxid = f"assignments/{node_id} cannot be read ({res.error})", -1
+            reason, mzxid = f"{where} cannot be read ({res.error})", -1
         else:
             data, stat = res
             mzxid = stat.mzxid
             try:
-                valid_name(node_id, "assignment name")
-                return parse_assignment(data), None
+                return parse(data), None
             except (InvalidRecord, ValueError) as exc:
                 reason = str(exc)
         self.log_rejection(key, mzxid, reason)

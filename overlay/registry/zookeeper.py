@@ -40,7 +40,6 @@ from overlay.config import Config, RegistryConfig
 from overlay.errors import RegistryError
 from overlay.model import (
     Node,
-    Policy,
     serialise_node,
     valid_name,
 )
@@ -459,23 +458,9 @@ class ZooKeeperRegistry:
         node_changes: dict[str, tuple[Node | None, str | None]] = {}
         for name in touched:
             node_changes[name] = self._book.evaluate(name) if name in self._book.records else (None, None)
-        policy_changes: dict[str, tuple[Policy | None, str | None]] = {}
-        for pid, etype in policy_last.items():
-            res = got.get(f"{self._layout.policies}/{pid}") if etype != EV_DELETED else None
-            if res is None:
-                self._book.logged.pop(f"policy:{pid}", None)
-                policy_changes[pid] = (None, None)
-            else:
-                policy_changes[pid] = self._book.parse_policy(pid, res)
+        policy_changes = self._read_changes(policy_last, pp, got, "policy", self._book.parse_policy)
         new_max = self._book.parse_max_change(got.get(self._layout.max_change)) if max_change_event else None
-        assign_changes: dict[str, tuple[tuple[str, ...] | None, str | None]] = {}
-        for name, etype in assign_last.items():
-            res = got.get(f"{gp}{name}") if etype != EV_DELETED else None
-            if res is None:
-                self._book.logged.pop(f"assignment:{name}", None)
-                assign_changes[name] = (None, None)
-            else:
-                assign_changes[name] = self._book.parse_assignment(name, res)
+        assign_changes = self._read_changes(assign_last, gp, got, "assignment", self._book.parse_assignment)
 
         changed = False
         with self._v.lock:
@@ -497,6 +482,20 @@ class ZooKeeperRegistry:
                 self._bump()
         if changed:
             self._notify()
+
+    def _read_changes(self, last: dict[str, int], prefix: str, got: dict, kind: str,
+                      parse: Any) -> dict[str, tuple[Any, str | None]]:
+        """``{id: (value, reason)}`` for the znodes under ``prefix`` whose last event is in
+        ``last``: deleted ones are ``(None, None)``, the others parsed from ``got``."""
+        out: dict[str, tuple[Any, str | None]] = {}
+        for ident, etype in last.items():
+            res = got.get(f"{prefix}{ident}") if etype != EV_DELETED else None
+            if res is None:
+                self._book.logged.pop(f"{kind}:{ident}", None)
+                out[ident] = (None, None)
+            else:
+                out[ident] = parse(ident, res)
+        return out
 
     # --- view bookkeeping -----------------------------------------------------------------
 
