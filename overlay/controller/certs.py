@@ -103,7 +103,8 @@ def check_dir(directory: str) -> None:
     try:
         st = os.stat(directory)
     except FileNotFoundError:
-        raise OverlayError(f"--dir {directory} does not exist") from None
+        raise OverlayError(f"--dir {directory} does not exist: run `overlay certs init --dir {directory}` "
+                           "first") from None
     except OSError as exc:
         raise OverlayError(f"--dir {directory}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
