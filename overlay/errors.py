@@ -3,7 +3,7 @@
 Backends translate their own errors into these at the boundary; nothing
 returns False to mean failure. An error's kind is its class, never its
 message: the registry kinds below (``NotFound``, ``AlreadyExists``,
-``FailedPrecondition``, ``Unavailable``) and ``InvalidArgument`` /
+``FailedPrecondition``, ``Unavailable``, ``Contended``) and ``InvalidArgument`` /
 ``PermissionDenied`` are what the gRPC layer maps to status codes
 (``overlay.rpc.status``), both ways.
 """
@@ -96,6 +96,11 @@ class FailedPrecondition(RegistryError):
 
 class Unavailable(RegistryError):
     """The registry (ZooKeeper, or for a client the controller) cannot be reached now; retry later."""
+
+
+class Contended(Unavailable):
+    """Concurrent writers kept changing the same item and the call gave up (ABORTED); the
+    store is fine: retry."""
 
 
 class Throttled(Unavailable):

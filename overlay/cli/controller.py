@@ -119,6 +119,7 @@ def cmd_nodes_deregister(args) -> int:
                   f"node {args.node_id} deregistered (its record is removed; a daemon still running registers again)")
 
 
+@_invalid_is_usage
 def cmd_nodes_groups(args) -> int:
     """``nodes groups``: list the assignments; ``NODE``: show one; ``NODE G...`` / ``--none``: grant."""
     if args.node is None:

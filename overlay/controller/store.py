@@ -62,6 +62,7 @@ from overlay.controller.leases import Leases
 from overlay.errors import (
     AllocationExhausted,
     AlreadyExists,
+    Contended,
     FailedPrecondition,
     NotFound,
     RegistryError,
@@ -316,7 +317,7 @@ class Store:
                 return
             except NoNodeError:
                 continue
-        raise Unavailable(f"{what}: kept appearing and disappearing; try again")
+        raise Contended(f"{what}: kept appearing and disappearing; try again")
 
     def _delete(self, path: str, missing: str) -> None:
         try:

@@ -42,10 +42,11 @@ def _check(field: str, conv, value):
         raise InvalidArgument(field, str(exc)) from None
 
 
-def name_arg(value: str, field: str) -> str:
+def name_arg(value: str, field: str, what: str = "") -> str:
+    """``value`` checked as a name; ``what`` names it in the reason (default: the field's last part)."""
     if not value:
         raise InvalidArgument(field, "is required")
-    return _check(field, lambda v: valid_name(v, field.rsplit(".", 1)[-1]), value)
+    return _check(field, lambda v: valid_name(v, what or field.rsplit(".", 1)[-1]), value)
 
 
 def _ports(values, field: str) -> list[str]:
@@ -147,7 +148,7 @@ def groups_arg(values, field: str = "groups") -> tuple[str, ...]:
     """Group names of a request (sorted, unique)."""
     if len(values) > MAX_GROUPS:
         raise InvalidArgument(field, f"has more than {MAX_GROUPS} groups")
-    return tuple(sorted({name_arg(g, f"{field}[{i}]") for i, g in enumerate(values)}))
+    return tuple(sorted({name_arg(g, f"{field}[{i}]", "group") for i, g in enumerate(values)}))
 
 
 def group_from_pb(msg, field: str = "group") -> tuple[str, str]:

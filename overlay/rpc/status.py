@@ -13,6 +13,7 @@ import grpc
 from overlay.errors import (
     AllocationExhausted,
     AlreadyExists,
+    Contended,
     FailedPrecondition,
     InvalidArgument,
     InvalidRecord,
@@ -36,6 +37,7 @@ STATUS_OF: tuple[tuple[type, grpc.StatusCode], ...] = (
     (AllocationExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Throttled, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Contended, grpc.StatusCode.ABORTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (InvalidRecord, grpc.StatusCode.INVALID_ARGUMENT),
     (RegistryError, grpc.StatusCode.UNAVAILABLE),
@@ -52,6 +54,7 @@ ERROR_OF: dict[grpc.StatusCode, type[OverlayError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: AllocationExhausted,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.ABORTED: Contended,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
 }
 

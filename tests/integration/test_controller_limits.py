@@ -50,8 +50,12 @@ def test_an_abusive_identity_is_capped_and_another_watch_gets_every_delta(zk_ser
     # the abuser: its caps hold; past them the controller answers RESOURCE_EXHAUSTED with a retry
     # hint (counted by the servicer). In a burst of thousands of calls on one connection, gRPC's
     # own transport also resets the streams its server has not picked up yet (CANCELLED: they
-    # never reach the servicer); no other outcome is allowed.
-    assert a is not None and set(a["other"]) <= {"CANCELLED: CANCELLED"}, a["other"]
+    # never reach the servicer). ABORTED: thousands of registrations of one node at once kept changing its record and
+    # one of them gave up (Contended, named, retryable): the store itself stayed available.
+    # No other outcome is allowed.
+    assert a is not None, m
+    assert all(k == "CANCELLED: CANCELLED" or k.startswith("ABORTED: nodes/abuser keeps changing")
+               for k in a["other"]), a["other"]
     assert a["watch_ok"] == limits.watch_streams and a["watch_exhausted"] == WATCHES - limits.watch_streams
     allowed = limits.register_burst + math.ceil(a["abuse_s"] * limits.register_rate) + 1
     assert limits.register_burst <= a["register_ok"] <= allowed

@@ -132,6 +132,7 @@ def test_backend_fails_over_between_replicas_and_resumes(zk_server, zk_prefix, c
             me = gs.node("web-1", reg.allocate("web-1"))
             reg.register(me)
             with gs.client(b.address, certs[0]) as op:
+                op.set_node_groups("web-2", ("web",))      # its groups are granted (issue 13)
                 web2 = gs.node("web-2", op.allocate("web-2"), network="vpc", index=2)
                 op.register(web2)
                 wait_for(lambda: reg.view().connected and "web-2" in reg.view().nodes, what="the view")

@@ -16,6 +16,7 @@ from overlay.controller.journal import Journal, coalesce, desired_items
 from overlay.errors import (
     AllocationExhausted,
     AlreadyExists,
+    Contended,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -241,6 +242,7 @@ def test_desired_items_from_the_observers_view():
     (AllocationExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPrecondition("x"), grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+    (Contended("x"), grpc.StatusCode.ABORTED),
     (OverlayError("x"), grpc.StatusCode.INTERNAL),
     (ValueError("x"), None),
 ])
