@@ -29,7 +29,9 @@ from tests.support.twonets import HOSTS, lab_context, member_ops
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
 NBYTES = 4 * 1024 * 1024
-SECONDS = 25.0  # long enough for the new holder to compile (a reload, not an adoption)
+SECONDS = 4.0   # the stream's pace; it pauses half-way until the new holder is up (a reload
+                # compiles: seconds, more under load), so the upgrade always falls mid-stream
+PAUSE_MAX_S = 120.0
 PORT = 7200
 
 
@@ -72,8 +74,10 @@ def test_abi2_state_is_upgraded_under_a_live_stream():
                 events_before = map_id(os.path.join(pin_dir, "ovl_events"))
 
                 srv = h2.helper_bg("stream-serve", port=PORT, nbytes=NBYTES, timeout=60)
+                resume = os.path.join(old_root, "resume-stream")
                 cli = h1.helper_bg("stream-send", host=HOSTS["h2"]["overlay"], port=PORT,
-                                   nbytes=NBYTES, seconds=SECONDS, chunks=200, timeout=40)
+                                   nbytes=NBYTES, seconds=SECONDS, chunks=200, timeout=40,
+                                   pause_after=NBYTES // 2, pause_s=PAUSE_MAX_S, resume_file=resume)
                 assert cli.first == {"connected": True}
                 time.sleep(SECONDS * 0.15)
                 old.kill()
@@ -83,6 +87,7 @@ def test_abi2_state_is_upgraded_under_a_live_stream():
                 holders.append(new)
                 upgraded = new.first
                 assert cli.poll() is None, "the stream ended before the upgrade"
+                open(resume, "w").close()      # the second half goes through the new programs
                 assert upgraded["adopted"] is False  # a reload, not an adoption
                 # the ABI-2 revision pinned at <pin_root>/<interface> (the layout before pins
                 # were keyed by network namespace); this one moved it to its own place

@@ -11,9 +11,10 @@ outsiders cannot reach members; one daemon per backend is killed (traffic
 still flows on its pinned state) and restarted (it adopts that state without
 a single op); ZooKeeper is stopped for 30 s (nothing changes; the ZooKeeper
 daemons' /readyz says 503, the controller's daemons keep 200 on its last
-state; then all 200); the controller is stopped (its daemons fail static)
-and ``up`` restarts it; everything is torn down and nothing is left.
-Bounded: about three to four minutes in all.
+state; then all 200); one controller replica is killed (its daemons fail
+over, nothing changes), then both for a minute (they fail static, nothing
+changes) and ``up`` restarts them; everything is torn down and nothing is left.
+Bounded: about four to five minutes in all.
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ def _snapshot(lab: Lab, hosts) -> dict:
     hosts = list(hosts)
     with ThreadPoolExecutor(len(hosts)) as pool:
         return dict(zip(hosts, pool.map(one, hosts), strict=True))
+
+
+def _changes(before, after, path: str = "") -> list[str]:
+    """Where two snapshots differ (paths and both values), for a readable failure."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        out = []
+        for k in sorted(set(before) | set(after), key=str):
+            out += _changes(before.get(k), after.get(k), f"{path}/{k}")
+        return out
+    return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
+
+
+def _assert_unchanged(lab: Lab, hosts, before: dict) -> None:
+    changed = _changes(before, _snapshot(lab, hosts))
+    assert not changed, "the maps changed:\n" + "\n".join(changed[:40])
 
 
 def _peer_ids(lab: Lab) -> dict:
@@ -268,7 +284,7 @@ def test_zookeeper_outage_changes_nothing(lab):
         time.sleep(max(0.0, t0 + ZK_OUTAGE_S - 8 - time.monotonic()))
         _green(lab)
         assert lab.readyz() == outage
-        assert _snapshot(lab, members) == before
+        _assert_unchanged(lab, members, before)
         assert _peer_ids(lab) == peers_before
         assert time.monotonic() - t0 >= ZK_OUTAGE_S - 5
         time.sleep(max(0.0, t0 + ZK_OUTAGE_S - time.monotonic()))
@@ -276,7 +292,7 @@ def test_zookeeper_outage_changes_nothing(lab):
         lab.zookeeper_start()
     assert _wait_readyz(lab, 200, 60) == {h: 200 for h in members}
     lab.wait_converged(60)
-    assert _snapshot(lab, members) == before
+    _assert_unchanged(lab, members, before)
     assert _peer_ids(lab) == peers_before
     _green(lab)
 
@@ -284,17 +300,36 @@ def test_zookeeper_outage_changes_nothing(lab):
 # --- the controller goes away; `up` brings it back ----------------------------------------
 
 
-def test_controller_stopped_its_daemons_fail_static_and_up_restarts_it(lab):
+CONTROLLERS_DOWN_S = 60.0   # issue 16: with every replica dead, the matrix holds this long
+
+
+def test_controller_replicas_killed_one_then_both_and_up_restarts_them(lab):
+    """Issue 16, acceptance 2: one replica killed (SIGKILL): its daemons move to the other,
+    stay ready, and the matrix and the maps are unchanged; both killed: the daemons fail
+    static (not ready, the ZooKeeper ones stay ready) and the matrix and the maps stay
+    unchanged for a minute; ``up`` restarts both and everything converges."""
     lab.wait_converged(60)
     grpc_hosts = [h.name for h in lab.topology().grpc_members]
     before = _snapshot(lab, grpc_hosts)
-    lab.controller_stop()
-    assert [c["running"] for c in lab.status()["controllers"]] == [False, False]   # both replicas
+    lab.controller_stop(1, sig=signal.SIGKILL)
+    assert [c["running"] for c in lab.status()["controllers"]] == [False, True]
+    assert _wait_readyz(lab, 200, 30) == {h.name: 200 for h in lab.topology().members}
+    _green(lab)
+    _assert_unchanged(lab, grpc_hosts, before)
+    lab.controller_stop(2, sig=signal.SIGKILL)
+    both_dead = time.monotonic()
+    assert [c["running"] for c in lab.status()["controllers"]] == [False, False]
     # its daemons keep their datapath, not ready; the ZooKeeper ones stay ready
     assert _wait_readyz(lab, _by_registry(lab, 200, 503), 30) == _by_registry(lab, 200, 503)
-    assert _snapshot(lab, grpc_hosts) == before
-    status = lab.up()                      # the repair path restarts it and waits for convergence
+    _green(lab)
+    _assert_unchanged(lab, grpc_hosts, before)
+    time.sleep(max(0.0, CONTROLLERS_DOWN_S - (time.monotonic() - both_dead)))
+    _green(lab)                            # a minute on: still every flow, the same state
+    _assert_unchanged(lab, grpc_hosts, before)
+    assert lab.readyz() == _by_registry(lab, 200, 503)
+    status = lab.up()                      # the repair path restarts them and waits for convergence
     assert status["controller_info"]["running"]
+    assert [c["running"] for c in lab.status()["controllers"]] == [True, True]
     assert _wait_readyz(lab, 200, 60) == {h.name: 200 for h in lab.topology().members}
     _green(lab)
 

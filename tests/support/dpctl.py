@@ -273,7 +273,8 @@ def act_stream_send(a: dict) -> None:
     """Send ``nbytes`` of deterministic data, paced over ``seconds``; report
     the sha256, the server's echo of its own and any error (a reset shows here).
     With ``pause_after`` and ``pause_s``: idle for ``pause_s`` once that many bytes
-    are out (printing {"paused": bytes})."""
+    are out (printing {"paused": bytes}); with ``resume_file`` too, the pause ends as soon
+    as that file exists (``pause_s`` is then its bound)."""
     nbytes, seconds, chunks = a["nbytes"], a.get("seconds", 5.0), a.get("chunks", 100)
     data = random.Random(a.get("seed", 1)).randbytes(nbytes)
     h = hashlib.sha256(data).hexdigest()
@@ -295,9 +296,13 @@ def act_stream_send(a: dict) -> None:
             if not paused and sent >= a.get("pause_after", nbytes):
                 # the flow goes idle (what an LRU evicts first); bounded
                 print(json.dumps({"paused": sent}), flush=True)
-                time.sleep(a["pause_s"])
+                began = time.monotonic()
+                until = began + a["pause_s"]
+                resume = a.get("resume_file")
+                while time.monotonic() < until and not (resume and os.path.exists(resume)):
+                    time.sleep(0.05 if resume else max(0.0, until - time.monotonic()))
                 paused = True
-                t0 += a["pause_s"]
+                t0 += time.monotonic() - began
             delay = t0 + (i + 1) * seconds / chunks - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
