@@ -243,3 +243,62 @@ def test_200_mixed_concurrent_allocations_never_collide(zk_server, zk_prefix, re
         for c in clients:
             c.stop()
             c.close()
+
+
+def test_daemon_process_applies_old_hosts_by_vpcflag(zk_server, zk_prefix, zk_client, tmp_path):
+    """A daemon (dry-run datapath: what it applied is in /status) with registry.neti applies the
+    old hosts' translations and shows their source; an old host's reader finds its entry."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    import yaml
+
+    from tests.support.wait import free_port
+
+    neti = neti_cfg(zk_prefix)
+    same_ip = old_allocate(zk_client, neti, SUBNET, "i-same")
+    other_ip = old_allocate(zk_client, neti, SUBNET, "i-other")
+    join_party(zk_client, neti, "203.0.113.5", "10.1.0.5", same_ip, 1)    # vpc, like the daemon
+    join_party(zk_client, neti, "203.0.113.6", "10.2.0.6", other_ip, 0)   # ec2
+    port = free_port()
+    cfg_file = tmp_path / "overlay.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "node_id": "ovl-d", "network": "vpc", "overlay_subnet": str(SUBNET),
+        "addresses": {"private": "10.9.0.1", "public": "198.19.0.1"},
+        "registry": {"backend": "zookeeper", "hosts": [zk_server.address], "prefix": zk_prefix, "timeout_s": 6,
+                     "neti": {"prefix": neti.prefix, "vpcflag": {"ec2": 0, "vpc": 1}}},
+        "datapath": {"backend": "dryrun"},
+        "status_listen": f"127.0.0.1:{port}",
+        "state_dir": str(tmp_path / "state"),
+        "control_socket": str(tmp_path / "run" / "control.sock"),
+    }))
+    log = open(tmp_path / "daemon.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "overlay.cli", "daemon", "-c", str(cfg_file)], stdout=log,
+                            stderr=subprocess.STDOUT)
+
+    def status():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=3) as r:
+            return json.loads(r.read())
+
+    try:
+        s = wait_for(lambda: (lambda s: s if s["ready"] and len(s["peers"]) == 2 else None)(status()),
+                     timeout=30, what="daemon ready with the two old hosts", ignore=(OSError,))
+        peers = {p["node_id"]: p for p in s["peers"]}
+        assert (peers["i-same"]["overlay"], peers["i-same"]["real"], peers["i-same"]["source"]) == \
+            (same_ip, "10.1.0.5", "neti")
+        assert (peers["i-other"]["overlay"], peers["i-other"]["real"], peers["i-other"]["source"]) == \
+            (other_ip, "203.0.113.6", "neti")
+        assert s["registry"]["neti"]["peers"] == 2
+        mine = s["overlay"]
+        assert read_party(zk_client, neti, 1)[mine] == "10.9.0.1"
+        assert read_party(zk_client, neti, 0)[mine] == "198.19.0.1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()
