@@ -84,3 +84,19 @@ def test_config_errors_name_the_key(section, registry, path):
     with pytest.raises(InvalidConfigError) as err:
         config_from_dict(neti(section, **registry))
     assert str(err.value).split(":")[0] == path, str(err.value)
+
+
+def test_agent_version_is_optional_validated_and_not_identity():
+    from overlay.errors import InvalidRecord
+    from overlay.model import node_from_dict, parse_node_record, serialise_node
+
+    rec = {"v": 1, "node_id": "a", "network": "ec2", "private": "10.0.0.1", "public": "198.18.0.1",
+           "overlay": "192.168.0.5", "groups": [], "open_ports": []}
+    plain = node_from_dict(rec)
+    assert plain.agent_version is None and "agent_version" not in plain.to_dict()
+    tagged = node_from_dict({**rec, "agent_version": "0.1.0"})
+    assert tagged.agent_version == "0.1.0" and tagged == plain
+    assert parse_node_record(serialise_node(tagged)).agent_version == "0.1.0"
+    for bad in ("", "v1", "1 2", "1" * 65, 1, ["1"]):
+        with pytest.raises(InvalidRecord, match="agent_version"):
+            node_from_dict({**rec, "agent_version": bad})
