@@ -302,3 +302,40 @@ def test_daemon_process_applies_old_hosts_by_vpcflag(zk_server, zk_prefix, zk_cl
             proc.kill()
         log.close()
     assert "Traceback" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_audit_against_real_zookeeper_text_and_json(zk_server, zk_prefix, zk_client, registries, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    neti = neti_cfg(zk_prefix)
+    reg = registries(cfg(zk_server, zk_prefix, neti), SUBNET, "new-1")
+    ip = reg.allocate("new-1")
+    reg.register(Node("new-1", "ec2", "10.0.0.1", "198.18.0.1", ip, (), (), agent_version="0.1.0"))
+    old_ip = old_allocate(zk_client, neti, SUBNET, "i-old")
+    join_party(zk_client, neti, "203.0.113.5", "10.1.0.5", old_ip, 1)
+    gone = old_allocate(zk_client, neti, SUBNET, "i-gone")        # allocated, no live host
+    conf = tmp_path / "audit.yaml"
+    conf.write_text(yaml.safe_dump({
+        "overlay_subnet": str(SUBNET), "network": "ec2",
+        "registry": {"hosts": [zk_server.address], "prefix": zk_prefix,
+                     "neti": {"prefix": neti.prefix, "vpcflag": {"ec2": 0, "vpc": 1}}}}))
+    inv = tmp_path / "inventory.csv"
+    inv.write_text("hostname,rack\nnew-1,a\ni-missing,b\n")
+    base = [sys.executable, "-m", "overlay.cli", "audit", "-c", str(conf), "--inventory", str(inv),
+            "--min-version", "0.2", "--stale-days", "0"]
+    res = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["hosts"] == 2 and r["missing"] == ["i-missing"] and r["unlisted"] == ["i-old"]
+    assert r["versions"] == {"0.1.0": ["new-1"], "neti": ["i-old"]}
+    assert r["below"] == ["i-old", "new-1"] and r["only_neti"] == ["i-old"]
+    assert r["addresses"]["allocated"] == 3 and r["addresses"]["free"] == r["addresses"]["total"] - 3
+    assert [(s["node_id"], s["overlay"], s["layouts"]) for s in r["stale"]] == [("i-gone", gone, ["neti"])]
+    text = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0 and "only in the old layout: 1" in text.stdout and "i-gone" in text.stdout
+    bad = subprocess.run([*base[:-2], "--min-version", "latest"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--min-version" in bad.stderr and "Traceback" not in bad.stderr
