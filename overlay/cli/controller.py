@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from overlay.cli import probation
 from overlay.cli.output import EXIT_OK, EXIT_USAGE, Parser, add_command, err, out, table
 
 DEFAULT_CONTROLLER = "127.0.0.1:9470"
@@ -299,3 +300,4 @@ def register_operator(sub) -> None:
     pp.add_argument("--ports", nargs="*", metavar="PORT", help="ports or ranges (80 8000-8100); none for icmp")
     pp.add_argument("--create-only", action="store_true", help="fail if the policy exists")
     action(psub, "delete", cmd_policies_delete, "delete a policy").add_argument("policy_id", help="policy id")
+    probation.register(psub)

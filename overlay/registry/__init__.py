@@ -90,13 +90,17 @@ class ViewState:
     order: dict[str, int] = field(default_factory=dict)
     grants: dict[str, tuple[str, ...]] | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    # the policies in force when they are not ``policies`` (a pending change rolled back at its
+    # deadline: overlay.pending); None: ``policies``
+    policy_override: dict[str, Policy] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> RegistryView:
         """A consistent copy (fresh dicts: a caller may keep or change what it gets)."""
         with self.lock:
             return RegistryView(nodes=dict(self.nodes), rejected=dict(self.rejected),
-                                policies=dict(self.policies), max_change=self.max_change,
+                                policies=dict(self.policies if self.policy_override is None
+                                              else self.policy_override), max_change=self.max_change,
                                 connected=self.connected, synced=self.synced, revision=self.revision,
                                 order=dict(self.order),
                                 grants=None if self.grants is None else dict(self.grants),

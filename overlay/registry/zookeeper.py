@@ -52,15 +52,16 @@ from overlay.model import (
     valid_name,
 )
 from overlay.registry import Listener, RegistryView, ViewState, notify_listener
-from overlay.registry.zk_records import MAX_MAX_CHANGE, Records
+from overlay.registry.zk_records import Records
 from overlay.registry.zk_records import put as _put
 from overlay.zk import client as zkc
 from overlay.zk import session_file
 from overlay.zk.acl import ADMINS, operator_acl, owned_acl, parse_admins
 from overlay.zk.alloc import Allocator
-from overlay.zk.client import CONNECTION_ERRORS, EV_DELETED, Session
-from overlay.zk.layout import Layout, create_layout
+from overlay.zk.client import CONNECTION_ERRORS, EV_CHANGED, EV_DELETED, Session
+from overlay.zk.layout import Layout, create_layout, set_max_change
 from overlay.zk.neti import NetiBridge, NetiPaths, merge_into
+from overlay.zk.pending import PendingWatch
 from overlay.zk.worker import WatchWorker
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class ZooKeeperRegistry:
         self._neti = None if config.neti is None else NetiBridge(
             self._zk, config.neti, self._layout, self.subnet, self.node_id, self._book.log_rejection)
         self._native_max: int | None = None   # config/max_change (the view's threshold unless absent)
+        self._pending = PendingWatch(self._layout, f"node {self.node_id}", lambda: self._worker.enqueue(
+            ("event", EV_CHANGED, self._pending.path)))   # a policy change on probation (overlay.pending)
 
         self._worker = WatchWorker(f"zk-registry-{self.node_id}", self._round, who=f"node {self.node_id}",
                                    max_batch=_MAX_BATCH, can_resync=self._zk_connected)
@@ -190,12 +193,14 @@ class ZooKeeperRegistry:
 
     def status_extra(self) -> dict:
         """``/status`` ``registry``: the old layout's part, when ``registry.neti`` is on."""
-        return {} if self._neti is None else {"neti": self._neti.status(self.view())}
+        extra = {} if self._neti is None else {"neti": self._neti.status(self.view())}
+        return extra | ({"pending_policies": p} if (p := self._pending.status()) else {})
 
     def _stop(self, keep_session: bool) -> None:
         self._closed = True
         self._listener = None
         self._worker.stop(self._zk.op_timeout + 5)
+        self._pending.stop()
         if not keep_session and self._neti is not None:
             self._neti.leave()
         with self._client_lock:
@@ -230,20 +235,8 @@ class ZooKeeperRegistry:
 
     def set_max_change(self, n: int) -> None:
         """Operator: set ``config/max_change`` (needs ``registry.operator`` when ACLs are on)."""
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_MAX_CHANGE:
-            raise RegistryError(f"max_change must be an integer in 0..{MAX_MAX_CHANGE}, got {n!r}")
-        data = str(n).encode()
-        acl = operator_acl(self.config.operator)
-        path = self._layout.max_change
-        with zkc.translate(f"setting {path} to {n}", self._hosts):
-            client = self._ensure_client()
-            try:
-                self._zk.wait(client.set_async(path, data))
-            except NoNodeError:
-                try:
-                    self._zk.wait(client.create_async(path, data, acl=acl, makepath=True))
-                except NodeExistsError:
-                    self._zk.wait(client.set_async(path, data))
+        with zkc.translate(f"setting {self._layout.max_change} to {n}", self._hosts):
+            set_max_change(self._zk, self._ensure_client(), self._layout, operator_acl(self.config.operator), n)
 
     @property
     def session_id(self) -> int | None:
@@ -284,7 +277,7 @@ class ZooKeeperRegistry:
 
     def _add_watches(self) -> None:
         zkc.add_watches(self._zk.client, (self._layout.nodes, self._layout.policies, self._layout.max_change,
-                                          self._layout.ip_to_id, self._layout.assignments,
+                                          self._layout.ip_to_id, self._layout.assignments, self._pending.path,
                                           *(self._neti.watch_paths() if self._neti else ())), self._zk.op_timeout)
 
     def _ensure_layout(self) -> None:
@@ -427,8 +420,9 @@ class ZooKeeperRegistry:
         paths = [f"{self._layout.nodes}/{n}" for n in names]
         paths += [f"{self._layout.policies}/{p}" for p in policy_ids]
         paths += [f"{self._layout.assignments}/{a}" for a in assigned]
-        paths.append(self._layout.max_change)
+        paths += [self._layout.max_change, self._pending.path]
         got = self._zk.get_many(paths)
+        self._pending.update(got[self._pending.path])
         self._book.reset(set(names) | {f"policy:{p}" for p in policy_ids} | {f"assignment:{a}" for a in assigned}
                          | {"config:max_change"} | (self._neti.log_keys() if self._neti else set()))
         for n in names:
@@ -470,6 +464,7 @@ class ZooKeeperRegistry:
             self._v.sources = {}
             if self._neti is not None:
                 merge_into(self._v, self._neti, (), max_change)
+            self._pending.lay_over(self._v, self._v.policies)
             self._v.connected = True
             self._v.synced = True
             self._bump()
@@ -481,7 +476,7 @@ class ZooKeeperRegistry:
         node_last: dict[str, int] = {}
         policy_last: dict[str, int] = {}
         assign_last: dict[str, int] = {}
-        max_change_event = False
+        max_change_event = pending_event = False
         ips: set[str] = set()
         own_event: int | None = None
         np, pp, ap = self._layout.nodes + "/", self._layout.policies + "/", self._layout.ip_to_id + "/"
@@ -501,6 +496,8 @@ class ZooKeeperRegistry:
                     policy_last[pid] = etype
             elif path == self._layout.max_change:
                 max_change_event = True
+            elif path == self._pending.path:
+                pending_event = True
             elif path.startswith(ap):
                 ip = path[len(ap):]
                 if "/" not in ip:
@@ -524,9 +521,10 @@ class ZooKeeperRegistry:
         pol_read = [p for p, et in policy_last.items() if et != EV_DELETED]
         paths = [f"{self._layout.nodes}/{n}" for n in to_read] + [f"{self._layout.policies}/{p}" for p in pol_read]
         paths += [f"{gp}{a}" for a, et in assign_last.items() if et != EV_DELETED]
-        if max_change_event:
-            paths.append(self._layout.max_change)
+        paths += [self._layout.max_change] * max_change_event + [self._pending.path] * pending_event
         got = self._zk.get_many(paths) if paths else {}
+        if pending_event:
+            self._pending.update(got.get(self._pending.path))
         neti_events = [e for e in events if self._neti.owns(e[2])] if self._neti else []
         if neti_events or (ips and self._neti is not None):
             self._neti.apply(neti_events, ips)
@@ -569,6 +567,7 @@ class ZooKeeperRegistry:
             elif max_change_event and new_max != self._v.max_change:
                 self._v.max_change = new_max
                 changed = True
+            changed |= self._pending.lay_over(self._v, policies)
             if changed:
                 self._bump()
         if changed:

@@ -6,7 +6,15 @@ import ipaddress
 
 import pytest
 
-from overlay.audit import Allocation, Host, Snapshot, audit, format_report, parse_inventory, version_key
+from overlay.audit import (
+    Allocation,
+    Host,
+    Snapshot,
+    audit,
+    format_report,
+    parse_inventory,
+    version_key,
+)
 
 DAY = 86400.0
 NOW = 1_000 * DAY
