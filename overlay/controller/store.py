@@ -78,6 +78,7 @@ from overlay.zk import acl as zk_acl
 from overlay.zk import client as zkc
 from overlay.zk.acl import operator_acl
 from overlay.zk.layout import Layout
+from overlay.zk.neti import PartyMembers
 from overlay.zk.worker import WatchWorker
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ class Store:
         # records published for nodes are the controller's: operator_acl, like everything it writes
         self.leases = Leases(self._zk, self._layout, self._item_acl, self._item_acl, self.replica,
                              lease_s, clock)
+        # registry.neti: the nodes this replica holds join the old system's party (overlay.zk.neti)
+        self._party = None if config.neti is None else PartyMembers(self._zk, config.neti, self._item_acl,
+                                                                    f"controller {self.replica}")
         self._election = Election(self._zk, self._layout, self._item_acl, self.replica, self._became_leader)
         self._sync = JournalSync(self._zk, self._layout, self._journal, self._item_acl, self.replica, self._notify)
 
@@ -368,12 +372,18 @@ class Store:
             self._journal.forget_dead(self._journal.floor)
         if self._connected:
             self.leases.maintain()
+            if self._party is not None:
+                view = self.observer.view()
+                self._party.sync({n: view.nodes[n] for n in self.held()
+                                  if n in view.nodes and view.source_of(n) == "native"})
             if self._election.leader and self._journal.loaded:
                 self.leases.lead()
 
     def _resync(self) -> None:
         t0 = time.monotonic()
         self._sync.ensure_paths()
+        if self._party is not None:
+            self._party.reset()
         if self.config.operator is not None and self.acl_report is None:
             self._repair_acls()
         zkc.add_watches(self._zk.client, (self._layout.changes, self._layout.controllers, self._layout.groups),

@@ -66,11 +66,11 @@ def _port_strings(specs: tuple[tuple[int, int], ...]) -> list[str]:
 # --- nodes --------------------------------------------------------------------------------
 
 
-def node_to_pb(pb2, node: Node):
+def node_to_pb(pb2, node: Node, source: str = ""):
     return pb2.Node(node_id=node.node_id, network=node.network, private=node.private,
                     public=node.public, overlay=node.overlay, groups=list(node.groups),
                     open_ports=_port_strings(node.open_ports), private6=node.private6 or "",
-                    public6=node.public6 or "")
+                    public6=node.public6 or "", source=source)
 
 
 def node_from_pb(msg, subnet: ipaddress.IPv4Network, field: str = "node") -> Node:
@@ -185,7 +185,7 @@ def change_to_pb(pb2, revision: int, key: Key, value: dict | None):
     elif "rejected" in value:
         ch.rejected = str(value["rejected"])
     elif kind == "node":
-        ch.node.CopyFrom(node_to_pb(pb2, node_from_dict(value["node"])))
+        ch.node.CopyFrom(node_to_pb(pb2, node_from_dict(value["node"]), value.get("source", "")))
         ch.order = int(value.get("order") or 0)
     elif kind == "assignment":
         ch.assignment.CopyFrom(pb2.Assignment(node_id=ident, groups=value["assignment"]["groups"]))
@@ -210,7 +210,8 @@ def change_from_pb(ch) -> tuple[Key, dict | None]:
     if which == "rejected":
         return key, {"rejected": ch.rejected}
     if which == "node" and kind == "node":
-        return key, {"node": node_record_from_pb(ch.node), "order": ch.order}
+        return key, {"node": node_record_from_pb(ch.node), "order": ch.order,
+                     **({"source": ch.node.source} if ch.node.source else {})}
     if which == "assignment" and kind == "assignment":
         return key, {"assignment": {"groups": list(ch.assignment.groups)}}
     if which == "policy" and kind == "policy":

@@ -68,8 +68,13 @@ class Allocator:
         )
 
     def _current_allocation(self, node_id: str) -> str | None:
+        return self._address_at(f"{self._layout.id_to_ip}/{node_id}", f"alloc/id-to-ip/{node_id}")
+
+    def _address_at(self, path: str, shown: str) -> str | None:
+        """The overlay address an ``id-to-ip`` entry holds (None: no entry); an address outside
+        the subnet is an operator's problem."""
         try:
-            data, _ = self._zk.get(f"{self._layout.id_to_ip}/{node_id}")
+            data, _ = self._zk.get(path)
         except NoNodeError:
             return None
         text = data.decode("utf-8", "replace").strip()
@@ -77,8 +82,8 @@ class Allocator:
             return addr.in_subnet_host(text, self.subnet)
         except ValueError as exc:
             raise RegistryError(
-                f"alloc/id-to-ip/{node_id} holds {text!r}, which is not an address of the overlay "
-                f"subnet {self.subnet} ({exc}); an operator must remove it"
+                f"{shown} holds {text[:40]!r}, which is not an address of the overlay subnet {self.subnet} "
+                f"({exc}); an operator must remove it"
             ) from None
 
     def owner_of(self, ip: str) -> str | None:
@@ -173,16 +178,7 @@ class Allocator:
 
     def _old_allocation(self, node_id: str) -> str | None:
         """The address the old system gave ``node_id`` (its ``id-to-ip``), if any."""
-        try:
-            data, _ = self._zk.get(f"{self._neti.id_to_ip}/{node_id}")
-        except NoNodeError:
-            return None
-        text = data.decode("utf-8", "replace").strip()
-        try:
-            return addr.in_subnet_host(text, self.subnet)
-        except ValueError as exc:
-            raise RegistryError(f"the old layout's {self._neti.id_to_ip}/{node_id} holds {text[:40]!r}, not an "
-                                f"address of the overlay subnet {self.subnet} ({exc}); an operator must fix it") from None
+        return self._address_at(f"{self._neti.id_to_ip}/{node_id}", f"the old layout's {self._neti.id_to_ip}/{node_id}")
 
     def _claim_old(self, node_id: str, ip: str, requested: str | None) -> str | None:
         """Take over the old system's allocation of ``node_id`` (the host keeps its address)."""

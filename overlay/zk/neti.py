@@ -322,3 +322,61 @@ def merge_into(v, bridge: NetiBridge, native_touched: Iterable[str], native_max:
         v.max_change = threshold
         changed = True
     return changed
+
+
+class PartyMembers:
+    """The controller's side of the bridge: one party entry for each node a replica holds
+    (daemons behind it do not touch ZooKeeper), ephemeral under the replica's session, so a
+    replica that dies takes its entries along and the replica that takes its nodes over
+    writes them again. Worker thread of the controller's store only."""
+
+    def __init__(self, session: Session, cfg: NetiConfig, acl: list, who: str):
+        self._zk = session
+        self.cfg = cfg
+        self.paths = NetiPaths(cfg)
+        self._acl = acl
+        self._who = who
+        self.entries: dict[str, str] = {}      # node id -> its party child
+        self._verify = True
+        self._unmapped: set[str] = set()
+
+    def reset(self) -> None:
+        """After a reconnection: what survives is found again before anything is created."""
+        self._verify = True
+
+    def _suffix(self, node: Node) -> str | None:
+        flag = self.cfg.flag_of(node.network)
+        if flag is None:
+            if node.network not in self._unmapped:
+                self._unmapped.add(node.network)
+                log.warning("%s: network %r has no flag in registry.neti.vpcflag: its nodes do not join the old "
+                            "party", self._who, node.network)
+            return None
+        return format_entry(node.public, node.private, node.overlay, flag, uid="x").split("-", 1)[1]
+
+    def sync(self, nodes: dict[str, Node]) -> None:
+        want = {nid: s for nid, node in nodes.items() if (s := self._suffix(node)) is not None}
+        client = self._zk.client
+        if self._verify:
+            sid = (client.client_id or (0,))[0]
+            self.entries = {}
+            suffixes = {s: nid for nid, s in want.items()}
+            for child in self._zk.children(self.paths.party):
+                nid = suffixes.get(child.split("-", 1)[-1])
+                if nid is None or nid in self.entries:
+                    continue
+                stat = self._zk.exists(f"{self.paths.party}/{child}")
+                if stat is not None and stat.ephemeralOwner == sid:
+                    self.entries[nid] = child
+            self._verify = False
+        for nid in [n for n, child in self.entries.items() if want.get(n) != child.split("-", 1)[1]]:
+            with contextlib.suppress(NoNodeError):
+                self._zk.wait(client.delete_async(f"{self.paths.party}/{self.entries.pop(nid)}"))
+        for nid, suffix in want.items():
+            if nid in self.entries:
+                continue
+            name = format_entry(*suffix.split("|")[:3], int(suffix.split("|")[3]))
+            self._zk.wait(client.create_async(f"{self.paths.party}/{name}", b"", acl=self._acl, ephemeral=True,
+                                              makepath=True))
+            self.entries[nid] = name
+            log.info("%s: node %s joined the old party as %s", self._who, nid, name)

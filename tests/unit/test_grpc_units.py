@@ -50,8 +50,9 @@ def test_service_and_methods_are_the_contract():
     assert methods["Watch"].server_streaming and not methods["Watch"].client_streaming
     assert not any(m.server_streaming for n, m in methods.items() if n != "Watch")
     assert [f.name for f in pb2.Node.DESCRIPTOR.fields] == [
-        "node_id", "network", "private", "public", "overlay", "groups", "open_ports", "private6", "public6"]
-    assert [f.number for f in pb2.Node.DESCRIPTOR.fields] == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # additive
+        "node_id", "network", "private", "public", "overlay", "groups", "open_ports", "private6", "public6",
+        "source"]   # issue 18 (registry.neti through the controller), additive
+    assert [f.number for f in pb2.Node.DESCRIPTOR.fields] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # additive
     assert "from_revision" in pb2.WatchRequest.DESCRIPTOR.fields_by_name
     # errors are status codes: no response carries a success flag
     for msg in pb2.DESCRIPTOR.message_types_by_name.values():
