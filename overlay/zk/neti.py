@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import threading
 from collections.abc import Callable, Iterable
 
 from kazoo.exceptions import NodeExistsError, NoNodeError
@@ -85,6 +86,7 @@ class NetiBridge:
         self.order: dict[str, int] = {}
         self.rejected: dict[str, str] = {}
         self.own_entry: str | None = None
+        self._join_lock = threading.Lock()   # register() (caller's thread) and the worker both join
 
     # --- watching ---------------------------------------------------------------------------
 
@@ -235,6 +237,10 @@ class NetiBridge:
             raise RegistryError(f"registry.neti.vpcflag has no flag for network {node.network!r}: this node "
                                 "cannot join the old party")
         want = format_entry(node.public, node.private, node.overlay, flag, uid="x").split("-", 1)[1]
+        with self._join_lock:
+            self._join(node, flag, want, acl)
+
+    def _join(self, node: Node, flag: int, want: str, acl: list) -> None:
         client = self._zk.client
         sid = (client.client_id or (0,))[0]
         keep = None

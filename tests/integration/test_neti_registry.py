@@ -339,3 +339,27 @@ def test_audit_against_real_zookeeper_text_and_json(zk_server, zk_prefix, zk_cli
     assert text.returncode == 0 and "only in the old layout: 1" in text.stdout and "i-gone" in text.stdout
     bad = subprocess.run([*base[:-2], "--min-version", "latest"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--min-version" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_party_entry_comes_back_after_session_loss(zk_server, zk_prefix, zk_client, registries):
+    from tests.support.zk import expire_session
+
+    neti = neti_cfg(zk_prefix)
+    reg = registries(cfg(zk_server, zk_prefix, neti), SUBNET, "ovl-1")
+    ip = reg.allocate("ovl-1")
+    reg.start(lambda: None)
+    reg.register(daemon_node("ovl-1", ip))
+
+    def ours():
+        return [c for c in zk_client.get_children(f"{neti.prefix}/ip-map") if f"|{ip}|" in c]
+
+    first = wait_for(ours, what="our party entry")
+    assert len(first) == 1
+    old_session = reg.session_id
+    expire_session(reg._zk.client)
+    wait_for(lambda: reg.session_id != old_session and len(ours()) == 1 and ours() != first, timeout=30,
+             what="a new entry under the new session")
+    reg.register(daemon_node("ovl-1", ip))       # registering again adopts it: still one entry
+    assert len(ours()) == 1
+    reg.register(daemon_node("ovl-1", ip, n=9))  # new addresses: the entry is replaced
+    assert [c.split("-", 1)[1] for c in ours()] == [f"198.18.0.9|10.0.0.9|{ip}|0"]
