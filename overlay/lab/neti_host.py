@@ -1,5 +1,6 @@
 """An emulated host of the old system (Neti), written from its ZooKeeper layout
-(docs/migration.md): what the lab's old-format hosts and the interop tests run.
+(docs/migration.md): its ZooKeeper side, which the interop tests use as the old host
+(the lab's old-format hosts, with NAT rules, are not built yet: docs/migration.md).
 
 It does what an old host does in ZooKeeper, and nothing of Overlay's:
 

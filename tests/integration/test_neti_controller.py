@@ -5,8 +5,6 @@ see old hosts (source neti), allocate in the shared space, and appear in the old
 from __future__ import annotations
 
 import ipaddress
-import logging
-import shutil
 
 import pytest
 
@@ -21,19 +19,10 @@ pytestmark = pytest.mark.zk
 SUBNET = "192.168.0.0/24"
 
 
-@pytest.fixture(autouse=True)
-def _quiet_kazoo():
-    logging.getLogger("kazoo").setLevel(logging.WARNING)
-    yield
-
-
 @pytest.fixture(scope="module")
 def certs():
-    base = gs.tmpdir()
-    try:
-        yield gs.make_certs(base)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with gs.made_certs() as made:
+        yield made
 
 
 def test_daemons_behind_the_controller_meet_old_hosts(zk_server, zk_prefix, zk_client, certs):

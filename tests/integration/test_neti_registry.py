@@ -8,7 +8,6 @@ rules, spelt out here independently of overlay.neti.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import random
 import threading
 
@@ -20,17 +19,11 @@ from overlay.config_neti import NetiConfig
 from overlay.lab.neti_host import join_party, old_allocate, read_party
 from overlay.model import Node
 from overlay.plan import plan
-from tests.support.wait import wait_for
+from tests.support.wait import stop_process, wait_for
 
 pytestmark = pytest.mark.zk
 
 SUBNET = ipaddress.IPv4Network("192.168.0.0/18")
-
-
-@pytest.fixture(autouse=True)
-def _quiet_kazoo():
-    logging.getLogger("kazoo").setLevel(logging.WARNING)
-    yield
 
 
 def neti_cfg(prefix: str, **flags) -> NetiConfig:
@@ -295,11 +288,7 @@ def test_daemon_process_applies_old_hosts_by_vpcflag(zk_server, zk_prefix, zk_cl
         assert read_party(zk_client, neti, 1)[mine] == "10.9.0.1"
         assert read_party(zk_client, neti, 0)[mine] == "198.19.0.1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
     assert "Traceback" not in (tmp_path / "daemon.log").read_text()
 

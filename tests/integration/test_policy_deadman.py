@@ -4,7 +4,7 @@ two daemon processes (dry-run datapath: what each daemon enforces is in /status 
 A policy set that would make both hosts default-deny is applied with --confirm-within 5 and not
 confirmed: both daemons enforce it, then drop it at the deadline by themselves (the CLI has
 exited); a confirmed one stays past its deadline. Times are measured and printed, with
-generous bounded waits only.
+generous bounded waits only (the confirmed change gets 15 s: the CLI runs three times first).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.support.wait import free_port, wait_for
+from tests.support.wait import free_port, stop_process, wait_for
 
 pytestmark = pytest.mark.zk
 OVERLAY = [sys.executable, "-m", "overlay.cli"]
@@ -63,11 +63,7 @@ def fleet(zk_server, zk_prefix, zk_client, tmp_path):
         yield ops, ports, tmp_path
     finally:
         for proc, log in procs:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
             log.close()
     for i in (1, 2):
         assert "Traceback" not in (tmp_path / f"db-{i}.log").read_text()
@@ -89,17 +85,20 @@ def test_unconfirmed_change_rolls_back_everywhere_and_confirmed_one_stays(fleet,
     assert {(r["host"], r["from"], r["ports"], r["before"], r["after"]) for r in rows} == {
         ("db-1", "group web", "22", "open", "allow"), ("db-2", "group web", "22", "open", "allow")}
 
-    t0 = time.monotonic()
+    t0 = time.time()
     res = run("policies", "apply", "-c", str(ops), str(pol), "--confirm-within", "5")
     assert res.returncode == 0 and "rolls it back" in res.stdout, res.stderr
+    deadline = json.loads(zk_client.get(f"{zk_prefix}/config/pending")[0])["deadline"]
     for p in ports:
         wait_for(lambda p=p: enforced(p), timeout=10, what="the change enforced")
-    rolled = {}
+    late = {}
     for p in ports:    # nobody confirms; the CLI has exited: each daemon rolls back by itself
-        wait_for(lambda p=p: not enforced(p), timeout=20, what="the rollback")
-        rolled[p] = time.monotonic() - t0
-    print(f"rolled back after {sorted(round(v, 2) for v in rolled.values())} s (deadline 5 s)")
-    assert all(v >= 4.5 for v in rolled.values())     # not before its deadline (loose: clocks, polling)
+        wait_for(lambda p=p: not enforced(p), timeout=max(0.0, deadline - time.time()) + 15, what="the rollback")
+        late[p] = time.time() - deadline
+    # the same clock for all: never before the deadline; how late is the figure to report
+    print(f"rolled back {sorted(round(v, 2) for v in late.values())} s after the deadline "
+          f"(CLI start to deadline {deadline - t0:.2f} s)")
+    assert all(v >= 0 for v in late.values())
     assert status(ports[0])["registry"]["pending_policies"]["rolled_back"] is True
     # ZooKeeper still holds the change until someone writes the rollback
     assert zk_client.get_children(f"{zk_prefix}/policies") == ["only-web-ssh"]
@@ -108,7 +107,9 @@ def test_unconfirmed_change_rolls_back_everywhere_and_confirmed_one_stays(fleet,
     assert zk_client.get_children(f"{zk_prefix}/policies") == []
     assert zk_client.exists(f"{zk_prefix}/config/pending") is None
 
-    res = run("policies", "apply", "-c", str(ops), str(pol), "--confirm-within", "5")
+    # a confirmed change (a generous deadline: the CLI runs three times before confirming)
+    t_apply = time.monotonic()
+    res = run("policies", "apply", "-c", str(ops), str(pol), "--confirm-within", "15")
     assert res.returncode == 0, res.stderr
     again = run("policies", "apply", "-c", str(ops), str(pol), "--confirm-within", "5")
     assert again.returncode == 1 and "pending" in again.stderr
@@ -116,6 +117,8 @@ def test_unconfirmed_change_rolls_back_everywhere_and_confirmed_one_stays(fleet,
         wait_for(lambda p=p: enforced(p), timeout=10, what="the change enforced")
     res = run("policies", "confirm", "-c", str(ops))
     assert res.returncode == 0 and "confirmed" in res.stdout, res.stderr
-    time.sleep(6.5)                                    # past the deadline it had
+    wait_for(lambda: all("pending_policies" not in status(p)["registry"] for p in ports), timeout=10,
+             what="the pending record gone everywhere")
+    time.sleep(max(0.0, t_apply + 16.5 - time.monotonic()))   # past the deadline it had
     assert all(enforced(p) for p in ports)
     assert zk_client.get_children(f"{zk_prefix}/policies") == ["only-web-ssh"]
