@@ -46,7 +46,7 @@ def old_split(name: str) -> tuple[str, str, str, str, str]:
 
 def view_when(reg, pred, what: str):
     """Wait until ``pred(view)`` holds; returns that view."""
-    return wait_for(lambda: (lambda v: v if pred(v) else None)(reg.view()), what=what)
+    return wait_for(lambda: (lambda v: v if pred(v) else None)(reg.view()), timeout=30, what=what)
 
 
 def daemon_node(node_id: str, ip: str, network: str = "ec2", n: int = 1) -> Node:
@@ -96,7 +96,7 @@ def test_old_host_and_daemon_see_each_other(zk_server, zk_prefix, zk_client, reg
     for c in zk_client.get_children(f"{neti.prefix}/ip-map"):
         if f"|{other_ip}|" in c:
             zk_client.delete(f"{neti.prefix}/ip-map/{c}")
-    wait_for(lambda: "i-other" not in reg.view().nodes, what="i-other gone")
+    wait_for(lambda: "i-other" not in reg.view().nodes, what="i-other gone", timeout=30)
     reg.close()
     assert not [c for c in zk_client.get_children(f"{neti.prefix}/ip-map") if f"|{ip}|" in c]
 
@@ -139,12 +139,12 @@ def test_bad_entries_are_rejected_counted_and_never_widen(zk_server, zk_prefix, 
     reads = reg.reads
     new_ip = old_allocate(zk_client, neti, SUBNET, "i-new")
     join_party(zk_client, neti, "203.0.113.2", "10.1.0.2", new_ip, 0)
-    wait_for(lambda: "i-new" in reg.view().nodes, what="i-new in the view")
+    wait_for(lambda: "i-new" in reg.view().nodes, what="i-new in the view", timeout=30)
     assert reg.reads - reads <= 6, reg.reads - reads
     assert reg.rejected_total == counted          # nothing logged twice
     # an allocation changing hands re-checks the entry that claims it
     zk_client.set(f"{neti.prefix}/ip-to-id/{new_ip}", b"i-renamed")
-    wait_for(lambda: "i-renamed" in reg.view().nodes and "i-new" not in reg.view().nodes, what="the new owner")
+    wait_for(lambda: "i-renamed" in reg.view().nodes and "i-new" not in reg.view().nodes, what="the new owner", timeout=30)
 
 
 def test_native_record_wins_and_old_max_change_is_the_fallback(zk_server, zk_prefix, zk_client, registries):
@@ -164,7 +164,7 @@ def test_native_record_wins_and_old_max_change_is_the_fallback(zk_server, zk_pre
     assert view.max_change == 7
     zk_client.ensure_path(f"{zk_prefix}/config")
     zk_client.create(f"{zk_prefix}/config/max_change", b"3")
-    wait_for(lambda: b.view().max_change == 3, what="the native threshold first")
+    wait_for(lambda: b.view().max_change == 3, what="the native threshold first", timeout=30)
     # the native record going (its daemon stopping) leaves its party entry: still one peer
     a.detach()
     zk_client.delete(f"{zk_prefix}/nodes/both")
@@ -346,7 +346,7 @@ def test_party_entry_comes_back_after_session_loss(zk_server, zk_prefix, zk_clie
     assert len(first) == 1
     old_session = reg.session_id
     expire_session(reg._zk.client)
-    wait_for(lambda: reg.session_id != old_session and len(ours()) == 1 and ours() != first, timeout=30,
+    wait_for(lambda: reg.session_id != old_session and len(ours()) == 1 and ours() != first, timeout=60,
              what="a new entry under the new session")
     reg.register(daemon_node("ovl-1", ip))       # registering again adopts it: still one entry
     assert len(ours()) == 1
