@@ -42,6 +42,14 @@ def valid_name(value: object, what: str) -> str:
     return value
 
 
+def valid_version(value: object) -> str:
+    """A record's ``agent_version``: a digit, then up to 63 of letters, digits, '.', '+', '_', '-'."""
+    if not isinstance(value, str) or not VERSION_RE.match(value):
+        raise ValueError(f"{shown(value)} is not a version (a digit, then up to 63 of letters, digits, "
+                         "'.', '+', '_', '-')")
+    return value
+
+
 def _port_list(value: object, what: str) -> tuple[tuple[int, int], ...]:
     if not isinstance(value, list):
         raise ValueError(f"{what} must be a list")
@@ -196,10 +204,7 @@ def node_from_dict(obj: Any, subnet: ipaddress.IPv4Network | None = None) -> Nod
                 v6[key] = addr.host_ipv6(obj[key])
         key = "agent_version"
         if obj.get(key) is not None:
-            if not isinstance(obj[key], str) or not VERSION_RE.match(obj[key]):
-                raise ValueError(f"{shown(obj[key])} is not a version (a digit, then up to 63 of "
-                                 "letters, digits, '.', '+', '_', '-')")
-            v6[key] = obj[key]
+            v6[key] = valid_version(obj[key])
     except ValueError as exc:
         raise InvalidRecord(f"node record: {key}: {exc}") from None
     return Node(node_id, network, private, public, overlay, groups, open_ports, **v6)

@@ -4,7 +4,9 @@ see old hosts (source neti), allocate in the shared space, and appear in the old
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
 
 import pytest
 
@@ -43,7 +45,9 @@ def test_daemons_behind_the_controller_meet_old_hosts(zk_server, zk_prefix, zk_c
             assert ip != old_ip
             assert zk_client.get(f"{neti.prefix}/ip-to-id/{ip}")[0] == b"web-1"     # the shared space
             assert zk_client.get(f"{neti.prefix}/id-to-ip/web-1")[0].decode() == ip
-            reg.register(gs.node("web-1", ip, groups=()))
+            reg.register(dataclasses.replace(gs.node("web-1", ip, groups=()), agent_version="0.1.0"))
+            # the record the controller writes keeps the daemon's version (overlay audit reads it)
+            assert json.loads(zk_client.get(f"{zk_prefix}/nodes/web-1")[0])["agent_version"] == "0.1.0"
             v = wait_for(lambda: (lambda v: v if "i-old" in v.nodes else None)(reg.view()), timeout=15,
                          what="the old host behind the controller")
             assert v.source_of("i-old") == "neti"
