@@ -17,7 +17,7 @@ from typing import Any
 from overlay import addr
 from overlay.backends import DATAPATHS, PROVIDERS, REGISTRIES, Backends
 from overlay.config_hints import unknown_key_reason
-from overlay.config_neti import NetiConfig, neti_section
+from overlay.config_neti import NetiConfig, check_neti, check_neti_network, neti_section
 from overlay.config_yaml import load_yaml, read_text
 from overlay.errors import InvalidConfigError, InvalidRecord, shown
 from overlay.model import Node, node_from_dict, valid_name
@@ -436,12 +436,7 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
             raise InvalidConfigError(sec.sub("tls"), "is only allowed with backend: grpc")
     if node_identities and operator is None:
         raise InvalidConfigError(sec.sub("node_identities"), "needs registry.operator (it sets the layout's ACLs)")
-    if neti is not None and backend != "zookeeper":
-        raise InvalidConfigError(sec.sub("neti"), "is only allowed with backend: zookeeper (daemons behind a "
-                                 "controller get the old system's hosts through it: give the controller's config "
-                                 "registry.neti)")
-    if neti is not None and neti.prefix == prefix:
-        raise InvalidConfigError(sec.sub("neti.prefix"), f"must differ from registry.prefix ({prefix})")
+    check_neti(neti, sec.sub("neti"), backend, prefix)
     return RegistryConfig(backend, hosts, prefix, timeout_s, auth, operator, peers, controller, tls,
                           node_identities=tuple(dict.fromkeys(node_identities)), neti=neti)
 
@@ -629,10 +624,7 @@ def config_from_dict(obj: Any) -> Config:
     control_socket = top.get("control_socket", _socket_path, "/run/overlay/control.sock")
     metrics_listen = top.get("metrics_listen", _host_port, None)
     top.done()
-    neti = registry.neti
-    if neti is not None and network is not None and neti.flag_of(network) is None:
-        raise InvalidConfigError("registry.neti.vpcflag", f"has no flag for this node's network {network!r} "
-                                 "(its entry in the old party needs one)")
+    check_neti_network(registry.neti, network)
     if network is None and controller is None and (discovery is None or discovery.provider not in NETWORK_PROVIDERS):
         raise InvalidConfigError("network", "is required: the address domain of this node (ec2, vpc, dc1...); "
                                  "peers in the same network are reached at their private address, others at "

@@ -80,3 +80,21 @@ def neti_section(sec: Any, prefix_conv: Any) -> NetiConfig:
             raise InvalidConfigError(sec.sub(key), f"{name!r} is also {sec.sub(used[name])}")
         used[name] = key
     return NetiConfig(prefix, vpcflag=vpcflag, **names)
+
+
+def check_neti(neti: NetiConfig | None, path: str, backend: str, prefix: str) -> None:
+    """``registry.neti`` against the rest of ``registry`` (``path``: its key path)."""
+    if neti is None:
+        return
+    if backend != "zookeeper":
+        raise InvalidConfigError(path, "is only allowed with backend: zookeeper (daemons behind a controller get "
+                                 "the old system's hosts through it: give the controller's config registry.neti)")
+    if neti.prefix == prefix:
+        raise InvalidConfigError(f"{path}.prefix", f"must differ from registry.prefix ({prefix})")
+
+
+def check_neti_network(neti: NetiConfig | None, network: str | None) -> None:
+    """This node's network needs a flag (its entry in the old party carries it)."""
+    if neti is not None and network is not None and neti.flag_of(network) is None:
+        raise InvalidConfigError("registry.neti.vpcflag", f"has no flag for this node's network {network!r} "
+                                 "(its entry in the old party needs one)")
