@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kazoo.client import KazooState
-from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
+from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
 
 from overlay.config import RegistryConfig
 from overlay.controller.election import Election
@@ -372,12 +372,22 @@ class Store:
             self._journal.forget_dead(self._journal.floor)
         if self._connected:
             self.leases.maintain()
-            if self._party is not None:
-                view = self.observer.view()
-                self._party.sync({n: view.nodes[n] for n in self.held()
-                                  if n in view.nodes and view.source_of(n) == "native"})
             if self._election.leader and self._journal.loaded:
                 self.leases.lead()
+            if self._party is not None:
+                self._sync_party()
+
+    def _sync_party(self) -> None:
+        """The old party holds an entry for each node this replica holds (registry.neti); a
+        refusal (its ACL) is logged and never stops the store's own work."""
+        view = self.observer.view()
+        try:
+            self._party.sync({n: view.nodes[n] for n in self.held() if n in view.nodes and view.source_of(n) == "native"})
+        except zkc.CONNECTION_ERRORS:
+            raise
+        except KazooException as exc:
+            log.error("controller %s: cannot write the old party %s: %s", self.replica, self._party.paths.party,
+                      type(exc).__name__)
 
     def _resync(self) -> None:
         t0 = time.monotonic()
