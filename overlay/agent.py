@@ -66,6 +66,7 @@ class Agent:
         self.ungranted: tuple[tuple[str, tuple[str, ...]], ...] = ()   # groups claimed, not granted
         self.groups: tuple[str, ...] = self_node.groups   # this node's effective groups
         self.rejected: dict[str, str] = {}
+        self.sources: dict[str, str] = {}   # node id -> "neti" (the old layout); absent: native
         self.ready = False
         self.connected = False
         self.last_apply_ops = 0
@@ -158,6 +159,7 @@ class Agent:
         with self.lock:
             view = self.registry.view()
             self.rejected = dict(view.rejected)
+            self.sources = dict(view.sources)
             self.connected = view.connected
             if not view.connected or not view.synced:
                 # Fail-static: keep the last applied state; not ready until in sync again.
@@ -274,7 +276,8 @@ class Agent:
                 "ready": self.ready,
                 "registry": {"backend": self.registry.name, "connected": self.connected, **self._registry_extra()},
                 "datapath": {"backend": self.datapath.name, "counters": counters},
-                "peers": [p.to_dict() for p in sorted(self.applied_peers.values(), key=lambda p: p.node_id)],
+                "peers": [{**p.to_dict(), "source": self.sources.get(p.node_id, "native")}
+                          for p in sorted(self.applied_peers.values(), key=lambda p: p.node_id)],
                 "excluded": [{"node_id": n, "reason": r} for n, r in self.excluded],
                 "drops": drops,
                 "policy": {

@@ -17,6 +17,7 @@ from typing import Any
 from overlay import addr
 from overlay.backends import DATAPATHS, PROVIDERS, REGISTRIES, Backends
 from overlay.config_hints import unknown_key_reason
+from overlay.config_neti import NetiConfig, check_neti, check_neti_network, neti_section
 from overlay.config_yaml import load_yaml, read_text
 from overlay.errors import InvalidConfigError, InvalidRecord, shown
 from overlay.model import Node, node_from_dict, valid_name
@@ -80,6 +81,7 @@ class RegistryConfig:
     tls: TlsConfig | None = None   # backend: grpc
     options: Any = None            # a plugin backend: what its validate_config returned
     node_identities: tuple[str, ...] = ()  # with operator: ZooKeeper digest ids that may create records
+    neti: NetiConfig | None = None  # backend: zookeeper: the old system's layout, read and joined
 
 
 @dataclass(frozen=True)
@@ -406,6 +408,7 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
     controller = sec.get("controller", lambda v: _controllers(sec.sub("controller"), v))
     tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=True)
     node_identities = sec.get("node_identities", lambda v: _list_of(sec.sub("node_identities"), v, _digest_id), ())
+    neti = neti_section(sec.section("neti"), _zk_prefix) if sec.has("neti") else None
     peers = sec.get(
         "peers",
         lambda v: _list_of(sec.sub("peers"), v, lambda p: node_from_dict({"v": 2, **p} if isinstance(p, dict) else p, subnet)),
@@ -433,8 +436,9 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
             raise InvalidConfigError(sec.sub("tls"), "is only allowed with backend: grpc")
     if node_identities and operator is None:
         raise InvalidConfigError(sec.sub("node_identities"), "needs registry.operator (it sets the layout's ACLs)")
+    check_neti(neti, sec.sub("neti"), backend, prefix)
     return RegistryConfig(backend, hosts, prefix, timeout_s, auth, operator, peers, controller, tls,
-                          node_identities=tuple(dict.fromkeys(node_identities)))
+                          node_identities=tuple(dict.fromkeys(node_identities)), neti=neti)
 
 
 def _digest_id(value: Any) -> str:
@@ -620,6 +624,7 @@ def config_from_dict(obj: Any) -> Config:
     control_socket = top.get("control_socket", _socket_path, "/run/overlay/control.sock")
     metrics_listen = top.get("metrics_listen", _host_port, None)
     top.done()
+    check_neti_network(registry.neti, network)
     if network is None and controller is None and (discovery is None or discovery.provider not in NETWORK_PROVIDERS):
         raise InvalidConfigError("network", "is required: the address domain of this node (ec2, vpc, dc1...); "
                                  "peers in the same network are reached at their private address, others at "

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 
-from overlay import sdnotify
+from overlay import __version__, sdnotify
 from overlay.config import Config, datapath_location, load_config
 from overlay.errors import InvalidConfigError, OverlayError, UnsupportedError
 from overlay.logs import setup_logging
@@ -115,6 +115,7 @@ def run_daemon(config_path: str, dry_run: bool = False, log_level: str = "info",
         open_ports=config.filter.open_ports,
         private6=config.addresses.private6 if config.addresses else None,
         public6=config.addresses.public6 if config.addresses else None,
+        agent_version=__version__,
     )
     log.info("this node: overlay %s, private %s, public %s, network %s", overlay, private, public, config.network)
     datapath = make_datapath(config, self_node, dry_run)

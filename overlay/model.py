@@ -22,9 +22,10 @@ MAX_RECORD_BYTES = 4096
 MAX_GROUPS = 64
 MAX_PORTS = 256
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")
+VERSION_RE = re.compile(r"^[0-9][A-Za-z0-9.+_-]{0,63}\Z")   # a record's optional agent_version
 PROTOS = ("tcp", "udp", "icmp")
 
-_NODE_KEYS = {"v", "node_id", "network", "private", "public", "overlay", "groups", "open_ports"}
+_NODE_KEYS = {"v", "node_id", "network", "private", "public", "overlay", "groups", "open_ports", "agent_version"}
 _NODE_KEYS_V6 = _NODE_KEYS | {"private6", "public6"}
 _POLICY_KEYS = {"v", "from", "to", "proto", "ports"}
 
@@ -38,6 +39,14 @@ def valid_name(value: object, what: str) -> str:
             f"{what} {shown(value)} must be 1-253 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
+    return value
+
+
+def valid_version(value: object) -> str:
+    """A record's ``agent_version``: a digit, then up to 63 of letters, digits, '.', '+', '_', '-'."""
+    if not isinstance(value, str) or not VERSION_RE.match(value):
+        raise ValueError(f"{shown(value)} is not a version (a digit, then up to 63 of letters, digits, "
+                         "'.', '+', '_', '-')")
     return value
 
 
@@ -71,6 +80,9 @@ class Node:
     open_ports: tuple[tuple[int, int], ...] = ()
     private6: str | None = None
     public6: str | None = None
+    # the daemon's version that wrote the record (optional, for `overlay audit`; not part of
+    # what a peer is: equal nodes of two versions compare equal)
+    agent_version: str | None = field(default=None, compare=False)
 
     def real_address_from(self, network: str) -> str:
         """The address a node in ``network`` uses to reach this one."""
@@ -93,7 +105,7 @@ class Node:
             "groups": list(self.groups),
             "open_ports": [_spec_to_json(s) for s in self.open_ports],
         }
-        for key in ("private6", "public6"):
+        for key in ("private6", "public6", "agent_version"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         return out
@@ -190,6 +202,9 @@ def node_from_dict(obj: Any, subnet: ipaddress.IPv4Network | None = None) -> Nod
         for key in ("private6", "public6"):
             if obj.get(key) is not None:
                 v6[key] = addr.host_ipv6(obj[key])
+        key = "agent_version"
+        if obj.get(key) is not None:
+            v6[key] = valid_version(obj[key])
     except ValueError as exc:
         raise InvalidRecord(f"node record: {key}: {exc}") from None
     return Node(node_id, network, private, public, overlay, groups, open_ports, **v6)

@@ -337,7 +337,8 @@ def format_status(s: dict) -> str:
     if busy:
         lines.insert(-1, f"maps      {', '.join(busy)}")
     for p in s.get("peers", [])[:50]:
-        lines.append(f"  {p['node_id']:<24} {p['overlay']:<16} -> {p['real']:<16} {p['network']}")
+        source = "" if p.get("source", "native") == "native" else f"  ({p['source']})"
+        lines.append(f"  {p['node_id']:<24} {p['overlay']:<16} -> {p['real']:<16} {p['network']}{source}")
     if len(s.get("peers", [])) > 50:
         lines.append(f"  ... {len(s['peers']) - 50} more (use --json)")
     for e in s.get("excluded", []):

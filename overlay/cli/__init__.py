@@ -4,7 +4,7 @@ One module per command family: :mod:`~overlay.cli.node` (``check-config``, ``dae
 ``status``, ``maps``, ``datapath``, ``guard``), :mod:`~overlay.cli.lab` (``lab``),
 :mod:`~overlay.cli.controller` (``controller`` and the operator's ``nodes``,
 ``groups``, ``policies``), :mod:`~overlay.cli.certs` (``certs``), :mod:`~overlay.cli.plugins` (``plugins``),
-:mod:`~overlay.cli.zk` (``zk``), and
+:mod:`~overlay.cli.zk` (``zk``), :mod:`~overlay.cli.audit` (``audit``), and
 :mod:`overlay.drops_cli` (``drops``, ``why``). :mod:`~overlay.cli.output` holds what
 they share. Each family module imports its heavy dependencies inside its commands.
 
@@ -20,7 +20,7 @@ import logging
 import sys
 
 from overlay import __version__, drops_cli, install_unit
-from overlay.cli import certs, controller, lab, node, plugins, zk
+from overlay.cli import audit, certs, controller, lab, node, plugins, zk
 from overlay.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Parser, err
 from overlay.errors import InvalidConfigError, OverlayError
 
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs.register(sub)
     controller.register_operator(sub)
     zk.register(sub)
+    audit.register(sub)
     drops_cli.register(sub, Parser)
     install_unit.register(sub, Parser)
     plugins.register(sub)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from overlay.cli import probation
 from overlay.cli.output import EXIT_OK, EXIT_USAGE, Parser, add_command, err, out, table
 
 DEFAULT_CONTROLLER = "127.0.0.1:9470"
@@ -98,16 +99,17 @@ def _ports(values) -> str:
 @_invalid_is_usage
 def cmd_nodes_list(args) -> int:
     with _client(args) as c:
-        nodes, rejected, conflicts, rev = c.list_nodes_detail()
+        nodes, rejected, conflicts, rev, sources = c.list_nodes_sources()
     if args.json:
-        out(json.dumps({"revision": rev, "nodes": [n.to_dict() for n in nodes], "rejected": rejected,
+        out(json.dumps({"revision": rev, "nodes": [n.to_dict() | {"source": sources.get(n.node_id, "native")}
+                                                   for n in nodes], "rejected": rejected,
                         "conflicts": conflicts}, indent=2, sort_keys=True))
         return EXIT_OK
-    rows = [("NODE_ID", "NETWORK", "PRIVATE", "PUBLIC", "OVERLAY", "GROUPS", "OPEN_PORTS", "CONFLICT")]
+    rows = [("NODE_ID", "NETWORK", "PRIVATE", "PUBLIC", "OVERLAY", "GROUPS", "OPEN_PORTS", "SOURCE", "CONFLICT")]
     for n in nodes:
         ports = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in n.open_ports]
         rows.append((n.node_id, n.network, n.private, n.public, n.overlay, ",".join(n.groups) or "-", _ports(ports),
-                     conflicts.get(n.node_id, "-")))
+                     sources.get(n.node_id, "native"), conflicts.get(n.node_id, "-")))
     _listing(rows, rejected, f"# {len(nodes)} nodes at revision {rev}"
                              f"{f', {len(conflicts)} excluded by an address conflict' if conflicts else ''}")
     return EXIT_OK
@@ -299,3 +301,4 @@ def register_operator(sub) -> None:
     pp.add_argument("--ports", nargs="*", metavar="PORT", help="ports or ranges (80 8000-8100); none for icmp")
     pp.add_argument("--create-only", action="store_true", help="fail if the policy exists")
     action(psub, "delete", cmd_policies_delete, "delete a policy").add_argument("policy_id", help="policy id")
+    probation.register(psub)

@@ -70,6 +70,8 @@ def desired_items(view: RegistryView, groups: dict[str, str]) -> dict[Key, dict]
     grants = view.grants if view.grants is not None else {}
     for node_id, node in view.nodes.items():
         out[("node", node_id)] = {"node": granted(node, grants)[0].to_dict(), "order": view.order.get(node_id, 0)}
+        if view.sources.get(node_id):   # registry.neti: a host of the old system's layout
+            out[("node", node_id)]["source"] = view.sources[node_id]
     for node_id, allowed in grants.items():
         out[("assignment", node_id)] = {"assignment": {"groups": list(allowed)}}
     for key, reason in view.rejected.items():
@@ -77,7 +79,7 @@ def desired_items(view: RegistryView, groups: dict[str, str]) -> dict[Key, dict]
             out[("policy", key[len("policy:"):])] = {"rejected": reason}
         elif key.startswith("assignment:"):
             out[("assignment", key[len("assignment:"):])] = {"rejected": reason}
-        elif not key.startswith("config:"):
+        elif not key.startswith(("config:", "neti:")):   # the old layout's rejections stay in the controller
             out[("node", key)] = {"rejected": reason}
     for pid, pol in view.policies.items():
         out[("policy", pid)] = {"policy": pol.to_dict()}

@@ -287,7 +287,7 @@ class RegistryServicer:
                 node = convert.node_from_record(value["node"])
                 nodes.append(node)
                 order[node_id] = value.get("order") or 0
-                resp.nodes.append(convert.node_to_pb(self.pb2, node))
+                resp.nodes.append(convert.node_to_pb(self.pb2, node, value.get("source", "")))
         for c in resolve(nodes, order)[1]:
             resp.conflicts.append(self.pb2.Rejected(id=c.node_id, reason=c.reason))
         return resp

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kazoo.client import KazooState
-from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
+from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
 
 from overlay.config import RegistryConfig
 from overlay.controller.election import Election
@@ -78,6 +78,7 @@ from overlay.zk import acl as zk_acl
 from overlay.zk import client as zkc
 from overlay.zk.acl import operator_acl
 from overlay.zk.layout import Layout
+from overlay.zk.neti import PartyMembers
 from overlay.zk.worker import WatchWorker
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ class Store:
         # records published for nodes are the controller's: operator_acl, like everything it writes
         self.leases = Leases(self._zk, self._layout, self._item_acl, self._item_acl, self.replica,
                              lease_s, clock)
+        # registry.neti: the nodes this replica holds join the old system's party (overlay.zk.neti)
+        self._party = None if config.neti is None else PartyMembers(self._zk, config.neti, self._item_acl,
+                                                                    f"controller {self.replica}")
         self._election = Election(self._zk, self._layout, self._item_acl, self.replica, self._became_leader)
         self._sync = JournalSync(self._zk, self._layout, self._journal, self._item_acl, self.replica, self._notify)
 
@@ -370,10 +374,26 @@ class Store:
             self.leases.maintain()
             if self._election.leader and self._journal.loaded:
                 self.leases.lead()
+            if self._party is not None:
+                self._sync_party()
+
+    def _sync_party(self) -> None:
+        """The old party holds an entry for each node this replica holds (registry.neti); a
+        refusal (its ACL) is logged and never stops the store's own work."""
+        view = self.observer.view()
+        try:
+            self._party.sync({n: view.nodes[n] for n in self.held() if n in view.nodes and view.source_of(n) == "native"})
+        except zkc.CONNECTION_ERRORS:
+            raise
+        except KazooException as exc:
+            log.error("controller %s: cannot write the old party %s: %s", self.replica, self._party.paths.party,
+                      type(exc).__name__)
 
     def _resync(self) -> None:
         t0 = time.monotonic()
         self._sync.ensure_paths()
+        if self._party is not None:
+            self._party.reset()
         if self.config.operator is not None and self.acl_report is None:
             self._repair_acls()
         zkc.add_watches(self._zk.client, (self._layout.changes, self._layout.controllers, self._layout.groups),

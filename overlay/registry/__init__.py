@@ -55,7 +55,9 @@ class RegistryView:
     ``order`` gives each node its order key (who registered earlier wins an address
     conflict: :mod:`overlay.ownership`); ``grants`` maps node ids to the groups their
     assignments grant, or is None when the records carry granted groups only (static
-    peers, written by the operator; the controller, which filtered them).
+    peers, written by the operator; the controller, which filtered them). ``sources`` names
+    where a node came from when that is not the backend's native records (``"neti"``: the old
+    system's layout, ``registry.neti``); a node absent from it is ``"native"``.
     """
 
     nodes: Mapping[str, Node] = field(default_factory=dict)
@@ -67,6 +69,10 @@ class RegistryView:
     revision: int = 0
     order: Mapping[str, int] = field(default_factory=dict)
     grants: Mapping[str, tuple[str, ...]] | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def source_of(self, node_id: str) -> str:
+        return self.sources.get(node_id, "native")
 
 
 @dataclass
@@ -83,16 +89,22 @@ class ViewState:
     revision: int = 0
     order: dict[str, int] = field(default_factory=dict)
     grants: dict[str, tuple[str, ...]] | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    # the policies in force when they are not ``policies`` (a pending change rolled back at its
+    # deadline: overlay.pending); None: ``policies``
+    policy_override: dict[str, Policy] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> RegistryView:
         """A consistent copy (fresh dicts: a caller may keep or change what it gets)."""
         with self.lock:
             return RegistryView(nodes=dict(self.nodes), rejected=dict(self.rejected),
-                                policies=dict(self.policies), max_change=self.max_change,
+                                policies=dict(self.policies if self.policy_override is None
+                                              else self.policy_override), max_change=self.max_change,
                                 connected=self.connected, synced=self.synced, revision=self.revision,
                                 order=dict(self.order),
-                                grants=None if self.grants is None else dict(self.grants))
+                                grants=None if self.grants is None else dict(self.grants),
+                                sources=dict(self.sources))
 
 
 @runtime_checkable

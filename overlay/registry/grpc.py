@@ -437,7 +437,7 @@ class GrpcRegistry:
             items, self._pending = self._pending, None
             with self._v.lock:
                 self._v.nodes, self._v.rejected, self._v.policies, self._groups = {}, {}, {}, {}
-                self._v.order, self._assignments = {}, {}
+                self._v.order, self._assignments, self._v.sources = {}, {}, {}
                 self._v.max_change = None
                 self._own_value = None
                 for key, value in items.items():
@@ -481,6 +481,7 @@ class GrpcRegistry:
             self._v.nodes.pop(ident, None)
             self._v.rejected.pop(ident, None)
             self._v.order.pop(ident, None)
+            self._v.sources.pop(ident, None)
             if value is None:
                 return
             if "rejected" in value:
@@ -493,6 +494,8 @@ class GrpcRegistry:
                 self._v.nodes[ident] = node
                 if isinstance(value.get("order"), int) and value["order"] > 0:
                     self._v.order[ident] = value["order"]
+                if value.get("source") == "neti":
+                    self._v.sources[ident] = "neti"
             except InvalidRecord as exc:
                 self._v.rejected[ident] = str(exc)
         elif kind == "policy":

@@ -177,3 +177,14 @@ class Records:
         self.logged[key] = (mzxid, reason)
         self.rejected_total += 1
         log.warning("node %s: ignoring registry record %s: %s", self.node_id, key, reason)
+
+
+def put(d: dict, key: str, value: Any) -> bool:
+    """Set or (value None) remove ``d[key]``; True if that changed ``d``."""
+    if value is None:
+        return d.pop(key, None) is not None
+    if d.get(key) == value:
+        return False
+    d[key] = value
+    return True
+

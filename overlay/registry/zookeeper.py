@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import random
@@ -53,12 +52,16 @@ from overlay.model import (
     valid_name,
 )
 from overlay.registry import Listener, RegistryView, ViewState, notify_listener
-from overlay.registry.zk_records import MAX_MAX_CHANGE, Records
+from overlay.registry.zk_records import Records
+from overlay.registry.zk_records import put as _put
 from overlay.zk import client as zkc
+from overlay.zk import session_file
 from overlay.zk.acl import ADMINS, operator_acl, owned_acl, parse_admins
 from overlay.zk.alloc import Allocator
-from overlay.zk.client import CONNECTION_ERRORS, EV_DELETED, Session
-from overlay.zk.layout import Layout, create_layout
+from overlay.zk.client import CONNECTION_ERRORS, EV_CHANGED, EV_DELETED, Session
+from overlay.zk.layout import Layout, create_layout, set_max_change
+from overlay.zk.neti import NetiBridge, NetiPaths, merge_into
+from overlay.zk.pending import PendingWatch
 from overlay.zk.worker import WatchWorker
 
 log = logging.getLogger(__name__)
@@ -90,11 +93,18 @@ class ZooKeeperRegistry:
         self._zk = Session(max(5.0, 2.0 * config.timeout_s))
         # what this registry writes: a daemon's own entries, or (an observer: the controller's) the operator's
         self._record_acl = operator_acl(config.operator) if node_id is None else owned_acl(config.auth)
-        self._alloc = Allocator(self._zk, self._layout, self.subnet, self._record_acl, rng)
+        self._alloc = Allocator(self._zk, self._layout, self.subnet, self._record_acl, rng,
+                                neti=None if config.neti is None else NetiPaths(config.neti))
 
         self._v = ViewState(grants={})   # the view (changed under self._v.lock)
 
         self._book = Records(self._zk, self._layout, self.subnet, self.node_id)   # worker-private
+        # registry.neti: the old system's layout (overlay.zk.neti), worker-private too
+        self._neti = None if config.neti is None else NetiBridge(
+            self._zk, config.neti, self._layout, self.subnet, self.node_id, self._book.log_rejection)
+        self._native_max: int | None = None   # config/max_change (the view's threshold unless absent)
+        self._pending = PendingWatch(self._layout, f"node {self.node_id}", lambda: self._worker.enqueue(
+            ("event", EV_CHANGED, self._pending.path)))   # a policy change on probation (overlay.pending)
 
         self._worker = WatchWorker(f"zk-registry-{self.node_id}", self._round, who=f"node {self.node_id}",
                                    max_batch=_MAX_BATCH, can_resync=self._zk_connected)
@@ -181,10 +191,18 @@ class ZooKeeperRegistry:
             except NoNodeError:
                 raise NotFound(f"node {self.node_id} is not registered at {path}") from None
 
+    def status_extra(self) -> dict:
+        """``/status`` ``registry``: the old layout's part, when ``registry.neti`` is on."""
+        extra = {} if self._neti is None else {"neti": self._neti.status(self.view())}
+        return extra | ({"pending_policies": p} if (p := self._pending.status()) else {})
+
     def _stop(self, keep_session: bool) -> None:
         self._closed = True
         self._listener = None
         self._worker.stop(self._zk.op_timeout + 5)
+        self._pending.stop()
+        if not keep_session and self._neti is not None:
+            self._neti.leave()
         with self._client_lock:
             client, self._zk.client = self._zk.client, None
         if client is not None:
@@ -217,20 +235,8 @@ class ZooKeeperRegistry:
 
     def set_max_change(self, n: int) -> None:
         """Operator: set ``config/max_change`` (needs ``registry.operator`` when ACLs are on)."""
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_MAX_CHANGE:
-            raise RegistryError(f"max_change must be an integer in 0..{MAX_MAX_CHANGE}, got {n!r}")
-        data = str(n).encode()
-        acl = operator_acl(self.config.operator)
-        path = self._layout.max_change
-        with zkc.translate(f"setting {path} to {n}", self._hosts):
-            client = self._ensure_client()
-            try:
-                self._zk.wait(client.set_async(path, data))
-            except NoNodeError:
-                try:
-                    self._zk.wait(client.create_async(path, data, acl=acl, makepath=True))
-                except NodeExistsError:
-                    self._zk.wait(client.set_async(path, data))
+        with zkc.translate(f"setting {self._layout.max_change} to {n}", self._hosts):
+            set_max_change(self._zk, self._ensure_client(), self._layout, operator_acl(self.config.operator), n)
 
     @property
     def session_id(self) -> int | None:
@@ -260,40 +266,10 @@ class ZooKeeperRegistry:
 
     def _saved_session(self) -> tuple[int, bytes] | None:
         """The session the previous run of this node left (read once: the file is removed)."""
-        path = self._session_file
-        if not path:
-            return None
-        try:
-            with open(path, encoding="utf-8") as fh:
-                obj = json.load(fh)
-            if not isinstance(obj, dict) or {k: obj.get(k) for k in self._session_key()} != self._session_key():
-                return None      # another node's, ZooKeeper's or prefix's: not ours to take
-            os.unlink(path)
-            return int(obj["session"], 16), bytes.fromhex(obj["password"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("node %s: ignoring the saved ZooKeeper session %s: %s", self.node_id, path, exc)
-            return None
+        return session_file.load(self._session_file, self._session_key(), self.node_id)
 
     def _save_session(self, cid: tuple[int, bytes] | None) -> None:
-        if cid is None or not self._session_file:
-            return
-        path = self._session_file
-        body = json.dumps({"v": 1, **self._session_key(), "session": f"{cid[0]:x}", "password": cid[1].hex()})
-        try:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            tmp = f"{path}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(body)
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("node %s: cannot save the ZooKeeper session to %s (%s); the next start cannot resume it",
-                        self.node_id, path, exc.strerror)
-            return
-        log.info("node %s: left ZooKeeper session 0x%x open: its record stays up to %g s; the next start "
-                 "resumes it", self.node_id, cid[0], self.config.timeout_s)
+        session_file.save(self._session_file, self._session_key(), cid, self.node_id, self.config.timeout_s)
 
     def _zk_connected(self) -> bool:
         client = self._zk.client
@@ -301,7 +277,8 @@ class ZooKeeperRegistry:
 
     def _add_watches(self) -> None:
         zkc.add_watches(self._zk.client, (self._layout.nodes, self._layout.policies, self._layout.max_change,
-                                          self._layout.ip_to_id, self._layout.assignments), self._zk.op_timeout)
+                                          self._layout.ip_to_id, self._layout.assignments, self._pending.path,
+                                          *(self._neti.watch_paths() if self._neti else ())), self._zk.op_timeout)
 
     def _ensure_layout(self) -> None:
         """The layout's parent paths exist (created here when no ACLs are in use)."""
@@ -338,6 +315,8 @@ class ZooKeeperRegistry:
                             lay.prefix, ADMINS)
             self._record_acl = owned_acl(self.config.auth, admins)
             self._alloc.record_acl = self._record_acl
+        if self._neti is not None:
+            self._neti.ensure_layout()
         self._layout_ok = True
 
     def _on_state(self, state: str) -> None:
@@ -368,7 +347,15 @@ class ZooKeeperRegistry:
     # --- own record -----------------------------------------------------------------------
 
     def _ensure_own_record(self, replace_data: bool = False) -> None:
-        """Create ``nodes/<self>`` (ephemeral) or bring its data up to date."""
+        """Create ``nodes/<self>`` (ephemeral) or bring its data up to date; with ``registry.neti``,
+        also this node's entry in the old party."""
+        self._ensure_native_record(replace_data)
+        with self._own_lock:
+            node = self._own
+        if self._neti is not None and node is not None:
+            self._neti.join(node, self._record_acl)
+
+    def _ensure_native_record(self, replace_data: bool) -> None:
         with self._own_lock:
             node, data = self._own, self._own_data
         if node is None or data is None:
@@ -433,10 +420,11 @@ class ZooKeeperRegistry:
         paths = [f"{self._layout.nodes}/{n}" for n in names]
         paths += [f"{self._layout.policies}/{p}" for p in policy_ids]
         paths += [f"{self._layout.assignments}/{a}" for a in assigned]
-        paths.append(self._layout.max_change)
+        paths += [self._layout.max_change, self._pending.path]
         got = self._zk.get_many(paths)
+        self._pending.update(got[self._pending.path])
         self._book.reset(set(names) | {f"policy:{p}" for p in policy_ids} | {f"assignment:{a}" for a in assigned}
-                         | {"config:max_change"})
+                         | {"config:max_change"} | (self._neti.log_keys() if self._neti else set()))
         for n in names:
             res = got[f"{self._layout.nodes}/{n}"]
             if res is not None:
@@ -467,10 +455,16 @@ class ZooKeeperRegistry:
             else:
                 rejected[f"policy:{pid}"] = reason
         max_change = self._book.parse_max_change(got[self._layout.max_change])
+        if self._neti is not None:
+            self._neti.resync()
         with self._v.lock:
             self._v.nodes, self._v.policies, self._v.rejected = nodes, policies, rejected
             self._v.order, self._v.grants = order, grants
-            self._v.max_change = max_change
+            self._v.max_change = self._native_max = max_change
+            self._v.sources = {}
+            if self._neti is not None:
+                merge_into(self._v, self._neti, (), max_change)
+            self._pending.lay_over(self._v, self._v.policies)
             self._v.connected = True
             self._v.synced = True
             self._bump()
@@ -482,7 +476,7 @@ class ZooKeeperRegistry:
         node_last: dict[str, int] = {}
         policy_last: dict[str, int] = {}
         assign_last: dict[str, int] = {}
-        max_change_event = False
+        max_change_event = pending_event = False
         ips: set[str] = set()
         own_event: int | None = None
         np, pp, ap = self._layout.nodes + "/", self._layout.policies + "/", self._layout.ip_to_id + "/"
@@ -502,6 +496,8 @@ class ZooKeeperRegistry:
                     policy_last[pid] = etype
             elif path == self._layout.max_change:
                 max_change_event = True
+            elif path == self._pending.path:
+                pending_event = True
             elif path.startswith(ap):
                 ip = path[len(ap):]
                 if "/" not in ip:
@@ -525,9 +521,13 @@ class ZooKeeperRegistry:
         pol_read = [p for p, et in policy_last.items() if et != EV_DELETED]
         paths = [f"{self._layout.nodes}/{n}" for n in to_read] + [f"{self._layout.policies}/{p}" for p in pol_read]
         paths += [f"{gp}{a}" for a, et in assign_last.items() if et != EV_DELETED]
-        if max_change_event:
-            paths.append(self._layout.max_change)
+        paths += [self._layout.max_change] * max_change_event + [self._pending.path] * pending_event
         got = self._zk.get_many(paths) if paths else {}
+        if pending_event:
+            self._pending.update(got.get(self._pending.path))
+        neti_events = [e for e in events if self._neti.owns(e[2])] if self._neti else []
+        if neti_events or (ips and self._neti is not None):
+            self._neti.apply(neti_events, ips)
 
         touched = set(recheck)
         for name, etype in node_last.items():
@@ -560,9 +560,14 @@ class ZooKeeperRegistry:
             for pid, (pol, reason) in policy_changes.items():
                 changed |= _put(policies, pid, pol)
                 changed |= _put(rejected, f"policy:{pid}", reason)
-            if max_change_event and new_max != self._v.max_change:
+            if max_change_event:
+                self._native_max = new_max
+            if self._neti is not None:
+                changed |= merge_into(self._v, self._neti, node_changes, self._native_max)
+            elif max_change_event and new_max != self._v.max_change:
                 self._v.max_change = new_max
                 changed = True
+            changed |= self._pending.lay_over(self._v, policies)
             if changed:
                 self._bump()
         if changed:
@@ -590,14 +595,4 @@ class ZooKeeperRegistry:
 
     def _notify(self) -> None:
         notify_listener(self._listener, self.node_id)
-
-
-def _put(d: dict, key: str, value: Any) -> bool:
-    """Set or (value None) remove ``d[key]``; True if that changed ``d``."""
-    if value is None:
-        return d.pop(key, None) is not None
-    if d.get(key) == value:
-        return False
-    d[key] = value
-    return True
 

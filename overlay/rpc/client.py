@@ -102,10 +102,15 @@ class Client:
     def list_nodes_detail(self) -> tuple[list[Node], dict[str, str], dict[str, str], int]:
         """``(nodes, rejected, conflicts, revision)``: conflicts name the nodes whose address
         an earlier registration holds, with the reason."""
+        return self.list_nodes_sources()[:4]
+
+    def list_nodes_sources(self) -> tuple[list[Node], dict[str, str], dict[str, str], int, dict[str, str]]:
+        """:meth:`list_nodes_detail` and the nodes that are not Overlay's records (id -> source,
+        ``neti``: the old system's layout, through the controller's registry.neti)."""
         resp = self._unary("ListNodes", self.pb2.ListNodesRequest(), "listing nodes")
         nodes = [convert.node_from_record(convert.node_record_from_pb(n)) for n in resp.nodes]
         return (nodes, {r.id: r.reason for r in resp.rejected}, {c.id: c.reason for c in resp.conflicts},
-                resp.revision)
+                resp.revision, {n.node_id: n.source for n in resp.nodes if n.source})
 
     # --- assignments ------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from overlay.model import (
     node_from_dict,
     policy_from_dict,
     valid_name,
+    valid_version,
 )
 
 Key = tuple[str, str]
@@ -66,11 +67,11 @@ def _port_strings(specs: tuple[tuple[int, int], ...]) -> list[str]:
 # --- nodes --------------------------------------------------------------------------------
 
 
-def node_to_pb(pb2, node: Node):
+def node_to_pb(pb2, node: Node, source: str = ""):
     return pb2.Node(node_id=node.node_id, network=node.network, private=node.private,
                     public=node.public, overlay=node.overlay, groups=list(node.groups),
                     open_ports=_port_strings(node.open_ports), private6=node.private6 or "",
-                    public6=node.public6 or "")
+                    public6=node.public6 or "", source=source, agent_version=node.agent_version or "")
 
 
 def node_from_pb(msg, subnet: ipaddress.IPv4Network, field: str = "node") -> Node:
@@ -96,6 +97,8 @@ def node_from_pb(msg, subnet: ipaddress.IPv4Network, field: str = "node") -> Nod
         if getattr(msg, name):
             record[name] = _check(f"{field}.{name}", addr.host_ipv6, getattr(msg, name))
             record["v"] = 2
+    if msg.agent_version:
+        record["agent_version"] = _check(f"{field}.agent_version", valid_version, msg.agent_version)
     return _check(field, lambda r: node_from_dict(r, subnet), record)
 
 
@@ -103,7 +106,8 @@ def node_record_from_pb(msg) -> dict:
     """A ``Node`` message as a node record (DESIGN §4.2), not validated."""
     return {"v": 1, "node_id": msg.node_id, "network": msg.network, "private": msg.private,
             "public": msg.public, "overlay": msg.overlay, "groups": list(msg.groups),
-            "open_ports": [_port_json(p) for p in msg.open_ports]}
+            "open_ports": [_port_json(p) for p in msg.open_ports],
+            **({"agent_version": msg.agent_version} if msg.agent_version else {})}
 
 
 def node_from_record(record: dict, subnet: ipaddress.IPv4Network | None = None) -> Node:
@@ -185,7 +189,7 @@ def change_to_pb(pb2, revision: int, key: Key, value: dict | None):
     elif "rejected" in value:
         ch.rejected = str(value["rejected"])
     elif kind == "node":
-        ch.node.CopyFrom(node_to_pb(pb2, node_from_dict(value["node"])))
+        ch.node.CopyFrom(node_to_pb(pb2, node_from_dict(value["node"]), value.get("source", "")))
         ch.order = int(value.get("order") or 0)
     elif kind == "assignment":
         ch.assignment.CopyFrom(pb2.Assignment(node_id=ident, groups=value["assignment"]["groups"]))
@@ -210,7 +214,8 @@ def change_from_pb(ch) -> tuple[Key, dict | None]:
     if which == "rejected":
         return key, {"rejected": ch.rejected}
     if which == "node" and kind == "node":
-        return key, {"node": node_record_from_pb(ch.node), "order": ch.order}
+        return key, {"node": node_record_from_pb(ch.node), "order": ch.order,
+                     **({"source": ch.node.source} if ch.node.source else {})}
     if which == "assignment" and kind == "assignment":
         return key, {"assignment": {"groups": list(ch.assignment.groups)}}
     if which == "policy" and kind == "policy":

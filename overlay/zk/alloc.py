@@ -4,6 +4,13 @@ Both directions are written in one transaction, so a node holds an address only 
 both say so; a free address is chosen at random (a node keeps its address across
 restarts: ``id-to-ip/<node_id>`` is persistent). Runs in the caller's thread, on the
 caller's :class:`~overlay.zk.client.Session`; the caller translates kazoo's errors.
+
+With ``registry.neti`` (``neti``: the old layout's paths) the address space is shared with the
+old system: an address in its ``ip-to-id`` is never taken, a claim also creates the old
+``id-to-ip/<id>`` and ``ip-to-id/<ip>`` in the same transaction (so an old allocator, which
+creates ``ip-to-id/<ip>`` too, fails on it and picks another), and a node the old system
+already gave an address (its old ``id-to-ip/<id>``, confirmed by the old ``ip-to-id``) keeps
+that address: that is how a host moves from the old system keeping its overlay address.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from overlay.errors import AllocationExhausted, AlreadyExists, RegistryError
 from overlay.model import valid_name
 from overlay.zk.client import Session
 from overlay.zk.layout import Layout
+from overlay.zk.neti import NetiPaths
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +38,9 @@ class Allocator:
     """The overlay addresses of ``subnet`` under ``layout``."""
 
     def __init__(self, session: Session, layout: Layout, subnet: ipaddress.IPv4Network, record_acl: list,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, neti: NetiPaths | None = None):
         self._zk = session
+        self._neti = neti
         self._layout = layout
         self.subnet = ipaddress.IPv4Network(subnet)
         self.record_acl = record_acl
@@ -45,7 +54,11 @@ class Allocator:
             current = self._current_allocation(node_id)
             if current is not None:
                 return self._confirm_allocation(node_id, current, requested)
-            got = self._claim_requested(node_id, requested) if requested else self._claim_random(node_id)
+            old = self._old_allocation(node_id) if self._neti is not None else None
+            if old is not None:
+                got = self._claim_old(node_id, old, requested)
+            else:
+                got = self._claim_requested(node_id, requested) if requested else self._claim_random(node_id)
             if got is not None:
                 return got
             # another process of this node claimed an address first: read it again
@@ -55,8 +68,13 @@ class Allocator:
         )
 
     def _current_allocation(self, node_id: str) -> str | None:
+        return self._address_at(f"{self._layout.id_to_ip}/{node_id}", f"alloc/id-to-ip/{node_id}")
+
+    def _address_at(self, path: str, shown: str) -> str | None:
+        """The overlay address an ``id-to-ip`` entry holds (None: no entry); an address outside
+        the subnet is an operator's problem."""
         try:
-            data, _ = self._zk.get(f"{self._layout.id_to_ip}/{node_id}")
+            data, _ = self._zk.get(path)
         except NoNodeError:
             return None
         text = data.decode("utf-8", "replace").strip()
@@ -64,8 +82,8 @@ class Allocator:
             return addr.in_subnet_host(text, self.subnet)
         except ValueError as exc:
             raise RegistryError(
-                f"alloc/id-to-ip/{node_id} holds {text!r}, which is not an address of the overlay "
-                f"subnet {self.subnet} ({exc}); an operator must remove it"
+                f"{shown} holds {text[:40]!r}, which is not an address of the overlay subnet {self.subnet} "
+                f"({exc}); an operator must remove it"
             ) from None
 
     def owner_of(self, ip: str) -> str | None:
@@ -93,6 +111,8 @@ class Allocator:
                 f"alloc/id-to-ip/{node_id} says {current}, but alloc/ip-to-id/{current} belongs to "
                 f"{owner!r}; an operator must resolve the conflict"
             )
+        if self._neti is not None:
+            self._mirror(node_id, current)
         if requested and requested != current:
             return self._move(node_id, current, requested)
         return current
@@ -112,8 +132,13 @@ class Allocator:
         tx.delete(f"{self._layout.ip_to_id}/{current}", version=s2.version)
         tx.create(f"{self._layout.ip_to_id}/{ip}", node_id.encode(), acl=self.record_acl)
         tx.create(f"{self._layout.id_to_ip}/{node_id}", ip.encode(), acl=self.record_acl)
+        if self._neti is not None:   # the old layout moves with it (_mirror made it match)
+            tx.delete(f"{self._neti.id_to_ip}/{node_id}")
+            tx.delete(f"{self._neti.ip_to_id}/{current}")
+            tx.create(f"{self._neti.ip_to_id}/{ip}", node_id.encode(), acl=self.record_acl)
+            tx.create(f"{self._neti.id_to_ip}/{node_id}", ip.encode(), acl=self.record_acl)
         results = self._zk.wait(tx.commit_async())
-        if isinstance(results[2], NodeExistsError):
+        if isinstance(results[2], NodeExistsError) or (len(results) > 4 and isinstance(results[6], NodeExistsError)):
             raise AlreadyExists(
                 f"overlay address {ip} is already allocated to node {self.owner_of(ip)!r} "
                 f"(alloc/ip-to-id/{ip}); {node_id} keeps {current}"
@@ -122,18 +147,80 @@ class Allocator:
         log.warning("node %s: moved overlay address %s -> %s as configured", node_id, current, ip)
         return ip
 
-    def _claim(self, node_id: str, ip: str) -> str:
-        """One transaction creating both directions. Returns ok, ip-taken or id-taken."""
+    def _claim(self, node_id: str, ip: str, old_version: int | None = None) -> str:
+        """One transaction creating both directions (and, with ``registry.neti``, the old layout's
+        two, or checking its ``ip-to-id/<ip>`` at ``old_version`` when the old system allocated
+        it to this node). Returns ok, ip-taken or id-taken."""
         tx = self._zk.client.transaction()
         tx.create(f"{self._layout.id_to_ip}/{node_id}", ip.encode(), acl=self.record_acl)
         tx.create(f"{self._layout.ip_to_id}/{ip}", node_id.encode(), acl=self.record_acl)
+        if self._neti is not None and old_version is None:
+            tx.create(f"{self._neti.id_to_ip}/{node_id}", ip.encode(), acl=self.record_acl)
+            tx.create(f"{self._neti.ip_to_id}/{ip}", node_id.encode(), acl=self.record_acl)
+        elif self._neti is not None:
+            tx.check(f"{self._neti.ip_to_id}/{ip}", old_version)
         results = self._zk.wait(tx.commit_async())
-        if isinstance(results[0], NodeExistsError):
+        if isinstance(results[0], NodeExistsError) or (len(results) == 4 and isinstance(results[2], NodeExistsError)):
             return "id-taken"
-        if isinstance(results[1], NodeExistsError):
+        if isinstance(results[1], NodeExistsError) or (len(results) == 4 and isinstance(results[3], NodeExistsError)):
             return "ip-taken"
         _raise_first_error(results)
         return "ok"
+
+    # --- registry.neti: the old layout ----------------------------------------------------
+
+    def _old_owner(self, ip: str) -> tuple[str | None, int]:
+        try:
+            data, stat = self._zk.get(f"{self._neti.ip_to_id}/{ip}")
+        except NoNodeError:
+            return None, -1
+        return data.decode("utf-8", "replace").strip(), stat.version
+
+    def _old_allocation(self, node_id: str) -> str | None:
+        """The address the old system gave ``node_id`` (its ``id-to-ip``), if any."""
+        return self._address_at(f"{self._neti.id_to_ip}/{node_id}", f"the old layout's {self._neti.id_to_ip}/{node_id}")
+
+    def _claim_old(self, node_id: str, ip: str, requested: str | None) -> str | None:
+        """Take over the old system's allocation of ``node_id`` (the host keeps its address)."""
+        if requested and self._requested_ip(requested) != ip:
+            raise RegistryError(f"{node_id} has overlay address {ip} in the old layout "
+                                f"({self._neti.id_to_ip}/{node_id}) but addresses.overlay asks for {requested}; "
+                                "remove addresses.overlay (the host keeps its address) or release the old one")
+        owner, version = self._old_owner(ip)
+        if owner != node_id:
+            raise RegistryError(f"the old layout gives {node_id} {ip} ({self._neti.id_to_ip}/{node_id}) but "
+                                f"{self._neti.ip_to_id}/{ip} names {owner!r}; an operator must resolve the conflict")
+        outcome = self._claim(node_id, ip, old_version=version)
+        if outcome == "ok":
+            log.info("node %s: kept overlay address %s of the old layout", node_id, ip)
+            return ip
+        if outcome == "id-taken":
+            return None
+        raise AlreadyExists(f"overlay address {ip} of {node_id} in the old layout is allocated to node "
+                            f"{self.owner_of(ip)!r} in alloc/ip-to-id; an operator must resolve the conflict")
+
+    def _mirror(self, node_id: str, ip: str) -> None:
+        """An allocation made before ``registry.neti`` was on gets its old-layout entries too."""
+        old = self._old_allocation(node_id)
+        owner, _ = self._old_owner(ip)
+        if old == ip and owner == node_id:
+            return
+        if old is not None and old != ip:
+            raise RegistryError(f"{node_id} holds {ip} in alloc/id-to-ip but {old} in the old layout "
+                                f"({self._neti.id_to_ip}/{node_id}); an operator must release one")
+        if owner is not None and owner != node_id:
+            raise AlreadyExists(f"{node_id}'s overlay address {ip} is allocated to {owner!r} in the old layout "
+                                f"({self._neti.ip_to_id}/{ip}); an operator must resolve the conflict")
+        for path, data in ((f"{self._neti.ip_to_id}/{ip}", node_id), (f"{self._neti.id_to_ip}/{node_id}", ip)):
+            try:
+                self._zk.wait(self._zk.client.create_async(path, data.encode(), acl=self.record_acl))
+            except NodeExistsError:
+                pass
+        owner, _ = self._old_owner(ip)
+        if owner != node_id:   # an old allocator took it meanwhile
+            raise AlreadyExists(f"{node_id}'s overlay address {ip} was just allocated to {owner!r} in the old "
+                                f"layout ({self._neti.ip_to_id}/{ip}); an operator must resolve the conflict")
+        log.info("node %s: wrote its allocation %s to the old layout too", node_id, ip)
 
     def _claim_requested(self, node_id: str, requested: str) -> str | None:
         ip = self._requested_ip(requested)
@@ -161,9 +248,11 @@ class Allocator:
         lo, hi = int(net.network_address) + 1, int(net.broadcast_address) - 1
         total = hi - lo + 1
 
+        parents = [self._layout.ip_to_id] + ([self._neti.ip_to_id] if self._neti is not None else [])
+
         def listed() -> set[int]:
             taken = set()
-            for name in self._zk.children(self._layout.ip_to_id):
+            for name in (n for p in parents for n in self._zk.children(p)):
                 try:
                     ip = int(ipaddress.IPv4Address(name))
                 except ValueError:

@@ -17,9 +17,10 @@ and, for the controller (docs/grpc.md): ``changes`` (the journal), ``controllers
 from __future__ import annotations
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NodeExistsError
+from kazoo.exceptions import NodeExistsError, NoNodeError
 
 from overlay.config import Auth, RegistryConfig
+from overlay.errors import RegistryError
 from overlay.ownership import serialise_assignment
 from overlay.zk import client as zkc
 from overlay.zk.acl import layout_acls, operator_acl, publish_admins
@@ -114,3 +115,17 @@ def grant_groups(config: RegistryConfig, grants: dict[str, tuple[str, ...]], tim
         finally:
             client.stop()
             client.close()
+
+
+def set_max_change(session, client: KazooClient, layout: Layout, acl: list, n: int) -> None:
+    """Operator: write ``config/max_change`` (an integer in 0..1000000)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1_000_000:
+        raise RegistryError(f"max_change must be an integer in 0..1000000, got {n!r}")
+    data, path = str(n).encode(), layout.max_change
+    try:
+        session.wait(client.set_async(path, data))
+    except NoNodeError:
+        try:
+            session.wait(client.create_async(path, data, acl=acl, makepath=True))
+        except NodeExistsError:
+            session.wait(client.set_async(path, data))

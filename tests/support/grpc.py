@@ -129,3 +129,15 @@ def standalone_env() -> dict[str, str]:
 
 def tmpdir() -> str:
     return tempfile.mkdtemp(prefix="overlay-grpc-test-")
+
+
+@contextlib.contextmanager
+def made_certs() -> Iterator[tuple[str, str]]:
+    """:func:`make_certs` in a fresh directory, removed afterwards."""
+    import shutil
+
+    base = tmpdir()
+    try:
+        yield make_certs(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

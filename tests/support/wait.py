@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -46,3 +47,15 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
 def now_ns() -> int:
     """bpf_ktime_get_ns()'s clock (CLOCK_MONOTONIC), for conntrack timestamps in tests."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def stop_process(proc, timeout: float = 15.0) -> None:
+    """SIGTERM ``proc`` (a Popen we started), then SIGKILL if it has not exited in ``timeout`` s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)

@@ -50,8 +50,9 @@ def test_service_and_methods_are_the_contract():
     assert methods["Watch"].server_streaming and not methods["Watch"].client_streaming
     assert not any(m.server_streaming for n, m in methods.items() if n != "Watch")
     assert [f.name for f in pb2.Node.DESCRIPTOR.fields] == [
-        "node_id", "network", "private", "public", "overlay", "groups", "open_ports", "private6", "public6"]
-    assert [f.number for f in pb2.Node.DESCRIPTOR.fields] == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # additive
+        "node_id", "network", "private", "public", "overlay", "groups", "open_ports", "private6", "public6",
+        "source", "agent_version"]   # issue 18 (registry.neti through the controller; audit), additive
+    assert [f.number for f in pb2.Node.DESCRIPTOR.fields] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]  # additive
     assert "from_revision" in pb2.WatchRequest.DESCRIPTOR.fields_by_name
     # errors are status codes: no response carries a success flag
     for msg in pb2.DESCRIPTOR.message_types_by_name.values():
@@ -80,6 +81,7 @@ GOOD = dict(node_id="web-1", network="ec2", private="10.0.0.1", public="198.18.1
     ("node.open_ports[0]", dict(open_ports=["http"]), "not a port"),
     ("node.private6", dict(private6="fe80::1"), "link-local"),
     ("node.public6", dict(public6="10.0.0.1"), "not an IPv6 address"),
+    ("node.agent_version", dict(agent_version="v1 beta"), "not a version"),
 ])
 def test_node_from_pb_names_the_field(field, change, fragment):
     with pytest.raises(InvalidArgument) as info:
@@ -95,7 +97,10 @@ def test_node_round_trip_is_canonical():
     back = convert.node_to_pb(pb2, node)
     assert list(back.open_ports) == ["80", "8000-8100"]
     assert convert.node_from_pb(back, SUBNET) == node
-    assert (back.private6, back.public6) == ("", "")
+    assert (back.private6, back.public6, back.agent_version) == ("", "", "")
+    tagged = convert.node_from_pb(pb2.Node(**GOOD, agent_version="0.1.0"), SUBNET)
+    assert tagged.agent_version == "0.1.0" and convert.node_to_pb(pb2, tagged).agent_version == "0.1.0"
+    assert convert.node_record_from_pb(convert.node_to_pb(pb2, tagged))["agent_version"] == "0.1.0"
 
 
 def test_node_ipv6_fields_round_trip_as_a_v2_record():
