@@ -29,11 +29,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from overlay import abi
+from overlay.abi import FS_ALL, FS_SSH, PEER_F_MEMBER, SSH_PORT, proto_name
 from overlay.errors import UnsupportedError
-
-PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
-PROTO_NAMES = {v: k for k, v in PROTOS.items()}
-SSH_PORT = 22
 
 
 def _out(text: str = "") -> None:
@@ -61,10 +59,6 @@ def _open_maps(pin_dir: str):
     return MapSet.from_pinned(pin_dir)
 
 
-def proto_name(number: int) -> str:
-    return PROTO_NAMES.get(number, str(number))
-
-
 # --- overlay drops ----------------------------------------------------------------------
 
 
@@ -84,17 +78,10 @@ class Namer:
 
 
 def name_of(maps, kind: str, number: int) -> str | None:
-    from overlay.datapath.ebpf import bpfsys
-    from overlay.datapath.ebpf.maps import NAMES, decode_item, encode_key
-
-    info = maps.info(NAMES)
-    raw = bpfsys.lookup(maps.fd(NAMES), encode_key("names", (kind, number)), info.key_size, info.value_size)
-    return None if raw is None else decode_item("names", encode_key("names", (kind, number)), raw)[1]
+    return LiveMaps(maps).name(kind, number)
 
 
 def event_record(ev, namer: Namer, mono_to_wall: Callable[[int], float]) -> dict:
-    from overlay.datapath.ebpf import abi
-
     reason = abi.DROP_REASONS.get(ev.reason, str(ev.reason))
     wall = mono_to_wall(ev.ts_ns)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall * 1000) % 1000:03d}Z"
@@ -166,7 +153,7 @@ def cmd_drops(args) -> int:
 
 
 def _follow(args, pin_dir: str, maps) -> int:
-    from overlay.datapath.ebpf import abi, bpfsys
+    from overlay.datapath.ebpf import bpfsys
 
     namer = Namer(maps)
     to_wall = _mono_to_wall()
@@ -256,13 +243,16 @@ class LiveMaps:
     def __init__(self, maps):
         self.maps = maps
 
-    def _get(self, table: str, key) -> bytes | None:
+    def _get(self, table: str, key):
+        """The decoded value of ``key`` in ``table`` (the map of its family), or None."""
         from overlay.datapath.ebpf import bpfsys
-        from overlay.datapath.ebpf.codec import encode_key, map_of
+        from overlay.datapath.ebpf.codec import decode_item, encode_key, map_of
 
         name = map_of(table, key)
         info = self.maps.info(name)
-        return bpfsys.lookup(self.maps.fd(name), encode_key(table, key), info.key_size, info.value_size)
+        raw_key = encode_key(table, key)
+        raw = bpfsys.lookup(self.maps.fd(name), raw_key, info.key_size, info.value_size)
+        return None if raw is None else decode_item(table, raw_key, raw)[1]
 
     def cfg(self, key: str) -> int:
         from overlay.datapath.ebpf.maps import CONFIG_INDEX
@@ -273,42 +263,33 @@ class LiveMaps:
         return self._get("self", src) is not None
 
     def failsafe(self, src: str) -> int:
-        raw = self._get("failsafe", _host_cidr(src))
-        return 0 if raw is None else int.from_bytes(raw[:4], sys.byteorder)
+        return self._get("failsafe", _host_cidr(src)) or 0
 
     def peer(self, src: str):
-        from overlay.datapath.ebpf import abi
-
-        raw = self._get("peers", src)
-        if raw is None:
-            return None
-        v = abi.OvlPeerVal.from_buffer_copy(raw)
-        return v.identity, v.flags
+        entry = self._get("peers", src)
+        return None if entry is None else (entry.identity, entry.flags)
 
     def cidr_identity(self, src: str) -> int | None:
-        raw = self._get("cidr_ident", _host_cidr(src))
-        return None if raw is None else int.from_bytes(raw[:4], sys.byteorder)
+        return self._get("cidr_ident", _host_cidr(src))
 
     def policy(self, identity: int, proto: int, port: int) -> int | None:
-        raw = self._get("policy", (identity, proto, port, 16))
-        return None if raw is None else int.from_bytes(raw[:4], sys.byteorder)
+        return self._get("policy", (identity, proto, port, 16))
 
     def name(self, kind: str, number: int) -> str | None:
-        return name_of(self.maps, kind, number)
+        return self._get("names", (kind, number))
 
     def port_open(self, proto: int, port: int) -> bool:
-        slot = {6: 0, 17: 1}.get(proto)
-        if slot is None:
+        bit = abi.port_bit(proto, port)
+        if bit is None:
             return False
-        raw = self._get("ports", (slot, port // 64))
-        return raw is not None and bool(int.from_bytes(raw[:8], sys.byteorder) >> (port % 64) & 1)
+        return bool((self._get("ports", bit[0]) or 0) & bit[1])
 
 
 def _host_cidr(ip: str) -> str:
     return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
-ICMPV6 = 58
+ICMPV6 = abi.IPPROTO_ICMPV6
 FRAGMENT_RULE = (
     "fragments share their datagram's verdict: the first fragment is judged like this flow; one "
     "without its whole L4 header (TCP 20 bytes, UDP/ICMP 8) only by the member, policy-port and "
@@ -322,14 +303,13 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
     """The ingress verdict for a new flow, step by step as bpf/lib/filter.h decides it.
 
     ``live`` answers lookups (:class:`LiveMaps`, or a fake in tests)."""
-    from overlay.ops import FS_ALL, FS_SSH, PEER_F_MEMBER
-
     pname = proto_name(proto)
-    if proto not in (6, 17):
+    ported = proto in abi.PROTO_SLOT  # tcp, udp: the protocols with ports
+    if not ported:
         port = 0
-    what = f"{pname}/{port}" if proto in (6, 17) else pname
+    what = f"{pname}/{port}" if ported else pname
     v = Verdict(src, dst, pname, port)
-    v.audit = live.cfg("mode") == 1
+    v.audit = live.cfg("mode") == abi.FilterMode.AUDIT
     v.enforced = bool(live.cfg("policy_enforced"))
     filtering = v.enforced or bool(live.cfg("reject_all"))
     v.notes.append("a reply of a flow this host initiated passes as established (conntrack, not "
@@ -355,10 +335,10 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
     flags = live.failsafe(src)
     if flags & FS_ALL:
         return done("allow", "failsafe", f"failsafe: {src} is a registry/management address (never blocked)")
-    if flags & FS_SSH and proto == 6 and port == SSH_PORT:
+    if flags & FS_SSH and proto == abi.IPPROTO_TCP and port == SSH_PORT:
         return done("allow", "failsafe", f"failsafe: ssh from {src} (filter.ssh_whitelist, never blocked)")
     # policies: ICMPv6 is looked up as ICMP (a policy `proto: icmp` covers both)
-    lookup_proto = 1 if proto == ICMPV6 else proto
+    lookup_proto = abi.IPPROTO_ICMP if proto == ICMPV6 else proto
 
     peer = live.peer(src)
     member = peer is not None and bool(peer[1] & PEER_F_MEMBER)
@@ -402,7 +382,7 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
 
     if member:
         return done("allow", "member", f"member: {who()} is an overlay member (no policy selects this node)")
-    if proto in (6, 17) and live.port_open(proto, port):
+    if ported and live.port_open(proto, port):
         return done("allow", "open_port", f"open port {what} (filter.open_ports)")
     if live.cfg("reject_all"):
         return done("drop", "not_allowed",
@@ -419,8 +399,8 @@ def _ip(text: str) -> str:
 
 def _proto(text: str) -> int:
     t = text.lower()
-    if t in PROTOS:
-        return PROTOS[t]
+    if t in abi.PROTO_NUMBERS:
+        return abi.PROTO_NUMBERS[t]
     if t.isdigit() and 0 <= int(t) <= 255:
         return int(t)
     raise argparse.ArgumentTypeError(f"{text!r} is not tcp, udp, icmp, icmpv6 or a protocol number")

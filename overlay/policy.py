@@ -35,8 +35,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from overlay.abi import IDENTITY_CIDR, IDENTITY_MEMBER, NAME_MAX_BYTES, PROTO_NUMBERS
 from overlay.model import Policy
-from overlay.ops import IDENTITY_CIDR, IDENTITY_MEMBER, NAME_MAX_BYTES, PROTO_NUMBERS
 
 MASK31 = 0x7FFFFFFF
 PORT_BITS = 16

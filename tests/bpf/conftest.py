@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.datapath.ebpf import abi
+from overlay import abi
 from tests.support.wait import now_ns
 
 HERE = Path(__file__).resolve().parent

@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from overlay.datapath.ebpf import abi, build
+from overlay import abi
+from overlay.datapath.ebpf import build
 from overlay.errors import DatapathError, InvalidConfigError, UnsupportedError
 
 SMALL = {"OVL_NAT_MAX": 64, "OVL_PEERS_MAX": 64, "OVL_CT_MAX": 256, "OVL_FAILSAFE_MAX": 16,

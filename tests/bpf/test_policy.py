@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
+from overlay import abi
+from overlay.abi import Reason
 from overlay.config import config_from_dict
-from overlay.datapath.ebpf import abi
-from overlay.datapath.ebpf.abi import Reason
 from overlay.datapath.ebpf.maps import MapSet
 from overlay.diff import diff
 from overlay.model import Endpoint, Node, Policy

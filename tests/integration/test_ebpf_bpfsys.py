@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from overlay.datapath.ebpf import abi
+from overlay import abi
 from overlay.errors import CapacityError, DatapathError
 from overlay.ops import NatEntry, Op, PeerEntry
 from tests.support.netns import require_root

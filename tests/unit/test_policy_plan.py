@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from overlay.abi import IDENTITY_CIDR, IDENTITY_MEMBER
 from overlay.config import config_from_dict
 from overlay.diff import diff
 from overlay.model import Endpoint, Node, Policy, policy_from_dict
-from overlay.ops import IDENTITY_CIDR, IDENTITY_MEMBER, PeerEntry
+from overlay.ops import PeerEntry
 from overlay.plan import plan
 from overlay.policy import (
     MASK31,

@@ -204,7 +204,7 @@ def test_cli_arguments():
 def test_event_formatting():
     import ctypes
 
-    from overlay.datapath.ebpf import abi
+    from overlay import abi
 
     def a16(ip):
         return (ctypes.c_uint32 * 4)(*abi.ip_to_words(ip))

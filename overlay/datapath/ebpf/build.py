@@ -47,8 +47,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from overlay import resources
-from overlay.datapath.ebpf import abi
+from overlay import abi, resources
 from overlay.errors import DatapathError, InvalidConfigError, UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -80,22 +79,8 @@ MAPS = (
     "ovl_frag",
 )
 
-DEFAULT_SIZES: dict[str, int] = {
-    "OVL_NAT_MAX": 65536,
-    "OVL_PEERS_MAX": 65536,
-    "OVL_CT_MAX": 262144,
-    "OVL_FAILSAFE_MAX": 1024,
-    "OVL_EVENTS_PAGES": 16,
-    "OVL_POLICY_MAX": 65536,
-    "OVL_CIDR_IDENT_MAX": 4096,
-    "OVL_NAMES_MAX": 65536,
-    "OVL_CT6_MAX": 65536,
-    "OVL_CT_IN_MAX": 65536,
-    "OVL_FRAG_MAX": 8192,
-    "OVL_PEERS6_MAX": 65536,
-    "OVL_FAILSAFE6_MAX": 1024,
-    "OVL_CIDR_IDENT6_MAX": 4096,
-}
+# -D name -> default: overlay/abi.py MAP_SIZES is the one place of the defaults (maps.h has none)
+DEFAULT_SIZES: dict[str, int] = {abi.SIZE_DEFINES[k]: v for k, v in abi.MAP_SIZES.items()}
 _SIZE_LIMIT = 1 << 26
 
 MAIN_SOURCE = "datapath.c"

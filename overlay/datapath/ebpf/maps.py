@@ -25,7 +25,8 @@ import struct
 import time
 from collections.abc import Iterable, Mapping
 
-from overlay.datapath.ebpf import abi, bpfsys
+from overlay import abi
+from overlay.datapath.ebpf import bpfsys
 from overlay.datapath.ebpf.codec import (  # noqa: F401  (re-exported: the historic home of these names)
     CFG,
     CIDR_IDENT,
@@ -58,7 +59,6 @@ from overlay.datapath.ebpf.codec import (  # noqa: F401  (re-exported: the histo
     encode_key,
     encode_value,
     map_of,
-    ports_to_list,
     to_jsonable,
 )
 from overlay.errors import CapacityError, DatapathError
