@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 CONTRACT_KEYS = ("suite", "backend", "peers", "metric", "value", "unit")
-SUITES = ("conn_setup", "rr", "stream", "update_one", "full_sync", "memory", "fanout")
+SUITES = ("conn_setup", "rr", "stream", "update_one", "full_sync", "memory", "fanout", "controller_limits")
 BACKENDS = ("bare", "iptables", "ebpf-tc")
 
 

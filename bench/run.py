@@ -47,7 +47,8 @@ DEFAULT_OUT = os.path.join(RESULTS_DIR, "latest.json")
 PORT = 5000  # conn_setup; rr on PORT+1, stream on PORT+2
 DATA_SUITES = ("conn_setup", "rr", "stream")
 CONTROL_SUITES = ("update_one", "full_sync")
-ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout", "prog_cost")
+ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout", "prog_cost",
+              "controller_limits")
 
 CLIENTS = {  # backend -> (namespace name, client address, server address)
     "bare": ("bare", "10.77.1.1", "10.77.1.2"),
@@ -78,6 +79,8 @@ PROFILES: dict[str, dict] = {
         "fanout_agents": [10, 25, 50], "fanout_peers": 1000, "fanout_rounds": 3,
         "fanout_changes": 20, "fanout_rate": 2.0, "fanout_settle_s": 4.0,
         "fanout_default_config": True,
+        "limits_watches": 1000, "limits_registers": 10000, "limits_changes": 200, "limits_interval_s": 0.05,
+        "limits_reps": 3,
     },
     "quick": {
         "peers": [1, 10000], "reps": 3, "nice": -10,
@@ -88,6 +91,8 @@ PROFILES: dict[str, dict] = {
         "fanout_agents": [10], "fanout_peers": 500, "fanout_rounds": 2,
         "fanout_changes": 10, "fanout_rate": 4.0, "fanout_settle_s": 3.0,
         "fanout_default_config": False,
+        "limits_watches": 1000, "limits_registers": 10000, "limits_changes": 100, "limits_interval_s": 0.05,
+        "limits_reps": 1,
     },
     "smoke": {
         "peers": [100], "reps": 1, "nice": None,
@@ -98,6 +103,8 @@ PROFILES: dict[str, dict] = {
         "fanout_agents": [2], "fanout_peers": 20, "fanout_rounds": 1,
         "fanout_changes": 3, "fanout_rate": 10.0, "fanout_settle_s": 3.0,
         "fanout_default_config": True,
+        "limits_watches": 100, "limits_registers": 1000, "limits_changes": 30, "limits_interval_s": 0.05,
+        "limits_reps": 1,
     },
 }
 
@@ -466,8 +473,9 @@ class Bench:
     # -- all --
 
     def run(self) -> ResultSet:
-        self.build()
-        say(f"==> topology: {', '.join(ns.name for ns in self.topo.made)}")
+        if set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES, "memory", "fanout"}:
+            self.build()
+            say(f"==> topology: {', '.join(ns.name for ns in self.topo.made)}")
         say("==> data plane and updates")
         self.data_plane()
         self._rows_from_samples()
@@ -480,6 +488,11 @@ class Bench:
         if "fanout" in self.suites:
             say("==> fanout")
             self.guarded("fanout", self.fanout)
+        if "controller_limits" in self.suites:
+            say("==> controller_limits")
+            from bench.controller_limits import run_suite
+
+            self.guarded("controller_limits", run_suite, self.results, self.p, self.log_dir, say)
         return self.results
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from overlay.errors import clip, shown
+
 _RESERVED = ipaddress.IPv4Network("240.0.0.0/4")
 
 
@@ -17,11 +19,11 @@ def _host(value: object, cls, family: str) -> ipaddress.IPv4Address | ipaddress.
     if not isinstance(value, str):
         raise ValueError(f"expected an {family} address string, got {type(value).__name__}")
     if "/" in value:
-        raise ValueError(f"{value!r} is a network (CIDR), expected a single host address")
+        raise ValueError(f"{shown(value)} is a network (CIDR), expected a single host address")
     try:
         ip = cls(value.strip())
     except ValueError:
-        raise ValueError(f"{value!r} is not an {family} address") from None
+        raise ValueError(f"{shown(value)} is not an {family} address") from None
     if ip.is_unspecified:
         raise ValueError(f"{value} is the unspecified address")
     if ip.is_multicast:
@@ -35,7 +37,7 @@ def host_ipv4(value: object) -> str:
     """A single usable IPv4 host address, returned in canonical text form."""
     ip = _host(value, ipaddress.IPv4Address, "IPv4")
     if str(ip) != value.strip():
-        raise ValueError(f"{value!r} is not in canonical dotted-quad form")
+        raise ValueError(f"{shown(value)} is not in canonical dotted-quad form")
     if ip == ipaddress.IPv4Address("255.255.255.255"):
         raise ValueError(f"{value} is the broadcast address")
     if ip in _RESERVED:
@@ -59,7 +61,7 @@ def cidr_ip(value: object) -> str:
         try:
             return str(ipaddress.IPv6Network(value.strip(), strict=True))
         except ValueError as exc:
-            raise ValueError(f"{value!r} is not an IPv6 network: {exc}") from None
+            raise ValueError(f"{shown(value)} is not an IPv6 network: {clip(str(exc), 100)}") from None
     return cidr_ipv4(value)
 
 
@@ -70,7 +72,7 @@ def cidr_ipv4(value: object) -> str:
     try:
         net = ipaddress.IPv4Network(value.strip(), strict=True)
     except ValueError as exc:
-        raise ValueError(f"{value!r} is not an IPv4 network: {exc}") from None
+        raise ValueError(f"{shown(value)} is not an IPv4 network: {clip(str(exc), 100)}") from None
     return str(net)
 
 
@@ -78,7 +80,7 @@ def subnet_ipv4(value: object) -> ipaddress.IPv4Network:
     """An overlay subnet: a CIDR with room for at least two hosts."""
     net = ipaddress.IPv4Network(cidr_ipv4(value))
     if net.prefixlen > 30:
-        raise ValueError(f"{value} is too small: an overlay subnet needs a prefix of /30 or shorter")
+        raise ValueError(f"{shown(value)} is too small: an overlay subnet needs a prefix of /30 or shorter")
     return net
 
 
@@ -95,7 +97,7 @@ def in_subnet_host(value: object, subnet: ipaddress.IPv4Network) -> str:
 
 def port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a port number, got {value!r}")
+        raise ValueError(f"expected a port number, got {shown(value)}")
     if not 1 <= value <= 65535:
         raise ValueError(f"port {value} is outside 1..65535")
     return value
@@ -108,14 +110,14 @@ def port_spec(value: object) -> tuple[int, int]:
         if "-" in text:
             lo_s, _, hi_s = text.partition("-")
             if not (lo_s.strip().isdigit() and hi_s.strip().isdigit()):
-                raise ValueError(f"{value!r} is not a port range like \"8000-8100\"")
+                raise ValueError(f"{shown(value)} is not a port range like \"8000-8100\"")
             lo, hi = port(int(lo_s)), port(int(hi_s))
             if lo > hi:
-                raise ValueError(f"range {value!r} starts after it ends")
+                raise ValueError(f"range {shown(value)} starts after it ends")
             return lo, hi
         if text.isdigit():
             p = port(int(text))
             return p, p
-        raise ValueError(f"{value!r} is not a port or a port range")
+        raise ValueError(f"{shown(value)} is not a port or a port range")
     p = port(value)
     return p, p

@@ -62,6 +62,9 @@ class Agent:
         self.applied_peers: dict[str, AppliedPeer] = {}  # by overlay address
         self.excluded: tuple[tuple[str, str], ...] = ()
         self.selected_by: tuple[str, ...] = ()  # policies that select this node (default-deny)
+        self.conflicts: tuple = ()              # peers excluded for an address held earlier (ownership.Conflict)
+        self.ungranted: tuple[tuple[str, tuple[str, ...]], ...] = ()   # groups claimed, not granted
+        self.groups: tuple[str, ...] = self_node.groups   # this node's effective groups
         self.rejected: dict[str, str] = {}
         self.ready = False
         self.connected = False
@@ -176,7 +179,7 @@ class Agent:
             self._was_connected = True
 
             desired = plan(self.self_node, view.nodes.values(), self.config, self.extra_failsafe,
-                           policies=view.policies.values())
+                           policies=view.policies.values(), grants=view.grants, order=view.order)
             tables, peers = self._guarded(desired)
             ops = diff(tables, self.observed)
             if ops:
@@ -186,6 +189,10 @@ class Agent:
             self.applied_peers = peers
             self.excluded = desired.excluded
             self.selected_by = desired.selected_by
+            if desired.conflicts != self.conflicts:
+                for c in desired.conflicts:
+                    log.warning("[%s] excluding %s: %s", self.self_node.node_id, c.node_id, c.reason)
+            self.conflicts, self.ungranted, self.groups = desired.conflicts, desired.ungranted, desired.groups
             self.last_apply_ops = len(ops)
             self.ops_total += len(ops)
             self.applies += 1
@@ -263,7 +270,7 @@ class Agent:
                 "overlay": self.self_node.overlay,
                 "private": self.self_node.private,
                 "public": self.self_node.public,
-                "groups": list(self.self_node.groups),
+                "groups": list(self.groups),
                 "ready": self.ready,
                 "registry": {"backend": self.registry.name, "connected": self.connected, **self._registry_extra()},
                 "datapath": {"backend": self.datapath.name, "counters": counters},
@@ -275,6 +282,9 @@ class Agent:
                     "selected_by": list(self.selected_by),
                     "mode": self.config.filter.mode,
                 },
+                "conflicts": len(self.conflicts),
+                "conflict_entries": [c.to_dict() for c in self.conflicts[:100]],
+                "ungranted": {node_id: list(groups) for node_id, groups in self.ungranted[:100]},
                 "rejected": len(self.rejected),
                 "rejected_records": dict(sorted(self.rejected.items())[:100]),
                 "guard": self.guard.to_dict() | {"held_count": self.guard.size},

@@ -14,12 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from overlay import addr
 from overlay.backends import DATAPATHS, PROVIDERS, REGISTRIES, Backends
 from overlay.config_hints import unknown_key_reason
-from overlay.errors import InvalidConfigError, InvalidRecord
+from overlay.config_yaml import load_yaml, read_text
+from overlay.errors import InvalidConfigError, InvalidRecord, shown
 from overlay.model import Node, node_from_dict, valid_name
 
 DEFAULT_SUBNET = "192.168.0.0/18"
@@ -80,6 +79,17 @@ class RegistryConfig:
     controller: tuple[str, ...] | None = None  # backend: grpc, "host:port" of each replica, in order
     tls: TlsConfig | None = None   # backend: grpc
     options: Any = None            # a plugin backend: what its validate_config returned
+    node_identities: tuple[str, ...] = ()  # with operator: ZooKeeper digest ids that may create records
+
+
+@dataclass(frozen=True)
+class ControllerLimits:
+    """``controller.limits`` (docs/grpc.md, "Limits")."""
+
+    max_concurrent_rpcs: int = 20000   # Watch streams included: above the fleet's size
+    watch_streams: int = 4             # concurrent Watch streams per identity
+    register_rate: float = 1.0         # RegisterNode calls per second per node identity ...
+    register_burst: int = 10           # ... with bursts of this many
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,8 @@ class ControllerConfig:
     listen: str = "127.0.0.1:9470"
     lease_s: float = 60.0       # a node's record outlives its last contact with every replica by this much
     window: int = 10000         # journal revisions a Watch can resume from
+    attest_public: tuple[str, ...] = ()   # networks whose nodes' public address = their peer address
+    limits: ControllerLimits = field(default_factory=ControllerLimits)
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,8 @@ class Config:
     status_listen: tuple[str, int] = ("127.0.0.1", 9464)
     state_dir: str = "/var/lib/overlay"
     controller: ControllerConfig | None = None
+    control_socket: str = "/run/overlay/control.sock"   # actions (guard release): root only
+    metrics_listen: tuple[str, int] | None = None       # /metrics alone
 
     @property
     def override_routes(self) -> tuple[str, ...]:
@@ -256,14 +270,14 @@ def _str(value: Any) -> str:
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {value!r}")
+        raise ValueError(f"must be true or false, got {shown(value)}")
     return value
 
 
 def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
     def conv(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer, got {value!r}")
+            raise ValueError(f"must be an integer, got {shown(value)}")
         if not lo <= value <= hi:
             raise ValueError(f"must be between {lo} and {hi}, got {value}")
         return value
@@ -273,7 +287,7 @@ def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
 
 def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"must be a number of seconds, got {value!r}")
+        raise ValueError(f"must be a number of seconds, got {shown(value)}")
     if not 0 <= value <= 3600:
         raise ValueError(f"must be between 0 and 3600 seconds, got {value}")
     return float(value)
@@ -282,7 +296,7 @@ def _seconds(value: Any) -> float:
 def _choice(*choices: str) -> Callable[[Any], str]:
     def conv(value: Any) -> str:
         if value not in choices:
-            raise ValueError(f"{value!r} is not one of: {', '.join(choices)}")
+            raise ValueError(f"{shown(value)} is not one of: {', '.join(choices)}")
         return value
 
     return conv
@@ -290,10 +304,10 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
 def _host_port(value: Any) -> tuple[str, int]:
     if not isinstance(value, str) or ":" not in value:
-        raise ValueError(f"expected \"host:port\", got {value!r}")
+        raise ValueError(f"expected \"host:port\", got {shown(value)}")
     host, _, port_s = value.rpartition(":")
     if not host or not port_s.isdigit():
-        raise ValueError(f"expected \"host:port\", got {value!r}")
+        raise ValueError(f"expected \"host:port\", got {shown(value)}")
     return host, addr.port(int(port_s))
 
 
@@ -317,7 +331,7 @@ def _controllers(path: str, value: Any) -> tuple[str, ...]:
 
 def _zk_prefix(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/") or value.endswith("/") or "//" in value:
-        raise ValueError(f"must be an absolute ZooKeeper path like /overlay, got {value!r}")
+        raise ValueError(f"must be an absolute ZooKeeper path like /overlay, got {shown(value)}")
     for part in value.strip("/").split("/"):
         valid_name(part, "path element")
     return value
@@ -391,6 +405,7 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
     operator = _auth(sec.sub("operator"), sec.get("operator", lambda v: v))
     controller = sec.get("controller", lambda v: _controllers(sec.sub("controller"), v))
     tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=True)
+    node_identities = sec.get("node_identities", lambda v: _list_of(sec.sub("node_identities"), v, _digest_id), ())
     peers = sec.get(
         "peers",
         lambda v: _list_of(sec.sub("peers"), v, lambda p: node_from_dict({"v": 2, **p} if isinstance(p, dict) else p, subnet)),
@@ -416,7 +431,20 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
             raise InvalidConfigError(sec.sub("controller"), "is only allowed with backend: grpc")
         if tls is not None:
             raise InvalidConfigError(sec.sub("tls"), "is only allowed with backend: grpc")
-    return RegistryConfig(backend, hosts, prefix, timeout_s, auth, operator, peers, controller, tls)
+    if node_identities and operator is None:
+        raise InvalidConfigError(sec.sub("node_identities"), "needs registry.operator (it sets the layout's ACLs)")
+    return RegistryConfig(backend, hosts, prefix, timeout_s, auth, operator, peers, controller, tls,
+                          node_identities=tuple(dict.fromkeys(node_identities)))
+
+
+def _digest_id(value: Any) -> str:
+    """A ZooKeeper digest id, ``user:base64(sha1(user:password))`` (``overlay zk digest``)."""
+    user, sep, digest = _str(value).partition(":")
+    if not (sep and user and len(digest) == 28 and digest.endswith("=")
+            and all(c.isalnum() or c in "+/=" for c in digest)):
+        raise ValueError(f"expected a ZooKeeper digest id \"user:<28 base64 characters>\" "
+                         f"(`overlay zk digest USER` prints one), got {shown(value)}")
+    return value
 
 
 def _tls(path: str, value: Any, client: bool) -> TlsConfig | None:
@@ -443,10 +471,25 @@ def _controller(sec: _Section) -> ControllerConfig:
     tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=False)
     lease_s = sec.get("lease_s", _seconds, 60.0)
     window = sec.get("window", _int_range(16, 1_000_000), 10000)
+    attest = sec.get("attest_public", lambda v: _list_of(sec.sub("attest_public"), v,
+                                                         lambda n: valid_name(n, "network")), ())
+    lim = sec.section("limits")
+    limits = ControllerLimits(
+        lim.get("max_concurrent_rpcs", _int_range(16, 1_000_000), ControllerLimits.max_concurrent_rpcs),
+        lim.get("watch_streams", _int_range(1, 10_000), ControllerLimits.watch_streams),
+        lim.get("register_rate", _rate, ControllerLimits.register_rate),
+        lim.get("register_burst", _int_range(1, 100_000), ControllerLimits.register_burst))
+    lim.done()
     sec.done()
     if tls is None:
         raise InvalidConfigError(sec.sub("tls"), "is required: the controller serves mutual TLS only ({ca, cert, key})")
-    return ControllerConfig(tls, listen, lease_s, window)
+    return ControllerConfig(tls, listen, lease_s, window, tuple(dict.fromkeys(attest)), limits)
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100_000:
+        raise ValueError(f"must be a number of calls per second in (0, 100000], got {shown(value)}")
+    return float(value)
 
 
 # datapath.sizes.<key>: (lowest, highest) accepted
@@ -482,7 +525,7 @@ def _conntrack(sec: _Section) -> ConntrackConfig:
 def _ifname(value: Any) -> str:
     value = _str(value)
     if len(value) > 15 or "/" in value or any(c.isspace() for c in value):
-        raise ValueError(f"{value!r} is not a valid interface name (at most 15 characters, no '/' or spaces)")
+        raise ValueError(f"{shown(value)} is not a valid interface name (at most 15 characters, no '/' or spaces)")
     return value
 
 
@@ -526,7 +569,7 @@ def _nat_overrides(path: str, value: Any, subnet: ipaddress.IPv4Network) -> tupl
         raise InvalidConfigError(path, f"must be a mapping of overlay address to real address, got {_kind(value)}")
     out = []
     for key, target in value.items():
-        kpath = f"{path}[{key!r}]" if not isinstance(key, str) else f"{path}.{key}"
+        kpath = f"{path}[{shown(key)}]" if not isinstance(key, str) else f"{path}.{key}"
         overlay = _convert(kpath, key, lambda v: _override_key(v, subnet))
         real = _convert(kpath, target, addr.host_ipv4)
         if real == overlay:
@@ -574,6 +617,8 @@ def config_from_dict(obj: Any) -> Config:
     status_listen = top.get("status_listen", _host_port, ("127.0.0.1", 9464))
     state_dir = top.get("state_dir", _str, "/var/lib/overlay")
     controller = _controller(top.section("controller")) if top.has("controller") else None
+    control_socket = top.get("control_socket", _socket_path, "/run/overlay/control.sock")
+    metrics_listen = top.get("metrics_listen", _host_port, None)
     top.done()
     if network is None and controller is None and (discovery is None or discovery.provider not in NETWORK_PROVIDERS):
         raise InvalidConfigError("network", "is required: the address domain of this node (ec2, vpc, dc1...); "
@@ -595,23 +640,22 @@ def config_from_dict(obj: Any) -> Config:
         status_listen=status_listen,
         state_dir=state_dir,
         controller=controller,
+        control_socket=control_socket,
+        metrics_listen=metrics_listen,
     )
 
 
+def _socket_path(value: Any) -> str:
+    value = _str(value)
+    if not value.startswith("/") or len(value.encode()) > 107:
+        raise ValueError(f"must be an absolute path of at most 107 bytes (a unix socket), got {shown(value)}")
+    return value
+
+
 def load_config(path: str) -> Config:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise InvalidConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise InvalidConfigError("", f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
-    try:
-        obj = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise InvalidConfigError("", f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    """Read and validate a YAML config file (size, aliases, nesting and integers are
+    bounded: :mod:`overlay.config_yaml`)."""
+    obj = load_yaml(read_text(path), path)
     if obj is None:
         obj = {}
     return config_from_dict(obj)

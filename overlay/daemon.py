@@ -128,7 +128,8 @@ def run_daemon(config_path: str, dry_run: bool = False, log_level: str = "info",
     agent = Agent(config, registry, datapath, self_node)
     from overlay.status import StatusServer
 
-    status = StatusServer(agent, config.status_listen, live=lambda: time.monotonic() - agent.heartbeat < 30)
+    status = StatusServer(agent, config.status_listen, live=lambda: time.monotonic() - agent.heartbeat < 30,
+                          metrics_listen=config.metrics_listen, control_socket=config.control_socket)
     stop = threading.Event()
 
     def on_stop(signum, _frame):
@@ -143,7 +144,10 @@ def run_daemon(config_path: str, dry_run: bool = False, log_level: str = "info",
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
     status.start()
-    log.info("status endpoint on http://%s:%d", *status.address)
+    log.info("status endpoint on http://%s:%d%s%s", *status.address,
+             f", metrics on http://{config.metrics_listen[0]}:{config.metrics_listen[1]}/metrics"
+             if config.metrics_listen else "",
+             f", actions on {status.control_socket}" if status.control_socket else "")
     try:
         registry.start(agent.notify)
         registry.register(self_node)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from overlay import addr
-from overlay.errors import InvalidRecord
+from overlay.errors import InvalidRecord, shown
 
 RECORD_VERSION = 1          # policies; nodes without IPv6 addresses
 NODE_RECORD_V6 = 2          # nodes with private6/public6 (older daemons keep reading v1)
@@ -35,7 +35,7 @@ def valid_name(value: object, what: str) -> str:
         raise ValueError(f"{what} must be a string, got {type(value).__name__}")
     if not NAME_RE.match(value) or value in (".", ".."):
         raise ValueError(
-            f"{what} {value!r} must be 1-253 characters of letters, digits, '.', '_' or '-', "
+            f"{what} {shown(value)} must be 1-253 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return value

@@ -17,6 +17,7 @@ from overlay.abi import FS_ALL, FS_SSH, SELF_F_OWN, FilterMode, ports_bitmap
 from overlay.config import Config, ConntrackConfig
 from overlay.model import Node, Policy
 from overlay.ops import NatEntry, PeerEntry, empty_state
+from overlay.ownership import Conflict, Grants, granted, resolve
 from overlay.policy import group_set_key, plan_policies
 
 
@@ -48,6 +49,9 @@ class DesiredState:
     peers: tuple[AppliedPeer, ...] = ()
     excluded: tuple[tuple[str, str], ...] = ()
     selected_by: tuple[str, ...] = ()  # ids of the policies that select this node (default-deny)
+    conflicts: tuple[Conflict, ...] = ()             # peers excluded for an address held earlier
+    ungranted: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (node_id, groups claimed, not granted)
+    groups: tuple[str, ...] = ()                     # this node's effective groups
 
 
 def _registry_addresses(config: Config) -> list[str]:
@@ -96,6 +100,8 @@ def plan(
     extra_failsafe: Iterable[str] = (),
     *,
     policies: Iterable[Policy] | Mapping[str, Policy] = (),
+    grants: Grants | None = None,
+    order: Mapping[str, int] | None = None,
 ) -> DesiredState:
     """Compute the desired datapath state for ``self_node`` among ``peers``.
 
@@ -105,13 +111,28 @@ def plan(
     ``cidr_ident`` and ``names`` tables and the peers' identities
     (:mod:`overlay.policy`); those that select this node (``to.group`` in its
     groups) make it default-deny.
+
+    ``grants`` (node id -> granted groups; None: the registry's records carry only granted
+    groups) narrows every node's groups, this one's included (:mod:`overlay.ownership`).
+    ``order`` (node id -> the registry's order key) decides conflicts: of the peers that
+    claim one overlay or real address, the earliest keeps it and the others are excluded
+    and listed in ``conflicts``.
     """
     subnet = config.overlay_subnet
     excluded: dict[str, str] = {}
     candidates: list[Node] = []
+    ungranted: list[tuple[str, tuple[str, ...]]] = []
+    if grants is not None:
+        self_node, dropped = granted(self_node, grants)
+        if dropped:
+            ungranted.append((self_node.node_id, dropped))
     for node in peers:
         if node.node_id == self_node.node_id:
             continue
+        if grants is not None:
+            node, dropped = granted(node, grants)
+            if dropped:
+                ungranted.append((node.node_id, dropped))
         try:
             ip = ipaddress.IPv4Address(node.overlay)
         except ValueError:
@@ -123,34 +144,21 @@ def plan(
         if node.overlay == self_node.overlay:
             excluded[node.node_id] = f"overlay address {node.overlay} is this node's own"
             continue
-        candidates.append(node)
-
-    by_overlay: dict[str, list[Node]] = defaultdict(list)
-    for node in candidates:
-        by_overlay[node.overlay].append(node)
-    by_real: dict[str, list[Node]] = defaultdict(list)
-    for node in candidates:
-        if len(by_overlay[node.overlay]) == 1:
-            by_real[node.real_address_from(self_node.network)].append(node)
-
-    applied: list[AppliedPeer] = []
-    for node in candidates:
-        claimants = by_overlay[node.overlay]
-        if len(claimants) > 1:
-            others = sorted(n.node_id for n in claimants if n.node_id != node.node_id)
-            excluded[node.node_id] = f"overlay address {node.overlay} is also claimed by {', '.join(others)}"
-            continue
         real = node.real_address_from(self_node.network)
-        sharing = by_real[real]
-        if len(sharing) > 1:
-            others = sorted(n.node_id for n in sharing if n.node_id != node.node_id)
-            excluded[node.node_id] = f"real address {real} is also used by {', '.join(others)}"
-            continue
         if real in (self_node.private, self_node.public) and node.network == self_node.network:
             excluded[node.node_id] = f"real address {real} is this node's own"
             continue
-        applied.append(AppliedPeer(node.node_id, node.network, node.overlay, real, node.groups,
-                                   node.real6_from(self_node.network)))
+        candidates.append(node)
+
+    def claims(node: Node) -> list[tuple[str, ...]]:
+        return [("overlay", node.overlay), ("real", node.real_address_from(self_node.network))]
+
+    kept, conflicts = resolve(candidates, order or {}, claims)
+    for c in conflicts:
+        excluded[c.node_id] = c.reason
+    applied = [AppliedPeer(n.node_id, n.network, n.overlay, n.real_address_from(self_node.network), n.groups,
+                           n.real6_from(self_node.network))
+               for n in kept]
 
     pol = plan_policies(self_node.groups, (p.groups for p in applied), policies)
     tables = empty_state()
@@ -199,5 +207,8 @@ def plan(
         peers=tuple(applied),
         excluded=tuple(sorted(excluded.items())),
         selected_by=pol.selected_by,
+        conflicts=tuple(conflicts),
+        ungranted=tuple(sorted(ungranted)),
+        groups=self_node.groups,
     )
 

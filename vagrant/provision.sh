@@ -110,6 +110,11 @@ Restart=on-failure
 WantedBy=multi-user.target"
     systemctl daemon-reload
     systemctl enable --now overlay-zookeeper.service
+    say "operator: grant the members' groups (overlay lab grant --vagrant)"
+    for _ in $(seq 1 30); do   # ZooKeeper takes a few seconds to answer
+      "$OVERLAY" lab grant --vagrant --topology "$TOPO" && break
+      sleep 2
+    done
     if [[ -n "$CONTROLLER" ]]; then
       say "gRPC controller on $CONTROLLER (overlay lab config $NAME --vagrant)"
       "$OVERLAY" lab config "$NAME" --vagrant --topology "$TOPO" > /etc/overlay/controller.yaml.new

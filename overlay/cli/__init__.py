@@ -3,7 +3,8 @@
 One module per command family: :mod:`~overlay.cli.node` (``check-config``, ``daemon``,
 ``status``, ``maps``, ``datapath``, ``guard``), :mod:`~overlay.cli.lab` (``lab``),
 :mod:`~overlay.cli.controller` (``controller`` and the operator's ``nodes``,
-``groups``, ``policies``), :mod:`~overlay.cli.certs` (``certs``), :mod:`~overlay.cli.plugins` (``plugins``), and
+``groups``, ``policies``), :mod:`~overlay.cli.certs` (``certs``), :mod:`~overlay.cli.plugins` (``plugins``),
+:mod:`~overlay.cli.zk` (``zk``), and
 :mod:`overlay.drops_cli` (``drops``, ``why``). :mod:`~overlay.cli.output` holds what
 they share. Each family module imports its heavy dependencies inside its commands.
 
@@ -19,7 +20,7 @@ import logging
 import sys
 
 from overlay import __version__, drops_cli, install_unit
-from overlay.cli import certs, controller, lab, node, plugins
+from overlay.cli import certs, controller, lab, node, plugins, zk
 from overlay.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Parser, err
 from overlay.errors import InvalidConfigError, OverlayError
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     controller.register_server(sub)
     certs.register(sub)
     controller.register_operator(sub)
+    zk.register(sub)
     drops_cli.register(sub, Parser)
     install_unit.register(sub, Parser)
     plugins.register(sub)

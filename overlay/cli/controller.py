@@ -98,16 +98,18 @@ def _ports(values) -> str:
 @_invalid_is_usage
 def cmd_nodes_list(args) -> int:
     with _client(args) as c:
-        nodes, rejected, rev = c.list_nodes()
+        nodes, rejected, conflicts, rev = c.list_nodes_detail()
     if args.json:
-        out(json.dumps({"revision": rev, "nodes": [n.to_dict() for n in nodes], "rejected": rejected},
-                        indent=2, sort_keys=True))
+        out(json.dumps({"revision": rev, "nodes": [n.to_dict() for n in nodes], "rejected": rejected,
+                        "conflicts": conflicts}, indent=2, sort_keys=True))
         return EXIT_OK
-    rows = [("NODE_ID", "NETWORK", "PRIVATE", "PUBLIC", "OVERLAY", "GROUPS", "OPEN_PORTS")]
+    rows = [("NODE_ID", "NETWORK", "PRIVATE", "PUBLIC", "OVERLAY", "GROUPS", "OPEN_PORTS", "CONFLICT")]
     for n in nodes:
         ports = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in n.open_ports]
-        rows.append((n.node_id, n.network, n.private, n.public, n.overlay, ",".join(n.groups) or "-", _ports(ports)))
-    _listing(rows, rejected, f"# {len(nodes)} nodes at revision {rev}")
+        rows.append((n.node_id, n.network, n.private, n.public, n.overlay, ",".join(n.groups) or "-", _ports(ports),
+                     conflicts.get(n.node_id, "-")))
+    _listing(rows, rejected, f"# {len(nodes)} nodes at revision {rev}"
+                             f"{f', {len(conflicts)} excluded by an address conflict' if conflicts else ''}")
     return EXIT_OK
 
 
@@ -115,6 +117,47 @@ def cmd_nodes_list(args) -> int:
 def cmd_nodes_deregister(args) -> int:
     return _write(args, lambda c: c.deregister(args.node_id),
                   f"node {args.node_id} deregistered (its record is removed; a daemon still running registers again)")
+
+
+@_invalid_is_usage
+def cmd_nodes_groups(args) -> int:
+    """``nodes groups``: list the assignments; ``NODE``: show one; ``NODE G...`` / ``--none``: grant."""
+    if args.node is None:
+        if args.groups or args.none:
+            raise _usage("give the NODE whose groups to set")
+        with _client(args) as c:
+            assigned, rejected, rev = c.list_node_groups()
+        if args.json:
+            out(json.dumps({"revision": rev, "assignments": {k: list(v) for k, v in assigned.items()},
+                            "rejected": rejected}, indent=2, sort_keys=True))
+            return EXIT_OK
+        _listing([("NODE_ID", "GRANTED GROUPS"), *((k, ",".join(v) or "-") for k, v in sorted(assigned.items()))],
+                 rejected, f"# {len(assigned)} assignments at revision {rev}")
+        return EXIT_OK
+    if args.groups and args.none:
+        raise _usage("give GROUPs or --none, not both")
+    if args.groups or args.none:
+        from overlay.rpc import convert
+
+        groups = convert.groups_arg(args.groups)   # the controller's checks, before connecting
+        return _write(args, lambda c: c.set_node_groups(args.node, groups),
+                      f"{args.node} may hold {', '.join(groups) or 'no group'}")
+    with _client(args) as c:
+        groups, rev = c.get_node_groups(args.node)
+    if args.json:
+        out(json.dumps({"node_id": args.node, "groups": None if groups is None else list(groups), "revision": rev},
+                       indent=2, sort_keys=True))
+    elif groups is None:
+        out(f"{args.node}: no assignment (it holds no group)")
+    else:
+        out(f"{args.node}: {', '.join(groups) or 'no group'}")
+    return EXIT_OK
+
+
+def _usage(reason: str):
+    from overlay.errors import InvalidArgument
+
+    return InvalidArgument("nodes groups", reason)
 
 
 @_invalid_is_usage
@@ -226,8 +269,14 @@ def register_operator(sub) -> None:
         conn(sp)
         return sp
 
-    nsub = family("nodes", "registered nodes (operator, over gRPC)", cmd_nodes_list,
-                  "list registered nodes and ignored records")
+    nsub = family("nodes", "registered nodes and the groups they may hold (operator, over gRPC)", cmd_nodes_list,
+                  "list registered nodes, ignored records and address conflicts")
+    ng = action(nsub, "groups", cmd_nodes_groups,
+                "the groups a node may hold: list all, show one (NODE), or grant exactly GROUP... (or --none)")
+    ng.add_argument("node", nargs="?", metavar="NODE", help="the node id (none: list every assignment)")
+    ng.add_argument("groups", nargs="*", metavar="GROUP", help="grant exactly these groups (replaces the assignment)")
+    ng.add_argument("--none", action="store_true", help="grant no group")
+    ng.add_argument("--json", action="store_true", help="print JSON")
     action(nsub, "deregister", cmd_nodes_deregister,
            "remove a node's record for good (a stopped daemon's record otherwise stays for controller.lease_s)"
            ).add_argument("node_id", help="the node to remove")

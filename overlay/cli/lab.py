@@ -104,6 +104,27 @@ def _interface_with(address: str) -> str:
     raise OverlayError(f"--interface auto: no interface on this machine has {address}")
 
 
+def cmd_grant(args) -> int:
+    """The operator's step of ``lab up``: grant each member the groups its topology gives it."""
+    if args.vagrant:
+        from overlay.config import RegistryConfig
+        from overlay.lab.render import registry_prefix
+        from overlay.lab.topology import load_topology
+        from overlay.zk.layout import grant_groups
+
+        topo = load_topology(args.topology)
+        grant_groups(RegistryConfig(hosts=tuple(topo.zookeeper.split(",")), prefix=registry_prefix(topo), timeout_s=10.0),
+                     {h.name: tuple(h.groups) for h in topo.members})
+        n = len(topo.members)
+    else:
+        lab = _lab(args, quiet=True)
+        topo = lab.topology()
+        lab.grant_groups()
+        n = len(topo.members)
+    emit(f"granted the topology's groups to {n} members")
+    return EXIT_OK
+
+
 def cmd_script(args) -> int:
     from overlay.lab.render import node_script
     from overlay.lab.topology import load_topology
@@ -235,6 +256,9 @@ def register(sub) -> None:
     sp.add_argument("--vagrant", action="store_true", help="for a Vagrant VM (default pin_root and state_dir)")
     sp.add_argument("--interface", help="the uplink interface; 'auto': the one holding the host's private address")
     sp.add_argument("--replica", type=int, metavar="N", help="on the ZooKeeper machine: replica N's config (default 1)")
+    sp = add("grant", cmd_grant, "operator: grant every member the groups of the topology (assignments; "
+                                 "`lab up` does it)")
+    sp.add_argument("--vagrant", action="store_true", help="from the ZooKeeper VM of the Vagrant lab")
     sp = add("script", cmd_script, "print a lab machine's network set-up script (hosts, <network>-edge, zk)")
     sp.add_argument("node")
     sp.add_argument("--vagrant", action="store_true", help="for a Vagrant VM (finds interfaces by address)")

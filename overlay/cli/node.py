@@ -89,7 +89,7 @@ def cmd_datapath_teardown(args) -> int:
 def cmd_guard_release(args) -> int:
     from overlay.status import post_action
 
-    result = post_action("guard/release", listen=args.listen, config=args.config)
+    result = post_action("guard/release", socket_path=args.socket, config=args.config)
     out(result.get("message", "released"))
     return EXIT_OK
 
@@ -133,6 +133,8 @@ def register(sub) -> None:
 
     sp = add_command(sub, "guard", None, "churn guard")
     gsub = sp.add_subparsers(dest="guard_command", metavar="ACTION", parser_class=Parser)
-    gr = gsub.add_parser("release", help="let the change the churn guard holds through")
+    gr = gsub.add_parser("release", help="let the change the churn guard holds through (root, over the "
+                                          "daemon's control socket)")
     gr.set_defaults(func=cmd_guard_release)
-    status_opts(gr)
+    gr.add_argument("-c", "--config", help="read control_socket from this config file")
+    gr.add_argument("--socket", help="the daemon's control socket (default /run/overlay/control.sock)")

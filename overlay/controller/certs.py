@@ -9,6 +9,11 @@ Every certificate names its holder in a URI subject alternative name,
 
 Keys are ECDSA P-256, written with mode 0600. The common name repeats the name
 (truncated to 64 characters) for people reading the certificate.
+
+Files are written safely: a temporary file with a random name in the target directory,
+created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` (never through a planted file or link), then
+renamed into place; a directory that is group- or world-writable, or not this user's, is
+refused (another user could swap the files).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
+import stat
 from dataclasses import dataclass
 
 from overlay.errors import OverlayError
@@ -59,17 +66,55 @@ def identity_of(pem: bytes) -> Identity | None:
     return Identity(role, name)
 
 
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _write(path: str, data: bytes, private: bool) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    """Write ``path`` through a fresh temporary file beside it, renamed into place."""
+    mode = 0o600 if private else 0o644
+    directory, name = os.path.split(path)
+    for _ in range(16):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, _FLAGS, mode)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise OverlayError(f"cannot make a temporary file in {directory or '.'}")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
+
+
+def check_dir(directory: str) -> None:
+    """Refuse a directory that others could write in (group/world-writable) or that is not
+    this user's: they could replace a key or a certificate."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        raise OverlayError(f"--dir {directory} does not exist: run `overlay certs init --dir {directory}` "
+                           "first") from None
+    except OSError as exc:
+        raise OverlayError(f"--dir {directory}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise OverlayError(f"--dir {directory} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise OverlayError(f"--dir {directory} belongs to uid {st.st_uid}, not to this user ({os.geteuid()}); "
+                           "use a directory of your own")
+    if st.st_mode & 0o022:
+        raise OverlayError(f"--dir {directory} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o}); "
+                           "chmod go-w it (0700 is best)")
 
 
 def _key():
@@ -209,7 +254,9 @@ def init(directory: str, names: tuple[str, ...] = (), force: bool = False) -> li
     operator.crt/.key in ``directory``. Existing files are kept unless ``force``.
     Returns the files written."""
     names = _check_names(names)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if not os.path.exists(directory):
+        os.makedirs(directory, mode=0o700)
+    check_dir(directory)
     p = lambda f: os.path.join(directory, f)  # noqa: E731
     written: list[str] = []
     if force or not (os.path.exists(p("ca.crt")) and os.path.exists(p("ca.key"))):
@@ -238,6 +285,7 @@ def issue(directory: str, node_id: str, force: bool = False) -> list[str]:
         raise OverlayError(f"--node: {exc}") from None
     if node_id in RESERVED:
         raise OverlayError(f"--node {node_id!r} would overwrite {node_id}.crt; choose another node id")
+    check_dir(directory)
     ca_key, ca_cert = _load_ca(directory)
     crt, key_path = os.path.join(directory, f"{node_id}.crt"), os.path.join(directory, f"{node_id}.key")
     if not force and (os.path.exists(crt) or os.path.exists(key_path)):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from overlay.ownership import granted
 from overlay.registry import RegistryView
 from overlay.rpc.convert import Key, key_parse, key_text
 
@@ -63,13 +64,19 @@ class Plan:
 
 
 def desired_items(view: RegistryView, groups: dict[str, str]) -> dict[Key, dict]:
-    """The journal's items for what ZooKeeper holds now (validated by the observer)."""
+    """The journal's items for what ZooKeeper holds now (validated by the observer): node
+    records narrowed to their granted groups, with their order key (overlay.ownership)."""
     out: dict[Key, dict] = {}
+    grants = view.grants if view.grants is not None else {}
     for node_id, node in view.nodes.items():
-        out[("node", node_id)] = {"node": node.to_dict()}
+        out[("node", node_id)] = {"node": granted(node, grants)[0].to_dict(), "order": view.order.get(node_id, 0)}
+    for node_id, allowed in grants.items():
+        out[("assignment", node_id)] = {"assignment": {"groups": list(allowed)}}
     for key, reason in view.rejected.items():
         if key.startswith("policy:"):
             out[("policy", key[len("policy:"):])] = {"rejected": reason}
+        elif key.startswith("assignment:"):
+            out[("assignment", key[len("assignment:"):])] = {"rejected": reason}
         elif not key.startswith("config:"):
             out[("node", key)] = {"rejected": reason}
     for pid, pol in view.policies.items():

@@ -59,7 +59,8 @@ class JournalSync:
 
     def ensure_paths(self) -> None:
         client = self.session.client
-        for path in (self.layout.controllers, self.layout.groups, self.layout.leases, self.layout.holders):
+        for path in (self.layout.controllers, self.layout.groups, self.layout.leases, self.layout.holders,
+                     self.layout.assignments):
             if self.session.wait(client.exists_async(path)) is None:
                 with contextlib.suppress(NodeExistsError):
                     self.session.wait(client.create_async(path, b"", acl=self.acl, makepath=True))

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
-from overlay.errors import NotFound, Unavailable
+from overlay.errors import Contended, NotFound
 from overlay.zk import client as zkc
 from overlay.zk.layout import Layout
 
@@ -106,7 +106,7 @@ class Leases:
                              node_id, current[1].ephemeralOwner, " and leased" if leased else "")
                 break
         else:
-            raise Unavailable(f"nodes/{node_id} keeps changing; try again")
+            raise Contended(f"nodes/{node_id} keeps changing; try again")
         if leased:
             self.touch(node_id)
 
@@ -126,7 +126,7 @@ class Leases:
                 tx.delete(self._mark(node_id), version=marker.version)
             if not any(isinstance(r, Exception) for r in self.session.wait(tx.commit_async())):
                 return
-        raise Unavailable(f"nodes/{node_id} keeps changing; try again")
+        raise Contended(f"nodes/{node_id} keeps changing; try again")
 
     def touch(self, node_id: str) -> None:
         """The node spoke to this replica (RegisterNode, Heartbeat, a stream closing)."""

@@ -56,6 +56,7 @@ class Controller:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="controller-rpc")
+        self.servicer: RegistryServicer | None = None
 
     @property
     def address(self) -> str:
@@ -113,9 +114,12 @@ class Controller:
         self._stopping = asyncio.Event()
         hub = Hub(loop)
         self.store.add_listener(hub.fire_threadsafe)
-        server = grpc.aio.server(options=list(self._options))
-        pb2_grpc.add_RegistryServicer_to_server(
-            RegistryServicer(self.store, self.config.overlay_subnet, hub, self._executor), server)
+        limits = self.ctl.limits
+        # past maximum_concurrent_rpcs (Watch streams included) gRPC itself answers RESOURCE_EXHAUSTED
+        server = grpc.aio.server(options=list(self._options), maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+        self.servicer = RegistryServicer(self.store, self.config.overlay_subnet, hub, self._executor,
+                                         limits=limits, attest_public=self.ctl.attest_public)
+        pb2_grpc.add_RegistryServicer_to_server(self.servicer, server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         names = (pb2.DESCRIPTOR.services_by_name["Registry"].full_name,

@@ -62,22 +62,28 @@ from overlay.controller.leases import Leases
 from overlay.errors import (
     AllocationExhausted,
     AlreadyExists,
+    Contended,
     FailedPrecondition,
     NotFound,
     RegistryError,
     Unavailable,
+    clip,
+    internal,
 )
 from overlay.model import Node, Policy, serialise_node, serialise_policy
+from overlay.ownership import granted, holders, serialise_assignment
 from overlay.registry.zookeeper import ZooKeeperRegistry
 from overlay.rpc.convert import Key
+from overlay.zk import acl as zk_acl
 from overlay.zk import client as zkc
-from overlay.zk.acl import operator_acl, record_acl
+from overlay.zk.acl import operator_acl
 from overlay.zk.layout import Layout
 from overlay.zk.worker import WatchWorker
 
 log = logging.getLogger(__name__)
 
 LEAD_PERIOD_S = 10.0          # the leader re-diffs at least this often, even without events
+ACL_REPAIR_LIMIT = 20_000     # entries whose ACL a replica checks (and fixes) when it starts
 VISIBLE_WAIT_S = 5.0          # writes wait this long for their change to reach the journal
 NO_AUTH_HINT = "the controller's registry config needs the operator credentials"
 
@@ -97,8 +103,9 @@ class Store:
         self.observer = ZooKeeperRegistry(config, self.subnet, None)
         self._journal = Journal(window)
         self._connected = False
-        self.leases = Leases(self._zk, self._layout, record_acl(config.auth or config.operator), self._item_acl,
-                             self.replica, lease_s, clock)
+        # records published for nodes are the controller's: operator_acl, like everything it writes
+        self.leases = Leases(self._zk, self._layout, self._item_acl, self._item_acl, self.replica,
+                             lease_s, clock)
         self._election = Election(self._zk, self._layout, self._item_acl, self.replica, self._became_leader)
         self._sync = JournalSync(self._zk, self._layout, self._journal, self._item_acl, self.replica, self._notify)
 
@@ -113,6 +120,8 @@ class Store:
                                    backoff=(0.2, 5.0), every_round=True)
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
+        self.ungranted_total = 0      # group claims dropped at RegisterNode (no assignment grants them)
+        self.acl_report: zk_acl.RepairReport | None = None   # the re-ACL at start (with registry.operator)
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -197,12 +206,26 @@ class Store:
             raise
         except RegistryError as exc:
             if not self._zk_connected():
-                raise Unavailable(str(exc)) from None
-            raise FailedPrecondition(str(exc)) from None
+                raise internal(Unavailable(str(exc))) from None
+            raise internal(FailedPrecondition(str(exc))) from None
 
-    def register(self, node: Node, leased: bool) -> None:
+    def register(self, node: Node, leased: bool) -> tuple[Node, tuple[str, ...]]:
         """Publish ``node`` (persistent; leased when ``leased``). Like every write here it
-        returns once ZooKeeper has it; :meth:`wait_visible` waits for the journal."""
+        returns once ZooKeeper has it; :meth:`wait_visible` waits for the journal.
+
+        Refused when another live node holds one of its addresses (overlay.ownership).
+        Returns the record as Watch serves it (its groups narrowed to the node's
+        assignment) and the claimed groups that were dropped (counted in ``ungranted_total``)."""
+        view = self.observer.view()
+        held = holders(node, view.nodes.values())
+        if held:
+            c = held[0]
+            raise FailedPrecondition(f"node.{c.kind}: {c.kind} address {c.address} is held by the live node {c.holder!r}")
+        shown, ungranted = granted(node, view.grants or {})
+        if ungranted:
+            self.ungranted_total += len(ungranted)
+            log.warning("controller %s: node %s claims groups %s that its assignment does not grant; "
+                        "they are dropped", self.replica, node.node_id, clip(", ".join(ungranted), 200))
         owner = self._owner_of(node.overlay)
         if owner is None:
             raise FailedPrecondition(f"node.overlay: {node.overlay} is not allocated to {node.node_id!r}; call Allocate first")
@@ -210,6 +233,13 @@ class Store:
             raise AlreadyExists(f"node.overlay: {node.overlay} is allocated to node {owner!r}, not {node.node_id!r}")
         with self._translate(f"registering node {node.node_id}"):
             self.leases.register(node.node_id, serialise_node(node), leased)
+        return shown, ungranted
+
+    def set_assignment(self, node_id: str, groups: tuple[str, ...]) -> None:
+        """Operator: the groups ``node_id`` may hold (``assignments/<node_id>``)."""
+        with self._translate(f"writing the assignment of {node_id}"):
+            self._put_persistent(f"{self._layout.assignments}/{node_id}", serialise_assignment(groups), False,
+                                 f"node_id: the assignment of {node_id!r}")
 
     def deregister(self, node_id: str) -> None:
         with self._translate(f"deregistering node {node_id}"):
@@ -287,7 +317,7 @@ class Store:
                 return
             except NoNodeError:
                 continue
-        raise Unavailable(f"{what}: kept appearing and disappearing; try again")
+        raise Contended(f"{what}: kept appearing and disappearing; try again")
 
     def _delete(self, path: str, missing: str) -> None:
         try:
@@ -344,6 +374,8 @@ class Store:
     def _resync(self) -> None:
         t0 = time.monotonic()
         self._sync.ensure_paths()
+        if self.config.operator is not None and self.acl_report is None:
+            self._repair_acls()
         zkc.add_watches(self._zk.client, (self._layout.changes, self._layout.controllers, self._layout.groups),
                         self._zk.op_timeout)
         self._read_groups(None)
@@ -358,6 +390,16 @@ class Store:
                  self._journal.head, self._journal.epoch[:8], "leader" if self._election.leader else "follower",
                  time.monotonic() - t0)
         self._notify()
+
+    def _repair_acls(self) -> None:
+        """Once per start: bring existing entries to the ACL policy (overlay.zk.acl), bounded."""
+        t0 = time.monotonic()
+        report = zk_acl.repair(self._zk.client, self._layout.prefix, self.config.operator,
+                               self.config.node_identities, limit=ACL_REPAIR_LIMIT, timeout=self._zk.op_timeout)
+        self.acl_report = report
+        level = logging.WARNING if (report.refused or report.truncated) else logging.INFO
+        log.log(level, "controller %s: ACLs under %s: %s (%.2f s)", self.replica, self._layout.prefix,
+                report.summary(), time.monotonic() - t0)
 
     def _handle_events(self, events: list[tuple]) -> None:
         groups: set[str] = set()

@@ -216,7 +216,7 @@ class Lab(LabProcesses):
         topo = self.topology()
         members = [h for h in topo.members] if daemons else []
         controller = daemons and topo.controller is not None
-        total = (11 if daemons else 7) + int(controller)
+        total = (12 if daemons else 7) + int(controller)
         self._steps = (0, total)
         nns = len(self.names.all(topo))
         via = (f", the controller ({len(topo.controllers)} replicas: {', '.join(topo.controllers)}) for "
@@ -252,6 +252,8 @@ class Lab(LabProcesses):
                     self._make_certs(topo)
                     self._start_controller(topo, state)
             if daemons:
+                with self._step(f"operator: grant the members' groups ({len(members)} assignments)"):
+                    self._grant_groups(topo)
                 with self._step(f"daemon configs ({len(members)})"):
                     self._write_configs(topo)
                 with self._step(f"daemons ({len(members)}, eBPF datapath, reject_all)"):

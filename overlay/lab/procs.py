@@ -150,6 +150,24 @@ class LabProcesses:
             if waiting:
                 time.sleep(0.2)
 
+    def grant_groups(self) -> None:
+        """``overlay lab grant``: :meth:`_grant_groups` on the lab that is up."""
+        self._require_state()
+        self._grant_groups(self.topology())
+
+    def _grant_groups(self, topo: Topology) -> None:
+        """The operator's step: grant every member the groups the topology gives it
+        (``assignments/<host>``), written inside the ZooKeeper machine's namespace."""
+        from overlay.config import RegistryConfig
+        from overlay.lab.render import registry_prefix
+        from overlay.zk.layout import grant_groups
+
+        config = RegistryConfig(hosts=tuple(topo.zookeeper.split(",")), prefix=registry_prefix(topo), timeout_s=10.0)
+        grants = {h.name: tuple(h.groups) for h in topo.members}
+        res = nx.in_netns(self.names.zookeeper(topo), grant_groups, config, grants, timeout=60)
+        if isinstance(res, BaseException):
+            raise LabError(f"granting the members' groups failed: {res}")
+
     def _write_configs(self, topo: Topology, hosts=None) -> None:
         for h in hosts if hosts is not None else topo.members:
             os.makedirs(os.path.join(self.host_dir(h.name), "state"), exist_ok=True)

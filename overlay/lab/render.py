@@ -31,7 +31,7 @@ from overlay.lab.topology import (
 # Keys of a member's daemon config that the lab owns (a topology may not set them).
 LAB_OWNED = (
     ("node_id",), ("network",), ("addresses",), ("discovery",), ("state_dir",),
-    ("status_listen",), ("registry", "backend"), ("registry", "hosts"),
+    ("status_listen",), ("control_socket",), ("registry", "backend"), ("registry", "hosts"),
     ("registry", "controller"), ("registry", "tls"),
     ("datapath", "interface"), ("datapath", "pin_root"),
 )
@@ -93,9 +93,11 @@ def member_config(
     if target == "netns":
         datapath = {"interface": interface or "eth0", "pin_root": f"{pin_dir}/{host.name}"}
         state_dir = f"{run_dir}/hosts/{host.name}/state"
+        control = {"control_socket": f"{run_dir}/hosts/{host.name}/run/control.sock"}  # one filesystem for all
     else:
         datapath = {"interface": interface or "eth1", "pin_root": "/sys/fs/bpf/overlay"}
         state_dir = "/var/lib/overlay"
+        control = {}
     base = {
         "node_id": host.name,
         "network": host.network,
@@ -107,6 +109,7 @@ def member_config(
         "filter": {"reject_all": True, "open_ports": [], "ssh_whitelist": []},
         "status_listen": STATUS_LISTEN,
         "state_dir": state_dir,
+        **control,
     }
     return deep_merge(deep_merge(base, topo.daemon), host.daemon)
 
@@ -123,6 +126,12 @@ def _member_registry(topo: Topology, host: Host, certs: str) -> dict:
     return {"backend": "zookeeper", "hosts": topo.zookeeper.split(","), "prefix": "/overlay"}
 
 
+def registry_prefix(topo: Topology) -> str:
+    """The members' registry prefix (``daemon.registry.prefix`` of the topology, default ``/overlay``)."""
+    prefix = _dig(topo.daemon, ("registry", "prefix"))
+    return "/overlay" if prefix is _MISSING else prefix
+
+
 def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = RUN_DIR, replica: int = 1) -> dict:
     """The config of replica ``replica`` (1, 2, ...) of ``overlay controller`` on the ZooKeeper
     machine (docs/grpc.md), as a mapping.
@@ -137,7 +146,6 @@ def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = R
     if not 1 <= replica <= len(topo.controllers):
         raise TopologyError(f"{topo.source}: controller.addresses", f"there is no replica {replica}")
     certs = certs_dir(target, run_dir)
-    prefix = _dig(topo.daemon, ("registry", "prefix"))
     ctl: dict[str, Any] = {
         "listen": topo.controllers[replica - 1],
         "tls": {"ca": f"{certs}/ca.crt", "cert": f"{certs}/controller.crt", "key": f"{certs}/controller.key"},
@@ -148,7 +156,7 @@ def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = R
         "node_id": topo.zk_name if replica == 1 else f"{topo.zk_name}-ctl{replica}",
         "overlay_subnet": str(topo.overlay_subnet),
         "registry": {"backend": "zookeeper", "hosts": topo.zookeeper.split(","),
-                     "prefix": "/overlay" if prefix is _MISSING else prefix},
+                     "prefix": registry_prefix(topo)},
         "controller": ctl,
     }
 

@@ -51,6 +51,11 @@ class RegistryView:
     ``nodes`` holds only records that validated; ``rejected`` maps the key
     of every ignored record to the reason. ``connected`` is False while the
     registry is unreachable: the agent then keeps the datapath as it is.
+
+    ``order`` gives each node its order key (who registered earlier wins an address
+    conflict: :mod:`overlay.ownership`); ``grants`` maps node ids to the groups their
+    assignments grant, or is None when the records carry granted groups only (static
+    peers, written by the operator; the controller, which filtered them).
     """
 
     nodes: Mapping[str, Node] = field(default_factory=dict)
@@ -60,6 +65,8 @@ class RegistryView:
     connected: bool = True
     synced: bool = True
     revision: int = 0
+    order: Mapping[str, int] = field(default_factory=dict)
+    grants: Mapping[str, tuple[str, ...]] | None = None
 
 
 @dataclass
@@ -74,6 +81,8 @@ class ViewState:
     connected: bool = False
     synced: bool = False
     revision: int = 0
+    order: dict[str, int] = field(default_factory=dict)
+    grants: dict[str, tuple[str, ...]] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> RegistryView:
@@ -81,7 +90,9 @@ class ViewState:
         with self.lock:
             return RegistryView(nodes=dict(self.nodes), rejected=dict(self.rejected),
                                 policies=dict(self.policies), max_change=self.max_change,
-                                connected=self.connected, synced=self.synced, revision=self.revision)
+                                connected=self.connected, synced=self.synced, revision=self.revision,
+                                order=dict(self.order),
+                                grants=None if self.grants is None else dict(self.grants))
 
 
 @runtime_checkable

@@ -36,7 +36,7 @@ from collections.abc import Callable
 import grpc
 
 from overlay.config import Config, RegistryConfig
-from overlay.errors import InvalidRecord, OverlayError, RegistryError, Unavailable
+from overlay.errors import InvalidRecord, OverlayError, RegistryError, Throttled, Unavailable
 from overlay.model import Node, node_from_dict, policy_from_dict, valid_name
 from overlay.registry import Listener, RegistryView, ViewState, notify_listener
 from overlay.rpc.client import CLIENT_OPTIONS, Client
@@ -91,6 +91,7 @@ class GrpcRegistry:
 
         self._v = ViewState()          # the view (changed under self._v.lock)
         self._groups: dict[str, str] = {}
+        self._assignments: dict[str, tuple[str, ...]] = {}   # informational: the controller narrows groups
 
         self._rev = 0               # the controller's revision applied last
         self._epoch = ""
@@ -134,8 +135,11 @@ class GrpcRegistry:
         if node.node_id != self.node_id:
             raise RegistryError(f"this registry serves node {self.node_id!r}, not {node.node_id!r}")
         self._own = node
-        self._retrying(lambda c: c.register(node), f"registering node {node.node_id}")
+        _, ungranted = self._retrying(lambda c: c.register_node(node), f"registering node {node.node_id}")
         self._last_register = time.monotonic()
+        if ungranted:
+            log.warning("node %s: the controller dropped groups %s: this node's assignment does not grant them "
+                        "(`overlay nodes groups %s ...`)", node.node_id, ", ".join(ungranted), node.node_id)
 
     def deregister(self) -> None:
         """Remove this node's record for good (a stopping daemon does not: its lease keeps it)."""
@@ -188,6 +192,12 @@ class GrpcRegistry:
     def groups(self) -> dict[str, str]:
         with self._v.lock:
             return dict(self._groups)
+
+    @property
+    def assignments(self) -> dict[str, tuple[str, ...]]:
+        """node id -> granted groups, as the controller streams them."""
+        with self._v.lock:
+            return dict(self._assignments)
 
     # --- calls ------------------------------------------------------------------------------
 
@@ -255,6 +265,12 @@ class GrpcRegistry:
             i, client = self._current_client()
             try:
                 return call(client)
+            except Throttled as exc:   # the replica answers but asks to wait: no failover
+                wait = max(delay, exc.retry_after_s)
+                if time.monotonic() + wait > deadline or self._stop.is_set():
+                    raise RegistryError(f"{what}: the controller at {self.targets[i]} is throttling "
+                                        f"this node ({exc})") from None
+                self._pause(wait)
             except Unavailable as exc:
                 self._fail_over(i, str(exc))
                 tried += 1
@@ -372,8 +388,16 @@ class GrpcRegistry:
         return changed
 
     def _own_changed(self) -> bool:
+        """The stream shows this node's record gone or different from what it registered
+        (its groups aside: the controller serves the granted ones)."""
         own = self._own
-        return own is not None and self._own_value != {"node": own.to_dict()}
+        if own is None:
+            return False
+        shown = (self._own_value or {}).get("node")
+        if not isinstance(shown, dict):
+            return True
+        mine = own.to_dict()
+        return {k: v for k, v in shown.items() if k != "groups"} != {k: v for k, v in mine.items() if k != "groups"}
 
     def _keep_registered(self) -> None:
         """Register again after every reconnection, and when the stream shows this node's
@@ -413,6 +437,7 @@ class GrpcRegistry:
             items, self._pending = self._pending, None
             with self._v.lock:
                 self._v.nodes, self._v.rejected, self._v.policies, self._groups = {}, {}, {}, {}
+                self._v.order, self._assignments = {}, {}
                 self._v.max_change = None
                 self._own_value = None
                 for key, value in items.items():
@@ -455,6 +480,7 @@ class GrpcRegistry:
                 return
             self._v.nodes.pop(ident, None)
             self._v.rejected.pop(ident, None)
+            self._v.order.pop(ident, None)
             if value is None:
                 return
             if "rejected" in value:
@@ -465,6 +491,8 @@ class GrpcRegistry:
                 if node.node_id != ident:
                     raise InvalidRecord(f"node record names node_id {node.node_id!r} but is listed as {ident!r}")
                 self._v.nodes[ident] = node
+                if isinstance(value.get("order"), int) and value["order"] > 0:
+                    self._v.order[ident] = value["order"]
             except InvalidRecord as exc:
                 self._v.rejected[ident] = str(exc)
         elif kind == "policy":
@@ -486,6 +514,12 @@ class GrpcRegistry:
                 self._groups[ident] = str(value.get("group", {}).get("description", ""))
         elif kind == "config" and ident == "max_change":
             self._v.max_change = int(value["max_change"]) if value is not None else None
+        elif kind == "assignment":
+            groups = (value or {}).get("assignment", {}).get("groups")
+            if isinstance(groups, list):
+                self._assignments[ident] = tuple(str(g) for g in groups)
+            else:
+                self._assignments.pop(ident, None)
 
     def _notify(self) -> None:
         notify_listener(self._listener, self.node_id)

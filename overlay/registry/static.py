@@ -1,6 +1,8 @@
 """``registry.backend: static``: peers listed in the config file.
 
-Useful for small fixed fleets, for tests and for the lab's bootstrap. The
+Useful for small fixed fleets, for tests and for the lab's bootstrap. The peers'
+groups are taken as written (the file is the operator's: no assignments); of two peers
+claiming one address the one listed first keeps it. The
 daemon reloads the config on SIGHUP and hands the new peer list to
 :meth:`StaticRegistry.replace`.
 """
@@ -62,7 +64,9 @@ class StaticRegistry:
 
     def view(self) -> RegistryView:
         with self._lock:
-            return RegistryView(nodes=dict(self._nodes), revision=self._revision)
+            # the order of the file decides address conflicts (overlay.ownership)
+            return RegistryView(nodes=dict(self._nodes), revision=self._revision,
+                                order={node_id: i for i, node_id in enumerate(self._nodes)})
 
     def release_guard(self) -> None:
         return None

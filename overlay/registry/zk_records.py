@@ -15,6 +15,7 @@ from typing import Any
 
 from overlay.errors import InvalidRecord
 from overlay.model import Node, Policy, parse_node_record, parse_policy_record, valid_name
+from overlay.ownership import parse_assignment
 from overlay.zk.client import Session, Unreadable
 from overlay.zk.layout import Layout
 
@@ -44,11 +45,13 @@ class Records:
         self.records: dict[str, Rec] = {}
         self.claims: dict[str, set[str]] = {}       # overlay -> names whose records claim it
         self.owners: dict[str, str | None] = {}     # cache of alloc/ip-to-id/<overlay>
+        self.alloc_order: dict[str, int] = {}       # overlay -> czxid of alloc/ip-to-id/<overlay>
         self.logged: dict[str, tuple[int, str]] = {}
 
     def reset(self, keep: set[str]) -> None:
         """Forget everything (a full re-read follows); keep the log memory of ``keep``."""
         self.owners.clear()
+        self.alloc_order.clear()
         self.records.clear()
         self.claims.clear()
         self.logged = {k: v for k, v in self.logged.items() if k in keep}
@@ -90,6 +93,7 @@ class Records:
                     del self.claims[rec.node.overlay]
                     if not keep_owner:
                         self.owners.pop(rec.node.overlay, None)
+                        self.alloc_order.pop(rec.node.overlay, None)
 
     def fetch_owners(self, ips: set[str]) -> None:
         if not ips:
@@ -97,10 +101,19 @@ class Records:
         got = self._zk.get_many([f"{self._layout.ip_to_id}/{ip}" for ip in sorted(ips)])
         for ip in ips:
             res = got[f"{self._layout.ip_to_id}/{ip}"]
+            self.alloc_order.pop(ip, None)
             if isinstance(res, Unreadable):
                 self.owners[ip] = ""  # never a node name: claimants are rejected
+            elif res is None:
+                self.owners[ip] = None
             else:
-                self.owners[ip] = None if res is None else res[0].decode("utf-8", "replace")
+                self.owners[ip] = res[0].decode("utf-8", "replace")
+                self.alloc_order[ip] = res[1].czxid   # when the owner got it: the order of its record
+
+    def order_of(self, node: Node) -> int | None:
+        """The order key of an accepted record: the zxid that created its allocation (both
+        directions are created in one transaction), which outlives restarts and sessions."""
+        return self.alloc_order.get(node.overlay)
 
     def evaluate(self, name: str) -> tuple[Node | None, str | None]:
         rec = self.records[name]
@@ -120,16 +133,28 @@ class Records:
         return None, reason
 
     def parse_policy(self, pid: str, res: Any) -> tuple[Policy | None, str | None]:
+        return self._parse(f"policy:{pid}", f"policies/{pid}", res, lambda data: parse_policy_record(data, pid))
+
+    def parse_assignment(self, node_id: str, res: Any) -> tuple[tuple[str, ...] | None, str | None]:
+        """``(granted groups, None)`` or ``(None, reason)`` for ``assignments/<node_id>``."""
+        def parse(data: bytes) -> tuple[str, ...]:
+            valid_name(node_id, "assignment name")
+            return parse_assignment(data)
+
+        return self._parse(f"assignment:{node_id}", f"assignments/{node_id}", res, parse)
+
+    def _parse(self, key: str, where: str, res: Any, parse: Any) -> tuple[Any, str | None]:
+        """``(parse(data), None)``, or ``(None, reason)`` logged once under ``key``."""
         if isinstance(res, Unreadable):
-            reason, mzxid = f"policies/{pid} cannot be read ({res.error})", -1
+            reason, mzxid = f"{where} cannot be read ({res.error})", -1
         else:
             data, stat = res
             mzxid = stat.mzxid
             try:
-                return parse_policy_record(data, pid), None
+                return parse(data), None
             except (InvalidRecord, ValueError) as exc:
                 reason = str(exc)
-        self.log_rejection(f"policy:{pid}", mzxid, reason)
+        self.log_rejection(key, mzxid, reason)
         return None, reason
 
     def parse_max_change(self, res: Any) -> int | None:

@@ -5,7 +5,7 @@ allocation is :mod:`overlay.zk.alloc`'s, the client and its watches
 :mod:`overlay.zk.client`'s.
 
 Watching is incremental: persistent recursive watches on ``nodes``, ``policies``,
-``config/max_change`` and ``alloc/ip-to-id`` deliver one event per changed znode,
+``config/max_change``, ``alloc/ip-to-id`` and ``assignments`` deliver one event per changed znode,
 and only the znode an event names is read. A full re-read happens only at start,
 after every reconnection, and when asked (:meth:`ZooKeeperRegistry.request_resync`).
 
@@ -49,14 +49,13 @@ from overlay.config import Config, RegistryConfig
 from overlay.errors import NotFound, RegistryError
 from overlay.model import (
     Node,
-    Policy,
     serialise_node,
     valid_name,
 )
 from overlay.registry import Listener, RegistryView, ViewState, notify_listener
 from overlay.registry.zk_records import MAX_MAX_CHANGE, Records
 from overlay.zk import client as zkc
-from overlay.zk.acl import operator_acl, record_acl
+from overlay.zk.acl import ADMINS, operator_acl, owned_acl, parse_admins
 from overlay.zk.alloc import Allocator
 from overlay.zk.client import CONNECTION_ERRORS, EV_DELETED, Session
 from overlay.zk.layout import Layout, create_layout
@@ -89,10 +88,11 @@ class ZooKeeperRegistry:
         self._hosts = ",".join(config.hosts)
         self._layout = Layout(config.prefix)
         self._zk = Session(max(5.0, 2.0 * config.timeout_s))
-        self._record_acl = record_acl(config.auth)
+        # what this registry writes: a daemon's own entries, or (an observer: the controller's) the operator's
+        self._record_acl = operator_acl(config.operator) if node_id is None else owned_acl(config.auth)
         self._alloc = Allocator(self._zk, self._layout, self.subnet, self._record_acl, rng)
 
-        self._v = ViewState()          # the view (changed under self._v.lock)
+        self._v = ViewState(grants={})   # the view (changed under self._v.lock)
 
         self._book = Records(self._zk, self._layout, self.subnet, self.node_id)   # worker-private
 
@@ -301,7 +301,7 @@ class ZooKeeperRegistry:
 
     def _add_watches(self) -> None:
         zkc.add_watches(self._zk.client, (self._layout.nodes, self._layout.policies, self._layout.max_change,
-                                          self._layout.ip_to_id), self._zk.op_timeout)
+                                          self._layout.ip_to_id, self._layout.assignments), self._zk.op_timeout)
 
     def _ensure_layout(self) -> None:
         """The layout's parent paths exist (created here when no ACLs are in use)."""
@@ -310,6 +310,8 @@ class ZooKeeperRegistry:
         lay = self._layout
         missing = [p for p in (lay.nodes, lay.policies, lay.config, lay.id_to_ip, lay.ip_to_id)
                    if self._zk.exists(p) is None]
+        if self.config.auth is None and self._zk.exists(lay.assignments) is None:
+            missing.append(lay.assignments)   # an older layout: made here unless ACLs are on
         if missing:
             if self.config.auth is not None and self.config.operator is None:
                 raise RegistryError(
@@ -318,11 +320,24 @@ class ZooKeeperRegistry:
                     "overlay.zk.layout.bootstrap"
                 )
             if self.config.operator is not None:
-                create_layout(self._zk.client, lay, self.config.operator)
+                create_layout(self._zk.client, lay, self.config.operator, self.config.node_identities)
             else:
                 for p in missing:
                     with contextlib.suppress(NodeExistsError):
                         self._zk.client.ensure_path(p)
+        if self.config.auth is not None and self.node_id != OBSERVER_ID:
+            # the operator (config/admins) may also change and re-ACL what this node writes
+            try:
+                data, _ = self._zk.get(lay.path(ADMINS))
+                admins = parse_admins(data)
+            except (NoNodeError, NoAuthError):
+                admins = []
+            if not admins:
+                log.warning("node %s: %s/%s is missing or unreadable: the operator cannot re-ACL what this "
+                            "node writes (is its identity in registry.node_identities?)", self.node_id,
+                            lay.prefix, ADMINS)
+            self._record_acl = owned_acl(self.config.auth, admins)
+            self._alloc.record_acl = self._record_acl
         self._layout_ok = True
 
     def _on_state(self, state: str) -> None:
@@ -414,23 +429,33 @@ class ZooKeeperRegistry:
         self._keep_own_record()
         names = [n for n in self._zk.children(self._layout.nodes) if n != self.node_id]
         policy_ids = self._zk.children(self._layout.policies)
+        assigned = self._zk.children(self._layout.assignments)
         paths = [f"{self._layout.nodes}/{n}" for n in names]
         paths += [f"{self._layout.policies}/{p}" for p in policy_ids]
+        paths += [f"{self._layout.assignments}/{a}" for a in assigned]
         paths.append(self._layout.max_change)
         got = self._zk.get_many(paths)
-        self._book.reset(set(names) | {f"policy:{p}" for p in policy_ids} | {"config:max_change"})
+        self._book.reset(set(names) | {f"policy:{p}" for p in policy_ids} | {f"assignment:{a}" for a in assigned}
+                         | {"config:max_change"})
         for n in names:
             res = got[f"{self._layout.nodes}/{n}"]
             if res is not None:
                 self._book.store_result(n, res)
         self._book.fetch_owners({r.node.overlay for r in self._book.records.values() if r.node is not None})
-        nodes, rejected = {}, {}
+        nodes, rejected, order, grants = {}, {}, {}, {}
         for n in self._book.records:
             node, reason = self._book.evaluate(n)
             if node is not None:
                 nodes[n] = node
+                order[n] = self._book.order_of(node)
             else:
                 rejected[n] = reason
+        for a in assigned:
+            res = got[f"{self._layout.assignments}/{a}"]
+            if res is not None:
+                groups, reason = self._book.parse_assignment(a, res)
+                _put(grants, a, groups)
+                _put(rejected, f"assignment:{a}", reason)
         policies = {}
         for pid in policy_ids:
             res = got[f"{self._layout.policies}/{pid}"]
@@ -444,21 +469,24 @@ class ZooKeeperRegistry:
         max_change = self._book.parse_max_change(got[self._layout.max_change])
         with self._v.lock:
             self._v.nodes, self._v.policies, self._v.rejected = nodes, policies, rejected
+            self._v.order, self._v.grants = order, grants
             self._v.max_change = max_change
             self._v.connected = True
             self._v.synced = True
             self._bump()
-        log.info("node %s: registry resync (%s): %d peers, %d rejected, %d policies in %.2f s",
-                 self.node_id, reason, len(nodes), len(rejected), len(policies), time.monotonic() - t0)
+        log.info("node %s: registry resync (%s): %d peers, %d rejected, %d policies, %d assignments in %.2f s",
+                 self.node_id, reason, len(nodes), len(rejected), len(policies), len(grants), time.monotonic() - t0)
         self._notify()
 
     def _apply_events(self, events: list[tuple]) -> None:
         node_last: dict[str, int] = {}
         policy_last: dict[str, int] = {}
+        assign_last: dict[str, int] = {}
         max_change_event = False
         ips: set[str] = set()
         own_event: int | None = None
         np, pp, ap = self._layout.nodes + "/", self._layout.policies + "/", self._layout.ip_to_id + "/"
+        gp = self._layout.assignments + "/"
         for _, etype, path in events:
             if path.startswith(np):
                 name = path[len(np):]
@@ -478,6 +506,10 @@ class ZooKeeperRegistry:
                 ip = path[len(ap):]
                 if "/" not in ip:
                     ips.add(ip)
+            elif path.startswith(gp):
+                name = path[len(gp):]
+                if "/" not in name:
+                    assign_last[name] = etype
 
         if own_event is not None and self._own is not None:
             self._keep_own_record()
@@ -486,11 +518,13 @@ class ZooKeeperRegistry:
         recheck: set[str] = set()
         for ip in ips:
             self._book.owners.pop(ip, None)
+            self._book.alloc_order.pop(ip, None)
             recheck |= self._book.claims.get(ip, set())
 
         to_read = [n for n, et in node_last.items() if et != EV_DELETED]
         pol_read = [p for p, et in policy_last.items() if et != EV_DELETED]
         paths = [f"{self._layout.nodes}/{n}" for n in to_read] + [f"{self._layout.policies}/{p}" for p in pol_read]
+        paths += [f"{gp}{a}" for a, et in assign_last.items() if et != EV_DELETED]
         if max_change_event:
             paths.append(self._layout.max_change)
         got = self._zk.get_many(paths) if paths else {}
@@ -509,15 +543,9 @@ class ZooKeeperRegistry:
         node_changes: dict[str, tuple[Node | None, str | None]] = {}
         for name in touched:
             node_changes[name] = self._book.evaluate(name) if name in self._book.records else (None, None)
-        policy_changes: dict[str, tuple[Policy | None, str | None]] = {}
-        for pid, etype in policy_last.items():
-            res = got.get(f"{self._layout.policies}/{pid}") if etype != EV_DELETED else None
-            if res is None:
-                self._book.logged.pop(f"policy:{pid}", None)
-                policy_changes[pid] = (None, None)
-            else:
-                policy_changes[pid] = self._book.parse_policy(pid, res)
+        policy_changes = self._read_changes(policy_last, pp, got, "policy", self._book.parse_policy)
         new_max = self._book.parse_max_change(got.get(self._layout.max_change)) if max_change_event else None
+        assign_changes = self._read_changes(assign_last, gp, got, "assignment", self._book.parse_assignment)
 
         changed = False
         with self._v.lock:
@@ -525,6 +553,10 @@ class ZooKeeperRegistry:
             for name, (node, reason) in node_changes.items():
                 changed |= _put(nodes, name, node)
                 changed |= _put(rejected, name, reason)
+                changed |= _put(self._v.order, name, None if node is None else self._book.order_of(node))
+            for name, (groups, reason) in assign_changes.items():
+                changed |= _put(self._v.grants, name, groups)
+                changed |= _put(rejected, f"assignment:{name}", reason)
             for pid, (pol, reason) in policy_changes.items():
                 changed |= _put(policies, pid, pol)
                 changed |= _put(rejected, f"policy:{pid}", reason)
@@ -535,6 +567,20 @@ class ZooKeeperRegistry:
                 self._bump()
         if changed:
             self._notify()
+
+    def _read_changes(self, last: dict[str, int], prefix: str, got: dict, kind: str,
+                      parse: Any) -> dict[str, tuple[Any, str | None]]:
+        """``{id: (value, reason)}`` for the znodes under ``prefix`` whose last event is in
+        ``last``: deleted ones are ``(None, None)``, the others parsed from ``got``."""
+        out: dict[str, tuple[Any, str | None]] = {}
+        for ident, etype in last.items():
+            res = got.get(f"{prefix}{ident}") if etype != EV_DELETED else None
+            if res is None:
+                self._book.logged.pop(f"{kind}:{ident}", None)
+                out[ident] = (None, None)
+            else:
+                out[ident] = parse(ident, res)
+        return out
 
     # --- view bookkeeping -----------------------------------------------------------------
 

@@ -74,8 +74,13 @@ class Client:
         return self._unary("Allocate", req, f"allocating an overlay address for {node_id}").overlay
 
     def register(self, node: Node, timeout: float | None = None) -> int:
+        return self.register_node(node, timeout)[0]
+
+    def register_node(self, node: Node, timeout: float | None = None) -> tuple[int, tuple[str, ...]]:
+        """``(revision, groups claimed but not granted by the node's assignment)``."""
         req = self.pb2.RegisterNodeRequest(node=convert.node_to_pb(self.pb2, node))
-        return self._unary("RegisterNode", req, f"registering node {node.node_id}", timeout).revision
+        resp = self._unary("RegisterNode", req, f"registering node {node.node_id}", timeout)
+        return resp.revision, tuple(resp.ungranted)
 
     def deregister(self, node_id: str, timeout: float | None = None) -> int:
         req = self.pb2.DeregisterNodeRequest(node_id=node_id)
@@ -91,9 +96,33 @@ class Client:
         return convert.node_from_record(convert.node_record_from_pb(resp.node))
 
     def list_nodes(self) -> tuple[list[Node], dict[str, str], int]:
+        nodes, rejected, _, revision = self.list_nodes_detail()
+        return nodes, rejected, revision
+
+    def list_nodes_detail(self) -> tuple[list[Node], dict[str, str], dict[str, str], int]:
+        """``(nodes, rejected, conflicts, revision)``: conflicts name the nodes whose address
+        an earlier registration holds, with the reason."""
         resp = self._unary("ListNodes", self.pb2.ListNodesRequest(), "listing nodes")
         nodes = [convert.node_from_record(convert.node_record_from_pb(n)) for n in resp.nodes]
-        return nodes, {r.id: r.reason for r in resp.rejected}, resp.revision
+        return (nodes, {r.id: r.reason for r in resp.rejected}, {c.id: c.reason for c in resp.conflicts},
+                resp.revision)
+
+    # --- assignments ------------------------------------------------------------------------
+
+    def set_node_groups(self, node_id: str, groups) -> int:
+        req = self.pb2.SetNodeGroupsRequest(node_id=node_id, groups=list(groups))
+        return self._unary("SetNodeGroups", req, f"granting groups to {node_id}").revision
+
+    def get_node_groups(self, node_id: str) -> tuple[tuple[str, ...] | None, int]:
+        """``(granted groups, or None without an assignment; revision)``."""
+        resp = self._unary("GetNodeGroups", self.pb2.GetNodeGroupsRequest(node_id=node_id),
+                           f"reading the groups of {node_id}")
+        return (tuple(resp.groups) if resp.assigned else None), resp.revision
+
+    def list_node_groups(self) -> tuple[dict[str, tuple[str, ...]], dict[str, str], int]:
+        resp = self._unary("ListNodeGroups", self.pb2.ListNodeGroupsRequest(), "listing assignments")
+        return ({a.node_id: tuple(a.groups) for a in resp.assignments}, {r.id: r.reason for r in resp.rejected},
+                resp.revision)
 
     # --- groups and policies ----------------------------------------------------------------
 

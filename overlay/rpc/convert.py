@@ -4,10 +4,11 @@ Request fields are validated here, field by field, so that an INVALID_ARGUMENT
 names the field (``node.private``, ``policy.ports[1]``). Journal values are the
 JSON-able dicts the controller stores per item (see docs/grpc.md):
 
-    ("node", id)       {"node": <node record>} | {"rejected": reason}
+    ("node", id)       {"node": <node record, granted groups only>, "order": int} | {"rejected": reason}
     ("policy", id)     {"policy": <policy record>} | {"rejected": reason}
     ("group", name)    {"group": {"description": str}}
     ("config", "max_change")  {"max_change": int}
+    ("assignment", id) {"assignment": {"groups": [str]}} | {"rejected": reason}
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from overlay.model import (
 )
 
 Key = tuple[str, str]
-KINDS = ("node", "policy", "group", "config")
+KINDS = ("node", "policy", "group", "config", "assignment")
 MAX_DESCRIPTION = 1024
 
 
@@ -41,10 +42,11 @@ def _check(field: str, conv, value):
         raise InvalidArgument(field, str(exc)) from None
 
 
-def name_arg(value: str, field: str) -> str:
+def name_arg(value: str, field: str, what: str = "") -> str:
+    """``value`` checked as a name; ``what`` names it in the reason (default: the field's last part)."""
     if not value:
         raise InvalidArgument(field, "is required")
-    return _check(field, lambda v: valid_name(v, field.rsplit(".", 1)[-1]), value)
+    return _check(field, lambda v: valid_name(v, what or field.rsplit(".", 1)[-1]), value)
 
 
 def _ports(values, field: str) -> list[str]:
@@ -142,6 +144,13 @@ def policy_from_pb(msg, field: str = "policy") -> Policy:
     return _check(field, lambda r: policy_from_dict(r, policy_id), record)
 
 
+def groups_arg(values, field: str = "groups") -> tuple[str, ...]:
+    """Group names of a request (sorted, unique)."""
+    if len(values) > MAX_GROUPS:
+        raise InvalidArgument(field, f"has more than {MAX_GROUPS} groups")
+    return tuple(sorted({name_arg(g, f"{field}[{i}]", "group") for i, g in enumerate(values)}))
+
+
 def group_from_pb(msg, field: str = "group") -> tuple[str, str]:
     name = name_arg(msg.name, f"{field}.name")
     if len(msg.description) > MAX_DESCRIPTION:
@@ -163,7 +172,7 @@ def key_parse(text: str) -> Key:
     return kind, ident
 
 
-_KIND_PB = {"node": 1, "policy": 2, "group": 3, "config": 4}
+_KIND_PB = {"node": 1, "policy": 2, "group": 3, "config": 4, "assignment": 5}
 _PB_KIND = {v: k for k, v in _KIND_PB.items()}
 
 
@@ -177,6 +186,9 @@ def change_to_pb(pb2, revision: int, key: Key, value: dict | None):
         ch.rejected = str(value["rejected"])
     elif kind == "node":
         ch.node.CopyFrom(node_to_pb(pb2, node_from_dict(value["node"])))
+        ch.order = int(value.get("order") or 0)
+    elif kind == "assignment":
+        ch.assignment.CopyFrom(pb2.Assignment(node_id=ident, groups=value["assignment"]["groups"]))
     elif kind == "policy":
         ch.policy.CopyFrom(policy_to_pb(pb2, policy_from_dict(value["policy"], ident), ident))
     elif kind == "group":
@@ -198,7 +210,9 @@ def change_from_pb(ch) -> tuple[Key, dict | None]:
     if which == "rejected":
         return key, {"rejected": ch.rejected}
     if which == "node" and kind == "node":
-        return key, {"node": node_record_from_pb(ch.node)}
+        return key, {"node": node_record_from_pb(ch.node), "order": ch.order}
+    if which == "assignment" and kind == "assignment":
+        return key, {"assignment": {"groups": list(ch.assignment.groups)}}
     if which == "policy" and kind == "policy":
         p = ch.policy
         src: dict[str, Any] = {"group": p.from_group} if p.WhichOneof("src") == "from_group" else {"cidr": p.from_cidr}

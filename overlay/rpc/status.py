@@ -13,6 +13,7 @@ import grpc
 from overlay.errors import (
     AllocationExhausted,
     AlreadyExists,
+    Contended,
     FailedPrecondition,
     InvalidArgument,
     InvalidRecord,
@@ -20,8 +21,12 @@ from overlay.errors import (
     OverlayError,
     PermissionDenied,
     RegistryError,
+    Throttled,
     Unavailable,
 )
+
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"   # trailing metadata of a Throttled call: when to retry
+REQUEST_ID = "overlay-request-id"           # trailing metadata of an internal failure: its log line
 
 # Server side, first match wins (subclasses before their bases).
 STATUS_OF: tuple[tuple[type, grpc.StatusCode], ...] = (
@@ -30,7 +35,9 @@ STATUS_OF: tuple[tuple[type, grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (AllocationExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Throttled, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Contended, grpc.StatusCode.ABORTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (InvalidRecord, grpc.StatusCode.INVALID_ARGUMENT),
     (RegistryError, grpc.StatusCode.UNAVAILABLE),
@@ -38,7 +45,7 @@ STATUS_OF: tuple[tuple[type, grpc.StatusCode], ...] = (
 )
 
 # Client side: the kind of a failed call (INVALID_ARGUMENT is split into field and reason;
-# any other code is a RegistryError).
+# RESOURCE_EXHAUSTED with a retry hint is Throttled; any other code is a RegistryError).
 ERROR_OF: dict[grpc.StatusCode, type[OverlayError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
@@ -47,6 +54,7 @@ ERROR_OF: dict[grpc.StatusCode, type[OverlayError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: AllocationExhausted,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.ABORTED: Contended,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
 }
 
@@ -70,4 +78,20 @@ def raise_for(exc: grpc.RpcError, what: str = "") -> OverlayError:
     prefix = f"{what}: " if what and not details.startswith(what) else ""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return cls(f"{prefix}the controller did not answer in time")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        pushback = trailing(exc, RETRY_PUSHBACK)
+        if pushback is not None and pushback.isdigit():
+            return Throttled(f"{prefix}{details}", int(pushback) / 1000.0)
     return cls(f"{prefix}{details}")
+
+
+def trailing(exc: grpc.RpcError, key: str) -> str | None:
+    """A trailing metadata value of a failed call, if it has one."""
+    try:
+        items = exc.trailing_metadata() or ()
+    except Exception:  # not a call (a test double), or no metadata
+        return None
+    for k, v in items:
+        if k == key:
+            return v if isinstance(v, str) else v.decode("ascii", "replace")
+    return None

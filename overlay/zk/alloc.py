@@ -34,7 +34,7 @@ class Allocator:
         self._zk = session
         self._layout = layout
         self.subnet = ipaddress.IPv4Network(subnet)
-        self._record_acl = record_acl
+        self.record_acl = record_acl
         self._rng = rng or random.SystemRandom()
 
     def allocate(self, node_id: str, requested: str | None = None) -> str:
@@ -83,7 +83,7 @@ class Allocator:
             # so only an operator's partial clean-up leaves this)
             try:
                 self._zk.wait(self._zk.client.create_async(f"{self._layout.ip_to_id}/{current}", node_id.encode(),
-                                                           acl=self._record_acl))
+                                                           acl=self.record_acl))
                 log.warning("node %s: restored missing alloc/ip-to-id/%s", node_id, current)
                 owner = node_id
             except NodeExistsError:
@@ -110,8 +110,8 @@ class Allocator:
         tx = self._zk.client.transaction()
         tx.delete(f"{self._layout.id_to_ip}/{node_id}", version=s1.version)
         tx.delete(f"{self._layout.ip_to_id}/{current}", version=s2.version)
-        tx.create(f"{self._layout.ip_to_id}/{ip}", node_id.encode(), acl=self._record_acl)
-        tx.create(f"{self._layout.id_to_ip}/{node_id}", ip.encode(), acl=self._record_acl)
+        tx.create(f"{self._layout.ip_to_id}/{ip}", node_id.encode(), acl=self.record_acl)
+        tx.create(f"{self._layout.id_to_ip}/{node_id}", ip.encode(), acl=self.record_acl)
         results = self._zk.wait(tx.commit_async())
         if isinstance(results[2], NodeExistsError):
             raise AlreadyExists(
@@ -125,8 +125,8 @@ class Allocator:
     def _claim(self, node_id: str, ip: str) -> str:
         """One transaction creating both directions. Returns ok, ip-taken or id-taken."""
         tx = self._zk.client.transaction()
-        tx.create(f"{self._layout.id_to_ip}/{node_id}", ip.encode(), acl=self._record_acl)
-        tx.create(f"{self._layout.ip_to_id}/{ip}", node_id.encode(), acl=self._record_acl)
+        tx.create(f"{self._layout.id_to_ip}/{node_id}", ip.encode(), acl=self.record_acl)
+        tx.create(f"{self._layout.ip_to_id}/{ip}", node_id.encode(), acl=self.record_acl)
         results = self._zk.wait(tx.commit_async())
         if isinstance(results[0], NodeExistsError):
             return "id-taken"
@@ -147,7 +147,7 @@ class Allocator:
         if owner == node_id:  # ip-to-id is ours but id-to-ip is missing: repair it
             try:
                 self._zk.wait(self._zk.client.create_async(f"{self._layout.id_to_ip}/{node_id}", ip.encode(),
-                                                           acl=self._record_acl))
+                                                           acl=self.record_acl))
             except NodeExistsError:
                 return None
             return ip

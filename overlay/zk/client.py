@@ -43,7 +43,7 @@ from kazoo.protocol.serialization import Watch, int_struct, write_string
 from kazoo.retry import KazooRetry
 
 from overlay.config import Auth, RegistryConfig
-from overlay.errors import FailedPrecondition, OverlayError, RegistryError, Unavailable
+from overlay.errors import FailedPrecondition, OverlayError, RegistryError, Unavailable, internal
 
 log = logging.getLogger(__name__)
 
@@ -254,16 +254,18 @@ BOOTSTRAP_HINT = ("check registry.auth; the layout is created by an operator wit
 def translate(what: str, hosts: str, no_auth_hint: str = BOOTSTRAP_HINT) -> Iterator[None]:
     """Turn kazoo's exceptions into the project's error kinds, with a message saying what
     failed: ACL refusals are FailedPrecondition, an unreachable ZooKeeper is Unavailable,
-    anything else of kazoo's a RegistryError. The project's own errors pass through."""
+    anything else of kazoo's a RegistryError. The project's own errors pass through.
+    The errors made here name hosts and paths: they are marked internal (a server's client
+    gets only the kind and a request id)."""
     try:
         yield
     except OverlayError:
         raise
     except NoAuthError:
-        raise FailedPrecondition(f"{what}: refused by the ZooKeeper ACL ({no_auth_hint})") from None
+        raise internal(FailedPrecondition(f"{what}: refused by the ZooKeeper ACL ({no_auth_hint})")) from None
     except AuthFailedError:
-        raise RegistryError(f"{what}: ZooKeeper rejected the credentials in registry.auth") from None
+        raise internal(RegistryError(f"{what}: ZooKeeper rejected the credentials in registry.auth")) from None
     except (*CONNECTION_ERRORS, ConnectionError) as exc:
-        raise Unavailable(f"{what}: ZooKeeper at {hosts} is unreachable ({type(exc).__name__})") from None
+        raise internal(Unavailable(f"{what}: ZooKeeper at {hosts} is unreachable ({type(exc).__name__})")) from None
     except KazooException as exc:
-        raise RegistryError(f"{what}: ZooKeeper error {type(exc).__name__}: {exc}") from None
+        raise internal(RegistryError(f"{what}: ZooKeeper error {type(exc).__name__}: {exc}")) from None

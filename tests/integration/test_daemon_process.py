@@ -35,6 +35,7 @@ def write_config(path: Path, port: int, n: int) -> None:
         "datapath": {"backend": "dryrun"},
         "filter": {"reject_all": True, "open_ports": [80], "ssh_whitelist": ["198.18.0.0/15"]},
         "status_listen": f"127.0.0.1:{port}",
+        "control_socket": str(path.parent / "run" / "control.sock"),
     }))
 
 

@@ -68,6 +68,7 @@ def zk_daemon(zk_server, zk_prefix, zk_client, tmp_path):
         "guard": {"max_change": 20},
         "status_listen": f"127.0.0.1:{port}",
         "state_dir": str(tmp_path / "state"),
+        "control_socket": str(tmp_path / "run" / "control.sock"),
     }))
     log = open(tmp_path / "daemon.log", "w")
     proc = subprocess.Popen([*OVERLAY, "daemon", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
@@ -190,8 +191,15 @@ def test_guard_release_command(zk_daemon, zk_client):
     for i in range(22):
         zk_client.delete(f"{prefix}/nodes/p{i}")
     wait_for(lambda: status(port)["guard"]["tripped"], timeout=20, what="guard tripped")
-    out = subprocess.run([*OVERLAY, "guard", "release", "--listen", f"127.0.0.1:{port}"],
-                         capture_output=True, text=True, timeout=20)
+    # not over the TCP status listener: it serves reads only
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/guard/release", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=3)
+    assert info.value.code == 405 and b"control socket" in info.value.read()
+    assert status(port)["guard"]["tripped"]
+    # over the control socket (its path from the daemon's config), as root
+    out = subprocess.run([*OVERLAY, "guard", "release", "-c", proc.args[-1]], capture_output=True, text=True,
+                         timeout=20)
     assert out.returncode == 0, out.stderr
     assert "22" in out.stdout
     wait_for(lambda: len(status(port)["peers"]) == 8, timeout=20, what="held removals applied")

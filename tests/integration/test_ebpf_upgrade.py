@@ -22,7 +22,7 @@ import time
 import pytest
 
 from overlay.datapath.ebpf import bpfsys
-from tests.support.netns import finish
+from tests.support.netns import finish, netns_inode
 from tests.support.paths import REPO, program
 from tests.support.twonets import HOSTS, lab_context, member_ops
 
@@ -84,8 +84,12 @@ def test_abi2_state_is_upgraded_under_a_live_stream():
                 upgraded = new.first
                 assert cli.poll() is None, "the stream ended before the upgrade"
                 assert upgraded["adopted"] is False  # a reload, not an adoption
-                assert lab_cfg(pin_dir, 3) == 3
-                assert map_id(os.path.join(pin_dir, "ovl_events")) != events_before
+                # the ABI-2 revision pinned at <pin_root>/<interface> (the layout before pins
+                # were keyed by network namespace); this one moved it to its own place
+                new_dir = os.path.join(args["pin_root"], str(netns_inode(h1.name)), "eth0")
+                assert not os.path.exists(pin_dir)
+                assert lab_cfg(new_dir, 3) == 3
+                assert map_id(os.path.join(new_dir, "ovl_events")) != events_before
 
                 sent = finish(cli)
                 got = finish(srv)

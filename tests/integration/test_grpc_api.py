@@ -71,6 +71,7 @@ def _register(c, node_id: str, index: int):
 
 
 def test_allocate_register_get_list_deregister(clients, ctl):
+    clients().set_node_groups("web-1", ["canary", "web"])   # groups are granted (docs/grpc.md, "Trust")
     web1 = clients("web-1")
     ip = web1.allocate("web-1")
     assert ip.startswith("192.168.0.")
@@ -289,7 +290,7 @@ def test_health_and_reflection(ctl, certs):
         methods = {m.name for m in desc.service[0].method}
         assert methods == {"Allocate", "RegisterNode", "DeregisterNode", "GetNode", "ListNodes", "PutGroup",
                            "DeleteGroup", "ListGroups", "PutPolicy", "DeletePolicy", "ListPolicies", "Watch",
-                           "Heartbeat"}
+                           "Heartbeat", "SetNodeGroups", "GetNodeGroups", "ListNodeGroups"}
 
 
 # --- authorisation ----------------------------------------------------------------------------
@@ -301,6 +302,7 @@ def test_authorisation_matrix(clients, ctl, certs):
     pb2 = op.pb2
     ip2 = op.allocate("web-2")
     web2_node = gs.node("web-2", ip2, index=2)
+    op.set_node_groups("web-2", ["web"])
     op.register(web2_node)
     op.put_group("web", "w")
     op.put_policy(Policy(Endpoint(group="web"), Endpoint(group="web"), "tcp", ((80, 80),), "p"))
@@ -315,6 +317,7 @@ def test_authorisation_matrix(clients, ctl, certs):
         "DeleteGroup": lambda: web1.delete_group("web"),
         "PutPolicy": lambda: web1.put_policy(Policy(Endpoint(group="a"), Endpoint(group="b"), "udp", (), "q")),
         "DeletePolicy": lambda: web1.delete_policy("p"),
+        "SetNodeGroups": lambda: web1.set_node_groups("web-1", ["admin"]),
     }
     for method, call in denied.items():
         with pytest.raises(PermissionDenied) as info:
@@ -328,6 +331,7 @@ def test_authorisation_matrix(clients, ctl, certs):
     assert {n.node_id for n in web1.list_nodes()[0]} == {"web-1", "web-2"}
     assert web1.list_groups()[0] == {"web": "w"} and len(web1.list_policies()[0]) == 1
     assert web1.get_node("web-2") == web2_node
+    assert web1.get_node_groups("web-2")[0] == ("web",) and web1.get_node_groups("web-1")[0] is None
     assert web1.deregister("web-1") >= 0
     # the operator may do everything
     assert op.deregister("web-2") >= 0 and op.delete_group("web") >= 0 and op.delete_policy("p") >= 0
@@ -387,8 +391,10 @@ STANDALONE = textwrap.dedent('''
         out["overlay"] = ip
         node = pb2.Node(node_id="web-3", network="vpc", private="10.0.0.3", public="198.18.2.3",
                         overlay=ip, groups=["web"], open_ports=["80", "8000-8100"])
-        out["registered_at"] = s.RegisterNode(pb2.RegisterNodeRequest(node=node), timeout=10).revision
+        resp = s.RegisterNode(pb2.RegisterNodeRequest(node=node), timeout=10)
+        out["registered_at"], out["ungranted"] = resp.revision, list(resp.ungranted)
         got = s.GetNode(pb2.GetNodeRequest(node_id="web-3"), timeout=10).node
+        del node.groups[:]                 # not granted (no assignment): served without
         out["same"] = got == node
         try:
             s.PutGroup(pb2.PutGroupRequest(group=pb2.Group(name="x")), timeout=10)
@@ -432,6 +438,7 @@ def test_client_in_another_process_from_the_proto_alone(ctl, certs):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert out["overlay"].startswith("192.168.0.") and out["registered_at"] > 0 and out["same"]
+    assert out["ungranted"] == ["web"]
     assert out["put_group_as_node"] == "PERMISSION_DENIED"
     assert out["policies"] == ["p"] and out["nodes"] == ["web-3"]
     assert out["get_unknown"] == "NOT_FOUND"

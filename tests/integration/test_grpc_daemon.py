@@ -56,6 +56,9 @@ def test_backend_follows_holds_and_resumes(zk_server, zk_prefix, certs, zk_clien
     cfg = gs.controller_config(zk_server.address, zk_prefix, certs[0], subnet=SUBNET, listen=f"127.0.0.1:{port}")
     with gs.controllers() as start:
         ctl = start(cfg)
+        with gs.client(ctl.address, certs[0]) as op:     # the groups the nodes claim are granted
+            op.set_node_groups("web-1", ["web"])
+            op.set_node_groups("web-2", ["web"])
         reg = _backend(ctl.address, certs[0])
         assert isinstance(reg, Registry)
         calls: list[int] = []
@@ -129,6 +132,7 @@ def test_backend_fails_over_between_replicas_and_resumes(zk_server, zk_prefix, c
             me = gs.node("web-1", reg.allocate("web-1"))
             reg.register(me)
             with gs.client(b.address, certs[0]) as op:
+                op.set_node_groups("web-2", ("web",))      # its groups are granted (issue 13)
                 web2 = gs.node("web-2", op.allocate("web-2"), network="vpc", index=2)
                 op.register(web2)
                 wait_for(lambda: reg.view().connected and "web-2" in reg.view().nodes, what="the view")
@@ -165,7 +169,7 @@ def test_backend_reregisters_when_its_record_is_removed(zk_server, zk_prefix, ce
         reg = _backend(ctl.address, certs[0])
         reg.start(lambda: None)
         try:
-            me = gs.node("web-1", reg.allocate("web-1"))
+            me = gs.node("web-1", reg.allocate("web-1"), groups=())
             reg.register(me)
             with gs.client(ctl.address, certs[0]) as op:
                 op.deregister("web-1")
@@ -231,6 +235,7 @@ def test_controller_daemon_and_operator_commands(zk_server, zk_prefix, tmp_path)
                      "tls": {"ca": f"{d}/ca.crt", "cert": f"{d}/web-1.crt", "key": f"{d}/web-1.key"}},
         "datapath": {"backend": "dryrun"},
         "status_listen": f"127.0.0.1:{status_port}",
+        "control_socket": str(tmp_path / "run" / "control.sock"),
     }))
     logs = open(tmp_path / "procs.log", "w")
     procs = []

@@ -173,6 +173,9 @@ def test_watch_resumes_across_kills_with_the_servers_history(zk_server, zk_prefi
             store = ctl.store
             op = gs.client(ctl.address, certs[0])
             op.put_group("web", "before the watcher")
+            for w in range(4):                     # the producers' nodes may hold the groups they claim
+                for k in range(6):
+                    op.set_node_groups(f"n{w}-{k}", ["web", "g0", "g1", "g2"])
 
             def launch() -> subprocess.Popen:
                 p = subprocess.Popen([PYTHON, script, gen, ctl.address, certs[0], hist], cwd=work,
@@ -393,6 +396,8 @@ def test_slow_consumer_gets_coalesced_updates(zk_server, zk_prefix, certs, monke
             first = next(call)
             ips = {f"n{i}": op.allocate(f"n{i}") for i in range(4)}
             groups = tuple(f"group-with-a-rather-long-name-{g:02d}" for g in range(60))  # ~2.5 KiB records
+            for nid in ips:
+                op.set_node_groups(nid, groups)   # granted, so the records keep them
             updates = 240
             for i in range(updates):  # the consumer reads nothing meanwhile
                 nid = f"n{i % 4}"

@@ -231,6 +231,9 @@ def test_zookeeper_delete_and_policy_narrowing_revoke(net, zookeeper, tmp_path):
     zk(op="put", path=f"{prefix}/alloc/ip-to-id/{WEB['overlay']}", data="web")
     web_record = json.dumps({"v": 1, **WEB, "open_ports": []})
     zk(op="put", path=f"{prefix}/nodes/web", data=web_record, ephemeral=True)
+    # the operator grants the groups the records claim (a node holds only granted groups)
+    for node, groups in (("web", ["web"]), ("db2", ["db"])):
+        zk(op="put", path=f"{prefix}/assignments/{node}", data=json.dumps({"v": 1, "groups": groups}))
 
     db = net.add_db("rv-db2", "10.30.0.22")
     pin = new_pin_root("revoke-zk")

@@ -169,6 +169,7 @@ def test_daemon_notifies_ready_and_stopping(tmp_path):
         "registry": {"backend": "static", "peers": []},
         "datapath": {"backend": "dryrun"},
         "status_listen": f"127.0.0.1:{port}",
+        "control_socket": str(tmp_path / "run" / "control.sock"),
     }))
     ns = NotifySocket(str(tmp_path / "notify.sock"))
     proc = subprocess.Popen([str(OVERLAY_BIN), "daemon", "-c", str(cfg)], stdout=subprocess.DEVNULL,

@@ -14,7 +14,7 @@ import time
 import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
-from kazoo.security import OPEN_ACL_UNSAFE
+from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl_credential
 
 from overlay.config import Auth, RegistryConfig
 from overlay.errors import AllocationExhausted, NotFound, RegistryError
@@ -36,9 +36,9 @@ def _quiet_kazoo():
     yield
 
 
-def cfg(server, prefix, timeout_s=3.0, auth=None, operator=None) -> RegistryConfig:
+def cfg(server, prefix, timeout_s=3.0, auth=None, operator=None, node_identities=()) -> RegistryConfig:
     return RegistryConfig(hosts=(server.address,), prefix=prefix, timeout_s=timeout_s,
-                          auth=auth, operator=operator)
+                          auth=auth, operator=operator, node_identities=tuple(node_identities))
 
 
 def mknode(node_id: str, overlay: str, n: int = 1, groups=("web",)) -> Node:
@@ -516,8 +516,12 @@ def test_acls_keep_nodes_to_their_own_records(zk_server, zk_prefix, registries):
     # a node cannot use a layout nobody bootstrapped
     with pytest.raises(RegistryError, match="bootstrap"):
         registries(cfg(zk_server, zk_prefix, auth=auth_a), SUBNET, "a").allocate("a")
-    bootstrap(cfg(zk_server, zk_prefix), op, max_change=20)
-    bootstrap(cfg(zk_server, zk_prefix), op)  # idempotent
+    ids = [make_digest_acl_credential(a.user, a.password) for a in (auth_a, auth_b)]
+    bootstrap(cfg(zk_server, zk_prefix, node_identities=ids), op, max_change=20)
+    bootstrap(cfg(zk_server, zk_prefix, node_identities=ids), op)  # idempotent
+    # an identity the operator did not list may not create records
+    with pytest.raises(RegistryError, match="ACL"):
+        registries(cfg(zk_server, zk_prefix, auth=Auth("digest", "node-c", "c")), SUBNET, "c").allocate("c")
 
     a = registries(cfg(zk_server, zk_prefix, auth=auth_a), SUBNET, "a")
     b = registries(cfg(zk_server, zk_prefix, auth=auth_b), SUBNET, "b")
@@ -550,6 +554,8 @@ def test_acls_keep_nodes_to_their_own_records(zk_server, zk_prefix, registries):
                 client.create(f"{p}/policies/open", b"{}")
             with pytest.raises(NoAuthError):
                 client.set_acls(f"{p}/nodes", OPEN_ACL_UNSAFE)
+            with pytest.raises(NoAuthError):
+                client.create(f"{p}/assignments/b", b'{"v": 1, "groups": ["admin"]}')
             # everyone reads
             assert json.loads(client.get(f"{p}/nodes/b")[0])["node_id"] == "b"
         # a node changes its own record (re-register with new data)
@@ -562,6 +568,15 @@ def test_acls_keep_nodes_to_their_own_records(zk_server, zk_prefix, registries):
         wait_for(lambda: a.view().max_change == 5 and b.view().max_change == 5, what="max_change 5")
         with pytest.raises(RegistryError, match="ACL"):
             a.set_max_change(1000)
+        for client in (anon,):     # unauthenticated: creates nothing under nodes or alloc
+            for parent in ("nodes", "alloc/id-to-ip", "alloc/ip-to-id"):
+                with pytest.raises(NoAuthError):
+                    client.create(f"{p}/{parent}/evil", b"x")
+        # what a node writes names the operator too: it may re-ACL it (overlay zk acl-repair)
+        for path in (f"{p}/nodes/a", f"{p}/alloc/id-to-ip/a", f"{p}/alloc/ip-to-id/{node_a.overlay}"):
+            acl, _ = as_a.get_acls(path)
+            assert {(x.id.scheme, x.id.id.split(":")[0], x.perms) for x in acl} == {
+                ("digest", "node-a", 31), ("digest", "operator", 31), ("world", "anyone", 1)}, path
     finally:
         for c in (as_a, anon):
             c.stop()
@@ -599,3 +614,40 @@ def test_suspended_keeps_the_view(zk_server, zk_prefix, registries):
     # still following changes
     late = join(registries(config, SUBNET, "late"), "late", 3)
     wait_for(lambda: obs.view().nodes.get("late") == late, what="late peer after reconnect")
+
+
+# --- (g) assignments and order keys -------------------------------------------------------------
+
+
+def test_assignments_are_followed_and_records_carry_their_allocation_order(zk_server, zk_prefix, registries,
+                                                                           zk_client):
+    config = cfg(zk_server, zk_prefix)
+    early, late = registries(config, SUBNET, "early"), registries(config, SUBNET, "late")
+    n_early = join(early, "early", 1, watch=False)
+    n_late = join(late, "late", 2, watch=False)
+    obs = registries(config, SUBNET, "obs")
+    obs.start(lambda: None)
+    v = wait_for(lambda: (lambda x: x if set(x.nodes) == {"early", "late"} else None)(obs.view()), what="both")
+    # the order key is the zxid that created the record's allocation (read back from ZooKeeper itself)
+    for n in (n_early, n_late):
+        assert v.order[n.node_id] == zk_client.exists(f"{zk_prefix}/alloc/ip-to-id/{n.overlay}").czxid
+    assert v.order["early"] < v.order["late"]
+    # a restart (a new session, a new record) keeps the order: the allocation is the same
+    early.close()
+    again = registries(config, SUBNET, "early")
+    join(again, "early", 1, watch=False)
+    wait_for(lambda: "early" in obs.view().nodes and obs.view().order["early"] == v.order["early"], what="rejoin")
+    assert v.grants == {}                                          # nothing granted yet: no groups
+    # assignments: created, changed, invalid, deleted; one event each
+    zk_client.create(f"{zk_prefix}/assignments/early", b'{"v": 1, "groups": ["web", "db"]}')
+    zk_client.create(f"{zk_prefix}/assignments/bogus", b'{"v": 1, "groups": "admin"}')
+    wait_for(lambda: obs.view().grants.get("early") == ("db", "web") and "assignment:bogus" in obs.view().rejected,
+             what="assignments seen")
+    assert "bogus" not in obs.view().grants
+    zk_client.set(f"{zk_prefix}/assignments/early", b'{"v": 1, "groups": []}')
+    wait_for(lambda: obs.view().grants.get("early") == (), what="assignment narrowed")
+    reads = obs.reads
+    zk_client.delete(f"{zk_prefix}/assignments/early")
+    zk_client.delete(f"{zk_prefix}/assignments/bogus")
+    wait_for(lambda: obs.view().grants == {} and "assignment:bogus" not in obs.view().rejected, what="deleted")
+    assert obs.reads == reads                                      # deletions cost no read

@@ -51,14 +51,18 @@ def make_certs(base: str) -> tuple[str, str]:
 
 
 def controller_config(zk_address: str, prefix: str, certs_dir: str, *, subnet: str = "192.168.0.0/24",
-                      window: int = 10000, lease_s: float = 30.0, listen: str = "127.0.0.1:0") -> Config:
+                      window: int = 10000, lease_s: float = 30.0, listen: str = "127.0.0.1:0",
+                      registry: dict | None = None, controller: dict | None = None) -> Config:
+    """``registry`` and ``controller``: more keys of those sections (operator, limits, ...)."""
     return config_from_dict({
         "overlay_subnet": subnet,
-        "registry": {"backend": "zookeeper", "hosts": [zk_address], "prefix": prefix, "timeout_s": 5},
+        "registry": {"backend": "zookeeper", "hosts": [zk_address], "prefix": prefix, "timeout_s": 5,
+                     **(registry or {})},
         "controller": {
             "listen": listen, "lease_s": lease_s, "window": window,
             "tls": {"ca": f"{certs_dir}/ca.crt", "cert": f"{certs_dir}/controller.crt",
                     "key": f"{certs_dir}/controller.key"},
+            **(controller or {}),
         },
     })
 

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # layer or below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("overlay", "errors", "resources", "protogen", "sdnotify", "logs"),
-    ("abi", "addr", "model", "ops", "policy", "plan", "diff", "config", "config_hints", "guard", "backends",
-     "netns"),
+    ("abi", "addr", "model", "ops", "policy", "plan", "diff", "config", "config_hints", "config_yaml",
+     "ownership", "guard", "backends", "netns"),
     ("registry", "datapath", "discovery", "zk", "rpc"),
-    ("agent", "status"),
+    ("agent", "status", "httpd"),
     ("daemon", "controller", "lab"),
     ("cli", "drops_cli", "install_unit"),
 )

@@ -16,11 +16,13 @@ from overlay.controller.journal import Journal, coalesce, desired_items
 from overlay.errors import (
     AllocationExhausted,
     AlreadyExists,
+    Contended,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     OverlayError,
     PermissionDenied,
+    Throttled,
     Unavailable,
 )
 from overlay.model import Endpoint, Node, Policy
@@ -40,9 +42,11 @@ def test_service_and_methods_are_the_contract():
     svc = pb2.DESCRIPTOR.services_by_name["Registry"]
     assert svc.full_name == "overlay.v1.Registry"
     methods = {m.name: m for m in svc.methods}
+    # the contract's methods (DESIGN §4.2a), and the assignments added by issue 13 (additive)
     assert set(methods) == {"Allocate", "RegisterNode", "DeregisterNode", "GetNode", "ListNodes", "PutGroup",
                             "DeleteGroup", "ListGroups", "PutPolicy", "DeletePolicy", "ListPolicies", "Watch",
-                            "Heartbeat"}  # Heartbeat: added by issue 16 (leases), additive
+                            "Heartbeat",  # added by issue 16 (leases), additive
+                            "SetNodeGroups", "GetNodeGroups", "ListNodeGroups"}  # issue 13, additive
     assert methods["Watch"].server_streaming and not methods["Watch"].client_streaming
     assert not any(m.server_streaming for n, m in methods.items() if n != "Watch")
     assert [f.name for f in pb2.Node.DESCRIPTOR.fields] == [
@@ -130,8 +134,11 @@ POLICY = Policy(Endpoint(cidr="198.18.0.0/15"), Endpoint(group="db"), "tcp", ((5
 
 
 @pytest.mark.parametrize("key,value", [
-    (("node", "web-1"), {"node": NODE.to_dict()}),
+    (("node", "web-1"), {"node": NODE.to_dict(), "order": 4711}),
     (("node", "bad"), {"rejected": "not JSON"}),
+    (("assignment", "web-1"), {"assignment": {"groups": ["db", "web"]}}),
+    (("assignment", "web-2"), {"assignment": {"groups": []}}),
+    (("assignment", "bad"), {"rejected": "not JSON"}),
     (("node", "gone"), None),
     (("policy", "p"), {"policy": POLICY.to_dict()}),
     (("policy", "q"), {"rejected": "proto sctp"}),
@@ -202,11 +209,20 @@ def test_coalesce_keeps_the_last_change_per_item_in_order():
 
 
 def test_desired_items_from_the_observers_view():
-    view = RegistryView(nodes={"web-1": NODE}, rejected={"bad": "why", "policy:q": "proto"},
-                        policies={"p": POLICY}, max_change=5)
+    claims = Node("web-2", "ec2", "10.0.0.2", "198.18.1.2", "192.168.0.8", ("admin", "web"), ())
+    view = RegistryView(nodes={"web-1": NODE, "web-2": claims},
+                        rejected={"bad": "why", "policy:q": "proto", "assignment:x": "not JSON"},
+                        policies={"p": POLICY}, max_change=5, order={"web-1": 9, "web-2": 12},
+                        grants={"web-1": ("web",), "web-2": ("web",), "db-1": ("db",)})
     got = desired_items(view, {"web": "w"})
+    granted_only = Node("web-2", "ec2", "10.0.0.2", "198.18.1.2", "192.168.0.8", ("web",), ())
     assert got == {
-        ("node", "web-1"): {"node": NODE.to_dict()},
+        ("node", "web-1"): {"node": NODE.to_dict(), "order": 9},
+        ("node", "web-2"): {"node": granted_only.to_dict(), "order": 12},   # admin was not granted
+        ("assignment", "web-1"): {"assignment": {"groups": ["web"]}},
+        ("assignment", "web-2"): {"assignment": {"groups": ["web"]}},
+        ("assignment", "db-1"): {"assignment": {"groups": ["db"]}},
+        ("assignment", "x"): {"rejected": "not JSON"},
         ("node", "bad"): {"rejected": "why"},
         ("policy", "q"): {"rejected": "proto"},
         ("policy", "p"): {"policy": POLICY.to_dict()},
@@ -226,6 +242,7 @@ def test_desired_items_from_the_observers_view():
     (AllocationExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPrecondition("x"), grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+    (Contended("x"), grpc.StatusCode.ABORTED),
     (OverlayError("x"), grpc.StatusCode.INTERNAL),
     (ValueError("x"), None),
 ])
@@ -245,6 +262,26 @@ def test_status_codes_and_back(exc, code):
     assert type(back) is type(exc)
     if isinstance(exc, InvalidArgument):
         assert back.field == "node.private" and back.reason == "bad"
+
+
+def test_resource_exhausted_with_a_retry_hint_is_throttled():
+    class _Err(grpc.RpcError):
+        def __init__(self, metadata):
+            self.metadata = metadata
+
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self):
+            return "too many"
+
+        def trailing_metadata(self):
+            return self.metadata
+
+    back = raise_for(_Err((("grpc-retry-pushback-ms", "1500"),)))
+    assert isinstance(back, Throttled) and isinstance(back, Unavailable) and back.retry_after_s == 1.5
+    assert status_of(back) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert type(raise_for(_Err(()))) is AllocationExhausted     # no hint: the subnet is full
 
 
 # --- certificates --------------------------------------------------------------------------------
@@ -333,7 +370,7 @@ def test_backend_applies_snapshots_and_deltas(backend):
     assert v.nodes == {"web-2": peer}  # its own record is not a peer
     assert "outside the overlay subnet" in v.rejected["far"] and v.rejected["policy:q"] == "proto"
     assert v.max_change == 3 and backend.controller_revision == 5 and backend.snapshots == 1
-    assert backend._own_value == {"node": NODE.to_dict()}
+    assert backend._own_value == {"node": NODE.to_dict(), "order": 0}
     assert backend._on_message(_delta(5, 7, [ch(pb2, 6, ("node", "web-2"), None),
                                              ch(pb2, 7, ("policy", "p"), {"policy": POLICY.to_dict()})]))
     v = backend.view()
@@ -345,5 +382,11 @@ def test_backend_applies_snapshots_and_deltas(backend):
         backend._on_message(_delta(7, 8, [], epoch="other"))
     backend._own = NODE
     assert not backend._own_changed()
-    backend._on_message(_delta(7, 8, [ch(pb2, 8, ("node", "web-1"), None)]))
+    # the controller serves the granted groups only: that is no reason to register again
+    narrowed = dict(NODE.to_dict(), groups=[])
+    backend._on_message(_delta(7, 8, [ch(pb2, 8, ("node", "web-1"), {"node": narrowed, "order": 3})]))
+    assert not backend._own_changed()
+    backend._on_message(_delta(8, 9, [ch(pb2, 9, ("node", "web-1"), {"node": dict(narrowed, public="198.18.9.9")})]))
+    assert backend._own_changed()
+    backend._on_message(_delta(9, 10, [ch(pb2, 10, ("node", "web-1"), None)]))
     assert backend._own_changed()

@@ -161,40 +161,34 @@ EXCLUDE_CASES = [
         [],
     ),
     (
-        "two records claim one overlay: both out, each naming the other",
+        "two records claim one overlay, no order given: the first node id keeps it",
         [
             EC2_B,
-            node("dup-a", "vpc", "10.0.0.5", "198.19.0.5", "192.168.1.5"),
             node("dup-b", "vpc", "10.0.0.6", "198.19.0.6", "192.168.1.5"),
+            node("dup-a", "vpc", "10.0.0.5", "198.19.0.5", "192.168.1.5"),
         ],
-        {
-            "dup-a": "192.168.1.5 is also claimed by dup-b",
-            "dup-b": "192.168.1.5 is also claimed by dup-a",
-        },
-        ["ec2-b"],
+        {"dup-b": "overlay address 192.168.1.5 is held by the earlier registration dup-a"},
+        ["dup-a", "ec2-b"],
     ),
     (
-        "three claimants name the two others",
+        "three claimants: the later two name the holder",
         [
             node("t1", "vpc", "10.0.0.5", "198.19.0.5", "192.168.1.5"),
             node("t2", "vpc", "10.0.0.6", "198.19.0.6", "192.168.1.5"),
             node("t3", "vpc", "10.0.0.7", "198.19.0.7", "192.168.1.5"),
         ],
-        {"t1": "claimed by t2, t3", "t2": "claimed by t1, t3", "t3": "claimed by t1, t2"},
-        [],
+        {"t2": "held by the earlier registration t1", "t3": "held by the earlier registration t1"},
+        ["t1"],
     ),
     (
-        "two peers share a real address: both out",
+        "two peers share a real address: the first node id keeps it",
         [
             VPC_A,
             node("same-1", "ec2", "10.0.0.7", "198.18.0.7", "192.168.0.7"),
             node("same-2", "ec2", "10.0.0.7", "198.18.0.8", "192.168.0.8"),
         ],
-        {
-            "same-1": "real address 10.0.0.7 is also used by same-2",
-            "same-2": "real address 10.0.0.7 is also used by same-1",
-        },
-        ["vpc-a"],
+        {"same-2": "real address 10.0.0.7 is held by the earlier registration same-1"},
+        ["same-1", "vpc-a"],
     ),
     (
         "same private in different networks is no conflict (the overlap)",
