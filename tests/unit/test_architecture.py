@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("registry", "datapath", "discovery", "zk", "rpc"),
     ("agent", "status", "httpd"),
     ("daemon", "controller", "lab"),
-    ("cli", "drops_cli", "install_unit"),
+    ("cli", "install_unit"),
 )
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -1,4 +1,4 @@
-"""``overlay why`` logic (overlay.drops_cli.explain) on fake map lookups built from
+"""``overlay why`` logic (overlay.datapath.ebpf.why.explain) on fake map lookups built from
 a real plan, plus the CLI's argument handling. The same command on live maps
 is tested in tests/integration/test_policies_netns.py."""
 
@@ -10,7 +10,8 @@ import pytest
 
 from overlay.cli import build_parser
 from overlay.config import config_from_dict
-from overlay.drops_cli import event_record, explain, format_event
+from overlay.datapath.ebpf.events import event_record, format_event
+from overlay.datapath.ebpf.why import explain
 from overlay.model import Node, policy_from_dict
 from overlay.plan import plan
 from overlay.policy import port_prefixes, prefix_covers

@@ -174,6 +174,15 @@ class MapSet:
     def _items(self, name: str) -> list[tuple[bytes, bytes]]:
         return bpfsys.items(self.fd(name), self.info(name))
 
+    def lookup(self, table: str, key):
+        """The value of ``key`` in ``table`` (ops vocabulary, the map of its family, the
+        kernel's own LPM matching for a CIDR key), or None."""
+        name = map_of(table, key)
+        info = self.info(name)
+        raw_key = encode_key(table, key)
+        raw = bpfsys.lookup(self.fd(name), raw_key, info.key_size, info.value_size)
+        return None if raw is None else decode_item(table, raw_key, raw)[1]
+
     def read_table(self, table: str) -> dict:
         if table == "config":
             out = {}
