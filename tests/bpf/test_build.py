@@ -112,6 +112,17 @@ def test_assembled_source_inlines_lib_headers_once():
     assert '#line 1 "bpf/lib/nat.h"' in text
 
 
+def test_programs_are_defined_in_the_entry_file():
+    """datapath.c is the one entry file of the tc unit (docs/datapath.md): it defines every
+    program of PROGRAMS; bpf/lib holds logic only, never an entry function."""
+    root = build.bpf_dir()
+    entry = (root / build.MAIN_SOURCE).read_text()
+    for prog in build.PROGRAMS.values():
+        assert re.search(rf"^int {prog}\(struct __sk_buff \*skb\)$", entry, re.M), prog
+    for header in (root / "lib").glob("*.h"):
+        assert not re.search(r"^int \w+\(struct __sk_buff \*skb\)$", header.read_text(), re.M), header
+
+
 def test_sources_not_found(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_candidate_dirs", lambda: [tmp_path / "nowhere"])
     with pytest.raises(UnsupportedError, match="datapath.c"):
