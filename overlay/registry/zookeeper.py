@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import random
@@ -59,6 +58,7 @@ from overlay.zk.acl import ADMINS, operator_acl, owned_acl, parse_admins
 from overlay.zk.alloc import Allocator
 from overlay.zk.client import CONNECTION_ERRORS, EV_DELETED, Session
 from overlay.zk.layout import Layout, create_layout
+from overlay.zk.session import load_session, save_session
 from overlay.zk.worker import WatchWorker
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ class ZooKeeperRegistry:
             client, self._zk.client = self._zk.client, None
         if client is not None:
             if keep_session and self._own is not None:
-                self._save_session(zkc.detach(client, self._on_state))
+                save_session(self._session_file, self._session_key(), zkc.detach(client, self._on_state),
+                             self.node_id, self.config.timeout_s)
             else:
                 zkc.close(client, self._on_state)
         with self._v.lock:
@@ -243,7 +244,7 @@ class ZooKeeperRegistry:
             if self._closed:
                 raise RegistryError("the ZooKeeper registry is closed")
             if self._zk.client is None:
-                saved = self._saved_session()
+                saved = load_session(self._session_file, self._session_key(), self.node_id)
                 self._zk.client = zkc.connect(self.config, self._on_event, self._on_state, client_id=saved)
                 if saved is not None:
                     now = zkc.session_id(self._zk.client)
@@ -257,43 +258,6 @@ class ZooKeeperRegistry:
 
     def _session_key(self) -> dict:
         return {"node_id": self.node_id, "hosts": self._hosts, "prefix": self._layout.prefix}
-
-    def _saved_session(self) -> tuple[int, bytes] | None:
-        """The session the previous run of this node left (read once: the file is removed)."""
-        path = self._session_file
-        if not path:
-            return None
-        try:
-            with open(path, encoding="utf-8") as fh:
-                obj = json.load(fh)
-            if not isinstance(obj, dict) or {k: obj.get(k) for k in self._session_key()} != self._session_key():
-                return None      # another node's, ZooKeeper's or prefix's: not ours to take
-            os.unlink(path)
-            return int(obj["session"], 16), bytes.fromhex(obj["password"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("node %s: ignoring the saved ZooKeeper session %s: %s", self.node_id, path, exc)
-            return None
-
-    def _save_session(self, cid: tuple[int, bytes] | None) -> None:
-        if cid is None or not self._session_file:
-            return
-        path = self._session_file
-        body = json.dumps({"v": 1, **self._session_key(), "session": f"{cid[0]:x}", "password": cid[1].hex()})
-        try:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            tmp = f"{path}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(body)
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("node %s: cannot save the ZooKeeper session to %s (%s); the next start cannot resume it",
-                        self.node_id, path, exc.strerror)
-            return
-        log.info("node %s: left ZooKeeper session 0x%x open: its record stays up to %g s; the next start "
-                 "resumes it", self.node_id, cid[0], self.config.timeout_s)
 
     def _zk_connected(self) -> bool:
         client = self._zk.client
