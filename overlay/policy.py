@@ -108,11 +108,6 @@ def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-def prefix_covers(start: int, bits: int, port: int) -> bool:
-    shift = PORT_BITS - bits
-    return port >> shift == start >> shift
-
-
 def policy_prefixes(policy: Policy) -> list[tuple[int, int]]:
     """The (first port, fixed bits) entries of one policy."""
     if policy.proto == "icmp":
