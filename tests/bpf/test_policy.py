@@ -34,6 +34,7 @@ from overlay.diff import diff
 from overlay.model import Endpoint, Node, Policy
 from overlay.plan import plan
 from overlay.policy import policy_indexes
+from tests.support.bpfmaps import mapset_of
 
 OK, SHOT = 0, 2
 TCP_P, UDP_P, ICMP_P = 6, 17, 1
@@ -324,7 +325,7 @@ def test_differential_against_reference_model(compiled, record_property):
     """Acceptance 1: at least 2,000 (world, packet) cases, each through plan ->
     diff -> MapSet.apply -> BPF_PROG_TEST_RUN, equal to the reference model."""
     compiled.reset()
-    maps = MapSet.from_bpf(compiled.bpf)
+    maps = mapset_of(compiled.bpf)
     cases = [0]
 
     @settings(max_examples=200, deadline=None, database=None,

@@ -123,23 +123,6 @@ class MapSet:
                 bpfsys.close(fd)
             raise
 
-    @classmethod
-    def from_bpf(cls, bpf, names: Iterable[str] = DATA_MAPS) -> MapSet:
-        """Duplicate the fds of a ``bcc.BPF``'s tables (independent lifetimes)."""
-        fds: dict[str, int] = {}
-        try:
-            for name in names:
-                fds[name] = os.dup(bpf[name.encode()].map_fd)
-            return cls(fds)
-        except KeyError as exc:
-            for fd in fds.values():
-                bpfsys.close(fd)
-            raise DatapathError(f"compiled programs have no map {exc}") from None
-        except BaseException:
-            for fd in fds.values():
-                bpfsys.close(fd)
-            raise
-
     def close(self) -> None:
         for fd in self._fds.values():
             bpfsys.close(fd)
