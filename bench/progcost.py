@@ -61,7 +61,7 @@ def _compile(root: Path):
 
 def _seed(b) -> None:
     """The same state in either ABI, through the types bcc derived for each map."""
-    from overlay.datapath.ebpf import abi
+    from overlay import abi
 
     be = abi.ip_to_be32
     nat = b[b"ovl_nat"]

@@ -1,9 +1,11 @@
-/* datapath.c: the one compilation unit of the tc datapath.
+/* datapath.c: the one compilation unit of the tc datapath, and its entry file.
  *
  * Compiled by overlay/datapath/ebpf/build.py, which inlines the quoted
- * includes of bpf/lib and bpf/ into one text before handing it to bcc (bcc
- * only rewrites map method calls such as ovl_nat.lookup() in its main file).
- * Programs: ovl_ingress, ovl_egress (uplink), ovl_overlay_egress (ovl0).
+ * includes of bpf/lib into one text before handing it to bcc (bcc only
+ * rewrites map method calls such as ovl_nat.lookup() in its main file).
+ * Every program of this unit is defined here, one short function per hook
+ * calling the logic of bpf/lib/*.h; a program of another kind (a cgroup
+ * program, say) gets an entry file of its own (docs/datapath.md).
  */
 #include <linux/pkt_cls.h>
 
@@ -15,6 +17,23 @@
 #include "nat.h"
 #include "filter.h"
 
-#include "tc_ingress.c"
-#include "tc_egress.c"
-#include "tc_overlay.c"
+/* tc ingress on the uplink (e.g. eth0): the filter, and reverse NAT of
+ * replies to translated flows. */
+int ovl_ingress(struct __sk_buff *skb)
+{
+	return ovl_filter_ingress(skb);
+}
+
+/* tc egress on the uplink: track the flows this host opens, so their replies
+ * pass the ingress filter. Never alters or drops a packet. */
+int ovl_egress(struct __sk_buff *skb)
+{
+	return ovl_ct_egress(skb);
+}
+
+/* tc egress on the overlay device ovl0 (NOARP; the overlay subnet is routed
+ * to it): translate overlay -> real and redirect to the uplink. */
+int ovl_overlay_egress(struct __sk_buff *skb)
+{
+	return ovl_nat_egress(skb);
+}

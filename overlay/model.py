@@ -215,11 +215,16 @@ def parse_node_record(data: bytes | str, subnet: ipaddress.IPv4Network | None = 
     return node_from_dict(_load_json_object(data, "node record"), subnet)
 
 
-def serialise_node(node: Node) -> bytes:
-    data = json.dumps(node.to_dict(), separators=(",", ":"), sort_keys=True).encode()
+def _serialise(record: dict, what: str) -> bytes:
+    """A record as compact UTF-8 JSON (sorted keys), at most MAX_RECORD_BYTES."""
+    data = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
     if len(data) > MAX_RECORD_BYTES:
-        raise InvalidRecord(f"node record is {len(data)} bytes, over {MAX_RECORD_BYTES}")
+        raise InvalidRecord(f"{what} is {len(data)} bytes, over {MAX_RECORD_BYTES}")
     return data
+
+
+def serialise_node(node: Node) -> bytes:
+    return _serialise(node.to_dict(), "node record")
 
 
 def _endpoint(obj: Any, what: str, allow_cidr: bool) -> Endpoint:
@@ -265,7 +270,4 @@ def parse_policy_record(data: bytes | str, policy_id: str = "") -> Policy:
 
 
 def serialise_policy(policy: Policy) -> bytes:
-    data = json.dumps(policy.to_dict(), separators=(",", ":"), sort_keys=True).encode()
-    if len(data) > MAX_RECORD_BYTES:
-        raise InvalidRecord(f"policy record is {len(data)} bytes, over {MAX_RECORD_BYTES}")
-    return data
+    return _serialise(policy.to_dict(), "policy record")

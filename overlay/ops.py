@@ -9,7 +9,8 @@ into ops. Tables:
 ``rnat``      real address (str) -> overlay address (str)
 ``peers``     real address (str, IPv4 or IPv6) -> PeerEntry(identity, flags)
 ``ports``     (slot, word) -> 64-bit bitmap word (int, non-zero); slot 0 tcp, 1 udp
-``failsafe``  CIDR (str, "a.b.c.d/n" or IPv6) -> flags (int): FS_SSH | FS_ALL
+              (``abi.ports_bitmap`` encodes ranges, ``abi.bitmap_ports`` decodes)
+``failsafe``  CIDR (str, "a.b.c.d/n" or IPv6) -> flags (int): abi.FS_SSH | abi.FS_ALL
 ``config``    name (str) -> int: reject_all, mode (always present); policy_enforced,
               policy_default (present only when non-zero, like ``ports`` words); the
               conntrack lifetimes in seconds (``ct_tcp_syn_s``, ``ct_tcp_established_s``,
@@ -22,11 +23,14 @@ into ops. Tables:
 ``names``     (kind, number) -> text (str): ("policy", index) -> policy id,
               ("rule", index) -> the rule in words, ("identity", identity) -> its
               groups comma-separated, ("cidr", identity) -> its CIDR
-``self``      this host's own address (str, IPv4 or IPv6) -> SELF_OWN: a packet from
+``self``      this host's own address (str, IPv4 or IPv6) -> abi.SELF_F_OWN: a packet from
               the wire with such a source (or a loopback one) is a martian
 
 ``policy``, ``cidr_ident`` and ``names`` are enforced by the eBPF datapath only;
 the iptables backend keeps them in memory and ignores them (docs/policies.md).
+
+The numbers in these tables (flags, identities, slots, modes) are the ABI's: they come
+from :mod:`overlay.abi`, the one mirror of bpf/include/overlay_abi.h.
 """
 
 from __future__ import annotations
@@ -35,26 +39,16 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from overlay.abi import IDENTITY_MEMBER, PEER_F_MEMBER
+
 TABLES = ("nat", "rnat", "peers", "ports", "failsafe", "config", "policy", "cidr_ident", "names",
           "self")
-
-# Mirrors of the ABI constants that the pure core needs (bpf/include/overlay_abi.h).
-FS_SSH = 1
-FS_ALL = 2
-PEER_F_MEMBER = 1
-PORT_WORDS = 1024
-PORT_SLOTS = {"tcp": 0, "udp": 1}
-MODE_ENFORCE = 0
-MODE_AUDIT = 1
+# the keys of the ``config`` table (each an ovl_cfg index of the same name, upper case)
 CT_LIFETIME_KEYS = ("ct_tcp_syn_s", "ct_tcp_established_s", "ct_tcp_fin_s", "ct_tcp_rst_s",
                     "ct_udp_s", "ct_icmp_s", "frag_s")
 CONFIG_KEYS = ("reject_all", "mode", "policy_enforced", "policy_default", *CT_LIFETIME_KEYS)
-SELF_OWN = 1
-PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
-IDENTITY_MEMBER = 1          # a member in no group
-IDENTITY_CIDR = 0x80000000   # bit 31: a CIDR identity
+# the kinds of the ``names`` table (each an enum ovl_name_kind of the same name, upper case)
 NAME_KINDS = ("policy", "rule", "identity", "cidr")
-NAME_MAX_BYTES = 255         # names are cut to this many UTF-8 bytes (ovl_name.text)
 
 
 @dataclass(frozen=True)
@@ -65,7 +59,7 @@ class NatEntry:
 
 @dataclass(frozen=True)
 class PeerEntry:
-    identity: int = 1
+    identity: int = IDENTITY_MEMBER
     flags: int = PEER_F_MEMBER
 
 

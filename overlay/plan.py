@@ -13,19 +13,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from overlay.abi import FS_ALL, FS_SSH, SELF_F_OWN, FilterMode, ports_bitmap
 from overlay.config import Config, ConntrackConfig
 from overlay.model import Node, Policy
-from overlay.ops import (
-    FS_ALL,
-    FS_SSH,
-    MODE_AUDIT,
-    MODE_ENFORCE,
-    PORT_SLOTS,
-    SELF_OWN,
-    NatEntry,
-    PeerEntry,
-    empty_state,
-)
+from overlay.ops import NatEntry, PeerEntry, empty_state
 from overlay.ownership import Conflict, Grants, granted, resolve
 from overlay.policy import group_set_key, plan_policies
 
@@ -63,29 +54,6 @@ class DesiredState:
     groups: tuple[str, ...] = ()                     # this node's effective groups
 
 
-def ports_bitmap(specs: Iterable[tuple[int, int]], protos: Iterable[str] = ("tcp", "udp")) -> dict:
-    """Port specs -> {(slot, word): bits}, the kernel's open-ports bitmap, non-zero words only."""
-    words: dict[tuple[int, int], int] = defaultdict(int)
-    for proto in protos:
-        slot = PORT_SLOTS[proto]
-        for lo, hi in specs:
-            for port in range(lo, hi + 1):
-                words[(slot, port >> 6)] |= 1 << (port & 63)
-    return {k: v for k, v in words.items() if v}
-
-
-def bitmap_ports(words: Mapping[tuple[int, int], int], slot: int) -> list[int]:
-    """The inverse of :func:`ports_bitmap` for one slot: the sorted open ports."""
-    out = []
-    for (s, word), bits in words.items():
-        if s != slot:
-            continue
-        for bit in range(64):
-            if bits >> bit & 1:
-                out.append(word * 64 + bit)
-    return sorted(out)
-
-
 def _registry_addresses(config: Config) -> list[str]:
     """IP literals (IPv4 or IPv6) of what this node's registry backend talks to: every
     controller replica (backend grpc) or the ZooKeeper hosts (never locked out, DESIGN §5)."""
@@ -110,7 +78,7 @@ def self_addresses(node: Node) -> dict[str, int]:
     private6, public6). A packet arriving on the uplink with one of them (or a
     loopback address) as source is a martian."""
     addrs = (node.private, node.public, node.overlay, node.private6, node.public6)
-    return {a: SELF_OWN for a in addrs if a}
+    return {a: SELF_F_OWN for a in addrs if a}
 
 
 def conntrack_config(config: Config) -> dict[str, int]:
@@ -226,7 +194,7 @@ def plan(
 
     tables["config"] = {
         "reject_all": int(config.filter.reject_all),
-        "mode": MODE_AUDIT if config.filter.mode == "audit" else MODE_ENFORCE,
+        "mode": int(FilterMode.AUDIT if config.filter.mode == "audit" else FilterMode.ENFORCE),
         **pol.config,
         **conntrack_config(config),
     }

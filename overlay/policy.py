@@ -35,8 +35,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from overlay.abi import IDENTITY_CIDR, IDENTITY_MEMBER, NAME_MAX_BYTES, PROTO_NUMBERS
 from overlay.model import Policy
-from overlay.ops import IDENTITY_CIDR, IDENTITY_MEMBER, NAME_MAX_BYTES, PROTO_NUMBERS
 
 MASK31 = 0x7FFFFFFF
 PORT_BITS = 16
@@ -106,11 +106,6 @@ def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
         out.append((lo, PORT_BITS - (size.bit_length() - 1)))
         lo += size
     return out
-
-
-def prefix_covers(start: int, bits: int, port: int) -> bool:
-    shift = PORT_BITS - bits
-    return port >> shift == start >> shift
 
 
 def policy_prefixes(policy: Policy) -> list[tuple[int, int]]:

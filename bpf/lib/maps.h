@@ -1,7 +1,8 @@
 /* maps.h: every map of the datapath, declared once.
  *
- * Sizes come from the build as -D flags (overlay/datapath/ebpf/build.py);
- * the defaults below only apply when a file is compiled by hand.
+ * Sizes come from the build as -D flags (overlay/datapath/ebpf/build.py); their
+ * defaults live in one place, overlay/abi.py MAP_SIZES: a size left undefined
+ * is a build error, never a second default.
  *
  * When OVL_PIN_DIR is defined (a string literal, e.g. "/sys/fs/bpf/overlay"),
  * every map is declared pinned at OVL_PIN_DIR "/" <map name>: bcc reuses the
@@ -14,46 +15,46 @@
 #include "overlay_abi.h"
 
 #ifndef OVL_NAT_MAX
-#define OVL_NAT_MAX 65536
+#error "OVL_NAT_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_PEERS_MAX
-#define OVL_PEERS_MAX 65536
+#error "OVL_PEERS_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_CT_MAX
-#define OVL_CT_MAX 262144
+#error "OVL_CT_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_FAILSAFE_MAX
-#define OVL_FAILSAFE_MAX 1024
+#error "OVL_FAILSAFE_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_POLICY_MAX
-#define OVL_POLICY_MAX 65536
+#error "OVL_POLICY_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_CIDR_IDENT_MAX
-#define OVL_CIDR_IDENT_MAX 4096
+#error "OVL_CIDR_IDENT_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_NAMES_MAX
-#define OVL_NAMES_MAX 65536
+#error "OVL_NAMES_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_CT6_MAX
-#define OVL_CT6_MAX 65536
+#error "OVL_CT6_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_CT_IN_MAX
-#define OVL_CT_IN_MAX 65536
+#error "OVL_CT_IN_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_FRAG_MAX
-#define OVL_FRAG_MAX 8192
+#error "OVL_FRAG_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_PEERS6_MAX
-#define OVL_PEERS6_MAX 65536
+#error "OVL_PEERS6_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_FAILSAFE6_MAX
-#define OVL_FAILSAFE6_MAX 1024
+#error "OVL_FAILSAFE6_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_CIDR_IDENT6_MAX
-#define OVL_CIDR_IDENT6_MAX 4096
+#error "OVL_CIDR_IDENT6_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 #ifndef OVL_EVENTS_PAGES
-#define OVL_EVENTS_PAGES 16
+#error "OVL_EVENTS_PAGES is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
 
 #ifdef OVL_PIN_DIR

@@ -1,11 +1,11 @@
 """The ``overlay`` command line (console script ``overlay = overlay.cli:main``).
 
 One module per command family: :mod:`~overlay.cli.node` (``check-config``, ``daemon``,
-``status``, ``maps``, ``datapath``, ``guard``), :mod:`~overlay.cli.lab` (``lab``),
+``status``, ``maps``, ``drops``, ``why``, ``datapath``, ``guard``), :mod:`~overlay.cli.lab` (``lab``),
 :mod:`~overlay.cli.controller` (``controller`` and the operator's ``nodes``,
 ``groups``, ``policies``), :mod:`~overlay.cli.certs` (``certs``), :mod:`~overlay.cli.plugins` (``plugins``),
 :mod:`~overlay.cli.zk` (``zk``), :mod:`~overlay.cli.audit` (``audit``), and
-:mod:`overlay.drops_cli` (``drops``, ``why``). :mod:`~overlay.cli.output` holds what
+:mod:`overlay.install_unit` (``install-unit``). :mod:`~overlay.cli.output` holds what
 they share. Each family module imports its heavy dependencies inside its commands.
 
 Exit status (DESIGN §4.1): 0 on success, 2 on bad usage or invalid
@@ -19,7 +19,7 @@ import argparse
 import logging
 import sys
 
-from overlay import __version__, drops_cli, install_unit
+from overlay import __version__, install_unit
 from overlay.cli import audit, certs, controller, lab, node, plugins, zk
 from overlay.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Parser, err
 from overlay.errors import InvalidConfigError, OverlayError
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     controller.register_operator(sub)
     zk.register(sub)
     audit.register(sub)
-    drops_cli.register(sub, Parser)
+    node.register_drops(sub)
     install_unit.register(sub, Parser)
     plugins.register(sub)
     return p

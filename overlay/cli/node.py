@@ -1,13 +1,21 @@
-"""Commands about this node: ``check-config``, ``daemon``, ``status``, ``maps``,
-``datapath teardown``, ``guard release`` (``drops`` and ``why`` are
-:mod:`overlay.drops_cli`'s). Heavy imports happen inside the commands."""
+"""Commands about this node: ``check-config``, ``daemon``, ``status``, ``maps``, ``drops``,
+``why``, ``datapath teardown``, ``guard release``. Heavy imports happen inside the commands.
+
+``maps``, ``drops`` and ``why`` read the live datapath from its pinned maps (no daemon
+needed; root), found by :func:`pinned_datapath`. ``drops`` prints the drop counters by
+reason, or with ``--follow`` streams the drop events of the ring buffer
+(:mod:`overlay.datapath.ebpf.events`); ``why SRC DST PROTO PORT`` explains the verdict the
+ingress filter would give a new flow now (:mod:`overlay.datapath.ebpf.why`).
+docs/policies.md shows both in use."""
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import os
 
-from overlay.cli.output import EXIT_OK, Parser, add_command, out, out_json
-from overlay.errors import UnsupportedError
+from overlay.cli.output import EXIT_OK, EXIT_USAGE, Parser, add_command, err, out, out_json
+from overlay.errors import DatapathError, UnsupportedError
 
 
 def cmd_check_config(args) -> int:
@@ -45,12 +53,30 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
-def cmd_maps(args) -> int:
+def pinned_datapath(args) -> tuple[str, str]:
+    """(interface, pin root) of the live datapath, from ``--interface``/``--pin-root`` or the
+    config (``config.datapath_location``); these commands read pinned maps and need root."""
     from overlay.config import datapath_location
 
     _, iface, root = datapath_location(args.config, args.interface, args.pin_root)
     if os.geteuid() != 0:
-        raise UnsupportedError("overlay maps reads pinned BPF maps and needs root")
+        raise UnsupportedError(f"overlay {args.command} reads pinned BPF maps and needs root")
+    return iface, root
+
+
+def _open_pinned_maps(args):
+    """The MapSet of the live datapath's pin directory, and that directory."""
+    from overlay.datapath.ebpf.datapath import pin_dir_for
+    from overlay.datapath.ebpf.maps import MapSet
+
+    pin_dir = pin_dir_for(*pinned_datapath(args))
+    if not os.path.isdir(pin_dir):
+        raise DatapathError(f"nothing pinned at {pin_dir} (is the datapath loaded? see --interface, --pin-root)")
+    return MapSet.from_pinned(pin_dir), pin_dir
+
+
+def cmd_maps(args) -> int:
+    iface, root = pinned_datapath(args)
     from overlay.datapath.ebpf.datapath import read_pinned
 
     maps = read_pinned(iface, root)
@@ -76,6 +102,94 @@ def format_maps(maps: dict) -> str:
         else:
             lines.append(f"{name}: {body}")
     return "\n".join(lines)
+
+
+def cmd_drops(args) -> int:
+    maps, pin_dir = _open_pinned_maps(args)
+    try:
+        if not args.follow:
+            counts = {k[len("drop_"):]: v for k, v in maps.counters().items() if k.startswith("drop_")}
+            if args.json:
+                out_json(counts, indent=None)
+            else:
+                for reason, n in sorted(counts.items()):
+                    out(f"{reason:<12} {n}")
+            return EXIT_OK
+        from overlay.datapath.ebpf.events import follow, format_event
+
+        def show(record: dict) -> None:
+            if args.json:
+                out_json(record, indent=None)
+            else:
+                out(format_event(record))
+
+        follow(pin_dir, maps, show, backlog=args.backlog, count=args.count, timeout=args.timeout,
+               on_start=lambda: err(f"following drop events of {pin_dir} (Ctrl-C to stop)"))
+        return EXIT_OK
+    finally:
+        maps.close()
+
+
+def cmd_why(args) -> int:
+    if ipaddress.ip_address(args.src).version != ipaddress.ip_address(args.dst).version:
+        err(f"why: DST {args.dst} is not of the IP version of SRC {args.src}")
+        return EXIT_USAGE
+    from overlay.datapath.ebpf.why import LiveMaps, explain
+
+    maps, _ = _open_pinned_maps(args)
+    try:
+        v = explain(args.src, args.dst, args.proto, args.port, LiveMaps(maps))
+    finally:
+        maps.close()
+    if args.json:
+        out_json(v.to_dict(), indent=None)
+    else:
+        out(v.line())
+        for note in v.notes:
+            out(f"  note: {note}")
+    return EXIT_OK
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.split("%", 1)[0]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
+
+
+def _proto(text: str) -> int:
+    from overlay.abi import PROTO_NUMBERS
+
+    t = text.lower()
+    if t in PROTO_NUMBERS:
+        return PROTO_NUMBERS[t]
+    if t.isdigit() and 0 <= int(t) <= 255:
+        return int(t)
+    raise argparse.ArgumentTypeError(f"{text!r} is not tcp, udp, icmp, icmpv6 or a protocol number")
+
+
+def _port(text: str) -> int:
+    if text == "-":
+        return 0
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535, or - for icmp)")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: between 0 and 86400 seconds")
+    return value
 
 
 def cmd_datapath_teardown(args) -> int:
@@ -138,3 +252,26 @@ def register(sub) -> None:
     gr.set_defaults(func=cmd_guard_release)
     gr.add_argument("-c", "--config", help="read control_socket from this config file")
     gr.add_argument("--socket", help="the daemon's control socket (default /run/overlay/control.sock)")
+
+
+def register_drops(sub) -> None:
+    """``drops`` and ``why`` (registered after ``zk``: their place in ``overlay --help``)."""
+    sp = add_command(sub, "drops", cmd_drops,
+                     "drop counters by reason; --follow streams drop events (reason, policy, flow)")
+    datapath_options(sp)
+    sp.add_argument("-f", "--follow", action="store_true", help="stream drop events from the ring buffer")
+    sp.add_argument("--json", action="store_true", help="JSON (one object per line with --follow)")
+    sp.add_argument("--count", type=_positive, help="with --follow: stop after N events")
+    sp.add_argument("--timeout", type=_seconds, help="with --follow: stop after S seconds")
+    sp.add_argument("--backlog", action="store_true",
+                    help="with --follow: also print the events already in the buffer")
+
+    sp = add_command(sub, "why", cmd_why,
+                     "explain the verdict this node would give a new flow SRC -> DST PROTO/PORT, from the live maps")
+    sp.add_argument("src", type=_ip, metavar="SRC",
+                    help="source address, IPv4 or IPv6 (as it arrives: a peer's real address)")
+    sp.add_argument("dst", type=_ip, metavar="DST", help="destination address (this node)")
+    sp.add_argument("proto", type=_proto, metavar="PROTO", help="tcp, udp, icmp, icmpv6 or a protocol number")
+    sp.add_argument("port", type=_port, metavar="PORT", help="destination port (0 or - for icmp)")
+    datapath_options(sp)
+    sp.add_argument("--json", action="store_true", help="print JSON")

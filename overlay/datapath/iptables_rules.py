@@ -24,8 +24,17 @@ import ipaddress
 import shlex
 from collections.abc import Iterable, Mapping
 
-from overlay.ops import FS_ALL, FS_SSH, MODE_AUDIT, PEER_F_MEMBER, SELF_OWN, NatEntry
-from overlay.plan import bitmap_ports, ports_bitmap
+from overlay.abi import (
+    FS_ALL,
+    FS_SSH,
+    PEER_F_MEMBER,
+    SELF_F_OWN,
+    SSH_PORT,
+    FilterMode,
+    bitmap_ports,
+    ports_bitmap,
+)
+from overlay.ops import NatEntry
 
 CHAIN_NAT = "OVERLAY-NAT"
 CHAIN_IN = "OVERLAY-IN"
@@ -34,7 +43,6 @@ IPSET = "OVERLAY-PEERS"
 IPSET_TMP = "OVERLAY-PEERS-TMP"
 IPSET6 = "OVERLAY-PEERS6"
 IPSET6_TMP = "OVERLAY-PEERS6-TMP"
-SSH_PORT = 22
 MULTIPORT_MAX = 15  # iptables multiport: at most 15 ports, a range counts as two
 NDP_TYPES = (133, 134, 135, 136, 137)
 MLD_TYPES = (130, 131, 132, 143)
@@ -162,7 +170,7 @@ def filter_rules(state: Mapping[str, Mapping], overlay_subnet: str, interface: s
     """The ``-A OVERLAY-IN`` (and, for IPv4, ``-A OVERLAY-OUT``) lines of one
     family, in DESIGN §5 order (see the module doc)."""
     cfg = state.get("config", {})
-    audit = _mode(state) == MODE_AUDIT
+    audit = _mode(state) == FilterMode.AUDIT
     lines = []
     loopback = "::1/128" if family == 6 else "127.0.0.0/8"
     own = sorted((a for a in state.get("self", {}) if _family(a) == family), key=_ip_key)
@@ -341,6 +349,7 @@ def parse_filter(lines: Iterable[str], family: int = 4) -> dict[str, dict]:
         f = _rule_fields(line)
         tag = f.get("--comment", "").removeprefix("ovl:")
         reason, _, audit = tag.partition(":")
+        mode = int(FilterMode.AUDIT if audit == "audit" else FilterMode.ENFORCE)
         if reason == "pass_failsafe":
             cidr = str(ipaddress.ip_network(f.get("-s", anywhere), strict=False))
             flag = FS_SSH if f.get("--dport") == str(SSH_PORT) and f.get("-p") == "tcp" else FS_ALL
@@ -348,14 +357,14 @@ def parse_filter(lines: Iterable[str], family: int = 4) -> dict[str, dict]:
         elif reason == "drop_martian":
             net = ipaddress.ip_network(f.get("-s", anywhere), strict=False)
             if net.num_addresses == 1 and not net.network_address.is_loopback:
-                own[str(net.network_address)] = SELF_OWN
-            config["mode"] = MODE_AUDIT if audit == "audit" else 0
+                own[str(net.network_address)] = SELF_F_OWN
+            config["mode"] = mode
         elif reason == "pass_open_port" and f.get("-p") in specs:
             specs[f["-p"]].extend((p, p) for p in _ports_of(f))
         elif reason == "drop_not_allowed":
             config["reject_all"] = 1
         elif reason == "drop_no_peer":
-            config["mode"] = MODE_AUDIT if audit == "audit" else 0
+            config["mode"] = mode
     ports = {}
     for proto, spec in specs.items():
         ports.update(ports_bitmap(spec, (proto,)))

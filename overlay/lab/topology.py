@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from overlay.abi import SSH_PORT
 from overlay.errors import InvalidConfigError
 
 DEFAULT_TOPOLOGY_NAME = "default-topology.yaml"
@@ -398,8 +399,8 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
         top.fail(f"version {version} is not supported (only 1)", "version")
     overlay_subnet = top.get("overlay_subnet", _net, ipaddress.IPv4Network("192.168.0.0/18"))
     test_port = top.get("test_port", _port, 7000)
-    if test_port in (22, int(STATUS_LISTEN.rsplit(":", 1)[1])):
-        top.fail(f"{test_port} is reserved (22 is the SSH failsafe, 9464 the status endpoint)", "test_port")
+    if test_port in (SSH_PORT, int(STATUS_LISTEN.rsplit(":", 1)[1])):
+        top.fail(f"{test_port} is reserved ({SSH_PORT} is the SSH failsafe, 9464 the status endpoint)", "test_port")
     public_range = top.get("public_range", _net, required=True)
     inet = top.child("internet")
     internet_subnet = inet.get("subnet", _net, required=True)

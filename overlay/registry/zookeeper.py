@@ -55,13 +55,13 @@ from overlay.registry import Listener, RegistryView, ViewState, notify_listener
 from overlay.registry.zk_records import Records
 from overlay.registry.zk_records import put as _put
 from overlay.zk import client as zkc
-from overlay.zk import session_file
 from overlay.zk.acl import ADMINS, operator_acl, owned_acl, parse_admins
 from overlay.zk.alloc import Allocator
 from overlay.zk.client import CONNECTION_ERRORS, EV_CHANGED, EV_DELETED, Session
 from overlay.zk.layout import Layout, create_layout, set_max_change
 from overlay.zk.neti import NetiBridge, NetiPaths, merge_into
 from overlay.zk.pending import PendingWatch
+from overlay.zk.session import load_session, save_session
 from overlay.zk.worker import WatchWorker
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,8 @@ class ZooKeeperRegistry:
             client, self._zk.client = self._zk.client, None
         if client is not None:
             if keep_session and self._own is not None:
-                self._save_session(zkc.detach(client, self._on_state))
+                save_session(self._session_file, self._session_key(), zkc.detach(client, self._on_state),
+                             self.node_id, self.config.timeout_s)
             else:
                 zkc.close(client, self._on_state)
         with self._v.lock:
@@ -249,7 +250,7 @@ class ZooKeeperRegistry:
             if self._closed:
                 raise RegistryError("the ZooKeeper registry is closed")
             if self._zk.client is None:
-                saved = self._saved_session()
+                saved = load_session(self._session_file, self._session_key(), self.node_id)
                 self._zk.client = zkc.connect(self.config, self._on_event, self._on_state, client_id=saved)
                 if saved is not None:
                     now = zkc.session_id(self._zk.client)
@@ -263,13 +264,6 @@ class ZooKeeperRegistry:
 
     def _session_key(self) -> dict:
         return {"node_id": self.node_id, "hosts": self._hosts, "prefix": self._layout.prefix}
-
-    def _saved_session(self) -> tuple[int, bytes] | None:
-        """The session the previous run of this node left (read once: the file is removed)."""
-        return session_file.load(self._session_file, self._session_key(), self.node_id)
-
-    def _save_session(self, cid: tuple[int, bytes] | None) -> None:
-        session_file.save(self._session_file, self._session_key(), cid, self.node_id, self.config.timeout_s)
 
     def _zk_connected(self) -> bool:
         client = self._zk.client

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.datapath.ebpf import abi
+from overlay import abi
 from tests.support.wait import now_ns
 
 HERE = Path(__file__).resolve().parent
@@ -246,9 +246,9 @@ def dp(compiled) -> Datapath:
 @pytest.fixture
 def maps(dp):
     """A MapSet on the compiled datapath's maps (written the way the daemon writes them)."""
-    from overlay.datapath.ebpf.maps import MapSet
+    from tests.support.bpfmaps import mapset_of
 
-    ms = MapSet.from_bpf(dp.bpf)
+    ms = mapset_of(dp.bpf)
     try:
         yield ms
     finally:

@@ -16,8 +16,8 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from overlay.datapath.ebpf import abi
-from overlay.datapath.ebpf.abi import CfgIndex
+from overlay import abi
+from overlay.abi import CfgIndex
 
 OK, SHOT, REDIRECT = 0, 2, 7
 TCP_P, UDP_P, ICMP_P = 6, 17, 1

@@ -1,4 +1,4 @@
-"""overlay/datapath/ebpf/abi.py mirrors bpf/include/overlay_abi.h exactly.
+"""overlay/abi.py mirrors bpf/include/overlay_abi.h exactly.
 
 Constants and enum values are compared with the header's text; struct sizes
 and field offsets with what the compiler laid out (a probe program compiled
@@ -13,7 +13,8 @@ import re
 
 import pytest
 
-from overlay.datapath.ebpf import abi, build, testrun
+from overlay import abi
+from overlay.datapath.ebpf import build, testrun
 
 # enum name in the header -> (Python class, prefixes to strip, tried in order)
 ENUMS = {
@@ -96,6 +97,96 @@ def test_defines_match():
         py = name.removeprefix("OVL_")
         assert hasattr(abi, py), f"abi.py lacks {py} (header {name})"
         assert getattr(abi, py) == value, f"{py}: abi.py {getattr(abi, py)} != header {value}"
+
+
+# abi.py constants that are not #defines of the header, and what each is checked against
+NOT_HEADER_DEFINES = {
+    "DROP_REASONS": "test_reason_tables_follow_the_enum",
+    "PASS_REASONS": "test_reason_tables_follow_the_enum",
+    "IPPROTO_ICMP": "test_protocol_numbers_are_the_kernels",
+    "IPPROTO_TCP": "test_protocol_numbers_are_the_kernels",
+    "IPPROTO_UDP": "test_protocol_numbers_are_the_kernels",
+    "IPPROTO_ICMPV6": "test_protocol_numbers_are_the_kernels",
+    "PROTO_NUMBERS": "test_protocol_numbers_are_the_kernels",
+    "PROTO_NAMES": "test_protocol_numbers_are_the_kernels",
+    "PORT_SLOTS": "test_port_slots_follow_the_enum",
+    "PROTO_SLOT": "test_port_slots_follow_the_enum",
+    "NAME_MAX_BYTES": "test_name_max_bytes",
+    "MAP_SIZES": "test_map_sizes_have_one_home",
+    "SIZE_DEFINES": "test_map_sizes_have_one_home",
+    "STRUCTS": "test_struct_fields_match_header",
+}
+
+
+def test_every_constant_is_checked():
+    """A public constant of abi.py is a header #define (test_defines_match) or one of
+    NOT_HEADER_DEFINES, each checked by the test it names."""
+    defines = header_defines()
+    unchecked = [
+        name for name in dir(abi)
+        if name.isupper() and not name.startswith("_")
+        and f"OVL_{name}" not in defines and name not in NOT_HEADER_DEFINES
+    ]
+    assert not unchecked, f"abi.py constants no test compares with the header: {unchecked}"
+    assert all(name in globals() for name in NOT_HEADER_DEFINES.values())
+
+
+def test_protocol_numbers_are_the_kernels():
+    import socket
+
+    kernel = {"icmp": socket.IPPROTO_ICMP, "tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP,
+              "icmpv6": socket.IPPROTO_ICMPV6}
+    assert abi.PROTO_NUMBERS == kernel
+    assert (abi.IPPROTO_ICMP, abi.IPPROTO_TCP, abi.IPPROTO_UDP, abi.IPPROTO_ICMPV6) == (1, 6, 17, 58)
+    assert abi.PROTO_NAMES == {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+    # the programs compare with the kernel's IPPROTO_* (bpf/lib/*.h), never a literal
+    lib = "".join(p.read_text() for p in (build.bpf_dir() / "lib").glob("*.h"))
+    assert "IPPROTO_TCP" in lib and "IPPROTO_UDP" in lib and "IPPROTO_ICMPV6" in lib
+
+
+def test_port_slots_follow_the_enum():
+    assert abi.PORT_SLOTS == {"tcp": abi.PortSlot.TCP, "udp": abi.PortSlot.UDP}
+    assert abi.PROTO_SLOT == {6: abi.PortSlot.TCP, 17: abi.PortSlot.UDP}
+    assert len(abi.PORT_SLOTS) == abi.PortSlot.SLOTS
+    assert abi.PORT_WORDS * 64 == 65536
+
+
+def test_name_max_bytes():
+    # ovl_name.text is NUL-terminated: one byte fewer than its size
+    assert abi.NAME_MAX_BYTES == abi.NAME_LEN - 1
+    assert ctypes.sizeof(abi.OvlName) == abi.NAME_LEN
+
+
+def test_reason_tables_follow_the_enum():
+    drops = {r for r in abi.Reason if r.name.startswith("DROP_") and 0 < r < abi.Reason.DROP_MAX}
+    assert set(abi.DROP_REASONS) == {int(r) for r in drops}
+    for r in drops:
+        assert abi.DROP_REASONS[r] == r.name.removeprefix("DROP_").lower()
+    assert all(abi.Reason.PASS_BASE <= r < abi.Reason.COUNTER_MAX for r in abi.PASS_REASONS)
+
+
+def test_map_sizes_have_one_home():
+    """abi.MAP_SIZES holds the only defaults: maps.h defines none (a size missing from the
+    -D flags is a build error), every size macro the C side uses has a datapath.sizes name,
+    and the build passes every one of them."""
+    maps_h = (build.bpf_dir() / "lib" / "maps.h").read_text()
+    fixed = set(header_defines()) | {m for members in header_enums().values() for m in members}
+    used = set(re.findall(r"\b(OVL_\w+_MAX|OVL_EVENTS_PAGES)\b", maps_h)) - fixed
+    assert used == set(abi.SIZE_DEFINES.values())
+    assert set(abi.SIZE_DEFINES) == set(abi.MAP_SIZES)
+    assert not re.search(r"#define\s+OVL_\w+_MAX\s+\d", maps_h), "maps.h has a default of its own"
+    for name in used:
+        assert f"#ifndef {name}\n#error" in maps_h, f"maps.h: {name} undefined is not an error"
+    flags = build.cflags()
+    for key, define in abi.SIZE_DEFINES.items():
+        assert f"-D{define}={abi.MAP_SIZES[key]}" in flags
+
+
+def test_maps_h_without_sizes_does_not_compile():
+    bcc = pytest.importorskip("bcc", reason="bcc (python3-bpfcc) is not installed")
+    root = build.bpf_dir()
+    with pytest.raises(Exception, match="."):
+        bcc.BPF(text=b'#include "maps.h"\n', cflags=[f"-I{root / 'include'}", f"-I{root / 'lib'}"])
 
 
 def test_enums_match():

@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from overlay.datapath.ebpf import abi, build
+from overlay import abi
+from overlay.datapath.ebpf import build
 from overlay.errors import DatapathError, InvalidConfigError, UnsupportedError
 
 SMALL = {"OVL_NAT_MAX": 64, "OVL_PEERS_MAX": 64, "OVL_CT_MAX": 256, "OVL_FAILSAFE_MAX": 16,
@@ -109,6 +110,17 @@ def test_assembled_source_inlines_lib_headers_once():
     for prog in build.PROGRAMS.values():
         assert re.search(rf"^int {prog}\(struct __sk_buff \*skb\)$", text, re.M)
     assert '#line 1 "bpf/lib/nat.h"' in text
+
+
+def test_programs_are_defined_in_the_entry_file():
+    """datapath.c is the one entry file of the tc unit (docs/datapath.md): it defines every
+    program of PROGRAMS; bpf/lib holds logic only, never an entry function."""
+    root = build.bpf_dir()
+    entry = (root / build.MAIN_SOURCE).read_text()
+    for prog in build.PROGRAMS.values():
+        assert re.search(rf"^int {prog}\(struct __sk_buff \*skb\)$", entry, re.M), prog
+    for header in (root / "lib").glob("*.h"):
+        assert not re.search(r"^int \w+\(struct __sk_buff \*skb\)$", header.read_text(), re.M), header
 
 
 def test_sources_not_found(monkeypatch, tmp_path):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 
-from overlay.datapath.ebpf import abi
-from overlay.datapath.ebpf.abi import CfgIndex, Reason
+from overlay import abi
+from overlay.abi import CfgIndex, Reason
 from overlay.ops import NatEntry, Op
 from tests.support.wait import now_ns
 

@@ -32,8 +32,8 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Raw
 
-from overlay.datapath.ebpf import abi
-from overlay.datapath.ebpf.abi import CfgIndex, Reason
+from overlay import abi
+from overlay.abi import CfgIndex, Reason
 from overlay.ops import Op
 
 from .tables import (

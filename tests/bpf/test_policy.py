@@ -26,14 +26,15 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
+from overlay import abi
+from overlay.abi import Reason
 from overlay.config import config_from_dict
-from overlay.datapath.ebpf import abi
-from overlay.datapath.ebpf.abi import Reason
 from overlay.datapath.ebpf.maps import MapSet
 from overlay.diff import diff
 from overlay.model import Endpoint, Node, Policy
 from overlay.plan import plan
 from overlay.policy import policy_indexes
+from tests.support.bpfmaps import mapset_of
 
 OK, SHOT = 0, 2
 TCP_P, UDP_P, ICMP_P = 6, 17, 1
@@ -324,7 +325,7 @@ def test_differential_against_reference_model(compiled, record_property):
     """Acceptance 1: at least 2,000 (world, packet) cases, each through plan ->
     diff -> MapSet.apply -> BPF_PROG_TEST_RUN, equal to the reference model."""
     compiled.reset()
-    maps = MapSet.from_bpf(compiled.bpf)
+    maps = mapset_of(compiled.bpf)
     cases = [0]
 
     @settings(max_examples=200, deadline=None, database=None,

@@ -22,8 +22,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP
 from scapy.packet import Padding, Raw
 
-from overlay.datapath.ebpf import abi
-from overlay.datapath.ebpf.abi import CfgIndex, Reason
+from overlay import abi
+from overlay.abi import CfgIndex, Reason
 from overlay.errors import DatapathError
 
 from .tables import (  # noqa: F401

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from overlay.datapath.ebpf import abi
+from overlay import abi
 from overlay.errors import CapacityError, DatapathError
 from overlay.ops import NatEntry, Op, PeerEntry
 from tests.support.netns import require_root
@@ -152,9 +152,10 @@ def test_batches_and_fallbacks(bpf):
 
 def test_mapset_roundtrip_and_capacity(bpf):
     from overlay.datapath.ebpf import bpfsys
-    from overlay.datapath.ebpf.maps import MapSet, to_jsonable
+    from overlay.datapath.ebpf.maps import to_jsonable
+    from tests.support.bpfmaps import mapset_of
 
-    ms = MapSet.from_bpf(bpf)
+    ms = mapset_of(bpf)
     try:
         state = ms.read_all()
         assert state == {
@@ -238,9 +239,9 @@ def test_mapset_policy_tables_roundtrip_and_capacity(bpf):
     """The policy maps: encoding both ways, the kernel's LPM matching on what
     MapSet wrote, and capacity refused whole (issue 6)."""
     from overlay.datapath.ebpf import bpfsys
-    from overlay.datapath.ebpf.maps import MapSet
+    from tests.support.bpfmaps import mapset_of
 
-    ms = MapSet.from_bpf(bpf)
+    ms = mapset_of(bpf)
     try:
         ops = [
             Op("policy", (7, 6, 5432, 16), 3),

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from overlay.datapath.ebpf import abi
+from overlay import abi
 from tests.support.netns import finish, netns_inode, require_bcc, veth
 from tests.support.paths import REPO, program
 from tests.support.twonets import HOSTS, OUTSIDER, lab_context, member_ops, real_of

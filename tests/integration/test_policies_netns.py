@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.netns import NetnsSet, new_pin_root, require_bcc, veth
 from tests.support.paths import PYTHON, REPO
+from tests.support.shapes import check_shape
 
 pytestmark = [pytest.mark.root]
 
@@ -157,6 +158,26 @@ def test_why_allowed_and_dropped(net):
     # the verdicts agree with the traffic of test_policies_enforced_on_live_traffic
     res = net.overlay("why", "10.9.0", DB, "tcp", "1", check=False)
     assert res.returncode == 2 and "not an IPv4 or IPv6 address" in res.stderr
+
+
+def test_why_json_shape_under_policies(net):
+    """The shape of ``why --json`` under policies, against examples recorded here
+    (tests/data/shapes/; the daemon's are recorded by test_output_shapes.py)."""
+    cases = {"policy_member": (WEB, "tcp", 5432), "policy_cidr": (OPS, "tcp", 2222),
+             "default_deny": (APP, "tcp", 5432)}
+    got = {case: json.loads(net.why(src, proto, port, "--json")) for case, (src, proto, port) in cases.items()}
+    assert {c: (v["verdict"], v["reason"], v["source"].get("matched_by")) for c, v in got.items()} == {
+        "policy_member": ("allow", "policy", "member"), "policy_cidr": ("allow", "policy", "cidr"),
+        "default_deny": ("drop", "policy", None)}
+    check_shape("why_policies", got)
+
+
+def test_maps_json_shape_with_policies(net):
+    """The shape of ``maps --json`` with policy entries (tests/data/shapes/)."""
+    assert net.db.helper("connect-tcp", host=WEB, port=7100)["ok"]  # a conntrack entry
+    maps = json.loads(net.overlay("maps", "--json").stdout)
+    assert maps["ovl_policy"]["entries"] and maps["ovl_ct"]["entries"]
+    check_shape("maps_policies", maps)
 
 
 def _follow(net, *argv: str) -> subprocess.Popen:

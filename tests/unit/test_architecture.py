@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # layer or below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("overlay", "errors", "resources", "protogen", "sdnotify", "logs"),
-    ("addr", "model", "ops", "policy", "plan", "diff", "config", "config_hints", "config_neti", "config_yaml", "audit", "pending",
-     "ownership", "guard", "backends", "netns", "neti"),
+    ("abi", "addr", "model", "ops", "policy", "plan", "diff", "config", "config_hints", "config_neti", "config_yaml",
+     "audit", "pending", "ownership", "guard", "backends", "netns", "neti"),
     ("registry", "datapath", "discovery", "zk", "rpc"),
     ("agent", "status", "httpd"),
     ("daemon", "controller", "lab"),
-    ("cli", "drops_cli", "install_unit"),
+    ("cli", "install_unit"),
 )
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

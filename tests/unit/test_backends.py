@@ -113,7 +113,7 @@ def test_a_broken_registry_plugin_is_an_error_naming_it(monkeypatch, obj, error)
 
 
 def test_ebpf_maps_counter_names_cover_the_abi():
-    from overlay.datapath.ebpf import abi
+    from overlay import abi
     from overlay.datapath.ebpf.maps import counter_name
 
     assert counter_name(abi.Reason.DROP_NOT_ALLOWED) == "drop_not_allowed"

@@ -341,8 +341,8 @@ def test_minimal_example_takes_the_documented_defaults():
 
 def test_config_defaults_are_the_abi_defaults():
     """The config's default lifetimes are the ones the programs use for 0 (ovl_cfg)."""
+    from overlay import abi
     from overlay.config import ConntrackConfig
-    from overlay.datapath.ebpf import abi
 
     d = ConntrackConfig()
     assert (d.tcp_syn_s, d.tcp_established_s, d.tcp_fin_s, d.tcp_rst_s, d.udp_s, d.icmp_s, d.frag_s) == (

@@ -7,13 +7,12 @@ import struct
 
 import pytest
 
-from overlay.datapath.ebpf import abi
+from overlay import abi
 from overlay.datapath.ebpf.maps import (
     decode_ct,
     decode_item,
     encode_key,
     encode_value,
-    ports_to_list,
 )
 from overlay.errors import CapacityError, DatapathError
 from overlay.ops import NatEntry, PeerEntry
@@ -88,5 +87,5 @@ def test_ct_and_ports_rendering():
         "family": 6, "saddr": "2001:db8::2", "daddr": "2001:db8::1", "sport": 443, "dport": 50000,
         "proto": 6, "overlay": None, "state": "syn_sent", "flags": 1, "nat_gen": 0, "last_seen_ns": 5,
     }
-    assert ports_to_list({(0, 0): 1 << 22, (0, 1): 1 << 16, (1, 0): 1 << 53}) == {
+    assert abi.ports_by_proto({(0, 0): 1 << 22, (0, 1): 1 << 16, (1, 0): 1 << 53}) == {
         "tcp": [22, 80], "udp": [53]}

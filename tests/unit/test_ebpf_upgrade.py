@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import struct
 
-from overlay.datapath.ebpf import abi, upgrade
+from overlay import abi
+from overlay.datapath.ebpf import upgrade
 
 
 def key(proto: int, sport: int = 80) -> bytes:

@@ -12,6 +12,7 @@ import shlex
 
 import pytest
 
+from overlay.abi import FS_ALL, FS_SSH, ports_bitmap
 from overlay.config import config_from_dict
 from overlay.datapath import Datapath
 from overlay.datapath import iptables as ipt
@@ -19,8 +20,8 @@ from overlay.datapath.iptables import IptablesDatapath
 from overlay.diff import diff
 from overlay.errors import CapacityError, DatapathError, UnsupportedError
 from overlay.model import Node
-from overlay.ops import FS_ALL, FS_SSH, NatEntry, Op, PeerEntry, empty_state
-from overlay.plan import plan, ports_bitmap
+from overlay.ops import NatEntry, Op, PeerEntry, empty_state
+from overlay.plan import plan
 
 SUBNET = "192.168.0.0/18"
 SELF = Node("h1", "A", "10.0.0.1", "198.18.1.1", "192.168.0.1")

@@ -6,11 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from overlay.abi import FS_ALL, FS_SSH, bitmap_ports, ports_bitmap
 from overlay.config import config_from_dict
 from overlay.model import Node
-from overlay.ops import FS_ALL, FS_SSH, MODE_AUDIT, MODE_ENFORCE, TABLES, NatEntry, PeerEntry
-from overlay.plan import AppliedPeer, bitmap_ports, plan, ports_bitmap
+from overlay.ops import TABLES, NatEntry, PeerEntry
+from overlay.plan import AppliedPeer, plan
 from overlay.policy import hash31
+
+MODE_ENFORCE, MODE_AUDIT = 0, 1  # ovl_filter_mode (hand values: the header's enum)
 
 
 def entry(groups=()) -> PeerEntry:

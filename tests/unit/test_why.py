@@ -1,4 +1,4 @@
-"""``overlay why`` logic (overlay.drops_cli.explain) on fake map lookups built from
+"""``overlay why`` logic (overlay.datapath.ebpf.why.explain) on fake map lookups built from
 a real plan, plus the CLI's argument handling. The same command on live maps
 is tested in tests/integration/test_policies_netns.py."""
 
@@ -10,10 +10,17 @@ import pytest
 
 from overlay.cli import build_parser
 from overlay.config import config_from_dict
-from overlay.drops_cli import event_record, explain, format_event
+from overlay.datapath.ebpf.events import event_record, format_event
+from overlay.datapath.ebpf.why import explain
 from overlay.model import Node, policy_from_dict
 from overlay.plan import plan
-from overlay.policy import port_prefixes, prefix_covers
+from overlay.policy import port_prefixes
+
+
+def covers(start: int, bits: int, port: int) -> bool:
+    """The ports a policy key (first port, fixed bits) stands for, as a range (the reference:
+    the kernel's LPM match on the port's leading bits)."""
+    return start <= port < start + (1 << (16 - bits))
 
 HOST = "10.0.0.1"
 WEB, APP = "10.0.0.12", "10.0.0.13"
@@ -60,7 +67,7 @@ class FakeMaps:
     def policy(self, identity, proto, port):
         best = None
         for (i, p, start, bits), index in self.t["policy"].items():
-            if i == identity and p == proto and prefix_covers(start, bits, port):
+            if i == identity and p == proto and covers(start, bits, port):
                 if best is None or bits > best[0]:
                     best = (bits, index)
         return None if best is None else best[1]
@@ -204,7 +211,7 @@ def test_cli_arguments():
 def test_event_formatting():
     import ctypes
 
-    from overlay.datapath.ebpf import abi
+    from overlay import abi
 
     def a16(ip):
         return (ctypes.c_uint32 * 4)(*abi.ip_to_words(ip))

@@ -43,12 +43,12 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from overlay import resources
-from overlay.datapath.ebpf import abi
+from overlay import abi, resources
+from overlay.datapath.ebpf import bpfsys
 from overlay.errors import DatapathError, InvalidConfigError, UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -80,22 +80,8 @@ MAPS = (
     "ovl_frag",
 )
 
-DEFAULT_SIZES: dict[str, int] = {
-    "OVL_NAT_MAX": 65536,
-    "OVL_PEERS_MAX": 65536,
-    "OVL_CT_MAX": 262144,
-    "OVL_FAILSAFE_MAX": 1024,
-    "OVL_EVENTS_PAGES": 16,
-    "OVL_POLICY_MAX": 65536,
-    "OVL_CIDR_IDENT_MAX": 4096,
-    "OVL_NAMES_MAX": 65536,
-    "OVL_CT6_MAX": 65536,
-    "OVL_CT_IN_MAX": 65536,
-    "OVL_FRAG_MAX": 8192,
-    "OVL_PEERS6_MAX": 65536,
-    "OVL_FAILSAFE6_MAX": 1024,
-    "OVL_CIDR_IDENT6_MAX": 4096,
-}
+# -D name -> default: overlay/abi.py MAP_SIZES is the one place of the defaults (maps.h has none)
+DEFAULT_SIZES: dict[str, int] = {abi.SIZE_DEFINES[k]: v for k, v in abi.MAP_SIZES.items()}
 _SIZE_LIMIT = 1 << 26
 
 MAIN_SOURCE = "datapath.c"
@@ -103,14 +89,6 @@ BPF_DIR_ENV = "OVERLAY_BPF_DIR"
 _BPF_FS_MAGIC = 0xCAFE4A11
 _PAGE_SIZE = 4096  # x86_64 and arm64 (4K); the ring buffer size is pages * PAGE_SIZE
 
-# enum bpf_map_type values (uapi/linux/bpf.h)
-_MAP_HASH = 1
-_MAP_ARRAY = 2
-_MAP_PERCPU_ARRAY = 6
-_MAP_LRU_HASH = 9
-_MAP_LPM_TRIE = 11
-_MAP_RINGBUF = 27
-_BPF_F_NO_PREALLOC = 1
 
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*(?://.*|/\*.*\*/\s*)?$')
 
@@ -254,60 +232,60 @@ def map_specs(sizes: Mapping[str, int] | None = None) -> dict[str, MapSpec]:
     addr6, lpm6 = ctypes.sizeof(abi.OvlAddr6), ctypes.sizeof(abi.OvlLpm6Key)
     ct6 = ctypes.sizeof(abi.OvlCt6Key)
     return {
-        "ovl_nat": MapSpec(_MAP_HASH, u32, ctypes.sizeof(abi.OvlNatVal), s["OVL_NAT_MAX"]),
-        "ovl_rnat": MapSpec(_MAP_HASH, u32, u32, s["OVL_NAT_MAX"]),
-        "ovl_peers": MapSpec(_MAP_HASH, u32, ctypes.sizeof(abi.OvlPeerVal), s["OVL_PEERS_MAX"]),
-        "ovl_ports": MapSpec(_MAP_ARRAY, u32, u64, abi.PortSlot.SLOTS * abi.PORT_WORDS),
+        "ovl_nat": MapSpec(bpfsys.MAP_TYPE_HASH, u32, ctypes.sizeof(abi.OvlNatVal), s["OVL_NAT_MAX"]),
+        "ovl_rnat": MapSpec(bpfsys.MAP_TYPE_HASH, u32, u32, s["OVL_NAT_MAX"]),
+        "ovl_peers": MapSpec(bpfsys.MAP_TYPE_HASH, u32, ctypes.sizeof(abi.OvlPeerVal), s["OVL_PEERS_MAX"]),
+        "ovl_ports": MapSpec(bpfsys.MAP_TYPE_ARRAY, u32, u64, abi.PortSlot.SLOTS * abi.PORT_WORDS),
         "ovl_failsafe": MapSpec(
-            _MAP_LPM_TRIE,
+            bpfsys.MAP_TYPE_LPM_TRIE,
             ctypes.sizeof(abi.OvlLpmKey),
             u32,
             s["OVL_FAILSAFE_MAX"],
-            _BPF_F_NO_PREALLOC,
+            bpfsys.BPF_F_NO_PREALLOC,
         ),
         "ovl_ct": MapSpec(
-            _MAP_LRU_HASH, ctypes.sizeof(abi.OvlCtKey), ctypes.sizeof(abi.OvlCtVal), s["OVL_CT_MAX"]
+            bpfsys.MAP_TYPE_LRU_HASH, ctypes.sizeof(abi.OvlCtKey), ctypes.sizeof(abi.OvlCtVal), s["OVL_CT_MAX"]
         ),
-        "ovl_cfg": MapSpec(_MAP_ARRAY, u32, u64, abi.CfgIndex.MAX),
-        "ovl_counters": MapSpec(_MAP_PERCPU_ARRAY, u32, u64, abi.Reason.COUNTER_MAX),
-        "ovl_events": MapSpec(_MAP_RINGBUF, 0, 0, s["OVL_EVENTS_PAGES"] * _PAGE_SIZE),
+        "ovl_cfg": MapSpec(bpfsys.MAP_TYPE_ARRAY, u32, u64, abi.CfgIndex.MAX),
+        "ovl_counters": MapSpec(bpfsys.MAP_TYPE_PERCPU_ARRAY, u32, u64, abi.Reason.COUNTER_MAX),
+        "ovl_events": MapSpec(bpfsys.MAP_TYPE_RINGBUF, 0, 0, s["OVL_EVENTS_PAGES"] * _PAGE_SIZE),
         "ovl_cidr_ident": MapSpec(
-            _MAP_LPM_TRIE,
+            bpfsys.MAP_TYPE_LPM_TRIE,
             ctypes.sizeof(abi.OvlLpmKey),
             u32,
             s["OVL_CIDR_IDENT_MAX"],
-            _BPF_F_NO_PREALLOC,
+            bpfsys.BPF_F_NO_PREALLOC,
         ),
         "ovl_policy": MapSpec(
-            _MAP_LPM_TRIE,
+            bpfsys.MAP_TYPE_LPM_TRIE,
             ctypes.sizeof(abi.OvlPolicyKey),
             u32,
             s["OVL_POLICY_MAX"],
-            _BPF_F_NO_PREALLOC,
+            bpfsys.BPF_F_NO_PREALLOC,
         ),
         "ovl_names": MapSpec(
-            _MAP_HASH,
+            bpfsys.MAP_TYPE_HASH,
             ctypes.sizeof(abi.OvlNameKey),
             ctypes.sizeof(abi.OvlName),
             s["OVL_NAMES_MAX"],
-            _BPF_F_NO_PREALLOC,
+            bpfsys.BPF_F_NO_PREALLOC,
         ),
         "ovl_peers6": MapSpec(
-            _MAP_HASH, addr6, ctypes.sizeof(abi.OvlPeerVal), s["OVL_PEERS6_MAX"]
+            bpfsys.MAP_TYPE_HASH, addr6, ctypes.sizeof(abi.OvlPeerVal), s["OVL_PEERS6_MAX"]
         ),
         "ovl_failsafe6": MapSpec(
-            _MAP_LPM_TRIE, lpm6, u32, s["OVL_FAILSAFE6_MAX"], _BPF_F_NO_PREALLOC
+            bpfsys.MAP_TYPE_LPM_TRIE, lpm6, u32, s["OVL_FAILSAFE6_MAX"], bpfsys.BPF_F_NO_PREALLOC
         ),
         "ovl_cidr_ident6": MapSpec(
-            _MAP_LPM_TRIE, lpm6, u32, s["OVL_CIDR_IDENT6_MAX"], _BPF_F_NO_PREALLOC
+            bpfsys.MAP_TYPE_LPM_TRIE, lpm6, u32, s["OVL_CIDR_IDENT6_MAX"], bpfsys.BPF_F_NO_PREALLOC
         ),
-        "ovl_self": MapSpec(_MAP_HASH, addr6, u32, abi.SELF_MAX),
-        "ovl_ct6": MapSpec(_MAP_LRU_HASH, ct6, ctypes.sizeof(abi.OvlCtVal), s["OVL_CT6_MAX"]),
+        "ovl_self": MapSpec(bpfsys.MAP_TYPE_HASH, addr6, u32, abi.SELF_MAX),
+        "ovl_ct6": MapSpec(bpfsys.MAP_TYPE_LRU_HASH, ct6, ctypes.sizeof(abi.OvlCtVal), s["OVL_CT6_MAX"]),
         "ovl_ct_in": MapSpec(
-            _MAP_LRU_HASH, ct6, ctypes.sizeof(abi.OvlCtInVal), s["OVL_CT_IN_MAX"]
+            bpfsys.MAP_TYPE_LRU_HASH, ct6, ctypes.sizeof(abi.OvlCtInVal), s["OVL_CT_IN_MAX"]
         ),
         "ovl_frag": MapSpec(
-            _MAP_LRU_HASH,
+            bpfsys.MAP_TYPE_LRU_HASH,
             ctypes.sizeof(abi.OvlFragKey),
             ctypes.sizeof(abi.OvlFragVal),
             s["OVL_FRAG_MAX"],
@@ -464,30 +442,25 @@ def compile_programs(sizes: dict | None = None, pin_dir: str | None = None) -> A
         flags.append(f'-DOVL_PIN_DIR="{pin_dir}"')
     text = assemble_source()
     log.debug("compiling the tc datapath with %s", " ".join(flags))
-    with _captured_stderr() as diag:
-        try:
-            return bcc.BPF(text=text.encode(), cflags=flags)
-        except Exception as e:
-            failure = e
-    detail = _tail(diag[0]) if diag else ""
-    raise DatapathError(
-        f"compiling the eBPF datapath failed: {failure}" + (f"\n{detail}" if detail else "")
-    ) from failure
+    return _diagnosed("compiling the eBPF datapath", lambda: bcc.BPF(text=text.encode(), cflags=flags))
 
 
 def load_programs(bpf: Any) -> dict[str, Any]:
     """Load the three SCHED_CLS programs; {key of PROGRAMS: bcc function (``.fd``)}."""
     bcc = _import_bcc()
-    out = {}
-    for key, name in PROGRAMS.items():
-        with _captured_stderr() as diag:
-            try:
-                out[key] = bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
-                continue
-            except Exception as e:
-                failure = e
-        detail = _tail(diag[0]) if diag else ""
-        raise DatapathError(
-            f"loading {name} failed: {failure}" + (f"\n{detail}" if detail else "")
-        ) from failure
-    return out
+    return {
+        key: _diagnosed(f"loading {name}", lambda name=name: bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS))
+        for key, name in PROGRAMS.items()
+    }
+
+
+def _diagnosed(what: str, call: Callable[[], Any]) -> Any:
+    """``call()``; on failure a DatapathError ``<what> failed: ...`` with the tail of what
+    bcc/the verifier wrote to stderr meanwhile."""
+    with _captured_stderr() as diag:
+        try:
+            return call()
+        except Exception as e:
+            failure = e
+    detail = _tail(diag[0]) if diag else ""
+    raise DatapathError(f"{what} failed: {failure}" + (f"\n{detail}" if detail else "")) from failure

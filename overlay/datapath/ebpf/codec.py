@@ -44,7 +44,7 @@ import socket
 import struct
 from collections.abc import Mapping
 
-from overlay.datapath.ebpf import abi
+from overlay import abi
 from overlay.errors import CapacityError, DatapathError
 from overlay.ops import NatEntry, PeerEntry
 
@@ -314,24 +314,13 @@ def decode_ct(key: bytes, value: bytes) -> dict:
     }
 
 
-def ports_to_list(words: Mapping[tuple[int, int], int]) -> dict[str, list[int]]:
-    """{(slot, word): bitmap} -> {"tcp": [ports], "udp": [ports]} (for humans and JSON)."""
-    out: dict[str, list[int]] = {"tcp": [], "udp": []}
-    names = {int(abi.PortSlot.TCP): "tcp", int(abi.PortSlot.UDP): "udp"}
-    for (slot, word), bits in sorted(words.items()):
-        for bit in range(64):
-            if bits >> bit & 1:
-                out[names.get(slot, str(slot))].append(word * 64 + bit)
-    return out
-
-
 def to_jsonable(state: Mapping[str, Mapping]) -> dict[str, dict]:
     """An ops state (read_all) rendered with JSON types only."""
     return {
         "nat": {k: {"real": v.real, "override": v.override} for k, v in state["nat"].items()},
         "rnat": dict(state["rnat"]),
         "peers": {k: {"identity": v.identity, "flags": v.flags} for k, v in state["peers"].items()},
-        "ports": ports_to_list(state["ports"]),
+        "ports": abi.ports_by_proto(state["ports"]),
         "failsafe": dict(state["failsafe"]),
         "config": dict(state["config"]),
         "policy": [

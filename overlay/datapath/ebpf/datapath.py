@@ -34,8 +34,9 @@ import os
 import struct
 from collections.abc import Mapping
 
-from overlay.datapath.ebpf import abi, bpfsys, netdev, pins, upgrade
-from overlay.datapath.ebpf.maps import CFG, MapSet, ports_to_list, to_jsonable
+from overlay import abi
+from overlay.datapath.ebpf import bpfsys, netdev, pins, upgrade
+from overlay.datapath.ebpf.maps import CFG, MapSet, to_jsonable
 from overlay.errors import DatapathError, OverlayError, UnsupportedError
 from overlay.ops import Op
 
@@ -47,22 +48,7 @@ LOADER_VALUE_SIZE = 128
 
 # program key (build.PROGRAMS) -> (pin name, hook)
 # config MapSizes field -> build.py size name
-_SIZE_FIELDS = {
-    "nat": "OVL_NAT_MAX",
-    "peers": "OVL_PEERS_MAX",
-    "conntrack": "OVL_CT_MAX",
-    "failsafe": "OVL_FAILSAFE_MAX",
-    "events_pages": "OVL_EVENTS_PAGES",
-    "policy": "OVL_POLICY_MAX",
-    "cidr_ident": "OVL_CIDR_IDENT_MAX",
-    "names": "OVL_NAMES_MAX",
-    "conntrack6": "OVL_CT6_MAX",
-    "conntrack_in": "OVL_CT_IN_MAX",
-    "frag": "OVL_FRAG_MAX",
-    "peers6": "OVL_PEERS6_MAX",
-    "failsafe6": "OVL_FAILSAFE6_MAX",
-    "cidr_ident6": "OVL_CIDR_IDENT6_MAX",
-}
+_SIZE_FIELDS = abi.SIZE_DEFINES
 
 PROGRAM_PINS = {
     "ingress": "prog_ingress",
@@ -523,7 +509,7 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             "ovl_peers": body("ovl_peers", {
                 k: {"identity": v.identity, "flags": v.flags} for k, v in state["peers"].items()
             }),
-            "ovl_ports": body("ovl_ports", ports_to_list(state["ports"])),
+            "ovl_ports": body("ovl_ports", abi.ports_by_proto(state["ports"])),
             "ovl_failsafe": body("ovl_failsafe", dict(state["failsafe"])),
             "ovl_policy": body("ovl_policy", js["policy"]),
             "ovl_cidr_ident": body("ovl_cidr_ident", js["cidr_ident"]),

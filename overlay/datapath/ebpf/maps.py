@@ -25,7 +25,8 @@ import struct
 import time
 from collections.abc import Iterable, Mapping
 
-from overlay.datapath.ebpf import abi, bpfsys
+from overlay import abi
+from overlay.datapath.ebpf import bpfsys
 from overlay.datapath.ebpf.codec import (  # noqa: F401  (re-exported: the historic home of these names)
     CFG,
     CIDR_IDENT,
@@ -58,7 +59,6 @@ from overlay.datapath.ebpf.codec import (  # noqa: F401  (re-exported: the histo
     encode_key,
     encode_value,
     map_of,
-    ports_to_list,
     to_jsonable,
 )
 from overlay.errors import CapacityError, DatapathError
@@ -123,23 +123,6 @@ class MapSet:
                 bpfsys.close(fd)
             raise
 
-    @classmethod
-    def from_bpf(cls, bpf, names: Iterable[str] = DATA_MAPS) -> MapSet:
-        """Duplicate the fds of a ``bcc.BPF``'s tables (independent lifetimes)."""
-        fds: dict[str, int] = {}
-        try:
-            for name in names:
-                fds[name] = os.dup(bpf[name.encode()].map_fd)
-            return cls(fds)
-        except KeyError as exc:
-            for fd in fds.values():
-                bpfsys.close(fd)
-            raise DatapathError(f"compiled programs have no map {exc}") from None
-        except BaseException:
-            for fd in fds.values():
-                bpfsys.close(fd)
-            raise
-
     def close(self) -> None:
         for fd in self._fds.values():
             bpfsys.close(fd)
@@ -173,6 +156,15 @@ class MapSet:
 
     def _items(self, name: str) -> list[tuple[bytes, bytes]]:
         return bpfsys.items(self.fd(name), self.info(name))
+
+    def lookup(self, table: str, key):
+        """The value of ``key`` in ``table`` (ops vocabulary, the map of its family, the
+        kernel's own LPM matching for a CIDR key), or None."""
+        name = map_of(table, key)
+        info = self.info(name)
+        raw_key = encode_key(table, key)
+        raw = bpfsys.lookup(self.fd(name), raw_key, info.key_size, info.value_size)
+        return None if raw is None else decode_item(table, raw_key, raw)[1]
 
     def read_table(self, table: str) -> dict:
         if table == "config":

@@ -300,37 +300,35 @@ def attach(idx: int, direction: str, prog_fd: int, name: str) -> None:
     log.info("attached %s on ifindex %d %s", name, idx, direction)
 
 
-def detach(idx: int, direction: str) -> bool:
-    """Remove this module's filter from a hook; False if it was not there."""
+def _tc_delete(what: str, *args, **kwargs) -> bool:
+    """``ipr.tc(*args, **kwargs)`` that deletes something; False if it was not there (or the
+    device is gone), a DatapathError naming ``what`` on any other failure."""
     NetlinkError = _netlink_error()
-    if our_filter(idx, direction) is None:
-        return False
     with _ipr() as ipr:
         try:
-            ipr.tc(
-                "del-filter", "bpf", idx, handle=FILTER_HANDLE, parent=_PARENT[direction],
-                prio=FILTER_PRIO, protocol=ETH_P_ALL,
-            )
+            ipr.tc(*args, **kwargs)
         except NetlinkError as exc:
             if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
                 return False
-            raise _fail(f"detach filter on ifindex {idx} {direction}", exc) from None
+            raise _fail(what, exc) from None
     return True
+
+
+def detach(idx: int, direction: str) -> bool:
+    """Remove this module's filter from a hook; False if it was not there."""
+    if our_filter(idx, direction) is None:
+        return False
+    return _tc_delete(
+        f"detach filter on ifindex {idx} {direction}", "del-filter", "bpf", idx, handle=FILTER_HANDLE,
+        parent=_PARENT[direction], prio=FILTER_PRIO, protocol=ETH_P_ALL,
+    )
 
 
 def remove_clsact_if_unused(idx: int) -> bool:
     """Delete the clsact qdisc when no filter at all is left on it."""
-    NetlinkError = _netlink_error()
     if _any_filter(idx):
         return False
-    with _ipr() as ipr:
-        try:
-            ipr.tc("del", "clsact", idx)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-                return False
-            raise _fail(f"remove clsact on ifindex {idx}", exc) from None
-    return True
+    return _tc_delete(f"remove clsact on ifindex {idx}", "del", "clsact", idx)
 
 
 def _any_filter(idx: int) -> bool:

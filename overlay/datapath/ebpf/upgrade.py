@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 
-from overlay.datapath.ebpf import abi
+from overlay import abi
 
 # Maps re-created empty when the pinned ABI version is another one.
 RECREATE_ON_ABI_CHANGE = ("ovl_events",)

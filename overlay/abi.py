@@ -1,7 +1,15 @@
-"""The one Python mirror of bpf/include/overlay_abi.h.
+"""The one Python mirror of bpf/include/overlay_abi.h, and the pure codecs of its encodings.
 
-tests/bpf/test_abi.py checks every structure here against the layouts bcc
-compiled (sizes and field offsets) and every constant against the header.
+Every constant, enum and struct that the eBPF programs share with Python is mirrored
+here once; tests/bpf/test_abi.py checks every structure against the layouts bcc
+compiled (sizes and field offsets), every constant against the header, the map sizes
+against bpf/lib/maps.h and the protocol numbers against the kernel's.
+
+Pure: the standard library only (``ctypes`` describes the structs' layouts; nothing is
+loaded), no kernel access, no import-time side effects. It is part of the core
+(docs/architecture.md): the planner (open ports, failsafe flags, identities, names),
+``ops``, the eBPF backend (codec, maps, ``why``, ``drops``) and the iptables backend
+all take their constants and encodings from here.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import enum
 import ipaddress
 import socket
 import struct
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 
 ABI_VERSION = 3
 
@@ -39,6 +49,51 @@ IDENTITY_CIDR = 0x80000000
 POLICY_PORT_BITS = 48
 POLICY_FULL_BITS = 64
 NAME_LEN = 256
+NAME_MAX_BYTES = NAME_LEN - 1  # names are cut to this many UTF-8 bytes (NUL-terminated ovl_name.text)
+
+# Protocol numbers the programs judge (the kernel's IPPROTO_*; checked against socket's).
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+PROTO_NUMBERS = {"icmp": IPPROTO_ICMP, "tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "icmpv6": IPPROTO_ICMPV6}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
+
+# Map sizes (max entries; events: ring buffer pages), by their datapath.sizes name: the
+# one place of their defaults. The loader passes every one to the C side as -D<define>
+# (overlay/datapath/ebpf/build.py); bpf/lib/maps.h has no defaults of its own.
+MAP_SIZES = {
+    "nat": 65536,           # ovl_nat and ovl_rnat
+    "peers": 65536,
+    "conntrack": 262144,    # ovl_ct
+    "failsafe": 1024,
+    "events_pages": 16,     # ovl_events (not a config key)
+    "policy": 65536,
+    "cidr_ident": 4096,
+    "names": 65536,
+    "conntrack6": 65536,
+    "conntrack_in": 65536,
+    "frag": 8192,
+    "peers6": 65536,
+    "failsafe6": 1024,
+    "cidr_ident6": 4096,
+}
+SIZE_DEFINES = {
+    "nat": "OVL_NAT_MAX",
+    "peers": "OVL_PEERS_MAX",
+    "conntrack": "OVL_CT_MAX",
+    "failsafe": "OVL_FAILSAFE_MAX",
+    "events_pages": "OVL_EVENTS_PAGES",
+    "policy": "OVL_POLICY_MAX",
+    "cidr_ident": "OVL_CIDR_IDENT_MAX",
+    "names": "OVL_NAMES_MAX",
+    "conntrack6": "OVL_CT6_MAX",
+    "conntrack_in": "OVL_CT_IN_MAX",
+    "frag": "OVL_FRAG_MAX",
+    "peers6": "OVL_PEERS6_MAX",
+    "failsafe6": "OVL_FAILSAFE6_MAX",
+    "cidr_ident6": "OVL_CIDR_IDENT6_MAX",
+}
 
 
 class CfgIndex(enum.IntEnum):
@@ -142,6 +197,11 @@ class PortSlot(enum.IntEnum):
     TCP = 0
     UDP = 1
     SLOTS = 2
+
+
+# the open-ports bitmap's slot of each protocol, by name and by number (plain ints)
+PORT_SLOTS = {"tcp": int(PortSlot.TCP), "udp": int(PortSlot.UDP)}
+PROTO_SLOT = {PROTO_NUMBERS[name]: slot for name, slot in PORT_SLOTS.items()}
 
 
 class OvlNatVal(ctypes.Structure):
@@ -339,3 +399,50 @@ def policy_key(identity: int, proto: int, port: int, port_bits: int) -> OvlPolic
     """The ovl_policy key of ``identity``/``proto`` and the ports whose first
     ``port_bits`` bits (0..16) are those of ``port`` (host order)."""
     return OvlPolicyKey(POLICY_PORT_BITS + port_bits, identity, proto, 0, port_to_be16(port))
+
+
+def proto_name(number: int) -> str:
+    """``tcp``, ``udp``, ``icmp``, ``icmpv6``, or the number as text."""
+    return PROTO_NAMES.get(number, str(number))
+
+
+# -- the open-ports bitmap (ovl_ports) ------------------------------------------
+#
+# BPF_ARRAY of u64 words, PORT_WORDS per slot (PortSlot): index = slot * PORT_WORDS +
+# port / 64, bit port % 64. In the ops vocabulary a word is ``(slot, word) -> bits``,
+# non-zero words only.
+
+
+def port_bit(proto: int, port: int) -> tuple[tuple[int, int], int] | None:
+    """The ``(slot, word)`` key and the bit mask of ``port`` of protocol number ``proto``;
+    None for a protocol without open ports (anything but TCP and UDP)."""
+    slot = PROTO_SLOT.get(proto)
+    return None if slot is None else ((slot, port >> 6), 1 << (port & 63))
+
+
+def ports_bitmap(specs: Iterable[tuple[int, int]], protos: Iterable[str] = ("tcp", "udp")) -> dict:
+    """Port ranges ``(lo, hi)`` -> {(slot, word): bits} for each protocol name, non-zero words only."""
+    words: dict[tuple[int, int], int] = defaultdict(int)
+    for proto in protos:
+        slot = PORT_SLOTS[proto]
+        for lo, hi in specs:
+            for port in range(lo, hi + 1):  # as port_bit(), inline: a range may be 65535 ports
+                words[(slot, port >> 6)] |= 1 << (port & 63)
+    return {k: v for k, v in words.items() if v}
+
+
+def bitmap_ports(words: Mapping[tuple[int, int], int], slot: int) -> list[int]:
+    """The inverse of :func:`ports_bitmap` for one slot: the sorted open ports."""
+    out = []
+    for (s, word), bits in words.items():
+        if s != slot:
+            continue
+        for bit in range(64):
+            if bits >> bit & 1:
+                out.append(word * 64 + bit)
+    return sorted(out)
+
+
+def ports_by_proto(words: Mapping[tuple[int, int], int]) -> dict[str, list[int]]:
+    """{(slot, word): bits} -> {"tcp": [ports], "udp": [ports]} (for humans and JSON)."""
+    return {name: bitmap_ports(words, slot) for name, slot in PORT_SLOTS.items()}

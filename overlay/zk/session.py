@@ -1,7 +1,9 @@
-"""A daemon's ZooKeeper session left for its next start (``<state_dir>/zk-session-<node_id>.json``,
-mode 0600): :meth:`overlay.registry.zookeeper.ZooKeeperRegistry.detach` writes it, the next
-start reads it once and removes it. ``key`` (node id, hosts, prefix) must match: a file of
-another node, ZooKeeper or prefix is not taken."""
+"""A ZooKeeper session left open by one run of the daemon, for the next run to resume.
+
+The file (mode 0600, in a 0700 directory) holds the session id and password with the key
+it belongs to (node id, ZooKeeper hosts, prefix): a run takes only a session of its own
+key, and reads it once (the file is removed). docs/registry.md says when a session is left.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import os
 log = logging.getLogger(__name__)
 
 
-def load(path: str | None, key: dict, node_id: str) -> tuple[int, bytes] | None:
+def load_session(path: str | None, key: dict, node_id: str | None) -> tuple[int, bytes] | None:
+    """The session saved at ``path`` for ``key`` (read once: the file is removed), or None."""
     if not path:
         return None
     try:
@@ -29,7 +32,9 @@ def load(path: str | None, key: dict, node_id: str) -> tuple[int, bytes] | None:
         return None
 
 
-def save(path: str | None, key: dict, cid: tuple[int, bytes] | None, node_id: str, timeout_s: float) -> None:
+def save_session(path: str | None, key: dict, cid: tuple[int, bytes] | None, node_id: str | None,
+                 timeout_s: float) -> None:
+    """Save session ``cid`` (id, password) for ``key`` at ``path``; a failure is logged."""
     if cid is None or not path:
         return
     body = json.dumps({"v": 1, **key, "session": f"{cid[0]:x}", "password": cid[1].hex()})
