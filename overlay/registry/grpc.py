@@ -38,7 +38,7 @@ import grpc
 from overlay.config import Config, RegistryConfig
 from overlay.errors import InvalidRecord, OverlayError, RegistryError, Throttled, Unavailable
 from overlay.model import Node, node_from_dict, policy_from_dict, valid_name
-from overlay.registry import Listener, RegistryView, ViewState, notify_listener
+from overlay.registry import Listener, RegistryView, ViewChanges, ViewState, notify_listener
 from overlay.rpc.client import CLIENT_OPTIONS, Client
 from overlay.rpc.convert import change_from_pb
 from overlay.rpc.status import raise_for
@@ -147,6 +147,10 @@ class GrpcRegistry:
 
     def view(self) -> RegistryView:
         return self._v.snapshot()
+
+    def changes(self, since: int) -> ViewChanges | None:
+        """The change feed (:class:`overlay.registry.ViewState`)."""
+        return self._v.changes(since)
 
     def release_guard(self) -> None:
         return None

@@ -52,7 +52,7 @@ from overlay.model import (
     serialise_node,
     valid_name,
 )
-from overlay.registry import Listener, RegistryView, ViewState, notify_listener
+from overlay.registry import Listener, RegistryView, ViewChanges, ViewState, notify_listener
 from overlay.registry.zk_records import MAX_MAX_CHANGE, Records
 from overlay.zk import client as zkc
 from overlay.zk.acl import ADMINS, operator_acl, owned_acl, parse_admins
@@ -156,6 +156,10 @@ class ZooKeeperRegistry:
 
     def view(self) -> RegistryView:
         return self._v.snapshot()
+
+    def changes(self, since: int) -> ViewChanges | None:
+        """The change feed (:class:`overlay.registry.ViewState`)."""
+        return self._v.changes(since)
 
     def release_guard(self) -> None:
         return None
