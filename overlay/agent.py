@@ -216,11 +216,11 @@ class Agent:
         """Guard, diff and apply: over every key (``touched`` None) or the touched ones."""
         pl = self.planner
         if touched is None:
-            overlays = set(self.applied_peers) | set(pl.by_overlay)
+            overlays = set(self.applied_peers) | {p.overlay for p in pl.applied.values()}
         else:
             overlays = set(touched.get("nat", ())) | set(self.held)
         applied = {o: self.applied_peers[o] for o in overlays if o in self.applied_peers}
-        wanted = {o: pl.applied[pl.by_overlay[o]] for o in overlays if o in pl.by_overlay}
+        wanted = {o: peer for o in overlays if (peer := pl.holder("overlay", o)) is not None}
         churn = weigh(applied, wanted)
         decision = self.guard.decide(churn, self.clock(), self.config.guard.settle_s, self.applied_peers)
         self.next_deadline = decision.settle_until

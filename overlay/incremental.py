@@ -76,28 +76,29 @@ class IncrementalPlanner:
                 policies: Mapping[str, Policy]) -> Touched:
         """Start again from a whole view (at start and on every resync); touches every key."""
         old = self.tables if hasattr(self, "tables") else empty_state()
-        self.nodes, self.order = dict(nodes), dict(order)
+        # the view's dicts are taken over, not copied, when they are plain dicts (the agent
+        # hands over a fresh snapshot): one copy of the fleet less
+        self.nodes = nodes if type(nodes) is dict else dict(nodes)
+        self.order = order if type(order) is dict else dict(order)
         self.grants = None if grants is None else dict(grants)
         self.policies = dict(policies)
         self._reset_self()
         self.tables = empty_state()
-        self.cand: dict[str, Node] = {}                   # effective records that passed the checks
         self.pre_excluded: dict[str, str] = {}            # node id -> why, before conflicts
         self.conflicts: dict[str, Conflict] = {}
         self.ungranted_peers: dict[str, tuple[str, ...]] = {}
-        self.claimants: dict[Claim, set[str]] = defaultdict(set)
+        # claimed address -> the candidate claiming it (a set when several do), per kind
+        self.claimed: dict[str, dict[str, str | set[str]]] = {"overlay": {}, "real": {}}
         self.applied: dict[str, AppliedPeer] = {}         # node id -> applied peer
-        self.by_overlay: dict[str, str] = {}
-        self.by_real: dict[str, str] = {}
         self.used6: dict[str, set[str]] = defaultdict(set)
         self.set_count: dict[str, int] = defaultdict(int)  # group set key -> applied peers in it
         self._entries: dict[int, PeerEntry] = {}
         for node_id in self.nodes:
             self._evaluate(node_id)
-        for node in self.cand.values():
-            for claim in self._claims(node):
-                self.claimants[claim].add(node.node_id)
-        kept, conflicts = resolve(self.cand.values(), self.order, self._claims)
+        cands = [n for n in map(self._cand, self.nodes) if n is not None]
+        for node in cands:
+            self._claim(node, True)
+        kept, conflicts = resolve(cands, self.order, self._claims)
         self.conflicts = {c.node_id: c for c in conflicts}
         built: Touched = defaultdict(set)
         for node in kept:
@@ -148,6 +149,13 @@ class IncrementalPlanner:
         """Apply one event: the new value (None: gone) of every node record, order key,
         assignment and policy that changed. Returns the touched keys per table."""
         touched: Touched = defaultdict(set)
+        self_id = self.self_raw.node_id
+        ids = {*nodes, *order, *grants} - {self_id}
+        # the claims indexed for these records now (before their new values land)
+        old_claims = [c for node_id in ids if (old := self._cand(node_id)) is not None for c in self._claims(old)]
+        for node_id in ids:
+            if (old := self._cand(node_id)) is not None:
+                self._claim(old, False)
         for node_id, node in nodes.items():
             _put(self.nodes, node_id, node)
         for node_id, key in order.items():
@@ -159,45 +167,39 @@ class IncrementalPlanner:
                                 self.policies)
         for node_id, groups in grants.items():
             _put(self.grants, node_id, groups)
-        self_id = self.self_raw.node_id
         if self_id in grants:
             self._reset_self()     # this node's groups: which policies select it
-        ids = {*nodes, *order, *grants} - {self_id}
         if ids:
-            self._nodes_changed(ids, touched)
+            self._nodes_changed(ids, set(old_claims), touched)
         if policies or self_id in grants:
             self._policy_changed(touched)
         return touched
 
-    def _nodes_changed(self, ids: set[str], touched: Touched) -> None:
-        seeds: set[Claim] = set()
+    def _nodes_changed(self, ids: set[str], seeds: set[Claim], touched: Touched) -> None:
+        """Re-evaluate ``ids`` (their old claims, already forgotten, are ``seeds``), resolve
+        the conflict component of their old and new claims, update the applied peers."""
         for node_id in ids:
-            old = self.cand.get(node_id)
-            if old is not None:
-                seeds.update(self._claims(old))
-                self._unclaim(old)
             self._evaluate(node_id)
-            new = self.cand.get(node_id)
+            new = self._cand(node_id)
             if new is not None:
                 seeds.update(self._claims(new))
-                for claim in self._claims(new):
-                    self.claimants[claim].add(node_id)
+                self._claim(new, True)
         component = set(ids)
         todo = list(seeds)
         seen = set(seeds)
         while todo:
             claim = todo.pop()
-            for node_id in self.claimants.get(claim, ()):
+            for node_id in self._claimants(claim):
                 if node_id in component:
                     continue
                 component.add(node_id)
-                for c in self._claims(self.cand[node_id]):
+                for c in self._claims(self._cand(node_id)):
                     if c not in seen:
                         seen.add(c)
                         todo.append(c)
         for node_id in component:
             self.conflicts.pop(node_id, None)
-        members = [self.cand[i] for i in component if i in self.cand]
+        members = [n for n in map(self._cand, component) if n is not None]
         kept, conflicts = resolve(members, self.order, self._claims)
         for c in conflicts:
             self.conflicts[c.node_id] = c
@@ -233,20 +235,51 @@ class IncrementalPlanner:
 
     # --- per node ---------------------------------------------------------------------------
 
-    def _claims(self, node: Node) -> list[Claim]:
+    def _claims(self, node: Node | AppliedPeer) -> list[Claim]:
+        if isinstance(node, AppliedPeer):
+            return [("overlay", node.overlay), ("real", node.real)]
         return [("overlay", node.overlay), ("real", node.real_address_from(self.self_node.network))]
 
-    def _unclaim(self, node: Node) -> None:
-        for claim in self._claims(node):
-            holders = self.claimants.get(claim)
-            if holders is not None:
-                holders.discard(node.node_id)
-                if not holders:
-                    del self.claimants[claim]
+    def _claim(self, node: Node | AppliedPeer, add: bool) -> None:
+        """Index (or forget) the claims of a candidate."""
+        for kind, address in self._claims(node):
+            table = self.claimed[kind]
+            cur = table.get(address)
+            if add:
+                if cur is None:
+                    table[address] = node.node_id
+                elif isinstance(cur, str):
+                    table[address] = {cur, node.node_id}
+                else:
+                    cur.add(node.node_id)
+            elif cur == node.node_id:
+                del table[address]
+            elif isinstance(cur, set):
+                cur.discard(node.node_id)
+                if len(cur) == 1:
+                    table[address] = next(iter(cur))
+
+    def _claimants(self, claim: Claim) -> tuple[str, ...] | set[str]:
+        cur = self.claimed[claim[0]].get(claim[1])
+        return () if cur is None else (cur,) if isinstance(cur, str) else cur
+
+    def holder(self, kind: str, address: str) -> AppliedPeer | None:
+        """The applied peer holding ``address`` (``overlay`` or ``real``), if any."""
+        for node_id in self._claimants((kind, address)):
+            peer = self.applied.get(node_id)
+            if peer is not None:
+                return peer
+        return None
+
+    def _cand(self, node_id: str) -> Node | None:
+        """The effective record of a peer that passed the per-node checks, or None."""
+        node = self.nodes.get(node_id)
+        if node is None or node_id in self.pre_excluded or node_id == self.self_raw.node_id:
+            return None
+        return granted(node, self.grants)[0] if self.grants is not None else node
 
     def _evaluate(self, node_id: str) -> None:
         """Grants and the per-node checks of ``plan`` for one record (claims not indexed)."""
-        self.cand.pop(node_id, None)
         self.pre_excluded.pop(node_id, None)
         self.ungranted_peers.pop(node_id, None)
         node = self.nodes.get(node_id)
@@ -260,8 +293,6 @@ class IncrementalPlanner:
         reason = exclusion(node, me, self.config)
         if reason is not None:
             self.pre_excluded[node_id] = reason
-        else:
-            self.cand[node_id] = node
 
     def _applied_peer(self, node: Node) -> AppliedPeer:
         net = self.self_node.network
@@ -274,8 +305,6 @@ class IncrementalPlanner:
             return
         if old is not None:
             del self.applied[node_id]
-            self.by_overlay.pop(old.overlay, None)
-            self.by_real.pop(old.real, None)
             if old.real6:
                 holders = self.used6[old.real6]
                 holders.discard(node_id)
@@ -288,8 +317,6 @@ class IncrementalPlanner:
             _touch(touched, old)
         if new is not None:
             self.applied[node_id] = new
-            self.by_overlay[new.overlay] = node_id
-            self.by_real[new.real] = node_id
             if new.real6:
                 self.used6[new.real6].add(node_id)
             self.set_count[group_set_key(new.groups)] += 1
@@ -302,19 +329,19 @@ class IncrementalPlanner:
         value = None
         if name == "nat":
             value = self.ovr_nat.get(key)
-            if value is None and key in self.by_overlay:
-                value = NatEntry(self.applied[self.by_overlay[key]].real)
+            if value is None and (peer := self.holder("overlay", key)) is not None:
+                value = NatEntry(peer.real)
         elif name == "rnat":
-            holder = self.by_real.get(key)
-            value = self.applied[holder].overlay if holder is not None else self.ovr_rnat.get(key)
+            peer = self.holder("real", key)
+            value = peer.overlay if peer is not None else self.ovr_rnat.get(key)
         elif name == "peers":
-            holder = self.by_real.get(key)
-            if holder is None:
+            peer = self.holder("real", key)
+            if peer is None:
                 six = self.used6.get(key)
                 if six is not None and len(six) == 1 and key not in self.own6:
-                    holder = next(iter(six))
-            if holder is not None:
-                value = self._entry(self.applied[holder].groups)
+                    peer = self.applied[next(iter(six))]
+            if peer is not None:
+                value = self._entry(peer.groups)
         if value is None:
             table.pop(key, None)
         else:

@@ -57,13 +57,13 @@ NAME_KINDS = ("policy", "rule", "identity", "cidr")
 NAME_MAX_BYTES = 255         # names are cut to this many UTF-8 bytes (ovl_name.text)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NatEntry:
     real: str
     override: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerEntry:
     identity: int = 1
     flags: int = PEER_F_MEMBER

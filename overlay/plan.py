@@ -30,7 +30,7 @@ from overlay.ownership import Conflict, Grants, granted, resolve
 from overlay.policy import group_set_key, plan_policies
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AppliedPeer:
     node_id: str
     network: str

@@ -103,7 +103,7 @@ class ViewChanges:
         return not (self.nodes or self.policies or self.grants)
 
 
-FEED_KEEP = 1 << 16        # changed keys the feed remembers; older positions answer "unknown"
+FEED_KEEP = 4096           # changed keys the feed remembers; an agent further behind resyncs in full
 _FEED_KIND = {"nodes": "node", "order": "node", "grants": "node", "policies": "policy", "rejected": "rejected"}
 
 
