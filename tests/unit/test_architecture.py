@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # layer or below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("overlay", "errors", "resources", "protogen", "sdnotify", "logs"),
-    ("addr", "model", "ops", "policy", "plan", "diff", "config", "config_hints", "config_yaml", "ownership",
-     "guard", "backends", "netns"),
+    ("addr", "model", "ops", "policy", "plan", "incremental", "diff", "config", "config_hints", "config_yaml",
+     "ownership", "guard", "backends", "netns"),
     ("registry", "datapath", "discovery", "zk", "rpc"),
     ("agent", "status", "httpd"),
     ("daemon", "controller", "lab"),
