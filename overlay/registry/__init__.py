@@ -229,6 +229,19 @@ class ViewState:
                 max_change=self.max_change, connected=self.connected, synced=self.synced)
 
 
+class ViewBacked:
+    """For a registry whose view is a :class:`ViewState` at ``self._v``: ``view()`` and the
+    change feed ``changes(since)``."""
+
+    _v: ViewState
+
+    def view(self) -> RegistryView:
+        return self._v.snapshot()
+
+    def changes(self, since: int) -> ViewChanges | None:
+        return self._v.changes(since)
+
+
 @runtime_checkable
 class Registry(Protocol):
     """What the agent needs of a registry. Its class also has a classmethod

@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from overlay.config import Config
 from overlay.errors import RegistryError
 from overlay.model import Node
-from overlay.registry import Listener, RegistryView, ViewChanges, ViewState
+from overlay.registry import Listener, ViewBacked, ViewState
 
 
-class StaticRegistry:
+class StaticRegistry(ViewBacked):
     name = "static"
 
     @classmethod
@@ -74,13 +74,6 @@ class StaticRegistry:
                 if v.order.get(node_id) != i:
                     v.order[node_id] = i
             v.revision += 1
-
-    def view(self) -> RegistryView:
-        return self._v.snapshot()
-
-    def changes(self, since: int) -> ViewChanges | None:
-        """The change feed (:class:`overlay.registry.ViewState`)."""
-        return self._v.changes(since)
 
     def release_guard(self) -> None:
         return None

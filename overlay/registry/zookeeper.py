@@ -52,7 +52,7 @@ from overlay.model import (
     serialise_node,
     valid_name,
 )
-from overlay.registry import Listener, RegistryView, ViewChanges, ViewState, notify_listener
+from overlay.registry import Listener, ViewBacked, ViewState, notify_listener
 from overlay.registry.zk_records import MAX_MAX_CHANGE, Records
 from overlay.zk import client as zkc
 from overlay.zk.acl import ADMINS, operator_acl, owned_acl, parse_admins
@@ -67,7 +67,7 @@ OBSERVER_ID = "@controller"   # not a valid node name: an observer's view leaves
 _MAX_BATCH = 20000            # events handled per worker round
 
 
-class ZooKeeperRegistry:
+class ZooKeeperRegistry(ViewBacked):
     """The Registry protocol over ZooKeeper (see the module docstring and docs/registry.md)."""
 
     name = "zookeeper"
@@ -153,13 +153,6 @@ class ZooKeeperRegistry:
             self._ensure_client()
             self._ensure_layout()
             self._ensure_own_record(replace_data=True)
-
-    def view(self) -> RegistryView:
-        return self._v.snapshot()
-
-    def changes(self, since: int) -> ViewChanges | None:
-        """The change feed (:class:`overlay.registry.ViewState`)."""
-        return self._v.changes(since)
 
     def release_guard(self) -> None:
         return None
