@@ -114,6 +114,26 @@ def _memory(rows):
     return v, n, f"ebpf-tc map memory {v} bytes per peer at {n} peers"
 
 
+def _agent_change(rows):
+    n = _at(rows, "update_one", "core", "agent_change_ms_p50", 50000)
+    v = _value(rows, "update_one", "core", "agent_change_ms_p50", n)
+    return v, n, f"agent p50 {v} ms for one change among {n} peers"
+
+
+def _agent_growth(rows):
+    counts = _peer_counts(rows, "update_one", "core", "agent_change_ms_p50")
+    if len(counts) < 2:
+        return None, None, "needs two peer counts"
+    lo, hi = (_value(rows, "update_one", "core", "agent_change_ms_p50", c) for c in (counts[0], counts[-1]))
+    return _ratio(hi, lo), counts[-1], f"p50 {hi} ms at {counts[-1]} / {lo} ms at {counts[0]}"
+
+
+def _agent_rss(rows):
+    n = _at(rows, "memory", "core", "agent_rss_bytes_per_peer", 50000)
+    v = _value(rows, "memory", "core", "agent_rss_bytes_per_peer", n)
+    return v, n, f"agent RSS {v} bytes per peer at {n} peers"
+
+
 GOALS = [
     _goal("conn_setup_vs_bare", "eBPF connection rate at 50,000 peers >= 0.95x bare",
           0.95, True, _conn_vs_bare),
@@ -129,6 +149,12 @@ GOALS = [
           1.02, False, _rr("latency_us_p99")),
     _goal("kernel_bytes_per_peer", "kernel memory <= 128 bytes per peer",
           128.0, False, _memory),
+    _goal("agent_change_ms_p50", "agent's time for one change <= 1 ms p50 at 50,000 peers",
+          1.0, False, _agent_change),
+    _goal("agent_change_growth", "agent's p50 per change grows < 2x from 1,000 to 50,000 peers",
+          2.0, False, _agent_growth),
+    _goal("agent_rss_bytes_per_peer", "agent RSS <= 400 bytes per peer at 50,000 peers",
+          400.0, False, _agent_rss),
 ]
 
 

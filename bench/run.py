@@ -48,7 +48,7 @@ PORT = 5000  # conn_setup; rr on PORT+1, stream on PORT+2
 DATA_SUITES = ("conn_setup", "rr", "stream")
 CONTROL_SUITES = ("update_one", "full_sync")
 ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout", "prog_cost",
-              "controller_limits")
+              "controller_limits", "agent")
 
 CLIENTS = {  # backend -> (namespace name, client address, server address)
     "bare": ("bare", "10.77.1.1", "10.77.1.2"),
@@ -81,6 +81,7 @@ PROFILES: dict[str, dict] = {
         "fanout_default_config": True,
         "limits_watches": 1000, "limits_registers": 10000, "limits_changes": 200, "limits_interval_s": 0.05,
         "limits_reps": 3,
+        "agent_peers": [1000, 10000, 50000], "agent_change_reps": 200,
     },
     "quick": {
         "peers": [1, 10000], "reps": 3, "nice": -10,
@@ -93,6 +94,7 @@ PROFILES: dict[str, dict] = {
         "fanout_default_config": False,
         "limits_watches": 1000, "limits_registers": 10000, "limits_changes": 100, "limits_interval_s": 0.05,
         "limits_reps": 1,
+        "agent_peers": [1000, 10000], "agent_change_reps": 100,
     },
     "smoke": {
         "peers": [100], "reps": 1, "nice": None,
@@ -105,6 +107,7 @@ PROFILES: dict[str, dict] = {
         "fanout_default_config": True,
         "limits_watches": 100, "limits_registers": 1000, "limits_changes": 30, "limits_interval_s": 0.05,
         "limits_reps": 1,
+        "agent_peers": [100], "agent_change_reps": 20,
     },
 }
 
@@ -493,6 +496,11 @@ class Bench:
             from bench.controller_limits import run_suite
 
             self.guarded("controller_limits", run_suite, self.results, self.p, self.log_dir, say)
+        if "agent" in self.suites:
+            say("==> agent (agent_change_ms, agent RSS per peer)")
+            from bench.agentcost import run_suite as agent_suite
+
+            self.guarded("agent", agent_suite, self.results, self.p, say)
         return self.results
 
 

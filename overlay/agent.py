@@ -12,7 +12,6 @@ fast and deterministic (DESIGN §7.11).
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import threading
@@ -23,9 +22,10 @@ from overlay.config import Config
 from overlay.diff import apply_ops, diff
 from overlay.errors import OverlayError
 from overlay.guard import Guard, weigh
+from overlay.incremental import IncrementalPlanner
 from overlay.model import Node
 from overlay.ops import NatEntry
-from overlay.plan import AppliedPeer, DesiredState, plan
+from overlay.plan import AppliedPeer
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ class Agent:
         self.next_deadline: float | None = None
         self.last_sweep = float("-inf")
         self.swept: dict[str, int] = {}
+        self.planner: IncrementalPlanner | None = None
+        self.feed_seq: int | None = None        # the registry's change feed position
+        self.held: dict[str, AppliedPeer] = {}   # peers the churn guard keeps as applied, by overlay
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -97,6 +100,7 @@ class Agent:
     def set_config(self, config: Config) -> None:
         with self.lock:
             self.config = config
+            self.feed_seq = None     # the next reconcile resyncs with the new config
         self.wake.set()
 
     # --- the loop -----------------------------------------------------------------------
@@ -155,95 +159,166 @@ class Agent:
     # --- reconcile ----------------------------------------------------------------------
 
     def reconcile(self) -> list:
-        """Bring the datapath to the desired state for the current view; return the ops."""
+        """Bring the datapath to the desired state for the current view; return the ops.
+
+        With a registry that has a change feed (``changes(since)``), an event costs what
+        it touches: the incremental planner's delta, the guard over the touched and held
+        peers, a diff of the touched keys only. A full resync (the whole view, a rebuilt
+        plan, a diff against a fresh observation) runs at start, after a reconnect,
+        every ``resync_s`` and whenever the feed answers "unknown"."""
         with self.lock:
-            view = self.registry.view()
-            self.rejected = dict(view.rejected)
-            self.sources = dict(view.sources)
-            self.connected = view.connected
-            if not view.connected or not view.synced:
-                # Fail-static: keep the last applied state; not ready until in sync again.
-                if self.ready:
-                    log.warning("[%s] registry unreachable: keeping the datapath as it is", self.self_node.node_id)
-                self.ready = False
-                self._was_connected = False
-                return []
-            if view.max_change is not None:
-                self.guard.threshold = view.max_change
-            else:
-                self.guard.threshold = self.config.guard.max_change
             now = self.clock()
-            if self.observed is None or not self._was_connected or now - self.last_resync >= self.resync_s:
-                self.observed = self.datapath.observe()
-                self.last_resync = now
-                if not self.applied_peers:
-                    self.applied_peers = _peers_from_tables(self.observed)
-            self._was_connected = True
+            feed = getattr(self.registry, "changes", None)
+            full = (self.planner is None or self.feed_seq is None or not callable(feed) or self.observed is None
+                    or not self._was_connected or now - self.last_resync >= self.resync_s)
+            ch = None if full else feed(self.feed_seq)
+            if ch is None:
+                return self._resync(now)
+            if ch.rejected is not None:
+                self.rejected = dict(ch.rejected)
+            for node_id, source in ch.sources.items():
+                if source is None:
+                    self.sources.pop(node_id, None)
+                else:
+                    self.sources[node_id] = source
+            if not self._reachable(ch.connected, ch.synced, ch.max_change):
+                return []
+            touched = self.planner.update(nodes=ch.nodes, order=ch.order, grants=ch.grants or {},
+                                          policies=ch.policies)
+            self.feed_seq = ch.seq
+            return self._converge(touched, full=False)
 
-            desired = plan(self.self_node, view.nodes.values(), self.config, self.extra_failsafe,
-                           policies=view.policies.values(), grants=view.grants, order=view.order)
-            tables, peers = self._guarded(desired)
-            ops = diff(tables, self.observed)
-            if ops:
-                self.datapath.apply(ops)
-                apply_ops(self.observed, ops)
-                log.info("[%s] applied %d ops (%d peers)", self.self_node.node_id, len(ops), len(peers))
-            self.applied_peers = peers
-            self.excluded = desired.excluded
-            self.selected_by = desired.selected_by
-            if desired.conflicts != self.conflicts:
-                for c in desired.conflicts:
-                    log.warning("[%s] excluding %s: %s", self.self_node.node_id, c.node_id, c.reason)
-            self.conflicts, self.ungranted, self.groups = desired.conflicts, desired.ungranted, desired.groups
-            self.last_apply_ops = len(ops)
-            self.ops_total += len(ops)
-            self.applies += 1
-            self.ready = True
-            self.last_error = None
-            return ops
+    def _reachable(self, connected: bool, synced: bool, max_change: int | None) -> bool:
+        self.connected = connected
+        if not connected or not synced:
+            # Fail-static: keep the last applied state; not ready until in sync again.
+            if self.ready:
+                log.warning("[%s] registry unreachable: keeping the datapath as it is", self.self_node.node_id)
+            self.ready = False
+            self._was_connected = False
+            return False
+        self.guard.threshold = max_change if max_change is not None else self.config.guard.max_change
+        return True
 
-    def _guarded(self, desired: DesiredState) -> tuple[dict, dict[str, AppliedPeer]]:
-        """Apply the churn guard (:mod:`overlay.guard`): hold removals and real-address
-        changes above the threshold, or while a batch settles; additions go through."""
-        want = {p.overlay: p for p in desired.peers}
-        churn = weigh(self.applied_peers, want)
+    def _resync(self, now: float) -> list:
+        """The full path: the whole view, the plan rebuilt, the datapath observed again."""
+        view = self.registry.view()
+        self.rejected = dict(view.rejected)
+        self.sources = dict(view.sources)
+        if not self._reachable(view.connected, view.synced, view.max_change):
+            return []
+        self.observed = self.datapath.observe()
+        self.last_resync = now
+        if not self.applied_peers:
+            self.applied_peers = _peers_from_tables(self.observed)
+        self._was_connected = True
+        if self.planner is None:
+            self.planner = IncrementalPlanner(self.self_node, self.config, self.extra_failsafe)
+        self.planner.config, self.planner.self_raw = self.config, self.self_node
+        self.planner.rebuild(view.nodes, view.order, view.grants, view.policies)
+        self.feed_seq = view.seq if view.seq >= 0 else None
+        return self._converge(None, full=True)
+
+    def _converge(self, touched: dict | None, full: bool) -> list:
+        """Guard, diff and apply: over every key (``touched`` None) or the touched ones."""
+        pl = self.planner
+        if touched is None:
+            overlays = set(self.applied_peers) | {p.overlay for p in pl.applied.values()}
+        else:
+            overlays = set(touched.get("nat", ())) | set(self.held)
+        applied = {o: self.applied_peers[o] for o in overlays if o in self.applied_peers}
+        wanted = {o: peer for o in overlays if (peer := pl.holder("overlay", o)) is not None}
+        churn = weigh(applied, wanted)
         decision = self.guard.decide(churn, self.clock(), self.config.guard.settle_s, self.applied_peers)
         self.next_deadline = decision.settle_until
-        if decision.hold:
-            return self._hold(desired, want, churn.removed, churn.changed)
-        return desired.tables, want
+        held = {o: applied[o] for o in (*churn.removed, *churn.changed)} if decision.hold else {}
+        ops = self._ops(touched, held, wanted)
+        if ops:
+            self.datapath.apply(ops)
+            apply_ops(self.observed, ops)
+        for o in overlays:
+            peer = held.get(o) or wanted.get(o)
+            if peer is None:
+                self.applied_peers.pop(o, None)
+            else:
+                self.applied_peers[o] = peer
+        self.held = held
+        if ops:
+            log.info("[%s] applied %d ops (%d peers)", self.self_node.node_id, len(ops), len(self.applied_peers))
+        self.excluded = pl.excluded()
+        self.selected_by = pl.pol.selected_by
+        conflicts = pl.conflict_list()
+        if conflicts != self.conflicts:
+            for c in conflicts:
+                log.warning("[%s] excluding %s: %s", self.self_node.node_id, c.node_id, c.reason)
+        self.conflicts, self.ungranted, self.groups = conflicts, pl.ungranted(), pl.self_node.groups
+        self.last_apply_ops = len(ops)
+        self.ops_total += len(ops)
+        self.applies += 1
+        self.ready = True
+        self.last_error = None
+        return ops
 
-    def _hold(self, desired: DesiredState, want: dict[str, AppliedPeer], removed: tuple[str, ...],
-              changed: tuple[str, ...]) -> tuple[dict, dict[str, AppliedPeer]]:
-        """The desired tables with ``removed`` and ``changed`` peers kept as applied."""
-        old = self.applied_peers
-        tables = copy.deepcopy(desired.tables)
-        peers = dict(want)
-        observed = self.observed or {}
-        held_identities: set[int] = set()
-        for overlay in [*removed, *changed]:
-            prev = old[overlay]
-            new = want.get(overlay)
+    def _ops(self, touched: dict | None, held: dict[str, AppliedPeer], wanted: dict[str, AppliedPeer]) -> list:
+        """The ops for the keys in question: the planner's tables, except that the peers the
+        churn guard holds (``held``, and those it held before) keep what they have applied,
+        with their identity's policy entries and name."""
+        desired, observed = self.planner.tables, self.observed
+        if touched is None:
+            keys = {t: set(desired[t]) | set(observed.get(t, ())) for t in desired}
+        else:
+            keys = {t: set(k) for t, k in touched.items()}
+        for table in ("nat", "rnat", "peers", "policy", "names"):
+            keys.setdefault(table, set())
+        over: dict[str, dict] = {"nat": {}, "rnat": {}, "peers": {}, "policy": {}, "names": {}}
+        drop: set[tuple[str, object]] = set()
+        held_ids: set[int] = set()      # identities of the peers held now
+        all_ids: set[int] = set()       # ... and of those held before (their entries may go now)
+        for overlay, prev in [*self.held.items(), *held.items()]:
+            keys["nat"].add(overlay)
+            keys["rnat"].add(prev.real)
+            keys["peers"].add(prev.real)
+            new = wanted.get(overlay)
             if new is not None:
-                tables["rnat"].pop(new.real, None)
-                tables["peers"].pop(new.real, None)
-            tables["nat"][overlay] = observed.get("nat", {}).get(overlay, NatEntry(prev.real))
-            tables["rnat"][prev.real] = overlay
-            peer_val = observed.get("peers", {}).get(prev.real)
-            if peer_val is not None:
-                tables["peers"][prev.real] = peer_val
-                held_identities.add(peer_val.identity)
-            peers[overlay] = prev
-        # A held peer keeps its identity: keep that identity's policy entries and
-        # name too, even when no peer of the desired state has it any more.
-        policy, names = tables.setdefault("policy", {}), tables.setdefault("names", {})
-        for key, value in observed.get("policy", {}).items():
-            if key[0] in held_identities:
-                policy.setdefault(key, value)
-        for key, value in observed.get("names", {}).items():
-            if key[0] == "identity" and key[1] in held_identities:
-                names.setdefault(key, value)
-        return tables, peers
+                keys["rnat"].add(new.real)
+                keys["peers"].add(new.real)
+            value = observed.get("peers", {}).get(prev.real)
+            if value is not None:
+                all_ids.add(value.identity)
+                if overlay in held:
+                    held_ids.add(value.identity)
+        for overlay in held:
+            new = wanted.get(overlay)
+            if new is not None:
+                drop.update((("rnat", new.real), ("peers", new.real)))
+        for overlay, prev in held.items():
+            over["nat"][overlay] = observed.get("nat", {}).get(overlay, NatEntry(prev.real))
+            over["rnat"][prev.real] = overlay
+            value = observed.get("peers", {}).get(prev.real)
+            if value is not None:
+                over["peers"][prev.real] = value
+        if all_ids:
+            for table, kind in (("policy", None), ("names", "identity")):
+                for key, value in observed.get(table, {}).items():
+                    ident = key[0] if kind is None else key[1] if key[0] == kind else None
+                    if ident in all_ids:
+                        keys[table].add(key)
+                        if ident in held_ids and key not in desired[table]:
+                            over[table][key] = value
+        want: dict[str, dict] = {}
+        have: dict[str, dict] = {}
+        for table, ks in keys.items():
+            d, o, ov = desired.get(table, {}), observed.get(table, {}), over.get(table, {})
+            w = want[table] = {}
+            h = have[table] = {}
+            for k in ks:
+                if k in ov:
+                    w[k] = ov[k]
+                elif k in d and (table, k) not in drop:
+                    w[k] = d[k]
+                if k in o:
+                    h[k] = o[k]
+        return diff(want, have)
 
     # --- reporting ----------------------------------------------------------------------
 

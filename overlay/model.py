@@ -69,7 +69,7 @@ def _spec_to_json(spec: tuple[int, int]) -> int | str:
     return lo if lo == hi else f"{lo}-{hi}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     node_id: str
     network: str

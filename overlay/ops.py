@@ -51,13 +51,13 @@ CONFIG_KEYS = ("reject_all", "mode", "policy_enforced", "policy_default", *CT_LI
 NAME_KINDS = ("policy", "rule", "identity", "cidr")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NatEntry:
     real: str
     override: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerEntry:
     identity: int = IDENTITY_MEMBER
     flags: int = PEER_F_MEMBER

@@ -21,7 +21,7 @@ from overlay.ownership import Conflict, Grants, granted, resolve
 from overlay.policy import group_set_key, plan_policies
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AppliedPeer:
     node_id: str
     network: str
@@ -93,6 +93,35 @@ def conntrack_config(config: Config) -> dict[str, int]:
     }
 
 
+def exclusion(node: Node, self_node: Node, config: Config) -> str | None:
+    """Why :func:`plan` leaves the peer ``node`` out before address conflicts are weighed
+    (an overlay address that is not one, outside the subnet or this node's own; a real
+    address that is this node's own), or None."""
+    subnet = config.overlay_subnet
+    try:
+        ip = ipaddress.IPv4Address(node.overlay)
+    except ValueError:
+        return f"overlay address {node.overlay!r} is not an IPv4 address"
+    if ip not in subnet or ip in (subnet.network_address, subnet.broadcast_address):
+        return f"overlay address {node.overlay} is outside the overlay subnet {subnet}"
+    if node.overlay == self_node.overlay:
+        return f"overlay address {node.overlay} is this node's own"
+    real = node.real_address_from(self_node.network)
+    if real in (self_node.private, self_node.public) and node.network == self_node.network:
+        return f"real address {real} is this node's own"
+    return None
+
+
+def failsafe_table(config: Config, extra_failsafe: Iterable[str] = ()) -> dict[str, int]:
+    """The ``failsafe`` table: SSH whitelist and the registry's addresses, never locked out."""
+    failsafe: dict[str, int] = defaultdict(int)
+    for cidr in config.filter.ssh_whitelist:
+        failsafe[cidr] |= FS_SSH
+    for ip in [*_registry_addresses(config), *extra_failsafe]:
+        failsafe[_host_prefix(ip)] |= FS_ALL
+    return dict(failsafe)
+
+
 def plan(
     self_node: Node,
     peers: Iterable[Node],
@@ -118,7 +147,6 @@ def plan(
     claim one overlay or real address, the earliest keeps it and the others are excluded
     and listed in ``conflicts``.
     """
-    subnet = config.overlay_subnet
     excluded: dict[str, str] = {}
     candidates: list[Node] = []
     ungranted: list[tuple[str, tuple[str, ...]]] = []
@@ -133,20 +161,9 @@ def plan(
             node, dropped = granted(node, grants)
             if dropped:
                 ungranted.append((node.node_id, dropped))
-        try:
-            ip = ipaddress.IPv4Address(node.overlay)
-        except ValueError:
-            excluded[node.node_id] = f"overlay address {node.overlay!r} is not an IPv4 address"
-            continue
-        if ip not in subnet or ip in (subnet.network_address, subnet.broadcast_address):
-            excluded[node.node_id] = f"overlay address {node.overlay} is outside the overlay subnet {subnet}"
-            continue
-        if node.overlay == self_node.overlay:
-            excluded[node.node_id] = f"overlay address {node.overlay} is this node's own"
-            continue
-        real = node.real_address_from(self_node.network)
-        if real in (self_node.private, self_node.public) and node.network == self_node.network:
-            excluded[node.node_id] = f"real address {real} is this node's own"
+        reason = exclusion(node, self_node, config)
+        if reason is not None:
+            excluded[node.node_id] = reason
             continue
         candidates.append(node)
 
@@ -184,12 +201,7 @@ def plan(
 
     tables["ports"] = ports_bitmap(config.filter.open_ports)
 
-    failsafe: dict[str, int] = defaultdict(int)
-    for cidr in config.filter.ssh_whitelist:
-        failsafe[cidr] |= FS_SSH
-    for ip in [*_registry_addresses(config), *extra_failsafe]:
-        failsafe[_host_prefix(ip)] |= FS_ALL
-    tables["failsafe"] = dict(failsafe)
+    tables["failsafe"] = failsafe_table(config, extra_failsafe)
     tables["self"] = self_addresses(self_node)
 
     tables["config"] = {

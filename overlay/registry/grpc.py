@@ -38,7 +38,7 @@ import grpc
 from overlay.config import Config, RegistryConfig
 from overlay.errors import InvalidRecord, OverlayError, RegistryError, Throttled, Unavailable
 from overlay.model import Node, node_from_dict, policy_from_dict, valid_name
-from overlay.registry import Listener, RegistryView, ViewState, notify_listener
+from overlay.registry import Listener, ViewBacked, ViewState, notify_listener
 from overlay.rpc.client import CLIENT_OPTIONS, Client
 from overlay.rpc.convert import change_from_pb
 from overlay.rpc.status import raise_for
@@ -58,7 +58,7 @@ class _Unreachable(Exception):
     """A replica's connection did not become ready: try the next one."""
 
 
-class GrpcRegistry:
+class GrpcRegistry(ViewBacked):
     """The Registry protocol over the controller's gRPC API (see the module docstring)."""
 
     name = "grpc"
@@ -144,9 +144,6 @@ class GrpcRegistry:
     def deregister(self) -> None:
         """Remove this node's record for good (a stopping daemon does not: its lease keeps it)."""
         self._retrying(lambda c: c.deregister(self.node_id), f"deregistering node {self.node_id}")
-
-    def view(self) -> RegistryView:
-        return self._v.snapshot()
 
     def release_guard(self) -> None:
         return None

@@ -9,16 +9,15 @@ daemon reloads the config on SIGHUP and hands the new peer list to
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 
 from overlay.config import Config
 from overlay.errors import RegistryError
 from overlay.model import Node
-from overlay.registry import Listener, RegistryView
+from overlay.registry import Listener, ViewBacked, ViewState
 
 
-class StaticRegistry:
+class StaticRegistry(ViewBacked):
     name = "static"
 
     @classmethod
@@ -26,11 +25,10 @@ class StaticRegistry:
         return cls(config.registry.peers)
 
     def __init__(self, peers: Iterable[Node] = ()):
-        self._lock = threading.Lock()
-        self._nodes: dict[str, Node] = {p.node_id: p for p in peers}
+        self._v = ViewState(connected=True, synced=True, revision=1)
         self._self: Node | None = None
         self._listener: Listener | None = None
-        self._revision = 1
+        self._set({p.node_id: p for p in peers})
 
     def start(self, listener: Listener) -> None:
         self._listener = listener
@@ -39,7 +37,7 @@ class StaticRegistry:
     def allocate(self, node_id: str, requested: str | None = None) -> str:
         if requested:
             return requested
-        peer = self._nodes.get(node_id)
+        peer = self._v.nodes.get(node_id)
         if peer is not None:
             return peer.overlay
         raise RegistryError(
@@ -48,25 +46,34 @@ class StaticRegistry:
         )
 
     def register(self, node: Node) -> None:
-        with self._lock:
-            self._self = node
-            self._nodes[node.node_id] = node
-            self._revision += 1
+        self._self = node
+        self._set({**self._file(), node.node_id: node})
         self._notify()
 
     def replace(self, peers: Iterable[Node]) -> None:
-        with self._lock:
-            self._nodes = {p.node_id: p for p in peers}
-            if self._self is not None:
-                self._nodes[self._self.node_id] = self._self
-            self._revision += 1
+        new = {p.node_id: p for p in peers}
+        if self._self is not None:
+            new[self._self.node_id] = self._self
+        self._set(new)
         self._notify()
 
-    def view(self) -> RegistryView:
-        with self._lock:
-            # the order of the file decides address conflicts (overlay.ownership)
-            return RegistryView(nodes=dict(self._nodes), revision=self._revision,
-                                order={node_id: i for i, node_id in enumerate(self._nodes)})
+    def _file(self) -> dict[str, Node]:
+        return dict(self._v.nodes)
+
+    def _set(self, new: dict[str, Node]) -> None:
+        """Change the view to ``new`` key by key (the change feed sees only what changed);
+        the order of the file decides address conflicts (overlay.ownership)."""
+        v = self._v
+        with v.lock:
+            for node_id in [n for n in v.nodes if n not in new]:
+                del v.nodes[node_id]
+                del v.order[node_id]
+            for i, (node_id, node) in enumerate(new.items()):
+                if v.nodes.get(node_id) != node:
+                    v.nodes[node_id] = node
+                if v.order.get(node_id) != i:
+                    v.order[node_id] = i
+            v.revision += 1
 
     def release_guard(self) -> None:
         return None

@@ -51,7 +51,7 @@ from overlay.model import (
     serialise_node,
     valid_name,
 )
-from overlay.registry import Listener, RegistryView, ViewState, notify_listener
+from overlay.registry import Listener, ViewBacked, ViewState, notify_listener
 from overlay.registry.zk_records import Records
 from overlay.registry.zk_records import put as _put
 from overlay.zk import client as zkc
@@ -70,7 +70,7 @@ OBSERVER_ID = "@controller"   # not a valid node name: an observer's view leaves
 _MAX_BATCH = 20000            # events handled per worker round
 
 
-class ZooKeeperRegistry:
+class ZooKeeperRegistry(ViewBacked):
     """The Registry protocol over ZooKeeper (see the module docstring and docs/registry.md)."""
 
     name = "zookeeper"
@@ -163,9 +163,6 @@ class ZooKeeperRegistry:
             self._ensure_client()
             self._ensure_layout()
             self._ensure_own_record(replace_data=True)
-
-    def view(self) -> RegistryView:
-        return self._v.snapshot()
 
     def release_guard(self) -> None:
         return None

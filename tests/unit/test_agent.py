@@ -16,6 +16,7 @@ from overlay.config import config_from_dict
 from overlay.datapath.dryrun import DryRunDatapath
 from overlay.model import Node
 from overlay.registry import RegistryView
+from tests.support.feed import FeedRegistry
 
 SUBNET = ipaddress.IPv4Network("192.168.0.0/18")
 HOSTS = list(SUBNET.hosts())
@@ -42,6 +43,15 @@ class FakeRegistry:
         self.nodes[node.node_id] = node
         if self.listener:
             self.listener()
+
+
+@pytest.fixture(autouse=True, params=["full", "feed"])
+def registry_kind(request, monkeypatch):
+    """Every test twice: a registry without a change feed (the agent resyncs in full on
+    every change) and one with it (the incremental path)."""
+    monkeypatch.setattr(FakeRegistry, "__new__", (lambda cls: object.__new__(cls)) if request.param == "full"
+                        else (lambda cls: FeedRegistry()))
+    return request.param
 
 
 def peer(i: int, network: str = "ec2") -> Node:

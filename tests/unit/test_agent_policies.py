@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from overlay.agent import Agent
 from overlay.config import config_from_dict
 from overlay.datapath.dryrun import DryRunDatapath
 from overlay.model import Node, policy_from_dict
 from overlay.registry import RegistryView
 from overlay.status import Metrics, format_status
+from tests.support.feed import FeedRegistry
 
 HOSTS = list(ipaddress.IPv4Network("192.168.0.0/18").hosts())
 SELF = Node("self", "ec2", "10.0.0.1", "198.18.0.1", str(HOSTS[0]), ("db",))
@@ -34,6 +37,14 @@ class Registry:
 
     def view(self):
         return RegistryView(nodes=dict(self.nodes), policies=dict(self.policies))
+
+
+@pytest.fixture(autouse=True, params=["full", "feed"])
+def registry_kind(request, monkeypatch):
+    """Every test with and without the registry's change feed (incremental agent path)."""
+    monkeypatch.setattr(Registry, "__new__", (lambda cls: object.__new__(cls)) if request.param == "full"
+                        else (lambda cls: FeedRegistry()))
+    return request.param
 
 
 class FillingDryRun(DryRunDatapath):
