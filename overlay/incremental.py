@@ -32,17 +32,17 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
+from overlay.abi import ports_bitmap
 from overlay.config import Config
 from overlay.model import Node, Policy
-from overlay.ops import MODE_AUDIT, MODE_ENFORCE, NatEntry, PeerEntry, empty_state
+from overlay.ops import NatEntry, PeerEntry, empty_state
 from overlay.ownership import Claim, Conflict, Grants, granted, order_of, resolve
 from overlay.plan import (
     AppliedPeer,
     DesiredState,
-    conntrack_config,
+    config_table,
     exclusion,
     failsafe_table,
-    ports_bitmap,
     self_addresses,
 )
 from overlay.policy import PolicyTables, group_set_key, plan_policies
@@ -360,12 +360,7 @@ class IncrementalPlanner:
         pol = plan_policies(self.self_node.groups, group_sets, self.policies)
         self.pol = pol
         t = self.tables
-        config = {
-            "reject_all": int(self.config.filter.reject_all),
-            "mode": MODE_AUDIT if self.config.filter.mode == "audit" else MODE_ENFORCE,
-            **pol.config,
-            **conntrack_config(self.config),
-        }
+        config = config_table(self.config, pol.config)
         changed: Touched = {}
         for name, new in (("policy", pol.policy), ("cidr_ident", pol.cidr_ident), ("names", pol.names),
                           ("config", config)):

@@ -122,6 +122,16 @@ def failsafe_table(config: Config, extra_failsafe: Iterable[str] = ()) -> dict[s
     return dict(failsafe)
 
 
+def config_table(config: Config, policy_config: dict) -> dict:
+    """The ``config`` table: the filter's switches, the policy's and the conntrack lifetimes."""
+    return {
+        "reject_all": int(config.filter.reject_all),
+        "mode": int(FilterMode.AUDIT if config.filter.mode == "audit" else FilterMode.ENFORCE),
+        **policy_config,
+        **conntrack_config(config),
+    }
+
+
 def plan(
     self_node: Node,
     peers: Iterable[Node],
@@ -204,12 +214,7 @@ def plan(
     tables["failsafe"] = failsafe_table(config, extra_failsafe)
     tables["self"] = self_addresses(self_node)
 
-    tables["config"] = {
-        "reject_all": int(config.filter.reject_all),
-        "mode": int(FilterMode.AUDIT if config.filter.mode == "audit" else FilterMode.ENFORCE),
-        **pol.config,
-        **conntrack_config(config),
-    }
+    tables["config"] = config_table(config, pol.config)
     tables["policy"] = pol.policy
     tables["cidr_ident"] = pol.cidr_ident
     tables["names"] = pol.names
