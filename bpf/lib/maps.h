@@ -52,6 +52,9 @@
 #ifndef OVL_CIDR_IDENT6_MAX
 #define OVL_CIDR_IDENT6_MAX 4096
 #endif
+#ifndef OVL_SOCK_MAX
+#define OVL_SOCK_MAX 65536
+#endif
 #ifndef OVL_EVENTS_PAGES
 #define OVL_EVENTS_PAGES 16
 #endif
@@ -91,6 +94,8 @@ OVL_TABLE("lru_hash", struct ovl_ct_key, struct ovl_ct_val, ovl_ct, OVL_CT_MAX, 
 OVL_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_val, ovl_ct6, OVL_CT6_MAX, 0);
 OVL_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_in_val, ovl_ct_in, OVL_CT_IN_MAX, 0);
 OVL_TABLE("lru_hash", struct ovl_frag_key, struct ovl_frag_val, ovl_frag, OVL_FRAG_MAX, 0);
+/* Socket mode: what each translated socket was sent to (sock.h). */
+OVL_TABLE("lru_hash", struct ovl_sock_key, __u32, ovl_sock, OVL_SOCK_MAX, 0);
 OVL_TABLE("array", int, __u64, ovl_cfg, OVL_CFG_MAX, 0);
 OVL_TABLE("percpu_array", int, __u64, ovl_counters, OVL_COUNTER_MAX, 0);
 

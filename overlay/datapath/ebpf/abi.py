@@ -57,6 +57,7 @@ class CfgIndex(enum.IntEnum):
     CT_ICMP_S = 12
     FRAG_S = 13
     SELF_HINT = 14
+    NETNS_COOKIE = 15
     MAX = 32
 
 
@@ -91,7 +92,12 @@ class Reason(enum.IntEnum):
     PASS_FRAGMENT = 28
     CT_EXPIRED = 29
     CT_NAT_STALE = 30
-    COUNTER_MAX = 32
+    SOCK_CONNECT = 31
+    SOCK_SENDMSG = 32
+    SOCK_RECVMSG = 33
+    SOCK_PEERNAME = 34
+    SOCK_OTHER_NETNS = 35
+    COUNTER_MAX = 40
 
 
 # Counter slots that carry a meaning, by the name /status and /metrics use.
@@ -120,6 +126,11 @@ PASS_REASONS = {
     Reason.PASS_FRAGMENT: "fragment",
     Reason.CT_EXPIRED: "ct_expired",
     Reason.CT_NAT_STALE: "ct_nat_stale",
+    Reason.SOCK_CONNECT: "sock_connect",
+    Reason.SOCK_SENDMSG: "sock_sendmsg",
+    Reason.SOCK_RECVMSG: "sock_recvmsg",
+    Reason.SOCK_PEERNAME: "sock_peername",
+    Reason.SOCK_OTHER_NETNS: "sock_other_netns",
 }
 
 
@@ -142,6 +153,15 @@ class PortSlot(enum.IntEnum):
     TCP = 0
     UDP = 1
     SLOTS = 2
+
+
+class OvlSockKey(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("real", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
 
 
 class OvlNatVal(ctypes.Structure):
@@ -259,6 +279,7 @@ class OvlDropEvent(ctypes.Structure):
 
 
 STRUCTS = {
+    "ovl_sock_key": OvlSockKey,
     "ovl_nat_val": OvlNatVal,
     "ovl_peer_val": OvlPeerVal,
     "ovl_addr6": OvlAddr6,
