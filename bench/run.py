@@ -23,6 +23,10 @@ own client namespace ``ebfb`` (10.77.4.1 -> ``srv`` 10.77.4.2). ``ebpf-srv`` and
 of their own (``srvf``, ``srvfb``) with their own ovlbench server: ``reject_all``,
 the client one member among N peers, the client plain. Each pair gives paired
 ``<metric>_vs_before`` ratios besides ``_vs_bare``.
+
+``ebpf-socket``: ``ebpf-tc``'s client in socket mode, namespace ``ebs`` (10.77.7.1 ->
+``srv`` 10.77.7.2); its processes run in a cgroup-v2 directory of the run (the
+datapath's ``datapath.cgroup``), removed with the topology.
 """
 
 from __future__ import annotations
@@ -57,9 +61,13 @@ CLIENTS = {  # backend -> (namespace name, client address, server address)
     "ebpf-tc-before": ("ebfb", "10.77.4.1", "10.77.4.2"),
     "ebpf-srv": ("sfc", "10.77.5.1", "10.77.5.2"),
     "ebpf-srv-before": ("sfbc", "10.77.6.1", "10.77.6.2"),
+    "ebpf-socket": ("ebs", "10.77.7.1", "10.77.7.2"),
 }
 DP_BACKEND = {"iptables": "iptables", "ebpf-tc": "ebpf", "ebpf-tc-before": "ebpf", "ebpf-srv": "ebpf",
-              "ebpf-srv-before": "ebpf"}
+              "ebpf-srv-before": "ebpf", "ebpf-socket": "ebpf"}
+# Backends in socket mode (datapath.mode: socket): their client namespace's processes run
+# in a cgroup-v2 directory of the run, which is the datapath's datapath.cgroup.
+SOCKET_MODE = ("ebpf-socket",)
 # Backends whose datapath filters on the SERVER (reject_all, the client a member among N
 # peers), in a server namespace of their own; the client runs nothing and talks to the
 # server's real address. The others translate on the client (the shared server "srv").
@@ -192,6 +200,7 @@ class Bench:
         srv = self.topo.netns("srv")
         self.ns["srv"] = srv
         self.servers: dict[str, LoadServer] = {}
+        self.cgroups: dict[str, str] = {}
         for backend in ["bare", *self.backends]:
             name, client, server = CLIENTS[backend]
             ns = self.topo.netns(name)
@@ -200,8 +209,12 @@ class Bench:
                 self.topo.veth(ns, "eth0", f"{client}/24", own, "eth0", f"{server}/24")
                 self.ns[f"{backend}:srv"] = own
             else:
-                dev = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce", "ebpf-tc-before": "cf"}[backend]
+                dev = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce", "ebpf-tc-before": "cf",
+                       "ebpf-socket": "cs"}[backend]
                 self.topo.veth(ns, "eth0", f"{client}/24", srv, dev, f"{server}/24")
+            if backend in SOCKET_MODE:
+                self.cgroups[backend] = self.topo.cgroup(backend)
+                self.topo.join_cgroup(ns, self.cgroups[backend])
             self.ns[backend] = ns
         self.server = LoadServer(srv, PORT, seconds=3600, cpu=self.server_cpu,
                                  nice=self.p.get("nice"))
@@ -230,6 +243,8 @@ class Bench:
                 "private": server if server_side else client}
         if server_side:
             args["filter"] = {"reject_all": True}
+        if backend in SOCKET_MODE:
+            args["mode"], args["cgroup"] = "socket", self.cgroups[backend]
         if DP_BACKEND[backend] == "ebpf":
             args["pin_root"] = self.topo.pins(f"{backend}-{time.monotonic_ns()}")
         if sizes:

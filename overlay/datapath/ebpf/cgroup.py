@@ -98,11 +98,10 @@ def link_info(fd: int) -> LinkInfo:
 
 def _pinned_link(path: str) -> tuple[int, LinkInfo] | None:
     """(fd, info) of the link pinned at ``path``; None when there is none (or it is no link)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        fd = bpfsys.obj_get(path)
-    except DatapathError:
+    from overlay.datapath.ebpf.pins import open_pinned
+
+    fd = open_pinned(path)
+    if fd is None:
         return None
     try:
         return fd, link_info(fd)
