@@ -42,12 +42,12 @@ def _evacuate_and_remove(path: str, root: str) -> None:
 
 
 @contextlib.contextmanager
-def own_cgroup():
-    """(the test cgroup, its child), removed on exit."""
+def own_cgroup(tag: str = ""):
+    """(the test cgroup ``ovltest-<pid>[-<tag>]``, its child), removed on exit."""
     root = cgroup2_mount()
     if root is None:
         pytest.skip("no cgroup-v2 hierarchy mounted")
-    path = os.path.join(root, f"ovltest-{os.getpid()}")
+    path = os.path.join(root, f"ovltest-{os.getpid()}" + (f"-{tag}" if tag else ""))
     child = os.path.join(path, "child")
     _evacuate_and_remove(path, root)   # a leftover of a killed run of this pid
     os.mkdir(path)
@@ -56,3 +56,8 @@ def own_cgroup():
         yield path, child
     finally:
         _evacuate_and_remove(path, root)
+
+
+def joining(cgroup: str, argv: list[str]) -> list[str]:
+    """``argv`` run by a shell that first moves itself into ``cgroup`` (then execs it)."""
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup, *argv]
