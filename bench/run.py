@@ -52,7 +52,7 @@ PORT = 5000  # conn_setup; rr on PORT+1, stream on PORT+2
 DATA_SUITES = ("conn_setup", "rr", "stream")
 CONTROL_SUITES = ("update_one", "full_sync")
 ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout", "prog_cost",
-              "controller_limits")
+              "controller_limits", "external")
 
 CLIENTS = {  # backend -> (namespace name, client address, server address)
     "bare": ("bare", "10.77.1.1", "10.77.1.2"),
@@ -163,7 +163,7 @@ class Bench:
 
     def _rows_from_samples(self) -> None:
         units = {"conn_per_s": "conn/s", "latency_us_p50": "us", "latency_us_p99": "us",
-                 "gbps": "Gbit/s"}
+                 "gbps": "Gbit/s", "rtt_us_p50": "us", "rtt_us_p99": "us"}
         for (suite, backend, peers, metric), vals in sorted(self.samples.items(),
                                                              key=lambda kv: str(kv[0])):
             note, unit = None, units.get(metric, "x")
@@ -393,7 +393,7 @@ class Bench:
                                       "the agent's plan + diff over all N peers for one change"))
 
     def data_plane(self) -> None:
-        if not (set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES}):
+        if not (set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES, "external"}):
             return
         if self.backends:
             self.start_hosts()
@@ -402,8 +402,45 @@ class Bench:
             for suite in DATA_SUITES:
                 if suite in self.suites:
                     self.guarded(suite, self.traffic, suite, n)
+            if "external" in self.suites and n == max(self.p["peers"]):
+                self.guarded("external", self.external, n)
         for backend in list(self.hosts):
             self.hosts.pop(backend).close(teardown=True)
+
+    # -- external tools --
+
+    def external(self, n: int) -> None:
+        """sockperf and iperf3 for bare and ebpf-socket (bench/external.py), paired."""
+        from bench import external as ext
+
+        missing = ext.available()
+        if missing:
+            raise BenchError(missing)
+        order = [b for b in ext.BACKENDS if b == "bare" or b in self.hosts]
+        servers = ext.Servers(self.ns["srv"])
+        try:
+            time.sleep(0.5)  # the servers listen (bounded; nothing to poll for)
+            for rep in range(self.p["reps"]):
+                k = rep % len(order)
+                got: dict[str, dict[str, float]] = {}
+                for backend in order[k:] + order[:k]:
+                    ns, host = self.ns[backend], self.target(backend, n)
+                    got[backend] = {**ext.sockperf(ns, host, self.p["rr_s"]),
+                                    **ext.iperf3(ns, host, self.p["stream_s"])}
+                for backend, metrics in got.items():
+                    peers = 0 if backend == "bare" else n
+                    for metric, value in metrics.items():
+                        self.sample("external", backend, peers, metric, value)
+                        base = got["bare"].get(metric)
+                        if backend != "bare" and base:
+                            self.sample("external", backend, n, f"{metric}_vs_bare", value / base)
+        finally:
+            servers.stop()
+        parts = []
+        for b in order:
+            vals = sorted(self.samples[("external", b, 0 if b == "bare" else n, "rtt_us_p50")])
+            parts.append(f"{b} rtt p50 {vals[len(vals) // 2]:.1f} us")
+        say(f"  external   N={n:<6d} " + ", ".join(parts))
 
     # -- memory --
 
@@ -488,7 +525,7 @@ class Bench:
     # -- all --
 
     def run(self) -> ResultSet:
-        if set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES, "memory", "fanout"}:
+        if set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES, "memory", "fanout", "external"}:
             self.build()
             say(f"==> topology: {', '.join(ns.name for ns in self.topo.made)}")
         say("==> data plane and updates")
