@@ -353,10 +353,6 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
     if live.own(src):
         return done("drop", "martian", f"martian: {src} is one of this host's own addresses (spoofed)")
     flags = live.failsafe(src)
-    if flags & FS_ALL:
-        return done("allow", "failsafe", f"failsafe: {src} is a registry/management address (never blocked)")
-    if flags & FS_SSH and proto == 6 and port == SSH_PORT:
-        return done("allow", "failsafe", f"failsafe: ssh from {src} (filter.ssh_whitelist, never blocked)")
     # policies: ICMPv6 is looked up as ICMP (a policy `proto: icmp` covers both)
     lookup_proto = 1 if proto == ICMPV6 else proto
 
@@ -382,6 +378,13 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
             return f"{src} (in {v.source['cidr']})"
         return f"{src} (not a member)"
 
+    if member and not v.enforced:
+        # decided by the peers hash before the failsafe trie (docs/datapath.md, "The cheap path")
+        return done("allow", "member", f"member: {who()} is an overlay member (no policy selects this node)")
+    if flags & FS_ALL:
+        return done("allow", "failsafe", f"failsafe: {src} is a registry/management address (never blocked)")
+    if flags & FS_SSH and proto == 6 and port == SSH_PORT:
+        return done("allow", "failsafe", f"failsafe: ssh from {src} (filter.ssh_whitelist, never blocked)")
     if v.enforced:
         for identity, how in ((peer[0] if member else None, "member"), (cidr_ident, "cidr")):
             if identity is None:
@@ -400,8 +403,6 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
                     f"policy default-deny (node selected by policy {pid}); no policy allows {what} from {who()}",
                     policy=pid, policy_index=default)
 
-    if member:
-        return done("allow", "member", f"member: {who()} is an overlay member (no policy selects this node)")
     if proto in (6, 17) and live.port_open(proto, port):
         return done("allow", "open_port", f"open port {what} (filter.open_ports)")
     if live.cfg("reject_all"):
