@@ -245,7 +245,8 @@ class Host:
         self.dp = create(self.backend, interface=a["interface"],
                          overlay_subnet=str(c.overlay_subnet), self_private=c.addresses.private,
                          self_overlay=c.addresses.overlay, sizes=c.datapath.sizes,
-                         pin_root=c.datapath.pin_root, overlay_device=c.datapath.overlay_device)
+                         pin_root=c.datapath.pin_root, overlay_device=c.datapath.overlay_device,
+                         **({"mode": a["mode"], "cgroup": a["cgroup"]} if a.get("mode") else {}))
         self.dp.start()
         start_s = time.perf_counter() - t0
         self.observed = self.dp.observe()

@@ -73,6 +73,7 @@ class Topology:
     def __init__(self, tag: str = ""):
         self.base = f"{PREFIX}{os.getpid()}-{tag + '-' if tag else ''}"
         self.made: list[Netns] = []
+        self.cgroups: list[tuple[str, str]] = []
         self.pin_root = os.path.join(PIN_BASE, str(os.getpid()))
 
     def netns(self, name: str) -> Netns:
@@ -88,6 +89,25 @@ class Topology:
             ns.run("ip", "addr", "add", addr, "dev", dev)
             ns.run("ip", "link", "set", dev, "up")
 
+    def cgroup(self, name: str) -> str:
+        """A cgroup-v2 directory of this run, ``<cgroup2 mount>/<namespace base><name>``,
+        removed by close() (its processes moved back to the mount's root first)."""
+        root = next((f[1] for f in (line.split() for line in open("/proc/self/mounts"))
+                     if len(f) > 2 and f[2] == "cgroup2"), None)
+        if root is None:
+            raise RuntimeError("no cgroup-v2 hierarchy is mounted (socket mode needs one)")
+        path = os.path.join(root, self.base + name)
+        os.makedirs(path, exist_ok=True)
+        self.cgroups.append((root, path))
+        return path
+
+    @staticmethod
+    def join_cgroup(ns: Netns, cgroup: str) -> None:
+        """Every process ``ns`` runs from now on starts by moving itself into ``cgroup``."""
+        cmd = ns.cmd
+        ns.cmd = lambda *argv: ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup,
+                                *cmd(*argv)]
+
     def pins(self, name: str) -> str:
         path = os.path.join(self.pin_root, name)
         os.makedirs(path, exist_ok=True)
@@ -97,6 +117,14 @@ class Topology:
         for ns in reversed(self.made):
             delete_netns(ns.name)
         self.made.clear()
+        for root, path in self.cgroups:
+            with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.procs")) as f:
+                for pid in f.read().split():
+                    with contextlib.suppress(OSError), open(os.path.join(root, "cgroup.procs"), "w") as out:
+                        out.write(pid)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        self.cgroups.clear()
         shutil.rmtree(self.pin_root, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(PIN_BASE)

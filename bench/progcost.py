@@ -7,7 +7,8 @@ several batches is kept), unlike the traffic suites. The programs of this revisi
 (``ebpf-tc-before``, bench/before.py) are compiled in one process and measured
 interleaved on the same frames, with the same state seeded: a member peer with a
 NAT entry, ``reject_all``, a translated flow's conntrack entry, this host's own
-addresses. The fixed cost of a test run (building the skb) is included alike.
+addresses, and the failsafe ranges every node has (an SSH management range and the
+registry's address, neither holding the peer). The fixed cost of a test run (building the skb) is included alike.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 HOST, PEER, OVL, PUBLIC = "10.0.0.11", "10.0.0.12", "192.168.0.17", "198.18.0.11"
+FAILSAFE = (("198.18.0.0/15", 1), ("10.0.0.2/32", 2))   # (cidr, OVL_FS_SSH=1 / OVL_FS_ALL=2)
 
 # case -> (program, frame builder): the common packets of a member and of a reply
 CASES = {
@@ -69,6 +71,10 @@ def _seed(b) -> None:
     peers = b[b"ovl_peers"]
     peers[peers.Key(be(PEER))] = peers.Leaf(1, 1)
     b[b"ovl_cfg"][ctypes.c_int(0)] = ctypes.c_uint64(1)  # REJECT_ALL, slot 0 in every ABI
+    failsafe = b[b"ovl_failsafe"]
+    for cidr, flags in FAILSAFE:
+        k = abi.lpm_key(cidr)
+        failsafe[failsafe.Key(k.prefixlen, k.addr)] = ctypes.c_uint32(flags)
     ct = b[b"ovl_ct"]
     key = ct.Key(be(PEER), be(HOST), abi.port_to_be16(80), abi.port_to_be16(40000), 6)
     fields = {f[0] for f in ct.Leaf._fields_}

@@ -23,6 +23,10 @@ own client namespace ``ebfb`` (10.77.4.1 -> ``srv`` 10.77.4.2). ``ebpf-srv`` and
 of their own (``srvf``, ``srvfb``) with their own ovlbench server: ``reject_all``,
 the client one member among N peers, the client plain. Each pair gives paired
 ``<metric>_vs_before`` ratios besides ``_vs_bare``.
+
+``ebpf-socket``: ``ebpf-tc``'s client in socket mode, namespace ``ebs`` (10.77.7.1 ->
+``srv`` 10.77.7.2); its processes run in a cgroup-v2 directory of the run (the
+datapath's ``datapath.cgroup``), removed with the topology.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ PORT = 5000  # conn_setup; rr on PORT+1, stream on PORT+2
 DATA_SUITES = ("conn_setup", "rr", "stream")
 CONTROL_SUITES = ("update_one", "full_sync")
 ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout", "prog_cost",
-              "controller_limits", "agent")
+              "controller_limits", "agent", "external")
 
 CLIENTS = {  # backend -> (namespace name, client address, server address)
     "bare": ("bare", "10.77.1.1", "10.77.1.2"),
@@ -57,9 +61,13 @@ CLIENTS = {  # backend -> (namespace name, client address, server address)
     "ebpf-tc-before": ("ebfb", "10.77.4.1", "10.77.4.2"),
     "ebpf-srv": ("sfc", "10.77.5.1", "10.77.5.2"),
     "ebpf-srv-before": ("sfbc", "10.77.6.1", "10.77.6.2"),
+    "ebpf-socket": ("ebs", "10.77.7.1", "10.77.7.2"),
 }
 DP_BACKEND = {"iptables": "iptables", "ebpf-tc": "ebpf", "ebpf-tc-before": "ebpf", "ebpf-srv": "ebpf",
-              "ebpf-srv-before": "ebpf"}
+              "ebpf-srv-before": "ebpf", "ebpf-socket": "ebpf"}
+# Backends in socket mode (datapath.mode: socket): their client namespace's processes run
+# in a cgroup-v2 directory of the run, which is the datapath's datapath.cgroup.
+SOCKET_MODE = ("ebpf-socket",)
 # Backends whose datapath filters on the SERVER (reject_all, the client a member among N
 # peers), in a server namespace of their own; the client runs nothing and talks to the
 # server's real address. The others translate on the client (the shared server "srv").
@@ -158,7 +166,7 @@ class Bench:
 
     def _rows_from_samples(self) -> None:
         units = {"conn_per_s": "conn/s", "latency_us_p50": "us", "latency_us_p99": "us",
-                 "gbps": "Gbit/s"}
+                 "gbps": "Gbit/s", "rtt_us_p50": "us", "rtt_us_p99": "us"}
         for (suite, backend, peers, metric), vals in sorted(self.samples.items(),
                                                              key=lambda kv: str(kv[0])):
             note, unit = None, units.get(metric, "x")
@@ -195,6 +203,7 @@ class Bench:
         srv = self.topo.netns("srv")
         self.ns["srv"] = srv
         self.servers: dict[str, LoadServer] = {}
+        self.cgroups: dict[str, str] = {}
         for backend in ["bare", *self.backends]:
             name, client, server = CLIENTS[backend]
             ns = self.topo.netns(name)
@@ -203,8 +212,12 @@ class Bench:
                 self.topo.veth(ns, "eth0", f"{client}/24", own, "eth0", f"{server}/24")
                 self.ns[f"{backend}:srv"] = own
             else:
-                dev = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce", "ebpf-tc-before": "cf"}[backend]
+                dev = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce", "ebpf-tc-before": "cf",
+                       "ebpf-socket": "cs"}[backend]
                 self.topo.veth(ns, "eth0", f"{client}/24", srv, dev, f"{server}/24")
+            if backend in SOCKET_MODE:
+                self.cgroups[backend] = self.topo.cgroup(backend)
+                self.topo.join_cgroup(ns, self.cgroups[backend])
             self.ns[backend] = ns
         self.server = LoadServer(srv, PORT, seconds=3600, cpu=self.server_cpu,
                                  nice=self.p.get("nice"))
@@ -233,6 +246,8 @@ class Bench:
                 "private": server if server_side else client}
         if server_side:
             args["filter"] = {"reject_all": True}
+        if backend in SOCKET_MODE:
+            args["mode"], args["cgroup"] = "socket", self.cgroups[backend]
         if DP_BACKEND[backend] == "ebpf":
             args["pin_root"] = self.topo.pins(f"{backend}-{time.monotonic_ns()}")
         if sizes:
@@ -381,7 +396,7 @@ class Bench:
                                       "the agent's plan + diff over all N peers for one change"))
 
     def data_plane(self) -> None:
-        if not (set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES}):
+        if not (set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES, "external"}):
             return
         if self.backends:
             self.start_hosts()
@@ -390,8 +405,45 @@ class Bench:
             for suite in DATA_SUITES:
                 if suite in self.suites:
                     self.guarded(suite, self.traffic, suite, n)
+            if "external" in self.suites and n == max(self.p["peers"]):
+                self.guarded("external", self.external, n)
         for backend in list(self.hosts):
             self.hosts.pop(backend).close(teardown=True)
+
+    # -- external tools --
+
+    def external(self, n: int) -> None:
+        """sockperf and iperf3 for bare and ebpf-socket (bench/external.py), paired."""
+        from bench import external as ext
+
+        missing = ext.available()
+        if missing:
+            raise BenchError(missing)
+        order = [b for b in ext.BACKENDS if b == "bare" or b in self.hosts]
+        servers = ext.Servers(self.ns["srv"])
+        try:
+            time.sleep(0.5)  # the servers listen (bounded; nothing to poll for)
+            for rep in range(self.p["reps"]):
+                k = rep % len(order)
+                got: dict[str, dict[str, float]] = {}
+                for backend in order[k:] + order[:k]:
+                    ns, host = self.ns[backend], self.target(backend, n)
+                    got[backend] = {**ext.sockperf(ns, host, self.p["rr_s"]),
+                                    **ext.iperf3(ns, host, self.p["stream_s"])}
+                for backend, metrics in got.items():
+                    peers = 0 if backend == "bare" else n
+                    for metric, value in metrics.items():
+                        self.sample("external", backend, peers, metric, value)
+                        base = got["bare"].get(metric)
+                        if backend != "bare" and base:
+                            self.sample("external", backend, n, f"{metric}_vs_bare", value / base)
+        finally:
+            servers.stop()
+        parts = []
+        for b in order:
+            vals = sorted(self.samples[("external", b, 0 if b == "bare" else n, "rtt_us_p50")])
+            parts.append(f"{b} rtt p50 {vals[len(vals) // 2]:.1f} us")
+        say(f"  external   N={n:<6d} " + ", ".join(parts))
 
     # -- memory --
 
@@ -476,7 +528,7 @@ class Bench:
     # -- all --
 
     def run(self) -> ResultSet:
-        if set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES, "memory", "fanout"}:
+        if set(self.suites) & {*DATA_SUITES, *CONTROL_SUITES, "memory", "fanout", "external"}:
             self.build()
             say(f"==> topology: {', '.join(ns.name for ns in self.topo.made)}")
         say("==> data plane and updates")

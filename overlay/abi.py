@@ -77,6 +77,7 @@ MAP_SIZES = {
     "peers6": 65536,
     "failsafe6": 1024,
     "cidr_ident6": 4096,
+    "sock": 65536,          # ovl_sock, socket mode's reverse translations (not a config key)
 }
 SIZE_DEFINES = {
     "nat": "OVL_NAT_MAX",
@@ -93,6 +94,7 @@ SIZE_DEFINES = {
     "peers6": "OVL_PEERS6_MAX",
     "failsafe6": "OVL_FAILSAFE6_MAX",
     "cidr_ident6": "OVL_CIDR_IDENT6_MAX",
+    "sock": "OVL_SOCK_MAX",
 }
 
 
@@ -112,6 +114,7 @@ class CfgIndex(enum.IntEnum):
     CT_ICMP_S = 12
     FRAG_S = 13
     SELF_HINT = 14
+    NETNS_COOKIE = 15
     MAX = 32
 
 
@@ -146,7 +149,12 @@ class Reason(enum.IntEnum):
     PASS_FRAGMENT = 28
     CT_EXPIRED = 29
     CT_NAT_STALE = 30
-    COUNTER_MAX = 32
+    SOCK_CONNECT = 31
+    SOCK_SENDMSG = 32
+    SOCK_RECVMSG = 33
+    SOCK_PEERNAME = 34
+    SOCK_OTHER_NETNS = 35
+    COUNTER_MAX = 40
 
 
 # Counter slots that carry a meaning, by the name /status and /metrics use.
@@ -175,6 +183,11 @@ PASS_REASONS = {
     Reason.PASS_FRAGMENT: "fragment",
     Reason.CT_EXPIRED: "ct_expired",
     Reason.CT_NAT_STALE: "ct_nat_stale",
+    Reason.SOCK_CONNECT: "sock_connect",
+    Reason.SOCK_SENDMSG: "sock_sendmsg",
+    Reason.SOCK_RECVMSG: "sock_recvmsg",
+    Reason.SOCK_PEERNAME: "sock_peername",
+    Reason.SOCK_OTHER_NETNS: "sock_other_netns",
 }
 
 
@@ -202,6 +215,15 @@ class PortSlot(enum.IntEnum):
 # the open-ports bitmap's slot of each protocol, by name and by number (plain ints)
 PORT_SLOTS = {"tcp": int(PortSlot.TCP), "udp": int(PortSlot.UDP)}
 PROTO_SLOT = {PROTO_NUMBERS[name]: slot for name, slot in PORT_SLOTS.items()}
+
+
+class OvlSockKey(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("real", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
 
 
 class OvlNatVal(ctypes.Structure):
@@ -319,6 +341,7 @@ class OvlDropEvent(ctypes.Structure):
 
 
 STRUCTS = {
+    "ovl_sock_key": OvlSockKey,
     "ovl_nat_val": OvlNatVal,
     "ovl_peer_val": OvlPeerVal,
     "ovl_addr6": OvlAddr6,

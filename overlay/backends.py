@@ -199,7 +199,8 @@ def create_datapath(name: str, **kwargs: Any) -> Any:
     """Build the datapath backend ``name`` with ``kwargs`` (``interface``, ``overlay_subnet``,
     ``self_private``, ``self_overlay``, ``sizes``, ``pin_root``, ``overlay_device``,
     ``extra_routes``: the ``nat_overrides`` keys outside the overlay subnet, ``options``: what a
-    plugin's ``validate_config`` returned, else None; a backend ignores what it does not use)."""
+    plugin's ``validate_config`` returned, else None; ``mode`` and ``cgroup``: ``datapath.mode``
+    and ``datapath.cgroup``; a backend ignores what it does not use)."""
     return DATAPATHS.lookup(name)(**kwargs)
 
 

@@ -9,6 +9,7 @@ decoded mapping. Unknown keys are rejected and every error is one
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,6 +145,7 @@ class DatapathConfig:
     interface: str = "eth0"
     overlay_device: str = "ovl0"
     pin_root: str = "/sys/fs/bpf/overlay"
+    cgroup: str = "/sys/fs/cgroup"   # socket mode: the cgroup-v2 directory whose sockets are translated
     sizes: MapSizes = field(default_factory=MapSizes)
     conntrack: ConntrackConfig = field(default_factory=ConntrackConfig)
     options: Any = None  # a plugin backend: what its validate_config returned
@@ -539,15 +541,21 @@ def _datapath(sec: _Section) -> DatapathConfig:
     interface = sec.get("interface", _ifname, "eth0")
     overlay_device = sec.get("overlay_device", _ifname, "ovl0")
     pin_root = sec.get("pin_root", _str, "/sys/fs/bpf/overlay")
+    cgroup = sec.get("cgroup", _abs_path, "/sys/fs/cgroup")
     sizes = _sizes(sec.section("sizes"))
     conntrack = _conntrack(sec.section("conntrack"))
     options = _plugin_options(sec, DATAPATHS, backend, "backend")  # a plugin: the keys left are its own
     sec.done()
-    if mode == "socket":
-        raise InvalidConfigError(sec.sub("mode"), "socket mode is not available yet; use tc")
     if mode != "tc" and backend != "ebpf":
-        raise InvalidConfigError(sec.sub("mode"), "only applies to backend: ebpf")
-    return DatapathConfig(backend, mode, interface, overlay_device, pin_root, sizes, conntrack, options)
+        raise InvalidConfigError(sec.sub("mode"), "socket mode needs backend: ebpf")
+    return DatapathConfig(backend, mode, interface, overlay_device, pin_root, cgroup, sizes, conntrack, options)
+
+
+def _abs_path(value: Any) -> str:
+    value = _str(value)
+    if not value.startswith("/") or "\0" in value:
+        raise ValueError(f"must be an absolute path, got {shown(value)}")
+    return os.path.normpath(value)
 
 
 def _filter(sec: _Section) -> FilterConfig:

@@ -72,6 +72,8 @@ def make_datapath(config: Config, self_node: Node | None, dry_run: bool = False)
         sizes=dp.sizes,
         pin_root=dp.pin_root,
         overlay_device=dp.overlay_device,
+        mode=dp.mode,
+        cgroup=dp.cgroup,
         extra_routes=config.override_routes,
         options=dp.options,
     )

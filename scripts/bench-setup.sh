@@ -8,7 +8,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/packages.sh
 . "$ROOT/scripts/packages.sh"
-PACKAGES=(python3-matplotlib gcc util-linux iproute2 iptables ipset zookeeper)
+PACKAGES=(python3-matplotlib gcc util-linux iproute2 iptables ipset zookeeper sockperf iperf3)
 
 "$ROOT/scripts/setup.sh"
 

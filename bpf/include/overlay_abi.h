@@ -33,6 +33,9 @@ enum ovl_cfg_index {
 	OVL_CFG_CT_ICMP_S = 12,     /* ICMP and ICMPv6 echo */
 	OVL_CFG_FRAG_S = 13,        /* lifetime of a remembered fragment verdict */
 	OVL_CFG_SELF_HINT = 14,     /* bit ovl_self_bit(a) set for every address a in ovl_self */
+	OVL_CFG_NETNS_COOKIE = 15,  /* the daemon's network namespace cookie: the socket
+	                             * programs translate only sockets of this namespace
+	                             * (0: translate none) */
 	OVL_CFG_MAX = 32,
 };
 
@@ -77,7 +80,12 @@ enum ovl_reason {
 	OVL_PASS_FRAGMENT = 28,     /* later fragment, on its first fragment's verdict */
 	OVL_CT_EXPIRED = 29,        /* conntrack entries found past their lifetime on lookup */
 	OVL_CT_NAT_STALE = 30,      /* translated entries whose NAT entry was removed or re-pointed */
-	OVL_COUNTER_MAX = 32,
+	OVL_SOCK_CONNECT = 31,      /* connect() to an overlay address translated (TCP, UDP) */
+	OVL_SOCK_SENDMSG = 32,      /* unconnected UDP sendmsg() to an overlay address translated */
+	OVL_SOCK_RECVMSG = 33,      /* recvmsg() source translated back real -> overlay */
+	OVL_SOCK_PEERNAME = 34,     /* getpeername() translated back real -> overlay */
+	OVL_SOCK_OTHER_NETNS = 35,  /* socket call to an overlay address from another netns: left to tc */
+	OVL_COUNTER_MAX = 40,
 };
 
 /* ovl_nat: BPF_HASH key __u32 overlay address -> struct ovl_nat_val */
@@ -88,6 +96,18 @@ struct ovl_nat_val {
 #define OVL_NAT_F_OVERRIDE 1        /* came from nat_overrides */
 
 /* ovl_rnat: BPF_HASH key __u32 real address -> __u32 overlay address */
+
+/* ovl_sock: LRU hash, key struct ovl_sock_key -> __u32 overlay address. Written
+ * by the socket programs when connect/sendmsg translated overlay -> real on a
+ * socket, read by recvmsg/getpeername to show that socket the overlay address
+ * again. Keyed by socket so that a socket that talks to a real address
+ * directly keeps seeing the real one. */
+struct ovl_sock_key {
+	__u64 cookie;               /* bpf_get_socket_cookie() */
+	__u32 real;                 /* the peer's real address the socket was sent to */
+	__u16 port;                 /* the peer's port, network order */
+	__u16 pad;
+};
 
 /* ovl_peers: BPF_HASH key __u32 real address -> struct ovl_peer_val
  * ovl_peers6: BPF_HASH key struct ovl_addr6 (real IPv6 address) -> struct ovl_peer_val */

@@ -2,6 +2,9 @@
  *
  * Order (DESIGN section 5, docs/datapath.md):
  *   martian (loopback or own source)   -> drop martian, always
+ *   a whole datagram (not a later fragment, L4 header complete):
+ *     established (ovl_ct / 6)          -> pass, reverse NAT
+ *     member (ovl_peers / 6), unless a policy selects this node -> pass
  *   failsafe (ovl_failsafe / 6)         -> pass
  *   fragments: a later one               -> its first one's remembered verdict, else drop
  *              a short first one         -> member, policy port, open port, else drop
@@ -16,7 +19,12 @@
  * Every step but the last passes, so the order decides which counter a
  * packet is attributed to -- and one thing more: reverse NAT of a tracked
  * reply happens whichever step passes it (a reply from a failsafe range is
- * still translated back to its overlay address).
+ * still translated back to its overlay address). The common packets, replies
+ * of flows this host opened and packets of members, are therefore decided
+ * first, by one or two hash lookups, before the failsafe LPM trie: the verdict
+ * and side effects are those the failsafe would give them (pass, reverse NAT,
+ * an inbound marker), only the counter differs (established or member where
+ * it used to be failsafe).
  *
  * "Filtering" means reject_all or policy default-deny. A packet that cannot
  * be parsed far enough to judge, a short first fragment and an orphan later
@@ -287,7 +295,8 @@ static __always_inline int ovl_filter_ingress(struct __sk_buff *skb)
 {
 	struct ovl_pkt p;
 	struct ovl_ct_val *ct;
-	int r, filtering;
+	int r, filtering, whole;
+	__u64 enforced;
 
 	r = ovl_parse(skb, &p);
 	if (r == OVL_P_NOT_IP)
@@ -301,10 +310,22 @@ static __always_inline int ovl_filter_ingress(struct __sk_buff *skb)
 	if (ovl_is_martian(&p))
 		return ovl_drop(&p, OVL_DROP_MARTIAN, OVL_DIR_INGRESS);
 
+	whole = p.frag != OVL_FRAG_LATER && !p.short_l4;
+	enforced = ovl_cfg_get(OVL_CFG_POLICY_ENFORCED);
+	if (whole) {
+		ct = ovl_ct_ingress(&p);
+		if (ct)
+			return ovl_pass_datagram(&p, OVL_PASS_ESTABLISHED, ovl_reverse_nat(skb, &p, ct),
+						 filtering);
+		if (!enforced && ovl_is_member(&p))
+			return ovl_admit(&p, OVL_PASS_MEMBER, filtering);
+	}
+
 	if (ovl_failsafe_match(&p)) {
 		if (p.frag == OVL_FRAG_LATER)
 			return ovl_later_fragment(skb, &p, filtering, 1);
-		ct = ovl_ct_ingress(&p);
+		/* a whole datagram missed conntrack above */
+		ct = whole ? NULL : ovl_ct_ingress(&p);
 		if (!ct)
 			ovl_ct_mark_inbound(&p);
 		return ovl_pass_datagram(&p, OVL_PASS_FAILSAFE, ct ? ovl_reverse_nat(skb, &p, ct) : 0,
@@ -318,23 +339,18 @@ static __always_inline int ovl_filter_ingress(struct __sk_buff *skb)
 		return ovl_pass(OVL_PASS_UNTOUCHED);
 	}
 
-	ct = ovl_ct_ingress(&p);
-	if (ct)
-		return ovl_pass_datagram(&p, OVL_PASS_ESTABLISHED, ovl_reverse_nat(skb, &p, ct),
-					 filtering);
 	if (ovl_ct_related(skb, &p))
 		return ovl_pass(OVL_PASS_RELATED);
 	if (ovl_is_ndp_or_mld(&p))
 		return ovl_pass(OVL_PASS_NDP);
 
-	if (ovl_cfg_get(OVL_CFG_POLICY_ENFORCED)) {
+	if (enforced) {
 		/* default-deny: members, open ports and reject_all no longer apply */
 		if (ovl_policy_match(&p))
 			return ovl_admit(&p, OVL_PASS_POLICY, filtering);
 		return ovl_refuse(&p, OVL_DROP_POLICY, (__u32)ovl_cfg_get(OVL_CFG_POLICY_DEFAULT));
 	}
-	if (ovl_is_member(&p))
-		return ovl_admit(&p, OVL_PASS_MEMBER, filtering);
+	/* members were admitted above */
 	if (ovl_port_open(&p))
 		return ovl_admit(&p, OVL_PASS_OPEN_PORT, filtering);
 	if (ovl_cfg_get(OVL_CFG_REJECT_ALL))

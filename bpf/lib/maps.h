@@ -53,6 +53,9 @@
 #ifndef OVL_CIDR_IDENT6_MAX
 #error "OVL_CIDR_IDENT6_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
+#ifndef OVL_SOCK_MAX
+#error "OVL_SOCK_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
+#endif
 #ifndef OVL_EVENTS_PAGES
 #error "OVL_EVENTS_PAGES is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
@@ -92,6 +95,8 @@ OVL_TABLE("lru_hash", struct ovl_ct_key, struct ovl_ct_val, ovl_ct, OVL_CT_MAX, 
 OVL_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_val, ovl_ct6, OVL_CT6_MAX, 0);
 OVL_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_in_val, ovl_ct_in, OVL_CT_IN_MAX, 0);
 OVL_TABLE("lru_hash", struct ovl_frag_key, struct ovl_frag_val, ovl_frag, OVL_FRAG_MAX, 0);
+/* Socket mode: what each translated socket was sent to (sock.h). */
+OVL_TABLE("lru_hash", struct ovl_sock_key, __u32, ovl_sock, OVL_SOCK_MAX, 0);
 OVL_TABLE("array", int, __u64, ovl_cfg, OVL_CFG_MAX, 0);
 OVL_TABLE("percpu_array", int, __u64, ovl_counters, OVL_COUNTER_MAX, 0);
 

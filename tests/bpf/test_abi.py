@@ -47,6 +47,7 @@ MAP_TYPES = [
     ("ovl_ct_in", "Leaf", "ovl_ct_in_val"),
     ("ovl_frag", "Key", "ovl_frag_key"),
     ("ovl_frag", "Leaf", "ovl_frag_val"),
+    ("ovl_sock", "Key", "ovl_sock_key"),
 ]
 
 

@@ -24,10 +24,15 @@ def test_exports():
         "egress": "ovl_egress",
         "overlay_egress": "ovl_overlay_egress",
     }
+    # socket mode: the functions and their enum bpf_attach_type values (uapi/linux/bpf.h)
+    assert build.SOCK_PROGRAMS == {
+        "connect4": ("ovl_connect4", 10), "sendmsg4": ("ovl_sendmsg4", 14),
+        "recvmsg4": ("ovl_recvmsg4", 19), "getpeername4": ("ovl_getpeername4", 29),
+    }
     assert build.MAPS == ("ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ports", "ovl_failsafe",
                           "ovl_ct", "ovl_cfg", "ovl_counters", "ovl_events", "ovl_cidr_ident",
                           "ovl_policy", "ovl_names", "ovl_peers6", "ovl_failsafe6", "ovl_cidr_ident6",
-                          "ovl_self", "ovl_ct6", "ovl_ct_in", "ovl_frag")
+                          "ovl_self", "ovl_ct6", "ovl_ct_in", "ovl_frag", "ovl_sock")
     assert set(build.map_specs()) == set(build.MAPS)
 
 
@@ -43,7 +48,7 @@ def test_compiled_maps_have_the_declared_geometry(compiled):
 
 
 def test_programs_loaded(compiled):
-    assert set(compiled.progs) == set(build.PROGRAMS)
+    assert set(compiled.progs) == set(build.PROGRAMS) | set(build.SOCK_PROGRAMS)
     assert all(fn.fd > 0 for fn in compiled.progs.values())
 
 
@@ -109,18 +114,25 @@ def test_assembled_source_inlines_lib_headers_once():
     assert text.count("#ifndef OVL_MAPS_H") == 1
     for prog in build.PROGRAMS.values():
         assert re.search(rf"^int {prog}\(struct __sk_buff \*skb\)$", text, re.M)
+    for prog, _attach in build.SOCK_PROGRAMS.values():
+        assert re.search(rf"^int {prog}\(struct bpf_sock_addr \*ctx\)$", text, re.M)
     assert '#line 1 "bpf/lib/nat.h"' in text
 
 
 def test_programs_are_defined_in_the_entry_file():
-    """datapath.c is the one entry file of the tc unit (docs/datapath.md): it defines every
-    program of PROGRAMS; bpf/lib holds logic only, never an entry function."""
+    """datapath.c is the one entry file of the unit (docs/datapath.md): it defines every
+    program of PROGRAMS (tc) and SOCK_PROGRAMS (cgroup sock_addr); bpf/lib holds logic
+    only, never an entry function; no other .c file is in bpf/."""
     root = build.bpf_dir()
     entry = (root / build.MAIN_SOURCE).read_text()
     for prog in build.PROGRAMS.values():
         assert re.search(rf"^int {prog}\(struct __sk_buff \*skb\)$", entry, re.M), prog
+    for prog, _attach in build.SOCK_PROGRAMS.values():
+        assert re.search(rf"^int {prog}\(struct bpf_sock_addr \*ctx\)$", entry, re.M), prog
+    entry_fn = r"^int \w+\(struct (__sk_buff \*skb|bpf_sock_addr \*ctx)\)$"
     for header in (root / "lib").glob("*.h"):
-        assert not re.search(r"^int \w+\(struct __sk_buff \*skb\)$", header.read_text(), re.M), header
+        assert not re.search(entry_fn, header.read_text(), re.M), header
+    assert sorted(p.name for p in root.glob("*.c")) == [build.MAIN_SOURCE]
 
 
 def test_sources_not_found(monkeypatch, tmp_path):
@@ -176,7 +188,7 @@ def test_pinned_maps_created_reused_and_checked(pin_dir):
         assert {n: got[n] for n in ids} == ids
         val = b2[b"ovl_nat"][ctypes.c_uint32(abi.ip_to_be32("192.168.0.9"))]
         assert abi.be32_to_ip(val.real) == "10.0.0.9"
-        assert set(build.load_programs(b2)) == set(build.PROGRAMS)
+        assert set(build.load_programs(b2)) == set(build.PROGRAMS) | set(build.SOCK_PROGRAMS)
     finally:
         b2.cleanup()
 

@@ -245,11 +245,15 @@ def reference(world: World, src: str, proto: str, dport: int) -> tuple[int, Reas
     drop = OK if world.audit else SHOT
     if addr in ipaddress.IPv4Network("127.0.0.0/8") or src in OWN:
         return drop, Reason.DROP_MARTIAN
+    selecting = [p for p in world.policies if p.dst.group in world.node_groups]
+    if not selecting and src in world.peers:
+        # a member passes whatever the failsafe says: counted as a member (decided by
+        # the peers hash before the failsafe trie, docs/datapath.md "Ingress filter order")
+        return OK, Reason.PASS_MEMBER
     if src == world.registry:
         return OK, Reason.PASS_FAILSAFE
     if proto == "tcp" and dport == 22 and any(addr in ipaddress.IPv4Network(c) for c in world.ssh_whitelist):
         return OK, Reason.PASS_FAILSAFE
-    selecting = [p for p in world.policies if p.dst.group in world.node_groups]
     if selecting:
         for p in selecting:
             if p.proto != proto:

@@ -42,6 +42,7 @@ BPF_HASH(ovl_self, struct ovl_addr6, u32, 8);
 BPF_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_val, ovl_ct6, 64);
 BPF_TABLE("lru_hash", struct ovl_ct6_key, struct ovl_ct_in_val, ovl_ct_in, 64);
 BPF_TABLE("lru_hash", struct ovl_frag_key, struct ovl_frag_val, ovl_frag, 64);
+BPF_TABLE("lru_hash", struct ovl_sock_key, u32, ovl_sock, 64);
 int dummy(struct __sk_buff *skb) {
     u32 k = 0;
     u64 *v = ovl_cfg.lookup(&k);

@@ -4,7 +4,8 @@ Usage: python -m tests.support.dpctl ACTION JSON-ARGS (from the repository); pri
 JSON line (the result).
 Every network wait is bounded by a timeout.
 
-Datapath actions (args: interface, private, overlay, pin_root, subnet):
+Datapath actions (args: interface, private, overlay, pin_root, subnet; mode and cgroup for
+socket mode):
   start     start (load or adopt), apply ``ops`` (spec below) if given, close
   hold      start, apply ops, print, then sleep until killed (the "daemon")
   apply     start (adopt), apply ops, close
@@ -17,7 +18,9 @@ Ops spec: {"nat": {overlay: real}, "rnat": {real: overlay}, "peers": {real: iden
 "ports": {"tcp": [port...], "udp": [...]}, "failsafe": {cidr: flags},
 "config": {name: value}}; ``"delete": {table: [keys]}`` deletes.
 
-Traffic actions: serve-tcp, serve-udp, connect-tcp, send-udp, stream-serve, stream-send, syn-flood.
+Traffic actions: serve-tcp, serve-udp, connect-tcp, send-udp, udp-connected, stream-serve,
+stream-send, syn-flood. Any action with ``join_cgroup`` (a cgroup-v2 directory) first moves
+this process into that cgroup.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def _datapath(a: dict):
     return EbpfDatapath(
         a.get("interface", "eth0"), a.get("subnet", "192.168.0.0/18"), a["private"],
         a.get("overlay"), pin_root=a["pin_root"], sizes=_sizes(a.get("sizes")),
+        mode=a.get("mode", "tc"), cgroup=a.get("cgroup", "/sys/fs/cgroup"),
     )
 
 
@@ -244,6 +248,22 @@ def act_send_udp(a: dict) -> None:
         s.close()
 
 
+def act_udp_connected(a: dict) -> None:
+    """A connected UDP socket: connect, send, receive; what getpeername and recvfrom show."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(a.get("timeout", 3))
+    try:
+        s.connect((a["host"], a["port"]))
+        s.send(b"hello")
+        data, src = s.recvfrom(2048)
+        reply = json.loads(data.decode())
+        _out({"ok": True, "server_saw": reply["peer"], "reply_from": src[0], "peer": s.getpeername()[0]})
+    except OSError as exc:
+        _out({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        s.close()
+
+
 def act_stream_serve(a: dict) -> None:
     """Receive exactly ``nbytes`` on one connection; report count and sha256."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -363,10 +383,14 @@ def act_ping(a: dict) -> None:
 ACTIONS = {
     "start": act_start, "apply": act_apply, "observe": act_observe, "hold": act_hold,
     "teardown": act_teardown, "plan": act_plan, "serve-tcp": act_serve_tcp, "serve-udp": act_serve_udp,
-    "connect-tcp": act_connect_tcp, "send-udp": act_send_udp,
+    "connect-tcp": act_connect_tcp, "send-udp": act_send_udp, "udp-connected": act_udp_connected,
     "stream-serve": act_stream_serve, "ping": act_ping, "stream-send": act_stream_send,
     "syn-flood": act_syn_flood,
 }
 
 if __name__ == "__main__":
-    ACTIONS[sys.argv[1]](json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+    args = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    if args.get("join_cgroup"):
+        with open(os.path.join(args["join_cgroup"], "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    ACTIONS[sys.argv[1]](args)

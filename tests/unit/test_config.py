@@ -138,7 +138,10 @@ INVALID: list[Bad] = [
     Bad("datapath-backend-unknown", _cfg("datapath:\n  backend: xdp\n"), "datapath.backend", "'xdp' is not one of the available datapath backends: dryrun, ebpf, iptables ("),
     Bad("datapath-interface-too-long", _cfg("datapath:\n  interface: enp0s31f6abcdefgh\n"), "datapath.interface", "at most 15 characters"),
     Bad("datapath-interface-slash", _cfg("datapath:\n  interface: eth0/1\n"), "datapath.interface", "not a valid interface name"),
-    Bad("datapath-mode-with-iptables", _cfg("datapath:\n  backend: iptables\n  mode: socket\n"), "datapath.mode", "socket mode is not available"),
+    Bad("datapath-mode-with-iptables", _cfg("datapath:\n  backend: iptables\n  mode: socket\n"), "datapath.mode", "socket mode needs backend: ebpf"),
+    Bad("datapath-mode-unknown", _cfg("datapath:\n  mode: xdp\n"), "datapath.mode", "'xdp' is not one of: tc, socket"),
+    Bad("datapath-cgroup-relative", _cfg("datapath:\n  mode: socket\n  cgroup: sys/fs/cgroup\n"), "datapath.cgroup", "must be an absolute path"),
+    Bad("datapath-cgroup-number", _cfg("datapath:\n  cgroup: 3\n"), "datapath.cgroup", "must be a non-empty string"),
     Bad("datapath-size-too-small", _cfg("datapath:\n  sizes:\n    nat: 1\n"), "datapath.sizes.nat", "must be between"),
     # guard, throttle, status
     Bad("guard-max-change-negative", _cfg("guard:\n  max_change: -1\n"), "guard.max_change", "must be between 0 and"),
@@ -321,6 +324,7 @@ def test_minimal_example_takes_the_documented_defaults():
     assert cfg.registry.peers == ()
     assert cfg.datapath.backend == "ebpf"
     assert cfg.datapath.mode == "tc"
+    assert cfg.datapath.cgroup == "/sys/fs/cgroup"
     assert cfg.datapath.interface == "eth0"
     assert cfg.filter.reject_all is False
     assert cfg.filter.mode == "enforce"
@@ -518,3 +522,9 @@ def test_datapath_location_flags_then_config_then_defaults(tmp_path):
     assert (cfg.node_id, iface, root) == ("a", "ens6", "/sys/fs/bpf/mine")
     assert datapath_location(str(p), "ens7", None)[1:] == ("ens7", "/sys/fs/bpf/mine")
     assert datapath_location(str(p), None, "/y")[1:] == ("ens6", "/y")
+
+
+def test_socket_mode_and_its_cgroup():
+    cfg = config_from_dict({"network": "n", "datapath": {"mode": "socket", "cgroup": "/sys/fs/cgroup/ovl//x/"}})
+    assert (cfg.datapath.mode, cfg.datapath.cgroup) == ("socket", "/sys/fs/cgroup/ovl/x")
+    assert config_from_dict({"network": "n"}).datapath.cgroup == "/sys/fs/cgroup"

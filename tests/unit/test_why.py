@@ -170,6 +170,15 @@ def test_explain_without_policies_selecting_this_node(groups, filt, src, verdict
     assert (v.verdict, v.reason, v.enforced) == (verdict, reason, False)
 
 
+def test_member_in_a_failsafe_range_is_credited_as_the_kernel_does():
+    """ssh from a member inside the whitelist: the kernel decides members by the peers hash
+    before the failsafe trie (counter member), except when a policy selects this node."""
+    wl = {"reject_all": True, "ssh_whitelist": ["10.0.0.0/24"]}
+    assert explain(APP, HOST, 6, 22, live(groups=("web",), policies=POLICIES, **wl)).reason == "member"
+    assert explain("10.0.0.99", HOST, 6, 22, live(groups=("web",), policies=POLICIES, **wl)).reason == "failsafe"
+    assert explain(APP, HOST, 6, 22, live(groups=("db",), policies=POLICIES, **wl)).reason == "failsafe"
+
+
 def test_explain_ipv6_without_policies():
     v = explain(WEB6, HOST6, 6, 5432, live(groups=("web",), reject_all=True))
     assert (v.verdict, v.reason) == ("allow", "member")

@@ -2,7 +2,9 @@
 
 ``compile_programs()`` returns a ``bcc.BPF`` whose maps exist (created, or
 adopted from pins) and whose programs are compiled but not yet loaded;
-``load_programs()`` loads the three SCHED_CLS programs of :data:`PROGRAMS`.
+``load_programs()`` loads the three SCHED_CLS programs of :data:`PROGRAMS` and the
+four cgroup sock_addr programs of socket mode (:data:`SOCK_PROGRAMS`), each with its
+expected attach type.
 
 Pinning (``pin_dir``)
 ---------------------
@@ -58,6 +60,13 @@ PROGRAMS = {
     "egress": "ovl_egress",
     "overlay_egress": "ovl_overlay_egress",
 }
+# socket mode: key -> (function, enum bpf_attach_type), loaded as BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+SOCK_PROGRAMS = {
+    "connect4": ("ovl_connect4", 10),        # BPF_CGROUP_INET4_CONNECT
+    "sendmsg4": ("ovl_sendmsg4", 14),        # BPF_CGROUP_UDP4_SENDMSG
+    "recvmsg4": ("ovl_recvmsg4", 19),        # BPF_CGROUP_UDP4_RECVMSG
+    "getpeername4": ("ovl_getpeername4", 29),  # BPF_CGROUP_INET4_GETPEERNAME
+}
 MAPS = (
     "ovl_nat",
     "ovl_rnat",
@@ -78,6 +87,7 @@ MAPS = (
     "ovl_ct6",
     "ovl_ct_in",
     "ovl_frag",
+    "ovl_sock",
 )
 
 # -D name -> default: overlay/abi.py MAP_SIZES is the one place of the defaults (maps.h has none)
@@ -290,6 +300,7 @@ def map_specs(sizes: Mapping[str, int] | None = None) -> dict[str, MapSpec]:
             ctypes.sizeof(abi.OvlFragVal),
             s["OVL_FRAG_MAX"],
         ),
+        "ovl_sock": MapSpec(bpfsys.MAP_TYPE_LRU_HASH, ctypes.sizeof(abi.OvlSockKey), u32, s["OVL_SOCK_MAX"]),
     }
 
 
@@ -446,11 +457,15 @@ def compile_programs(sizes: dict | None = None, pin_dir: str | None = None) -> A
 
 
 def load_programs(bpf: Any) -> dict[str, Any]:
-    """Load the three SCHED_CLS programs; {key of PROGRAMS: bcc function (``.fd``)}."""
+    """Load the programs of :data:`PROGRAMS` (SCHED_CLS) and :data:`SOCK_PROGRAMS`
+    (CGROUP_SOCK_ADDR); {key: bcc function (``.fd``)}."""
     bcc = _import_bcc()
+    wanted = [(key, name, bcc.BPF.SCHED_CLS, -1) for key, name in PROGRAMS.items()]
+    wanted += [(key, name, bcc.BPF.CGROUP_SOCK_ADDR, attach) for key, (name, attach) in SOCK_PROGRAMS.items()]
     return {
-        key: _diagnosed(f"loading {name}", lambda name=name: bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS))
-        for key, name in PROGRAMS.items()
+        key: _diagnosed(f"loading {name}", lambda name=name, kind=kind, attach=attach:
+                        bpf.load_func(name.encode(), kind, attach_type=attach))
+        for key, name, kind, attach in wanted
     }
 
 

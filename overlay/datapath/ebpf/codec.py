@@ -56,6 +56,7 @@ NAT, RNAT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS, EVENTS = (
 CIDR_IDENT, POLICY, NAMES = "ovl_cidr_ident", "ovl_policy", "ovl_names"
 PEERS6, FAILSAFE6, CIDR_IDENT6, SELF = "ovl_peers6", "ovl_failsafe6", "ovl_cidr_ident6", "ovl_self"
 CT6, CT_IN, FRAG = "ovl_ct6", "ovl_ct_in", "ovl_frag"
+SOCK = "ovl_sock"   # socket mode: per-socket reverse translation (written by the programs only)
 CT_MAPS = (CT, CT6, CT_IN, FRAG)
 
 # table -> (its IPv4 map, its IPv6 map or None)
@@ -102,7 +103,7 @@ def counter_name(reason: int) -> str | None:
     name = abi.PASS_REASONS.get(reason)
     if name is None:
         return None
-    return name if name.startswith(("nat_", "ct_")) else f"pass_{name}"
+    return name if name.startswith(("nat_", "ct_", "sock_")) else f"pass_{name}"
 
 
 def is_v6(text) -> bool:

@@ -6,7 +6,10 @@ network namespace's identity, an ``owner`` record, the move from the old layout)
 - the maps of ``build.MAPS`` at ``<dir>/<map name>`` (pinned by bcc itself
   when the programs are compiled with ``pin_dir``, reused on the next build);
 - the programs at ``<dir>/prog_ingress``, ``prog_egress`` and
-  ``prog_overlay_egress``;
+  ``prog_overlay_egress``, and the socket-mode programs ``prog_connect4``,
+  ``prog_sendmsg4``, ``prog_recvmsg4``, ``prog_getpeername4`` (loaded and pinned in
+  both modes; attached to ``datapath.cgroup`` through the links ``<dir>/link_<hook>``
+  only in socket mode, :mod:`.cgroup`);
 - ``<dir>/loader``: a one-entry array map holding the digest
   (``build.source_digest(sizes)``) of the programs that are pinned and
   attached. bpffs holds no regular files, and a map goes away with the rest
@@ -35,7 +38,7 @@ import struct
 from collections.abc import Mapping
 
 from overlay import abi
-from overlay.datapath.ebpf import bpfsys, netdev, pins, upgrade
+from overlay.datapath.ebpf import bpfsys, cgroup, netdev, pins, upgrade
 from overlay.datapath.ebpf.maps import CFG, MapSet, to_jsonable
 from overlay.errors import DatapathError, OverlayError, UnsupportedError
 from overlay.ops import Op
@@ -54,7 +57,13 @@ PROGRAM_PINS = {
     "ingress": "prog_ingress",
     "egress": "prog_egress",
     "overlay_egress": "prog_overlay_egress",
+    "connect4": "prog_connect4",
+    "sendmsg4": "prog_sendmsg4",
+    "recvmsg4": "prog_recvmsg4",
+    "getpeername4": "prog_getpeername4",
 }
+MODES = ("tc", "socket")
+SOCK_HOOKS = ("connect4", "sendmsg4", "recvmsg4", "getpeername4")  # build.SOCK_PROGRAMS, without bcc
 
 
 def pin_dir_for(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> str:
@@ -164,8 +173,12 @@ class EbpfDatapath:
     def __init__(self, interface: str, overlay_subnet: str, self_private: str,
                  self_overlay: str | None = None, sizes=None,
                  pin_root: str = DEFAULT_PIN_ROOT, overlay_device: str = "ovl0",
-                 extra_routes=(), **_ignored):
+                 extra_routes=(), mode: str = "tc", cgroup: str = cgroup.DEFAULT_CGROUP, **_ignored):
+        if mode not in MODES:
+            raise DatapathError(f"datapath mode {mode!r}: want one of {', '.join(MODES)}")
         self.interface = interface
+        self.mode = mode
+        self.cgroup = cgroup
         self.extra_routes = tuple(extra_routes)  # nat_overrides keys outside the subnet
         self.overlay_subnet = str(overlay_subnet)
         self.self_private = self_private
@@ -186,6 +199,8 @@ class EbpfDatapath:
         uplink = check_host(self.interface, self.pin_root)
         if not self.self_private:
             raise UnsupportedError("the ebpf datapath needs this host's private address")
+        if self.mode == "socket":
+            cgroup.check_cgroup(self.cgroup)
         from overlay.datapath.ebpf import build
 
         digest = build.source_digest(self._build_sizes())
@@ -200,6 +215,7 @@ class EbpfDatapath:
                 self._adopt(uplink)
             else:
                 self._load(build, digest, uplink)
+            self._sync_sockets(build)
             pins.write_owner(self.pin_dir)
 
     def _can_adopt(self, build, digest: str) -> bool:
@@ -260,6 +276,28 @@ class EbpfDatapath:
             "adopted pinned datapath at %s%s", self.pin_dir,
             f" (re-attached {', '.join(self.reattached)})" if self.reattached else "",
         )
+
+    def _sync_sockets(self, build) -> None:
+        """Socket mode: the cgroup links run the pinned socket programs, and the programs
+        know this namespace's cookie. tc mode: no links (a switch from socket mode removes them)."""
+        maps = self._maps()
+        cookie = pins.netns_cookie()
+        if maps.get_cfg(abi.CfgIndex.NETNS_COOKIE) != cookie:
+            maps.set_cfg(abi.CfgIndex.NETNS_COOKIE, cookie)
+        if self.mode != "socket":
+            cgroup.detach(self.pin_dir)
+            return
+        if not cookie:
+            log.warning("this kernel does not report network namespace cookies (SO_NETNS_COOKIE, "
+                        "Linux 5.14+): socket mode translates nothing, the tc path carries everything")
+        progs = {}
+        try:
+            for hook, (_name, attach_type) in build.SOCK_PROGRAMS.items():
+                progs[hook] = (bpfsys.obj_get(os.path.join(self.pin_dir, PROGRAM_PINS[hook])), attach_type)
+            cgroup.attach(self.pin_dir, self.cgroup, progs)
+        finally:
+            for fd, _attach in progs.values():
+                bpfsys.close(fd)
 
     def _hooks(self, uplink: int, ovl: int) -> dict[str, tuple[int, str]]:
         # attach order: reverse NAT first, translation last
@@ -432,6 +470,9 @@ class EbpfDatapath:
                 "prog_id": f.prog_id if f else None,
                 "pinned_prog_id": _pinned_prog_id(os.path.join(self.pin_dir, PROGRAM_PINS[key])),
             }
+        for hook, link in cgroup.links(self.pin_dir, SOCK_HOOKS).items():
+            out[hook] = dict(link, cgroup=self.cgroup if self.mode == "socket" else None,
+                             pinned_prog_id=_pinned_prog_id(os.path.join(self.pin_dir, PROGRAM_PINS[hook])))
         return out
 
     def close(self) -> None:
@@ -461,6 +502,7 @@ def remove(interface: str, pin_root: str = DEFAULT_PIN_ROOT, overlay_device: str
             netdev.detach(uplink, netdev.INGRESS)
             netdev.detach(uplink, netdev.EGRESS)
             netdev.remove_clsact_if_unused(uplink)
+        cgroup.detach(pin_dir)
         netdev.remove_overlay_device(overlay_device)
         _unpin_all(pin_dir)
     for parent in (os.path.dirname(pin_dir), pin_root):
@@ -490,6 +532,7 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             "policy_enforced": maps.get_cfg(abi.CfgIndex.POLICY_ENFORCED),
             "policy_default": maps.get_cfg(abi.CfgIndex.POLICY_DEFAULT),
             "nat_gen": maps.get_cfg(abi.CfgIndex.NAT_GEN),
+            "netns_cookie": maps.get_cfg(abi.CfgIndex.NETNS_COOKIE),
             "lifetimes_ns": maps.lifetimes_ns(),
         }
         js = to_jsonable(state)
@@ -518,6 +561,7 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             "ovl_self": body("ovl_self", js["self"]),
             "ovl_ct": body("ovl_ct", maps.ct_entries()),
             "ovl_counters": {"entries": maps.counters()},
+            "socket_links": cgroup.links(pin_dir, SOCK_HOOKS),
             "fill": fill,
         }
     finally:

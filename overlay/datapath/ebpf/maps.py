@@ -51,6 +51,7 @@ from overlay.datapath.ebpf.codec import (  # noqa: F401  (re-exported: the histo
     RNAT,
     SELF,
     SIZE_KEY,
+    SOCK,
     TABLE_MAP,
     TABLE_MAPS,
     counter_name,
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 
 # The maps this module reads and writes (the ring buffer is read elsewhere).
 DATA_MAPS = (NAT, RNAT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS, CIDR_IDENT, POLICY, NAMES,
-             PEERS6, FAILSAFE6, CIDR_IDENT6, SELF, CT6, CT_IN, FRAG)
+             PEERS6, FAILSAFE6, CIDR_IDENT6, SELF, CT6, CT_IN, FRAG, SOCK)
 _CONFIG_ALWAYS = ("reject_all", "mode")   # reported even when 0
 
 # Order in which apply() writes, so the datapath never sees a half state
@@ -83,7 +84,7 @@ _DEL_FIRST = ("nat",)
 _DEL_LAST = ("rnat", "peers", "ports", "failsafe", "cidr_ident", "policy", "names", "self")
 _CAPACITY_TABLES = ("nat", "rnat", "peers", "failsafe", "policy", "cidr_ident", "names", "self")
 _FILL_MAPS = (NAT, RNAT, PEERS, PEERS6, FAILSAFE, FAILSAFE6, CT, CT6, CT_IN, FRAG, PORTS, POLICY,
-              CIDR_IDENT, CIDR_IDENT6, NAMES, SELF)
+              CIDR_IDENT, CIDR_IDENT6, NAMES, SELF, SOCK)
 
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")

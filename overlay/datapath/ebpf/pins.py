@@ -72,14 +72,22 @@ def pin_dir(interface: str, pin_root: str) -> str:
     return os.path.join(pin_root, str(netns_inode()), interface)
 
 
-def read_entry(path: str, value_size: int) -> bytes | None:
-    """The value of a pinned one-entry array map (the loader digest, the owner), None when
-    there is none or it has another geometry."""
+def open_pinned(path: str) -> int | None:
+    """A new fd of the object pinned at ``path`` (the caller closes it); None when nothing
+    (usable) is pinned there."""
     if not os.path.exists(path):
         return None
     try:
-        fd = bpfsys.obj_get(path)
+        return bpfsys.obj_get(path)
     except DatapathError:
+        return None
+
+
+def read_entry(path: str, value_size: int) -> bytes | None:
+    """The value of a pinned one-entry array map (the loader digest, the owner), None when
+    there is none or it has another geometry."""
+    fd = open_pinned(path)
+    if fd is None:
         return None
     try:
         info = bpfsys.map_info(fd)

@@ -134,10 +134,6 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
     if live.own(src):
         return done("drop", "martian", f"martian: {src} is one of this host's own addresses (spoofed)")
     flags = live.failsafe(src)
-    if flags & FS_ALL:
-        return done("allow", "failsafe", f"failsafe: {src} is a registry/management address (never blocked)")
-    if flags & FS_SSH and proto == abi.IPPROTO_TCP and port == SSH_PORT:
-        return done("allow", "failsafe", f"failsafe: ssh from {src} (filter.ssh_whitelist, never blocked)")
     # policies: ICMPv6 is looked up as ICMP (a policy `proto: icmp` covers both)
     lookup_proto = abi.IPPROTO_ICMP if proto == abi.IPPROTO_ICMPV6 else proto
 
@@ -163,6 +159,13 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
             return f"{src} (in {v.source['cidr']})"
         return f"{src} (not a member)"
 
+    if member and not v.enforced:
+        # decided by the peers hash before the failsafe trie (docs/datapath.md, "The cheap path")
+        return done("allow", "member", f"member: {who()} is an overlay member (no policy selects this node)")
+    if flags & FS_ALL:
+        return done("allow", "failsafe", f"failsafe: {src} is a registry/management address (never blocked)")
+    if flags & FS_SSH and proto == abi.IPPROTO_TCP and port == SSH_PORT:
+        return done("allow", "failsafe", f"failsafe: ssh from {src} (filter.ssh_whitelist, never blocked)")
     if v.enforced:
         for identity, how in ((peer[0] if member else None, "member"), (cidr_ident, "cidr")):
             if identity is None:
@@ -181,8 +184,6 @@ def explain(src: str, dst: str, proto: int, port: int, live) -> Verdict:
                     f"policy default-deny (node selected by policy {pid}); no policy allows {what} from {who()}",
                     policy=pid, policy_index=default)
 
-    if member:
-        return done("allow", "member", f"member: {who()} is an overlay member (no policy selects this node)")
     if ported and live.port_open(proto, port):
         return done("allow", "open_port", f"open port {what} (filter.open_ports)")
     if live.cfg("reject_all"):
