@@ -49,8 +49,14 @@ def counters(lab, name: str) -> dict:
 def test_fresh_start_loads_attaches_and_observes(lab):
     for name, res in lab.started.items():
         assert res["adopted"] is False
+        tc = {"ingress", "egress", "overlay_egress"}
+        sock = {"connect4", "sendmsg4", "recvmsg4", "getpeername4"}
+        assert set(res["attachments"]) == tc | sock, res["attachments"]
         for key, att in res["attachments"].items():
-            assert att["prog_id"] and att["prog_id"] == att["pinned_prog_id"], (name, key)
+            if key in tc:       # attached, running what is pinned
+                assert att["prog_id"] and att["prog_id"] == att["pinned_prog_id"], (name, key)
+            else:               # tc mode: socket mode's programs loaded and pinned, not attached
+                assert att["pinned_prog_id"] and att["prog_id"] is None and att["link_id"] is None, (name, key, att)
         want = member_ops(name)
         seen = res["observe"]
         assert {k: v["real"] for k, v in seen["nat"].items()} == want["nat"]
@@ -264,6 +270,10 @@ def test_resize_recreates_maps_and_keeps_entries(host):
     assert res["fill"]["ovl_peers"] == {"entries": 1, "max_entries": 1024}
     assert res["observe"] == first["observe"]
     for key, att in res["attachments"].items():
+        if "link_id" in att:     # socket mode's programs: reloaded and pinned, not attached in tc mode
+            assert att["pinned_prog_id"] != first["attachments"][key]["pinned_prog_id"], key
+            assert att["prog_id"] is None, key
+            continue
         assert att["prog_id"] == att["pinned_prog_id"], key
         assert att["prog_id"] != first["attachments"][key]["prog_id"], key
     assert ns.helper("start", sizes=bigger, **args)["adopted"] is True
