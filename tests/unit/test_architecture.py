@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # layer or below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("overlay", "errors", "resources", "protogen", "sdnotify", "logs"),
-    ("addr", "model", "ops", "policy", "plan", "diff", "config", "config_hints", "config_yaml", "ownership",
+    ("addr", "model", "ops", "policy", "plan", "diff", "config", "config_check", "config_hints", "config_yaml", "ownership",
      "guard", "backends", "netns"),
     ("registry", "datapath", "discovery", "zk", "rpc"),
     ("agent", "status", "httpd"),
