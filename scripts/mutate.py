@@ -84,6 +84,7 @@ def run_one(path: str) -> dict:
     runner = (f"{os.path.join(VENV_BIN, 'python')} -m pytest -x -q -p no:cacheprovider -p no:randomly "
               f"-o addopts= --timeout=120 {tests}")
     started = datetime.datetime.now(datetime.UTC)
+    commit = _commit()   # the tree copied above
     log = os.path.join(OUT, f"{name}.log")
     with open(log, "w", encoding="utf-8") as fh:
         subprocess.run(["nice", "-n", "19", os.path.join(VENV_BIN, "mutmut"), "run", "--paths-to-mutate", path,
@@ -102,7 +103,7 @@ def run_one(path: str) -> dict:
     counted = killed + len(survivors)
     return {
         "file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _commit(), "mutants": counted + len(equivalent), "killed": killed,
+        "commit": commit, "mutants": counted + len(equivalent), "killed": killed,
         "equivalent": len(equivalent), "survived": len(survivors),
         "score": round(100.0 * killed / counted, 1) if counted else None,
         "survivors": survivors, "equivalents": equivalent,
