@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from overlay.model import Node
-from overlay.plan import plan
+from overlay.plan import AppliedPeer, DesiredState, plan
 from tests.unit.test_plan import SELF, cfg, node
 
 # SELF: ec2, private 10.0.0.1, public 198.18.0.1, overlay 192.168.0.1
@@ -84,3 +84,41 @@ def test_claimants_of_one_address(desc, peers, order, lost, kept):
     for node_id, (kind, address, holder) in lost.items():
         assert dict(d.excluded)[node_id] == f"{kind} address {address} is held by the earlier registration {holder}"
     assert set(dict(d.excluded)) == set(lost)
+
+
+# --- after an excluded peer the others still count; exact reasons; the result types -------
+
+
+def test_an_excluded_peer_does_not_stop_the_ones_after_it():
+    good = node("good", "vpc", "10.0.0.9", "198.19.0.9", "192.168.0.9")
+    for bad, reason in [
+        (node("junk", "vpc", "10.0.0.8", "198.19.0.8", "not-an-ip"), "overlay address 'not-an-ip' is not an IPv4 address"),
+        (node("far", "vpc", "10.0.0.8", "198.19.0.8", "10.9.0.1"),
+         "overlay address 10.9.0.1 is outside the overlay subnet 192.168.0.0/18"),
+        (node("thief", "vpc", "10.0.0.8", "198.19.0.8", "192.168.0.1"), "overlay address 192.168.0.1 is this node's own"),
+        (node("ghost", "ec2", "10.0.0.1", "198.18.0.8", "192.168.0.8"), "real address 10.0.0.1 is this node's own"),
+    ]:
+        d = plan(SELF, [bad, good], cfg())          # the planner reads the peers in this order
+        assert dict(d.excluded) == {bad.node_id: reason}
+        assert [p.node_id for p in d.peers] == ["good"]
+
+
+def test_an_override_of_this_nodes_overlay_does_not_stop_the_others():
+    d = plan(SELF, [], cfg(nat_overrides={"192.168.0.1": "10.5.0.1", "192.168.0.2": "10.5.0.2"}))
+    assert set(d.tables["nat"]) == {"192.168.0.2"}
+
+
+def test_applied_peer_and_desired_state_shapes():
+    import dataclasses
+
+    p = AppliedPeer("n1", "ec2", "192.168.0.5", "10.0.0.5")
+    assert p.to_dict() == {"node_id": "n1", "network": "ec2", "overlay": "192.168.0.5", "real": "10.0.0.5",
+                           "groups": []}
+    assert p.groups == () and p.real6 is None
+    assert AppliedPeer("n1", "ec2", "192.168.0.5", "10.0.0.5", real6="2001:db8::5").to_dict()["real6"] == "2001:db8::5"
+    d = DesiredState(tables={})
+    assert (d.peers, d.excluded, d.selected_by, d.conflicts, d.ungranted, d.groups) == ((),) * 6
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.real = "10.0.0.6"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.peers = ()
