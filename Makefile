@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit lint lab lab-down bench bench-quick clean
+.PHONY: setup test unit lint lab lab-down bench bench-quick mutate clean
 
 setup:
 	@scripts/setup.sh
@@ -41,6 +41,11 @@ bench-quick:
 	@scripts/bench-setup.sh
 	@mkdir -p bench/bin && gcc -O2 -Wall -Wextra -pthread -o bench/bin/ovlbench bench/src/ovlbench.c
 	@$(PY) -m bench run --profile quick $(BENCH_ARGS)
+
+# Mutation testing of the pure core (docs/testing.md): not part of `make test` (an hour or
+# more); FILES="overlay/guard.py ..." picks targets. Scores go to build/mutate/results.json.
+mutate: setup
+	@$(PY) scripts/mutate.py $(FILES)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -9,18 +9,16 @@ decoded mapping. Unknown keys are rejected and every error is one
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from overlay import addr
+from overlay import config_check as cc
 from overlay.backends import DATAPATHS, PROVIDERS, REGISTRIES, Backends
-from overlay.config_hints import unknown_key_reason
 from overlay.config_neti import NetiConfig, check_neti, check_neti_network, neti_section
 from overlay.config_yaml import load_yaml, read_text
-from overlay.errors import InvalidConfigError, InvalidRecord, shown
+from overlay.errors import InvalidConfigError, shown
 from overlay.model import Node, node_from_dict, valid_name
 
 DEFAULT_SUBNET = "192.168.0.0/18"
@@ -197,159 +195,15 @@ class Config:
         return tuple(k for k, _ in self.nat_overrides if ipaddress.IPv4Address(k) not in self.overlay_subnet)
 
 
-# --- a small reader that tracks the key path -------------------------------------------
-
-
-class _Section:
-    """Pops keys from a mapping, converting errors to InvalidConfigError with a path."""
-
-    def __init__(self, obj: Any, path: str):
-        if obj is None:
-            obj = {}
-        if not isinstance(obj, dict):
-            raise InvalidConfigError(path or "<top>", f"must be a mapping, got {_kind(obj)}")
-        self._obj = dict(obj)
-        self._path = path
-        self._known: set[str] = set()  # the keys this section was asked for: the valid ones
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    def sub(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def has(self, key: str) -> bool:
-        self._known.add(key)
-        return key in self._obj
-
-    def get(self, key: str, conv: Callable[[Any], Any], default: Any = None, required: bool = False):
-        self._known.add(key)
-        if key not in self._obj:
-            if required:
-                raise InvalidConfigError(self.sub(key), "is required")
-            return default
-        value = self._obj.pop(key)
-        return _convert(self.sub(key), value, conv)
-
-    def section(self, key: str) -> _Section:
-        self._known.add(key)
-        return _Section(self._obj.pop(key, None), self.sub(key))
-
-    def rest(self) -> dict:
-        """Take every key not read yet (a plugin's part of the section)."""
-        rest, self._obj = self._obj, {}
-        return rest
-
-    def done(self) -> None:
-        """Reject what is left: an old-system key with its replacement, else a near miss."""
-        for key in self._obj:
-            raise InvalidConfigError(self.sub(str(key)), unknown_key_reason(str(key), self._known))
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _convert(path: str, value: Any, conv: Callable[[Any], Any]) -> Any:
-    try:
-        return conv(value)
-    except InvalidConfigError:
-        raise
-    except (ValueError, TypeError, InvalidRecord) as exc:
-        raise InvalidConfigError(path, str(exc)) from None
-
-
-def _list_of(path: str, value: Any, conv: Callable[[Any], Any]) -> tuple:
-    if not isinstance(value, list):
-        raise InvalidConfigError(path, f"must be a list, got {_kind(value)}")
-    return tuple(_convert(f"{path}[{i}]", item, conv) for i, item in enumerate(value))
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"must be a non-empty string, got {_kind(value)}")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {shown(value)}")
-    return value
-
-
-def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
-    def conv(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer, got {shown(value)}")
-        if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo} and {hi}, got {value}")
-        return value
-
-    return conv
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"must be a number of seconds, got {shown(value)}")
-    if not 0 <= value <= 3600:
-        raise ValueError(f"must be between 0 and 3600 seconds, got {value}")
-    return float(value)
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def conv(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"{shown(value)} is not one of: {', '.join(choices)}")
-        return value
-
-    return conv
-
-
-def _host_port(value: Any) -> tuple[str, int]:
-    if not isinstance(value, str) or ":" not in value:
-        raise ValueError(f"expected \"host:port\", got {shown(value)}")
-    host, _, port_s = value.rpartition(":")
-    if not host or not port_s.isdigit():
-        raise ValueError(f"expected \"host:port\", got {shown(value)}")
-    return host, addr.port(int(port_s))
-
-
-def _hosts_port(value: Any) -> str:
-    _host_port(value)
-    return value
-
-
-def _controllers(path: str, value: Any) -> tuple[str, ...]:
-    """One ``"host:port"`` or a non-empty list of them, without repeats."""
-    if isinstance(value, str):
-        return (_convert(path, value, _hosts_port),)
-    out = _list_of(path, value, _hosts_port)
-    if not out:
-        raise InvalidConfigError(path, "must name at least one controller (\"host:port\")")
-    for i, hp in enumerate(out):
-        if hp in out[:i]:
-            raise InvalidConfigError(f"{path}[{i}]", f"{hp!r} is listed twice")
-    return out
-
-
-def _zk_prefix(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/") or value.endswith("/") or "//" in value:
-        raise ValueError(f"must be an absolute ZooKeeper path like /overlay, got {shown(value)}")
-    for part in value.strip("/").split("/"):
-        valid_name(part, "path element")
-    return value
-
-
 def _auth(path: str, value: Any) -> Auth | None:
     if value is None:
         return None
-    sec = _Section(value, path)
-    scheme = sec.get("scheme", _choice("digest"), "digest")
-    user = sec.get("user", _str, required=True)
+    sec = cc.Section(value, path)
+    scheme = sec.get("scheme", cc.choice("digest"), "digest")
+    user = sec.get("user", cc.text, required=True)
     if ":" in user:
         raise InvalidConfigError(sec.sub("user"), "must not contain ':'")
-    password = sec.get("password", _str, required=True)
+    password = sec.get("password", cc.text, required=True)
     sec.done()
     return Auth(scheme, user, password)
 
@@ -357,7 +211,7 @@ def _auth(path: str, value: Any) -> Auth | None:
 # --- sections ----------------------------------------------------------------------------
 
 
-def _addresses(sec: _Section, subnet: ipaddress.IPv4Network) -> Addresses:
+def _addresses(sec: cc.Section, subnet: ipaddress.IPv4Network) -> Addresses:
     private = sec.get("private", addr.host_ipv4, required=True)
     public = sec.get("public", addr.host_ipv4, required=True)
     overlay = sec.get("overlay", lambda v: addr.in_subnet_host(v, subnet))
@@ -367,7 +221,7 @@ def _addresses(sec: _Section, subnet: ipaddress.IPv4Network) -> Addresses:
     return Addresses(private, public, overlay, private6, public6)
 
 
-def _plugin_options(sec: _Section, table: Backends, name: str, key: str) -> Any:
+def _plugin_options(sec: cc.Section, table: Backends, name: str, key: str) -> Any:
     """For a plugin ``name`` of ``table``: the keys of ``sec`` not read yet, validated by the
     plugin's ``validate_config`` hook (errors at key paths under ``sec``); None for a built-in,
     or a plugin without the hook (then ``sec.done()`` rejects what is left)."""
@@ -377,43 +231,43 @@ def _plugin_options(sec: _Section, table: Backends, name: str, key: str) -> Any:
     return table.validate_section(name, hook, sec.rest(), sec.path)
 
 
-def _discovery(sec: _Section) -> Discovery:
+def _discovery(sec: cc.Section) -> Discovery:
     provider = sec.get("provider", PROVIDERS.config_name, required=True)
     if provider not in PROVIDERS.builtins:
         options = _plugin_options(sec, PROVIDERS, provider, "provider")
         sec.done()
         return Discovery(provider, options=options)
-    interface = sec.get("interface", _str)
-    public_interface = sec.get("public_interface", _str)
-    endpoint = sec.get("endpoint", _str, "http://169.254.169.254")
-    timeout_s = sec.get("timeout_s", _seconds, 2.0)
+    interface = sec.get("interface", cc.text)
+    public_interface = sec.get("public_interface", cc.text)
+    endpoint = sec.get("endpoint", cc.text, Discovery.endpoint)
+    timeout_s = sec.get("timeout_s", cc.seconds, Discovery.timeout_s)
     sec.done()
     if provider == "netlink" and interface is None:
         raise InvalidConfigError(sec.sub("interface"), "is required for provider netlink")
     return Discovery(provider, interface, public_interface, endpoint, timeout_s)
 
 
-def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
-    backend = sec.get("backend", REGISTRIES.config_name, "zookeeper")
+def _registry(sec: cc.Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
+    backend = sec.get("backend", REGISTRIES.config_name, RegistryConfig.backend)
     if backend not in REGISTRIES.builtins:  # a plugin: timeout_s is the core's, the rest its own
-        timeout_s = sec.get("timeout_s", _seconds, 10.0)
+        timeout_s = sec.get("timeout_s", cc.seconds, RegistryConfig.timeout_s)
         options = _plugin_options(sec, REGISTRIES, backend, "backend")
         sec.done()
         return RegistryConfig(backend, hosts=(), timeout_s=timeout_s, options=options)
-    hosts = sec.get("hosts", lambda v: _list_of(sec.sub("hosts"), v, _hosts_port), ("127.0.0.1:2181",))
+    hosts = sec.get("hosts", lambda v: cc.list_of(sec.sub("hosts"), v, cc.hosts_port), RegistryConfig.hosts)
     if not hosts:
         raise InvalidConfigError(sec.sub("hosts"), "must list at least one host:port")
-    prefix = sec.get("prefix", _zk_prefix, "/overlay")
-    timeout_s = sec.get("timeout_s", _seconds, 10.0)
+    prefix = sec.get("prefix", cc.zk_prefix, RegistryConfig.prefix)
+    timeout_s = sec.get("timeout_s", cc.seconds, RegistryConfig.timeout_s)
     auth = _auth(sec.sub("auth"), sec.get("auth", lambda v: v))
     operator = _auth(sec.sub("operator"), sec.get("operator", lambda v: v))
-    controller = sec.get("controller", lambda v: _controllers(sec.sub("controller"), v))
+    controller = sec.get("controller", lambda v: cc.controllers(sec.sub("controller"), v))
     tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=True)
-    node_identities = sec.get("node_identities", lambda v: _list_of(sec.sub("node_identities"), v, _digest_id), ())
-    neti = neti_section(sec.section("neti"), _zk_prefix) if sec.has("neti") else None
+    node_identities = sec.get("node_identities", lambda v: cc.list_of(sec.sub("node_identities"), v, cc.digest_id), ())
+    neti = neti_section(sec.section("neti"), cc.zk_prefix) if sec.has("neti") else None
     peers = sec.get(
         "peers",
-        lambda v: _list_of(sec.sub("peers"), v, lambda p: node_from_dict({"v": 2, **p} if isinstance(p, dict) else p, subnet)),
+        lambda v: cc.list_of(sec.sub("peers"), v, lambda p: node_from_dict({"v": 2, **p} if isinstance(p, dict) else p, subnet)),
         (),
     )
     sec.done()
@@ -443,59 +297,36 @@ def _registry(sec: _Section, subnet: ipaddress.IPv4Network) -> RegistryConfig:
                           node_identities=tuple(dict.fromkeys(node_identities)), neti=neti)
 
 
-def _digest_id(value: Any) -> str:
-    """A ZooKeeper digest id, ``user:base64(sha1(user:password))`` (``overlay zk digest``)."""
-    user, sep, digest = _str(value).partition(":")
-    if not (sep and user and len(digest) == 28 and digest.endswith("=")
-            and all(c.isalnum() or c in "+/=" for c in digest)):
-        raise ValueError(f"expected a ZooKeeper digest id \"user:<28 base64 characters>\" "
-                         f"(`overlay zk digest USER` prints one), got {shown(value)}")
-    return value
-
-
 def _tls(path: str, value: Any, client: bool) -> TlsConfig | None:
     if value is None:
         return None
-    sec = _Section(value, path)
-    ca = sec.get("ca", _str, required=True)
-    cert = sec.get("cert", _str, required=True)
-    key = sec.get("key", _str, required=True)
-    server_name = sec.get("server_name", _str) if client else None
+    sec = cc.Section(value, path)
+    ca = sec.get("ca", cc.text, required=True)
+    cert = sec.get("cert", cc.text, required=True)
+    key = sec.get("key", cc.text, required=True)
+    server_name = sec.get("server_name", cc.text) if client else None
     sec.done()
     return TlsConfig(ca, cert, key, server_name)
 
 
-def _listen(value: Any) -> str:
-    """host:port to listen on; port 0 picks a free one (the log says which)."""
-    if isinstance(value, str) and value.endswith(":0") and value[:-2]:
-        return value
-    return _hosts_port(value)
-
-
-def _controller(sec: _Section) -> ControllerConfig:
-    listen = sec.get("listen", _listen, "127.0.0.1:9470")
+def _controller(sec: cc.Section) -> ControllerConfig:
+    listen = sec.get("listen", cc.listen, ControllerConfig.listen)
     tls = _tls(sec.sub("tls"), sec.get("tls", lambda v: v), client=False)
-    lease_s = sec.get("lease_s", _seconds, 60.0)
-    window = sec.get("window", _int_range(16, 1_000_000), 10000)
-    attest = sec.get("attest_public", lambda v: _list_of(sec.sub("attest_public"), v,
+    lease_s = sec.get("lease_s", cc.seconds, ControllerConfig.lease_s)
+    window = sec.get("window", cc.int_range(16, 1_000_000), ControllerConfig.window)
+    attest = sec.get("attest_public", lambda v: cc.list_of(sec.sub("attest_public"), v,
                                                          lambda n: valid_name(n, "network")), ())
     lim = sec.section("limits")
     limits = ControllerLimits(
-        lim.get("max_concurrent_rpcs", _int_range(16, 1_000_000), ControllerLimits.max_concurrent_rpcs),
-        lim.get("watch_streams", _int_range(1, 10_000), ControllerLimits.watch_streams),
-        lim.get("register_rate", _rate, ControllerLimits.register_rate),
-        lim.get("register_burst", _int_range(1, 100_000), ControllerLimits.register_burst))
+        lim.get("max_concurrent_rpcs", cc.int_range(16, 1_000_000), ControllerLimits.max_concurrent_rpcs),
+        lim.get("watch_streams", cc.int_range(1, 10_000), ControllerLimits.watch_streams),
+        lim.get("register_rate", cc.rate, ControllerLimits.register_rate),
+        lim.get("register_burst", cc.int_range(1, 100_000), ControllerLimits.register_burst))
     lim.done()
     sec.done()
     if tls is None:
         raise InvalidConfigError(sec.sub("tls"), "is required: the controller serves mutual TLS only ({ca, cert, key})")
     return ControllerConfig(tls, listen, lease_s, window, tuple(dict.fromkeys(attest)), limits)
-
-
-def _rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100_000:
-        raise ValueError(f"must be a number of calls per second in (0, 100000], got {shown(value)}")
-    return float(value)
 
 
 # datapath.sizes.<key>: (lowest, highest) accepted
@@ -507,16 +338,16 @@ _SIZE_RANGES = {
 }
 
 
-def _typed_section(sec: _Section, cls, ranges: dict[str, tuple[int, int]]):
+def _typed_section(sec: cc.Section, cls, ranges: dict[str, tuple[int, int]]):
     """``cls`` (a frozen dataclass of integers) from ``sec``: each field in its range,
     its dataclass default when absent."""
     default = cls()
-    values = {name: sec.get(name, _int_range(*ranges[name]), getattr(default, name)) for name in ranges}
+    values = {name: sec.get(name, cc.int_range(*ranges[name]), getattr(default, name)) for name in ranges}
     sec.done()
     return cls(**values)
 
 
-def _sizes(sec: _Section) -> MapSizes:
+def _sizes(sec: cc.Section) -> MapSizes:
     return _typed_section(sec, MapSizes, _SIZE_RANGES)
 
 
@@ -524,24 +355,17 @@ _LIFETIME_RANGES = {name: (1, 10_000_000) for name in (
     "tcp_syn_s", "tcp_established_s", "tcp_fin_s", "tcp_rst_s", "udp_s", "icmp_s")} | {"frag_s": (1, 120)}
 
 
-def _conntrack(sec: _Section) -> ConntrackConfig:
+def _conntrack(sec: cc.Section) -> ConntrackConfig:
     return _typed_section(sec, ConntrackConfig, _LIFETIME_RANGES)
 
 
-def _ifname(value: Any) -> str:
-    value = _str(value)
-    if len(value) > 15 or "/" in value or any(c.isspace() for c in value):
-        raise ValueError(f"{shown(value)} is not a valid interface name (at most 15 characters, no '/' or spaces)")
-    return value
-
-
-def _datapath(sec: _Section) -> DatapathConfig:
-    backend = sec.get("backend", DATAPATHS.config_name, "ebpf")
-    mode = sec.get("mode", _choice("tc", "socket"), "tc")
-    interface = sec.get("interface", _ifname, "eth0")
-    overlay_device = sec.get("overlay_device", _ifname, "ovl0")
-    pin_root = sec.get("pin_root", _str, "/sys/fs/bpf/overlay")
-    cgroup = sec.get("cgroup", _abs_path, "/sys/fs/cgroup")
+def _datapath(sec: cc.Section) -> DatapathConfig:
+    backend = sec.get("backend", DATAPATHS.config_name, DatapathConfig.backend)
+    mode = sec.get("mode", cc.choice("tc", "socket"), DatapathConfig.mode)
+    interface = sec.get("interface", cc.ifname, DatapathConfig.interface)
+    overlay_device = sec.get("overlay_device", cc.ifname, DatapathConfig.overlay_device)
+    pin_root = sec.get("pin_root", cc.text, DatapathConfig.pin_root)
+    cgroup = sec.get("cgroup", cc.abs_path, DatapathConfig.cgroup)
     sizes = _sizes(sec.section("sizes"))
     conntrack = _conntrack(sec.section("conntrack"))
     options = _plugin_options(sec, DATAPATHS, backend, "backend")  # a plugin: the keys left are its own
@@ -551,18 +375,11 @@ def _datapath(sec: _Section) -> DatapathConfig:
     return DatapathConfig(backend, mode, interface, overlay_device, pin_root, cgroup, sizes, conntrack, options)
 
 
-def _abs_path(value: Any) -> str:
-    value = _str(value)
-    if not value.startswith("/") or "\0" in value:
-        raise ValueError(f"must be an absolute path, got {shown(value)}")
-    return os.path.normpath(value)
-
-
-def _filter(sec: _Section) -> FilterConfig:
-    reject_all = sec.get("reject_all", _bool, False)
-    mode = sec.get("mode", _choice("enforce", "audit"), "enforce")
-    open_ports = sec.get("open_ports", lambda v: _list_of(sec.sub("open_ports"), v, addr.port_spec), ())
-    whitelist = sec.get("ssh_whitelist", lambda v: _list_of(sec.sub("ssh_whitelist"), v, addr.cidr_ip), ())
+def _filter(sec: cc.Section) -> FilterConfig:
+    reject_all = sec.get("reject_all", cc.boolean, FilterConfig.reject_all)
+    mode = sec.get("mode", cc.choice("enforce", "audit"), FilterConfig.mode)
+    open_ports = sec.get("open_ports", lambda v: cc.list_of(sec.sub("open_ports"), v, addr.port_spec), ())
+    whitelist = sec.get("ssh_whitelist", lambda v: cc.list_of(sec.sub("ssh_whitelist"), v, addr.cidr_ip), ())
     sec.done()
     return FilterConfig(reject_all, mode, tuple(sorted(set(open_ports))), tuple(dict.fromkeys(whitelist)))
 
@@ -578,30 +395,30 @@ def _nat_overrides(path: str, value: Any, subnet: ipaddress.IPv4Network) -> tupl
     if value is None:
         return ()
     if not isinstance(value, dict):
-        raise InvalidConfigError(path, f"must be a mapping of overlay address to real address, got {_kind(value)}")
+        raise InvalidConfigError(path, f"must be a mapping of overlay address to real address, got {cc.kind(value)}")
     out = []
     for key, target in value.items():
         kpath = f"{path}[{shown(key)}]" if not isinstance(key, str) else f"{path}.{key}"
-        overlay = _convert(kpath, key, lambda v: _override_key(v, subnet))
-        real = _convert(kpath, target, addr.host_ipv4)
+        overlay = cc.convert(kpath, key, lambda v: _override_key(v, subnet))
+        real = cc.convert(kpath, target, addr.host_ipv4)
         if real == overlay:
             raise InvalidConfigError(kpath, f"translates {overlay} to itself")
         out.append((overlay, real))
     return tuple(sorted(out))
 
 
-def _guard(sec: _Section) -> GuardConfig:
+def _guard(sec: cc.Section) -> GuardConfig:
     g = GuardConfig(
-        sec.get("max_change", _int_range(0, 1_000_000), 20),
-        sec.get("settle_s", _seconds, 2.0),
+        sec.get("max_change", cc.int_range(0, 1_000_000), GuardConfig.max_change),
+        sec.get("settle_s", cc.seconds, GuardConfig.settle_s),
     )
     sec.done()
     return g
 
 
-def _throttle(sec: _Section) -> ThrottleConfig:
-    lo = sec.get("min_s", _seconds, 0.0)
-    hi = sec.get("max_s", _seconds, 0.0)
+def _throttle(sec: cc.Section) -> ThrottleConfig:
+    lo = sec.get("min_s", cc.seconds, ThrottleConfig.min_s)
+    hi = sec.get("max_s", cc.seconds, ThrottleConfig.max_s)
     sec.done()
     if hi < lo:
         raise InvalidConfigError(sec.sub("max_s"), f"must be at least min_s ({lo}), got {hi}")
@@ -609,28 +426,28 @@ def _throttle(sec: _Section) -> ThrottleConfig:
 
 
 def config_from_dict(obj: Any) -> Config:
-    top = _Section(obj, "")
+    top = cc.Section(obj, "")
     subnet = top.get("overlay_subnet", addr.subnet_ipv4, ipaddress.IPv4Network(DEFAULT_SUBNET))
     node_id = top.get("node_id", lambda v: valid_name(v, "node_id"), None)
     if node_id is None:
-        node_id = _convert("node_id", socket.gethostname().split(".")[0] or "localhost", lambda v: valid_name(v, "node_id (from the hostname)"))
+        node_id = cc.convert("node_id", socket.gethostname().split(".")[0] or "localhost", lambda v: valid_name(v, "node_id (from the hostname)"))
     network = top.get("network", lambda v: valid_name(v, "network"), None)
     addresses = _addresses(top.section("addresses"), subnet) if top.has("addresses") else None
     discovery = _discovery(top.section("discovery")) if top.has("discovery") else None
     if addresses is not None and discovery is not None:
         raise InvalidConfigError("discovery", "give either addresses or discovery, not both")
-    groups = top.get("groups", lambda v: _list_of("groups", v, lambda g: valid_name(g, "group")), ())
+    groups = top.get("groups", lambda v: cc.list_of("groups", v, lambda g: valid_name(g, "group")), ())
     registry = _registry(top.section("registry"), subnet)
     datapath = _datapath(top.section("datapath"))
     filt = _filter(top.section("filter"))
     overrides = _nat_overrides("nat_overrides", top.get("nat_overrides", lambda v: v), subnet)
     guard = _guard(top.section("guard"))
     throttle = _throttle(top.section("throttle"))
-    status_listen = top.get("status_listen", _host_port, ("127.0.0.1", 9464))
-    state_dir = top.get("state_dir", _str, "/var/lib/overlay")
+    status_listen = top.get("status_listen", cc.host_port, Config.status_listen)
+    state_dir = top.get("state_dir", cc.text, Config.state_dir)
     controller = _controller(top.section("controller")) if top.has("controller") else None
-    control_socket = top.get("control_socket", _socket_path, "/run/overlay/control.sock")
-    metrics_listen = top.get("metrics_listen", _host_port, None)
+    control_socket = top.get("control_socket", cc.socket_path, Config.control_socket)
+    metrics_listen = top.get("metrics_listen", cc.host_port, None)
     top.done()
     check_neti_network(registry.neti, network)
     if network is None and controller is None and (discovery is None or discovery.provider not in NETWORK_PROVIDERS):
@@ -656,13 +473,6 @@ def config_from_dict(obj: Any) -> Config:
         control_socket=control_socket,
         metrics_listen=metrics_listen,
     )
-
-
-def _socket_path(value: Any) -> str:
-    value = _str(value)
-    if not value.startswith("/") or len(value.encode()) > 107:
-        raise ValueError(f"must be an absolute path of at most 107 bytes (a unix socket), got {shown(value)}")
-    return value
 
 
 def load_config(path: str) -> Config:

@@ -67,10 +67,7 @@ class Guard:
     def decide(self, churn: Churn, now: float, settle_s: float, applied: Mapping[str, AppliedPeer]) -> Decision:
         """Hold ``churn`` or let it through. ``applied`` (by overlay) names the held nodes."""
         size = churn.size
-        if size == 0:
-            self.churn_since = None
-            self.settling = 0
-        elif not self.tripped and not self.release_requested and settle_s > 0:
+        if size and not self.tripped and not self.release_requested and settle_s > 0:
             if self.churn_since is None:
                 self.churn_since = now
             settle_end = self.churn_since + settle_s

@@ -160,7 +160,7 @@ def _load_json_object(data: bytes | str, what: str) -> dict:
 
 def _check_version(obj: dict, what: str, versions: tuple[int, ...] = (RECORD_VERSION,)) -> int:
     v = obj.get("v")
-    if isinstance(v, bool) or v not in versions:
+    if type(v) is not int or v not in versions:   # not True, not 1.0: an integer
         want = " or ".join(map(str, versions))
         raise InvalidRecord(f"{what}: unsupported version v={v!r} (expected {want})")
     return v

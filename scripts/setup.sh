@@ -12,7 +12,7 @@ VENV="$ROOT/.venv"
 PACKAGES=(
   python3 python3-venv python3-dev python3-bpfcc bpfcc-tools linux-headers-amd64
   zookeeper iproute2 iptables ipset ethtool gcc make procps psmisc kmod vagrant nmap
-  systemd util-linux
+  systemd util-linux python3-matplotlib
 )
 
 step() { printf '==> %s\n' "$*"; }

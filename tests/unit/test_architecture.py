@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # layer or below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("overlay", "errors", "resources", "protogen", "sdnotify", "logs"),
-    ("abi", "addr", "model", "ops", "policy", "plan", "incremental", "diff", "config", "config_hints", "config_neti", "config_yaml",
+    ("abi", "addr", "model", "ops", "policy", "plan", "incremental", "diff", "config", "config_check", "config_hints", "config_neti", "config_yaml",
      "audit", "pending", "ownership", "guard", "backends", "netns", "neti"),
     ("registry", "datapath", "discovery", "zk", "rpc"),
     ("agent", "status", "httpd"),

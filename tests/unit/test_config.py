@@ -9,6 +9,8 @@ The subprocesses all run at once in a module fixture, so the file stays fast.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import os
 import socket
@@ -255,13 +257,34 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def _cli_in_process(path: Path) -> subprocess.CompletedProcess:
+    """``overlay check-config PATH`` through the CLI's ``main`` (exit code, stdout, stderr)."""
+    from overlay.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["check-config", str(path)])
+        except SystemExit as exc:
+            code = exc.code
+    return subprocess.CompletedProcess(["check-config", str(path)], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def cli(files) -> dict[str, subprocess.CompletedProcess]:
-    """Run ``check-config`` on every file at once; results by case id."""
-    workers = min(len(files), max(4, 2 * (os.cpu_count() or 2)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = dict(zip(files, pool.map(_cli, files.values()), strict=True))
-    return results
+    """``check-config`` on every file, through the CLI's main in this process (one Python
+    process per file cost minutes on a loaded machine); results by case id.
+    ``test_cli_process_matches_in_process`` checks the real process on a sample."""
+    return {name: _cli_in_process(path) for name, path in files.items()}
+
+
+def test_cli_process_matches_in_process(files, cli):
+    sample = [INVALID[0].id, INVALID[len(INVALID) // 2].id, INVALID[-1].id, sorted(VALID_EXTRA)[0]]
+    with ThreadPoolExecutor(max_workers=len(sample)) as pool:
+        procs = dict(zip(sample, pool.map(_cli, [files[n] for n in sample]), strict=True))
+    for name, proc in procs.items():
+        assert (proc.returncode, proc.stdout, proc.stderr) == (cli[name].returncode, cli[name].stdout, cli[name].stderr)
+        assert "Traceback" not in proc.stderr
 
 
 def test_table_is_big_enough_and_ids_unique():

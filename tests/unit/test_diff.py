@@ -252,3 +252,11 @@ def test_apply_ops_of_diff_reaches_desired(pair):
     # idempotent: applying again changes nothing, and the diff is now empty
     assert apply_ops(copy.deepcopy(result), ops) == desired
     assert diff(desired, result) == []
+
+
+@pytest.mark.parametrize("value", [None, 0, "", False])
+def test_an_absent_key_is_put_whatever_its_desired_value(value):
+    """Absent is not "equal to a falsy value": a key missing from the observed table is put
+    even when its desired value is None, 0, "" or False (the differ's sentinel)."""
+    assert diff_table("config", {"k": value}, {}) == ([], [Op("config", "k", value)])
+    assert diff_table("config", {"k": value}, {"k": value}) == ([], [])

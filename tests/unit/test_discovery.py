@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-import os
-import shutil
-import subprocess
 import time
-import uuid
 
 import pytest
 
@@ -16,7 +12,6 @@ from overlay import backends
 from overlay.config import Addresses, Config, Discovery
 from overlay.discovery import DiscoveryError, aws_imds, discover, netlink
 from overlay.errors import OverlayError
-from overlay.netns import Netns, in_netns
 from tests.support.imds import FakeIMDS
 
 SUBNET = ipaddress.IPv4Network("192.168.0.0/18")
@@ -198,57 +193,6 @@ def test_network_from_a_provider_that_has_none():
 def test_imds_endpoint_must_be_http():
     with pytest.raises(DiscoveryError, match="http"):
         discover(imds_config("file:///etc/passwd"))
-
-
-# --- netlink in a namespace the test creates -----------------------------------------------
-
-
-def _run_in_netns(netns: str, fn):
-    """Call ``fn()`` in a thread moved into ``netns`` (setns affects only that thread)."""
-    result = in_netns(netns, fn)
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
-@pytest.fixture
-def netns():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to create a network namespace")
-    ns = Netns.add(f"ovltest-disc-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        for cmd in (("link", "add", "priv0", "type", "veth", "peer", "name", "pub0"),
-                    ("addr", "add", "10.77.0.5/24", "dev", "priv0"),
-                    ("addr", "add", "10.77.0.6/24", "dev", "priv0"),  # secondary
-                    ("addr", "add", "198.18.77.5/24", "dev", "pub0"),
-                    ("link", "add", "empty0", "type", "veth", "peer", "name", "empty1")):
-            ns.run("ip", *cmd)
-        yield ns.name
-    finally:
-        ns.delete()
-
-
-def test_netlink_private_and_public_interfaces(netns):
-    cfg = config(discovery=Discovery("netlink", interface="priv0", public_interface="pub0"))
-    assert _run_in_netns(netns, lambda: discover(cfg)) == ("10.77.0.5", "198.18.77.5")
-
-
-def test_netlink_public_defaults_to_private(netns):
-    cfg = config(discovery=Discovery("netlink", interface="priv0"))
-    assert _run_in_netns(netns, lambda: discover(cfg)) == ("10.77.0.5", "10.77.0.5")
-
-
-@pytest.mark.parametrize("interface, error", [
-    ("missing0", "interface 'missing0' does not exist"),
-    ("empty0", "interface 'empty0' has no IPv4 address"),
-    ("lo", "loopback"),
-])
-def test_netlink_errors(netns, interface, error):
-    if interface == "lo":
-        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=20)
-    cfg = config(discovery=Discovery("netlink", interface=interface))
-    with pytest.raises(DiscoveryError, match=error):
-        _run_in_netns(netns, lambda: discover(cfg))
 
 
 def test_netlink_reads_the_root_namespace_lo():

@@ -142,3 +142,55 @@ def test_a_settled_small_batch_goes_through_and_the_window_restarts():
     # nothing pending: the window is gone; the next churn starts a new one
     assert g.decide(Churn(), 13.0, 2.0, FLEET) == Decision(hold=False)
     assert g.decide(_removing(1), 20.0, 2.0, FLEET).settle_until == 22.0
+
+
+# --- a fresh guard, frozen results, what it logs ---------------------------------------------
+
+
+def test_a_fresh_guard_holds_nothing():
+    assert Guard().to_dict() == {"tripped": False, "threshold": 20, "size": 0,
+                                 "held": {"removed": [], "changed": []}, "trips": 0, "settling": 0}
+    g = Guard()
+    assert g.release_requested is False and g.churn_since is None and g.node_id == ""
+    assert g.request_release() == (False, "the churn guard is not holding anything")
+
+
+def test_churn_and_decisions_are_frozen():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Churn((), ()).removed = ("x",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Decision(hold=True).hold = False
+
+
+def test_a_settle_time_below_one_second_still_settles():
+    g = Guard(threshold=20)
+    churn = Churn(("192.168.0.2",), ())
+    applied = _applied(("a", "192.168.0.2", "10.0.0.2"))
+    assert g.decide(churn, 10.0, 0.5, applied) == Decision(hold=True, settle_until=10.5)
+    assert g.decide(churn, 10.5, 0.5, applied) == Decision(hold=False)
+
+
+def test_what_the_guard_logs_once_per_trip_and_on_release(caplog):
+    g = Guard(threshold=1, node_id="n7")
+    applied = _applied(*((f"p{i}", f"192.168.0.{i}", f"10.0.0.{i}") for i in range(2, 6)))
+    three = Churn(("192.168.0.2", "192.168.0.3", "192.168.0.4"), ())
+    with caplog.at_level("WARNING", logger="overlay.guard"):
+        g.decide(three, 0.0, 0.0, applied)
+        g.decide(three, 1.0, 0.0, applied)                       # the same hold: no new line
+        assert [r.getMessage() for r in caplog.records] == [
+            "[n7] churn guard tripped: 3 removed and 0 changed peers exceed max_change 1; holding them "
+            "(raise the threshold or run `overlay guard release`)"]
+        g.decide(Churn(("192.168.0.2",), ("192.168.0.5",)), 2.0, 0.0, applied)   # it changed: said again
+        assert caplog.records[-1].getMessage().startswith(
+            "[n7] churn guard tripped: 1 removed and 1 changed peers exceed max_change 1;")
+        assert len(caplog.records) == 2 and g.trips == 1
+        assert g.request_release() == (True, "released: 2 held changes will be applied")
+        assert g.decide(three, 3.0, 0.0, applied) == Decision(hold=False)
+        assert caplog.records[-1].getMessage() == "[n7] churn guard: applying 2 held changes (released by the operator)"
+        g.decide(three, 4.0, 0.0, applied)
+        g.threshold = 3
+        g.decide(three, 5.0, 0.0, applied)
+        assert caplog.records[-1].getMessage() == "[n7] churn guard: applying 3 held changes (threshold now 3)"
+    assert g.trips == 2

@@ -496,6 +496,18 @@ def test_vagrant_reads_the_same_topology(topo):
     assert nics["zk"] == [["inet", "198.18.0.10"]]
 
 
+def _tree(path: str) -> list | None:
+    """Names, sizes and mtimes under ``path`` (None when it does not exist)."""
+    if not os.path.exists(path):
+        return None
+    out = []
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            out.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
 def test_vagrant_validate(tmp_path):
     vagrant = shutil.which("vagrant")
     if vagrant is None:
@@ -509,11 +521,13 @@ def test_vagrant_validate(tmp_path):
         runs.append(("libvirt", [vagrant, "validate"], {**env, "VAGRANT_DEFAULT_PROVIDER": "libvirt"}))
     if shutil.which("VBoxManage"):
         runs.append(("virtualbox", [vagrant, "validate"], {**env, "VAGRANT_DEFAULT_PROVIDER": "virtualbox"}))
+    dot = os.path.join(cwd, ".vagrant")   # a user's own `vagrant up` leaves one: keep it, touch nothing
+    before = _tree(dot)
     for label, argv, e in runs:
         proc = subprocess.run(argv, cwd=cwd, env=e, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, f"vagrant validate ({label}):\n{proc.stdout}\n{proc.stderr}"
         assert "validated successfully" in proc.stdout
-    assert not os.path.exists(os.path.join(cwd, ".vagrant"))
+    assert _tree(dot) == before   # the run wrote its state under VAGRANT_DOTFILE_PATH only
 
 
 def test_vagrant_certificates_work_with_the_controller_and_the_daemons(topo, tmp_path):

@@ -11,14 +11,14 @@ from overlay.config import config_from_dict
 from overlay.model import Node
 from overlay.ops import TABLES, NatEntry, PeerEntry
 from overlay.plan import AppliedPeer, plan
-from overlay.policy import hash31
+from tests.unit.test_policy_plan import sha31
 
 MODE_ENFORCE, MODE_AUDIT = 0, 1  # ovl_filter_mode (hand values: the header's enum)
 
 
 def entry(groups=()) -> PeerEntry:
     """The peers value of a member in ``groups``: its identity (overlay.policy)."""
-    return PeerEntry(identity=hash31(",".join(sorted(groups))) if groups else 1)
+    return PeerEntry(identity=sha31(",".join(sorted(groups))) if groups else 1)
 
 SELF = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("web",))
 

@@ -4,6 +4,7 @@ among 1,000 policies and 10,000 peers touches only the affected entries)."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import time
 from dataclasses import replace
@@ -41,6 +42,36 @@ CFG = config_from_dict({"node_id": "self", "network": "ec2", "registry": {"hosts
 SELF = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("db",))
 
 
+# sha256 of each text, its first 31 bits, computed with coreutils' sha256sum when these tests
+# were written (`printf %s TEXT | sha256sum`): the identity and index numbers the product must give
+SHA31 = {
+    "web": 0x4b5e57f6, "db,web": 0x61102ad8, "app": 0x2172cedc, "app,web": 0x5e260ba5,
+    "g12,g8,newgroup": 0x1bf8637e, "10.0.0.0/8": 0x13997fe8, "web-db": 0x43383982, "aa": 0x161b6dd3,
+    "zz": 0x4a60bf7d, "all": 0x5ef5ef03, "ping": 0x758d61f2, "apart": 0x1d40973e, "mid": 0x10ac1678,
+    "narrow": 0x5eda958e, "wide": 0x0abaa40b, "all4": 0x5d58c916, "all6": 0x398c0a4f, "doc6": 0x686ea167,
+    "lab6": 0x45f6ea34, "a": 0x4a978112, "b": 0x3e23e816, "zz-new": 0x020173ac,
+}
+
+
+def sha31(text: str) -> int:
+    """The reference hash, independent of overlay.policy: the table above, or hashlib's hex digest."""
+    value = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+    assert SHA31.get(text, value) == value
+    return value
+
+
+def ref_indexes(policy_ids) -> dict[str, int]:
+    """A second model of the policy index rule (docs/policies.md): in sorted order of the ids,
+    sha31(id), stepping up (wrapping at 2**31) past 0 and the numbers already given."""
+    out: dict[str, int] = {}
+    for pid in sorted(set(policy_ids)):
+        n = sha31(pid)
+        while n == 0 or n in out.values():
+            n = (n + 1) % (1 << 31)
+        out[pid] = n
+    return out
+
+
 def pol(pid: str, src: str, dst: str, proto: str = "tcp", ports=()) -> Policy:
     endpoint = {"cidr": src} if "/" in src else {"group": src}
     return policy_from_dict({"v": 1, "from": endpoint, "to": {"group": dst}, "proto": proto,
@@ -60,11 +91,11 @@ def node(i: int, groups=(), network="ec2") -> Node:
 
 def test_identity_is_a_stateless_31_bit_hash_of_the_group_set():
     ids = identities([["web"], ["db", "web"], ["web", "db"], []])
-    assert ids == {"web": hash31("web"), "db,web": hash31("db,web"), "": IDENTITY_MEMBER}
+    assert ids == {"web": sha31("web"), "db,web": sha31("db,web"), "": IDENTITY_MEMBER}
     assert all(0 < v <= MASK31 for v in ids.values())
     # the same set gets the same number whoever else is there (minimal diffs, stable restarts)
     assert identities([["web"]])["web"] == identities([["app"], ["web"], ["x", "y"]])["web"]
-    assert hash31("web") == int.from_bytes(__import__("hashlib").sha256(b"web").digest()[:4], "big") & MASK31
+    assert hash31("web") == SHA31["web"] and hash31("db,web") == SHA31["db,web"]
 
 
 def test_identity_collisions_probe_in_sorted_order():
@@ -88,7 +119,7 @@ def test_collision_in_the_plan_gives_distinct_identities_and_entries():
 def test_cidr_identities_have_bit_31_and_probe():
     ids = cidr_identities(["10.0.0.0/8", "10.1.0.0/16"])
     assert all(v & IDENTITY_CIDR for v in ids.values()) and len(set(ids.values())) == 2
-    assert ids["10.0.0.0/8"] == IDENTITY_CIDR | hash31("10.0.0.0/8")
+    assert ids["10.0.0.0/8"] == IDENTITY_CIDR | sha31("10.0.0.0/8")
     assert cidr_identities(["b/1", "a/1"], hash_fn=lambda _t: 0) == {"a/1": IDENTITY_CIDR | 1,
                                                                      "b/1": IDENTITY_CIDR | 2}
 
@@ -150,17 +181,17 @@ def test_only_policies_selecting_this_node_make_entries():
     peers = [node(2, ["web"]), node(3, ["app"])]
     policies = [pol("web-db", "web", "db", "tcp", [5432]), pol("web-cache", "web", "cache", "tcp", [6379])]
     d = plan(SELF, peers, CFG, policies=policies)
-    web = hash31("web")
-    idx = policy_indexes(["web-db"])["web-db"]
+    web = sha31("web")
+    idx = ref_indexes(["web-db"])["web-db"]
     assert d.tables["policy"] == {(web, 6, 5432, 16): idx}
     assert d.tables["config"] == {"reject_all": 0, "mode": 0, "policy_enforced": 1, "policy_default": idx}
     assert d.selected_by == ("web-db",)
-    assert d.tables["peers"] == {"10.0.0.4": PeerEntry(web), "10.0.0.5": PeerEntry(hash31("app"))}
+    assert d.tables["peers"] == {"10.0.0.4": PeerEntry(web), "10.0.0.5": PeerEntry(sha31("app"))}
     assert d.tables["names"] == {
         ("policy", idx): "web-db",
         ("rule", idx): "tcp 5432 from group web to group db",
         ("identity", web): "web",
-        ("identity", hash31("app")): "app",
+        ("identity", sha31("app")): "app",
     }
     # a node that no policy selects: no entries, no policy config (members / reject_all)
     other = plan(replace(SELF, groups=("web",)), peers, CFG, policies=policies)
@@ -178,15 +209,15 @@ def test_policies_as_a_mapping_take_their_ids():
 def test_default_is_the_first_selecting_policy_by_id():
     policies = [pol("zz", "web", "db"), pol("aa", "app", "db"), pol("00", "web", "other")]
     d = plan(SELF, [node(2, ["web"])], CFG, policies=policies)
-    assert d.tables["config"]["policy_default"] == policy_indexes(["aa", "zz"])["aa"]
+    assert d.tables["config"]["policy_default"] == ref_indexes(["aa", "zz"])["aa"]
     assert d.selected_by == ("aa", "zz")
 
 
 def test_all_ports_icmp_and_multi_group_identity():
     policies = [pol("all", "web", "db", "udp"), pol("ping", "app", "db", "icmp")]
     d = plan(SELF, [node(2, ["app", "web"])], CFG, policies=policies)
-    ident = hash31("app,web")
-    idx = policy_indexes(["all", "ping"])
+    ident = sha31("app,web")
+    idx = ref_indexes(["all", "ping"])
     assert d.tables["policy"] == {(ident, 17, 0, 0): idx["all"], (ident, 1, 0, 16): idx["ping"]}
     assert d.tables["names"][("rule", idx["all"])] == "udp (all ports) from group web to group db"
 
@@ -202,7 +233,7 @@ def test_cidr_identity_covers_every_containing_policy_cidr():
     ci = d.tables["cidr_ident"]
     assert set(ci) == {"10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "192.0.2.0/24"}
     assert all(v & IDENTITY_CIDR for v in ci.values())
-    idx = policy_indexes(["apart", "mid", "narrow", "wide"])
+    idx = ref_indexes(["apart", "mid", "narrow", "wide"])
     want = {
         (ci["10.0.0.0/8"], 6, 443, 16): idx["wide"],
         (ci["10.1.0.0/16"], 6, 443, 16): idx["wide"],
@@ -226,7 +257,7 @@ def test_ipv6_cidrs_get_identities_and_never_mix_with_ipv4():
     d = plan(SELF, [], CFG, policies=policies)
     ci = d.tables["cidr_ident"]
     assert set(ci) == {"0.0.0.0/0", "2001:db8::/32", "2001:db8:1::/48", "::/0"}
-    idx = policy_indexes(["all4", "all6", "doc6", "lab6"])
+    idx = ref_indexes(["all4", "all6", "doc6", "lab6"])
     assert d.tables["policy"] == {
         (ci["0.0.0.0/0"], 6, 443, 16): idx["all4"],                 # ::/0 is not inside 0.0.0.0/0
         (ci["::/0"], 6, 22, 16): idx["all6"],
@@ -247,11 +278,11 @@ def test_member_ipv6_address_has_the_identity_of_its_groups():
 def test_same_entry_from_two_policies_is_named_by_the_first_id():
     policies = [pol("b", "web", "db", "tcp", [5432]), pol("a", "web", "db", "tcp", ["5000-6000"])]
     d = plan(SELF, [node(2, ["web"])], CFG, policies=policies)
-    idx = policy_indexes(["a", "b"])
-    assert d.tables["policy"][(hash31("web"), 6, 5432, 16)] == idx["b"]  # only b has the exact port
+    idx = ref_indexes(["a", "b"])
+    assert d.tables["policy"][(sha31("web"), 6, 5432, 16)] == idx["b"]  # only b has the exact port
     policies = [pol("b", "web", "db", "tcp", [5432]), pol("a", "web", "db", "tcp", [5432])]
     d = plan(SELF, [node(2, ["web"])], CFG, policies=policies)
-    assert d.tables["policy"] == {(hash31("web"), 6, 5432, 16): idx["a"]}
+    assert d.tables["policy"] == {(sha31("web"), 6, 5432, 16): idx["a"]}
 
 
 def test_names_are_cut_to_the_map_value():
@@ -319,7 +350,7 @@ def test_fleet_plan_is_big_and_fast_enough(fleet):
 def test_one_policy_change_touches_only_its_entries(fleet):
     peers, policies, base, _ = fleet
     pid = "p0102"  # from g2 to db, tcp 1102
-    idx = policy_indexes(base.selected_by)[pid]
+    idx = ref_indexes(base.selected_by)[pid]
     changed = dict(policies)
     changed[pid] = pol(pid, "g2", "db", "tcp", ["2100-2101"])
     after = plan(SELF, peers, CFG, policies=changed)
@@ -349,7 +380,7 @@ def test_adding_and_deleting_a_policy(fleet):
     added["zz-new"] = pol("zz-new", "g7", "db", "tcp", [7777])  # sorts last: the default stays
     after = plan(SELF, peers, CFG, policies=added)
     ops = diff(after.tables, base.tables)
-    idx = policy_indexes([*base.selected_by, "zz-new"])["zz-new"]
+    idx = ref_indexes([*base.selected_by, "zz-new"])["zz-new"]
     assert {op.table for op in ops} == {"policy", "names"}
     assert all(not op.is_delete and op.value == idx for op in ops if op.table == "policy")
     assert {op.key for op in ops if op.table == "names"} == {("policy", idx), ("rule", idx)}
@@ -370,7 +401,7 @@ def test_one_peer_group_change_touches_only_that_peer(fleet):
     by = _ops_by_table(ops)
     assert set(by) <= {"peers", "policy", "names"}
     assert [op.key for op in by["peers"]] == [old.private]
-    new_ident = hash31("g12,g8,newgroup")
+    new_ident = sha31("g12,g8,newgroup")
     assert by["peers"][0].value == PeerEntry(new_ident)
     old_ident = base.tables["peers"][old.private].identity
     # the new identity's entries (and name) appear; the old one's go only if no peer keeps it

@@ -16,12 +16,6 @@ from overlay.model import Node, policy_from_dict
 from overlay.plan import plan
 from overlay.policy import port_prefixes
 
-
-def covers(start: int, bits: int, port: int) -> bool:
-    """The ports a policy key (first port, fixed bits) stands for, as a range (the reference:
-    the kernel's LPM match on the port's leading bits)."""
-    return start <= port < start + (1 << (16 - bits))
-
 HOST = "10.0.0.1"
 WEB, APP = "10.0.0.12", "10.0.0.13"
 HOST6, WEB6 = "2001:db8::1", "2001:db8::12"
@@ -31,6 +25,12 @@ def pol(pid, src, dst, proto="tcp", ports=()):
     endpoint = {"cidr": src} if "/" in src else {"group": src}
     return policy_from_dict({"v": 1, "from": endpoint, "to": {"group": dst}, "proto": proto,
                              "ports": list(ports)}, pid)
+
+
+def _port_in(start: int, bits: int, port: int) -> bool:
+    """The reference LPM match of a port prefix, as a range: ``bits`` fixed bits of 16 from
+    ``start`` cover ``start .. start + 2**(16 - bits) - 1`` (not overlay.policy.prefix_covers)."""
+    return start <= port < start + (1 << (16 - bits))
 
 
 class FakeMaps:
@@ -67,7 +67,7 @@ class FakeMaps:
     def policy(self, identity, proto, port):
         best = None
         for (i, p, start, bits), index in self.t["policy"].items():
-            if i == identity and p == proto and covers(start, bits, port):
+            if i == identity and p == proto and _port_in(start, bits, port):
                 if best is None or bits > best[0]:
                     best = (bits, index)
         return None if best is None else best[1]

@@ -1,0 +1,169 @@
+"""Mutation testing of the pure core (``make mutate``, docs/testing.md).
+
+For each target file: copy the repository to ``build/mutate/<name>/`` (mutmut 2.x mutates
+files in place, so never in the work tree), run ``mutmut run`` there on that one file
+against its fast tests (``TARGETS``), then read the ids and diffs of the surviving mutants.
+A survivor listed in ``tests/mutation/equivalents.txt`` (reviewed: file, original line,
+mutated line, why it is equivalent) is not counted. Writes ``build/mutate/results.json``
+and prints the score table (``--markdown`` for docs/testing.md).
+
+    .venv/bin/python scripts/mutate.py                 # every target, one after another
+    .venv/bin/python scripts/mutate.py overlay/guard.py
+    .venv/bin/python scripts/mutate.py --report        # the table of the last runs
+
+Runs with ``nice -n 19`` and one test process at a time: it is CPU-heavy (minutes per file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "build", "mutate")
+EQUIVALENTS = os.path.join(ROOT, "tests", "mutation", "equivalents.txt")
+VENV_BIN = os.path.join(ROOT, ".venv", "bin")
+
+U = "tests/unit/"
+TARGETS: dict[str, list[str]] = {
+    "overlay/guard.py": [U + "test_guard.py", U + "test_agent.py", U + "test_agent_lifecycle.py"],
+    "overlay/diff.py": [U + "test_diff.py"],
+    "overlay/plan.py": [U + "test_plan.py", U + "test_plan_edges.py", U + "test_policy_plan.py"],
+    "overlay/policy.py": [U + "test_policy_plan.py", U + "test_plan.py"],
+    "overlay/model.py": [U + "test_records.py", U + "test_plan.py"],
+    "overlay/agent.py": [U + "test_agent.py", U + "test_agent_lifecycle.py", U + "test_agent_policies.py"],
+    "overlay/config.py": [U + "test_config_table.py", U + "test_config.py"],
+    "overlay/config_check.py": [U + "test_config_table.py", U + "test_config.py"],
+    "overlay/datapath/ebpf/codec.py": [U + "test_ebpf_maps_codec.py"],
+    "overlay/datapath/iptables_rules.py": [U + "test_iptables_render.py"],
+}
+IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "dist", ".mutmut-cache", "__pycache__", "*.egg-info",
+                                ".pytest_cache", ".ruff_cache", ".hypothesis", "vagrant")
+
+
+def equivalents() -> dict[str, list[tuple[str, str, str]]]:
+    """file -> [(original line, mutated line, why)] from the reviewed list."""
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    if not os.path.exists(EQUIVALENTS):
+        return out
+    with open(EQUIVALENTS, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = [p.strip() for p in line.rstrip("\n").split("\t")]
+            if len(parts) != 4 or not parts[3]:
+                sys.exit(f"{EQUIVALENTS}:{n}: expected 'file<TAB>original<TAB>mutated<TAB>why'")
+            out.setdefault(parts[0], []).append((parts[1], parts[2], parts[3]))
+    return out
+
+
+def _diff_lines(diff: str) -> tuple[str, str]:
+    """The changed line of a one-line mutant's diff: (original, mutated), stripped."""
+    minus = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    plus = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return " / ".join(minus), " / ".join(plus)
+
+
+def _ids(work: str, kind: str) -> list[int]:
+    out = subprocess.run([os.path.join(VENV_BIN, "mutmut"), "result-ids", kind], cwd=work,
+                         capture_output=True, text=True).stdout.split()
+    return [int(x) for x in out if x.isdigit()]
+
+
+def run_one(path: str) -> dict:
+    name = path.replace("/", "_").removesuffix(".py")
+    work = os.path.join(OUT, name)
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(ROOT, work, ignore=IGNORE)
+    tests = " ".join(TARGETS[path])
+    runner = (f"{os.path.join(VENV_BIN, 'python')} -m pytest -x -q -p no:cacheprovider -p no:randomly "
+              f"-o addopts= --timeout=120 {tests}")
+    started = datetime.datetime.now(datetime.UTC)
+    commit = _commit()   # the tree copied above
+    log = os.path.join(OUT, f"{name}.log")
+    with open(log, "w", encoding="utf-8") as fh:
+        subprocess.run(["nice", "-n", "19", os.path.join(VENV_BIN, "mutmut"), "run", "--paths-to-mutate", path,
+                        "--runner", runner, "--tests-dir", "tests/unit", "--no-progress", "--simple-output"],
+                       cwd=work, stdout=fh, stderr=subprocess.STDOUT,
+                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": work})
+    kinds = {k: _ids(work, k) for k in ("killed", "survived", "timeout", "suspicious", "skipped")}
+    known = {(o, m): why for o, m, why in equivalents().get(path, [])}
+    survivors, equivalent = [], []
+    for mid in kinds["survived"]:
+        diff = subprocess.run([os.path.join(VENV_BIN, "mutmut"), "show", str(mid)], cwd=work,
+                              capture_output=True, text=True).stdout
+        orig, mut = _diff_lines(diff)
+        (equivalent if (orig, mut) in known else survivors).append({"id": mid, "original": orig, "mutated": mut})
+    killed = len(kinds["killed"]) + len(kinds["timeout"]) + len(kinds["suspicious"])
+    counted = killed + len(survivors)
+    return {
+        "file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit, "mutants": counted + len(equivalent), "killed": killed,
+        "equivalent": len(equivalent), "survived": len(survivors),
+        "score": round(100.0 * killed / counted, 1) if counted else None,
+        "survivors": survivors, "equivalents": equivalent,
+        "seconds": round((datetime.datetime.now(datetime.UTC) - started).total_seconds()),
+    }
+
+
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "overlay", "tests"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+
+
+def load_results() -> dict[str, dict]:
+    path = os.path.join(OUT, "results.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    return {}
+
+
+def table(results: dict[str, dict], markdown: bool) -> str:
+    rows = [results[f] for f in TARGETS if f in results]
+    if markdown:
+        lines = ["| file | mutants | killed | equivalent | survived | score | run (UTC), commit |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| `{r['file']}` | {r['mutants']} | {r['killed']} | {r['equivalent']} | {r['survived']} | "
+                  f"{r['score']}% | {r['date']}, {r['commit']} |" for r in rows]
+    else:
+        lines = [f"{r['file']:40} {r['score']:>6}%  killed {r['killed']}/{r['mutants'] - r['equivalent']}"
+                 f"  equivalent {r['equivalent']}  ({r['date']}, {r['commit']}, {r['seconds']} s)" for r in rows]
+        for r in rows:
+            lines += [f"  survived {r['file']} #{s['id']}: {s['original']!r} -> {s['mutated']!r}"
+                      for s in r["survivors"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="*", help=f"target files (default: all of {', '.join(TARGETS)})")
+    ap.add_argument("--report", action="store_true", help="print the table of the last runs, run nothing")
+    ap.add_argument("--markdown", action="store_true", help="the table as Markdown (docs/testing.md)")
+    args = ap.parse_args(argv)
+    unknown = [f for f in args.files if f not in TARGETS]
+    if unknown:
+        print(f"mutate: not a target: {', '.join(unknown)} (targets: {', '.join(TARGETS)})", file=sys.stderr)
+        return 2
+    os.makedirs(OUT, exist_ok=True)
+    results = load_results()
+    if not args.report:
+        for path in args.files or list(TARGETS):
+            print(f"==> mutate {path} ({' '.join(TARGETS[path])})", flush=True)
+            results[path] = run_one(path)
+            with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as fh:
+                json.dump(results, fh, indent=1)
+            print(table({path: results[path]}, False), flush=True)
+    print(table(results, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
