@@ -10,8 +10,19 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from overlay.model import Node
-from tests.unit.test_agent import make_agent, peer
+from tests.support.feed import FeedRegistry
+from tests.unit.test_agent import FakeRegistry, make_agent, peer
+
+
+@pytest.fixture(autouse=True)
+def _feed_registry(monkeypatch):
+    """A registry with a change feed: the agent's incremental path, where a full re-read
+    of the datapath happens only at start, every ``resync_s`` and after a reconnect (a
+    registry without a feed has the agent re-read in full on every change)."""
+    monkeypatch.setattr(FakeRegistry, "__new__", lambda cls: FeedRegistry())
 
 
 def _drift(dp, overlay: str) -> None:

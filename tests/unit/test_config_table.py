@@ -19,6 +19,7 @@ import pytest
 
 from overlay import config as C
 from overlay.config import config_from_dict
+from overlay.config_neti import NetiConfig
 from overlay.errors import InvalidConfigError
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "config.md")
@@ -95,6 +96,9 @@ def code_defaults() -> dict:
     out = dict(_walk(C.Config, ""))
     out |= dict(_walk(C.Discovery, "discovery."))
     out |= dict(_walk(C.ControllerConfig, "controller."))
+    # registry.neti is an optional section (off by default): its keys' defaults, without the
+    # required vpcflag (a default-less key whose dataclass value is only a placeholder)
+    out |= {k: v for k, v in _walk(NetiConfig, "registry.neti.") if k != "registry.neti.vpcflag"}
     out["overlay_subnet"] = C.DEFAULT_SUBNET
     return out
 
@@ -147,6 +151,8 @@ def _get(cfg, key: str):
 def test_a_config_without_the_key_gets_the_default(key):
     base = {"node_id": "n1", "network": "ec2", "discovery": {"provider": "aws-imds"},
             "controller": {"tls": TLS}}
+    if key.startswith("registry.neti."):     # the optional section, with its required keys only
+        base["registry"] = {"backend": "zookeeper", "neti": {"prefix": "/neti", "vpcflag": {"ec2": 0}}}
     cfg = config_from_dict(base)
     got = _get(cfg, key)
     if key == "overlay_subnet":
