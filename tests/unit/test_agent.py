@@ -17,6 +17,7 @@ from overlay.datapath.dryrun import DryRunDatapath
 from overlay.model import Node
 from overlay.registry import RegistryView
 from tests.support.feed import FeedRegistry
+from tests.support.wait import wait_for
 
 SUBNET = ipaddress.IPv4Network("192.168.0.0/18")
 HOSTS = list(SUBNET.hosts())
@@ -234,11 +235,7 @@ def test_run_loop_reacts_to_registry_events_and_stops():
     t.start()
     try:
         reg.put(peer(7))
-        for _ in range(200):
-            if peer(7).overlay in dp.state["nat"]:
-                break
-            threading.Event().wait(0.01)
-        assert peer(7).overlay in dp.state["nat"]
+        wait_for(lambda: peer(7).overlay in dp.state["nat"], 2, "peer 7 applied by the loop")
     finally:
         stop.set()
         agent.wake.set()

@@ -14,6 +14,7 @@ import pytest
 
 from overlay.model import Node
 from tests.support.feed import FeedRegistry
+from tests.support.wait import wait_for
 from tests.unit.test_agent import FakeRegistry, make_agent, peer
 
 
@@ -99,24 +100,16 @@ def test_the_idle_loop_resyncs_every_resync_s():
         clock.now = 100.0
         agent.wake.set()                        # run() sets it too: one reconcile, no read
         t.start()
-        _wait(lambda: agent.applies == applies + 1)
+        wait_for(lambda: agent.applies == applies + 1, 5, "one reconcile")
         assert peer(1).overlay not in dp.state["nat"]
         clock.now = 300.0                       # idle, and resync_s has passed
-        _wait(lambda: peer(1).overlay in dp.state["nat"])
+        wait_for(lambda: peer(1).overlay in dp.state["nat"], 5, "the resync's repair")
         assert peer(1).overlay in dp.state["nat"]
     finally:
         stop.set()
         agent.wake.set()
         t.join(5)
     assert not t.is_alive()
-
-
-def _wait(cond, bound_s: float = 5.0) -> None:
-    ev = threading.Event()
-    for _ in range(int(bound_s / 0.01)):
-        if cond():
-            return
-        ev.wait(0.01)
 
 
 def test_the_loop_wakes_at_the_settle_deadline_without_an_event():
@@ -134,11 +127,11 @@ def test_the_loop_wakes_at_the_settle_deadline_without_an_event():
     applies = agent.applies
     t.start()
     try:
-        _wait(lambda: agent.applies == applies + 1)   # the start's reconcile: still settling
+        wait_for(lambda: agent.applies == applies + 1, 5, "the start's reconcile")   # still settling
         assert agent.next_deadline == 2.0
         assert peer(0).overlay in dp.state["nat"]
         clock.now = 2.5
-        _wait(lambda: peer(0).overlay not in dp.state["nat"])
+        wait_for(lambda: peer(0).overlay not in dp.state["nat"], 5, "the apply at the settle deadline")
         assert not any(peer(i).overlay in dp.state["nat"] for i in range(3))
         assert agent.next_deadline is None
     finally:
