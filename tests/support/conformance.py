@@ -228,19 +228,27 @@ def run_probes(items: list[dict], timeout: float = TIMEOUT_S) -> list[dict]:
 
 
 def echo(ports: list[int]) -> None:
+    lock = threading.Lock()
+
+    def line(record: dict) -> None:
+        # one write per record under a lock: print() from two threads writes the text
+        # and its newline separately, so two records could share a line
+        with lock:
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+
     def one(port: int) -> None:
         srv = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         srv.bind(("::", port))
         while True:
             data, peer = srv.recvfrom(65535)
-            print(json.dumps({"from": peer[0].removeprefix("::ffff:").split("%")[0], "port": port,
-                              "len": len(data)}), flush=True)
+            line({"from": peer[0].removeprefix("::ffff:").split("%")[0], "port": port, "len": len(data)})
             srv.sendto(data, peer)
 
     for port in ports:
         threading.Thread(target=one, args=(port,), daemon=True).start()
-    print(json.dumps({"ready": True}), flush=True)
+    line({"ready": True})
     threading.Event().wait()
 
 
