@@ -6,7 +6,8 @@ One set of namespaces on one bridge (``sw``) serves both tests:
 - ``zk`` 10.77.0.100: ZooKeeper (registry prefix /mig, the old system's prefix /neti);
 - ``d1`` 10.77.0.1 and ``d2`` 10.77.0.2 (public 198.18.77.1/.2 on the same link): ``overlay
   daemon`` on the eBPF datapath, network ec2, ``registry.neti`` (ec2 = flag 0, vpc = flag 1),
-  ``reject_all``, granted group ``db``; each runs the lab's echo server on TCP 7300;
+  ``reject_all``, granted group ``db``; each runs the lab's echo server on TCP 7300 and a line
+  echo on TCP 7310 (tests.support.dpctl serve-lines);
 - ``op`` 10.77.0.30: the operator's host (not a member): runs the ``overlay policies`` CLI and
   connects to the daemons' echo servers;
 - ``old0`` 10.77.0.20: an old host with flag 0 (same as the daemons): only its private address
@@ -14,12 +15,13 @@ One set of namespaces on one bridge (``sw``) serves both tests:
   there (its private 10.66.0.21 exists nowhere; it answers 10.77.0.0/24 on the link). Both are made the old way
   (overlay.lab.neti_host: old allocation, party entry) over a kazoo session of the test.
 
-The policy in force before the tests lets ``op`` reach ``db`` on TCP 7300; with ``reject_all``
-everything else from ``op`` is dropped.
+The policy in force before the tests lets ``op`` reach ``db`` on TCP 7300 and 7310; with
+``reject_all`` everything else from ``op`` is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -54,8 +56,8 @@ OLD = {  # name: (id, public, private, flag, the address present in its namespac
     "old0": ("i-old0", "198.18.77.20", "10.77.0.20", 0, "10.77.0.20/24"),
     "old1": ("i-old1", "198.18.77.21", "10.66.0.21", 1, "198.18.77.21/24"),
 }
-SVC = 7300
-ALLOW_OP = {"v": 1, "from": {"cidr": f"{OP}/32"}, "to": {"group": "db"}, "proto": "tcp", "ports": [SVC]}
+SVC, LINES = 7300, 7310     # the echo server (one line per connection), a line echo (long-lived)
+ALLOW_OP = {"v": 1, "from": {"cidr": f"{OP}/32"}, "to": {"group": "db"}, "proto": "tcp", "ports": [SVC, LINES]}
 # the whole set after the change: op may reach db on another port only, so 7300 is cut
 CUT_OP = {"policies": {"op-other": {"from": {"cidr": f"{OP}/32"}, "to": {"group": "db"}, "proto": "tcp",
                                     "ports": [SVC + 1]}}}
@@ -83,7 +85,7 @@ def world():
     pins = {n: new_pin_root(f"mig{n}") for n in DAEMONS}
     zk = client = None
     daemons: dict[str, Daemon] = {}
-    echoes: list[subprocess.Popen] = []
+    echoes: list = []
     try:
         ns = {n: make(n) for n in ("sw", "zk", *DAEMONS, "op", *OLD)}
         ns["sw"].run("ip", "link", "add", "br0", "type", "bridge")
@@ -115,6 +117,7 @@ def world():
         for n in DAEMONS:
             echoes.append(ns[n].popen(PYTHON, "-m", "overlay.lab.echo", "--port", str(SVC), "--name", n,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO))
+            echoes.append(ns[n].helper_bg("serve-lines", port=LINES, timeout=900))
             daemons[n] = Daemon(ns[n].name, _daemon_config(n, pins[n], work), os.path.join(work, n))
             daemons[n].start()
 
@@ -247,6 +250,57 @@ class Prober:
         return None
 
 
+class Held:
+    """One TCP connection from inside ``ns`` to ``host``'s line echo, held open: a numbered line
+    is written every 0.1 s (TCP queues what is not acknowledged), and each echoed line's arrival
+    time recorded. Bounded: writes stop after ``limit_s`` seconds."""
+
+    def __init__(self, ns: str, host: str, limit_s: float = 90):
+        self.host, self.limit_s = host, limit_s
+        self.sent: list[float] = []                  # line i written at sent[i] (wall time)
+        self.echoed: list[tuple[int, float]] = []    # (line number, arrival wall time)
+        self.stop = threading.Event()
+        res = nx.in_netns(ns, socket.create_connection, (host, LINES), 5)
+        if isinstance(res, BaseException):
+            raise res
+        self.sock = res
+        self.sock.settimeout(None)
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._write, self._read)]
+        for t in self.threads:
+            t.start()
+
+    def _write(self) -> None:
+        end = time.monotonic() + self.limit_s
+        while not self.stop.is_set() and time.monotonic() < end:
+            self.sent.append(time.time())
+            self.sock.sendall(f"{len(self.sent) - 1}\n".encode())
+            self.stop.wait(0.1)
+
+    def _read(self) -> None:
+        with self.sock.makefile("rb") as lines:
+            for line in lines:
+                self.echoed.append((int(line), time.time()))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.threads[0].join(5)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.threads[1].join(5)
+
+    def first_echo_after(self, t: float) -> float | None:
+        return next((at for _, at in list(self.echoed) if at >= t), None)
+
+
+def _all_reach(probe: Prober, since: float | dict, ok: bool, by: float, what: str) -> dict[str, float]:
+    """Per target: when ``ok`` became its steady state (3 probes in a row) after ``since`` (a time,
+    or a time per target), waiting until wall time ``by`` at most."""
+    return {h: wait_for(lambda h=h: probe.state_after(since[h] if isinstance(since, dict) else since, h, ok),
+                        timeout=max(0.1, by - time.time()), interval=0.05, what=f"{h} {what}")
+            for h in probe.targets}
+
+
 def _cli(world, *argv: str) -> subprocess.CompletedProcess:
     return world["ns"]["op"].run(PYTHON, "-m", "overlay.cli", *argv, check=False, timeout=60, cwd=REPO)
 
@@ -261,51 +315,74 @@ def test_unconfirmed_cut_is_restored_on_every_daemon_and_a_confirmed_one_stays(w
     targets = [DAEMONS[n][0] for n in DAEMONS]
     zk = world["zk"]
     drops0 = {n: _maps(d)["ovl_counters"]["entries"]["drop_policy"] for n, d in world["daemons"].items()}
-    with Prober(world["ns"]["op"].name, targets) as probe:
-        t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        held = {h: Held(world["ns"]["op"].name, h) for h in targets}
         for h in targets:
-            wait_for(lambda h=h: probe.state_after(t0, h, True), timeout=15, what=f"op reaching {h}")
+            stack.callback(held[h].close)
+        with Prober(world["ns"]["op"].name, targets) as probe:
+            t0 = time.time()
+            for h in targets:
+                wait_for(lambda h=h: probe.state_after(t0, h, True), timeout=15, what=f"op reaching {h}")
+                wait_for(lambda h=h: held[h].first_echo_after(t0), timeout=15, what=f"the held connection to {h}")
 
-        # 1. unconfirmed: cut on every daemon before the deadline, restored by itself after it
-        t_apply = time.time()
-        res = _cli(world, "policies", "apply", "-c", ops, pol, "--confirm-within", "5")
-        assert res.returncode == 0 and "rolls it back" in res.stdout, res.stderr
-        deadline = json.loads(zk.get(f"{PREFIX}/config/pending")[0])["deadline"]
-        cut = {h: wait_for(lambda h=h: probe.state_after(t_apply, h, False), timeout=max(0.1, deadline - time.time()),
-                           interval=0.05, what=f"{h} cut before the deadline") for h in targets}
-        back = {h: wait_for(lambda h=h: probe.state_after(cut[h], h, True), timeout=deadline + 6 - time.time(),
-                            interval=0.05, what=f"{h} restored within 6 s of the deadline") for h in targets}
-        for h in targets:
-            # from the cut to the restoration every probe failed, and none succeeded before the deadline
-            between = [ok for ts, ok in probe.since(cut[h], h) if ts < back[h]]
-            assert between and not any(between), h
-            assert back[h] >= deadline - 0.05, (h, back[h] - deadline)
-        print(f"\nconfirm-within 5: written {deadline - 5 - t_apply:+.2f} s after the CLI started; per daemon: "
-              + ", ".join(f"{h} cut {cut[h] - (deadline - 5):.2f} s after the write, connections back "
-                          f"{back[h] - deadline:.2f} s after the deadline ({back[h] - (deadline - 5):.2f} s "
-                          f"after the write)" for h in targets))
-        # the cut was the datapath dropping op's SYNs for the policy, on every daemon
-        drops = {n: _maps(d)["ovl_counters"]["entries"]["drop_policy"] for n, d in world["daemons"].items()}
-        assert all(drops[n] > drops0[n] for n in drops), (drops0, drops)
-        # ZooKeeper still holds the change until someone writes the rollback
-        res = _cli(world, "policies", "rollback", "-c", ops)
-        assert res.returncode == 0, res.stderr
-        assert zk.get_children(f"{PREFIX}/policies") == ["op-svc"]
-        assert zk.exists(f"{PREFIX}/config/pending") is None
+            # 1. unconfirmed: cut on every daemon before the deadline, restored by itself after it
+            t_apply = time.time()
+            res = _cli(world, "policies", "apply", "-c", ops, pol, "--confirm-within", "5")
+            assert res.returncode == 0 and "rolls it back" in res.stdout, res.stderr
+            deadline = json.loads(zk.get(f"{PREFIX}/config/pending")[0])["deadline"]
+            cut = _all_reach(probe, t_apply, False, deadline, "cut before the deadline")
+            back = _all_reach(probe, cut, True, deadline + 6, "restored within 6 s of the deadline")
+            for h in targets:
+                # from the cut to the restoration every probe failed, and none succeeded before the deadline
+                between = [ok for ts, ok in probe.since(cut[h], h) if ts < back[h]]
+                assert between and not any(between), h
+                assert back[h] >= deadline - 0.05, (h, back[h] - deadline)
+            # the rollback took effect after the last failed probe started and before the first good one
+            last_cut = {h: max(ts for ts, ok in probe.since(cut[h], h) if ts < back[h]) for h in targets}
+            print(f"\nconfirm-within 5: written {deadline - 5 - t_apply:+.2f} s after the CLI started; "
+                  + "; ".join(f"{h}: cut {cut[h] - (deadline - 5):.2f} s after the write, new connections back "
+                              f"between {last_cut[h] - deadline:+.2f} and {back[h] - deadline:+.2f} s after the "
+                              "deadline" for h in targets))
+            # the held connections: nothing written from just after the cut to just before the deadline
+            # came back before the deadline; then the same connection carried on (TCP's retransmission
+            # timer decides when after the rollback), every line echoed, in order
+            resumed = {h: wait_for(lambda h=h: held[h].first_echo_after(deadline), timeout=deadline + 20 - time.time(),
+                                   interval=0.05, what=f"the held connection to {h} carrying on") for h in targets}
+            window = {h: [i for i, at in enumerate(held[h].sent) if max(cut.values()) + 0.5 <= at <= deadline - 0.5]
+                      for h in targets}
+            assert all(window.values()), window
+            wait_for(lambda: all(len(held[h].echoed) > window[h][-1] for h in targets), timeout=20,
+                     what="the lines written during the cut echoed")
+            for h in targets:
+                arrived = dict(held[h].echoed)
+                assert all(arrived[i] >= deadline - 0.05 for i in window[h]), h
+            for h in targets:
+                assert [i for i, _ in held[h].echoed] == list(range(len(held[h].echoed))), h
+            print("held connections: carried on " + ", ".join(f"{h} {resumed[h] - deadline:.2f} s" for h in targets)
+                  + " after the deadline (TCP retransmission backoff included)")
+            # the cut was the datapath dropping op's packets for the policy, on every daemon
+            drops = {n: _maps(d)["ovl_counters"]["entries"]["drop_policy"] for n, d in world["daemons"].items()}
+            assert all(drops[n] > drops0[n] for n in drops), (drops0, drops)
+            # ZooKeeper still holds the change until someone writes the rollback
+            res = _cli(world, "policies", "rollback", "-c", ops)
+            assert res.returncode == 0, res.stderr
+            assert zk.get_children(f"{PREFIX}/policies") == ["op-svc"]
+            assert zk.exists(f"{PREFIX}/config/pending") is None
 
-        # 2. confirmed: the cut stays past its deadline
-        t_apply = time.time()
-        res = _cli(world, "policies", "apply", "-c", ops, pol, "--confirm-within", "10")
-        assert res.returncode == 0, res.stderr
-        deadline = json.loads(zk.get(f"{PREFIX}/config/pending")[0])["deadline"]
-        cut = {h: wait_for(lambda h=h: probe.state_after(t_apply, h, False), timeout=max(0.1, deadline - time.time()),
-                           interval=0.05, what=f"{h} cut") for h in targets}
-        res = _cli(world, "policies", "confirm", "-c", ops)
-        assert res.returncode == 0 and "confirmed" in res.stdout, res.stderr
-        assert time.time() < deadline, "confirmed too late to show anything"
-        time.sleep(max(0.0, deadline + 3 - time.time()))
-        for h in targets:
-            after = probe.since(cut[h], h)
-            assert after and after[-1][0] > deadline + 2 and not any(ok for _, ok in after), h
+            # 2. confirmed: the cut stays past its deadline
+            t_apply = time.time()
+            res = _cli(world, "policies", "apply", "-c", ops, pol, "--confirm-within", "10")
+            assert res.returncode == 0, res.stderr
+            deadline = json.loads(zk.get(f"{PREFIX}/config/pending")[0])["deadline"]
+            cut = _all_reach(probe, t_apply, False, deadline, "cut")
+            res = _cli(world, "policies", "confirm", "-c", ops)
+            assert res.returncode == 0 and "confirmed" in res.stdout, res.stderr
+            assert time.time() < deadline, "confirmed too late to show anything"
+            time.sleep(max(0.0, deadline + 3 - time.time()))
+            for h in targets:
+                after = probe.since(cut[h], h)
+                assert after and after[-1][0] > deadline + 2 and not any(ok for _, ok in after), h
+            for h in targets:     # the held connections are cut again for good
+                assert held[h].first_echo_after(cut[h] + 0.5) is None, h
     assert zk.get_children(f"{PREFIX}/policies") == ["op-other"]
     print(f"confirmed: still cut {time.time() - deadline:.1f} s after its deadline on every daemon")
