@@ -41,7 +41,7 @@ from overlay.zk.server import ZooKeeperServer
 from tests.support.daemons import Daemon, statuses
 from tests.support.netns import NetnsSet, finish, new_pin_root, require_bcc, veth
 from tests.support.paths import PYTHON, REPO
-from tests.support.wait import wait_for
+from tests.support.wait import stop_process, wait_for
 from tests.support.zk import client_in_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.zk]
@@ -135,12 +135,7 @@ def world():
         for d in daemons.values():
             d.stop()
         for p in echoes:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            stop_process(p, timeout=10)
         if client is not None:
             client.stop()
             client.close()
