@@ -18,8 +18,8 @@ Ops spec: {"nat": {overlay: real}, "rnat": {real: overlay}, "peers": {real: iden
 "ports": {"tcp": [port...], "udp": [...]}, "failsafe": {cidr: flags},
 "config": {name: value}}; ``"delete": {table: [keys]}`` deletes.
 
-Traffic actions: serve-tcp, serve-udp, connect-tcp, send-udp, udp-connected, stream-serve,
-stream-send, syn-flood. Any action with ``join_cgroup`` (a cgroup-v2 directory) first moves
+Traffic actions: serve-tcp, serve-udp, serve-lines, connect-tcp, send-udp, udp-connected,
+stream-serve, stream-send, syn-flood. Any action with ``join_cgroup`` (a cgroup-v2 directory) first moves
 this process into that cgroup.
 """
 
@@ -217,6 +217,34 @@ def act_serve_udp(a: dict) -> None:
     _out({"seen": seen})
 
 
+def act_serve_lines(a: dict) -> None:
+    """Echo every line of every TCP connection back on it (long-lived connections), for
+    ``timeout`` seconds in all; a thread per connection."""
+    import threading
+
+    srv = socket.create_server((a.get("bind", "0.0.0.0"), a["port"]), reuse_port=False)
+    end = time.monotonic() + a.get("timeout", 120)
+
+    def echo(conn) -> None:
+        with conn, conn.makefile("rb") as lines:
+            conn.settimeout(max(0.1, end - time.monotonic()))
+            try:
+                for line in lines:
+                    conn.sendall(line)
+            except OSError:
+                pass
+
+    _out({"listening": a["port"]})
+    while (left := end - time.monotonic()) > 0:
+        srv.settimeout(left)
+        try:
+            conn, _ = srv.accept()
+        except TimeoutError:
+            break
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+    _out({"done": True})
+
+
 def act_connect_tcp(a: dict) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(a.get("timeout", 3))
@@ -383,6 +411,7 @@ def act_ping(a: dict) -> None:
 ACTIONS = {
     "start": act_start, "apply": act_apply, "observe": act_observe, "hold": act_hold,
     "teardown": act_teardown, "plan": act_plan, "serve-tcp": act_serve_tcp, "serve-udp": act_serve_udp,
+    "serve-lines": act_serve_lines,
     "connect-tcp": act_connect_tcp, "send-udp": act_send_udp, "udp-connected": act_udp_connected,
     "stream-serve": act_stream_serve, "ping": act_ping, "stream-send": act_stream_send,
     "syn-flood": act_syn_flood,

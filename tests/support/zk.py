@@ -67,23 +67,29 @@ def expire_session(client) -> None:
         other.close()
 
 
-def read_in_netns(ns: str, hosts: str, fn, timeout: float = 30):
-    """``fn(client)`` with a kazoo client of ``hosts`` connected from inside namespace ``ns``
-    (its connection thread is started there, so it is in that namespace too)."""
+def client_in_netns(ns: str, hosts: str, timeout: float = 5):
+    """A started kazoo client of ``hosts`` whose connection thread was started inside namespace
+    ``ns`` (so its sockets, reconnections included, are made there). The caller stops it."""
     from overlay import netns as nx
 
-    def run():
+    def start():
         from kazoo.client import KazooClient
 
-        c = KazooClient(hosts=hosts, timeout=5)
+        c = KazooClient(hosts=hosts, timeout=timeout)
         c.start(timeout=10)
-        try:
-            return fn(c)
-        finally:
-            c.stop()
-            c.close()
+        return c
 
-    res = nx.in_netns(ns, run, timeout=timeout)
+    res = nx.in_netns(ns, start, timeout=30)
     if isinstance(res, BaseException):
         raise res
     return res
+
+
+def read_in_netns(ns: str, hosts: str, fn):
+    """``fn(client)`` with a kazoo client of ``hosts`` connected from inside namespace ``ns``."""
+    c = client_in_netns(ns, hosts)
+    try:
+        return fn(c)
+    finally:
+        c.stop()
+        c.close()
