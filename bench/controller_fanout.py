@@ -14,7 +14,9 @@ one clock for every process of the machine). Rows (backend ``controller``, ``pee
 = streams; the same harness with one stream is the baseline, measured in the same
 run): ``delivery_ms_p50`` / ``_p99`` / ``_max`` over every (stream, change),
 ``all_streams_ms_p50`` / ``_p99`` (per change, until the last stream had it),
-``deliveries_missed`` (0 expected) and ``streams`` (opened with a snapshot).
+``controller_cpu_us_per_delivery`` (the controller process's CPU from the first write until
+every client had the last change, / deliveries; includes its ZooKeeper reads and the
+writes' handling), ``deliveries_missed`` (0 expected) and ``streams`` (opened with a snapshot).
 
 Bounded: at most ``MAX_STREAMS`` streams, every wait has a deadline, the clients exit
 when told (stdin) or after ``hold_s``.
@@ -106,10 +108,13 @@ async def _client(controller: str, certs: str, node: str, streams: int, hold_s: 
 
 
 def measure(address: str, certs: str, *, streams: int, procs: int, changes: int, interval_s: float,
-            log=None, client_cpu: int | None = None, nodes: list[str] | None = None) -> dict:
+            log=None, client_cpu: int | None = None, nodes: list[str] | None = None,
+            server_pid: int | None = None) -> dict:
     """One run against a controller at ``address``: ``streams`` Watch streams over ``procs``
     client processes (identities ``nodes``, default ``fan-<i>``), then ``changes`` writes.
-    Returns the deliveries' latencies (ms) and what was missed."""
+    Returns the deliveries' latencies (ms), what was missed and, given the controller's
+    ``server_pid``, its CPU seconds from the first write until every client had the last."""
+    from bench.ctlstack import cpu_s
     from overlay.rpc.client import Client
     from overlay.rpc.tls import tls_from_dir
 
@@ -133,6 +138,7 @@ def measure(address: str, certs: str, *, streams: int, procs: int, changes: int,
             got = json.loads(line)
             opened += got["ready"]
             errors += got["errors"]
+        cpu0 = cpu_s(server_pid) if server_pid else None
         with Client(address, tls_from_dir(certs, "operator"), timeout=30) as op:
             tag = f"{time.monotonic_ns()}"
             for i in range(changes):
@@ -148,6 +154,7 @@ def measure(address: str, certs: str, *, streams: int, procs: int, changes: int,
         for c in clients:
             out, _ = c.communicate(timeout=120)
             outs.append(json.loads(out.strip().splitlines()[-1]))
+        cpu = cpu_s(server_pid) - cpu0 if cpu0 is not None else None
     finally:
         for c in clients:
             if c.poll() is None:
@@ -165,6 +172,7 @@ def measure(address: str, certs: str, *, streams: int, procs: int, changes: int,
         "missed": len(sent) * streams - len(deliveries), "errors": errors[:20],
         "latency_ms": deliveries,
         "all_streams_ms": [max(v) for v in per_change.values() if len(v) == streams],
+        "server_cpu_s": cpu,
     }
 
 
@@ -184,13 +192,21 @@ def run_suite(results, p: dict, log_dir: str, say) -> None:
             for _ in range(p["ctlfan_reps"]):
                 m = measure(st.address, st.certs, streams=n, procs=min(procs, n), changes=p["ctlfan_changes"],
                             interval_s=p["ctlfan_interval_s"], log=st.log,
-                            client_cpu=0 if st.two_cpus else None)
+                            client_cpu=0 if st.two_cpus else None, server_pid=st.pid)
                 runs.append(m)
                 say(f"  controller_fanout {n:5d} streams: delivery p50 "
                     f"{_percentile(m['latency_ms'], 0.5):.1f} ms, p99 {_percentile(m['latency_ms'], 0.99):.1f} ms, "
-                    f"all streams p99 {_percentile(m['all_streams_ms'], 0.99):.1f} ms, missed {m['missed']}"
+                    f"all streams p99 {_percentile(m['all_streams_ms'], 0.99):.1f} ms, missed {m['missed']}, "
+                    f"controller CPU {_cpu_per_delivery_us(m):.0f} us per delivery"
                     + (f"; errors {m['errors'][:2]}" if m["errors"] else ""))
             rows(results, make_row, n, runs, min(procs, n))
+
+
+def _cpu_per_delivery_us(m: dict) -> float:
+    """The controller's CPU per delivered delta, us (nan without its pid or a delivery)."""
+    if m.get("server_cpu_s") is None or not m["deliveries"]:
+        return float("nan")
+    return m["server_cpu_s"] * 1e6 / m["deliveries"]
 
 
 METRICS = {   # metric -> (unit, its value in one run)
@@ -199,6 +215,7 @@ METRICS = {   # metric -> (unit, its value in one run)
     "delivery_ms_max": ("ms", lambda m: max(m["latency_ms"] or [float("nan")])),
     "all_streams_ms_p50": ("ms", lambda m: _percentile(m["all_streams_ms"], 0.5)),
     "all_streams_ms_p99": ("ms", lambda m: _percentile(m["all_streams_ms"], 0.99)),
+    "controller_cpu_us_per_delivery": ("us", _cpu_per_delivery_us),
     "deliveries_missed": ("count", lambda m: m["missed"]),
     "streams": ("count", lambda m: m["streams"]),
 }

@@ -31,6 +31,14 @@ class Stack:
     certs: str        # the CA directory: operator.crt/.key and one pair per node issued
     log: object       # the open log file of the run (controller output, client errors)
     two_cpus: bool    # server on CPU 1, clients on CPU 0
+    pid: int          # the controller process
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def on_cpu(cpu: int | None) -> list[str]:
@@ -87,7 +95,7 @@ def controller_stack(log_dir: str, name: str, nodes: list[str],
         ctl = subprocess.Popen([*on_cpu(1 if two else None), PYTHON, "-m", "overlay.cli", "controller", "-c", cfg],
                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         wait_port(ctl_port, 60)
-        yield Stack(f"127.0.0.1:{ctl_port}", certs, log, two)
+        yield Stack(f"127.0.0.1:{ctl_port}", certs, log, two, ctl.pid)
     finally:
         if ctl is not None:
             ctl.terminate()
