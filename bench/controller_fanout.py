@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from bench.ctlstack import PYTHON, REPO, controller_stack, on_cpu
+from bench.ctlstack import PYTHON, REPO, client_parser, controller_stack, on_cpu, paced_writes
 
 SUITE = "controller_fanout"
 MAX_STREAMS = 20_000
@@ -140,13 +140,7 @@ def measure(address: str, certs: str, *, streams: int, procs: int, changes: int,
             errors += got["errors"]
         cpu0 = cpu_s(server_pid) if server_pid else None
         with Client(address, tls_from_dir(certs, "operator"), timeout=30) as op:
-            tag = f"{time.monotonic_ns()}"
-            for i in range(changes):
-                start = time.monotonic()
-                rev = op.put_group(f"fan-{i % 20}", f"{tag}-{i}")
-                if rev:
-                    sent[rev] = start
-                time.sleep(max(0.0, interval_s - (time.monotonic() - start)))
+            sent = paced_writes(op, changes, interval_s, "fan", 20)
         until = max(sent) if sent else 0
         for c in clients:
             c.stdin.write(f"until {until}\n")
@@ -233,11 +227,8 @@ def rows(results, make_row, n: int, runs: list[dict], procs: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.controller_fanout")
     sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("client", help="hold Watch streams, print receipt times of every revision (JSON)")
-    c.add_argument("--controller", required=True)
-    c.add_argument("--certs", required=True)
-    c.add_argument("--node", required=True)
-    c.add_argument("--streams", type=int, default=250)
+    c = client_parser(sub, "client", "hold Watch streams, print receipt times of every revision (JSON)",
+                      ("--streams", 250))
     c.add_argument("--hold-s", type=float, default=300.0)
     args = ap.parse_args(argv)
     out = asyncio.run(_client(args.controller, args.certs, args.node, max(1, min(args.streams, MAX_STREAMS)),

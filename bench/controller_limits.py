@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from bench.ctlstack import PYTHON, REPO, on_cpu
+from bench.ctlstack import PYTHON, REPO, client_parser, on_cpu, paced_writes
 
 SUITE = "controller_limits"
 
@@ -163,14 +163,8 @@ def measure(controller: str, certs: str, *, changes: int, interval_s: float, abu
                  str(abuser["registers"]), "--hold-s", str(changes * interval_s + 5)],
                 cwd=REPO, stdout=subprocess.PIPE, stderr=log or subprocess.DEVNULL, text=True)
         sent: dict[int, float] = {}
-        tag = f"{time.monotonic_ns()}"
         try:
-            for i in range(changes):
-                start = time.monotonic()
-                rev = op.put_group(f"load-{i % 50}", f"{tag}-{i}")
-                if rev:
-                    sent[rev] = start
-                time.sleep(max(0.0, interval_s - (time.monotonic() - start)))
+            sent = paced_writes(op, changes, interval_s, "load", 50)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not set(sent) <= set(got.received):
                 time.sleep(0.05)
@@ -237,11 +231,8 @@ def _rows(results, make_row, backend: str, m: dict, rep: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.controller_limits")
     sub = ap.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("abuse", help="one identity's burst of Watch streams and RegisterNode calls (prints JSON)")
-    a.add_argument("--controller", required=True)
-    a.add_argument("--certs", required=True)
-    a.add_argument("--node", required=True)
-    a.add_argument("--watches", type=int, default=1000)
+    a = client_parser(sub, "abuse", "one identity's burst of Watch streams and RegisterNode calls (prints JSON)",
+                      ("--watches", 1000))
     a.add_argument("--registers", type=int, default=10000)
     a.add_argument("--hold-s", type=float, default=10.0)
     args = ap.parse_args(argv)

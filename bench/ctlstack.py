@@ -108,3 +108,28 @@ def controller_stack(log_dir: str, name: str, nodes: list[str],
             zk.stop()
         log.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def client_parser(sub, name: str, help: str, streams: tuple[str, int]):
+    """A sub-command of a client process of these suites: --controller, --certs, --node
+    and a count (``streams`` = (option, default))."""
+    c = sub.add_parser(name, help=help)
+    c.add_argument("--controller", required=True)
+    c.add_argument("--certs", required=True)
+    c.add_argument("--node", required=True)
+    c.add_argument(streams[0], type=int, default=streams[1])
+    return c
+
+
+def paced_writes(op, changes: int, interval_s: float, prefix: str, groups: int) -> dict[int, float]:
+    """The operator client ``op`` writes ``changes`` groups (``<prefix>-<i % groups>``),
+    ``interval_s`` apart; {revision: CLOCK_MONOTONIC time the write began}."""
+    sent: dict[int, float] = {}
+    tag = f"{time.monotonic_ns()}"
+    for i in range(changes):
+        start = time.monotonic()
+        rev = op.put_group(f"{prefix}-{i % groups}", f"{tag}-{i}")
+        if rev:
+            sent[rev] = start
+        time.sleep(max(0.0, interval_s - (time.monotonic() - start)))
+    return sent

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from dataclasses import asdict
 
 import pytest
@@ -23,17 +22,8 @@ STREAMS, PROCS, CHANGES = 20, 5, 3
 
 @pytest.fixture(scope="module")
 def certs():
-    from overlay.controller import certs as certlib
-
-    base = gs.tmpdir()
-    try:
-        d = f"{base}/certs"
-        certlib.init(d)
-        for i in range(PROCS):
-            certlib.issue(d, f"fan-{i}")
+    with gs.node_certs([f"fan-{i}" for i in range(PROCS)]) as d:
         yield d
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_change_reaches_every_stream_and_the_rows_have_the_contract_shape(zk_server, zk_prefix, certs):
