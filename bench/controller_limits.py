@@ -25,21 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = os.path.join(REPO, ".venv", "bin", "python")
-if not os.path.exists(PYTHON):
-    PYTHON = sys.executable
+from bench.ctlstack import PYTHON, REPO, client_parser, on_cpu, paced_writes
+
 SUITE = "controller_limits"
-SUBNET = "192.168.0.0/18"
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -146,11 +140,6 @@ def _watch(client, stop: threading.Event, got: Watched, ready: threading.Event) 
         ready.set()
 
 
-def _on_cpu(cpu: int | None) -> list[str]:
-    """A command prefix pinning a process to ``cpu`` (as the other suites pin client and server)."""
-    return ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
-
-
 def measure(controller: str, certs: str, *, changes: int, interval_s: float, abuser: dict | None,
             watcher: str = "watcher", log=None, abuser_cpu: int | None = None) -> dict:
     """One run: the operator writes ``changes`` groups ``interval_s`` apart while ``watcher``
@@ -169,19 +158,13 @@ def measure(controller: str, certs: str, *, changes: int, interval_s: float, abu
         proc = None
         if abuser is not None:
             proc = subprocess.Popen(
-                [*_on_cpu(abuser_cpu), PYTHON, "-m", "bench.controller_limits", "abuse", "--controller", controller, "--certs", certs,
+                [*on_cpu(abuser_cpu), PYTHON, "-m", "bench.controller_limits", "abuse", "--controller", controller, "--certs", certs,
                  "--node", abuser["node"], "--watches", str(abuser["watches"]), "--registers",
                  str(abuser["registers"]), "--hold-s", str(changes * interval_s + 5)],
                 cwd=REPO, stdout=subprocess.PIPE, stderr=log or subprocess.DEVNULL, text=True)
         sent: dict[int, float] = {}
-        tag = f"{time.monotonic_ns()}"
         try:
-            for i in range(changes):
-                start = time.monotonic()
-                rev = op.put_group(f"load-{i % 50}", f"{tag}-{i}")
-                if rev:
-                    sent[rev] = start
-                time.sleep(max(0.0, interval_s - (time.monotonic() - start)))
+            sent = paced_writes(op, changes, interval_s, "load", 50)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not set(sent) <= set(got.received):
                 time.sleep(0.05)
@@ -212,38 +195,15 @@ def measure(controller: str, certs: str, *, changes: int, interval_s: float, abu
 
 def run_suite(results, p: dict, log_dir: str, say) -> None:
     """Rows of the suite into ``results`` (bench.results.ResultSet)."""
+    from bench.ctlstack import controller_stack
     from bench.results import make_row
-    from overlay.controller import certs as certlib
-    from overlay.zk.server import ZooKeeperServer
 
-    work = tempfile.mkdtemp(prefix="ovl-bench-ctl-", dir=log_dir)
-    log = open(os.path.join(log_dir, "controller_limits.log"), "w")
-    zk = ctl = None
-    try:
-        zk_port, ctl_port = _free_port(), _free_port()
-        zk = ZooKeeperServer(os.path.join(work, "zk"), "127.0.0.1", zk_port, fsync=False, die_with_parent=True)
-        zk.start(timeout=60)
-        certs = os.path.join(work, "certs")
-        certlib.init(certs)
-        for n in ("watcher", "abuser"):
-            certlib.issue(certs, n)
-        cfg = os.path.join(work, "controller.yaml")
-        with open(cfg, "w") as fh:
-            json.dump({"overlay_subnet": SUBNET, "registry": {"hosts": [zk.address], "prefix": "/bench"},
-                       "controller": {"listen": f"127.0.0.1:{ctl_port}", "tls": {
-                           "ca": f"{certs}/ca.crt", "cert": f"{certs}/controller.crt",
-                           "key": f"{certs}/controller.key"}}}, fh)
-        # the server side on CPU 1, the clients (abuser) on CPU 0, as the other suites do (2+ CPUs)
-        two = (os.cpu_count() or 1) >= 2
-        ctl = subprocess.Popen([*_on_cpu(1 if two else None), PYTHON, "-m", "overlay.cli", "controller", "-c", cfg],
-                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        _wait_port(ctl_port, 60)
-        address = f"127.0.0.1:{ctl_port}"
+    with controller_stack(log_dir, SUITE, ["watcher", "abuser"]) as st:
         abuser = {"node": "abuser", "watches": p["limits_watches"], "registers": p["limits_registers"]}
         for rep in range(p["limits_reps"]):
             for backend, who in (("controller-quiet", None), ("controller", abuser)):
-                m = measure(address, certs, changes=p["limits_changes"], interval_s=p["limits_interval_s"],
-                            abuser=who, log=log, abuser_cpu=0 if two else None)
+                m = measure(st.address, st.certs, changes=p["limits_changes"], interval_s=p["limits_interval_s"],
+                            abuser=who, log=st.log, abuser_cpu=0 if st.two_cpus else None)
                 _rows(results, make_row, backend, m, rep)
                 a = m["abuser"] or {}
                 say(f"  controller_limits {backend:16s} p50 {_percentile(m['latency_ms'], 0.5):.1f} ms, "
@@ -251,17 +211,6 @@ def run_suite(results, p: dict, log_dir: str, say) -> None:
                     + (f"; abuser: watch {a.get('watch_ok')} ok / {a.get('watch_exhausted')} refused, "
                        f"register {a.get('register_ok')} ok / {a.get('register_exhausted')} refused "
                        f"in {a.get('abuse_s', 0):.1f} s" if who else ""))
-    finally:
-        if ctl is not None:
-            ctl.terminate()
-            try:
-                ctl.wait(20)
-            except subprocess.TimeoutExpired:
-                ctl.kill()
-        if zk is not None:
-            zk.stop()
-        log.close()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _rows(results, make_row, backend: str, m: dict, rep: int) -> None:
@@ -279,35 +228,11 @@ def _rows(results, make_row, backend: str, m: dict, rep: int) -> None:
         results.add(make_row(SUITE, backend, 1, "abuse_s", "s", [a["abuse_s"]], "the abuser's burst", digits=2))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"the controller did not listen on {port} in {timeout:g} s")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.controller_limits")
     sub = ap.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("abuse", help="one identity's burst of Watch streams and RegisterNode calls (prints JSON)")
-    a.add_argument("--controller", required=True)
-    a.add_argument("--certs", required=True)
-    a.add_argument("--node", required=True)
-    a.add_argument("--watches", type=int, default=1000)
+    a = client_parser(sub, "abuse", "one identity's burst of Watch streams and RegisterNode calls (prints JSON)",
+                      ("--watches", 1000))
     a.add_argument("--registers", type=int, default=10000)
     a.add_argument("--hold-s", type=float, default=10.0)
     args = ap.parse_args(argv)

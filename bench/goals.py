@@ -134,6 +134,12 @@ def _agent_rss(rows):
     return v, n, f"agent RSS {v} bytes per peer at {n} peers"
 
 
+def _controller_fanout(rows):
+    n = _at(rows, "controller_fanout", "controller", "delivery_ms_p99", 1000)
+    v = _value(rows, "controller_fanout", "controller", "delivery_ms_p99", n)
+    return v, n, f"p99 {v} ms from a write to its receipt on each of {n} Watch streams"
+
+
 GOALS = [
     _goal("conn_setup_vs_bare", "eBPF connection rate at 50,000 peers >= 0.95x bare",
           0.95, True, _conn_vs_bare),
@@ -155,6 +161,8 @@ GOALS = [
           2.0, False, _agent_growth),
     _goal("agent_rss_bytes_per_peer", "agent RSS <= 400 bytes per peer at 50,000 peers",
           400.0, False, _agent_rss),
+    _goal("controller_fanout_p99", "one controller delivers a change to 1,000 Watch streams, p99 < 100 ms",
+          100.0, False, _controller_fanout),
 ]
 
 

@@ -201,12 +201,30 @@ def generated(data: dict, results_dir: str) -> str:
                       "before applying a re-addressed peer, on purpose): " + ", ".join(
                           f"K={k} {m.split('_')[-3]} {_cell(r, 1)} ms" for k, m, r in dflt) + "."]
         lines.append("")
+    lines += _controller_fanout(rows)
     lines += ["### Plots", ""]
     for name in ("conn_setup", "rr", "stream", "update_one", "full_sync", "memory", "fanout"):
         if os.path.exists(os.path.join(results_dir, f"{name}.png")):
             lines.append(f"![{name}]({rel}/{name}.png)")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _controller_fanout(rows) -> list[str]:
+    cf = [r for r in rows if r["suite"] == "controller_fanout"]
+    if not cf:
+        return []
+    metrics = ("delivery_ms_p50", "delivery_ms_p99", "delivery_ms_max", "all_streams_ms_p99",
+               "deliveries_missed")
+    lines = ["**controller_fanout: one controller, a change to S Watch streams, ms** (write to "
+             "receipt; median of repetitions, min–max)", "",
+             "| streams S | delivery p50 | delivery p99 | delivery max | all S streams p99 | missed |",
+             "|---|---|---|---|---|---|"]
+    for n in sorted({r["peers"] for r in cf}):
+        cells = [_cell(next((r for r in cf if (r["peers"], r["metric"]) == (n, m)), None),
+                       0 if m == "deliveries_missed" else 1) for m in metrics]
+        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_report(data: dict, results_dir: str, doc: str = DOC) -> str:

@@ -52,7 +52,7 @@ PORT = 5000  # conn_setup; rr on PORT+1, stream on PORT+2
 DATA_SUITES = ("conn_setup", "rr", "stream")
 CONTROL_SUITES = ("update_one", "full_sync")
 ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout", "prog_cost",
-              "controller_limits", "agent", "external")
+              "controller_limits", "controller_fanout", "agent", "external")
 
 CLIENTS = {  # backend -> (namespace name, client address, server address)
     "bare": ("bare", "10.77.1.1", "10.77.1.2"),
@@ -90,6 +90,8 @@ PROFILES: dict[str, dict] = {
         "limits_watches": 1000, "limits_registers": 10000, "limits_changes": 200, "limits_interval_s": 0.05,
         "limits_reps": 3,
         "agent_peers": [1000, 10000, 50000], "agent_change_reps": 200,
+        "ctlfan_streams": [1000], "ctlfan_procs": 4, "ctlfan_changes": 20, "ctlfan_interval_s": 0.5,
+        "ctlfan_reps": 3,
     },
     "quick": {
         "peers": [1, 10000], "reps": 3, "nice": -10,
@@ -103,6 +105,8 @@ PROFILES: dict[str, dict] = {
         "limits_watches": 1000, "limits_registers": 10000, "limits_changes": 100, "limits_interval_s": 0.05,
         "limits_reps": 1,
         "agent_peers": [1000, 10000], "agent_change_reps": 100,
+        "ctlfan_streams": [1000], "ctlfan_procs": 4, "ctlfan_changes": 10, "ctlfan_interval_s": 0.5,
+        "ctlfan_reps": 1,
     },
     "smoke": {
         "peers": [100], "reps": 1, "nice": None,
@@ -116,6 +120,8 @@ PROFILES: dict[str, dict] = {
         "limits_watches": 100, "limits_registers": 1000, "limits_changes": 30, "limits_interval_s": 0.05,
         "limits_reps": 1,
         "agent_peers": [100], "agent_change_reps": 20,
+        "ctlfan_streams": [20], "ctlfan_procs": 2, "ctlfan_changes": 3, "ctlfan_interval_s": 0.2,
+        "ctlfan_reps": 1,
     },
 }
 
@@ -548,6 +554,11 @@ class Bench:
             from bench.controller_limits import run_suite
 
             self.guarded("controller_limits", run_suite, self.results, self.p, self.log_dir, say)
+        if "controller_fanout" in self.suites:
+            say("==> controller_fanout")
+            from bench.controller_fanout import run_suite as fanout_suite
+
+            self.guarded("controller_fanout", fanout_suite, self.results, self.p, self.log_dir, say)
         if "agent" in self.suites:
             say("==> agent (agent_change_ms, agent RSS per peer)")
             from bench.agentcost import run_suite as agent_suite

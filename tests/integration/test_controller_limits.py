@@ -10,7 +10,6 @@ not asserted: the figure is the ``controller_limits`` benchmark's (bench/control
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 
@@ -24,17 +23,8 @@ WATCHES, REGISTERS, CHANGES = 1000, 10_000, 100
 
 @pytest.fixture(scope="module")
 def certs():
-    from overlay.controller import certs as certlib
-
-    base = gs.tmpdir()
-    try:
-        d = f"{base}/certs"
-        certlib.init(d)
-        for n in ("watcher", "abuser"):
-            certlib.issue(d, n)
+    with gs.node_certs(("watcher", "abuser")) as d:
         yield d
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_an_abusive_identity_is_capped_and_another_watch_gets_every_delta(zk_server, zk_prefix, certs):

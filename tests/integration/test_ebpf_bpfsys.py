@@ -124,25 +124,25 @@ def test_pin_get_info_and_elements(bpf, pin_dir):
 
 
 def test_batches_and_fallbacks(bpf):
-    from overlay.datapath.ebpf import bpfsys
+    from overlay.datapath.ebpf import batch, bpfsys
 
     fd = bpf["ovl_rnat"].map_fd
     items = [(struct.pack("=I", i), struct.pack("=I", i * 10)) for i in range(1, 7)]
-    bpfsys.update_batch(fd, items, 4, 4)
+    batch.update_pairs(fd, items, 4, 4)
     info = bpfsys.map_info(fd)
     assert sorted(bpfsys.items(fd, info)) == sorted(items)
     # delete batch with an absent key in the middle: the rest still goes
-    bpfsys.delete_batch(fd, [items[0][0], struct.pack("=I", 99), items[1][0]], 4)
+    batch.delete_keys(fd, [items[0][0], struct.pack("=I", 99), items[1][0]], 4)
     assert sorted(bpfsys.items(fd, info)) == sorted(items[2:])
 
-    # LPM tries refuse batch commands: per-element fallback
+    # LPM tries: batched on kernels that have it (6.18), else the per-element fallback
     lfd = bpf["ovl_failsafe"].map_fd
     linfo = bpfsys.map_info(lfd)
     assert linfo.type == bpfsys.MAP_TYPE_LPM_TRIE
     lpm = [(bytes(abi.lpm_key(c)), struct.pack("=I", 1)) for c in ("10.0.0.0/8", "198.18.0.0/15")]
-    bpfsys.update_batch(lfd, lpm, 8, 4)
+    batch.update_pairs(lfd, lpm, 8, 4)
     assert sorted(bpfsys.items(lfd, linfo)) == sorted(lpm)
-    bpfsys.delete_batch(lfd, [lpm[0][0], bytes(abi.lpm_key("1.2.3.0/24"))], 8)
+    batch.delete_keys(lfd, [lpm[0][0], bytes(abi.lpm_key("1.2.3.0/24"))], 8)
     assert bpfsys.items(lfd, linfo) == [lpm[1]]
 
     # per-CPU arrays: one 8-byte slot per possible CPU

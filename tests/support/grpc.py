@@ -141,3 +141,22 @@ def made_certs() -> Iterator[tuple[str, str]]:
         yield make_certs(base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def node_certs(nodes: Iterator[str] | list[str]) -> Iterator[str]:
+    """A CA directory (operator and controller certificates) with a node certificate for
+    each of ``nodes``, in a fresh directory removed afterwards."""
+    import shutil
+
+    from overlay.controller import certs as certlib
+
+    base = tmpdir()
+    try:
+        d = f"{base}/certs"
+        certlib.init(d)
+        for n in nodes:
+            certlib.issue(d, n)
+        yield d
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -7,10 +7,9 @@ libbpf (each one is a single ``bpf(2)`` command):
 
 - ``obj_get(path) -> fd`` and ``obj_pin(fd, path)``;
 - ``lookup``, ``update``, ``delete``, ``get_next_key`` and ``keys``;
-- ``update_batch`` and ``delete_batch``, which fall back to one call per
-  element when the kernel refuses the batch command for a map type (LPM
-  tries, for example), ``items`` which batch-reads where it can, and
-  ``scan``, a resumable bounded piece of a batched pass (the sweep);
+- ``items`` which batch-reads where it can, and ``scan``, a resumable bounded
+  piece of a batched pass (the sweep); batched writes from bulk buffers are in
+  :mod:`overlay.datapath.ebpf.batch`;
 - ``map_info(fd)`` and ``prog_info(fd)`` (``bpf_obj_get_info_by_fd``);
 - ``map_create`` for the loader's own small maps;
 - :class:`RingBuffer`: a reader of a ring buffer map (``ring_buffer__new``,
@@ -476,61 +475,6 @@ def scan(fd: int, info: MapInfo, cursor: bytes | None, limit: int) -> tuple[list
         return _lookup_batch_from(fd, info.key_size, info.value_buffer_size, cursor, limit)
     except _Refused:
         return items(fd, info), None
-
-
-def update_batch(
-    fd: int, items_: list[tuple[bytes, bytes]], key_size: int, value_size: int,
-    flags: int = BPF_ANY,
-) -> None:
-    """Write all (key, value) pairs, in one BPF_MAP_UPDATE_BATCH where the
-    kernel accepts it for the map type, else one update per element."""
-    if not items_:
-        return
-    n = len(items_)
-    kbuf = b"".join(bytes(k) for k, _ in items_)
-    vbuf = b"".join(bytes(v) for _, v in items_)
-    if len(kbuf) != n * key_size or len(vbuf) != n * value_size:
-        raise DatapathError("update_batch: key or value of the wrong size")
-    count = ctypes.c_uint32(n)
-    opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts), elem_flags=flags)
-    ret = _lib().bpf_map_update_batch(
-        fd, ctypes.create_string_buffer(kbuf, len(kbuf)),
-        ctypes.create_string_buffer(vbuf, len(vbuf)), ctypes.byref(count), ctypes.byref(opts),
-    )
-    if ret >= 0:
-        return
-    code = _err(ret)
-    done = min(count.value, n)
-    if code not in _REFUSED:
-        _raise("bpf_map_update_batch", code, f"(after {done} of {n} elements)")
-    # Refused for this map type (or one element was invalid: the per-element
-    # path then reports that element's own error).
-    for k, v in items_[done:]:
-        update(fd, k, v, key_size, value_size, flags)
-
-
-def delete_batch(fd: int, keys_: list[bytes], key_size: int) -> None:
-    """Delete all keys (absent ones are ignored), batched where possible."""
-    if not keys_:
-        return
-    n = len(keys_)
-    kbuf = b"".join(bytes(k) for k in keys_)
-    if len(kbuf) != n * key_size:
-        raise DatapathError("delete_batch: key of the wrong size")
-    count = ctypes.c_uint32(n)
-    opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
-    ret = _lib().bpf_map_delete_batch(
-        fd, ctypes.create_string_buffer(kbuf, len(kbuf)), ctypes.byref(count), ctypes.byref(opts)
-    )
-    if ret >= 0:
-        return
-    code = _err(ret)
-    done = min(count.value, n)
-    if code not in _REFUSED and code != _errno.ENOENT:
-        _raise("bpf_map_delete_batch", code, f"(after {done} of {n} elements)")
-    # ENOENT stops the batch at the first absent key: go on one by one.
-    for k in keys_[done:]:
-        delete(fd, k, key_size)
 
 
 # -- ring buffers ----------------------------------------------------------------

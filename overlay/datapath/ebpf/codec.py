@@ -42,7 +42,11 @@ import ctypes
 import ipaddress
 import socket
 import struct
+from array import array
 from collections.abc import Mapping
+from functools import partial
+from itertools import repeat
+from operator import attrgetter
 
 from overlay import abi
 from overlay.errors import CapacityError, DatapathError
@@ -238,6 +242,72 @@ def encode_value(table: str, value) -> bytes:
             raise DatapathError(f"names value: {len(raw)} bytes (at most {abi.NAME_LEN - 1}, no NUL)")
         return bytes(abi.OvlName(raw))
     raise DatapathError(f"unknown table {table!r}")
+
+
+# -- bulk encoders (a whole table's entries -> one key and one value buffer) ------
+#
+# A full sync puts tens of thousands of nat, rnat and peers entries. Encoded one by
+# one (encode_key/encode_value) they cost more than the kernel's batch write, so these
+# build each map's buffers with C-level iterators (map, zip, b"".join, array): no
+# Python frame per entry. They accept exactly what the per-entry encoders accept or
+# answer None ("encode one by one"), which then names the entry that is wrong; they
+# take no IPv6 entry (peers6 goes one by one). An IPv4 address's bytes are its
+# inet_pton form, the be32 of the ABI.
+
+_PTON4 = partial(socket.inet_pton, socket.AF_INET)
+_NAT_FLAGS = {False: _U32.pack(0), True: _U32.pack(abi.NAT_F_OVERRIDE)}
+_REAL = attrgetter("real")
+_OVERRIDE = attrgetter("override")
+_IDENTITY, _FLAGS = attrgetter("identity"), attrgetter("flags")
+_U32_ARRAY = next(t for t in "IL" if array(t).itemsize == 4)
+_BULK_MAP = {"nat": NAT, "rnat": RNAT, "peers": PEERS}
+
+
+def _interleave(first: bytes, second: bytes) -> bytes:
+    """Two buffers of u32 words as one of (first[i], second[i]) pairs (a struct of two u32)."""
+    out = bytearray(len(first) + len(second))
+    for j in range(4):  # byte j of every word: strided copies in C
+        out[j::8] = first[j::4]
+        out[4 + j::8] = second[j::4]
+    return bytes(out)
+
+
+def encode_keys_bulk(table: str, keys: list) -> tuple[str, bytes] | None:
+    """(map, the keys back to back) for ``nat``, ``rnat`` and IPv4 ``peers``; else None."""
+    if table not in _BULK_MAP:
+        return None
+    try:
+        return _BULK_MAP[table], b"".join(map(_PTON4, keys))
+    except (OSError, TypeError):
+        return None
+
+
+def encode_bulk(table: str, keys: list, values: list) -> tuple[str, bytes, bytes] | None:
+    """(map, keys buffer, values buffer) for puts into ``nat``, ``rnat`` or IPv4 ``peers``,
+    the same bytes encode_key/encode_value give entry by entry; None when the table
+    has no bulk encoder or an entry needs the per-entry path (to be refused by name)."""
+    enc = encode_keys_bulk(table, keys)
+    if enc is None:
+        return None
+    name, kbuf = enc
+    try:
+        if table == "rnat":
+            vbuf = b"".join(map(_PTON4, values))
+        elif table == "nat":
+            if not all(map(isinstance, values, repeat(NatEntry))):
+                return None
+            vbuf = _interleave(b"".join(map(_PTON4, map(_REAL, values))),
+                               b"".join(map(_NAT_FLAGS.__getitem__, map(_OVERRIDE, values))))
+        else:
+            if not all(map(isinstance, values, repeat(PeerEntry))):
+                return None
+            idents, flags = list(map(_IDENTITY, values)), list(map(_FLAGS, values))
+            if bool in set(map(type, idents)) | set(map(type, flags)):  # refused one by one
+                return None
+            vbuf = _interleave(array(_U32_ARRAY, idents).tobytes(), array(_U32_ARRAY, flags).tobytes())
+    except (OSError, TypeError, KeyError, OverflowError):
+        return None
+    return name, kbuf, vbuf
 
 
 # -- decoders (bytes -> ops) ----------------------------------------------------

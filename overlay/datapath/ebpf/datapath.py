@@ -38,7 +38,7 @@ import struct
 from collections.abc import Mapping
 
 from overlay import abi
-from overlay.datapath.ebpf import bpfsys, cgroup, netdev, pins, upgrade
+from overlay.datapath.ebpf import batch, bpfsys, cgroup, netdev, pins, upgrade
 from overlay.datapath.ebpf.maps import CFG, MapSet, to_jsonable
 from overlay.errors import DatapathError, OverlayError, UnsupportedError
 from overlay.ops import Op
@@ -427,7 +427,7 @@ class EbpfDatapath:
             new = bpfsys.map_info(fd)
             if new.type in bpfsys.ARRAY_MAP_TYPES:
                 items = [(k, v) for k, v in items if struct.unpack("=I", k)[0] < new.max_entries]
-            bpfsys.update_batch(fd, items[: new.max_entries], new.key_size, new.value_buffer_size)
+            batch.update_pairs(fd, items[: new.max_entries], new.key_size, new.value_buffer_size)
 
     # -- the Datapath protocol --------------------------------------------------
 

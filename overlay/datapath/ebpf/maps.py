@@ -24,9 +24,12 @@ import os
 import struct
 import time
 from collections.abc import Iterable, Mapping
+from itertools import compress, groupby, repeat
+from operator import attrgetter, is_, not_
 
 from overlay import abi
-from overlay.datapath.ebpf import bpfsys
+from overlay.datapath.ebpf import batch, bpfsys
+from overlay.datapath.ebpf.batch import Batch
 from overlay.datapath.ebpf.codec import (  # noqa: F401  (re-exported: the historic home of these names)
     CFG,
     CIDR_IDENT,
@@ -57,7 +60,9 @@ from overlay.datapath.ebpf.codec import (  # noqa: F401  (re-exported: the histo
     counter_name,
     decode_ct,
     decode_item,
+    encode_bulk,
     encode_key,
+    encode_keys_bulk,
     encode_value,
     map_of,
     to_jsonable,
@@ -256,7 +261,7 @@ class MapSet:
             items, cursors[name] = bpfsys.scan(self.fd(name), self.info(name), cursors.get(name),
                                                budget)
             dead = [k for k, v in items if _expired(name, k, v, now, life)]
-            bpfsys.delete_batch(self.fd(name), dead, self.info(name).key_size)
+            batch.delete_keys(self.fd(name), dead, self.info(name).key_size)
             out[name] = len(dead)
         return out
 
@@ -268,29 +273,16 @@ class MapSet:
         Everything is encoded and checked against capacity first: a bad
         value raises DatapathError and an overflow raises CapacityError,
         both before anything is written. Puts go out per map in one
-        update batch, deletes in one delete batch."""
-        final: dict[tuple[str, object], object] = {}
-        for op in ops:
-            if op.table not in TABLE_MAPS:
-                raise DatapathError(f"unknown table {op.table!r}")
-            final.pop((op.table, op.key), None)  # keep the position of the last op
-            final[(op.table, op.key)] = op.value
-        puts: dict[str, list[tuple[bytes, bytes]]] = {}
-        dels: dict[str, list[bytes]] = {}
-        for (table, key), value in final.items():
-            k = encode_key(table, key)
-            name = map_of(table, key)
-            if value is None and table not in ("ports", "config"):
-                dels.setdefault(name, []).append(k)
-            else:
-                puts.setdefault(name, []).append((k, encode_value(table, value)))
+        update batch, deletes in one delete batch (overlay.datapath.ebpf.batch),
+        their buffers built in bulk where a table allows (codec.encode_bulk)."""
+        puts, dels = _encode(ops)
         self._check_capacity(puts, dels)
 
         for table in _DEL_FIRST:
             self._delete(table, dels)
         if puts.get(SELF):  # widen the hint first: a new own address is never missed
             hint = self.get_cfg(abi.CfgIndex.SELF_HINT)
-            for k, _ in puts[SELF]:
+            for k in puts[SELF].key_list(self.info(SELF).key_size):
                 hint |= 1 << abi.self_hint_bit(struct.unpack("=4I", k))
             self.set_cfg(abi.CfgIndex.SELF_HINT, hint)
         for table in _PUT_ORDER:
@@ -318,7 +310,8 @@ class MapSet:
         would overflow; the message names every map that would.
 
         The maps are listed only when an upper bound of their size (the last exact
-        count plus every put since) says the apply might not fit.
+        count plus every put since) says the apply might not fit, and the keys
+        compared only when the listed count plus the puts does not fit.
         """
         over = []
         for table in _CAPACITY_TABLES:
@@ -330,8 +323,12 @@ class MapSet:
                 if bound is not None and bound + len(puts[name]) <= info.max_entries:
                     self._count_bound[name] = bound + len(puts[name])
                     continue
-                current = set(bpfsys.keys(self.fd(name), info.key_size, info.max_entries + 1))
-                after = (current - set(dels.get(name, ()))) | {k for k, _ in puts[name]}
+                current = batch.count_keys(self.fd(name), info, info.max_entries + 1)
+                if len(current) + puts[name].count <= info.max_entries:  # fits even if all new
+                    self._count_bound[name] = len(current) + puts[name].count
+                    continue
+                gone = dels[name].key_list(info.key_size) if name in dels else ()
+                after = (current - set(gone)) | set(puts[name].key_list(info.key_size))
                 if len(after) > info.max_entries:
                     self._count_bound.pop(name, None)
                     over.append(
@@ -343,22 +340,83 @@ class MapSet:
         if over:
             raise CapacityError("; ".join(over) + "; nothing applied")
 
-    def _put(self, table: str, puts: dict[str, list]) -> None:
+    def _put(self, table: str, puts: dict[str, Batch]) -> None:
         for name in dict.fromkeys(m for m in TABLE_MAPS[table] if m):
             items = puts.get(name)
             if not items:
                 continue
             info = self.info(name)
-            bpfsys.update_batch(self.fd(name), items, info.key_size, info.value_size)
-            log.debug("%s: %d put", name, len(items))
+            batch.update(self.fd(name), items, info.key_size, info.value_size)
+            log.debug("%s: %d put", name, items.count)
 
-    def _delete(self, table: str, dels: dict[str, list]) -> None:
+    def _delete(self, table: str, dels: dict[str, Batch]) -> None:
         for name in dict.fromkeys(m for m in TABLE_MAPS[table] if m):
             keys = dels.get(name)
             if not keys:
                 continue
-            bpfsys.delete_batch(self.fd(name), keys, self.info(name).key_size)
-            log.debug("%s: %d deleted", name, len(keys))
+            batch.delete(self.fd(name), keys, self.info(name).key_size)
+            log.debug("%s: %d deleted", name, keys.count)
+
+
+_TABLE, _KEY, _VALUE = attrgetter("table"), attrgetter("key"), attrgetter("value")
+
+
+def _encode(ops: Iterable[Op]) -> tuple[dict[str, Batch], dict[str, Batch]]:
+    """({map: puts}, {map: deletes}) of ``ops``, the last op per key winning.
+
+    Ops come grouped by table (diff emits them so): a table whose ops form one run
+    of distinct keys, all puts or all deletes, is encoded in bulk when the codec
+    can (no Python frame per entry); anything else, entry by entry."""
+    runs: dict[str, list[list[Op]]] = {}
+    for table, run in groupby(ops, key=_TABLE):
+        if table not in TABLE_MAPS:
+            raise DatapathError(f"unknown table {table!r}")
+        runs.setdefault(table, []).append(list(run))
+    puts: dict[str, list[tuple[bytes, bytes]]] = {}
+    dels: dict[str, list[bytes]] = {}
+    bulk_puts: dict[str, Batch] = {}
+    bulk_dels: dict[str, Batch] = {}
+    for table, parts in runs.items():
+        if len(parts) == 1 and table not in ("ports", "config"):
+            keys = list(map(_KEY, parts[0]))
+            values = list(map(_VALUE, parts[0]))
+            if len(set(keys)) == len(keys) and _bulk(table, keys, values, bulk_puts, bulk_dels):
+                continue
+        final: dict = {}
+        for run in parts:
+            for op in run:
+                final.pop(op.key, None)  # keep the position of the last op
+                final[op.key] = op.value
+        for key, value in final.items():
+            k = encode_key(table, key)
+            name = map_of(table, key)
+            if value is None and table not in ("ports", "config"):
+                dels.setdefault(name, []).append(k)
+            else:
+                puts.setdefault(name, []).append((k, encode_value(table, value)))
+    return ({**{m: Batch.of_pairs(p) for m, p in puts.items()}, **bulk_puts},
+            {**{m: Batch.of_keys(k) for m, k in dels.items()}, **bulk_dels})
+
+
+def _bulk(table: str, keys: list, values: list, puts: dict[str, Batch],
+          dels: dict[str, Batch]) -> bool:
+    """Encode one table's puts and deletes in bulk into ``puts`` and ``dels``; False
+    (nothing added) when the codec cannot."""
+    gone = list(map(is_, values, repeat(None)))
+    if any(gone):
+        kept = list(map(not_, gone))
+        del_keys, keys, values = list(compress(keys, gone)), list(compress(keys, kept)), list(compress(values, kept))
+    else:
+        del_keys = []
+    put = encode_bulk(table, keys, values) if keys else None
+    gone_enc = encode_keys_bulk(table, del_keys) if del_keys else None
+    if (keys and put is None) or (del_keys and gone_enc is None):
+        return False
+    if put is not None:
+        puts[put[0]] = Batch(put[1], put[2], len(keys))
+    if gone_enc is not None:
+        dels[gone_enc[0]] = Batch(gone_enc[1], b"", len(del_keys))
+    return True
 
 
 def _expired(name: str, key: bytes, value: bytes, now: int, life: Mapping[str, int]) -> bool:

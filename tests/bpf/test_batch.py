@@ -1,0 +1,136 @@
+"""overlay.datapath.ebpf.batch against real kernel maps: a batch of N entries written,
+then every entry read back one by one (bpf_map_lookup_elem), on both paths:
+
+- the batch path: a hash map, which the kernel batch-updates in one command;
+- the fallback: a devmap_hash (values: the loopback's ifindex), for which the kernel
+  refuses BPF_MAP_UPDATE_BATCH and BPF_MAP_DELETE_BATCH (ENOTSUPP; kernel 6.18 batches
+  hash, array and LPM trie maps): every entry is then written one by one.
+
+Then MapSet.apply on the datapath's own maps, bulk-encoded (nat, rnat, peers from
+one diff-like run of distinct keys) and per entry (a table given twice), read back.
+The expected entries are built here from the addresses' octets, not by the encoders.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+
+import pytest
+
+from overlay import abi
+from overlay.datapath.ebpf import batch, bpfsys
+from overlay.ops import NatEntry, Op, PeerEntry
+
+N = 3000
+
+
+@pytest.fixture
+def hash_map():
+    fd = bpfsys.map_create(bpfsys.MAP_TYPE_HASH, "ovl_t_batch", 4, 8, N + 8)
+    yield fd
+    bpfsys.close(fd)
+
+
+MAP_TYPE_DEVMAP_HASH = 25  # enum bpf_map_type: no batch commands
+LOOPBACK_IFINDEX = 1
+
+
+@pytest.fixture
+def devmap():
+    fd = bpfsys.map_create(MAP_TYPE_DEVMAP_HASH, "ovl_t_devmap", 4, 4, 512)
+    yield fd
+    bpfsys.close(fd)
+
+
+def _kernel_refuses_batch(fd: int, key_size: int, value_size: int) -> int:
+    """The errno of one raw BPF_MAP_UPDATE_BATCH of one entry (0 if accepted)."""
+    count = ctypes.c_uint32(1)
+    opts = bpfsys._MapBatchOpts(sz=ctypes.sizeof(bpfsys._MapBatchOpts))
+    ret = bpfsys._lib().bpf_map_update_batch(fd, bytes(key_size), bytes(value_size),
+                                             ctypes.byref(count), ctypes.byref(opts))
+    return bpfsys._err(ret) if ret < 0 else 0
+
+
+def test_batch_path_writes_every_entry_and_deletes_them(hash_map):
+    assert _kernel_refuses_batch(hash_map, 4, 8) == 0  # this map takes the batch command
+    bpfsys.delete(hash_map, bytes(4), 4)
+    keys = [struct.pack("=I", 7 * i + 1) for i in range(N)]
+    values = [struct.pack("=II", i, i ^ 0xA5A5) for i in range(N)]
+    batch.update(hash_map, batch.Batch(b"".join(keys), b"".join(values), N), 4, 8)
+    for k, v in zip(keys, values, strict=True):
+        assert bpfsys.lookup(hash_map, k, 4, 8) == v
+    info = bpfsys.map_info(hash_map)
+    assert len(batch.count_keys(hash_map, info, N + 8)) == N
+
+    # deletes: the batch stops at an absent key (ENOENT); the rest still goes
+    gone = keys[: N // 2]
+    batch.delete_keys(hash_map, [gone[0], struct.pack("=I", 2), *gone[1:]], 4)
+    for k in gone:
+        assert bpfsys.lookup(hash_map, k, 4, 8) is None
+    for k, v in zip(keys[N // 2:], values[N // 2:], strict=True):
+        assert bpfsys.lookup(hash_map, k, 4, 8) == v
+    batch.delete(hash_map, batch.Batch(b"".join(keys[N // 2:]), b"", N - N // 2), 4)
+    assert batch.count_keys(hash_map, info, N + 8) == set()
+
+
+def test_fallback_when_the_kernel_refuses_the_batch(devmap):
+    assert _kernel_refuses_batch(devmap, 4, 4) in (errno.EINVAL, errno.EOPNOTSUPP, 524)
+    n = 300
+    keys = [struct.pack("=I", 1000 + 3 * i) for i in range(n)]
+    one = struct.pack("=I", LOOPBACK_IFINDEX)
+    batch.update(devmap, batch.Batch(b"".join(keys), one * n, n), 4, 4)
+    for k in keys:
+        assert bpfsys.lookup(devmap, k, 4, 4) == one
+    assert bpfsys.lookup(devmap, struct.pack("=I", 1001), 4, 4) is None
+    absent = struct.pack("=I", 7)
+    batch.delete(devmap, batch.Batch.of_keys([absent, *keys[:200]]), 4)
+    for k in keys[:200]:
+        assert bpfsys.lookup(devmap, k, 4, 4) is None
+    for k in keys[200:]:
+        assert bpfsys.lookup(devmap, k, 4, 4) == one
+
+
+def test_buffers_that_do_not_match_the_count_are_refused(hash_map):
+    from overlay.errors import DatapathError
+
+    with pytest.raises(DatapathError, match="do not match"):
+        batch.update(hash_map, batch.Batch(bytes(8), bytes(8), 1), 4, 8)
+
+
+def be32(addr: str) -> int:
+    return struct.unpack("=I", bytes(int(o) for o in addr.split(".")))[0]
+
+
+def test_mapset_apply_bulk_and_per_entry(maps):
+    n = 2000
+    overlays = [f"100.64.{i // 250}.{i % 250 + 1}" for i in range(n)]
+    reals = [f"10.9.{i // 250}.{i % 250 + 1}" for i in range(n)]
+    ops = [Op("rnat", r, o) for r, o in zip(reals, overlays, strict=True)]
+    ops += [Op("peers", r, PeerEntry(identity=i + 1, flags=abi.PEER_F_MEMBER)) for i, r in enumerate(reals)]
+    ops += [Op("nat", o, NatEntry(r, override=i % 3 == 0)) for i, (o, r) in enumerate(zip(overlays, reals, strict=True))]
+    maps.apply(ops)
+    nat_fd, rnat_fd, peers_fd = maps.fd("ovl_nat"), maps.fd("ovl_rnat"), maps.fd("ovl_peers")
+    for i, (o, r) in enumerate(zip(overlays, reals, strict=True)):
+        flags = abi.NAT_F_OVERRIDE if i % 3 == 0 else 0
+        assert bpfsys.lookup(nat_fd, struct.pack("=I", be32(o)), 4, 8) == struct.pack("=II", be32(r), flags)
+        assert bpfsys.lookup(rnat_fd, struct.pack("=I", be32(r)), 4, 4) == struct.pack("=I", be32(o))
+        assert bpfsys.lookup(peers_fd, struct.pack("=I", be32(r)), 4, 8) == \
+            struct.pack("=II", i + 1, abi.PEER_F_MEMBER)
+
+    # one run mixing puts and deletes (bulk), then a table given twice with a key
+    # repeated (per entry: the last op wins)
+    maps.apply([Op("nat", o, None) for o in overlays[:1000]]
+               + [Op("nat", overlays[1000], NatEntry("10.8.0.1"))])
+    maps.apply([Op("rnat", reals[0], None), Op("nat", overlays[1], NatEntry("10.8.0.2")),
+                Op("rnat", reals[0], overlays[5]), Op("rnat", reals[1], None)])
+    nat = maps.read_table("nat")
+    assert len(nat) == 1001
+    assert nat[overlays[1000]] == NatEntry("10.8.0.1") and nat[overlays[1]] == NatEntry("10.8.0.2")
+    assert all(o not in nat for o in overlays[2:1000])
+    rnat = maps.read_table("rnat")
+    assert rnat[reals[0]] == overlays[5] and reals[1] not in rnat and len(rnat) == n - 1
+    maps.apply([Op("nat", o, None) for o in nat] + [Op("rnat", r, None) for r in rnat]
+               + [Op("peers", r, None) for r in reals])
+    assert maps.read_table("nat") == maps.read_table("rnat") == maps.read_table("peers") == {}
