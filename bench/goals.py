@@ -1,4 +1,4 @@
-"""The goals of issue 8, evaluated on the rows of a run (reported, never asserted).
+"""The goals of issues 8, 14 and 15, evaluated on the rows of a run (reported, never asserted).
 
 Each goal compares figures measured in the same run: for the traffic suites the
 median of the paired ratios (each repetition's value over the baseline measured
@@ -134,6 +134,19 @@ def _agent_rss(rows):
     return v, n, f"agent RSS {v} bytes per peer at {n} peers"
 
 
+def _both_ends(suite, backend, metric):
+    """Issue 15: the paired ratio to bare of ``backend``'s rows measured with both ends
+    filtering (``server_filter`` true), at 50,000 peers or the largest N measured."""
+    def compute(rows):
+        both = [r for r in rows if r.get("server_filter")]
+        n = _at(both, suite, backend, f"{metric}_vs_bare", 50000)
+        if n is None:
+            return None, None, f"no {backend} {suite} rows with both ends filtering"
+        v = _value(both, suite, backend, f"{metric}_vs_bare", n)
+        return v, n, f"median of paired ratios, {backend} with both ends filtering, {n} peers"
+    return compute
+
+
 GOALS = [
     _goal("conn_setup_vs_bare", "eBPF connection rate at 50,000 peers >= 0.95x bare",
           0.95, True, _conn_vs_bare),
@@ -155,6 +168,16 @@ GOALS = [
           2.0, False, _agent_growth),
     _goal("agent_rss_bytes_per_peer", "agent RSS <= 400 bytes per peer at 50,000 peers",
           400.0, False, _agent_rss),
+    _goal("socket_conn_vs_bare", "socket mode, both ends filtering: conn/s at 50,000 >= 0.97x bare",
+          0.97, True, _both_ends("conn_setup", "ebpf-socket", "conn_per_s")),
+    _goal("socket_rr_p50_vs_bare", "socket mode, both ends filtering: rr p50 within 3% of bare",
+          1.03, False, _both_ends("rr", "ebpf-socket", "latency_us_p50")),
+    _goal("socket_stream_vs_bare", "socket mode, both ends filtering: stream >= 0.97x bare",
+          0.97, True, _both_ends("stream", "ebpf-socket", "gbps")),
+    _goal("tc_rr_p50_vs_bare", "tc mode, both ends filtering: rr p50 within 8% of bare",
+          1.08, False, _both_ends("rr", "ebpf-tc", "latency_us_p50")),
+    _goal("tc_stream_vs_bare", "tc mode, both ends filtering: stream >= 0.93x bare",
+          0.93, True, _both_ends("stream", "ebpf-tc", "gbps")),
 ]
 
 
