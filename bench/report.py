@@ -50,6 +50,12 @@ EXTRA = {  # (suite, metric of the table they follow) -> one line each
          "kernel run time of the three tc programs per connection (BPF_ENABLE_STATS), ns", 0),
         ("ebpf-tc", "overlay_egress_ns_per_conn", "of which ovl_overlay_egress, ns", 0),
     ],
+    ("rr", "latency_us_p50"): [
+        ("ebpf-tc", "programs_ns_per_rt",
+         "kernel run time of the tc programs per round trip, both ends when the server filters "
+         "(BPF_ENABLE_STATS), ns", 0),
+        ("ebpf-tc", "server_ingress_ns_per_rt", "of which the server's ovl_ingress, ns", 0),
+    ],
     ("update_one", "ms"): [
         ("ebpf-tc", "map_write_ms", "eBPF map writes alone (no capacity check), ms", 4),
         ("core", "plan_diff_ms", "the agent's plan + diff for one change, ms", 1),

@@ -20,9 +20,10 @@ with a datapath (``iptables``, ``ebpf-tc``, ``ebpf-tc-before``, ``ebpf-socket``)
 server namespace of its own (``<client namespace>s``, e.g. ``ebpfs``) with its own
 ovlbench server and a second datapath host running the SAME backend with ``reject_all``
 and N peers, the client one member among them, as a real deployment does; their traffic
-rows carry ``"server_filter": true``. ``bare`` (and ``bare-2``, a second bare client whose
-``*_vs_bare`` spread is the run's noise floor) stay bare on both ends and talk to
-``srv``: rows ``"server_filter": false``. ``--server-filter off`` gives the older
+rows carry ``"server_filter": true``. ``bare`` (to the shared ``srv``) and ``bare-2`` (a
+second bare client with a bare server of its own, ``bare2s``, set up like the others
+but with no datapath: its ``*_vs_bare`` spread is the run's noise floor) stay bare on
+both ends: rows ``"server_filter": false``. ``--server-filter off`` gives the older
 client-only rows (every client to the shared ``srv``, ``"server_filter": false``).
 
 Before/after rows in one run (``--backends ...,ebpf-tc-before``): ``ebpf-tc-before`` is
@@ -224,7 +225,9 @@ class Bench:
         for backend in ["bare", *self.backends]:
             name, client, server = CLIENTS[backend]
             ns = self.topo.netns(name)
-            if self.filters(backend):
+            if self.filters(backend) or backend == "bare-2":
+                # bare-2 has a server of its own too (no datapath): set up like the
+                # filtering backends, so its spread against bare includes that difference
                 own = self.topo.netns(name + "s")
                 self.topo.veth(ns, "eth0", f"{client}/24", own, "eth0", f"{server}/24")
                 self.srv_ns[backend] = own
@@ -240,7 +243,11 @@ class Bench:
         for where in {id(n): n for n in self.srv_ns.values()}.values():
             self.servers[where.name] = LoadServer(where, PORT, seconds=3600, cpu=self.server_cpu,
                                                   nice=self.p.get("nice"))
-        if any(b in BEFORE for b in self.backends):
+        self.extract_before()
+
+    def extract_before(self) -> None:
+        """The datapath of --before-rev, once, when a before backend runs (bench/before.py)."""
+        if self.before_root is None and any(b in BEFORE for b in self.backends):
             from bench.before import extract
 
             self.before_root = extract(self.before_rev, os.path.join(self.log_dir, "before"))
@@ -341,8 +348,8 @@ class Bench:
                     old = got.get(before, {}).get(metric)
                     if old:
                         self.sample(suite, after, n, f"{metric}_vs_before", value / old)
-        if suite == "conn_setup" and "ebpf-tc" in self.hosts and self.p.get("prog_stats_s"):
-            self.prog_stats(n)
+        if suite in ("conn_setup", "rr") and "ebpf-tc" in self.hosts and self.p.get("prog_stats_s"):
+            self.prog_stats(suite, n)
         summary = []
         for backend in order:
             peers = 0 if backend == "bare" else n
@@ -352,29 +359,46 @@ class Bench:
                 summary.append(f"{backend} {sorted(vals)[len(vals) // 2]:.1f}")
         say(f"  {suite:10s} N={n:<6d} " + ", ".join(summary))
 
-    def prog_stats(self, n: int) -> None:
-        """Where an eBPF connection's extra time goes: the kernel's run time of each tc
-        program (BPF_ENABLE_STATS, on only for this extra, untimed connect loop)."""
-        host = self.hosts["ebpf-tc"]
-        host.call("prog_stats_begin")
+    def prog_stats(self, suite: str, n: int) -> None:
+        """Where an eBPF connection's (conn_setup) or round trip's (rr) extra time goes: the
+        kernel's run time of each tc program, on the client and, with both ends filtering,
+        on the server (BPF_ENABLE_STATS, on only for this extra, untimed loop)."""
+        ends = {"": self.hosts["ebpf-tc"]}
+        if "ebpf-tc" in self.srv_hosts:
+            ends["server_"] = self.srv_hosts["ebpf-tc"]
+        for host in ends.values():
+            host.call("prog_stats_begin")
+        progs = {}
         try:
-            out = loadgen(self.ns["ebpf-tc"], "connect", host=self.target("ebpf-tc", n), port=PORT,
-                          seconds=self.p["prog_stats_s"], cpu=self.client_cpu,
-                          nice=self.p.get("nice"))
+            if suite == "conn_setup":
+                out = loadgen(self.ns["ebpf-tc"], "connect", host=self.target("ebpf-tc", n), port=PORT,
+                              seconds=self.p["prog_stats_s"], cpu=self.client_cpu,
+                              nice=self.p.get("nice"))
+            else:
+                out = loadgen(self.ns["ebpf-tc"], "rr", host=self.target("ebpf-tc", n), port=PORT + 1,
+                              seconds=self.p["prog_stats_s"], cpu=self.client_cpu,
+                              nice=self.p.get("nice"), size=self.p["rr_size"], warmup=500)
         finally:
-            progs = host.call("prog_stats_end")["progs"]
-        conns = max(out["count"], 1)
+            for end, host in ends.items():
+                progs[end] = host.call("prog_stats_end")["progs"]
+        unit = {"conn_setup": "conn", "rr": "rt"}[suite]
+        what = {"conn_setup": "connection", "rr": "round trip"}[suite]
+        count = max(out["count"], 1)
         total = 0.0
-        for name, st in progs.items():
-            per_conn = st["ns_per_run"] * st["runs"] / conns
-            total += per_conn
-            self.results.add(make_row(
-                "conn_setup", "ebpf-tc", n, f"{name.removeprefix('prog_')}_ns_per_conn", "ns",
-                [per_conn], f"{st['runs'] / conns:.2f} runs per connection, "
-                f"{st['ns_per_run']:.0f} ns per run (BPF_ENABLE_STATS)", digits=1))
-        self.results.add(make_row("conn_setup", "ebpf-tc", n, "programs_ns_per_conn", "ns",
-                                  [total], f"sum over the three tc programs, "
-                                  f"{out['conn_per_s']:.0f} conn/s with stats on", digits=1))
+        for end, stats in progs.items():
+            for name, st in stats.items():
+                per = st["ns_per_run"] * st["runs"] / count
+                total += per
+                self.results.add(make_row(
+                    suite, "ebpf-tc", n, f"{end}{name.removeprefix('prog_')}_ns_per_{unit}", "ns",
+                    [per], f"{'server: ' if end else ''}{st['runs'] / count:.2f} runs per {what}, "
+                    f"{st['ns_per_run']:.0f} ns per run (BPF_ENABLE_STATS)", digits=1,
+                    server_filter=self.filters("ebpf-tc")))
+        rate = f"{out['conn_per_s']:.0f} conn/s" if suite == "conn_setup" else f"p50 {out['p50_us']:.1f} us"
+        self.results.add(make_row(suite, "ebpf-tc", n, f"programs_ns_per_{unit}", "ns", [total],
+                                  f"sum over the tc programs of {'both ends' if len(ends) > 1 else 'the client'}, "
+                                  f"{rate} with stats on", digits=1,
+                                  server_filter=self.filters("ebpf-tc")))
 
     def control(self, n: int) -> None:
         """Program N peers (full_sync reps), then one-peer updates. The servers' datapaths
@@ -528,6 +552,7 @@ class Bench:
     def prog_cost(self) -> None:
         from bench.progcost import CASES, measure
 
+        self.extract_before()
         got = measure(self.before_root)
         for backend, cases in got.items():
             for case, ns in cases.items():
