@@ -348,8 +348,10 @@ class Bench:
                     old = got.get(before, {}).get(metric)
                     if old:
                         self.sample(suite, after, n, f"{metric}_vs_before", value / old)
-        if suite in ("conn_setup", "rr") and "ebpf-tc" in self.hosts and self.p.get("prog_stats_s"):
-            self.prog_stats(suite, n)
+        if suite in ("conn_setup", "rr") and self.p.get("prog_stats_s"):
+            for backend in ("ebpf-tc", "ebpf-socket"):
+                if backend in self.hosts:
+                    self.prog_stats(suite, n, backend)
         summary = []
         for backend in order:
             peers = 0 if backend == "bare" else n
@@ -359,23 +361,23 @@ class Bench:
                 summary.append(f"{backend} {sorted(vals)[len(vals) // 2]:.1f}")
         say(f"  {suite:10s} N={n:<6d} " + ", ".join(summary))
 
-    def prog_stats(self, suite: str, n: int) -> None:
+    def prog_stats(self, suite: str, n: int, backend: str = "ebpf-tc") -> None:
         """Where an eBPF connection's (conn_setup) or round trip's (rr) extra time goes: the
         kernel's run time of each tc program, on the client and, with both ends filtering,
         on the server (BPF_ENABLE_STATS, on only for this extra, untimed loop)."""
-        ends = {"": self.hosts["ebpf-tc"]}
-        if "ebpf-tc" in self.srv_hosts:
-            ends["server_"] = self.srv_hosts["ebpf-tc"]
+        ends = {"": self.hosts[backend]}
+        if backend in self.srv_hosts:
+            ends["server_"] = self.srv_hosts[backend]
         for host in ends.values():
             host.call("prog_stats_begin")
         progs = {}
         try:
             if suite == "conn_setup":
-                out = loadgen(self.ns["ebpf-tc"], "connect", host=self.target("ebpf-tc", n), port=PORT,
+                out = loadgen(self.ns[backend], "connect", host=self.target(backend, n), port=PORT,
                               seconds=self.p["prog_stats_s"], cpu=self.client_cpu,
                               nice=self.p.get("nice"))
             else:
-                out = loadgen(self.ns["ebpf-tc"], "rr", host=self.target("ebpf-tc", n), port=PORT + 1,
+                out = loadgen(self.ns[backend], "rr", host=self.target(backend, n), port=PORT + 1,
                               seconds=self.p["prog_stats_s"], cpu=self.client_cpu,
                               nice=self.p.get("nice"), size=self.p["rr_size"], warmup=500)
         finally:
@@ -390,15 +392,15 @@ class Bench:
                 per = st["ns_per_run"] * st["runs"] / count
                 total += per
                 self.results.add(make_row(
-                    suite, "ebpf-tc", n, f"{end}{name.removeprefix('prog_')}_ns_per_{unit}", "ns",
+                    suite, backend, n, f"{end}{name.removeprefix('prog_')}_ns_per_{unit}", "ns",
                     [per], f"{'server: ' if end else ''}{st['runs'] / count:.2f} runs per {what}, "
                     f"{st['ns_per_run']:.0f} ns per run (BPF_ENABLE_STATS)", digits=1,
-                    server_filter=self.filters("ebpf-tc")))
+                    server_filter=self.filters(backend)))
         rate = f"{out['conn_per_s']:.0f} conn/s" if suite == "conn_setup" else f"p50 {out['p50_us']:.1f} us"
-        self.results.add(make_row(suite, "ebpf-tc", n, f"programs_ns_per_{unit}", "ns", [total],
+        self.results.add(make_row(suite, backend, n, f"programs_ns_per_{unit}", "ns", [total],
                                   f"sum over the tc programs of {'both ends' if len(ends) > 1 else 'the client'}, "
                                   f"{rate} with stats on", digits=1,
-                                  server_filter=self.filters("ebpf-tc")))
+                                  server_filter=self.filters(backend)))
 
     def control(self, n: int) -> None:
         """Program N peers (full_sync reps), then one-peer updates. The servers' datapaths
