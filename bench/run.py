@@ -624,6 +624,10 @@ def preflight(backends: list[str]) -> list[str]:
             except ImportError:
                 say("bench: bcc is not importable: skipping ebpf-tc")
                 continue
+        if b in SOCKET_MODE and not any(
+                len(f) > 2 and f[2] == "cgroup2" for f in (ln.split() for ln in open("/proc/self/mounts"))):
+            say(f"bench: no cgroup-v2 hierarchy is mounted: skipping {b} (socket mode needs one)")
+            continue
         ok.append(b)
     return ok
 
