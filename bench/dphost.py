@@ -18,6 +18,7 @@ Requests:
   {"cmd": "plan_diff", "reps": R}                  R x plan + diff of one change (the agent's O(N) part)
   {"cmd": "prog_stats_begin"} / {"cmd": "prog_stats_end"}   tc programs' run time in between (ebpf)
   {"cmd": "memory"}                                RSS, kernel memory of our cgroup, map memlock
+  {"cmd": "counters"}                              the datapath's counters (packets by reason)
   {"cmd": "teardown"} / {"cmd": "quit"}
 """
 
@@ -381,6 +382,9 @@ class Host:
         stats, self.stats = self.stats, None
         return {"progs": stats.finish()}
 
+    def counters(self, a: dict | None = None) -> dict:
+        return {"counters": dict(self.dp.counters())}
+
     def teardown(self, a: dict | None = None) -> dict:
         if self.dp is not None:
             self.dp.teardown()
@@ -398,6 +402,7 @@ def main() -> int:
         "plan_diff": host.plan_diff,
         "update_one_maps": host.update_one_maps, "prog_stats_begin": host.prog_stats_begin,
         "prog_stats_end": host.prog_stats_end, "memory": host.memory, "teardown": host.teardown,
+        "counters": host.counters,
     }
     print(json.dumps({"ok": True, "ready": os.getpid()}), flush=True)
     for line in sys.stdin:

@@ -1,4 +1,4 @@
-"""The goals of issue 8, evaluated on the rows of a run (reported, never asserted).
+"""The goals of issues 8, 14 and 15, evaluated on the rows of a run (reported, never asserted).
 
 Each goal compares figures measured in the same run: for the traffic suites the
 median of the paired ratios (each repetition's value over the baseline measured
@@ -140,6 +140,19 @@ def _controller_fanout(rows):
     return v, n, f"p99 {v} ms from a write to its receipt on each of {n} Watch streams"
 
 
+def _both_ends(suite, backend, metric):
+    """Issue 15: the paired ratio to bare of ``backend``'s rows measured with both ends
+    filtering (``server_filter`` true), at 50,000 peers or the largest N measured."""
+    def compute(rows):
+        both = [r for r in rows if r.get("server_filter")]
+        n = _at(both, suite, backend, f"{metric}_vs_bare", 50000)
+        if n is None:
+            return None, None, f"no {backend} {suite} rows with both ends filtering"
+        v = _value(both, suite, backend, f"{metric}_vs_bare", n)
+        return v, n, f"median of paired ratios, {backend} with both ends filtering, {n} peers"
+    return compute
+
+
 GOALS = [
     _goal("conn_setup_vs_bare", "eBPF connection rate at 50,000 peers >= 0.95x bare",
           0.95, True, _conn_vs_bare),
@@ -163,6 +176,16 @@ GOALS = [
           400.0, False, _agent_rss),
     _goal("controller_fanout_p99", "one controller delivers a change to 1,000 Watch streams, p99 < 100 ms",
           100.0, False, _controller_fanout),
+    _goal("socket_conn_vs_bare", "socket mode, both ends filtering: conn/s at 50,000 >= 0.97x bare",
+          0.97, True, _both_ends("conn_setup", "ebpf-socket", "conn_per_s")),
+    _goal("socket_rr_p50_vs_bare", "socket mode, both ends filtering: rr p50 within 3% of bare",
+          1.03, False, _both_ends("rr", "ebpf-socket", "latency_us_p50")),
+    _goal("socket_stream_vs_bare", "socket mode, both ends filtering: stream >= 0.97x bare",
+          0.97, True, _both_ends("stream", "ebpf-socket", "gbps")),
+    _goal("tc_rr_p50_vs_bare", "tc mode, both ends filtering: rr p50 within 8% of bare",
+          1.08, False, _both_ends("rr", "ebpf-tc", "latency_us_p50")),
+    _goal("tc_stream_vs_bare", "tc mode, both ends filtering: stream >= 0.93x bare",
+          0.93, True, _both_ends("stream", "ebpf-tc", "gbps")),
 ]
 
 

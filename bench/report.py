@@ -23,16 +23,16 @@ write `bench/results/latest.json` and the plots `bench/results/*.png`.
 {END}
 """
 
+VS_BARE = [("ebpf-tc", "bare"), ("ebpf-socket", "bare"), ("iptables", "bare"), ("bare-2", "bare")]
 TABLES = [
     # suite, metric, title, digits, ratio columns
     ("conn_setup", "conn_per_s", "New TCP connections per second (to the last peer)", 0,
-     [("ebpf-tc", "bare"), ("ebpf-tc", "iptables")]),
-    ("rr", "latency_us_p50", "Request/response latency p50, µs (64-byte messages)", 1,
-     [("ebpf-tc", "bare"), ("iptables", "bare")]),
-    ("rr", "latency_us_p99", "Request/response latency p99, µs", 1,
-     [("ebpf-tc", "bare"), ("iptables", "bare")]),
-    ("stream", "gbps", "TCP throughput, Gbit/s (one connection)", 2,
-     [("ebpf-tc", "bare"), ("iptables", "bare")]),
+     [*VS_BARE, ("ebpf-tc", "iptables")]),
+    ("rr", "latency_us_p50", "Request/response latency p50, µs (64-byte messages)", 1, VS_BARE),
+    ("rr", "latency_us_p99", "Request/response latency p99, µs", 1, VS_BARE),
+    ("stream", "gbps", "TCP throughput, Gbit/s (one connection)", 2, VS_BARE),
+    ("external", "rtt_us_p50", "sockperf ping-pong --tcp, round trip p50, µs", 1, VS_BARE),
+    ("external", "gbps", "iperf3 TCP throughput, Gbit/s", 2, VS_BARE),
     ("update_one", "ms", "One peer change among N: datapath.apply, ms", 3,
      [("iptables", "ebpf-tc")]),
     ("full_sync", "ms", "Programming N peers from empty: datapath.apply, ms", 1,
@@ -40,12 +40,21 @@ TABLES = [
     ("memory", "kernel_bytes_per_peer", "Kernel memory per peer, bytes", 1, []),
     ("memory", "rss_bytes_per_peer", "Daemon RSS per peer, bytes", 0, []),
 ]
+# the external tools' ratio beside the own generator's, per backend (issue 15, acceptance 3)
+CROSS_CHECK = [("rr", "latency_us_p50", "external", "rtt_us_p50", "rr p50"),
+               ("stream", "gbps", "external", "gbps", "stream")]
 
 EXTRA = {  # (suite, metric of the table they follow) -> one line each
     ("conn_setup", "conn_per_s"): [
         ("ebpf-tc", "programs_ns_per_conn",
          "kernel run time of the three tc programs per connection (BPF_ENABLE_STATS), ns", 0),
         ("ebpf-tc", "overlay_egress_ns_per_conn", "of which ovl_overlay_egress, ns", 0),
+    ],
+    ("rr", "latency_us_p50"): [
+        ("ebpf-tc", "programs_ns_per_rt",
+         "kernel run time of the tc programs per round trip, both ends when the server filters "
+         "(BPF_ENABLE_STATS), ns", 0),
+        ("ebpf-tc", "server_ingress_ns_per_rt", "of which the server's ovl_ingress, ns", 0),
     ],
     ("update_one", "ms"): [
         ("ebpf-tc", "map_write_ms", "eBPF map writes alone (no capacity check), ms", 4),
@@ -88,15 +97,19 @@ def _bare(rows, suite, metric):
 
 
 def suite_table(rows, suite, metric, title, digits, ratios) -> list[str]:
-    backends = [b for b in ("bare", "iptables", "ebpf-tc")
+    backends = [b for b in ("bare", "bare-2", "iptables", "ebpf-tc", "ebpf-socket")
                 if any((r["suite"], r["backend"], r["metric"]) == (suite, b, metric) for r in rows)]
     if not backends:
         return []
+    ratios = [(a, b) for a, b in ratios if a in backends and b in backends]
     peers = sorted({r["peers"] for r in rows if (r["suite"], r["metric"]) == (suite, metric)
                     and r["backend"] != "bare"})
     bare = _bare(rows, suite, metric)
     head = ["peers", *backends, *(f"{a} / {b}" for a, b in ratios)]
-    out = [f"**{title}** (median of the repetitions, min–max in brackets)", "",
+    both = sorted({r["backend"] for r in rows if r["suite"] == suite and r.get("server_filter")})
+    ends = (f"; both ends filtering for {', '.join(both)} (the server runs the same datapath, "
+            "reject_all, the client a member)") if both else ""
+    out = [f"**{title}** (median of the repetitions, min–max in brackets{ends})", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in peers:
         cells = [f"{n:,}"]
@@ -119,6 +132,31 @@ def suite_table(rows, suite, metric, title, digits, ratios) -> list[str]:
                    "spread over it), repeated on each line. Ratio columns with a range are "
                    "paired: the median (min–max) over the repetitions of the value divided by "
                    "the baseline measured beside it.")
+    out.append("")
+    return out
+
+
+def cross_check(rows) -> list[str]:
+    """The sockperf / iperf3 paired ratios beside the own generator's, at the N the
+    external suite ran (acceptance 3 of issue 15); ``bare-2`` shows the noise."""
+    ext = [r for r in rows if r["suite"] == "external" and r["metric"].endswith("_vs_bare")]
+    if not ext:
+        return []
+    n = max(r["peers"] for r in ext)
+    head = ["backend"]
+    for _s, _m, _es, _em, label in CROSS_CHECK:
+        head += [f"{label} / bare (own)", f"{label} / bare (external)"]
+    out = [f"**Cross-check: the own generator and sockperf / iperf3, paired ratios to bare at "
+           f"{n:,} peers** (median, min–max; `bare-2` is a second bare client: the noise)", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in ("bare-2", "iptables", "ebpf-tc", "ebpf-socket"):
+        cells = [b]
+        for suite, metric, esuite, emetric, _label in CROSS_CHECK:
+            for su, me in ((suite, metric), (esuite, emetric)):
+                r = _get(rows, su, b, f"{me}_vs_bare", n)
+                cells.append(f"{r['value']:.3g} ({r['min']:.3g}–{r['max']:.3g})" if r else "–")
+        if any(c != "–" for c in cells[1:]):
+            out.append("| " + " | ".join(cells) + " |")
     out.append("")
     return out
 
@@ -157,7 +195,7 @@ def generated(data: dict, results_dir: str) -> str:
         lines += ["Errors in this run:", ""]
         lines += [f"- `{e['suite']}`: {e['error']}" for e in run["errors"]]
         lines.append("")
-    lines += ["### Goals (issue 8), from this run", ""]
+    lines += ["### Goals (issues 8, 14, 15), from this run", ""]
     lines += goals_table(data.get("goals", []))
     lines.append("")
     lines.append("Every figure comes from this run. For the traffic suites the ratio is the "
@@ -175,6 +213,7 @@ def generated(data: dict, results_dir: str) -> str:
                 lines.append(f"*{t}*: " + ", ".join(
                     f"N={n:,}: {_cell(r, d)}" for n, r in pts) + ".")
                 lines.append("")
+    lines += cross_check(rows)
     fan = [r for r in rows if r["suite"] == "fanout"]
     if fan:
         lines += ["**fanout: ZooKeeper change to datapath, ms** "

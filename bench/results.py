@@ -37,10 +37,11 @@ class Row:
     samples: list[float] = field(default_factory=list)
     note: str | None = None
     agents: int | None = None  # fanout: agent processes
+    server_filter: bool | None = None  # traffic suites: the server runs a datapath too
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("note", "agents"):
+        for key in ("note", "agents", "server_filter"):
             if d[key] is None:
                 del d[key]
         return d
@@ -55,11 +56,11 @@ def summarize(samples: list[float]) -> tuple[float, float, float]:
 
 def make_row(suite: str, backend: str, peers: int, metric: str, unit: str,
              samples: list[float], note: str | None = None, digits: int = 4,
-             agents: int | None = None) -> Row:
+             agents: int | None = None, server_filter: bool | None = None) -> Row:
     samples = [round(float(s), digits) for s in samples]
     med, lo, hi = summarize(samples)
     return Row(suite, backend, int(peers), metric, round(med, digits), unit, lo, hi,
-               len(samples), samples, note, agents)
+               len(samples), samples, note, agents, server_filter)
 
 
 def _read(path: str) -> str:

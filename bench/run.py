@@ -15,18 +15,25 @@ three back to back (the order rotates) and a noisy neighbour hits them alike:
 the target's overlay address. Load generator clients run on CPU 0, the
 server on CPU 1 (when there are two).
 
-Before/after rows in one run (``--backends ...,ebpf-tc-before,ebpf-srv,ebpf-srv-before``):
-``ebpf-tc-before`` is ``ebpf-tc`` on the datapath of another revision
-(``--before-rev``, default the branch point of issue 11; bench/before.py) in its
-own client namespace ``ebfb`` (10.77.4.1 -> ``srv`` 10.77.4.2). ``ebpf-srv`` and
-``ebpf-srv-before`` put the datapath on the SERVER instead, in server namespaces
-of their own (``srvf``, ``srvfb``) with their own ovlbench server: ``reject_all``,
-the client one member among N peers, the client plain. Each pair gives paired
-``<metric>_vs_before`` ratios besides ``_vs_bare``.
+Both ends filtering (``--server-filter on``, the default; DESIGN §8): every backend
+with a datapath (``iptables``, ``ebpf-tc``, ``ebpf-tc-before``, ``ebpf-socket``) gets a
+server namespace of its own (``<client namespace>s``, e.g. ``ebpfs``) with its own
+ovlbench server and a second datapath host running the SAME backend with ``reject_all``
+and N peers, the client one member among them, as a real deployment does; their traffic
+rows carry ``"server_filter": true``. ``bare`` (to the shared ``srv``) and ``bare-2`` (a
+second bare client with a bare server of its own, ``bare2s``, set up like the others
+but with no datapath: its ``*_vs_bare`` spread is the run's noise floor) stay bare on
+both ends: rows ``"server_filter": false``. ``--server-filter off`` gives the older
+client-only rows (every client to the shared ``srv``, ``"server_filter": false``).
+
+Before/after rows in one run (``--backends ...,ebpf-tc-before``): ``ebpf-tc-before`` is
+``ebpf-tc`` on the datapath of another revision (``--before-rev``, default the branch
+point of issue 11; bench/before.py), on both ends, in its own namespaces ``ebfb`` /
+``ebfbs`` (10.77.4.1 -> 10.77.4.2); ``ebpf-tc`` rows get paired ``<metric>_vs_before``.
 
 ``ebpf-socket``: ``ebpf-tc``'s client in socket mode, namespace ``ebs`` (10.77.7.1 ->
-``srv`` 10.77.7.2); its processes run in a cgroup-v2 directory of the run (the
-datapath's ``datapath.cgroup``), removed with the topology.
+10.77.7.2); its processes (and its server's) run in cgroup-v2 directories of the run (the
+datapaths' ``datapath.cgroup``), removed with the topology.
 """
 
 from __future__ import annotations
@@ -54,28 +61,26 @@ CONTROL_SUITES = ("update_one", "full_sync")
 ALL_SUITES = ("full_sync", "update_one", "conn_setup", "rr", "stream", "memory", "fanout", "prog_cost",
               "controller_limits", "controller_fanout", "agent", "external")
 
-CLIENTS = {  # backend -> (namespace name, client address, server address)
+CLIENTS = {  # backend -> (client namespace name, client address, server address)
     "bare": ("bare", "10.77.1.1", "10.77.1.2"),
     "iptables": ("ipt", "10.77.2.1", "10.77.2.2"),
     "ebpf-tc": ("ebpf", "10.77.3.1", "10.77.3.2"),
     "ebpf-tc-before": ("ebfb", "10.77.4.1", "10.77.4.2"),
-    "ebpf-srv": ("sfc", "10.77.5.1", "10.77.5.2"),
-    "ebpf-srv-before": ("sfbc", "10.77.6.1", "10.77.6.2"),
     "ebpf-socket": ("ebs", "10.77.7.1", "10.77.7.2"),
+    "bare-2": ("bare2", "10.77.8.1", "10.77.8.2"),
 }
-DP_BACKEND = {"iptables": "iptables", "ebpf-tc": "ebpf", "ebpf-tc-before": "ebpf", "ebpf-srv": "ebpf",
-              "ebpf-srv-before": "ebpf", "ebpf-socket": "ebpf"}
-# Backends in socket mode (datapath.mode: socket): their client namespace's processes run
-# in a cgroup-v2 directory of the run, which is the datapath's datapath.cgroup.
+SRV_DEV = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce", "ebpf-tc-before": "cf",
+           "ebpf-socket": "cs", "bare-2": "cb2"}  # the veth end in the shared "srv"
+DP_BACKEND = {"iptables": "iptables", "ebpf-tc": "ebpf", "ebpf-tc-before": "ebpf", "ebpf-socket": "ebpf"}
+BARE = ("bare", "bare-2")  # no program, no rule, on either end: the server's real address
+# Backends in socket mode (datapath.mode: socket): their namespaces' processes run in
+# cgroup-v2 directories of the run, which are the datapaths' datapath.cgroup.
 SOCKET_MODE = ("ebpf-socket",)
-# Backends whose datapath filters on the SERVER (reject_all, the client a member among N
-# peers), in a server namespace of their own; the client runs nothing and talks to the
-# server's real address. The others translate on the client (the shared server "srv").
-SERVER_SIDE = {"ebpf-srv": "srvf", "ebpf-srv-before": "srvfb"}
 # Backends that run the datapath of another revision (--before-rev, bench/before.py),
 # and the backend of this revision they are paired with (<metric>_vs_before).
-BEFORE = {"ebpf-tc-before": "ebpf-tc", "ebpf-srv-before": "ebpf-srv"}
-CONTROL_BACKENDS = ("iptables", "ebpf-tc")  # full_sync, update_one, memory
+BEFORE = {"ebpf-tc-before": "ebpf-tc"}
+CONTROL_BACKENDS = ("iptables", "ebpf-tc")
+DEFAULT_BACKENDS = "bare,bare-2,iptables,ebpf-tc,ebpf-socket"  # full_sync, update_one, memory
 
 PROFILES: dict[str, dict] = {
     "full": {
@@ -143,7 +148,8 @@ def _on_term(signum, _frame):
 
 class Bench:
     def __init__(self, profile: str, suites: list[str], backends: list[str], log_dir: str,
-                 peers: list[int] | None = None, before_rev: str | None = None):
+                 peers: list[int] | None = None, before_rev: str | None = None,
+                 server_filter: bool = True):
         self.p = dict(PROFILES[profile])
         if peers:
             self.p["peers"] = peers
@@ -154,18 +160,27 @@ class Bench:
         self.log_dir = log_dir
         self.before_rev = before_rev
         self.before_root: str | None = None
+        self.server_filter = server_filter
         self.results = ResultSet(profile, {**self.p, "suites": suites,
                                            "backends": ["bare", *self.backends],
+                                           "server_filter": server_filter,
                                            **({"before_rev": before_rev} if before_rev else {})})
         self.topo = Topology()
         self.ns: dict = {}
         self.hosts: dict[str, DpHost] = {}
-        self.server: LoadServer | None = None
+        self.srv_hosts: dict[str, DpHost] = {}  # backend -> its server's datapath (both ends)
+        self.srv_ns: dict = {}  # backend -> the namespace of its server
+        self.servers: dict[str, LoadServer] = {}  # server namespace name -> ovlbench server
+        self.cgroups: dict[str, str] = {}
         ncpu = os.cpu_count() or 1
         self.client_cpu, self.server_cpu = (0, 1) if ncpu >= 2 else (None, None)
         self.samples: dict[tuple, list[float]] = {}
 
     # -- bookkeeping --
+
+    def filters(self, backend: str) -> bool:
+        """Whether ``backend``'s server runs a datapath too (both ends filtering)."""
+        return self.server_filter and backend in DP_BACKEND
 
     def sample(self, suite: str, backend: str, peers: int, metric: str, value: float) -> None:
         self.samples.setdefault((suite, backend, peers, metric), []).append(value)
@@ -178,6 +193,8 @@ class Bench:
             note, unit = None, units.get(metric, "x")
             if backend == "bare":
                 note = "no program, no rule: the server's real address (pooled over the run)"
+            elif backend == "bare-2" and not metric.endswith("_vs_bare"):
+                note = "a second bare client: its paired ratios to bare are the run's noise floor"
             elif metric.endswith("_vs_bare"):
                 note = "paired: each repetition's value / the bare value measured beside it"
             elif metric.endswith("_vs_iptables"):
@@ -187,9 +204,12 @@ class Bench:
                         f"(revision {self.before_rev})")
             elif backend in BEFORE:
                 note = f"the datapath of revision {self.before_rev} (bench/before.py)"
-            if backend in SERVER_SIDE or BEFORE.get(backend) in SERVER_SIDE:
-                note = (note + "; " if note else "") + "the server filters (reject_all, client a member)"
-            self.results.add(make_row(suite, backend, peers, metric, unit, vals, note))
+            sf = self.filters(backend)
+            if sf:
+                note = (note + "; " if note else "") + ("both ends filter: the server runs the same "
+                                                         "datapath, reject_all, the client a member")
+            self.results.add(make_row(suite, backend, peers, metric, unit, vals, note,
+                                      server_filter=sf))
 
     def guarded(self, suite: str, fn, *args) -> None:
         try:
@@ -208,54 +228,61 @@ class Bench:
     def build(self) -> None:
         srv = self.topo.netns("srv")
         self.ns["srv"] = srv
-        self.servers: dict[str, LoadServer] = {}
-        self.cgroups: dict[str, str] = {}
         for backend in ["bare", *self.backends]:
             name, client, server = CLIENTS[backend]
             ns = self.topo.netns(name)
-            if backend in SERVER_SIDE:
-                own = self.topo.netns(SERVER_SIDE[backend])
+            if self.filters(backend) or backend == "bare-2":
+                # bare-2 has a server of its own too (no datapath): set up like the
+                # filtering backends, so its spread against bare includes that difference
+                own = self.topo.netns(name + "s")
                 self.topo.veth(ns, "eth0", f"{client}/24", own, "eth0", f"{server}/24")
-                self.ns[f"{backend}:srv"] = own
+                self.srv_ns[backend] = own
             else:
-                dev = {"bare": "cb", "iptables": "ci", "ebpf-tc": "ce", "ebpf-tc-before": "cf",
-                       "ebpf-socket": "cs"}[backend]
-                self.topo.veth(ns, "eth0", f"{client}/24", srv, dev, f"{server}/24")
+                self.topo.veth(ns, "eth0", f"{client}/24", srv, SRV_DEV[backend], f"{server}/24")
+                self.srv_ns[backend] = srv
             if backend in SOCKET_MODE:
-                self.cgroups[backend] = self.topo.cgroup(backend)
-                self.topo.join_cgroup(ns, self.cgroups[backend])
+                for key, where in ((backend, ns), (f"{backend}:srv", self.srv_ns[backend])):
+                    if key not in self.cgroups and where is not srv:
+                        self.cgroups[key] = self.topo.cgroup(key.replace(":", "-"))
+                        self.topo.join_cgroup(where, self.cgroups[key])
             self.ns[backend] = ns
-        self.server = LoadServer(srv, PORT, seconds=3600, cpu=self.server_cpu,
-                                 nice=self.p.get("nice"))
-        for backend in SERVER_SIDE:
-            if backend in self.backends:
-                self.servers[backend] = LoadServer(self.ns[f"{backend}:srv"], PORT, seconds=3600,
-                                                   cpu=self.server_cpu, nice=self.p.get("nice"))
-        if any(b in BEFORE for b in self.backends):
+        for where in {id(n): n for n in self.srv_ns.values()}.values():
+            self.servers[where.name] = LoadServer(where, PORT, seconds=3600, cpu=self.server_cpu,
+                                                  nice=self.p.get("nice"))
+        self.extract_before()
+
+    def extract_before(self) -> None:
+        """The datapath of --before-rev, once, when a before backend runs (bench/before.py)."""
+        if self.before_root is None and any(b in BEFORE for b in self.backends):
             from bench.before import extract
 
             self.before_root = extract(self.before_rev, os.path.join(self.log_dir, "before"))
             say(f"  before: revision {self.before_rev} extracted to {os.path.relpath(self.before_root)}")
 
     def start_hosts(self, sizes: dict | None = None) -> None:
-        for backend in self.backends:
+        for backend in [b for b in self.backends if b in DP_BACKEND]:
             self.hosts[backend] = self.start_host(backend, sizes)
+            if self.filters(backend):
+                self.srv_hosts[backend] = self.start_host(backend, sizes, server=True)
 
-    def start_host(self, backend: str, sizes: dict | None = None) -> DpHost:
-        _name, client, server = CLIENTS[backend]
-        server_side = backend in SERVER_SIDE
-        ns = self.ns[f"{backend}:srv"] if server_side else self.ns[backend]
+    def start_host(self, backend: str, sizes: dict | None = None, server: bool = False) -> DpHost:
+        """A datapath host for ``backend``'s client, or (``server``) for its server: the
+        same backend with ``reject_all``, its client a member (``program`` with the
+        client's address as the target)."""
+        _name, client, server_addr = CLIENTS[backend]
+        ns = self.srv_ns[backend] if server else self.ns[backend]
         root = self.before_root if backend in BEFORE else None
-        host = DpHost(ns, os.path.join(self.log_dir, f"dphost-{backend}.log"),
+        tag = f"{backend}-srv" if server else backend
+        host = DpHost(ns, os.path.join(self.log_dir, f"dphost-{tag}.log"),
                       **({"root": root} if root else {}))
         args = {"backend": DP_BACKEND[backend], "interface": "eth0",
-                "private": server if server_side else client}
-        if server_side:
+                "private": server_addr if server else client}
+        if server:
             args["filter"] = {"reject_all": True}
         if backend in SOCKET_MODE:
-            args["mode"], args["cgroup"] = "socket", self.cgroups[backend]
+            args["mode"], args["cgroup"] = "socket", self.cgroups[f"{backend}:srv" if server else backend]
         if DP_BACKEND[backend] == "ebpf":
-            args["pin_root"] = self.topo.pins(f"{backend}-{time.monotonic_ns()}")
+            args["pin_root"] = self.topo.pins(f"{tag}-{time.monotonic_ns()}")
         if sizes:
             args["sizes"] = sizes
         try:
@@ -263,24 +290,23 @@ class Bench:
         except BaseException:
             host.close(teardown=True)
             raise
-        say(f"  {backend}: datapath started in {res['start_s']:.1f} s")
+        say(f"  {tag}: datapath started in {res['start_s']:.1f} s")
         return host
 
     def close(self) -> None:
-        for host in self.hosts.values():
+        for host in [*self.hosts.values(), *self.srv_hosts.values()]:
             with contextlib.suppress(Exception):
                 host.close(teardown=True)
         self.hosts.clear()
-        if self.server is not None:
-            self.server.stop()
-        for server in getattr(self, "servers", {}).values():
+        self.srv_hosts.clear()
+        for server in self.servers.values():
             server.stop()
         self.topo.close()
 
     # -- the data plane --
 
     def target(self, backend: str, n: int) -> str:
-        if backend == "bare" or backend in SERVER_SIDE:
+        if backend in BARE:
             return CLIENTS[backend][2]  # the server's real address
         return fleetlib.target_overlay(n)
 
@@ -328,8 +354,10 @@ class Bench:
                     old = got.get(before, {}).get(metric)
                     if old:
                         self.sample(suite, after, n, f"{metric}_vs_before", value / old)
-        if suite == "conn_setup" and "ebpf-tc" in self.hosts and self.p.get("prog_stats_s"):
-            self.prog_stats(n)
+        if suite in ("conn_setup", "rr") and self.p.get("prog_stats_s"):
+            for backend in ("ebpf-tc", "ebpf-socket"):
+                if backend in self.hosts:
+                    self.prog_stats(suite, n, backend)
         summary = []
         for backend in order:
             peers = 0 if backend == "bare" else n
@@ -339,38 +367,56 @@ class Bench:
                 summary.append(f"{backend} {sorted(vals)[len(vals) // 2]:.1f}")
         say(f"  {suite:10s} N={n:<6d} " + ", ".join(summary))
 
-    def prog_stats(self, n: int) -> None:
-        """Where an eBPF connection's extra time goes: the kernel's run time of each tc
-        program (BPF_ENABLE_STATS, on only for this extra, untimed connect loop)."""
-        host = self.hosts["ebpf-tc"]
-        host.call("prog_stats_begin")
+    def prog_stats(self, suite: str, n: int, backend: str = "ebpf-tc") -> None:
+        """Where an eBPF connection's (conn_setup) or round trip's (rr) extra time goes: the
+        kernel's run time of each tc program, on the client and, with both ends filtering,
+        on the server (BPF_ENABLE_STATS, on only for this extra, untimed loop)."""
+        ends = {"": self.hosts[backend]}
+        if backend in self.srv_hosts:
+            ends["server_"] = self.srv_hosts[backend]
+        for host in ends.values():
+            host.call("prog_stats_begin")
+        progs = {}
         try:
-            out = loadgen(self.ns["ebpf-tc"], "connect", host=self.target("ebpf-tc", n), port=PORT,
-                          seconds=self.p["prog_stats_s"], cpu=self.client_cpu,
-                          nice=self.p.get("nice"))
+            if suite == "conn_setup":
+                out = loadgen(self.ns[backend], "connect", host=self.target(backend, n), port=PORT,
+                              seconds=self.p["prog_stats_s"], cpu=self.client_cpu,
+                              nice=self.p.get("nice"))
+            else:
+                out = loadgen(self.ns[backend], "rr", host=self.target(backend, n), port=PORT + 1,
+                              seconds=self.p["prog_stats_s"], cpu=self.client_cpu,
+                              nice=self.p.get("nice"), size=self.p["rr_size"], warmup=500)
         finally:
-            progs = host.call("prog_stats_end")["progs"]
-        conns = max(out["count"], 1)
+            for end, host in ends.items():
+                progs[end] = host.call("prog_stats_end")["progs"]
+        unit = {"conn_setup": "conn", "rr": "rt"}[suite]
+        what = {"conn_setup": "connection", "rr": "round trip"}[suite]
+        count = max(out["count"], 1)
         total = 0.0
-        for name, st in progs.items():
-            per_conn = st["ns_per_run"] * st["runs"] / conns
-            total += per_conn
-            self.results.add(make_row(
-                "conn_setup", "ebpf-tc", n, f"{name.removeprefix('prog_')}_ns_per_conn", "ns",
-                [per_conn], f"{st['runs'] / conns:.2f} runs per connection, "
-                f"{st['ns_per_run']:.0f} ns per run (BPF_ENABLE_STATS)", digits=1))
-        self.results.add(make_row("conn_setup", "ebpf-tc", n, "programs_ns_per_conn", "ns",
-                                  [total], f"sum over the three tc programs, "
-                                  f"{out['conn_per_s']:.0f} conn/s with stats on", digits=1))
+        for end, stats in progs.items():
+            for name, st in stats.items():
+                per = st["ns_per_run"] * st["runs"] / count
+                total += per
+                self.results.add(make_row(
+                    suite, backend, n, f"{end}{name.removeprefix('prog_')}_ns_per_{unit}", "ns",
+                    [per], f"{'server: ' if end else ''}{st['runs'] / count:.2f} runs per {what}, "
+                    f"{st['ns_per_run']:.0f} ns per run (BPF_ENABLE_STATS)", digits=1,
+                    server_filter=self.filters(backend)))
+        rate = f"{out['conn_per_s']:.0f} conn/s" if suite == "conn_setup" else f"p50 {out['p50_us']:.1f} us"
+        self.results.add(make_row(suite, backend, n, f"programs_ns_per_{unit}", "ns", [total],
+                                  f"sum over the tc programs of {'both ends' if len(ends) > 1 else 'the client'}, "
+                                  f"{rate} with stats on", digits=1,
+                                  server_filter=self.filters(backend)))
 
     def control(self, n: int) -> None:
-        """Program N peers (full_sync reps), then one-peer updates. The before and
-        server-side backends only get their N peers (the traffic suites' setting)."""
-        for backend in self.backends:
-            host = self.hosts[backend]
+        """Program N peers (full_sync reps), then one-peer updates. The servers' datapaths
+        and the other backends only get their N peers (the traffic suites' setting); a
+        server's N peers hold its client (the target, a member)."""
+        for backend, host in self.srv_hosts.items():
+            host.call("program", n=n, target_real=CLIENTS[backend][1], timeout=1800)
+        for backend, host in self.hosts.items():
             if backend not in CONTROL_BACKENDS:
-                target = CLIENTS[backend][1] if backend in SERVER_SIDE else CLIENTS[backend][2]
-                host.call("program", n=n, target_real=target, timeout=1800)
+                host.call("program", n=n, target_real=CLIENTS[backend][2], timeout=1800)
                 continue
             if "full_sync" in self.suites:
                 res = host.call("full_sync", n=n, target_real=CLIENTS[backend][2],
@@ -413,21 +459,27 @@ class Bench:
                     self.guarded(suite, self.traffic, suite, n)
             if "external" in self.suites and n == max(self.p["peers"]):
                 self.guarded("external", self.external, n)
-        for backend in list(self.hosts):
-            self.hosts.pop(backend).close(teardown=True)
+        self.results.run["server_counters"] = {
+            backend: host.call("counters")["counters"] for backend, host in self.srv_hosts.items()}
+        for hosts in (self.srv_hosts, self.hosts):
+            for backend in list(hosts):
+                hosts.pop(backend).close(teardown=True)
 
     # -- external tools --
 
     def external(self, n: int) -> None:
-        """sockperf and iperf3 for bare and ebpf-socket (bench/external.py), paired."""
+        """sockperf and iperf3 for every backend of the run but the before ones
+        (bench/external.py), to each backend's own server (both ends filtering), paired."""
         from bench import external as ext
 
         missing = ext.available()
         if missing:
             raise BenchError(missing)
-        order = [b for b in ext.BACKENDS if b == "bare" or b in self.hosts]
-        servers = ext.Servers(self.ns["srv"])
+        order = [b for b in ["bare", *self.backends] if b not in BEFORE]
+        servers = []
         try:
+            for where in {self.srv_ns[b].name: self.srv_ns[b] for b in order}.values():
+                servers.append(ext.Servers(where))
             time.sleep(0.5)  # the servers listen (bounded; nothing to poll for)
             for rep in range(self.p["reps"]):
                 k = rep % len(order)
@@ -444,7 +496,8 @@ class Bench:
                         if backend != "bare" and base:
                             self.sample("external", backend, n, f"{metric}_vs_bare", value / base)
         finally:
-            servers.stop()
+            for srv in servers:
+                srv.stop()
         parts = []
         for b in order:
             vals = sorted(self.samples[("external", b, 0 if b == "bare" else n, "rtt_us_p50")])
@@ -507,6 +560,7 @@ class Bench:
     def prog_cost(self) -> None:
         from bench.progcost import CASES, measure
 
+        self.extract_before()
         got = measure(self.before_root)
         for backend, cases in got.items():
             for case, ns in cases.items():
@@ -581,6 +635,10 @@ def preflight(backends: list[str]) -> list[str]:
             except ImportError:
                 say("bench: bcc is not importable: skipping ebpf-tc")
                 continue
+        if b in SOCKET_MODE and not any(
+                len(f) > 2 and f[2] == "cgroup2" for f in (ln.split() for ln in open("/proc/self/mounts"))):
+            say(f"bench: no cgroup-v2 hierarchy is mounted: skipping {b} (socket mode needs one)")
+            continue
         ok.append(b)
     return ok
 
@@ -609,9 +667,11 @@ def main_run(args) -> int:
         from bench.before import DEFAULT_REV
 
         before_rev = args.before_rev or DEFAULT_REV
-    bench = Bench(args.profile, suites, backends, log_dir, peers, before_rev=before_rev)
+    bench = Bench(args.profile, suites, backends, log_dir, peers, before_rev=before_rev,
+                  server_filter=args.server_filter == "on")
     say(f"==> bench {args.profile}: suites {', '.join(suites)}; backends bare, "
-        f"{', '.join(bench.backends)}; logs in {os.path.relpath(log_dir)}")
+        f"{', '.join(bench.backends)}; server filter {args.server_filter}; "
+        f"logs in {os.path.relpath(log_dir)}")
     say(f"    load average {open('/proc/loadavg').read().split()[:3]} on {os.cpu_count()} CPUs; "
         f"{BIN}")
     old_term = signal.signal(signal.SIGTERM, _on_term)
@@ -672,7 +732,12 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run the benchmarks")
     r.add_argument("--profile", choices=sorted(PROFILES), default="full")
     r.add_argument("--suites", help=f"comma-separated subset of {','.join(ALL_SUITES)}")
-    r.add_argument("--backends", default="bare,iptables,ebpf-tc")
+    r.add_argument("--backends", default=DEFAULT_BACKENDS,
+                   help=f"comma-separated subset of {','.join(CLIENTS)} (default {DEFAULT_BACKENDS})")
+    r.add_argument("--server-filter", choices=("on", "off"), default="on",
+                   help="on (default): the server of every backend with a datapath runs the same "
+                        "datapath with reject_all, its client a member (both ends filtering); "
+                        "off: client-only rows, every client to one plain server")
     r.add_argument("--peers", help="comma-separated peer counts (overrides the profile)")
     r.add_argument("--before-rev", default=None,
                    help="revision whose datapath the *-before backends run (default: "

@@ -269,6 +269,12 @@ EGRESS = [
     Case("later-fragment-not-tracked", "egress", frame(_FRAGS_REAL[1]), OK, SAME, {}, {}, ct={}),
     Case("ip-options-tracked", "egress", tcp(HOST, PEER_REAL, options=_OPTS), OK, SAME, {}, {},
          ct={(PEER_REAL, HOST, 80, 40000, TCP_P): (None, PLAIN, SYN_SENT)}),
+    # the uplink egress tells a TCP segment without SYN/FIN/RST from the flags byte alone,
+    # found past the IP options: a FIN with options still steps its flow
+    Case("ip-options-fin-steps-established-to-closing", "egress",
+         tcp(HOST, PEER_REAL, flags="FA", options=_OPTS), OK, SAME,
+         {"ct": [(_T_REPLY, None, PLAIN)]}, {},
+         ct={(PEER_REAL, HOST, 80, 40000, TCP_P): (None, PLAIN, CLOSING)}),
     Case("gre-not-tracked", "egress", frame(IP(src=HOST, dst=PEER_REAL, proto=47) / Raw(b"\0" * 8)),
          OK, SAME, {}, {}, ct={}),
     Case("arp-untouched", "egress", ARP_FRAME, OK, SAME, {}, {}, ct={}),

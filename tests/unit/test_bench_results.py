@@ -68,6 +68,24 @@ def test_goals_are_ratios_of_medians():
     assert by["full_sync_vs_iptables"]["met"] is None  # not measured
 
 
+def test_both_ends_goals_read_only_server_filter_rows():
+    """Issue 15's goals take the paired ratio of rows measured with both ends filtering;
+    a client-only row of the same key is ignored (hand table)."""
+    rows = [make_row("rr", "ebpf-tc", 10000, "latency_us_p50_vs_bare", "x", [1.01, 1.2, 1.05],
+                     server_filter=True),
+            make_row("rr", "ebpf-tc", 50000, "latency_us_p50_vs_bare", "x", [1.0],
+                     server_filter=False),
+            make_row("stream", "ebpf-socket", 50000, "gbps_vs_bare", "x", [0.99, 0.95],
+                     server_filter=True)]
+    by = {g["goal"]: g for g in goals.evaluate([r.to_dict() for r in rows])}
+    assert (by["tc_rr_p50_vs_bare"]["measured"], by["tc_rr_p50_vs_bare"]["peers"]) == (1.05, 10000)
+    assert by["tc_rr_p50_vs_bare"]["met"] is True
+    assert by["socket_stream_vs_bare"]["measured"] == pytest.approx(0.97)
+    assert by["socket_stream_vs_bare"]["met"] is True
+    assert by["tc_stream_vs_bare"]["met"] is None  # no rows with both ends filtering
+    assert rows[0].to_dict()["server_filter"] is True and "server_filter" not in _rows().rows[0].to_dict()
+
+
 def test_report_rewrites_only_the_generated_part(tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text(f"# Benchmarks\n\nhand-written intro\n\n{report.BEGIN}\nold\n{report.END}\n"
