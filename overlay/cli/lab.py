@@ -209,7 +209,11 @@ def format_status(s: dict) -> str:
     rows = [("HOST", "NETWORK", "NETNS", "PRIVATE", "PUBLIC", "OVERLAY", "GROUPS", "DAEMON", "LOG")]
     for h in s["hosts"]:
         d = h.get("daemon")
-        if d is None:
+        n = h.get("neti_agent")
+        if n is not None:
+            dstate = "old format: " + (f"pid {n['pid']}, running" if n["running"] else "not running")
+            logp = n["log"]
+        elif d is None:
             dstate, logp = "outsider (no daemon)", h["test_server"]["log"]
         elif not s["daemons"]:
             dstate, logp = "no daemon (--no-daemons)", h["test_server"]["log"]

@@ -52,8 +52,11 @@ class NetiProcesses:
         try:
             for h in hosts:
                 os.makedirs(self.host_dir(h.name), exist_ok=True)
+                cfg = agent_config(topo, h, run_dir=self.run_dir)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(cfg["state_file"])       # a restarted emulator has applied nothing yet
                 with open(self.neti_config_path(h.name), "w", encoding="utf-8") as fh:
-                    json.dump(agent_config(topo, h, run_dir=self.run_dir), fh, indent=2)
+                    json.dump(cfg, fh, indent=2)
                 argv = nx.nsenter(self.names.host(h), [sys.executable, "-m", "overlay.lab.neti_agent",
                                                        self.neti_config_path(h.name)])
                 pid, st = nx.start_process(argv, self.neti_log(h.name), cwd=self.host_dir(h.name),
