@@ -29,7 +29,7 @@ from typing import Any
 
 from overlay import netns as nx
 from overlay.lab.neti_lab import moved, with_neti
-from overlay.lab.neti_procs import NetiProcesses, neti_key
+from overlay.lab.neti_procs import NetiProcesses
 from overlay.lab.procs import (
     READY_TIMEOUT,
     LabError,
@@ -352,11 +352,7 @@ class Lab(LabProcesses, NetiProcesses):
                     self._start_daemons(topo, state, dead)
                     restarted += [f"daemon:{h.name}" for h in dead]
                     notes.append("restarted " + ", ".join(h.name for h in dead))
-                dead_old = [h for h in topo.neti_hosts if not self._proc_alive(state, neti_key(h.name))]
-                if dead_old:
-                    self._start_neti(topo, state, dead_old)
-                    restarted += [neti_key(h.name) for h in dead_old]
-                    notes.append("restarted " + ", ".join(neti_key(h.name) for h in dead_old))
+                self._restart_neti(topo, state, restarted, notes)
                 notes.append(self._wait_ready(topo, state, members, ready_timeout))
                 if dead:
                     self._offload_off_datapath(topo, dead)
@@ -503,9 +499,7 @@ class Lab(LabProcesses, NetiProcesses):
                 "netns_exists": nx.exists(ns), "neti": h.neti,
             }
             if h.neti:
-                p = procs.get(neti_key(h.name))
-                entry["neti_agent"] = {"pid": (p or {}).get("pid"), "log": self.neti_log(h.name),
-                                       "running": bool(p) and nx.alive(p.get("pid"), p.get("start"))}
+                entry["neti_agent"] = self._neti_status(h.name, procs)
             e = procs.get(f"echo:{h.name}")
             entry["test_server"] = {"port": topo.test_port, "pid": (e or {}).get("pid"),
                                     "running": bool(e) and nx.alive(e.get("pid"), e.get("start")),

@@ -65,6 +65,20 @@ class NetiProcesses:
         finally:
             self._save_state(state)
 
+    def _restart_neti(self, topo: Topology, state: dict, restarted: list[str], notes: list[str]) -> None:
+        """``up`` on a lab that is up: start the emulators that died."""
+        dead = [h for h in topo.neti_hosts if not self._proc_alive(state, neti_key(h.name))]
+        if dead:
+            self._start_neti(topo, state, dead)
+            restarted += [neti_key(h.name) for h in dead]
+            notes.append("restarted " + ", ".join(neti_key(h.name) for h in dead))
+
+    def _neti_status(self, host: str, procs: dict) -> dict:
+        """``neti_agent`` of an old-format host in ``overlay lab status --json``."""
+        p = procs.get(neti_key(host))
+        return {"pid": (p or {}).get("pid"), "log": self.neti_log(host),
+                "running": bool(p) and nx.alive(p.get("pid"), p.get("start"))}
+
     def _wait_neti(self, topo: Topology, state: dict, timeout: float = NETI_READY_TIMEOUT) -> str:
         """Wait until every old-format host has applied rules for every other host with an
         overlay address (members and old hosts); records their addresses in the state."""
