@@ -450,7 +450,11 @@ class Lab(LabProcesses, NetiProcesses):
                 zk.stop()
             self._zk = {}
             procs = {key: p for key, p in (state.get("procs") or {}).items() if isinstance(p, dict) and p.get("pid")}
-            ran = set(nx.stop_processes([(p["pid"], p.get("start")) for p in procs.values()], timeout=8))
+            # ZooKeeper last: its clients close their sessions while it still answers
+            ran: set[int] = set()
+            for last in (False, True):
+                ran |= set(nx.stop_processes([(p["pid"], p.get("start")) for k, p in procs.items()
+                                              if k.startswith("zookeeper") == last], timeout=8))
             stopped += sorted(key for key, p in procs.items() if p["pid"] in ran)
             strays = []
             for ns in present:
