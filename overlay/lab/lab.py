@@ -446,15 +446,15 @@ class Lab(LabProcesses, NetiProcesses):
         present = sorted(ns for ns in namespaces if nx.exists(ns))
         stopped: list[str] = []
         with self._step("stop processes") as notes:
+            procs = {key: p for key, p in (state.get("procs") or {}).items() if isinstance(p, dict) and p.get("pid")}
+            # ZooKeeper last: its clients close their sessions while it still answers
+            ran = set(nx.stop_processes([(p["pid"], p.get("start")) for k, p in procs.items()
+                                         if not k.startswith("zookeeper")], timeout=8))
             for zk in self._zk.values():
                 zk.stop()
             self._zk = {}
-            procs = {key: p for key, p in (state.get("procs") or {}).items() if isinstance(p, dict) and p.get("pid")}
-            # ZooKeeper last: its clients close their sessions while it still answers
-            ran: set[int] = set()
-            for last in (False, True):
-                ran |= set(nx.stop_processes([(p["pid"], p.get("start")) for k, p in procs.items()
-                                              if k.startswith("zookeeper") == last], timeout=8))
+            ran |= set(nx.stop_processes([(p["pid"], p.get("start")) for k, p in procs.items()
+                                          if k.startswith("zookeeper")], timeout=8))
             stopped += sorted(key for key, p in procs.items() if p["pid"] in ran)
             strays = []
             for ns in present:
