@@ -45,7 +45,8 @@ module LabTopology
     topo.fetch("networks").each do |net|
       mask = netmask(net.fetch("subnet"))
       net.fetch("hosts").each do |h|
-        member = h.fetch("member", true)
+        # an old-format host (neti: true) runs no daemon; the Vagrant lab starts no emulator on it
+        member = h.fetch("member", !h.fetch("neti", false))
         out << Machine.new(name: h.fetch("name"), role: member ? "member" : "outsider", network: net["name"],
                            memory: member ? big : small,
                            nics: [Nic.new(segment: net["name"], ip: h.fetch("private"), netmask: mask)])

@@ -35,11 +35,19 @@ def _lab(args, quiet: bool = False):
     # the steps say what happens; the ZooKeeper wrapper's own lines would interleave
     logging.getLogger("overlay.zk.server").setLevel(logging.WARNING)
 
-    return Lab(getattr(args, "topology", None), name=getattr(args, "name", None), emit=None if quiet else emit)
+    return Lab(getattr(args, "topology", None), name=getattr(args, "name", None), emit=None if quiet else emit,
+               with_neti=getattr(args, "with_neti", False))
 
 
 def cmd_up(args) -> int:
     _lab(args).up(daemons=not args.no_daemons, ready_timeout=args.ready_timeout)
+    return EXIT_OK
+
+
+def cmd_move(args) -> int:
+    res = _lab(args).move_to_overlay(args.host, ready_timeout=args.ready_timeout)
+    emit(f"{res['host']} moved to Overlay in {res['seconds']} s: overlay address {res['overlay_before']} -> "
+         f"{res['overlay_after']}", True)
     return EXIT_OK
 
 
@@ -201,7 +209,11 @@ def format_status(s: dict) -> str:
     rows = [("HOST", "NETWORK", "NETNS", "PRIVATE", "PUBLIC", "OVERLAY", "GROUPS", "DAEMON", "LOG")]
     for h in s["hosts"]:
         d = h.get("daemon")
-        if d is None:
+        n = h.get("neti_agent")
+        if n is not None:
+            dstate = "old format: " + (f"pid {n['pid']}, running" if n["running"] else "not running")
+            logp = n["log"]
+        elif d is None:
             dstate, logp = "outsider (no daemon)", h["test_server"]["log"]
         elif not s["daemons"]:
             dstate, logp = "no daemon (--no-daemons)", h["test_server"]["log"]
@@ -241,6 +253,14 @@ def register(sub) -> None:
     sp = add("up", cmd_up, "build the lab and start ZooKeeper and the daemons (idempotent)")
     sp.add_argument("--no-daemons", action="store_true",
                     help="build the networks, ZooKeeper and test servers only (no daemons, no overlay)")
+    sp.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
+                    help="seconds to wait for the daemons to be ready and converged (default 120)")
+    sp.add_argument("--with-neti", action="store_true",
+                    help="add old-format (Neti) hosts, <network>-old, that run an emulator of the old system's "
+                         "agent; daemons and controllers get registry.neti (docs/lab.md)")
+    sp = add("move", cmd_move, "move an old-format host to Overlay: stop its emulator, start a daemon with "
+                               "the same id (it keeps its overlay address)")
+    sp.add_argument("host")
     sp.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
                     help="seconds to wait for the daemons to be ready and converged (default 120)")
     add("down", cmd_down, "remove every namespace, process, pinned object and file of the lab")

@@ -14,6 +14,10 @@ member -> member private      open        members admit members
 outsider -> member private    closed      ``reject_all`` drops non-members
 ============================  ==========  =========================================
 
+An old-format host (``neti: true``, ``overlay lab up --with-neti``) counts as a member
+here, in both directions: the daemons see it through ``registry.neti``, it sees them in
+the old party, and it runs ``reject_all`` too.
+
 An open probe must also reach the right server, and the server must have
 seen the client's private address (same network) or public address (across
 networks), while the client's peer is the address it dialled (the overlay
@@ -78,30 +82,35 @@ def expected_probes(topo: Topology, overlays: Mapping[str, str | None], daemons:
     probes: list[Probe] = []
     for src in topo.hosts:
         if daemons:
-            for dst in topo.members:
+            for dst in topo.joined:
                 if dst.name == src.name:
                     continue
                 same = dst.network == src.network
-                if src.member:
+                if src.joins:
                     probes.append(Probe(src.name, dst.name, OVERLAY, overlays.get(dst.name), True,
-                                        src.private if same else src.public,
-                                        "member -> member: members admit members"))
+                                        src.private if same else src.public, _admit(src, dst)))
                 else:
                     probes.append(Probe(src.name, dst.name, OVERLAY, overlays.get(dst.name), False, None,
                                         "outsider -> member overlay: no route to the overlay subnet"))
         for dst in topo.network(src.network).hosts:
             if dst.name == src.name:
                 continue
-            if not daemons or not dst.member:
+            if not daemons or not dst.joins:
                 why = "no daemons: nothing filters" if not daemons else "-> outsider: outsiders filter nothing"
                 probes.append(Probe(src.name, dst.name, PRIVATE, dst.private, True, src.private, why))
-            elif src.member:
-                probes.append(Probe(src.name, dst.name, PRIVATE, dst.private, True, src.private,
-                                    "member -> member: members admit members"))
+            elif src.joins:
+                probes.append(Probe(src.name, dst.name, PRIVATE, dst.private, True, src.private, _admit(src, dst)))
             else:
                 probes.append(Probe(src.name, dst.name, PRIVATE, dst.private, False, None,
                                     "outsider -> member: reject_all drops non-members"))
     return probes
+
+
+def _admit(src: Host, dst: Host) -> str:
+    if src.neti or dst.neti:
+        return (f"{'old' if src.neti else 'member'} -> {'old' if dst.neti else 'member'}: "
+                "each lists the other (the old party, registry.neti)")
+    return "member -> member: members admit members"
 
 
 # --- probing --------------------------------------------------------------------------
@@ -208,7 +217,7 @@ def _table(title: str, rows: Sequence[Host], cols: Sequence[Host], by: dict, col
     rw = max(len(title), 2 + nw + 1 + 8)
     lines = [f"{title:<{rw}}" + "".join(f"{c.name:>{w}}" for c in cols)]
     for h in rows:
-        role = "member" if h.member else "outsider"
+        role = "member" if h.member else "old" if h.neti else "outsider"
         line = f"  {h.name:<{nw}} {role:<8}".ljust(rw)
         for c in cols:
             text, col = _cell(by.get((h.name, c.name)), color, self_cell=h.name == c.name)
@@ -225,7 +234,7 @@ def format_matrix(topo: Topology, results: Sequence[Result], color: bool = False
     out = [f"connectivity to test port {topo.test_port} from every host "
            "(open/shut: as expected; OPEN!/SHUT!/BAD!/??: mismatch)", ""]
     if by_kind[OVERLAY]:
-        out += _table("to overlay address", topo.hosts, topo.members, by_kind[OVERLAY], color)
+        out += _table("to overlay address", topo.hosts, topo.joined, by_kind[OVERLAY], color)
         out.append("")
     out += _table("to private address", topo.hosts, topo.hosts, by_kind[PRIVATE], color)
     out.append("")

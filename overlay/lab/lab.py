@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from overlay import netns as nx
+from overlay.lab.neti_lab import moved, with_neti
+from overlay.lab.neti_procs import NetiProcesses
 from overlay.lab.procs import (
     READY_TIMEOUT,
     LabError,
@@ -60,19 +62,21 @@ def _quiet(_text: str, _newline: bool = True) -> None:
     pass
 
 
-class Lab(LabProcesses):
+class Lab(LabProcesses, NetiProcesses):
     """One lab: a topology, its run directory, its pin directory and namespace prefix.
 
     ``name`` picks all three (:func:`~overlay.lab.topology.lab_place`: default
-    ``$OVERLAY_LAB_NAME`` or ``lab``); ``run_dir``, ``pin_dir`` and ``prefix`` override one."""
+    ``$OVERLAY_LAB_NAME`` or ``lab``); ``run_dir``, ``pin_dir`` and ``prefix`` override one.
+    ``with_neti``: add old-format hosts (:func:`overlay.lab.neti_lab.with_neti`)."""
 
     def __init__(self, topology: str | None = None, *, name: str | None = None, run_dir: str | None = None,
                  pin_dir: str | None = None, prefix: str | None = None, emit: Emit | None = None,
-                 die_with_parent: bool = False):
+                 die_with_parent: bool = False, with_neti: bool = False):
         place = lab_place(name)
         run_dir, pin_dir, prefix = run_dir or place.run_dir, pin_dir or place.pin_dir, prefix or place.prefix
         self.name = place.name
         self.topology_arg = topology
+        self.with_neti = with_neti
         # tests: the lab's processes die with the thread that started them (a killed pytest
         # leaves no daemon behind); `overlay lab up` leaves them running, of course
         self.die_with_parent = die_with_parent
@@ -158,16 +162,22 @@ class Lab(LabProcesses):
         os.replace(tmp, self.state_path)
 
     def topology(self) -> Topology:
-        """The topology of the lab that is up (its saved copy), else the one asked for."""
+        """The topology of the lab that is up (its saved copy, with the hosts moved to Overlay
+        made members), else the one asked for."""
         if self._topo is None:
             saved = self.saved_topology_path
             state = self.load_state()
             if os.path.exists(saved) and state is not None:
                 with open(saved, encoding="utf-8") as fh:
-                    self._topo = parse_topology(fh.read(), state.get("topology") or saved)
+                    self._topo = moved(parse_topology(fh.read(), state.get("topology") or saved),
+                                       state.get("moved") or ())
             else:
-                self._topo = load_topology(self.topology_arg)
+                self._topo = self._asked()
         return self._topo
+
+    def _asked(self) -> Topology:
+        topo = load_topology(self.topology_arg)
+        return parse_topology(with_neti(topo.text, topo.source), topo.source) if self.with_neti else topo
 
     # --- progress ---------------------------------------------------------------------
 
@@ -198,10 +208,12 @@ class Lab(LabProcesses):
         if state is not None:
             topo = self.topology()
             if self.topology_arg and os.path.abspath(self.topology_arg) != os.path.abspath(state.get("topology", "")):
-                asked = load_topology(self.topology_arg)
-                if asked.text != topo.text:
+                if self._asked().text != topo.text:
                     raise LabError(f"a lab built from {state.get('topology')} is up; run `overlay lab down` "
                                    f"before building one from {self.topology_arg}")
+            if self.with_neti and not (topo.neti_hosts or state.get("moved")):
+                raise LabError("a lab without old-format hosts is up; run `overlay lab down` before "
+                               "`overlay lab up --with-neti`")
             complete = state.get("phase") == "up" and all(nx.exists(ns) for ns in self.names.all(topo))
             if complete and bool(state.get("daemons", True)) == daemons:
                 return self._verify(topo, state, t0, ready_timeout)
@@ -216,7 +228,8 @@ class Lab(LabProcesses):
         topo = self.topology()
         members = [h for h in topo.members] if daemons else []
         controller = daemons and topo.controller is not None
-        total = (12 if daemons else 7) + int(controller)
+        old = list(topo.neti_hosts) if daemons else []
+        total = (12 if daemons else 7) + int(controller) + 2 * int(bool(old))
         self._steps = (0, total)
         nns = len(self.names.all(topo))
         via = (f", the controller ({len(topo.controllers)} replicas: {', '.join(topo.controllers)}) for "
@@ -256,10 +269,16 @@ class Lab(LabProcesses):
                     self._grant_groups(topo)
                 with self._step(f"daemon configs ({len(members)})"):
                     self._write_configs(topo)
+                if old:
+                    with self._step(f"old-format (Neti) hosts ({len(old)}: {', '.join(h.name for h in old)})"):
+                        self._start_neti(topo, state, old)
                 with self._step(f"daemons ({len(members)}, eBPF datapath, reject_all)"):
                     self._start_daemons(topo, state, members)
                 with self._step("daemons ready and converged") as notes:
                     notes.append(self._wait_ready(topo, state, members, ready_timeout))
+                if old:
+                    with self._step("old-format hosts converged") as notes:
+                        notes.append(self._wait_neti(topo, state))
                 with self._step("checksum offload off on the datapath's veths"):
                     self._offload_off_datapath(topo, members)
             with self._step("lab state saved"):
@@ -333,9 +352,12 @@ class Lab(LabProcesses):
                     self._start_daemons(topo, state, dead)
                     restarted += [f"daemon:{h.name}" for h in dead]
                     notes.append("restarted " + ", ".join(h.name for h in dead))
+                self._restart_neti(topo, state, restarted, notes)
                 notes.append(self._wait_ready(topo, state, members, ready_timeout))
                 if dead:
                     self._offload_off_datapath(topo, dead)
+                if topo.neti_hosts:
+                    notes.append(self._wait_neti(topo, state))
 
     def _preflight(self, daemons: bool) -> None:
         if os.geteuid() != 0:
@@ -424,11 +446,15 @@ class Lab(LabProcesses):
         present = sorted(ns for ns in namespaces if nx.exists(ns))
         stopped: list[str] = []
         with self._step("stop processes") as notes:
+            procs = {key: p for key, p in (state.get("procs") or {}).items() if isinstance(p, dict) and p.get("pid")}
+            # ZooKeeper last: its clients close their sessions while it still answers
+            ran = set(nx.stop_processes([(p["pid"], p.get("start")) for k, p in procs.items()
+                                         if not k.startswith("zookeeper")], timeout=8))
             for zk in self._zk.values():
                 zk.stop()
             self._zk = {}
-            procs = {key: p for key, p in (state.get("procs") or {}).items() if isinstance(p, dict) and p.get("pid")}
-            ran = set(nx.stop_processes([(p["pid"], p.get("start")) for p in procs.values()], timeout=8))
+            ran |= set(nx.stop_processes([(p["pid"], p.get("start")) for k, p in procs.items()
+                                          if k.startswith("zookeeper")], timeout=8))
             stopped += sorted(key for key, p in procs.items() if p["pid"] in ran)
             strays = []
             for ns in present:
@@ -473,9 +499,11 @@ class Lab(LabProcesses):
             overlay = (s or {}).get("overlay") or overlays.get(h.name) or h.overlay
             entry: dict[str, Any] = {
                 "name": h.name, "netns": ns, "network": h.network, "private": h.private, "public": h.public,
-                "overlay": overlay if h.member else None, "member": h.member, "groups": list(h.groups),
-                "netns_exists": nx.exists(ns),
+                "overlay": overlay if h.joins else None, "member": h.member, "groups": list(h.groups),
+                "netns_exists": nx.exists(ns), "neti": h.neti,
             }
+            if h.neti:
+                entry["neti_agent"] = self._neti_status(h.name, procs)
             e = procs.get(f"echo:{h.name}")
             entry["test_server"] = {"port": topo.test_port, "pid": (e or {}).get("pid"),
                                     "running": bool(e) and nx.alive(e.get("pid"), e.get("start")),
@@ -545,6 +573,8 @@ class Lab(LabProcesses):
                     overlays[name] = s["overlay"]
         for h in topo.members:
             overlays.setdefault(h.name, h.overlay)
+        for h in topo.neti_hosts:
+            overlays[h.name] = (self.neti_state(h.name) or {}).get("overlay") or overlays.get(h.name)
         probes = expected_probes(topo, overlays, daemons=daemons)
         results = run_probes(topo, probes, self.names, timeout=timeout)
         # A connection expected to open that timed out is probed once more: on a loaded

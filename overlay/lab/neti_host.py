@@ -1,6 +1,6 @@
 """An emulated host of the old system (Neti), written from its ZooKeeper layout
-(docs/migration.md): its ZooKeeper side, which the interop tests use as the old host
-(the lab's old-format hosts, with NAT rules, are not built yet: docs/migration.md).
+(docs/migration.md): its ZooKeeper side, which the interop tests use as the old host,
+and on which the lab's old-format hosts (:mod:`overlay.lab.neti_agent`) are built.
 
 It does what an old host does in ZooKeeper, and nothing of Overlay's:
 

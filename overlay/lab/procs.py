@@ -315,7 +315,7 @@ class LabProcesses:
         return msg
 
     def _wait_ready(self, topo: Topology, state: dict, members, timeout: float) -> str:
-        names = {h.name for h in topo.members}
+        names = {h.name for h in topo.joined}     # members see the old-format hosts as peers too
         deadline = time.monotonic() + timeout
         t0 = time.monotonic()
         last: dict[str, str] = {}
@@ -341,8 +341,8 @@ class LabProcesses:
                     pending[h.name] = f"waiting for peers {', '.join(missing)}"
             if not pending:
                 self._save_state(state)
-                n = len(topo.members)
-                return f"{n} daemons ready, each with {n - 1} peers, in {time.monotonic() - t0:.1f} s"
+                return (f"{len(topo.members)} daemons ready, each with {len(names) - 1} peers, "
+                        f"in {time.monotonic() - t0:.1f} s")
             last = pending
             if time.monotonic() > deadline:
                 detail = "; ".join(f"{k}: {v}" for k, v in sorted(last.items()))

@@ -123,7 +123,28 @@ def _member_registry(topo: Topology, host: Host, certs: str) -> dict:
     if topo.registry_of(host) == "grpc":
         tls = {"ca": f"{certs}/ca.crt", "cert": f"{certs}/{host.name}.crt", "key": f"{certs}/{host.name}.key"}
         return {"backend": "grpc", "controller": list(topo.controllers), "prefix": "/overlay", "tls": tls}
-    return {"backend": "zookeeper", "hosts": topo.zookeeper.split(","), "prefix": "/overlay"}
+    return {"backend": "zookeeper", "hosts": topo.zookeeper.split(","), "prefix": "/overlay", **_neti(topo)}
+
+
+def _neti(topo: Topology) -> dict:
+    """``registry.neti`` of the topology's ``neti`` section, for a config on the ZooKeeper backend."""
+    return {"neti": copy.deepcopy(topo.neti)} if topo.neti else {}
+
+
+def neti_config(topo: Topology):
+    """The topology's ``neti`` section as the :class:`~overlay.config_neti.NetiConfig` every
+    daemon, controller and old-format host of the lab uses (TopologyError naming the key)."""
+    from overlay.config import config_from_dict
+
+    flags = topo.neti.get("vpcflag")
+    network = next(iter(flags)) if isinstance(flags, dict) and flags else topo.networks[0].name
+    cfg = {"node_id": "lab", "network": network, "overlay_subnet": str(topo.overlay_subnet),
+           "registry": {"backend": "zookeeper", "hosts": topo.zookeeper.split(","),
+                        "prefix": registry_prefix(topo), **_neti(topo)}}
+    try:
+        return config_from_dict(cfg).registry.neti
+    except InvalidConfigError as exc:
+        raise TopologyError(f"{topo.source}: {exc.path.replace('registry.neti', 'neti', 1)}", exc.reason) from None
 
 
 def registry_prefix(topo: Topology) -> str:
@@ -156,7 +177,7 @@ def controller_config(topo: Topology, *, target: str = "netns", run_dir: str = R
         "node_id": topo.zk_name if replica == 1 else f"{topo.zk_name}-ctl{replica}",
         "overlay_subnet": str(topo.overlay_subnet),
         "registry": {"backend": "zookeeper", "hosts": topo.zookeeper.split(","),
-                     "prefix": registry_prefix(topo)},
+                     "prefix": registry_prefix(topo), **_neti(topo)},
         "controller": ctl,
     }
 
@@ -315,6 +336,12 @@ def check_daemon_configs(topo: Topology) -> None:
                 raise TopologyError(f"{topo.source}: host {host.name}: daemon.{'.'.join(key_path)}",
                                     "is set by the lab, per host")
         validate_member_config(topo, host)
+    if topo.neti:
+        neti = neti_config(topo)
+        for host in topo.neti_hosts:
+            if neti.flag_of(host.network) is None:
+                raise TopologyError(f"{topo.source}: neti.vpcflag", f"has no flag for network {host.network!r} "
+                                    f"of old-format host {host.name}")
     if topo.controller is not None:
         from overlay.config import config_from_dict
 

@@ -79,6 +79,12 @@ class Host:
     groups: tuple[str, ...] = ()
     overlay: str | None = None                               # fixed overlay address, if any
     daemon: dict = field(default_factory=dict, compare=False)  # per-host daemon config overrides
+    neti: bool = False           # an old-format host: runs the old system's emulator, not the daemon
+
+    @property
+    def joins(self) -> bool:
+        """A member or an old-format host: it has an overlay address and admits the others."""
+        return self.member or self.neti
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ class Topology:
     ensemble: int = 1                          # ZooKeeper servers: zk, zk2, zk3 ... at consecutive addresses
     controller_addresses: tuple[str, ...] = ()  # one per controller replica (default: the ZooKeeper address)
     lease_s: float | None = None               # the controllers' lease_s (None: the product's default)
+    neti: dict = field(default_factory=dict, compare=False)  # registry.neti of daemons and controllers ({}: none)
 
     @property
     def hosts(self) -> tuple[Host, ...]:
@@ -122,6 +129,16 @@ class Topology:
     @property
     def members(self) -> tuple[Host, ...]:
         return tuple(h for h in self.hosts if h.member)
+
+    @property
+    def neti_hosts(self) -> tuple[Host, ...]:
+        """The old-format hosts (``neti: true``): each runs :mod:`overlay.lab.neti_agent`."""
+        return tuple(h for h in self.hosts if h.neti)
+
+    @property
+    def joined(self) -> tuple[Host, ...]:
+        """Members and old-format hosts: every host with an overlay address."""
+        return tuple(h for h in self.hosts if h.joins)
 
     @property
     def zk_servers(self) -> tuple[tuple[str, str], ...]:
@@ -436,6 +453,7 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
             ctl.fail(f"{a} is ZooKeeper server {zk_ips[a]}'s address; the controllers run on the first "
                      f"ZooKeeper machine ({zk_address}, or addresses of their own)", f"addresses[{i}]")
     daemon = top.get("daemon", _mapping, {})
+    neti = top.get("neti", _mapping, {})
     vagrant = top.get("vagrant", _mapping, {})
     nets_raw = top.get("networks", lambda v: v, required=True)
     if not isinstance(nets_raw, list) or not nets_raw:
@@ -485,7 +503,12 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
             seen_hosts[hname] = h.path
             private = h.address("private", subnet, "the network's subnet", seen_private, f" in network {name}")
             public = h.address("public", public_subnet, "the network's public_subnet", seen_public)
-            member = h.get("member", _bool, True)
+            old = h.get("neti", _bool, False)
+            if old and not neti:
+                h.fail("an old-format host needs the top-level neti section (prefix, vpcflag)", "neti")
+            member = h.get("member", _bool, not old)
+            if old and member:
+                h.fail("an old-format host (neti: true) runs the old system's agent, not the daemon", "member")
             groups = h.get("groups", _groups, ())
             overlay = h.get("overlay", _ip)
             if overlay is not None:
@@ -496,8 +519,9 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
             hdaemon = h.get("daemon", _mapping, {})
             h.done()
             if not member and (groups or overlay or hdaemon):
-                h.fail("an outsider (member: false) runs no daemon: it has no groups, overlay or daemon settings")
-            hosts.append(Host(hname, name, private, public, member, groups, overlay, hdaemon))
+                h.fail("an outsider (member: false) or old-format host runs no daemon: it has no groups, "
+                       "overlay or daemon settings")
+            hosts.append(Host(hname, name, private, public, member, groups, overlay, hdaemon, old))
         n.done()
         networks.append(Network(name, subnet, public_subnet, edge_private, edge_public, tuple(hosts), registry))
     top.done()
@@ -513,7 +537,7 @@ def topology_from_dict(obj: Any, source: str = "<topology>") -> Topology:
         source=source, overlay_subnet=overlay_subnet, test_port=test_port, public_range=public_range,
         internet_subnet=internet_subnet, zk_name=zk_name, zk_address=zk_address, zk_port=zk_port,
         networks=tuple(networks), daemon=daemon, vagrant=vagrant, controller_port=controller_port,
-        ensemble=ensemble, controller_addresses=ctl_addresses, lease_s=lease_s,
+        ensemble=ensemble, controller_addresses=ctl_addresses, lease_s=lease_s, neti=neti,
     )
     from overlay.lab.render import check_daemon_configs  # the configs derive from the topology
 

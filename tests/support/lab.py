@@ -20,7 +20,7 @@ def lab_name(tag: str) -> str:
     return f"{tag}{os.getpid() % 100000}"
 
 
-def make_lab(tag: str, lines: list[str] | None = None, topology: str | None = None) -> Lab:
+def make_lab(tag: str, lines: list[str] | None = None, topology: str | None = None, **kwargs) -> Lab:
     """A Lab named after ``tag`` whose processes die with the test process; its progress
     lines are printed (and appended to ``lines``)."""
 
@@ -29,7 +29,7 @@ def make_lab(tag: str, lines: list[str] | None = None, topology: str | None = No
         if lines is not None:
             lines.append(text)
 
-    return Lab(topology, name=lab_name(tag), emit=emit, die_with_parent=True)
+    return Lab(topology, name=lab_name(tag), emit=emit, die_with_parent=True, **kwargs)
 
 
 def require_lab_tools() -> None:
