@@ -35,11 +35,12 @@ TARGETS: dict[str, list[str]] = {
     "overlay/diff.py": [U + "test_diff.py"],
     "overlay/plan.py": [U + "test_plan.py", U + "test_plan_edges.py", U + "test_policy_plan.py"],
     "overlay/policy.py": [U + "test_policy_plan.py", U + "test_plan.py"],
-    "overlay/model.py": [U + "test_records.py", U + "test_plan.py"],
+    # the hand-table rows of test_records.py (2 s); its Hypothesis fuzzers take 90 s a run
+    "overlay/model.py": [U + "test_records.py", U + "test_model_rules.py", "-m 'not hypothesis'"],
     "overlay/agent.py": [U + "test_agent.py", U + "test_agent_lifecycle.py", U + "test_agent_policies.py"],
     "overlay/config.py": [U + "test_config_table.py", U + "test_config.py"],
     "overlay/config_check.py": [U + "test_config_table.py", U + "test_config.py"],
-    "overlay/datapath/ebpf/codec.py": [U + "test_ebpf_maps_codec.py"],
+    "overlay/datapath/ebpf/codec.py": [U + "test_codec_table.py", U + "test_ebpf_maps_codec.py"],
     "overlay/datapath/iptables_rules.py": [U + "test_iptables_render.py"],
 }
 IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "dist", ".mutmut-cache", "__pycache__", "*.egg-info",
