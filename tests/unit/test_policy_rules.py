@@ -15,11 +15,14 @@ from overlay.policy import (
     PORT_BITS,
     PolicyTables,
     assign_numbers,
+    cidr_identities,
     cut,
     describe,
     group_set_key,
+    hash31,
     identities,
     plan_policies,
+    policy_indexes,
     policy_prefixes,
     port_prefixes,
 )
@@ -41,6 +44,23 @@ def test_constants():
 
 
 # -- numbers -------------------------------------------------------------------------
+
+# the first 31 bits of sha256, from coreutils (`printf %s TEXT | sha256sum`, the first 8 hex
+# digits with the top bit cleared): the same table as test_policy_plan.py's
+SHA31 = {"web": 0x4b5e57f6, "db,web": 0x61102ad8, "10.0.0.0/8": 0x13997fe8, "a": 0x4a978112, "b": 0x3e23e816}
+
+
+@pytest.mark.parametrize(("text", "value"), sorted(SHA31.items()))
+def test_hash31_is_sha256_cut_to_31_bits(text, value):
+    assert hash31(text) == value
+
+
+def test_the_real_hash_numbers_group_sets_cidrs_and_policies():
+    assert identities([["web"], ["web", "db"], []]) == {"web": 0x4b5e57f6, "db,web": 0x61102ad8, "": 1}
+    assert cidr_identities(["10.0.0.0/8"]) == {"10.0.0.0/8": CIDR | 0x13997fe8}
+    assert policy_indexes(["b", "a"]) == {"a": 0x4a978112, "b": 0x3e23e816}
+    assert policy_indexes(["x", "y"], hash_fn=lambda _t: 0) == {"x": 1, "y": 2}
+
 
 @pytest.mark.parametrize(("names", "kwargs", "want"), [
     (["a", "a"], {}, {"a": 7}),
