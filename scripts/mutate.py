@@ -79,14 +79,23 @@ def _ids(work: str, kind: str) -> list[int]:
     return [int(x) for x in out if x.isdigit()]
 
 
-def run_one(path: str) -> dict:
+def run_one(path: str, resume: bool = False) -> dict:
     name = path.replace("/", "_").removesuffix(".py")
     work = os.path.join(OUT, name)
+    cache = os.path.join(work, ".mutmut-cache")
+    kept = os.path.join(OUT, f"{name}.mutmut-cache")
+    if resume and os.path.exists(cache):
+        # mutmut 2 keeps a killed mutant killed and tests the others again when the tests changed
+        shutil.move(cache, kept)
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(ROOT, work, ignore=IGNORE)
+    if resume and os.path.exists(kept):
+        shutil.move(kept, cache)
     tests = " ".join(TARGETS[path])
+    # mutmut 2 counts only exit status 1 as a kill; a mutant that breaks the import of a test
+    # module makes pytest exit 2 (collection error), which the tests caught too
     runner = (f"{os.path.join(VENV_BIN, 'python')} -m pytest -x -q -p no:cacheprovider -p no:randomly "
-              f"-o addopts= --timeout=120 {tests}")
+              f"-o addopts= --timeout=120 {tests} || exit 1")
     started = datetime.datetime.now(datetime.UTC)
     commit = _commit()   # the tree copied above
     log = os.path.join(OUT, f"{name}.log")
@@ -106,7 +115,7 @@ def run_one(path: str) -> dict:
     killed = len(kinds["killed"]) + len(kinds["timeout"]) + len(kinds["suspicious"])
     counted = killed + len(survivors)
     return {
-        "file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"), "resumed": resume,
         "commit": commit, "mutants": counted + len(equivalent), "killed": killed,
         "equivalent": len(equivalent), "survived": len(survivors),
         "score": round(100.0 * killed / counted, 1) if counted else None,
@@ -151,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="*", help=f"target files (default: all of {', '.join(TARGETS)})")
     ap.add_argument("--report", action="store_true", help="print the table of the last runs, run nothing")
     ap.add_argument("--markdown", action="store_true", help="the table as Markdown (docs/testing.md)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the last run's mutmut cache of each file: its killed mutants stay killed, the "
+                         "others are tested again against the current tests (after adding tests)")
     args = ap.parse_args(argv)
     unknown = [f for f in args.files if f not in TARGETS]
     if unknown:
@@ -161,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         for path in args.files or list(TARGETS):
             print(f"==> mutate {path} ({' '.join(TARGETS[path])})", flush=True)
-            results[path] = run_one(path)
+            results[path] = run_one(path, args.resume)
             with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as fh:
                 json.dump(results, fh, indent=1)
             print(table({path: results[path]}, False), flush=True)
