@@ -340,3 +340,17 @@ def test_endpoint_records():
 
 def test_policy_ids_take_part_in_equality():
     assert policy_from_dict(POLICY, "a") != policy_from_dict(POLICY, "b")
+
+
+def test_records_are_frozen_and_nodes_have_slots():
+    import dataclasses
+
+    n = node()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        n.private = "10.0.0.9"
+    assert not hasattr(n, "__dict__")   # slots: a Node is small (fleets hold 10,000 of them)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Endpoint(group="web").group = "db"
+    p = policy_from_dict(POLICY)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.proto = "udp"
