@@ -37,7 +37,7 @@ NO_HYPOTHESIS = "-p no:hypothesispytest"
 TARGETS: dict[str, list[str]] = {
     "overlay/guard.py": [U + "test_guard.py", U + "test_agent.py", U + "test_agent_lifecycle.py"],
     "overlay/diff.py": [U + "test_diff.py"],
-    "overlay/plan.py": [U + "test_plan.py", U + "test_plan_edges.py", U + "test_policy_plan.py"],
+    "overlay/plan.py": [U + "test_plan_edges.py", U + "test_ownership.py", U + "test_plan.py", U + "test_policy_plan.py"],
     "overlay/policy.py": [U + "test_policy_rules.py", NO_HYPOTHESIS],
     "overlay/model.py": [U + "test_model_rules.py", NO_HYPOTHESIS],
     "overlay/agent.py": [U + "test_agent.py", U + "test_agent_lifecycle.py", U + "test_agent_policies.py"],

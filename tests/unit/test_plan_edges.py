@@ -122,3 +122,11 @@ def test_applied_peer_and_desired_state_shapes():
         p.real = "10.0.0.6"
     with pytest.raises(dataclasses.FrozenInstanceError):
         d.peers = ()
+
+
+@pytest.mark.parametrize("host", ["X10.0.0.9:2181", "10.0.0.9X:2181", "[X10.0.0.9]:2181", "x10.0.0.9:2181"])
+def test_a_registry_name_that_holds_an_address_is_not_an_address(host):
+    """Only an IP literal ("10.0.0.9", "[fd00::9]") is put in the failsafe table: a name whose
+    letters hide an address is left to the resolver (extra_failsafe)."""
+    assert plan(SELF, [], cfg(registry={"hosts": [host]})).tables["failsafe"] == {}
+    assert plan(SELF, [], cfg(registry={"hosts": ["10.0.0.9:2181"]})).tables["failsafe"] == {"10.0.0.9/32": 2}
