@@ -314,3 +314,12 @@ def test_rnat_of_peers_before_overrides_and_the_lowest_override_first():
     }
     assert r.rnat_of(nat) == {"10.0.0.2": "192.168.0.2", "10.0.0.5": "192.168.0.9", "10.0.0.7": "192.168.0.30"}
     assert r.rnat_of({}) == {}
+
+
+def test_a_failsafe_network_with_host_bits_renders_as_iptables_prints_it():
+    """iptables itself stores -s 10.0.0.1/8 as 10.0.0.0/8; the renderer does the same."""
+    s = state(failsafe={"10.0.0.1/8": 2, "9.9.9.9/32": 2})
+    assert [x for x in r.filter_rules(s, SUBNET) if "pass_failsafe" in x] == [
+        '-A OVERLAY-IN -s 9.9.9.9/32 -m comment --comment "ovl:pass_failsafe" -j ACCEPT',
+        '-A OVERLAY-IN -s 10.0.0.0/8 -m comment --comment "ovl:pass_failsafe" -j ACCEPT',
+    ]
