@@ -354,3 +354,8 @@ def test_records_are_frozen_and_nodes_have_slots():
     p = policy_from_dict(POLICY)
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.proto = "udp"
+
+
+@pytest.mark.parametrize("key", ["node_id", "network"])
+def test_a_bad_name_is_named_twice_by_its_key(key):
+    refused_node(f"^node record: {key}: {key} 'a/b' must be 1-253 characters", **{key: "a/b"})
