@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -91,6 +92,8 @@ def run_one(path: str, resume: bool = False) -> dict:
     shutil.copytree(ROOT, work, ignore=IGNORE)
     if resume and os.path.exists(kept):
         shutil.move(kept, cache)
+        with sqlite3.connect(cache) as db:   # a "suspicious" mutant was killed, only slowly: keep it
+            db.execute("UPDATE Mutant SET status = 'ok_killed' WHERE status = 'ok_suspicious'")
     tests = " ".join(TARGETS[path])
     # mutmut 2 counts only exit status 1 as a kill; a mutant that breaks the import of a test
     # module makes pytest exit 2 (collection error), which the tests caught too
