@@ -359,3 +359,20 @@ def test_records_are_frozen_and_nodes_have_slots():
 @pytest.mark.parametrize("key", ["node_id", "network"])
 def test_a_bad_name_is_named_twice_by_its_key(key):
     refused_node(f"^node record: {key}: {key} 'a/b' must be 1-253 characters", **{key: "a/b"})
+
+
+def test_a_record_of_exactly_4096_bytes_serialises():
+    empty = (b'{"groups":[],"network":"n","node_id":"a","open_ports":[],"overlay":"192.168.0.1",'
+             b'"private":"10.0.0.1","public":"198.18.0.1","v":1}')
+    # 16 groups: their names, two quotes each and 15 commas fill the rest of the 4096 bytes
+    total = 4096 - len(empty) - 16 * 2 - 15
+    sizes = [total // 16] * 15 + [total - 15 * (total // 16)]
+    groups = tuple(f"g{i:02}" + "x" * (size - 3) for i, size in enumerate(sizes))
+
+    def with_groups(gs):
+        return Node("a", "n", "10.0.0.1", "198.18.0.1", "192.168.0.1", gs)
+
+    assert len(serialise_node(with_groups(groups))) == 4096
+    assert parse_node_record(serialise_node(with_groups(groups))) == with_groups(groups)
+    with pytest.raises(InvalidRecord, match="^node record is 4097 bytes, over 4096$"):
+        serialise_node(with_groups((*groups[:-1], groups[-1] + "x")))
