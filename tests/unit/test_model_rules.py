@@ -364,9 +364,10 @@ def test_a_bad_name_is_named_twice_by_its_key(key):
 def test_a_record_of_exactly_4096_bytes_serialises():
     empty = (b'{"groups":[],"network":"n","node_id":"a","open_ports":[],"overlay":"192.168.0.1",'
              b'"private":"10.0.0.1","public":"198.18.0.1","v":1}')
-    # 16 groups: their names, two quotes each and 15 commas fill the rest of the 4096 bytes
-    total = 4096 - len(empty) - 16 * 2 - 15
-    sizes = [total // 16] * 15 + [total - 15 * (total // 16)]
+    # 17 groups (of at most 253 characters): their names, two quotes each and 16 commas fill
+    # the rest of the 4096 bytes
+    total = 4096 - len(empty) - 17 * 2 - 16
+    sizes = [total // 17] * 16 + [total - 16 * (total // 17)]
     groups = tuple(f"g{i:02}" + "x" * (size - 3) for i, size in enumerate(sizes))
 
     def with_groups(gs):
