@@ -220,3 +220,16 @@ def test_policies_given_as_a_mapping_keep_an_id_they_carry():
                                          "other-key": pol("own-id", "web", "db", "tcp", [(2, 2)])}, hash_fn=h)
     assert t.selected_by == ("key-id", "own-id")
     assert t.policy == {(100, 6, 1, 16): 8, (100, 6, 2, 16): 9}
+
+
+def test_empty_policy_tables_are_empty_frozen_and_not_shared():
+    """The incremental planner starts from PolicyTables(): empty, and no two share a dict."""
+    import dataclasses
+
+    a, b = PolicyTables(), PolicyTables()
+    assert (a.policy, a.cidr_ident, a.names, a.config, a.identity_of, a.selected_by, a.index_of) == (
+        {}, {}, {}, {}, {}, (), {})
+    for name in ("policy", "cidr_ident", "names", "config", "identity_of", "index_of"):
+        assert getattr(a, name) is not getattr(b, name), name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.config = {"policy_enforced": 1}
