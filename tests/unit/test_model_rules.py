@@ -377,3 +377,15 @@ def test_a_record_of_exactly_4096_bytes_serialises():
     assert parse_node_record(serialise_node(with_groups(groups))) == with_groups(groups)
     with pytest.raises(InvalidRecord, match="^node record is 4097 bytes, over 4096$"):
         serialise_node(with_groups((*groups[:-1], groups[-1] + "x")))
+
+
+def test_a_policy_read_without_an_id_has_none():
+    assert parse_policy_record(json.dumps(POLICY)).policy_id == ""
+    assert parse_policy_record(json.dumps(POLICY).encode()).policy_id == ""
+
+
+def test_a_policy_record_over_4096_bytes_does_not_serialise():
+    ranges = tuple((10000 + 2 * i, 10001 + 2 * i) for i in range(256))   # '"10000-10001",' each
+    big = Policy(Endpoint(group="w" * 253), Endpoint(group="d" * 253), "tcp", ranges)
+    with pytest.raises(InvalidRecord, match=r"^policy record is \d{4} bytes, over 4096$"):
+        serialise_policy(big)
