@@ -215,6 +215,7 @@ def test_jumps_and_chains_present():
     ("-A X -m set --match-set OVERLAY-PEERS src -j ACCEPT",
      {"-A": "X", "-m": "set", "--match-set": "OVERLAY-PEERS", "-j": "ACCEPT"}),
     ("-A X --match-set S", {"-A": "X", "--match-set": "S"}),
+    ("-A X --match-set", {"-A": "X"}),
     ("-A X --match-set S src", {"-A": "X", "--match-set": "S"}),
     ("-A X -j", {"-A": "X"}),
     ('-A X -m comment --comment "unclosed', {}),
