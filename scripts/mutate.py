@@ -93,8 +93,8 @@ def run_one(path: str, resume: bool = False) -> dict:
     shutil.copytree(ROOT, work, ignore=IGNORE)
     if resume and os.path.exists(kept):
         shutil.move(kept, cache)
-        with sqlite3.connect(cache) as db:   # a "suspicious" mutant was killed, only slowly: keep it
-            db.execute("UPDATE Mutant SET status = 'ok_killed' WHERE status = 'ok_suspicious'")
+        with sqlite3.connect(cache) as db:   # killed slowly ("suspicious") or by a time-out: keep them
+            db.execute("UPDATE Mutant SET status = 'ok_killed' WHERE status IN ('ok_suspicious', 'bad_timeout')")
     tests = " ".join(TARGETS[path])
     # tests/mutation/exit_status.py: any failure exits 1, the only status mutmut 2 counts as a kill
     # (a mutant that breaks the import of a test module makes pytest exit 2 otherwise)
