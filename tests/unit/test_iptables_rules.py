@@ -324,3 +324,9 @@ def test_a_failsafe_network_with_host_bits_renders_as_iptables_prints_it():
         '-A OVERLAY-IN -s 9.9.9.9/32 -m comment --comment "ovl:pass_failsafe" -j ACCEPT',
         '-A OVERLAY-IN -s 10.0.0.0/8 -m comment --comment "ovl:pass_failsafe" -j ACCEPT',
     ]
+
+
+def test_an_open_port_rule_without_ports_adds_none():
+    lines = ['-A OVERLAY-IN -p tcp -m comment --comment "ovl:pass_open_port" -j ACCEPT',
+             '-A OVERLAY-IN -p udp -m udp --dport 53 -m comment --comment "ovl:pass_open_port" -j ACCEPT']
+    assert r.parse_filter(lines)["ports"] == {(1, 0): 1 << 53}
