@@ -330,3 +330,21 @@ def test_an_open_port_rule_without_ports_adds_none():
     lines = ['-A OVERLAY-IN -p tcp -m comment --comment "ovl:pass_open_port" -j ACCEPT',
              '-A OVERLAY-IN -p udp -m udp --dport 53 -m comment --comment "ovl:pass_open_port" -j ACCEPT']
     assert r.parse_filter(lines)["ports"] == {(1, 0): 1 << 53}
+
+
+def test_counters_after_a_foreign_or_broken_line_still_count():
+    save = "\n".join([
+        '[9:0] -A OVERLAY-IN -m comment --comment "mine" -j ACCEPT',
+        '[4:0] -A OVERLAY-IN -m comment --comment "ovl:pass_member" -j ACCEPT',
+        '[x:0] -A OVERLAY-IN -m comment --comment "ovl:pass_member" -j ACCEPT',
+        '[X7:0] -A OVERLAY-IN -m comment --comment "ovl:pass_ndp" -j ACCEPT',
+        '[3:0] -A OVERLAY-IN -m comment --comment "ovl:pass_default" -j RETURN',
+    ])
+    assert r.parse_counters(save) == dict.fromkeys(r.REASONS, 0) | {"pass_member": 4, "pass_default": 3}
+
+
+def test_parse_filter_reads_a_source_with_host_bits_as_its_network():
+    lines = ['-A OVERLAY-IN -s 10.0.0.1/8 -m comment --comment "ovl:pass_failsafe" -j ACCEPT',
+             '-A OVERLAY-IN -s 10.0.0.1/8 ! -i lo -m comment --comment "ovl:drop_martian" -j DROP']
+    got = r.parse_filter(lines)
+    assert (got["failsafe"], got["self"]) == ({"10.0.0.0/8": 2}, {})
