@@ -43,9 +43,10 @@ bench-quick:
 	@$(PY) -m bench run --profile quick $(BENCH_ARGS)
 
 # Mutation testing of the pure core (docs/testing.md): not part of `make test` (an hour or
-# more); FILES="overlay/guard.py ..." picks targets. Scores go to build/mutate/results.json.
+# more); FILES="overlay/guard.py ..." picks targets, MUTATE_FLAGS=--resume tests only the last
+# run's survivors again. Scores go to build/mutate/results.json.
 mutate: setup
-	@$(PY) scripts/mutate.py $(FILES)
+	@$(PY) scripts/mutate.py $(MUTATE_FLAGS) $(FILES)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -20,7 +20,9 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -30,17 +32,21 @@ EQUIVALENTS = os.path.join(ROOT, "tests", "mutation", "equivalents.txt")
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 
 U = "tests/unit/"
+# Each mutant runs its file's tests in a fresh pytest (-x: the first failure kills it), so the
+# fast hand tables go first and pytest's Hypothesis plugin stays off where no test needs it
+# (importing Hypothesis is ~1.3 s of CPU a run, most of a run of a hand table).
+NO_HYPOTHESIS = "-p no:hypothesispytest"
 TARGETS: dict[str, list[str]] = {
     "overlay/guard.py": [U + "test_guard.py", U + "test_agent.py", U + "test_agent_lifecycle.py"],
     "overlay/diff.py": [U + "test_diff.py"],
-    "overlay/plan.py": [U + "test_plan.py", U + "test_plan_edges.py", U + "test_policy_plan.py"],
-    "overlay/policy.py": [U + "test_policy_plan.py", U + "test_plan.py"],
-    "overlay/model.py": [U + "test_records.py", U + "test_plan.py"],
+    "overlay/plan.py": [U + "test_plan_edges.py", U + "test_ownership.py", U + "test_plan.py", U + "test_policy_plan.py"],
+    "overlay/policy.py": [U + "test_policy_rules.py", NO_HYPOTHESIS],
+    "overlay/model.py": [U + "test_model_rules.py", NO_HYPOTHESIS],
     "overlay/agent.py": [U + "test_agent.py", U + "test_agent_lifecycle.py", U + "test_agent_policies.py"],
     "overlay/config.py": [U + "test_config_table.py", U + "test_config.py"],
     "overlay/config_check.py": [U + "test_config_table.py", U + "test_config.py"],
-    "overlay/datapath/ebpf/codec.py": [U + "test_ebpf_maps_codec.py"],
-    "overlay/datapath/iptables_rules.py": [U + "test_iptables_render.py"],
+    "overlay/datapath/ebpf/codec.py": [U + "test_codec_table.py", U + "test_ebpf_maps_codec.py", NO_HYPOTHESIS],
+    "overlay/datapath/iptables_rules.py": [U + "test_iptables_rules.py", U + "test_iptables_render.py", NO_HYPOTHESIS],
 }
 IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "dist", ".mutmut-cache", "__pycache__", "*.egg-info",
                                 ".pytest_cache", ".ruff_cache", ".hypothesis", "vagrant")
@@ -75,14 +81,25 @@ def _ids(work: str, kind: str) -> list[int]:
     return [int(x) for x in out if x.isdigit()]
 
 
-def run_one(path: str) -> dict:
+def run_one(path: str, resume: bool = False) -> dict:
     name = path.replace("/", "_").removesuffix(".py")
     work = os.path.join(OUT, name)
+    cache = os.path.join(work, ".mutmut-cache")
+    kept = os.path.join(OUT, f"{name}.mutmut-cache")
+    if resume and os.path.exists(cache):
+        # mutmut 2 keeps a killed mutant killed and tests the others again when the tests changed
+        shutil.move(cache, kept)
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(ROOT, work, ignore=IGNORE)
+    if resume and os.path.exists(kept):
+        shutil.move(kept, cache)
+        with sqlite3.connect(cache) as db:   # killed slowly ("suspicious") or by a time-out: keep them
+            db.execute("UPDATE Mutant SET status = 'ok_killed' WHERE status IN ('ok_suspicious', 'bad_timeout')")
     tests = " ".join(TARGETS[path])
+    # tests/mutation/exit_status.py: any failure exits 1, the only status mutmut 2 counts as a kill
+    # (a mutant that breaks the import of a test module makes pytest exit 2 otherwise)
     runner = (f"{os.path.join(VENV_BIN, 'python')} -m pytest -x -q -p no:cacheprovider -p no:randomly "
-              f"-o addopts= --timeout=120 {tests}")
+              f"-p tests.mutation.exit_status -o addopts= --timeout=120 {tests}")
     started = datetime.datetime.now(datetime.UTC)
     commit = _commit()   # the tree copied above
     log = os.path.join(OUT, f"{name}.log")
@@ -92,6 +109,12 @@ def run_one(path: str) -> dict:
                        cwd=work, stdout=fh, stderr=subprocess.STDOUT,
                        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": work})
     kinds = {k: _ids(work, k) for k in ("killed", "survived", "timeout", "suspicious", "skipped")}
+    if resume:
+        # mutmut 2's cache looks a mutant up by its line's text: of two identical lines only the
+        # first is tested again, so test every survivor once more here, one at a time
+        rechecked = [mid for mid in kinds["survived"] if _killed_now(work, path, mid, runner)]
+        kinds["survived"] = [mid for mid in kinds["survived"] if mid not in rechecked]
+        kinds["killed"] += rechecked
     known = {(o, m): why for o, m, why in equivalents().get(path, [])}
     survivors, equivalent = [], []
     for mid in kinds["survived"]:
@@ -102,13 +125,31 @@ def run_one(path: str) -> dict:
     killed = len(kinds["killed"]) + len(kinds["timeout"]) + len(kinds["suspicious"])
     counted = killed + len(survivors)
     return {
-        "file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"), "resumed": resume,
         "commit": commit, "mutants": counted + len(equivalent), "killed": killed,
         "equivalent": len(equivalent), "survived": len(survivors),
         "score": round(100.0 * killed / counted, 1) if counted else None,
         "survivors": survivors, "equivalents": equivalent,
         "seconds": round((datetime.datetime.now(datetime.UTC) - started).total_seconds()),
     }
+
+
+def _killed_now(work: str, path: str, mid: int, runner: str) -> bool:
+    """Apply mutant ``mid`` in ``work``, run its tests, restore the file: did they fail?"""
+    original = os.path.join(work, path)
+    keep = original + ".orig"
+    shutil.copyfile(original, keep)
+    try:
+        subprocess.run([os.path.join(VENV_BIN, "mutmut"), "apply", str(mid)], cwd=work, check=True,
+                       capture_output=True)
+        proc = subprocess.run(["nice", "-n", "19", *shlex.split(runner)], cwd=work, capture_output=True,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": work},
+                              timeout=600)
+        return proc.returncode != 0
+    except subprocess.TimeoutExpired:   # a loop the mutant made endless: mutmut's "timeout", a kill
+        return True
+    finally:
+        shutil.move(keep, original)
 
 
 def _commit() -> str:
@@ -147,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="*", help=f"target files (default: all of {', '.join(TARGETS)})")
     ap.add_argument("--report", action="store_true", help="print the table of the last runs, run nothing")
     ap.add_argument("--markdown", action="store_true", help="the table as Markdown (docs/testing.md)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the last run's mutmut cache of each file: its killed mutants stay killed, the "
+                         "others are tested again against the current tests (after adding tests)")
     args = ap.parse_args(argv)
     unknown = [f for f in args.files if f not in TARGETS]
     if unknown:
@@ -157,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         for path in args.files or list(TARGETS):
             print(f"==> mutate {path} ({' '.join(TARGETS[path])})", flush=True)
-            results[path] = run_one(path)
+            results[path] = run_one(path, args.resume)
             with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as fh:
                 json.dump(results, fh, indent=1)
             print(table({path: results[path]}, False), flush=True)

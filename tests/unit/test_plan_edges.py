@@ -122,3 +122,20 @@ def test_applied_peer_and_desired_state_shapes():
         p.real = "10.0.0.6"
     with pytest.raises(dataclasses.FrozenInstanceError):
         d.peers = ()
+
+
+@pytest.mark.parametrize("host", ["X10.0.0.9:2181", "10.0.0.9X:2181", "[X10.0.0.9]:2181", "x10.0.0.9:2181"])
+def test_a_registry_name_that_holds_an_address_is_not_an_address(host):
+    """Only an IP literal ("10.0.0.9", "[fd00::9]") is put in the failsafe table: a name whose
+    letters hide an address is left to the resolver (extra_failsafe)."""
+    assert plan(SELF, [], cfg(registry={"hosts": [host]})).tables["failsafe"] == {}
+    assert plan(SELF, [], cfg(registry={"hosts": ["10.0.0.9:2181"]})).tables["failsafe"] == {"10.0.0.9/32": 2}
+
+
+def test_applied_peers_are_frozen_and_have_slots():
+    import dataclasses
+
+    p = AppliedPeer("a", "ec2", "192.168.0.2", "10.0.0.2")
+    assert not hasattr(p, "__dict__")   # slots: a plan holds one per peer (10,000 in a fleet)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.real = "10.0.0.3"

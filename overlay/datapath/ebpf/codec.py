@@ -141,7 +141,7 @@ def _addr16(value, what: str) -> bytes:
         raise DatapathError(f"{what}: not an IP address: {value!r}") from None
 
 
-def _cidr(value, table: str = "failsafe") -> str:
+def _cidr(value, table: str) -> str:
     try:
         return str(ipaddress.ip_network(value, strict=True))
     except (ValueError, TypeError):
