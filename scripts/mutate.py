@@ -43,7 +43,8 @@ TARGETS: dict[str, list[str]] = {
     "overlay/model.py": [U + "test_records.py", U + "test_plan.py"],
     "overlay/agent.py": [U + "test_agent.py", U + "test_agent_lifecycle.py", U + "test_agent_policies.py"],
     "overlay/config.py": [U + "test_config_table.py", U + "test_config.py", *CONFIG_SLOW],
-    "overlay/config_check.py": [U + "test_config_table.py", U + "test_config.py", *CONFIG_SLOW],
+    "overlay/config_check.py": [U + "test_config_check.py", U + "test_config_table.py", U + "test_config.py",
+                                *CONFIG_SLOW],
     "overlay/datapath/ebpf/codec.py": [U + "test_ebpf_maps_codec.py"],
     "overlay/datapath/iptables_rules.py": [U + "test_iptables_render.py"],
 }
