@@ -82,40 +82,101 @@ def _ids(work: str, kind: str) -> list[int]:
     return [int(x) for x in out if x.isdigit()]
 
 
-def run_one(path: str) -> dict:
+def _work(path: str) -> tuple[str, str]:
     name = path.replace("/", "_").removesuffix(".py")
-    work = os.path.join(OUT, name)
+    return name, os.path.join(OUT, name)
+
+
+def _runner(path: str) -> str:
+    return (f"{os.path.join(VENV_BIN, 'python')} -m pytest -x -q -p no:cacheprovider -p no:randomly "
+            f"-o addopts= --timeout=120 {' '.join(TARGETS[path])}")
+
+
+def _env(work: str) -> dict:
+    return {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": work}
+
+
+def run_one(path: str) -> dict:
+    name, work = _work(path)
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(ROOT, work, ignore=IGNORE)
-    tests = " ".join(TARGETS[path])
-    runner = (f"{os.path.join(VENV_BIN, 'python')} -m pytest -x -q -p no:cacheprovider -p no:randomly "
-              f"-o addopts= --timeout=120 {tests}")
     started = datetime.datetime.now(datetime.UTC)
     commit = _commit()   # the tree copied above
     log = os.path.join(OUT, f"{name}.log")
     with open(log, "w", encoding="utf-8") as fh:
         subprocess.run(["nice", "-n", "19", os.path.join(VENV_BIN, "mutmut"), "run", "--paths-to-mutate", path,
-                        "--runner", runner, "--tests-dir", "tests/unit", "--no-progress", "--simple-output"],
-                       cwd=work, stdout=fh, stderr=subprocess.STDOUT,
-                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": work})
+                        "--runner", _runner(path), "--tests-dir", "tests/unit", "--no-progress", "--simple-output"],
+                       cwd=work, stdout=fh, stderr=subprocess.STDOUT, env=_env(work))
+    result = collect(path, commit, started)
+    result["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds())
+    return result
+
+
+def collect(path: str, commit: str, started: datetime.datetime) -> dict:
+    """The counts of the run in ``path``'s work directory (mutmut's cache)."""
+    _name, work = _work(path)
     kinds = {k: _ids(work, k) for k in ("killed", "survived", "timeout", "suspicious", "skipped")}
-    known = {(o, m): why for o, m, why in equivalents().get(path, [])}
-    survivors, equivalent = [], []
+    survived = []
     for mid in kinds["survived"]:
         diff = subprocess.run([os.path.join(VENV_BIN, "mutmut"), "show", str(mid)], cwd=work,
                               capture_output=True, text=True).stdout
         orig, mut = _diff_lines(diff)
-        (equivalent if (orig, mut) in known else survivors).append({"id": mid, "original": orig, "mutated": mut})
+        survived.append({"id": mid, "original": orig, "mutated": mut})
     killed = len(kinds["killed"]) + len(kinds["timeout"]) + len(kinds["suspicious"])
+    return _score({"file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+                   "commit": commit, "seconds": None}, killed, survived)
+
+
+def _score(result: dict, killed: int, survived: list[dict]) -> dict:
+    """``result`` with the counts: ``survived`` split into the reviewed equivalents and the rest."""
+    known = {(o, m): why for o, m, why in equivalents().get(result["file"], [])}
+    survivors = [s for s in survived if (s["original"], s["mutated"]) not in known]
+    equivalent = [s for s in survived if (s["original"], s["mutated"]) in known]
     counted = killed + len(survivors)
-    return {
-        "file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit, "mutants": counted + len(equivalent), "killed": killed,
-        "equivalent": len(equivalent), "survived": len(survivors),
-        "score": round(100.0 * killed / counted, 1) if counted else None,
+    return result | {
+        "mutants": counted + len(equivalent), "killed": killed, "equivalent": len(equivalent),
+        "survived": len(survivors), "score": round(100.0 * killed / counted, 1) if counted else None,
         "survivors": survivors, "equivalents": equivalent,
-        "seconds": round((datetime.datetime.now(datetime.UTC) - started).total_seconds()),
     }
+
+
+def rerun_survivors(path: str, result: dict) -> dict:
+    """Test the survivors (and the equivalents) of the last run of ``path`` again, with the tests
+    of the tree now (copied into the work directory): one mutant applied at a time, the test
+    command run under ``nice -n 19``, the file restored. Far cheaper than a whole run after
+    adding the tests that kill a few survivors."""
+    _name, work = _work(path)
+    shutil.rmtree(os.path.join(work, "tests"))
+    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(work, "tests"), ignore=IGNORE)
+    src = os.path.join(work, path)
+    with open(src, encoding="utf-8") as fh:
+        original = fh.read()
+    def passes() -> bool:
+        try:
+            return subprocess.run(["nice", "-n", "19", *_runner(path).split()], cwd=work, env=_env(work),
+                                  capture_output=True, timeout=900).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False    # as mutmut counts a time-out: killed
+
+    if not passes():    # the unmutated file must pass, or every "kill" below would be a lie
+        sys.exit(f"mutate: the tests fail on the unmutated {path} in {work}: fix them first")
+    still, killed_now = [], 0
+    for s in [*result["survivors"], *result["equivalents"]]:
+        subprocess.run([os.path.join(VENV_BIN, "mutmut"), "apply", str(s["id"])], cwd=work, check=True,
+                       capture_output=True)
+        try:
+            alive = passes()
+        finally:
+            with open(src, "w", encoding="utf-8") as fh:
+                fh.write(original)
+        if alive:
+            still.append(s)
+        else:
+            killed_now += 1
+    out = _score(result, result["killed"] + killed_now, still)
+    out["rerun"] = (f"{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}, {_commit()}: "
+                    f"{killed_now} of the {len(result['survivors']) + len(result['equivalents'])} survivors killed")
+    return out
 
 
 def _commit() -> str:
@@ -154,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="*", help=f"target files (default: all of {', '.join(TARGETS)})")
     ap.add_argument("--report", action="store_true", help="print the table of the last runs, run nothing")
     ap.add_argument("--markdown", action="store_true", help="the table as Markdown (docs/testing.md)")
+    ap.add_argument("--survivors", action="store_true",
+                    help="test only the last run's survivors again, with the tests as they are now")
+    ap.add_argument("--collect", action="store_true",
+                    help="read the counts of a run left in build/mutate/ (its mutmut cache), run nothing")
     args = ap.parse_args(argv)
     unknown = [f for f in args.files if f not in TARGETS]
     if unknown:
@@ -164,7 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         for path in args.files or list(TARGETS):
             print(f"==> mutate {path} ({' '.join(TARGETS[path])})", flush=True)
-            results[path] = run_one(path)
+            if args.collect:
+                results[path] = collect(path, _commit(), datetime.datetime.now(datetime.UTC))
+            elif args.survivors:
+                if path not in results:
+                    print(f"mutate: no run of {path} to take the survivors from", file=sys.stderr)
+                    return 2
+                results[path] = rerun_survivors(path, results[path])
+            else:
+                results[path] = run_one(path)
             with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as fh:
                 json.dump(results, fh, indent=1)
             print(table({path: results[path]}, False), flush=True)
