@@ -1,0 +1,235 @@
+"""The agent's ``/status`` document, its error handling and its adoption of a live datapath,
+checked against hand-written expectations (docs/daemon.md describes the document).
+
+One small fleet: n1 in this node's network (reached at its private address), n2 in the other
+(its public address, from the old system's layout), n3 claiming n1's overlay address later
+(a conflict), a rejected record; a datapath that counts drops and a registry that adds its
+controller. Every key of the document is compared.
+"""
+
+from __future__ import annotations
+
+import random
+
+from overlay.agent import Agent
+from overlay.config import config_from_dict
+from overlay.datapath.dryrun import DryRunDatapath
+from overlay.errors import DatapathError, RegistryError
+from overlay.model import Node
+from overlay.ops import NatEntry
+from overlay.registry import RegistryView
+
+SELF = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("web",))
+N1 = Node("n1", "ec2", "10.0.0.2", "198.18.0.2", "192.168.0.2", ("db",))
+N2 = Node("n2", "vpc", "10.1.0.3", "198.19.0.3", "192.168.0.3")
+N3 = Node("n3", "vpc", "10.1.0.4", "198.19.0.4", "192.168.0.2")      # n1's overlay address
+
+
+class Registry:
+    name = "fake"
+
+    def __init__(self):
+        self.nodes = {"n1": N1, "n2": N2, "n3": N3}
+        self.connected = True
+
+    def view(self) -> RegistryView:
+        return RegistryView(nodes=dict(self.nodes), connected=self.connected, rejected={"nodes/bad": "not JSON"},
+                            sources={"n2": "neti"}, order={"n1": 1, "n2": 2, "n3": 3})
+
+    def status_extra(self) -> dict:
+        return {"controller": "ctl:9470"}
+
+
+class Datapath(DryRunDatapath):
+    def counters(self) -> dict[str, int]:
+        return {"drop_policy": 3, "drop_no_peer": 1, "pkts": 9}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(datapath=None, registry=None, **cfg):
+    config = config_from_dict({"node_id": "self", "network": "ec2", "groups": ["web"],
+                               "addresses": {"private": SELF.private, "public": SELF.public},
+                               "registry": {"backend": "static"}, "guard": {"max_change": 5, "settle_s": 0},
+                               "filter": {"mode": "audit"}, **cfg})
+    clock = Clock()
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        clock.now += s
+
+    agent = Agent(config, registry or Registry(), datapath or Datapath(), SELF, clock=clock, sleep=sleep,
+                  rng=random.Random(3))
+    return agent, clock, sleeps
+
+
+def test_the_status_document_key_by_key():
+    agent, _, _ = make()
+    ops = agent.reconcile()
+    tables: dict[str, int] = {}
+    for op in ops:
+        tables[op.table] = tables.get(op.table, 0) + 1
+    # n1 and n2 (not n3): nat, rnat, peers each; this node's three addresses; loopback failsafe;
+    # the filter's mode and reject_all; the name of n1's identity (group db)
+    assert tables == {"nat": 2, "rnat": 2, "peers": 2, "self": 3, "failsafe": 1, "config": 2, "names": 1}
+    assert agent.status() == {
+        "node_id": "self", "network": "ec2", "overlay": "192.168.0.1", "private": "10.0.0.1",
+        "public": "198.18.0.1", "groups": ["web"], "ready": True,
+        "registry": {"backend": "fake", "connected": True, "controller": "ctl:9470"},
+        "datapath": {"backend": "dryrun", "counters": {"drop_policy": 3, "drop_no_peer": 1, "pkts": 9}},
+        "peers": [
+            {"node_id": "n1", "network": "ec2", "overlay": "192.168.0.2", "real": "10.0.0.2", "groups": ["db"],
+             "source": "native"},
+            {"node_id": "n2", "network": "vpc", "overlay": "192.168.0.3", "real": "198.19.0.3", "groups": [],
+             "source": "neti"},
+        ],
+        "excluded": [{"node_id": "n3",
+                      "reason": "overlay address 192.168.0.2 is held by the earlier registration n1"}],
+        "drops": {"policy": 3, "no_peer": 1},
+        "policy": {"enforced": False, "selected_by": [], "mode": "audit"},
+        "conflicts": 1,
+        "conflict_entries": [{"node_id": "n3", "kind": "overlay", "address": "192.168.0.2", "holder": "n1"}],
+        "ungranted": {},
+        "rejected": 1,
+        "rejected_records": {"nodes/bad": "not JSON"},
+        "guard": {"tripped": False, "threshold": 5, "size": 0, "held": {"removed": [], "changed": []},
+                  "trips": 0, "settling": 0, "held_count": 0},
+        "applies": 1,
+        "ops_total": 13,
+        "swept": {},
+        "last_error": None,
+    }
+    assert (agent.last_apply_ops, agent.ops_total, agent.applies) == (13, 13, 1)
+    assert agent.reconcile() == []
+    assert (agent.last_apply_ops, agent.ops_total, agent.applies) == (0, 13, 2)
+
+
+def test_counters_and_fill_that_fail_leave_them_out():
+    class Broken(DryRunDatapath):
+        def counters(self):
+            raise DatapathError("maps gone")
+
+        def fill(self):
+            raise DatapathError("maps gone")
+
+    agent, _, _ = make(datapath=Broken())
+    agent.reconcile()
+    st = agent.status()
+    assert st["datapath"] == {"backend": "dryrun", "counters": {}} and st["drops"] == {}
+    assert "fill" not in st
+
+
+def test_a_registry_without_extra_status_adds_nothing():
+    reg = Registry()
+    reg.status_extra = None          # not callable: nothing added
+    agent, _, _ = make(registry=reg)
+    assert agent.status()["registry"] == {"backend": "fake", "connected": False}
+
+
+def test_a_failed_reconcile_is_counted_reported_and_cleared_by_the_next_good_one():
+    class Failing(Datapath):
+        fail = True
+
+        def apply(self, ops):
+            if self.fail:
+                raise DatapathError("netlink said no")
+            super().apply(ops)
+
+    dp = Failing()
+    agent, _, _ = make(datapath=dp)
+    agent.step()
+    agent.step()
+    assert (agent.errors, agent.last_error, agent.ready) == (2, "netlink said no", False)
+    assert agent.status()["last_error"] == "netlink said no"
+    dp.fail = False
+    agent.step()
+    assert (agent.errors, agent.last_error, agent.ready) == (2, None, True)
+    assert len(dp.state["nat"]) == 2
+
+
+def test_an_error_that_is_not_an_overlay_error_is_not_swallowed():
+    class Buggy(Datapath):
+        def observe(self):
+            raise KeyError("bug")
+
+    agent, _, _ = make(datapath=Buggy())
+    try:
+        agent.step()
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("a bug must not be swallowed by step()")
+    assert agent.errors == 0
+
+
+def test_step_throttles_only_once_something_was_applied_and_not_after_stop():
+    import threading
+
+    agent, clock, sleeps = make(throttle={"min_s": 2, "max_s": 3})
+    agent.wake.set()
+    agent.step()                                     # the first sync: at once
+    assert sleeps == [] and agent.applies == 1 and not agent.wake.is_set()
+    agent.step()
+    assert len(sleeps) == 1 and 2 <= sleeps[0] <= 3 and agent.applies == 2
+    stop = threading.Event()
+    stop.set()
+    agent.step(stop)                                 # stopped during the wait: no reconcile
+    assert len(sleeps) == 2 and agent.applies == 2
+    still, _, no_sleeps = make(throttle={"min_s": 0, "max_s": 0})
+    still.step()
+    still.step()
+    assert no_sleeps == [] and still.applies == 2
+
+
+def test_a_registry_error_in_step_is_counted():
+    class Down(Registry):
+        def view(self):
+            raise RegistryError("zk down")
+
+    agent, _, _ = make(registry=Down())
+    agent.step()
+    assert (agent.errors, agent.last_error) == (1, "zk down")
+
+
+def test_a_live_datapath_is_adopted_without_its_overrides():
+    dp = Datapath()
+    dp.state["nat"] = {"192.168.0.9": NatEntry("10.0.0.9"), "192.168.0.8": NatEntry("10.0.0.8", True)}
+    reg = Registry()
+    reg.connected = False                            # adopted before the registry answers
+    agent, _, _ = make(datapath=dp, registry=reg)
+    assert agent.reconcile() == []                   # unreachable: nothing observed, nothing applied
+    assert agent.applied_peers == {}
+    reg.connected = True
+    reg.nodes = {}
+    agent.guard.threshold = 0
+    agent.config = config_from_dict({"node_id": "self", "network": "ec2",
+                                     "addresses": {"private": SELF.private, "public": SELF.public},
+                                     "registry": {"backend": "static"}, "guard": {"max_change": 0, "settle_s": 0}})
+    agent.reconcile()
+    held = agent.status()["guard"]
+    assert held["tripped"] and held["held"]["removed"] == ["adopted:192.168.0.9"]
+    peers = {p["overlay"]: p for p in agent.status()["peers"]}
+    assert peers == {"192.168.0.9": {"node_id": "adopted:192.168.0.9", "network": "?", "overlay": "192.168.0.9",
+                                     "real": "10.0.0.9", "groups": [], "source": "native"}}
+    assert dp.state["nat"]["192.168.0.9"] == NatEntry("10.0.0.9")
+
+
+def test_going_offline_logs_once_and_keeps_the_datapath(caplog):
+    agent, _, _ = make()
+    agent.reconcile()
+    before = {t: dict(v) for t, v in agent.datapath.state.items()}
+    agent.registry.connected = False
+    with caplog.at_level("WARNING", logger="overlay.agent"):
+        agent.reconcile()
+        agent.reconcile()
+    lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert lines == ["[self] registry unreachable: keeping the datapath as it is"]
+    assert agent.datapath.state == before and not agent.ready and not agent.connected
+    assert agent.status()["registry"]["connected"] is False
