@@ -94,13 +94,24 @@ def _runner(path: str) -> str:
 
 
 def _env(work: str) -> dict:
-    return {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": work}
+    """Bytecode caches on: pytest keeps the rewritten test modules (compiling them again took
+    two thirds of each test run). Safe for the mutated file because :func:`_precompile` made
+    its cache hash-checked: Python compares the source's hash, not its mtime and size (two
+    mutants of one size written within a second would otherwise share a stale cache)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPATH": work}
+
+
+def _precompile(work: str) -> None:
+    subprocess.run([os.path.join(VENV_BIN, "python"), "-m", "compileall", "-q", "--invalidation-mode",
+                    "checked-hash", "overlay"], cwd=work, check=True, stdout=subprocess.DEVNULL)
 
 
 def run_one(path: str) -> dict:
     name, work = _work(path)
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(ROOT, work, ignore=IGNORE)
+    _precompile(work)
     started = datetime.datetime.now(datetime.UTC)
     commit = _commit()   # the tree copied above
     log = os.path.join(OUT, f"{name}.log")
@@ -152,6 +163,7 @@ def rerun_survivors(path: str, result: dict) -> dict:
     src = os.path.join(work, path)
     with open(src, encoding="utf-8") as fh:
         original = fh.read()
+    _precompile(work)
     def passes() -> bool:
         try:
             return subprocess.run(["nice", "-n", "19", *_runner(path).split()], cwd=work, env=_env(work),
