@@ -169,3 +169,32 @@ def test_discovery_and_grpc_and_controller_sections():
         {"node_id": "a", "network": "ec2", "private": "10.0.0.2", "public": "198.18.0.2", "overlay": "192.168.0.2"},
         {"node_id": "b", "network": "vpc", "private": "10.0.0.3", "public": "198.18.0.3", "overlay": "192.168.0.3"}]}})
     assert [p.node_id for p in static.registry.peers] == ["a", "b"]
+
+
+@pytest.mark.parametrize(("hostname", "node_id"), [("web-1.example.com", "web-1"), ("db", "db"),
+                                                   ("", "localhost"), (".local", "localhost")])
+def test_without_node_id_the_hostname_up_to_its_first_dot(monkeypatch, hostname, node_id):
+    monkeypatch.setattr("overlay.config.socket.gethostname", lambda: hostname)
+    assert config_from_dict({"network": "ec2"}).node_id == node_id
+
+
+def test_a_hostname_that_is_no_name_is_refused_saying_where_it_came_from(monkeypatch):
+    monkeypatch.setattr("overlay.config.socket.gethostname", lambda: "web_1!")
+    with pytest.raises(InvalidConfigError) as info:
+        config_from_dict({"network": "ec2"})
+    assert (info.value.path, info.value.reason) == (
+        "node_id", "node_id (from the hostname) 'web_1!' must be 1-253 characters of letters, digits, '.', '_' "
+                   "or '-', starting with a letter or digit")
+
+
+def test_an_empty_config_file_is_the_defaults(tmp_path, monkeypatch):
+    from overlay.config import load_config
+
+    monkeypatch.setattr("overlay.config.socket.gethostname", lambda: "h1")
+    p = tmp_path / "c.yaml"
+    p.write_text("network: ec2\n")
+    assert load_config(str(p)) == config_from_dict({"network": "ec2"})
+    p.write_text("")
+    with pytest.raises(InvalidConfigError) as info:     # nothing: the network is missing
+        load_config(str(p))
+    assert info.value.path == "network"
