@@ -233,3 +233,107 @@ def test_going_offline_logs_once_and_keeps_the_datapath(caplog):
     assert lines == ["[self] registry unreachable: keeping the datapath as it is"]
     assert agent.datapath.state == before and not agent.ready and not agent.connected
     assert agent.status()["registry"]["connected"] is False
+
+
+def test_the_sweep_runs_every_5_seconds_as_documented():
+    """docs/datapath.md: "The agent calls datapath.sweep() every 5 s"."""
+    agent, clock, _ = make()
+    calls = []
+    agent.datapath.sweep = lambda: calls.append(clock.now) or {}
+    agent.sweep()
+    clock.now += 4.99
+    agent.sweep()
+    clock.now += 0.01
+    agent.sweep()
+    assert calls == [100.0, 105.0]
+
+
+def test_fresh_agent_state():
+    agent, clock, _ = make()
+    assert agent.resync_s == 300.0
+    assert agent.heartbeat == 100.0
+    assert (agent.ready, agent.connected, agent.applies, agent.errors, agent.ops_total) == (False, False, 0, 0, 0)
+    assert agent.last_resync == float("-inf") and agent.last_sweep == float("-inf")
+    assert agent.next_deadline is None and agent.last_error is None and agent.observed is None
+    assert agent.groups == ("web",)
+    assert not agent.wake.is_set()
+
+
+def test_notify_release_and_config_wake_the_loop():
+    agent, _, _ = make()
+    agent.notify()
+    assert agent.wake.is_set()
+    agent.wake.clear()
+    agent.request_release()
+    assert not agent.wake.is_set()                   # nothing held: no wake-up
+    agent.reconcile()
+    assert agent.feed_seq is None
+    new = config_from_dict({"node_id": "self", "network": "ec2", "addresses": {"private": SELF.private,
+                            "public": SELF.public}, "registry": {"backend": "static"}})
+    agent.feed_seq = 7
+    agent.set_config(new)
+    assert agent.config is new and agent.feed_seq is None and agent.wake.is_set()
+
+
+def test_a_release_of_a_tripped_guard_wakes_the_loop():
+    reg = Registry()
+    agent, _, _ = make(registry=reg, guard={"max_change": 0, "settle_s": 0})
+    agent.reconcile()
+    reg.nodes = {}
+    agent.reconcile()
+    assert agent.guard.tripped
+    agent.wake.clear()
+    agent.request_release()
+    assert agent.wake.is_set()
+
+
+def test_long_lists_in_status_stop_at_100():
+    class Many(Registry):
+        def view(self):
+            nodes = {"n1": N1} | {f"c{i}": Node(f"c{i}", "vpc", f"10.2.0.{i + 1}", f"198.19.1.{i + 1}", N1.overlay)
+                                  for i in range(101)}
+            return RegistryView(nodes=nodes, rejected={f"nodes/bad{i:03d}": "x" for i in range(101)},
+                                order={"n1": 0} | {f"c{i}": i + 1 for i in range(101)})
+
+    agent, _, _ = make(registry=Many())
+    agent.reconcile()
+    st = agent.status()
+    assert (st["conflicts"], len(st["conflict_entries"])) == (101, 100)
+    assert (st["rejected"], len(st["rejected_records"])) == (101, 100)
+    assert sorted(st["rejected_records"])[-1] == "nodes/bad099"      # the first 100 by key
+    assert len(st["excluded"]) == 101
+
+
+def test_the_log_lines(caplog):
+    """What an operator reads: each line word for word."""
+    class Flaky(Datapath):
+        def sweep(self):
+            raise DatapathError("sweep map gone")
+
+        def fill(self):
+            raise DatapathError("fill map gone")
+
+        def counters(self):
+            raise DatapathError("counter map gone")
+
+    agent, clock, _ = make(datapath=Flaky(), throttle={"min_s": 1, "max_s": 1})
+    with caplog.at_level("DEBUG", logger="overlay.agent"):
+        agent.reconcile()
+        agent.step()
+        agent.sweep()
+        agent.status()
+        agent.datapath.apply = lambda ops: (_ for _ in ()).throw(DatapathError("apply failed"))
+        agent.registry.nodes = {"n1": N1}
+        agent.step()
+    assert [r.getMessage() for r in caplog.records] == [
+        "[self] applied 13 ops (2 peers)",
+        "[self] excluding n3: overlay address 192.168.0.2 is held by the earlier registration n1",
+        "[self] throttle: applying in 1.00 s",
+        "[self] sweep failed: sweep map gone",
+        "counters unavailable: counter map gone",
+        "fill levels unavailable: fill map gone",
+        "[self] throttle: applying in 1.00 s",
+        "[self] reconcile failed: apply failed",
+    ]
+    levels = [r.levelname for r in caplog.records]
+    assert levels == ["INFO", "WARNING", "DEBUG", "DEBUG", "DEBUG", "DEBUG", "DEBUG", "ERROR"]
