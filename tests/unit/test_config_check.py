@@ -33,6 +33,8 @@ TAKES = [
     (cc.hosts_port, "zk1:2181", "zk1:2181"),
     (cc.zk_prefix, "/overlay", "/overlay"),
     (cc.zk_prefix, "/a/b-1/c.d", "/a/b-1/c.d"),
+    (cc.zk_prefix, "/X", "/X"),                   # only '/' is taken off the ends, not the letters
+    (cc.zk_prefix, "/a/X", "/a/X"),
     (cc.digest_id, DIGEST, DIGEST),
     (cc.digest_id, "u:" + "+/09azAZ" * 3 + "abc=", "u:" + "+/09azAZ" * 3 + "abc="),
     (cc.listen, "127.0.0.1:0", "127.0.0.1:0"),
@@ -82,6 +84,8 @@ REFUSES = [
     (cc.zk_prefix, "/overlay/", "must be an absolute ZooKeeper path like /overlay, got '/overlay/'"),
     (cc.zk_prefix, "/a//b", "must be an absolute ZooKeeper path like /overlay, got '/a//b'"),
     (cc.zk_prefix, 5, "must be an absolute ZooKeeper path like /overlay, got 5"),
+    (cc.zk_prefix, "/a/b c", "path element 'b c' must be 1-253 characters of letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit"),
     (cc.rate, 0, "must be a number of calls per second in (0, 100000], got 0"),
     (cc.rate, 100_000.5, "must be a number of calls per second in (0, 100000], got 100000.5"),
     (cc.rate, True, "must be a number of calls per second in (0, 100000], got True"),
