@@ -39,6 +39,7 @@ TAKES = [
     (cc.digest_id, "u:" + "+/09azAZ" * 3 + "abc=", "u:" + "+/09azAZ" * 3 + "abc="),
     (cc.listen, "127.0.0.1:0", "127.0.0.1:0"),
     (cc.listen, "127.0.0.1:9470", "127.0.0.1:9470"),
+    (cc.listen, "h:0", "h:0"),                    # a one-character host with port 0
     (cc.rate, 100_000, 100_000.0),
     (cc.rate, 0.001, 0.001),
     (cc.rate, 5, 5.0),
