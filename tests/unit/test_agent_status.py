@@ -178,6 +178,7 @@ def test_step_throttles_only_once_something_was_applied_and_not_after_stop():
     assert sleeps == [] and agent.applies == 1 and not agent.wake.is_set()
     agent.step()
     assert len(sleeps) == 1 and 2 <= sleeps[0] <= 3 and agent.applies == 2
+    assert sleeps[0] == random.Random(3).uniform(2, 3)   # drawn from the rng the agent was given
     stop = threading.Event()
     stop.set()
     agent.step(stop)                                 # stopped during the wait: no reconcile
@@ -251,6 +252,9 @@ def test_the_sweep_runs_every_5_seconds_as_documented():
 def test_fresh_agent_state():
     agent, clock, _ = make()
     assert agent.resync_s == 300.0
+    assert agent.last_apply_ops == 0
+    own = Agent(agent.config, Registry(), Datapath(), SELF)       # no rng given: a Random of its own
+    assert isinstance(own.rng, random.Random) and own.rng is not random._inst
     assert agent.heartbeat == 100.0
     assert (agent.ready, agent.connected, agent.applies, agent.errors, agent.ops_total) == (False, False, 0, 0, 0)
     assert agent.last_resync == float("-inf") and agent.last_sweep == float("-inf")
