@@ -44,7 +44,7 @@ TARGETS: dict[str, list[str]] = {
     "overlay/agent.py": [U + "test_agent_status.py", U + "test_agent.py", U + "test_agent_lifecycle.py",
                          U + "test_agent_policies.py"],
     "overlay/config.py": [U + "test_config_reasons.py", U + "test_config_table.py", U + "test_config.py",
-                          U + "test_plugins.py", *CONFIG_SLOW],
+                          U + "test_plugins.py", U + "test_neti.py", *CONFIG_SLOW],
     "overlay/config_check.py": [U + "test_config_check.py", U + "test_config_table.py", U + "test_config.py",
                                 *CONFIG_SLOW],
     "overlay/datapath/ebpf/codec.py": [U + "test_ebpf_maps_codec.py"],
