@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from overlay.agent import Agent
 from overlay.config import config_from_dict
 from overlay.datapath.dryrun import DryRunDatapath
@@ -341,3 +343,79 @@ def test_the_log_lines(caplog):
     ]
     levels = [r.levelname for r in caplog.records]
     assert levels == ["INFO", "WARNING", "DEBUG", "DEBUG", "DEBUG", "DEBUG", "DEBUG", "ERROR"]
+
+
+class LoopWake:
+    """Stands in for the loop's ``threading.Event``: records each wait's timeout, lets simulated
+    time pass when nothing woke the loop, and stops the loop after ``n`` waits."""
+
+    def __init__(self, clock: Clock, stop, n: int):
+        self.clock, self.stop, self.n = clock, stop, n
+        self.flag = False
+        self.timeouts: list[float] = []
+
+    def set(self) -> None:
+        self.flag = True
+
+    def clear(self) -> None:
+        self.flag = False
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    def wait(self, timeout: float) -> bool:
+        self.timeouts.append(round(timeout, 6))
+        if not self.flag:
+            self.clock.now = round(self.clock.now + timeout, 6)
+        if len(self.timeouts) >= self.n:
+            self.stop.set()
+        return self.flag
+
+
+def _loop(agent, clock, n: int, **run) -> tuple[list[float], list[float]]:
+    """Run the loop for ``n`` waits with step() recording when it ran (and clearing the wake)."""
+    import threading
+
+    stop = threading.Event()
+    agent.wake = LoopWake(clock, stop, n)
+    steps: list[float] = []
+
+    def step(stop=None):
+        agent.wake.clear()
+        steps.append(clock.now)
+
+    agent.step = step
+    agent.run(stop, **run)
+    return agent.wake.timeouts, steps
+
+
+def test_the_loop_waits_idle_s_1_by_default_and_beats_each_round():
+    agent, clock, _ = make()
+    agent.last_resync = 100.0
+    timeouts, steps = _loop(agent, clock, 4)
+    assert timeouts == [1.0, 1.0, 1.0, 1.0]
+    assert steps == [100.0]                       # the first round always reconciles
+    assert agent.heartbeat == 102.0               # the fourth round began at 102 (its wait ends at 103)
+
+
+def test_the_loop_wakes_for_a_resync_exactly_every_resync_s():
+    agent, clock, _ = make()
+    agent.resync_s = 2.0
+    agent.last_resync = 100.0
+    timeouts, steps = _loop(agent, clock, 5, idle_s=1.0)
+    # 100: the first round; idle until 102, when 102 - 100 >= 2 wakes the loop (with '>' it
+    # would be 103); the fifth wait ends the test
+    assert steps == [100.0, 102.0] and timeouts == [1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(("deadline", "timeouts", "steps"), [
+    (100.5, [0.5, 0.5, 0.01, 0.01], [100.0, 100.5]),            # waits until the deadline, then 10 ms
+    (99.0, [0.01, 0.01, 0.01, 0.01], [100.0, 100.01]),          # past: the shortest wait, 10 ms
+    (103.0, [1.0, 1.0, 1.0, 1.0], [100.0]),                     # beyond idle_s: idle_s
+])
+def test_the_loop_waits_for_the_settle_deadline(deadline, timeouts, steps):
+    agent, clock, _ = make()
+    agent.last_resync = 100.0
+    agent.next_deadline = deadline
+    got_timeouts, got_steps = _loop(agent, clock, 4)
+    assert (got_timeouts, got_steps) == (timeouts, steps)
