@@ -419,3 +419,56 @@ def test_the_loop_waits_for_the_settle_deadline(deadline, timeouts, steps):
     agent.next_deadline = deadline
     got_timeouts, got_steps = _loop(agent, clock, 4)
     assert (got_timeouts, got_steps) == (timeouts, steps)
+
+
+def test_the_feed_path_from_seq_0_and_what_it_carries():
+    """A view at seq 0 is a feed position (only -1 means no feed): the next reconcile asks for
+    the changes after 0 instead of resyncing; the changes' rejected map, sources (None: back to
+    native) and nodes reach the status."""
+    from overlay.registry import ViewChanges
+
+    class Fed(Registry):
+        def __init__(self):
+            super().__init__()
+            self.asked: list[int] = []
+            self.views = 0
+            self.next: ViewChanges | None = None
+
+        def view(self):
+            self.views += 1
+            return RegistryView(nodes=dict(self.nodes), sources={"n2": "neti"}, order={"n1": 1, "n2": 2, "n3": 3},
+                                seq=0)
+
+        def changes(self, since):
+            self.asked.append(since)
+            return self.next
+
+    reg = Fed()
+    agent, _, _ = make(registry=reg)
+    agent.reconcile()
+    assert (agent.feed_seq, reg.views) == (0, 1)
+    reg.next = ViewChanges(seq=1, rejected={"nodes/x": "bad"}, sources={"n2": None, "n1": "neti"},
+                           nodes={"n3": None}, order={"n3": None})
+    ops = agent.reconcile()
+    assert (reg.asked, reg.views, agent.feed_seq) == ([0], 1, 1)
+    assert ops == []                                   # n3 was excluded: its going changes no table
+    st = agent.status()
+    assert st["rejected_records"] == {"nodes/x": "bad"} and st["conflicts"] == 0
+    assert {p["node_id"]: p["source"] for p in st["peers"]} == {"n1": "neti", "n2": "native"}
+    reg.next = ViewChanges(seq=2, connected=False)
+    assert agent.reconcile() == [] and not agent.ready and agent.feed_seq == 1
+    reg.next = None                                    # "unknown": a full resync
+    agent.reconcile()
+    assert reg.views == 2 and agent.ready
+
+
+def test_a_new_config_takes_effect_at_the_next_reconcile():
+    agent, _, _ = make()
+    agent.reconcile()
+    stricter = config_from_dict({"node_id": "self", "network": "ec2", "groups": ["web"],
+                                 "addresses": {"private": SELF.private, "public": SELF.public},
+                                 "registry": {"backend": "static"}, "guard": {"max_change": 5, "settle_s": 0},
+                                 "filter": {"mode": "audit", "reject_all": True}})
+    agent.set_config(stricter)
+    ops = agent.reconcile()
+    assert [(op.table, op.key, op.value) for op in ops] == [("config", "reject_all", 1)]
