@@ -460,6 +460,12 @@ def test_the_feed_path_from_seq_0_and_what_it_carries():
     reg.next = None                                    # "unknown": a full resync
     agent.reconcile()
     assert reg.views == 2 and agent.ready
+    reg.next = ViewChanges(seq=3)
+    agent.reconcile()
+    assert (reg.asked, reg.views) == ([0, 1, 0], 2)
+    agent.set_config(agent.config)                     # a new config: a full resync, not changes(None)
+    agent.reconcile()
+    assert (reg.asked, reg.views) == ([0, 1, 0], 3)
 
 
 def test_a_new_config_takes_effect_at_the_next_reconcile():
@@ -472,3 +478,24 @@ def test_a_new_config_takes_effect_at_the_next_reconcile():
     agent.set_config(stricter)
     ops = agent.reconcile()
     assert [(op.table, op.key, op.value) for op in ops] == [("config", "reject_all", 1)]
+
+
+def test_no_throttle_until_an_apply_went_through():
+    """The throttle delays changes after a first apply; a first apply that failed (the datapath
+    observed, nothing applied) is retried at once."""
+    class FailOnce(Datapath):
+        failed = False
+
+        def apply(self, ops):
+            if not self.failed:
+                self.failed = True
+                raise DatapathError("busy")
+            super().apply(ops)
+
+    agent, _, sleeps = make(datapath=FailOnce(), throttle={"min_s": 2, "max_s": 3})
+    agent.step()
+    assert agent.errors == 1 and agent.observed is not None and agent.applies == 0
+    agent.step()
+    assert sleeps == [] and agent.applies == 1
+    agent.step()
+    assert len(sleeps) == 1
