@@ -235,7 +235,7 @@ def test_going_offline_logs_once_and_keeps_the_datapath(caplog):
     lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert lines == ["[self] registry unreachable: keeping the datapath as it is"]
     assert agent.datapath.state == before and not agent.ready and not agent.connected
-    assert agent.status()["registry"]["connected"] is False
+    assert agent.status()["registry"]["connected"] is False and agent.status()["ready"] is False
 
 
 def test_the_sweep_runs_every_5_seconds_as_documented():
