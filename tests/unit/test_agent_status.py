@@ -499,3 +499,34 @@ def test_no_throttle_until_an_apply_went_through():
     assert sleeps == [] and agent.applies == 1
     agent.step()
     assert len(sleeps) == 1
+
+
+def test_a_held_peer_keeps_its_identitys_policy_entries_on_the_feed_path():
+    """The guard holds a removal that arrives through the change feed: the peer's nat/rnat/peers
+    entries stay, and so do its identity's policy entries and name, although the event touched
+    no policy key."""
+    from overlay.model import policy_from_dict
+    from tests.support.feed import FeedRegistry
+
+    reg = FeedRegistry()
+    web = [Node(f"w{i}", "ec2", f"10.0.1.{i}", f"198.18.1.{i}", f"192.168.1.{i}", ("web",)) for i in (1, 2)]
+    for n in web:
+        reg.nodes[n.node_id] = n
+    reg.policies = {"p": policy_from_dict({"v": 1, "from": {"group": "web"}, "to": {"group": "db"}, "proto": "tcp",
+                                           "ports": [5432]}, "p")}
+    me = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("db",))
+    config = config_from_dict({"node_id": "self", "network": "ec2", "groups": ["db"],
+                               "addresses": {"private": me.private, "public": me.public},
+                               "registry": {"backend": "static"}, "guard": {"max_change": 0, "settle_s": 0}})
+    dp = Datapath()
+    agent = Agent(config, reg, dp, me, clock=Clock(), sleep=lambda s: None, rng=random.Random(1))
+    agent.reconcile()
+    policy_before = dict(dp.state["policy"])
+    names_before = dict(dp.state["names"])
+    assert policy_before and names_before
+    del reg.nodes["w1"]
+    agent.reconcile()
+    assert agent.feed_seq is not None                  # the incremental path
+    assert agent.guard.tripped
+    assert dp.state["nat"]["192.168.1.1"] == NatEntry("10.0.1.1")
+    assert dp.state["policy"] == policy_before and dp.state["names"] == names_before
