@@ -530,3 +530,49 @@ def test_a_held_peer_keeps_its_identitys_policy_entries_on_the_feed_path():
     assert agent.guard.tripped
     assert dp.state["nat"]["192.168.1.1"] == NatEntry("10.0.1.1")
     assert dp.state["policy"] == policy_before and dp.state["names"] == names_before
+
+
+def test_held_peers_identity_entries_go_once_the_hold_is_released():
+    """Both web peers go at once (their identity with them), the guard holds it; the release
+    deletes the identity's policy entries and name with the peers."""
+    from overlay.model import policy_from_dict
+    from tests.support.feed import FeedRegistry
+
+    reg = FeedRegistry()
+    for i in (1, 2):
+        reg.nodes[f"w{i}"] = Node(f"w{i}", "ec2", f"10.0.1.{i}", f"198.18.1.{i}", f"192.168.1.{i}", ("web",))
+    reg.policies = {"p": policy_from_dict({"v": 1, "from": {"group": "web"}, "to": {"group": "db"}, "proto": "tcp",
+                                           "ports": [5432]}, "p")}
+    me = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("db",))
+    config = config_from_dict({"node_id": "self", "network": "ec2", "groups": ["db"],
+                               "addresses": {"private": me.private, "public": me.public},
+                               "registry": {"backend": "static"}, "guard": {"max_change": 1, "settle_s": 0}})
+    dp = Datapath()
+    agent = Agent(config, reg, dp, me, clock=Clock(), sleep=lambda s: None, rng=random.Random(1))
+    agent.reconcile()
+    web_ids = {key[1] for key, name in dp.state["names"].items() if key[0] == "identity" and name == "web"}
+    assert len(web_ids) == 1 and any(key[0] in web_ids for key in dp.state["policy"])
+    del reg.nodes["w1"], reg.nodes["w2"]
+    agent.reconcile()
+    assert agent.guard.tripped and any(key[0] in web_ids for key in dp.state["policy"])
+    agent.request_release()
+    agent.reconcile()
+    assert not agent.guard.tripped
+    assert not any(key[0] in web_ids for key in dp.state["policy"])
+    assert not any(key == ("identity", i) for key in dp.state["names"] for i in web_ids)
+    assert "192.168.1.1" not in dp.state["nat"]
+
+
+def test_a_held_peer_keeps_the_nat_entry_the_datapath_has():
+    """Held means untouched: a held peer's NAT entry stays as the datapath holds it, even when
+    that is not what this agent wrote (seen at a resync)."""
+    reg = Registry()
+    agent, _, _ = make(registry=reg, guard={"max_change": 0, "settle_s": 0})
+    agent.reconcile()
+    agent.datapath.state["nat"]["192.168.0.2"] = NatEntry("10.0.0.99")   # changed behind the agent's back
+    agent.last_resync = float("-inf")                                    # the next reconcile observes again
+    del reg.nodes["n1"]
+    ops = agent.reconcile()
+    assert agent.guard.tripped
+    assert agent.datapath.state["nat"]["192.168.0.2"] == NatEntry("10.0.0.99")
+    assert all(op.key != "192.168.0.2" for op in ops)
