@@ -203,7 +203,8 @@ def test_a_registry_error_in_step_is_counted():
 
 def test_a_live_datapath_is_adopted_without_its_overrides():
     dp = Datapath()
-    dp.state["nat"] = {"192.168.0.9": NatEntry("10.0.0.9"), "192.168.0.8": NatEntry("10.0.0.8", True)}
+    dp.state["nat"] = {"192.168.0.8": NatEntry("10.0.0.8", True), "192.168.0.9": NatEntry("10.0.0.9"),
+                       "192.168.0.7": NatEntry("10.0.0.7", True)}      # overrides first and last
     reg = Registry()
     reg.connected = False                            # adopted before the registry answers
     agent, _, _ = make(datapath=dp, registry=reg)
@@ -308,6 +309,20 @@ def test_long_lists_in_status_stop_at_100():
     assert (st["rejected"], len(st["rejected_records"])) == (101, 100)
     assert sorted(st["rejected_records"])[-1] == "nodes/bad099"      # the first 100 by key
     assert len(st["excluded"]) == 101
+
+
+def test_ungranted_groups_in_status_stop_at_100():
+    class Granting(Registry):
+        def view(self):
+            nodes = {f"g{i:03d}": Node(f"g{i:03d}", "vpc", f"10.3.0.{i + 1}", f"198.19.3.{i + 1}",
+                                       f"192.168.3.{i + 1}", ("admin",)) for i in range(101)}
+            return RegistryView(nodes=nodes, grants={n: () for n in nodes})
+
+    agent, _, _ = make(registry=Granting())
+    agent.reconcile()
+    ungranted = agent.status()["ungranted"]
+    assert len(ungranted) == 100 and ungranted["g000"] == ["admin"]
+    assert len(agent.ungranted) == 102 and ("self", ("web",)) in agent.ungranted   # and this node's own
 
 
 def test_the_log_lines(caplog):
