@@ -198,3 +198,25 @@ def test_an_empty_config_file_is_the_defaults(tmp_path, monkeypatch):
     with pytest.raises(InvalidConfigError) as info:     # nothing: the network is missing
         load_config(str(p))
     assert info.value.path == "network"
+
+
+def test_every_config_class_is_frozen():
+    """DESIGN §7.6: config is typed and frozen."""
+    import dataclasses
+
+    import overlay.config as config_module
+
+    cfg = _cfg({"addresses": {"private": "10.0.0.1", "public": "198.18.0.1"},
+                "registry": {"auth": AUTH}, "controller": {"tls": TLS}})
+    disc = _cfg({"discovery": {"provider": "aws-imds"}}).discovery
+    grpc = _cfg({"registry": {"backend": "grpc", "controller": "c:1", "tls": TLS}}).registry
+    instances = [cfg, cfg.addresses, disc, cfg.registry.auth, grpc.tls, cfg.registry, cfg.controller.limits,
+                 cfg.controller, cfg.datapath.sizes, cfg.datapath.conntrack, cfg.datapath, cfg.filter, cfg.guard,
+                 cfg.throttle]
+    classes = {c for c in vars(config_module).values()
+               if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == "overlay.config"}
+    assert {type(i) for i in instances} == classes       # one instance of each
+    for inst in instances:
+        field = dataclasses.fields(inst)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(inst, field, None)
