@@ -141,6 +141,8 @@ def test_what_valid_sections_turn_into():
     assert (d.sizes.nat, d.sizes.peers, d.conntrack.frag_s, d.conntrack.udp_s) == (16, 65536, 120, 120)
     assert cfg.overlay_subnet == ipaddress.IPv4Network("192.168.0.0/18")
     assert cfg.controller is None and cfg.discovery is None
+    assert (r.options, d.options) == (None, None)                 # built-ins: no plugin options
+    assert (r.neti, cfg.addresses.private6) == (None, "fd00::1")
 
 
 def test_discovery_and_grpc_and_controller_sections():
@@ -155,8 +157,9 @@ def test_discovery_and_grpc_and_controller_sections():
     assert r.controller == ("c1:1", "c2:2")
     assert (r.tls.ca, r.tls.cert, r.tls.key, r.tls.server_name) == ("/c/ca.crt", "/c/n.crt", "/c/n.key", "ctl")
     imds = _cfg({"discovery": {"provider": "aws-imds"}}).discovery
-    assert (imds.interface, imds.public_interface, imds.endpoint, imds.timeout_s) == (
-        None, None, "http://169.254.169.254", 2.0)
+    assert (imds.interface, imds.public_interface, imds.endpoint, imds.timeout_s, imds.options) == (
+        None, None, "http://169.254.169.254", 2.0, None)
+    assert (d.options, r.options, r.auth, r.operator, r.neti) == (None, None, None, None, None)
     c = _cfg({"controller": {"tls": TLS, "listen": "0.0.0.0:0", "lease_s": 5, "window": 16,
                              "attest_public": ["ec2", "vpc", "ec2"],
                              "limits": {"max_concurrent_rpcs": 16, "watch_streams": 1, "register_rate": 0.5,
