@@ -516,25 +516,31 @@ def test_no_throttle_until_an_apply_went_through():
     assert len(sleeps) == 1
 
 
-def test_a_held_peer_keeps_its_identitys_policy_entries_on_the_feed_path():
-    """The guard holds a removal that arrives through the change feed: the peer's nat/rnat/peers
-    entries stay, and so do its identity's policy entries and name, although the event touched
-    no policy key."""
+def _web_to_db_on_a_feed(max_change: int):
+    """This node in db, two web peers (one identity), a policy from web to db, on a registry with
+    a change feed; the guard at ``max_change`` without settling."""
     from overlay.model import policy_from_dict
     from tests.support.feed import FeedRegistry
 
     reg = FeedRegistry()
-    web = [Node(f"w{i}", "ec2", f"10.0.1.{i}", f"198.18.1.{i}", f"192.168.1.{i}", ("web",)) for i in (1, 2)]
-    for n in web:
-        reg.nodes[n.node_id] = n
+    for i in (1, 2):
+        reg.nodes[f"w{i}"] = Node(f"w{i}", "ec2", f"10.0.1.{i}", f"198.18.1.{i}", f"192.168.1.{i}", ("web",))
     reg.policies = {"p": policy_from_dict({"v": 1, "from": {"group": "web"}, "to": {"group": "db"}, "proto": "tcp",
                                            "ports": [5432]}, "p")}
     me = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("db",))
     config = config_from_dict({"node_id": "self", "network": "ec2", "groups": ["db"],
                                "addresses": {"private": me.private, "public": me.public},
-                               "registry": {"backend": "static"}, "guard": {"max_change": 0, "settle_s": 0}})
+                               "registry": {"backend": "static"},
+                               "guard": {"max_change": max_change, "settle_s": 0}})
     dp = Datapath()
-    agent = Agent(config, reg, dp, me, clock=Clock(), sleep=lambda s: None, rng=random.Random(1))
+    return Agent(config, reg, dp, me, clock=Clock(), sleep=lambda s: None, rng=random.Random(1)), reg, dp
+
+
+def test_a_held_peer_keeps_its_identitys_policy_entries_on_the_feed_path():
+    """The guard holds a removal that arrives through the change feed: the peer's nat/rnat/peers
+    entries stay, and so do its identity's policy entries and name, although the event touched
+    no policy key."""
+    agent, reg, dp = _web_to_db_on_a_feed(max_change=0)
     agent.reconcile()
     policy_before = dict(dp.state["policy"])
     names_before = dict(dp.state["names"])
@@ -550,20 +556,7 @@ def test_a_held_peer_keeps_its_identitys_policy_entries_on_the_feed_path():
 def test_held_peers_identity_entries_go_once_the_hold_is_released():
     """Both web peers go at once (their identity with them), the guard holds it; the release
     deletes the identity's policy entries and name with the peers."""
-    from overlay.model import policy_from_dict
-    from tests.support.feed import FeedRegistry
-
-    reg = FeedRegistry()
-    for i in (1, 2):
-        reg.nodes[f"w{i}"] = Node(f"w{i}", "ec2", f"10.0.1.{i}", f"198.18.1.{i}", f"192.168.1.{i}", ("web",))
-    reg.policies = {"p": policy_from_dict({"v": 1, "from": {"group": "web"}, "to": {"group": "db"}, "proto": "tcp",
-                                           "ports": [5432]}, "p")}
-    me = Node("self", "ec2", "10.0.0.1", "198.18.0.1", "192.168.0.1", ("db",))
-    config = config_from_dict({"node_id": "self", "network": "ec2", "groups": ["db"],
-                               "addresses": {"private": me.private, "public": me.public},
-                               "registry": {"backend": "static"}, "guard": {"max_change": 1, "settle_s": 0}})
-    dp = Datapath()
-    agent = Agent(config, reg, dp, me, clock=Clock(), sleep=lambda s: None, rng=random.Random(1))
+    agent, reg, dp = _web_to_db_on_a_feed(max_change=1)
     agent.reconcile()
     web_ids = {key[1] for key, name in dp.state["names"].items() if key[0] == "identity" and name == "web"}
     assert len(web_ids) == 1 and any(key[0] in web_ids for key in dp.state["policy"])
