@@ -28,6 +28,10 @@ REFUSED = [
      "'sasl' is not one of: digest"),
     ("operator user with a colon", {"registry": {"operator": {"user": "a:b", "password": "p"}}},
      "registry.operator.user", "must not contain ':'"),
+    ("auth without user", {"registry": {"auth": {"password": "p"}}}, "registry.auth.user", "is required"),
+    ("addresses without private", {"addresses": {"public": "198.18.0.1"}}, "addresses.private", "is required"),
+    ("addresses without public", {"addresses": {"private": "10.0.0.1"}}, "addresses.public", "is required"),
+    ("discovery without provider", {"discovery": {"interface": "eth0"}}, "discovery.provider", "is required"),
     ("netlink without interface", {"discovery": {"provider": "netlink"}}, "discovery.interface",
      "is required for provider netlink"),
     ("addresses and discovery", {"addresses": {"private": "10.0.0.1", "public": "198.18.0.1"},
@@ -223,3 +227,8 @@ def test_every_config_class_is_frozen():
         field = dataclasses.fields(inst)[0].name
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(inst, field, None)
+
+
+def test_addresses_without_the_optional_ones():
+    a = _cfg({"addresses": {"private": "10.0.0.1", "public": "198.18.0.1"}}).addresses
+    assert (a.overlay, a.private6, a.public6) == (None, None, None)
