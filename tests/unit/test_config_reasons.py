@@ -232,3 +232,14 @@ def test_every_config_class_is_frozen():
 def test_addresses_without_the_optional_ones():
     a = _cfg({"addresses": {"private": "10.0.0.1", "public": "198.18.0.1"}}).addresses
     assert (a.overlay, a.private6, a.public6) == (None, None, None)
+
+
+def test_the_dataclass_defaults_that_code_builds_without_the_config():
+    """What ``datapath_location`` (no config file) and ``overlay.rpc.tls`` build: no plugin
+    options, no server name; an address set with only its two required addresses."""
+    from overlay.config import Addresses, DatapathConfig, TlsConfig
+
+    assert DatapathConfig().options is None
+    assert TlsConfig("a", "b", "c").server_name is None
+    a = Addresses("10.0.0.1", "198.18.0.1")
+    assert (a.overlay, a.private6, a.public6) == (None, None, None)
