@@ -1,10 +1,16 @@
-"""Fixtures of the whole suite: a real ZooKeeper (Debian's package).
+"""Fixtures of the whole suite: a real ZooKeeper (Debian's package); Hypothesis budgets.
 
 ``zk_server`` (session): one standalone server on a free loopback port with a fresh
 data dir, removed at the end, failures included. ``zk_prefix`` (function): a unique
 registry prefix per test, wiped afterwards. ``zk_client``: a raw kazoo client for
 setting up records by hand. ``registries``: a factory of ZooKeeperRegistry instances,
 all closed afterwards. Helpers are in tests/support.
+
+Hypothesis: every property test runs ``HYPOTHESIS_EXAMPLES[profile]`` examples unless it
+names its own count (a few do, with the reason beside it); no deadline (the machine is
+shared, a slow example is not a failure). The profile is ``overlay`` (``tests/unit`` must
+run in under 90 s as any user: docs/testing.md) or, for a longer search,
+``OVERLAY_HYPOTHESIS=deep``.
 """
 
 from __future__ import annotations
@@ -16,9 +22,16 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support.wait import free_port
 from tests.support.zk import ZK_JAR, wipe
+
+HYPOTHESIS_EXAMPLES = {"overlay": 100, "deep": 2000}
+for _name, _count in HYPOTHESIS_EXAMPLES.items():
+    settings.register_profile(_name, max_examples=_count, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("OVERLAY_HYPOTHESIS", "overlay"))
 
 
 def pytest_addoption(parser) -> None:

@@ -6,7 +6,7 @@ import copy
 import ipaddress
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.config import config_from_dict
@@ -16,7 +16,7 @@ from overlay.model import Node
 from overlay.ops import TABLES, NatEntry, Op, PeerEntry, empty_state
 from overlay.plan import plan
 
-N_PEERS = 10_000
+N_PEERS = 2_000   # exactness among many peers (the speed at 10k+ is measured in bench/)
 
 
 def _churn(before, after):
@@ -82,8 +82,8 @@ def test_one_added_peer_yields_exactly_its_three_puts(fleet):
 
 def test_one_removed_peer_yields_exactly_its_three_deletes(fleet):
     peers, before = fleet
-    gone = peers[4321]
-    after = plan(SELF, peers[:4321] + peers[4322:], CONFIG)
+    gone = peers[1321]
+    after = plan(SELF, peers[:1321] + peers[1322:], CONFIG)
     real = gone.real_address_from(SELF.network)
     ops = diff(after.tables, _observed(before))
     assert ops == [Op("nat", gone.overlay), Op("rnat", real), Op("peers", real)]
@@ -193,20 +193,22 @@ def test_missing_tables_count_as_empty():
 
 # --- property: apply_ops(observed, diff(desired, observed)) == desired -------------------
 
-_ips = st.integers(0, 255).map(lambda i: f"10.0.0.{i}")
-_overlays = st.integers(0, 255).map(lambda i: f"192.168.0.{i}")
+# Small key universes: keys of desired and observed overlap often, also in unrelated pairs
+# (a put over a different value, a delete beside a put: the cases that matter).
+_ips = st.integers(0, 31).map(lambda i: f"10.0.0.{i}")
+_overlays = st.integers(0, 31).map(lambda i: f"192.168.0.{i}")
 _values = {
-    "nat": st.dictionaries(_overlays, st.builds(NatEntry, _ips, st.booleans()), max_size=20),
-    "rnat": st.dictionaries(_ips, _overlays, max_size=20),
-    "peers": st.dictionaries(_ips, st.builds(PeerEntry, st.integers(0, 3), st.integers(0, 3)), max_size=20),
+    "nat": st.dictionaries(_overlays, st.builds(NatEntry, _ips, st.booleans()), max_size=8),
+    "rnat": st.dictionaries(_ips, _overlays, max_size=8),
+    "peers": st.dictionaries(_ips, st.builds(PeerEntry, st.integers(0, 3), st.integers(0, 3)), max_size=8),
     "ports": st.dictionaries(
-        st.tuples(st.integers(0, 1), st.integers(0, 1023)), st.integers(1, (1 << 64) - 1), max_size=10
+        st.tuples(st.integers(0, 1), st.integers(0, 15)), st.integers(1, (1 << 64) - 1), max_size=6
     ),
     "failsafe": st.dictionaries(st.sampled_from(["198.18.0.0/15", "10.0.0.0/8", "192.0.2.7/32"]), st.integers(1, 3)),
     "config": st.fixed_dictionaries({"reject_all": st.integers(0, 1), "mode": st.integers(0, 1)}),
     "policy": st.dictionaries(
         st.tuples(st.integers(1, 4), st.sampled_from([1, 6, 17]), st.integers(0, 3), st.integers(14, 16)),
-        st.integers(1, 3), max_size=10,
+        st.integers(1, 3), max_size=6,
     ),
     "cidr_ident": st.dictionaries(st.sampled_from(["10.0.0.0/8", "10.1.0.0/16"]), st.integers(1 << 31, (1 << 31) + 3)),
     "names": st.dictionaries(st.tuples(st.sampled_from(["policy", "identity"]), st.integers(1, 3)),
@@ -228,7 +230,6 @@ def related_states(draw):
     return desired, observed
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.tuples(states, states), related_states()))
 def test_apply_ops_of_diff_reaches_desired(pair):
     desired, observed = pair

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.abi import FS_ALL, FS_SSH, bitmap_ports, ports_bitmap
@@ -272,7 +272,6 @@ _specs = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
 @given(_specs)
 def test_bitmap_ports_inverts_ports_bitmap(specs):
     words = ports_bitmap(specs)
