@@ -52,7 +52,8 @@ TARGETS: dict[str, list[str]] = {
                           U + "test_plugins.py", U + "test_neti.py", *CONFIG_SLOW],
     "overlay/config_check.py": [U + "test_config_check.py", U + "test_config_table.py", U + "test_config.py",
                                 *CONFIG_SLOW],
-    "overlay/datapath/ebpf/codec.py": [U + "test_codec_table.py", U + "test_ebpf_maps_codec.py", NO_HYPOTHESIS],
+    "overlay/datapath/ebpf/codec.py": [U + "test_codec_table.py", U + "test_ebpf_bulk_codec.py", U + "test_ebpf_maps_codec.py",
+                                       NO_HYPOTHESIS],
     "overlay/datapath/iptables_rules.py": [U + "test_iptables_rules.py", U + "test_iptables_render.py", NO_HYPOTHESIS],
 }
 IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "dist", ".mutmut-cache", "__pycache__", "*.egg-info",
