@@ -11,13 +11,15 @@ import ipaddress
 
 import pytest
 
-from overlay.config import Config, config_from_dict
+from overlay.config import Config, config_from_dict, load_config
 from overlay.errors import InvalidConfigError
 
 BASE = {"node_id": "n1", "network": "ec2"}
 TLS = {"ca": "/c/ca.crt", "cert": "/c/n.crt", "key": "/c/n.key"}
 DIGEST = "ops:" + "A" * 27 + "="
 AUTH = {"user": "ops", "password": "pw"}
+# model.valid_name's rule, as docs/config.md states it for names
+NAME = "must be 1-253 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 # description, config (over BASE), key path, the whole reason
 REFUSED = [
@@ -68,6 +70,19 @@ REFUSED = [
      "translates 10.9.9.9 to itself"),
     ("throttle max below min", {"throttle": {"min_s": 5, "max_s": 4}}, "throttle.max_s",
      "must be at least min_s (5.0), got 4.0"),
+    ("tls without ca", {"registry": {"backend": "grpc", "controller": "c:1", "tls": {"cert": "b", "key": "k"}}},
+     "registry.tls.ca", "is required"),
+    ("tls without cert", {"registry": {"backend": "grpc", "controller": "c:1", "tls": {"ca": "a", "key": "k"}}},
+     "registry.tls.cert", "is required"),
+    ("bad node id", {"node_id": "-bad"}, "node_id", f"node_id '-bad' {NAME}"),
+    ("bad network", {"network": "-x"}, "network", f"network '-x' {NAME}"),
+    ("bad group", {"groups": ["web", "-g"]}, "groups[1]", f"group '-g' {NAME}"),
+    ("bad attested network", {"controller": {"tls": TLS, "attest_public": ["ec2", "-x"]}},
+     "controller.attest_public[1]", f"network '-x' {NAME}"),
+    ("node identity not a digest", {"registry": {"operator": AUTH, "node_identities": ["bad"]}},
+     "registry.node_identities[0]",
+     'expected a ZooKeeper digest id "user:<28 base64 characters>" (`overlay zk digest USER` prints one), got \'bad\''),
+    ("filter mode", {"filter": {"mode": "block"}}, "filter.mode", "'block' is not one of: enforce, audit"),
     ("no network", {"network": None}, "network",
      "is required: the address domain of this node (ec2, vpc, dc1...); peers in the same network are reached at "
      "their private address, others at their public one (discovery provider aws-imds can supply it)"),
@@ -243,3 +258,17 @@ def test_the_dataclass_defaults_that_code_builds_without_the_config():
     assert TlsConfig("a", "b", "c").server_name is None
     a = Addresses("10.0.0.1", "198.18.0.1")
     assert (a.overlay, a.private6, a.public6) == (None, None, None)
+
+
+def test_filter_mode_enforce_may_be_written_out():
+    assert _cfg({"filter": {"mode": "enforce"}}).filter.mode == "enforce"
+
+
+def test_an_empty_file_is_an_empty_config(tmp_path):
+    """An empty YAML file reads as {}: refused for what {} lacks (the network), not as a
+    file that is not a mapping."""
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(InvalidConfigError) as info:
+        load_config(str(path))
+    assert info.value.path == "network" and info.value.reason.startswith("is required: the address domain")
