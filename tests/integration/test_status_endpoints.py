@@ -29,7 +29,7 @@ import yaml
 
 from overlay.httpd import HEADER_TIMEOUT_S, MAX_CONNS
 from tests.support.paths import PYTHON, REPO
-from tests.support.wait import free_port, wait_for
+from tests.support.wait import free_port, stop_process, wait_for
 
 OVERLAY = [PYTHON, "-m", "overlay.cli"]
 SLOW_CLIENTS = 100
@@ -61,12 +61,7 @@ def daemon(tmp_path):
                  ignore=(OSError,))
         yield {"status": status, "metrics": metrics, "socket": str(sock), "run": str(run), "config": str(cfg)}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 15)
         log.close()
         gone = not os.path.exists(sock)
         shutil.rmtree(base, ignore_errors=True)

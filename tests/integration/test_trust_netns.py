@@ -25,7 +25,7 @@ import yaml
 from overlay.controller import certs as certlib
 from tests.support.netns import NetnsSet, new_pin_root, require_bcc, veth
 from tests.support.paths import PYTHON, REPO
-from tests.support.wait import wait_for
+from tests.support.wait import stop_process, wait_for
 
 pytestmark = [pytest.mark.zk, pytest.mark.root]
 
@@ -112,13 +112,7 @@ def world():
         yield {"ns": ns, "certs": certs, "operator": operator, "pin_root": pin_root}
     finally:
         for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            stop_process(p, 20)
         if zk is not None:
             zk.stop()
         make.close()
