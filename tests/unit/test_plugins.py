@@ -253,6 +253,19 @@ def test_an_address_provider_plugin_validates_its_section_with_a_function_attrib
     assert err.reason.startswith("'nope' is not one of the available address providers: aws-imds, gce, netlink, static")
 
 
+@pytest.mark.parametrize("group, kind, obj", [
+    ("overlay.registries", "registry backend", {"registry": {"backend": "x"}}),
+    ("overlay.datapaths", "datapath backend", {"datapath": {"backend": "x"}}),
+    ("overlay.providers", "address provider", {"discovery": {"provider": "x"}}),
+])
+def test_a_listed_plugin_that_cannot_load_is_an_error_at_its_own_key(installed, group, kind, obj):
+    installed(group, EP("x", ImportError("No module named 'x_sdk'"), "x_plugin:X"))
+    err = bad({"node_id": "a", "network": "lab", "addresses": {"private": "10.0.0.1", "public": "198.18.0.1"}, **obj})
+    section, = obj
+    key, = obj[section]
+    assert (err.path, err.reason) == (f"{section}.{key}", f"{kind} 'x' (x_plugin:X) failed to load: No module named 'x_sdk'")
+
+
 # --- overlay plugins -------------------------------------------------------------------------------
 
 
