@@ -44,9 +44,11 @@ bench-quick:
 
 # Mutation testing of the pure core (docs/testing.md): not part of `make test` (an hour or
 # more); FILES="overlay/guard.py ..." picks targets, MUTATE_FLAGS=--resume tests only the last
-# run's survivors again. Scores go to build/mutate/results.json.
+# run's survivors again, MUTATE_JOBS (default 2, one per core) files run at once. Scores go to
+# build/mutate/results.json.
+MUTATE_JOBS ?= 2
 mutate: setup
-	@$(PY) scripts/mutate.py $(MUTATE_FLAGS) $(FILES)
+	@$(PY) scripts/mutate.py --jobs $(MUTATE_JOBS) $(MUTATE_FLAGS) $(FILES)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -10,13 +10,15 @@ and prints the score table (``--markdown`` for docs/testing.md).
     .venv/bin/python scripts/mutate.py                 # every target, one after another
     .venv/bin/python scripts/mutate.py overlay/guard.py
     .venv/bin/python scripts/mutate.py --report        # the table of the last runs
+    .venv/bin/python scripts/mutate.py --jobs 2        # two files at a time (make mutate's default)
 
-Runs with ``nice -n 19`` and one test process at a time: it is CPU-heavy (minutes per file).
+Runs with ``nice -n 19`` and one test process per job (``--jobs``): it is CPU-heavy (minutes per file).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -24,6 +26,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "build", "mutate")
@@ -254,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="test only the last run's survivors again, with the tests as they are now")
     ap.add_argument("--collect", action="store_true",
                     help="read the counts of a run left in build/mutate/ (its mutmut cache), run nothing")
+    ap.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="files run at once, each in its own copy of the tree (default 1; one per core)")
     args = ap.parse_args(argv)
     unknown = [f for f in args.files if f not in TARGETS]
     if unknown:
@@ -262,24 +267,36 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(OUT, exist_ok=True)
     results = load_results()
     if not args.report:
-        for path in args.files or list(TARGETS):
+        lock = threading.Lock()
+
+        def one(path: str) -> None:
             print(f"==> mutate {path} ({' '.join(TARGETS[path])})", flush=True)
             if args.collect:
-                results[path] = collect(path, _commit(), datetime.datetime.now(datetime.UTC))
+                result = collect(path, _commit(), datetime.datetime.now(datetime.UTC))
             elif args.survivors:
-                if path not in results:
-                    print(f"mutate: no run of {path} to take the survivors from", file=sys.stderr)
-                    return 2
-                results[path] = rerun_survivors(path, results[path])
+                result = rerun_survivors(path, results[path])
             elif args.resume:
                 # mutmut 2's cache looks a mutant up by its line's text: of two identical lines only
                 # the first is tested again, so every survivor is tested once more by itself
-                results[path] = rerun_survivors(path, run_one(path, resume=True))
+                result = rerun_survivors(path, run_one(path, resume=True))
             else:
-                results[path] = run_one(path)
-            with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as fh:
-                json.dump(results, fh, indent=1)
-            print(table({path: results[path]}, False), flush=True)
+                result = run_one(path)
+            with lock:  # each file's result is kept as soon as it is known, whatever runs beside it
+                results[path] = result
+                with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as fh:
+                    json.dump(results, fh, indent=1)
+                print(table({path: result}, False), flush=True)
+
+        paths = args.files or list(TARGETS)
+        missing = [p for p in paths if args.survivors and p not in results]
+        if missing:
+            print(f"mutate: no run of {', '.join(missing)} to take the survivors from", file=sys.stderr)
+            return 2
+        # the longest files first (the last full runs' mutant counts), so that the jobs end together
+        paths.sort(key=lambda p: -results.get(p, {}).get("mutants", 0))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for fut in [pool.submit(one, p) for p in paths]:
+                fut.result()   # a failure of one file's run is raised here, after the others
     print(table(results, args.markdown))
     return 0
 
