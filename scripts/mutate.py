@@ -59,6 +59,10 @@ TARGETS: dict[str, list[str]] = {
                                        NO_HYPOTHESIS],
     "overlay/datapath/iptables_rules.py": [U + "test_iptables_rules.py", U + "test_iptables_render.py", NO_HYPOTHESIS],
 }
+# Minutes of each file's last full run (docs/testing.md, under load): the order of a --jobs run.
+MINUTES = {"overlay/datapath/iptables_rules.py": 59, "overlay/model.py": 39, "overlay/policy.py": 34,
+           "overlay/config.py": 32, "overlay/guard.py": 23, "overlay/agent.py": 20, "overlay/config_check.py": 13,
+           "overlay/plan.py": 11, "overlay/datapath/ebpf/codec.py": 9, "overlay/diff.py": 3}
 IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "dist", ".mutmut-cache", "__pycache__", "*.egg-info",
                                 ".pytest_cache", ".ruff_cache", ".hypothesis", "vagrant")
 
@@ -292,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"mutate: no run of {', '.join(missing)} to take the survivors from", file=sys.stderr)
             return 2
-        # the longest files first (the last full runs' mutant counts), so that the jobs end together
-        paths.sort(key=lambda p: -results.get(p, {}).get("mutants", 0))
+        # the longest first (the last run's time here, else MINUTES), so that the jobs end together
+        paths.sort(key=lambda p: -(results.get(p, {}).get("seconds") or 60 * MINUTES.get(p, 10)))
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for fut in [pool.submit(one, p) for p in paths]:
                 fut.result()   # a failure of one file's run is raised here, after the others
