@@ -124,8 +124,8 @@ def _precompile(work: str) -> None:
 
 def run_one(path: str, resume: bool = False) -> dict:
     """One mutmut run of ``path`` in a copy of the tree. ``resume``: keep the last run's cache,
-    so its killed mutants stay killed (also slow and timed-out kills) and mutmut tests the
-    others again against the current tests."""
+    so its killed mutants stay killed (also slow kills) and mutmut tests the others again
+    against the current tests."""
     name, work = _work(path)
     cache = os.path.join(work, ".mutmut-cache")
     kept = os.path.join(OUT, f"{name}.mutmut-cache")
@@ -136,7 +136,8 @@ def run_one(path: str, resume: bool = False) -> dict:
     if resume and os.path.exists(kept):
         shutil.move(kept, cache)
         with sqlite3.connect(cache) as db:
-            db.execute("UPDATE Mutant SET status = 'ok_killed' WHERE status IN ('ok_suspicious', 'bad_timeout')")
+            # a slow kill stays killed; a time-out is tested again (a niced run under load can time out)
+            db.execute("UPDATE Mutant SET status = 'ok_killed' WHERE status = 'ok_suspicious'")
     _precompile(work)
     started = datetime.datetime.now(datetime.UTC)
     commit = _commit()   # the tree copied above
@@ -145,28 +146,36 @@ def run_one(path: str, resume: bool = False) -> dict:
         subprocess.run(["nice", "-n", "19", os.path.join(VENV_BIN, "mutmut"), "run", "--paths-to-mutate", path,
                         "--runner", _runner(path), "--tests-dir", "tests/unit", "--no-progress", "--simple-output"],
                        cwd=work, stdout=fh, stderr=subprocess.STDOUT, env=_env(work))
-    result = collect(path, commit, started)
+    result = retest_timeouts(path, collect(path, commit, started))
     result["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds())
     return result
 
 
 def collect(path: str, commit: str, started: datetime.datetime) -> dict:
-    """The counts of the run in ``path``'s work directory (mutmut's cache)."""
+    """The counts of the run in ``path``'s work directory (mutmut's cache). A mutant mutmut
+    timed out (its tests ran over 10x the unmutated run's time) is not counted as killed:
+    under load a niced test run can take that long and still pass, so each one is listed in
+    ``timeouts`` for :func:`retest_timeouts` to run again by itself."""
     _name, work = _work(path)
     kinds = {k: _ids(work, k) for k in ("killed", "survived", "timeout", "suspicious", "skipped")}
-    survived = []
-    for mid in kinds["survived"]:
-        diff = subprocess.run([os.path.join(VENV_BIN, "mutmut"), "show", str(mid)], cwd=work,
-                              capture_output=True, text=True).stdout
-        orig, mut = _diff_lines(diff)
-        survived.append({"id": mid, "original": orig, "mutated": mut})
-    killed = len(kinds["killed"]) + len(kinds["timeout"]) + len(kinds["suspicious"])
-    return _score({"file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-                   "commit": commit, "seconds": None}, killed, survived)
+    survived = [_mutant(work, mid) for mid in kinds["survived"]]
+    killed = len(kinds["killed"]) + len(kinds["suspicious"])   # suspicious: failed, only slowly
+    out = _score({"file": path, "tests": TARGETS[path], "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+                  "commit": commit, "seconds": None}, killed, survived)
+    out["timeouts"] = [_mutant(work, mid) for mid in kinds["timeout"]]
+    return out
+
+
+def _mutant(work: str, mid: int) -> dict:
+    diff = subprocess.run([os.path.join(VENV_BIN, "mutmut"), "show", str(mid)], cwd=work,
+                          capture_output=True, text=True).stdout
+    orig, mut = _diff_lines(diff)
+    return {"id": mid, "original": orig, "mutated": mut}
 
 
 def _score(result: dict, killed: int, survived: list[dict]) -> dict:
-    """``result`` with the counts: ``survived`` split into the reviewed equivalents and the rest."""
+    """``result`` with the counts: ``survived`` split into the reviewed equivalents and the rest
+    (``timeouts`` not tested to the end yet are in neither count)."""
     known = {(o, m): why for o, m, why in equivalents().get(result["file"], [])}
     survivors = [s for s in survived if (s["original"], s["mutated"]) not in known]
     equivalent = [s for s in survived if (s["original"], s["mutated"]) in known]
@@ -178,43 +187,65 @@ def _score(result: dict, killed: int, survived: list[dict]) -> dict:
     }
 
 
-def rerun_survivors(path: str, result: dict) -> dict:
-    """Test the survivors (and the equivalents) of the last run of ``path`` again, with the tests
-    of the tree now (copied into the work directory): one mutant applied at a time, the test
-    command run under ``nice -n 19``, the file restored. Far cheaper than a whole run after
-    adding the tests that kill a few survivors."""
+def _alive(path: str, mutants: list[dict]) -> list[dict]:
+    """Of ``mutants`` (mutmut ids of ``path``), the ones its tests pass with: each applied by
+    itself in the work directory, the test command run under ``nice -n 19`` (up to 15 min:
+    longer counts as killed, as a hung test would), the file restored after each."""
     _name, work = _work(path)
-    shutil.rmtree(os.path.join(work, "tests"))
-    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(work, "tests"), ignore=IGNORE)
     src = os.path.join(work, path)
     with open(src, encoding="utf-8") as fh:
         original = fh.read()
     _precompile(work)
+
     def passes() -> bool:
         try:
             return subprocess.run(["nice", "-n", "19", *_runner(path).split()], cwd=work, env=_env(work),
                                   capture_output=True, timeout=900).returncode == 0
         except subprocess.TimeoutExpired:
-            return False    # as mutmut counts a time-out: killed
+            return False
 
     if not passes():    # the unmutated file must pass, or every "kill" below would be a lie
         sys.exit(f"mutate: the tests fail on the unmutated {path} in {work}: fix them first")
-    still, killed_now = [], 0
-    for s in [*result["survivors"], *result["equivalents"]]:
-        subprocess.run([os.path.join(VENV_BIN, "mutmut"), "apply", str(s["id"])], cwd=work, check=True,
+    alive = []
+    for m in mutants:
+        subprocess.run([os.path.join(VENV_BIN, "mutmut"), "apply", str(m["id"])], cwd=work, check=True,
                        capture_output=True)
         try:
-            alive = passes()
+            if passes():
+                alive.append(m)
         finally:
             with open(src, "w", encoding="utf-8") as fh:
                 fh.write(original)
-        if alive:
-            still.append(s)
-        else:
-            killed_now += 1
+    return alive
+
+
+def retest_timeouts(path: str, result: dict) -> dict:
+    """``result`` with its ``timeouts`` run again one at a time with a generous limit: a mutant
+    whose tests fail is killed, one whose tests pass is a survivor (or a listed equivalent)."""
+    timeouts = result.get("timeouts") or []
+    if not timeouts:
+        return result | {"timeouts": []}
+    alive = _alive(path, timeouts)
+    killed_now = len(timeouts) - len(alive)
+    out = _score(result, result["killed"] + killed_now, [*result["survivors"], *result["equivalents"], *alive])
+    out["timeouts"] = []
+    out["timeouts_retested"] = f"{len(timeouts)} timed out under load, tested again by themselves: {killed_now} killed"
+    return out
+
+
+def rerun_survivors(path: str, result: dict) -> dict:
+    """Test the survivors (and the equivalents) of the last run of ``path`` again, with the tests
+    of the tree now (copied into the work directory): one mutant applied at a time. Far cheaper
+    than a whole run after adding the tests that kill a few survivors."""
+    _name, work = _work(path)
+    shutil.rmtree(os.path.join(work, "tests"))
+    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(work, "tests"), ignore=IGNORE)
+    tested = [*result["survivors"], *result["equivalents"]]
+    still = _alive(path, tested)
+    killed_now = len(tested) - len(still)
     out = _score(result, result["killed"] + killed_now, still)
     out["rerun"] = (f"{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}, {_commit()}: "
-                    f"{killed_now} of the {len(result['survivors']) + len(result['equivalents'])} survivors killed")
+                    f"{killed_now} of the {len(tested)} survivors killed")
     return out
 
 
@@ -263,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="read the counts of a run left in build/mutate/ (its mutmut cache), run nothing")
     ap.add_argument("--jobs", type=int, default=1, metavar="N",
                     help="files run at once, each in its own copy of the tree (default 1; one per core)")
+    ap.add_argument("--timeouts", action="store_true",
+                    help="the last run of each file again from its mutmut cache, its time-outs tested by themselves")
     args = ap.parse_args(argv)
     unknown = [f for f in args.files if f not in TARGETS]
     if unknown:
@@ -276,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         def one(path: str) -> None:
             print(f"==> mutate {path} ({' '.join(TARGETS[path])})", flush=True)
             if args.collect:
-                result = collect(path, _commit(), datetime.datetime.now(datetime.UTC))
+                result = retest_timeouts(path, collect(path, _commit(), datetime.datetime.now(datetime.UTC)))
+            elif args.timeouts:   # a run of an older mutate.py counted mutmut's time-outs as kills
+                last = results[path]
+                result = collect(path, last["commit"], datetime.datetime.now(datetime.UTC))
+                result = retest_timeouts(path, result | {"date": last["date"], "seconds": last["seconds"]})
             elif args.survivors:
                 result = rerun_survivors(path, results[path])
             elif args.resume:
@@ -292,9 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(table({path: result}, False), flush=True)
 
         paths = args.files or list(TARGETS)
-        missing = [p for p in paths if args.survivors and p not in results]
+        missing = [p for p in paths if (args.survivors or args.timeouts) and p not in results]
         if missing:
-            print(f"mutate: no run of {', '.join(missing)} to take the survivors from", file=sys.stderr)
+            print(f"mutate: no run of {', '.join(missing)} to read", file=sys.stderr)
             return 2
         # the longest first (the last run's time here, else MINUTES), so that the jobs end together
         paths.sort(key=lambda p: -(results.get(p, {}).get("seconds") or 60 * MINUTES.get(p, 10)))
