@@ -111,7 +111,7 @@ class RegistryServicer:
         self._registers = TokenBuckets(self.limits.register_rate, self.limits.register_burst)
         self._watches = StreamCounter(self.limits.watch_streams)
         self.refused = {"watch": 0, "register": 0}    # RESOURCE_EXHAUSTED answers, by limit
-        self._deltas = DeltaCache(self._delta)
+        self.deltas = DeltaCache(self._delta)
 
     def failure(self, method: str, exc: Exception) -> tuple[grpc.StatusCode, str, tuple]:
         """``(code, details, trailing metadata)`` for an error leaving ``method``."""
@@ -404,7 +404,7 @@ class RegistryServicer:
         serialized delta of its revision when another stream built it (:class:`DeltaCache`);
         a stream at the head sleeps without asking the store (:meth:`Hub.sleep`; the check
         and the sleep are in one step of the loop, so no change is missed)."""
-        pb2, store, hub, cache = self.pb2, self.store, self.hub, self._deltas
+        pb2, store, hub, cache = self.pb2, self.store, self.hub, self.deltas
         loop = asyncio.get_running_loop()
         ahead_until: float | None = None
         sent_any = False
