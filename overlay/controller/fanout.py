@@ -22,6 +22,7 @@ import grpc
 
 SWEEP_S = 0.25          # how often timed-out waiters are woken (the precision of Hub.sleep)
 CACHE_SIZE = 64         # delta messages kept (the current epoch only)
+CACHE_BYTES = 16 << 20  # and their bytes at most; a message over 1/16 of it is not kept
 
 
 class Hub:
@@ -90,16 +91,19 @@ class Hub:
 class DeltaCache:
     """Serialized delta messages by (base, revision) of one epoch, built by ``build(plan)``.
 
-    Bounded (``size``, the oldest goes first) and emptied when a plan of another epoch
-    arrives: revisions of different epochs are not comparable. A cached message is the
-    delta from its base to its revision whatever the journal did since, so any stream at
-    that base may be sent it."""
+    Bounded (``size`` messages and ``max_bytes``, the oldest goes first; a message over
+    1/16 of ``max_bytes``, such as a slow stream's coalesced delta, is built for its stream
+    and not kept) and emptied when a plan of another epoch arrives: revisions of different
+    epochs are not comparable. A cached message is the delta from its base to its revision
+    whatever the journal did since, so any stream at that base may be sent it."""
 
-    def __init__(self, build: Callable, size: int = CACHE_SIZE):
+    def __init__(self, build: Callable, size: int = CACHE_SIZE, max_bytes: int = CACHE_BYTES):
         self._build = build
         self._size = max(1, size)
+        self._max_bytes = max_bytes
         self._epoch: str | None = None
         self._msgs: dict[tuple[int, int], bytes] = {}
+        self.bytes = 0
         self.built = 0
 
     def __len__(self) -> int:
@@ -113,15 +117,18 @@ class DeltaCache:
         """The message of a delta ``plan`` (:class:`~overlay.controller.journal.Plan`), built once."""
         if plan.epoch != self._epoch:
             self._msgs.clear()
+            self.bytes = 0
             self._epoch = plan.epoch
         key = (plan.base, plan.revision)
         msg = self._msgs.get(key)
         if msg is None:
             msg = self._build(plan)
             self.built += 1
-            if len(self._msgs) >= self._size:
-                del self._msgs[next(iter(self._msgs))]
-            self._msgs[key] = msg
+            if len(msg) * 16 <= self._max_bytes:
+                while self._msgs and (len(self._msgs) >= self._size or self.bytes + len(msg) > self._max_bytes):
+                    self.bytes -= len(self._msgs.pop(next(iter(self._msgs))))
+                self._msgs[key] = msg
+                self.bytes += len(msg)
         return msg
 
 

@@ -62,6 +62,21 @@ def test_the_cache_is_bounded_and_drops_the_oldest_first():
     assert cache.get(_delta("e", 0, 1)) == b"e:0->1:1" and cache.built == 6   # built again when asked
 
 
+def test_the_cache_is_bounded_in_bytes_and_keeps_no_oversized_message():
+    cache = DeltaCache(lambda p: b"x" * (10 * len(p.items)), size=100, max_bytes=320)
+    assert len(cache.get(_delta("e", 0, 2))) == 20 and cache.bytes == 20      # 20 * 16 <= 320: kept
+    assert len(cache.get(_delta("e", 0, 3))) == 30 and cache.bytes == 20      # 30 * 16 > 320: sent, not kept
+    assert cache.peek("e", 0, 3) is None and cache.peek("e", 0, 2) is not None
+    for r in range(3, 43):   # 40 x 10 bytes: the oldest go once 320 bytes would be passed
+        cache.get(_delta("e", r - 1, r))
+    assert cache.bytes == 320 and len(cache) == 32
+    # kept: the last 32 of the 40 (revisions 11..42); gone: the 20-byte one and 3..10
+    assert cache.peek("e", 0, 2) is None and cache.peek("e", 9, 10) is None
+    assert cache.peek("e", 10, 11) is not None and cache.peek("e", 41, 42) is not None
+    cache.get(_delta("f", 0, 1))
+    assert cache.bytes == 10 and len(cache) == 1
+
+
 # --- Hub --------------------------------------------------------------------------------------
 
 
