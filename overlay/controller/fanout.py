@@ -32,6 +32,7 @@ class Hub:
         self._loop = loop
         self._fut: asyncio.Future = loop.create_future()
         self._waiters: dict[asyncio.Future, float] = {}    # waiter -> deadline (loop time)
+        self._earliest = float("inf")                       # no deadline of a waiter is earlier
         self._sweeper: asyncio.TimerHandle | None = None
 
     def fire_threadsafe(self) -> None:
@@ -46,6 +47,7 @@ class Hub:
         if not fut.done():
             fut.set_result(None)
         waiters, self._waiters = self._waiters, {}
+        self._earliest = float("inf")
         for w in waiters:
             if not w.done():
                 w.set_result(None)
@@ -67,7 +69,8 @@ class Hub:
         A change that happened before this call (in an earlier step of the loop) does not
         count: check the store and call this in the same step, as a Watch stream does."""
         w = self._loop.create_future()
-        self._waiters[w] = self._loop.time() + timeout
+        deadline = self._waiters[w] = self._loop.time() + timeout
+        self._earliest = min(self._earliest, deadline)
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(SWEEP_S, self._sweep)
         try:
@@ -80,11 +83,15 @@ class Hub:
 
     def _sweep(self) -> None:
         now = self._loop.time()
-        for w, deadline in list(self._waiters.items()):
-            if deadline <= now:
-                del self._waiters[w]
-                if not w.done():
-                    w.set_result(None)
+        if self._earliest <= now:     # else nobody is due: no scan
+            self._earliest = float("inf")
+            for w, deadline in list(self._waiters.items()):
+                if deadline <= now:
+                    del self._waiters[w]
+                    if not w.done():
+                        w.set_result(None)
+                else:
+                    self._earliest = min(self._earliest, deadline)
         self._sweeper = self._loop.call_later(SWEEP_S, self._sweep) if self._waiters else None
 
 

@@ -91,14 +91,17 @@ def test_a_change_wakes_every_sleeper_and_a_timeout_wakes_only_its_own():
             woke.append(name)
 
         short = asyncio.create_task(sleeper("short", 0.05))
+        mid = asyncio.create_task(sleeper("mid", 0.6))
         longs = [asyncio.create_task(sleeper(f"long{i}", 60.0)) for i in range(3)]
         await asyncio.sleep(0)
-        assert hub.sleeping() == 4
+        assert hub.sleeping() == 5
         await asyncio.wait_for(short, 5)     # within SWEEP_S of its timeout
-        assert woke == ["short"] and hub.sleeping() == 3
+        assert woke == ["short"] and hub.sleeping() == 4
+        await asyncio.wait_for(mid, 5)       # the next deadline is remembered after a sweep
+        assert woke == ["short", "mid"] and hub.sleeping() == 3
         hub.fire_threadsafe()                # as the store's worker thread calls it
         await asyncio.wait_for(asyncio.gather(*longs), 5)
-        assert sorted(woke) == ["long0", "long1", "long2", "short"] and hub.sleeping() == 0
+        assert sorted(woke) == ["long0", "long1", "long2", "mid", "short"] and hub.sleeping() == 0
 
     asyncio.run(main())
 
