@@ -140,6 +140,11 @@ class Journal:
         with self.lock:
             return list(self._log)
 
+    def position(self) -> tuple[str, int] | None:
+        """``(epoch, head)`` without the lock, None before the journal is loaded: a hint
+        (the two may be from either side of a concurrent advance, which notifies after)."""
+        return (self.epoch, self.head) if self.loaded else None
+
     def read_since(self, revision: int, epoch: str, coalesce_after: int, fresh: bool = False) -> Plan | None:
         """What a Watch client at ``revision`` (of ``epoch``) needs next; None before the journal is loaded.
 

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from overlay.config import Config
-from overlay.controller.servicer import Hub, RegistryServicer
+from overlay.controller.fanout import Hub, add_to_server
+from overlay.controller.servicer import RegistryServicer
 from overlay.controller.store import Store
 from overlay.errors import InvalidConfigError, OverlayError
 from overlay.rpc.proto import SERVICE, modules
@@ -108,7 +109,7 @@ class Controller:
         from grpc_health.v1._async import HealthServicer
         from grpc_reflection.v1alpha import reflection
 
-        pb2, pb2_grpc = modules()
+        pb2, _ = modules()
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stopping = asyncio.Event()
@@ -119,7 +120,7 @@ class Controller:
         server = grpc.aio.server(options=list(self._options), maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
         self.servicer = RegistryServicer(self.store, self.config.overlay_subnet, hub, self._executor,
                                          limits=limits, attest_public=self.ctl.attest_public)
-        pb2_grpc.add_RegistryServicer_to_server(self.servicer, server)
+        add_to_server(pb2, self.servicer, server, SERVICE)   # Watch may yield serialized messages
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         names = (pb2.DESCRIPTOR.services_by_name["Registry"].full_name,

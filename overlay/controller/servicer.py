@@ -31,6 +31,7 @@ import grpc
 from overlay import addr
 from overlay.config import ControllerLimits
 from overlay.controller.certs import Identity, identity_of
+from overlay.controller.fanout import DeltaCache, Hub
 from overlay.controller.limits import StreamCounter, TokenBuckets, retry_after_ms
 from overlay.controller.store import Plan, Store
 from overlay.errors import (
@@ -57,36 +58,6 @@ SNAPSHOT_CHUNK = 500          # items per snapshot message
 COALESCE_AFTER = 1024         # a stream this many revisions behind gets one coalesced delta
 AHEAD_WAIT_S = 5.0            # a client ahead of this replica waits this long for it to catch up
 IDLE_WAKE_S = 30.0
-
-class Hub:
-    """Wakes Watch coroutines when the store changed (called from any thread)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._fut: asyncio.Future = loop.create_future()
-
-    def fire_threadsafe(self) -> None:
-        if not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(self._fire)
-            except RuntimeError:  # loop closing
-                pass
-
-    def _fire(self) -> None:
-        fut, self._fut = self._fut, self._loop.create_future()
-        if not fut.done():
-            fut.set_result(None)
-
-    def future(self) -> asyncio.Future:
-        return self._fut
-
-    @staticmethod
-    async def wait(fut: asyncio.Future, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            pass
-
 
 def _rpc(method: Callable) -> Callable:
     """Map errors to status codes: an error we meant keeps its message; one that describes
@@ -140,6 +111,7 @@ class RegistryServicer:
         self._registers = TokenBuckets(self.limits.register_rate, self.limits.register_burst)
         self._watches = StreamCounter(self.limits.watch_streams)
         self.refused = {"watch": 0, "register": 0}    # RESOURCE_EXHAUSTED answers, by limit
+        self.deltas = DeltaCache(self._delta)
 
     def failure(self, method: str, exc: Exception) -> tuple[grpc.StatusCode, str, tuple]:
         """``(code, details, trailing metadata)`` for an error leaving ``method``."""
@@ -397,19 +369,7 @@ class RegistryServicer:
     # --- Watch ------------------------------------------------------------------------------
 
     async def Watch(self, request, context):
-        try:
-            ident = self._identity(context)
-        except PermissionDenied as exc:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        key = str(ident)
-        if not self._watches.acquire(key):
-            self.refused["watch"] += 1
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{ident} has {self.limits.watch_streams} Watch streams open already "
-                f"(controller.limits.watch_streams); retry in {WATCH_RETRY_S:g} s",
-                trailing_metadata=((RETRY_PUSHBACK, str(retry_after_ms(WATCH_RETRY_S))),))
-        holder = ident.name if ident.role == "node" else None
+        key, holder = await self._admit_watch(context)
         try:
             if holder is not None:
                 self.store.stream_opened(holder)
@@ -422,25 +382,55 @@ class RegistryServicer:
         finally:
             self._watches.release(key)
 
+    async def _admit_watch(self, context) -> tuple[str, str | None]:
+        """``(key of the stream limit, node holding a lease through the stream or None)``;
+        aborts the call (PERMISSION_DENIED, RESOURCE_EXHAUSTED) otherwise."""
+        try:
+            ident = self._identity(context)
+        except PermissionDenied as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        key = str(ident)
+        if not self._watches.acquire(key):
+            self.refused["watch"] += 1
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{ident} has {self.limits.watch_streams} Watch streams open already "
+                f"(controller.limits.watch_streams); retry in {WATCH_RETRY_S:g} s",
+                trailing_metadata=((RETRY_PUSHBACK, str(retry_after_ms(WATCH_RETRY_S))),))
+        return key, ident.name if ident.role == "node" else None
+
     async def _stream(self, revision: int, epoch: str):
-        pb2 = self.pb2
+        """The messages of one stream. A stream behind the head is sent the shared, already
+        serialized delta of its revision when another stream built it (:class:`DeltaCache`);
+        a stream at the head sleeps without asking the store (:meth:`Hub.sleep`; the check
+        and the sleep are in one step of the loop, so no change is missed)."""
+        pb2, store, hub, cache = self.pb2, self.store, self.hub, self.deltas
         loop = asyncio.get_running_loop()
         ahead_until: float | None = None
         sent_any = False
         fresh = revision == 0   # 0: the client has nothing yet
         while True:
-            fut = self.hub.future()
-            plan = self.store.read_since(revision, epoch, COALESCE_AFTER, fresh)
+            pos = store.position()
+            if sent_any and pos is not None and pos[0] == epoch:
+                if pos[1] == revision:
+                    await hub.sleep(IDLE_WAKE_S)
+                    continue
+                msg = cache.peek(epoch, revision, pos[1])
+                if msg is not None:
+                    yield msg
+                    revision = pos[1]
+                    continue
+            plan = store.read_since(revision, epoch, COALESCE_AFTER, fresh)
             if plan is None:
-                await self.hub.wait(fut, 1.0)
+                await hub.sleep(1.0)
                 continue
             if plan.kind == "ahead":
                 # resumed on a replica that has not read as far as the client has: give it a moment
                 ahead_until = ahead_until or loop.time() + AHEAD_WAIT_S
                 if loop.time() < ahead_until:
-                    await self.hub.wait(fut, max(0.0, ahead_until - loop.time()))
+                    await hub.sleep(max(0.0, ahead_until - loop.time()))
                     continue
-                plan = self.store.read_since(0, "", COALESCE_AFTER, fresh=True)
+                plan = store.read_since(0, "", COALESCE_AFTER, fresh=True)
                 plan = Plan("snapshot", plan.epoch, plan.revision, items=plan.items, reset=True)
             ahead_until = None
             if plan.kind == "snapshot":
@@ -448,17 +438,22 @@ class RegistryServicer:
                     yield msg
                 revision, epoch, sent_any, fresh = plan.revision, plan.epoch, True, False
             elif plan.kind == "delta":
-                yield pb2.WatchResponse(
-                    kind=pb2.WatchResponse.DELTA, epoch=plan.epoch, revision=plan.revision,
-                    base_revision=plan.base, coalesced=plan.coalesced,
-                    changes=[convert.change_to_pb(pb2, r, k, v) for r, k, v in plan.items])
+                yield cache.get(plan)
                 revision, epoch, sent_any = plan.revision, plan.epoch, True
-            else:  # current
-                if not sent_any:  # tell a resuming client it is live and up to date
-                    yield pb2.WatchResponse(kind=pb2.WatchResponse.DELTA, epoch=plan.epoch,
-                                            revision=plan.revision, base_revision=plan.revision)
-                    epoch, sent_any = plan.epoch, True
-                await self.hub.wait(fut, IDLE_WAKE_S)
+            elif not sent_any:  # current: tell a resuming client it is live and up to date
+                yield pb2.WatchResponse(kind=pb2.WatchResponse.DELTA, epoch=plan.epoch,
+                                        revision=plan.revision, base_revision=plan.revision)
+                epoch, sent_any = plan.epoch, True
+            else:
+                await hub.sleep(IDLE_WAKE_S)
+
+    def _delta(self, plan: Plan) -> bytes:
+        """The serialized ``WatchResponse`` of a delta plan (built once, :class:`DeltaCache`)."""
+        pb2 = self.pb2
+        return pb2.WatchResponse(
+            kind=pb2.WatchResponse.DELTA, epoch=plan.epoch, revision=plan.revision,
+            base_revision=plan.base, coalesced=plan.coalesced,
+            changes=[convert.change_to_pb(pb2, r, k, v) for r, k, v in plan.items]).SerializeToString()
 
     def _snapshot_messages(self, plan: Plan):
         pb2 = self.pb2

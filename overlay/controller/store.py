@@ -189,6 +189,10 @@ class Store:
         """The entries held in memory, ``(revision, key, value)``, oldest first (tests, debugging)."""
         return self._journal.entries()
 
+    def position(self) -> tuple[str, int] | None:
+        """``(epoch, head)`` of the journal, lock-free (:meth:`Journal.position`)."""
+        return self._journal.position()
+
     def read_since(self, revision: int, epoch: str, coalesce_after: int, fresh: bool = False) -> Plan | None:
         """What a Watch client at ``revision`` (of ``epoch``) needs next (:meth:`Journal.read_since`)."""
         return self._journal.read_since(revision, epoch, coalesce_after, fresh)

@@ -329,6 +329,36 @@ def test_too_old_revision_gets_a_fresh_snapshot_and_the_journal_is_compacted(zk_
         assert _state_of(other.store) == _state_of(ctl.store)
 
 
+def test_streams_at_different_revisions_get_exactly_their_deltas_built_once(zk_server, zk_prefix, certs):
+    """Three streams, one two revisions behind and two at the head: each gets exactly the
+    changes after its own revision, and the next change is built once for all three."""
+    with gs.controllers() as start:
+        ctl = start(_cfg(zk_server, zk_prefix, certs))
+        with gs.client(ctl.address, certs[0]) as op:
+            pb2 = op.pb2
+            revs = [op.put_group(f"g{i}", f"d{i}") for i in range(4)]
+            epoch = ctl.store.epoch
+            built = ctl.servicer.deltas.built
+            behind, *at_head = (op.watch(r, epoch, timeout=30) for r in (revs[1], revs[3], revs[3]))
+            try:
+                m = next(behind)
+                assert (m.kind, m.base_revision, m.revision) == (pb2.WatchResponse.DELTA, revs[1], revs[3])
+                assert [(c.revision, c.id, c.group.description) for c in m.changes] == \
+                    [(revs[2], "g2", "d2"), (revs[3], "g3", "d3")]
+                for call in at_head:   # live and up to date: one empty delta
+                    m = next(call)
+                    assert (m.base_revision, m.revision, len(m.changes)) == (revs[3], revs[3], 0)
+                rev = op.put_group("g4", "d4")
+                got = [next(call) for call in (behind, *at_head)]
+            finally:
+                for call in (behind, *at_head):
+                    call.cancel()
+        for m in got:
+            assert (m.kind, m.base_revision, m.revision, m.coalesced) == (pb2.WatchResponse.DELTA, revs[3], rev, False)
+            assert [(c.revision, c.id, c.group.description) for c in m.changes] == [(rev, "g4", "d4")]
+        assert ctl.servicer.deltas.built - built == 2   # revs[1]->revs[3] once, revs[3]->rev once for three
+
+
 # --- two replicas ---------------------------------------------------------------------------
 
 
