@@ -63,6 +63,11 @@ TARGETS: dict[str, list[str]] = {
 MINUTES = {"overlay/datapath/iptables_rules.py": 59, "overlay/model.py": 39, "overlay/policy.py": 34,
            "overlay/config.py": 32, "overlay/guard.py": 23, "overlay/agent.py": 20, "overlay/config_check.py": 13,
            "overlay/plan.py": 11, "overlay/datapath/ebpf/codec.py": 9, "overlay/diff.py": 3}
+# A command prefix for the test processes: nice 19, in a session of their own whose scheduler
+# autogroup gets nice 19 too (with autogroups on, Debian's default, sessions compete group
+# against group whatever each process's nice, so a niced job would not give way to another
+# terminal's work); the caller's own session is left as it is.
+BACKGROUND = ["sh", "-c", 'echo 19 > /proc/self/autogroup 2>/dev/null; exec nice -n 19 "$@"', "background"]
 IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "dist", ".mutmut-cache", "__pycache__", "*.egg-info",
                                 ".pytest_cache", ".ruff_cache", ".hypothesis", "vagrant")
 
@@ -143,9 +148,9 @@ def run_one(path: str, resume: bool = False) -> dict:
     commit = _commit()   # the tree copied above
     log = os.path.join(OUT, f"{name}.log")
     with open(log, "w", encoding="utf-8") as fh:
-        subprocess.run(["nice", "-n", "19", os.path.join(VENV_BIN, "mutmut"), "run", "--paths-to-mutate", path,
+        subprocess.run([*BACKGROUND, os.path.join(VENV_BIN, "mutmut"), "run", "--paths-to-mutate", path,
                         "--runner", _runner(path), "--tests-dir", "tests/unit", "--no-progress", "--simple-output"],
-                       cwd=work, stdout=fh, stderr=subprocess.STDOUT, env=_env(work))
+                       cwd=work, stdout=fh, stderr=subprocess.STDOUT, env=_env(work), start_new_session=True)
     result = retest_timeouts(path, collect(path, commit, started))
     result["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds())
     return result
@@ -199,8 +204,8 @@ def _alive(path: str, mutants: list[dict]) -> list[dict]:
 
     def passes() -> bool:
         try:
-            return subprocess.run(["nice", "-n", "19", *_runner(path).split()], cwd=work, env=_env(work),
-                                  capture_output=True, timeout=900).returncode == 0
+            return subprocess.run([*BACKGROUND, *_runner(path).split()], cwd=work, env=_env(work),
+                                  capture_output=True, timeout=900, start_new_session=True).returncode == 0
         except subprocess.TimeoutExpired:
             return False
 
@@ -280,18 +285,6 @@ def table(results: dict[str, dict], markdown: bool) -> str:
     return "\n".join(lines)
 
 
-def _background() -> None:
-    """Make ``nice -n 19`` hold against other terminals' work: with the scheduler's autogroups
-    on (Debian's default), processes of different sessions compete group against group, each
-    group at its own nice value, whatever each process's nice; so this session's group is
-    given nice 19 too (where the kernel has autogroups and lets us)."""
-    try:
-        with open("/proc/self/autogroup", "w", encoding="ascii") as fh:
-            fh.write("19")
-    except OSError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", help=f"target files (default: all of {', '.join(TARGETS)})")
@@ -314,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutate: not a target: {', '.join(unknown)} (targets: {', '.join(TARGETS)})", file=sys.stderr)
         return 2
     os.makedirs(OUT, exist_ok=True)
-    _background()
     results = load_results()
     if not args.report:
         lock = threading.Lock()
