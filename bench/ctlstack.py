@@ -12,16 +12,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = os.path.join(REPO, ".venv", "bin", "python")
-if not os.path.exists(PYTHON):
-    PYTHON = sys.executable
+from bench.procs import PYTHON, REPO, reap  # noqa: F401  (PYTHON, REPO: re-exported to the controller suites)
+
 SUBNET = "192.168.0.0/18"
 
 
@@ -99,11 +96,7 @@ def controller_stack(log_dir: str, name: str, nodes: list[str],
     finally:
         if ctl is not None:
             ctl.terminate()
-            try:
-                ctl.wait(20)
-            except subprocess.TimeoutExpired:
-                ctl.kill()
-                ctl.wait(10)
+            reap(ctl, 20)
         if zk is not None:
             zk.stop()
         log.close()

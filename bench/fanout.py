@@ -32,7 +32,7 @@ import tempfile
 import time
 
 from bench.netns import Netns
-from bench.procs import PYTHON, REPO, BenchError
+from bench.procs import PYTHON, REPO, BenchError, reap
 from bench.results import ResultSet, make_row
 
 PORT = 2181
@@ -74,11 +74,7 @@ class _Proc:
     def stop(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        reap(self.proc, 10)
 
 
 def _wait_all_ready(procs: list[_Proc], timeout: float) -> None:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.ctlstack import PYTHON, REPO, free_port, on_cpu, wait_port
+from bench.ctlstack import PYTHON, REPO, free_port, on_cpu, reap, wait_port
 
 EPOCH = "floor"
 
@@ -113,11 +113,7 @@ def run(streams: int, changes: int, reps: int) -> list[dict]:
     finally:
         if server is not None:
             server.stdin.close()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
+            reap(server, 10)
         shutil.rmtree(work, ignore_errors=True)
 
 

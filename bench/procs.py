@@ -28,6 +28,15 @@ class BenchError(RuntimeError):
     pass
 
 
+def reap(proc: subprocess.Popen, grace: float) -> None:
+    """Wait up to ``grace`` seconds for ``proc`` (already told to stop) to exit, then kill it."""
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def build_loadgen(force: bool = False) -> str:
     """Compile the load generator with gcc when missing or older than its source."""
     if not force and os.path.exists(BIN) and os.path.getmtime(BIN) >= os.path.getmtime(SRC):
