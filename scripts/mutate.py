@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--survivors", action="store_true",
                     help="test only the last run's survivors again, with the tests as they are now")
     ap.add_argument("--collect", action="store_true",
-                    help="read the counts of a run left in build/mutate/ (its mutmut cache), run nothing")
+                    help="read the counts of a run left in build/mutate/ (its mutmut cache); only its "
+                         "time-outs are run again, one at a time")
     ap.add_argument("--jobs", type=int, default=1, metavar="N",
                     help="files run at once, each in its own copy of the tree (default 1; one per core)")
     ap.add_argument("--timeouts", action="store_true",

@@ -365,8 +365,8 @@ def _encode(ops: Iterable[Op]) -> tuple[dict[str, Batch], dict[str, Batch]]:
     """({map: puts}, {map: deletes}) of ``ops``, the last op per key winning.
 
     Ops come grouped by table (diff emits them so): a table whose ops form one run
-    of distinct keys, all puts or all deletes, is encoded in bulk when the codec
-    can (no Python frame per entry); anything else, entry by entry."""
+    of distinct keys is encoded in bulk when the codec can, its puts and its deletes
+    apart (no Python frame per entry); anything else, entry by entry."""
     runs: dict[str, list[list[Op]]] = {}
     for table, run in groupby(ops, key=_TABLE):
         if table not in TABLE_MAPS:
