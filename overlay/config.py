@@ -22,11 +22,6 @@ from overlay.errors import InvalidConfigError, shown
 from overlay.model import Node, node_from_dict, valid_name
 
 DEFAULT_SUBNET = "192.168.0.0/18"
-# the built-in names; plugins add theirs through entry points (overlay.backends, docs/plugins.md)
-REGISTRY_BACKENDS = tuple(REGISTRIES.builtins)
-DATAPATH_BACKENDS = tuple(DATAPATHS.builtins)
-DISCOVERY_PROVIDERS = tuple(PROVIDERS.builtins)
-
 # address providers that also tell this node's network, so that `network` may be left out
 NETWORK_PROVIDERS = ("aws-imds",)
 
