@@ -49,3 +49,15 @@ def test_a_change_reaches_every_stream_and_the_rows_have_the_contract_shape(zk_s
     values = {r["metric"]: r["value"] for r in got}
     assert values["streams"] == STREAMS and values["deliveries_missed"] == 0
     assert values["delivery_ms_p50"] <= values["delivery_ms_p99"] <= values["delivery_ms_max"]
+
+
+def test_the_grpc_floor_server_delivers_every_change_to_every_stream():
+    """bench/grpc_floor.py (the bare grpc.aio server the suite is compared with) measures
+    what the suite measures: here 8 streams, 2 changes, each change delivered to every
+    stream once, with the server's CPU sampled."""
+    from bench.grpc_floor import run
+
+    (m,) = run(streams=8, changes=2, reps=1)
+    assert m["errors"] == [] and m["streams"] == 8
+    assert m["sent"] == 2 and m["deliveries"] == 16 and m["missed"] == 0
+    assert len(m["latency_ms"]) == 16 and all(ms > 0 for ms in m["latency_ms"])
