@@ -302,7 +302,6 @@ class Host:
 
         def tables(node):
             return {"nat": {node.overlay: NatEntry(node.private)},
-                    "rnat": {node.private: node.overlay},
                     "peers": {node.private: PeerEntry()}}
 
         ops = diff(tables(new), tables(old))

@@ -268,19 +268,17 @@ class Agent:
             keys = {t: set(desired[t]) | set(observed.get(t, ())) for t in desired}
         else:
             keys = {t: set(k) for t, k in touched.items()}
-        for table in ("nat", "rnat", "peers", "policy", "names"):
+        for table in ("nat", "peers", "policy", "names"):
             keys.setdefault(table, set())
-        over: dict[str, dict] = {"nat": {}, "rnat": {}, "peers": {}, "policy": {}, "names": {}}
+        over: dict[str, dict] = {"nat": {}, "peers": {}, "policy": {}, "names": {}}
         drop: set[tuple[str, object]] = set()
         held_ids: set[int] = set()      # identities of the peers held now
         all_ids: set[int] = set()       # ... and of those held before (their entries may go now)
         for overlay, prev in [*self.held.items(), *held.items()]:
             keys["nat"].add(overlay)
-            keys["rnat"].add(prev.real)
             keys["peers"].add(prev.real)
             new = wanted.get(overlay)
             if new is not None:
-                keys["rnat"].add(new.real)
                 keys["peers"].add(new.real)
             value = observed.get("peers", {}).get(prev.real)
             if value is not None:
@@ -290,10 +288,9 @@ class Agent:
         for overlay in held:
             new = wanted.get(overlay)
             if new is not None:
-                drop.update((("rnat", new.real), ("peers", new.real)))
+                drop.add(("peers", new.real))
         for overlay, prev in held.items():
             over["nat"][overlay] = observed.get("nat", {}).get(overlay, NatEntry(prev.real))
-            over["rnat"][prev.real] = overlay
             value = observed.get("peers", {}).get(prev.real)
             if value is not None:
                 over["peers"][prev.real] = value

@@ -6,8 +6,8 @@ it, and turns one registry event (nodes added, removed or changed, their order k
 assignments; policies added, removed or changed) into the delta of desired entries in
 time proportional to what the event touches:
 
-* a node's own entries: ``nat`` of its overlay, ``rnat`` and ``peers`` of its real
-  address, ``peers`` of its IPv6 real address;
+* a node's own entries: ``nat`` of its overlay, ``peers`` of its real address and of
+  its IPv6 real address;
 * address conflicts: only the records that share a claimed address with the changed
   one, transitively (the "component"), are resolved again with
   :func:`overlay.ownership.resolve`, so when a holder leaves the next claimant takes over
@@ -104,10 +104,9 @@ class IncrementalPlanner:
         for node in kept:
             self._set_applied(node.node_id, self._applied_peer(node), built)
         built["nat"].update(self.ovr_nat)
-        built["rnat"].update(self.ovr_rnat)
         self.pol = PolicyTables()
         self._policy_tables()
-        for name in ("nat", "rnat", "peers"):
+        for name in ("nat", "peers"):
             for key in built[name]:
                 self._recompute(name, key)
         t = self.tables
@@ -134,12 +133,10 @@ class IncrementalPlanner:
         self.self_node = me
         self.own6 = {me.private6, me.public6} - {None}
         self.ovr_nat: dict[str, NatEntry] = {}
-        self.ovr_rnat: dict[str, str] = {}
         for overlay, real in self.config.nat_overrides:
             if overlay == me.overlay:
                 continue
             self.ovr_nat[overlay] = NatEntry(real, override=True)
-            self.ovr_rnat.setdefault(real, overlay)
 
     # --- events ----------------------------------------------------------------------------
 
@@ -215,7 +212,7 @@ class IncrementalPlanner:
                 self._set_applied(node_id, peer, touched)
         if set(self.set_count) != before:
             self._policy_changed(touched)
-        for name in ("nat", "rnat", "peers"):
+        for name in ("nat", "peers"):
             for key in touched.get(name, ()):
                 self._recompute(name, key)
 
@@ -331,9 +328,6 @@ class IncrementalPlanner:
             value = self.ovr_nat.get(key)
             if value is None and (peer := self.holder("overlay", key)) is not None:
                 value = NatEntry(peer.real)
-        elif name == "rnat":
-            peer = self.holder("real", key)
-            value = peer.overlay if peer is not None else self.ovr_rnat.get(key)
         elif name == "peers":
             peer = self.holder("real", key)
             if peer is None:
@@ -408,7 +402,6 @@ def _put(table: dict, key, value) -> None:
 
 def _touch(touched: Touched, peer: AppliedPeer) -> None:
     touched["nat"].add(peer.overlay)
-    touched["rnat"].add(peer.real)
     touched["peers"].add(peer.real)
     if peer.real6:
         touched["peers"].add(peer.real6)

@@ -6,7 +6,6 @@ hashable Python values. ``plan`` builds the desired one, a datapath's
 into ops. Tables:
 
 ``nat``       overlay address (str) -> NatEntry(real, override)
-``rnat``      real address (str) -> overlay address (str)
 ``peers``     real address (str, IPv4 or IPv6) -> PeerEntry(identity, flags)
 ``ports``     (slot, word) -> 64-bit bitmap word (int, non-zero); slot 0 tcp, 1 udp
               (``abi.ports_bitmap`` encodes ranges, ``abi.bitmap_ports`` decodes)
@@ -41,7 +40,7 @@ from typing import Any
 
 from overlay.abi import IDENTITY_MEMBER, PEER_F_MEMBER
 
-TABLES = ("nat", "rnat", "peers", "ports", "failsafe", "config", "policy", "cidr_ident", "names",
+TABLES = ("nat", "peers", "ports", "failsafe", "config", "policy", "cidr_ident", "names",
           "self")
 # the keys of the ``config`` table (each an ovl_cfg index of the same name, upper case)
 CT_LIFETIME_KEYS = ("ct_tcp_syn_s", "ct_tcp_established_s", "ct_tcp_fin_s", "ct_tcp_rst_s",

@@ -189,7 +189,7 @@ def plan(
 
     pol = plan_policies(self_node.groups, (p.groups for p in applied), policies)
     tables = empty_state()
-    nat, rnat, peer_table = tables["nat"], tables["rnat"], tables["peers"]
+    nat, peer_table = tables["nat"], tables["peers"]
     own6 = {self_node.private6, self_node.public6} - {None}
     used6 = defaultdict(list)
     for p in applied:
@@ -197,7 +197,6 @@ def plan(
             used6[p.real6].append(p.node_id)
     for p in applied:
         nat[p.overlay] = NatEntry(p.real)
-        rnat[p.real] = p.overlay
         entry = PeerEntry(identity=pol.identity_of[group_set_key(p.groups)])
         peer_table[p.real] = entry
         # an IPv6 address claimed by two peers, or this node's own, admits neither
@@ -207,7 +206,6 @@ def plan(
         if overlay == self_node.overlay:
             continue
         nat[overlay] = NatEntry(real, override=True)
-        rnat.setdefault(real, overlay)
 
     tables["ports"] = ports_bitmap(config.filter.open_ports)
 

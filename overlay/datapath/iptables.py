@@ -106,7 +106,6 @@ from overlay.datapath.iptables_rules import (  # noqa: F401  (re-exported: the r
     port_groups,
     port_ranges,
     render,
-    rnat_of,
 )
 from overlay.diff import apply_ops
 from overlay.errors import CapacityError, DatapathError, UnsupportedError
@@ -252,7 +251,6 @@ class IptablesDatapath:
             parsed = empty_state()
             installed = {t: self._chain_lines(t, saves[t]) for t in self._tables}
             parsed["nat"] = parse_nat(installed["nat"])
-            parsed["rnat"] = rnat_of(parsed["nat"])
             parsed["peers"] = {a: self.state.get("peers", {}).get(a, PeerEntry()) for a in members}
             present = {t: chains_present(saves[t]) >= {ours for _, ours in CHAINS[t]} for t in self._tables}
             for table, family in (("filter", 4), ("filter6", 6)):

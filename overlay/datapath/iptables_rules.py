@@ -401,12 +401,3 @@ def parse_counters(save_text: str) -> dict[str, int]:
             continue
         out[reason] = out.get(reason, 0) + packets
     return out
-
-
-def rnat_of(nat: Mapping[str, NatEntry]) -> dict[str, str]:
-    """The reverse table as the planner builds it: peers first, then overrides."""
-    rnat = {e.real: o for o, e in nat.items() if not e.override}
-    for overlay in sorted(nat, key=_ip_key):
-        if nat[overlay].override:
-            rnat.setdefault(nat[overlay].real, overlay)
-    return rnat

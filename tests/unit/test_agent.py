@@ -112,7 +112,7 @@ def test_one_change_is_one_peers_ops_and_second_reconcile_is_empty():
     reg.put(peer(100))
     ops = agent.reconcile()
     assert sorted((o.table, o.key) for o in ops) == sorted(
-        [("nat", peer(100).overlay), ("rnat", peer(100).private), ("peers", peer(100).private)]
+        [("nat", peer(100).overlay), ("peers", peer(100).private)]
     )
     assert agent.reconcile() == []
 

@@ -78,9 +78,9 @@ def test_the_status_document_key_by_key():
     tables: dict[str, int] = {}
     for op in ops:
         tables[op.table] = tables.get(op.table, 0) + 1
-    # n1 and n2 (not n3): nat, rnat, peers each; this node's three addresses; loopback failsafe;
+    # n1 and n2 (not n3): nat, peers each; this node's three addresses; loopback failsafe;
     # the filter's mode and reject_all; the name of n1's identity (group db)
-    assert tables == {"nat": 2, "rnat": 2, "peers": 2, "self": 3, "failsafe": 1, "config": 2, "names": 1}
+    assert tables == {"nat": 2, "peers": 2, "self": 3, "failsafe": 1, "config": 2, "names": 1}
     assert agent.status() == {
         "node_id": "self", "network": "ec2", "overlay": "192.168.0.1", "private": "10.0.0.1",
         "public": "198.18.0.1", "groups": ["web"], "ready": True,
@@ -104,13 +104,13 @@ def test_the_status_document_key_by_key():
         "guard": {"tripped": False, "threshold": 5, "size": 0, "held": {"removed": [], "changed": []},
                   "trips": 0, "settling": 0, "held_count": 0},
         "applies": 1,
-        "ops_total": 13,
+        "ops_total": 11,
         "swept": {},
         "last_error": None,
     }
-    assert (agent.last_apply_ops, agent.ops_total, agent.applies) == (13, 13, 1)
+    assert (agent.last_apply_ops, agent.ops_total, agent.applies) == (11, 11, 1)
     assert agent.reconcile() == []
-    assert (agent.last_apply_ops, agent.ops_total, agent.applies) == (0, 13, 2)
+    assert (agent.last_apply_ops, agent.ops_total, agent.applies) == (0, 11, 2)
 
 
 def test_counters_and_fill_that_fail_leave_them_out():
@@ -347,7 +347,7 @@ def test_the_log_lines(caplog):
         agent.registry.nodes = {"n1": N1}
         agent.step()
     assert [r.getMessage() for r in caplog.records] == [
-        "[self] applied 13 ops (2 peers)",
+        "[self] applied 11 ops (2 peers)",
         "[self] excluding n3: overlay address 192.168.0.2 is held by the earlier registration n1",
         "[self] throttle: applying in 1.00 s",
         "[self] sweep failed: sweep map gone",
@@ -537,7 +537,7 @@ def _web_to_db_on_a_feed(max_change: int):
 
 
 def test_a_held_peer_keeps_its_identitys_policy_entries_on_the_feed_path():
-    """The guard holds a removal that arrives through the change feed: the peer's nat/rnat/peers
+    """The guard holds a removal that arrives through the change feed: the peer's nat/peers
     entries stay, and so do its identity's policy entries and name, although the event touched
     no policy key."""
     agent, reg, dp = _web_to_db_on_a_feed(max_change=0)

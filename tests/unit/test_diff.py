@@ -67,26 +67,25 @@ def test_unchanged_state_yields_no_ops(fleet):
     assert diff(again.tables, _observed(desired)) == []
 
 
-def test_one_added_peer_yields_exactly_its_three_puts(fleet):
+def test_one_added_peer_yields_exactly_its_two_puts(fleet):
     peers, before = fleet
     new = _peer(N_PEERS + 1, "vpc")
     after = plan(SELF, [*peers, new], CONFIG)
     ops = diff(after.tables, _observed(before))
     assert ops == [
-        Op("rnat", new.public, new.overlay),
         Op("peers", new.public, PeerEntry()),
         Op("nat", new.overlay, NatEntry(new.public)),
     ]
     assert _churn(before, after).size == 0
 
 
-def test_one_removed_peer_yields_exactly_its_three_deletes(fleet):
+def test_one_removed_peer_yields_exactly_its_two_deletes(fleet):
     peers, before = fleet
     gone = peers[1321]
     after = plan(SELF, peers[:1321] + peers[1322:], CONFIG)
     real = gone.real_address_from(SELF.network)
     ops = diff(after.tables, _observed(before))
-    assert ops == [Op("nat", gone.overlay), Op("rnat", real), Op("peers", real)]
+    assert ops == [Op("nat", gone.overlay), Op("peers", real)]
     assert all(op.is_delete for op in ops)
     assert _churn(before, after).removed == (gone.overlay,)
 
@@ -104,8 +103,6 @@ def test_one_changed_real_address_yields_exactly_that_peers_ops(fleet, index):
     after = plan(SELF, [*peers[:index], moved, *peers[index + 1 :]], CONFIG)
     ops = diff(after.tables, _observed(before))
     assert ops == [
-        Op("rnat", old_real),
-        Op("rnat", new_real, old.overlay),
         Op("peers", old_real),
         Op("peers", new_real, PeerEntry()),
         Op("nat", old.overlay, NatEntry(new_real)),
@@ -129,7 +126,7 @@ def test_applying_the_diff_reaches_the_desired_state(fleet):
     after = plan(SELF, peers[100:] + [_peer(N_PEERS + i) for i in range(1, 51)], CONFIG)
     observed = _observed(before)
     ops = diff(after.tables, observed)
-    assert len(ops) == 3 * 100 + 3 * 50
+    assert len(ops) == 2 * 100 + 2 * 50
     assert apply_ops(observed, ops) == after.tables
     assert diff(after.tables, observed) == []
 
@@ -155,21 +152,17 @@ def test_config_and_failsafe_changes_are_single_ops(fleet):
 def test_ops_order_nat_deletes_first_nat_puts_last():
     observed = empty_state()
     observed["nat"] = {"192.168.0.2": NatEntry("10.0.0.2"), "192.168.0.3": NatEntry("10.0.0.3")}
-    observed["rnat"] = {"10.0.0.2": "192.168.0.2", "10.0.0.3": "192.168.0.3"}
     observed["peers"] = {"10.0.0.2": PeerEntry(), "10.0.0.3": PeerEntry()}
     observed["ports"] = {(0, 1): 1 << 16}
     observed["config"] = {"reject_all": 0, "mode": 0}
     desired = empty_state()
     desired["nat"] = {"192.168.0.3": NatEntry("10.0.0.3"), "192.168.0.4": NatEntry("10.0.0.4")}
-    desired["rnat"] = {"10.0.0.3": "192.168.0.3", "10.0.0.4": "192.168.0.4"}
     desired["peers"] = {"10.0.0.3": PeerEntry(), "10.0.0.4": PeerEntry()}
     desired["failsafe"] = {"198.18.0.0/15": 1}
     desired["config"] = {"reject_all": 1, "mode": 0}
     ops = diff(desired, observed)
     assert ops == [
         Op("nat", "192.168.0.2"),
-        Op("rnat", "10.0.0.2"),
-        Op("rnat", "10.0.0.4", "192.168.0.4"),
         Op("peers", "10.0.0.2"),
         Op("peers", "10.0.0.4", PeerEntry()),
         Op("ports", (0, 1)),
@@ -199,7 +192,6 @@ _ips = st.integers(0, 31).map(lambda i: f"10.0.0.{i}")
 _overlays = st.integers(0, 31).map(lambda i: f"192.168.0.{i}")
 _values = {
     "nat": st.dictionaries(_overlays, st.builds(NatEntry, _ips, st.booleans()), max_size=8),
-    "rnat": st.dictionaries(_ips, _overlays, max_size=8),
     "peers": st.dictionaries(_ips, st.builds(PeerEntry, st.integers(0, 3), st.integers(0, 3)), max_size=8),
     "ports": st.dictionaries(
         st.tuples(st.integers(0, 1), st.integers(0, 15)), st.integers(1, (1 << 64) - 1), max_size=6

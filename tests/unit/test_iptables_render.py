@@ -373,7 +373,6 @@ def test_parse_round_trip(filt):
     assert back6["ports"] == want6["ports"] and back6["config"] == want6["config"]
     nat = ipt.parse_nat(ipt.nat_rules(want, "192.168.0.1", "10.0.0.1"))
     assert nat == want["nat"]
-    assert ipt.rnat_of(nat) == want["rnat"]
 
 
 def test_parse_counters_by_reason():
@@ -489,8 +488,7 @@ def test_removed_peer_and_nat_entry_flush_their_conntrack_entries():
     dp = datapath(k, flusher=flush)
     program(dp, tables6())
     assert flush.calls == []
-    dp.apply([Op("peers", "10.0.0.2"), Op("peers", "2001:db8::2"), Op("nat", "192.168.0.2"),
-              Op("rnat", "10.0.0.2")])
+    dp.apply([Op("peers", "10.0.0.2"), Op("peers", "2001:db8::2"), Op("nat", "192.168.0.2")])
     assert flush.calls == [(["10.0.0.2", "2001:db8::2"], ["192.168.0.2"])]
     assert dp.flushed == 3
     dp.apply([Op("nat", "192.168.0.3", NatEntry("198.18.2.99"))])  # re-pointed

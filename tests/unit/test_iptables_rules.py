@@ -14,7 +14,7 @@ DEFAULT_IN = '-A OVERLAY-IN -m comment --comment "ovl:pass_default" -j RETURN'
 
 
 def state(**tables) -> dict:
-    base = {"nat": {}, "rnat": {}, "peers": {}, "ports": {}, "failsafe": {}, "config": {}, "self": {}}
+    base = {"nat": {}, "peers": {}, "ports": {}, "failsafe": {}, "config": {}, "self": {}}
     return base | tables
 
 
@@ -303,18 +303,6 @@ def test_parse_counters_by_hand():
     ])
     want = dict.fromkeys(r.REASONS, 0) | {"pass_failsafe": 10, "drop_no_peer": 5, "pass_ndp": 11, "custom": 2}
     assert r.parse_counters(save) == want
-
-
-def test_rnat_of_peers_before_overrides_and_the_lowest_override_first():
-    nat = {
-        "192.168.0.10": NatEntry("10.0.0.5", override=True),
-        "192.168.0.9": NatEntry("10.0.0.5", override=True),
-        "192.168.0.2": NatEntry("10.0.0.2"),
-        "192.168.0.20": NatEntry("10.0.0.2", override=True),
-        "192.168.0.30": NatEntry("10.0.0.7", override=True),
-    }
-    assert r.rnat_of(nat) == {"10.0.0.2": "192.168.0.2", "10.0.0.5": "192.168.0.9", "10.0.0.7": "192.168.0.30"}
-    assert r.rnat_of({}) == {}
 
 
 def test_a_failsafe_network_with_host_bits_renders_as_iptables_prints_it():

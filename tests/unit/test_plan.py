@@ -54,7 +54,6 @@ REAL_CASES = [
 def test_real_address(desc, peer, real):
     d = plan(SELF, [peer], cfg())
     assert d.tables["nat"] == {peer.overlay: NatEntry(real)}
-    assert d.tables["rnat"] == {real: peer.overlay}
     assert d.tables["peers"] == {real: entry(peer.groups)}
     assert d.peers == (AppliedPeer(peer.node_id, peer.network, peer.overlay, real, peer.groups),)
     assert d.excluded == ()
@@ -66,7 +65,7 @@ def test_tables_present_and_peers_sorted():
     assert [p.node_id for p in d.peers] == ["ec2-b", "vpc-a"]
 
 
-def test_reverse_map_and_peers_table():
+def test_nat_and_peers_tables():
     peers = [EC2_B, VPC_A, node("vpc-b", "vpc", "10.0.0.3", "198.19.0.3", "192.168.1.3")]
     d = plan(SELF, peers, cfg())
     assert d.tables["nat"] == {
@@ -74,16 +73,11 @@ def test_reverse_map_and_peers_table():
         "192.168.1.2": NatEntry("198.19.0.2"),
         "192.168.1.3": NatEntry("198.19.0.3"),
     }
-    assert d.tables["rnat"] == {
-        "10.0.0.2": "192.168.0.2",
-        "198.19.0.2": "192.168.1.2",
-        "198.19.0.3": "192.168.1.3",
-    }
     assert d.tables["peers"] == {
         "10.0.0.2": entry(["web"]), "198.19.0.2": entry(["db"]), "198.19.0.3": entry(),
     }
-    # rnat is the exact inverse of the non-override nat entries
-    assert {v.real: k for k, v in d.tables["nat"].items()} == d.tables["rnat"]
+    # no reverse table (ABI 4): a reply's source is restored from conntrack
+    assert "rnat" not in d.tables
 
 
 def test_plan_is_deterministic_and_order_independent():
@@ -98,7 +92,6 @@ def test_nat_override_takes_precedence_over_the_peer_mapping():
     d = plan(SELF, [EC2_B, VPC_A], cfg(nat_overrides={"192.168.1.2": "10.9.9.9"}))
     assert d.tables["nat"]["192.168.1.2"] == NatEntry("10.9.9.9", override=True)
     assert d.tables["nat"]["192.168.0.2"] == NatEntry("10.0.0.2")
-    assert d.tables["rnat"]["10.9.9.9"] == "192.168.1.2"
     # the peer is still a member at its own real address
     assert d.tables["peers"]["198.19.0.2"] == entry(["db"])
 
@@ -106,14 +99,14 @@ def test_nat_override_takes_precedence_over_the_peer_mapping():
 def test_nat_override_without_a_peer():
     d = plan(SELF, [], cfg(nat_overrides={"192.168.63.1": "10.0.0.250"}))
     assert d.tables["nat"] == {"192.168.63.1": NatEntry("10.0.0.250", override=True)}
-    assert d.tables["rnat"] == {"10.0.0.250": "192.168.63.1"}
     assert d.tables["peers"] == {}
 
 
-def test_nat_override_does_not_steal_a_peers_reverse_entry():
+def test_nat_override_to_a_peers_real_address_keeps_both_translations():
     d = plan(SELF, [EC2_B], cfg(nat_overrides={"192.168.63.1": "10.0.0.2"}))
-    assert d.tables["rnat"]["10.0.0.2"] == "192.168.0.2"
+    assert d.tables["nat"]["192.168.0.2"] == NatEntry("10.0.0.2")
     assert d.tables["nat"]["192.168.63.1"] == NatEntry("10.0.0.2", override=True)
+    assert d.tables["peers"] == {"10.0.0.2": entry(["web"])}
 
 
 def test_nat_override_of_own_overlay_is_ignored():
@@ -217,7 +210,6 @@ def test_exclusions(desc, peers, excluded, applied):
     assert [p.node_id for p in d.peers] == applied
     # nothing excluded leaks into a table
     assert set(d.tables["nat"]) == {p.overlay for p in d.peers}
-    assert set(d.tables["rnat"]) == {p.real for p in d.peers}
     assert set(d.tables["peers"]) == {p.real for p in d.peers}
 
 
@@ -379,8 +371,8 @@ def test_peer_ipv6_real_address_private6_same_network_public6_across():
     by_id = {p.node_id: p for p in d.peers}
     assert by_id["b"].real6 == "2001:db8::2" and by_id["d"].real6 is None
     assert by_id["c"].to_dict()["real6"] == "2001:db8:2::3"
-    # no IPv6 NAT: nat and rnat stay IPv4
-    assert all(":" not in k for k in d.tables["nat"]) and all(":" not in k for k in d.tables["rnat"])
+    # no IPv6 NAT: nat stays IPv4
+    assert all(":" not in k for k in d.tables["nat"])
 
 
 def test_ipv6_address_claimed_twice_or_own_admits_nobody():

@@ -42,10 +42,10 @@ def test_own_address_rule_is_network_aware(desc, peer, reason, real):
     if reason is None:
         assert dict(d.excluded) == {}
         assert [(p.node_id, p.real) for p in d.peers] == [("p", real)]
-        assert d.tables["nat"][peer.overlay].real == real and d.tables["rnat"][real] == peer.overlay
+        assert d.tables["nat"][peer.overlay].real == real and real in d.tables["peers"]
     else:
         assert dict(d.excluded) == {"p": reason}
-        assert d.peers == () and d.tables["nat"] == {} and d.tables["rnat"] == {}
+        assert d.peers == () and d.tables["nat"] == {} and d.tables["peers"] == {}
         assert d.conflicts == ()      # an own address is no registration conflict
 
 
