@@ -96,9 +96,6 @@ _DEL_LAST = ("peers", "ports", "failsafe", "cidr_ident", "policy", "names", "sel
 # The maps that can overflow, by table (ovl_nat, an array of every subnet address, cannot).
 _CAPACITY_MAPS = {t: (NAT_EXT,) if t == "nat" else STORE_MAPS[t]
                   for t in ("nat", "peers", "failsafe", "policy", "cidr_ident", "names", "self")}
-# ABI 3's reverse NAT table: no map since ABI 4. Until the core stops planning it (its
-# removal from overlay.ops lands on main), its ops are dropped and it reads as empty.
-_GONE_TABLES = ("rnat",)
 _FILL_MAPS = (NAT, NAT_EXT, PEERS, PEERS6, FAILSAFE, FAILSAFE6, CT, CT6, CT_IN, FRAG, PORTS, POLICY,
               CIDR_IDENT, CIDR_IDENT6, NAMES, SELF, SOCK)
 
@@ -198,8 +195,6 @@ class MapSet:
     def lookup(self, table: str, key):
         """The value of ``key`` in ``table`` (ops vocabulary, the map of its family, the
         kernel's own LPM matching for a CIDR key), or None."""
-        if table in _GONE_TABLES:
-            return None
         name, raw_key = _locate(table, key, self.nat_layout() if table == "nat" else None)
         info = self.info(name)
         raw = bpfsys.lookup(self.fd(name), raw_key, info.key_size, info.value_size)
@@ -215,8 +210,6 @@ class MapSet:
                 if value or name in _CONFIG_ALWAYS:
                     out[name] = value
             return out
-        if table in _GONE_TABLES:
-            return {}
         out = {}
         if table == "nat":
             out = decode_nat_slots(self.nat_layout(), self._items(NAT))
@@ -428,8 +421,6 @@ def _encode(ops: Iterable[Op], nat_layout) -> tuple[dict[str, Batch], dict[str, 
     runs: dict[str, list[list[Op]]] = {}
     layout = None
     for table, run in groupby(ops, key=_TABLE):
-        if table in _GONE_TABLES:
-            continue
         if table == "nat" and layout is None:
             layout = nat_layout()
         if table not in TABLE_MAPS:
