@@ -60,7 +60,6 @@ def test_fresh_start_loads_attaches_and_observes(lab):
         want = member_ops(name)
         seen = res["observe"]
         assert {k: v["real"] for k, v in seen["nat"].items()} == want["nat"]
-        assert seen["rnat"] == want["rnat"]
         assert set(seen["peers"]) == set(want["peers"])
         assert seen["config"] == {"reject_all": 0, "mode": 0}
 
@@ -253,20 +252,22 @@ def test_resize_recreates_maps_and_keeps_entries(host):
     """A changed map size is a reload: the resized maps are re-created (bcc would
     reuse them unchecked) and their entries carried over; the others are kept."""
     ns, args = host
-    ops = {"nat": {"192.168.0.2": "10.0.0.2"}, "rnat": {"10.0.0.2": "192.168.0.2"},
+    # one NAT entry in ovl_nat's slots (192.168.0.0/18: 16,384), one in ovl_nat_ext
+    ops = {"nat": {"192.168.0.2": "10.0.0.2", "203.0.113.9": "10.0.0.3"},
            "peers": {"10.0.0.2": 5}, "ports": {"tcp": [443]}}
     small = {"nat": 1024, "peers": 1024, "conntrack": 4096, "failsafe": 64}
     first = ns.helper("start", ops=ops, sizes=small, **args)
     assert first["adopted"] is False
-    assert first["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 1024}
+    assert first["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 16384}
+    assert first["fill"]["ovl_nat_ext"] == {"entries": 1, "max_entries": 1024}
     again = ns.helper("start", sizes=small, **args)
     assert again["adopted"] is True
 
     bigger = {**small, "nat": 2048}
     res = ns.helper("start", sizes=bigger, **args)
     assert res["adopted"] is False
-    assert res["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 2048}
-    assert res["fill"]["ovl_rnat"] == {"entries": 1, "max_entries": 2048}
+    assert res["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 16384}
+    assert res["fill"]["ovl_nat_ext"] == {"entries": 1, "max_entries": 2048}
     assert res["fill"]["ovl_peers"] == {"entries": 1, "max_entries": 1024}
     assert res["observe"] == first["observe"]
     for key, att in res["attachments"].items():

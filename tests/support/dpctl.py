@@ -14,7 +14,7 @@ socket mode):
   plan      start (adopt), plan ``node`` (this one), ``peers``, ``policies`` (record JSON) under
             ``config`` (a config mapping), apply the diff against observe(), close
 
-Ops spec: {"nat": {overlay: real}, "rnat": {real: overlay}, "peers": {real: identity},
+Ops spec: {"nat": {overlay: real}, "peers": {real: identity},
 "ports": {"tcp": [port...], "udp": [...]}, "failsafe": {cidr: flags},
 "config": {name: value}}; ``"delete": {table: [keys]}`` deletes.
 
@@ -51,8 +51,6 @@ def build_ops(spec: dict):
     ops = []
     for overlay, real in spec.get("nat", {}).items():
         ops.append(Op("nat", overlay, NatEntry(real)))
-    for real, overlay in spec.get("rnat", {}).items():
-        ops.append(Op("rnat", real, overlay))
     for real, identity in spec.get("peers", {}).items():
         ops.append(Op("peers", real, PeerEntry(identity, 1)))
     words: dict[tuple[int, int], int] = {}
@@ -83,9 +81,15 @@ def _datapath(a: dict):
 
 
 def _sizes(spec):
-    """{"nat": n, ...} -> the config's MapSizes (what the daemon passes)."""
+    """{"nat": n, ...} -> the config's MapSizes (what the daemon passes); with the
+    test-only "nat_slots" (ovl_nat's slot count forced below the subnet's), a mapping
+    of the -D names the build takes."""
     if not spec:
         return None
+    if "nat_slots" in spec:
+        from overlay import abi
+
+        return {abi.SIZE_DEFINES[k]: v for k, v in spec.items()}
     from overlay.config import MapSizes
 
     return MapSizes(**spec)
