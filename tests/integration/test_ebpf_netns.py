@@ -119,6 +119,34 @@ def test_unknown_overlay_address_dropped_no_peer(lab):
     assert counters(lab, "h1")["drop_no_peer"] > before["drop_no_peer"]
 
 
+def test_nat_overrides_in_the_slots_and_in_ovl_nat_ext_then_deleted(lab):
+    """ABI 4: h1 reaches h2 through an override inside the subnet (an ovl_nat slot) and one
+    outside it (ovl_nat_ext; routed to ovl0 here as the daemon routes such keys); the
+    server sees h1's real address, the client the overlay address. Deleted, both are
+    dropped as NO_PEER."""
+    h1, real = lab.ns["h1"], real_of("h1", "h2")
+    inside, outside = "192.168.0.200", "203.0.113.7"
+    h1.run("ip", "route", "add", f"{outside}/32", "dev", "ovl0", "src", HOSTS["h1"]["private"])
+    try:
+        res = lab.dp("h1", "apply", {"nat": {inside: [real, True], outside: [real, True]}})
+        assert res["observe"]["nat"][inside] == res["observe"]["nat"][outside] == \
+            {"real": real, "override": True}
+        assert res["fill"]["ovl_nat_ext"]["entries"] == 1   # only the one outside the subnet
+        for addr in (inside, outside):
+            srv = serve(lab, "h2", "serve-tcp", 7010)
+            got = tcp(lab, "h1", "h2", addr, 7010)
+            assert got["ok"] and got["peer"] == addr and got["server_saw"] == real_of("h2", "h1"), got
+            finish(srv)
+        lab.dp("h1", "apply", {"delete": {"nat": [inside, outside]}})
+        before = counters(lab, "h1")
+        for addr in (inside, outside):
+            assert not tcp(lab, "h1", "h2", addr, 7011, timeout=1.0)["ok"]
+        assert counters(lab, "h1")["drop_no_peer"] >= before["drop_no_peer"] + 2
+    finally:
+        h1.run("ip", "route", "del", f"{outside}/32", check=False)
+        lab.dp("h1", "apply", {"delete": {"nat": [inside, outside]}})
+
+
 def test_reject_all_members_open_ports_failsafe(lab):
     h2 = HOSTS["h2"]["private"]
     lab.dp("h2", "apply", {
@@ -224,6 +252,7 @@ def host(netns_factory, pin_root):
     ns.run("ip", "addr", "add", "10.0.0.1/24", "dev", "eth0")
     args = {"interface": "eth0", "private": "10.0.0.1", "overlay": "192.168.0.1",
             "pin_root": pin_root, "subnet": "192.168.0.0/18"}
+    ns.peer = peer
     return ns, args
 
 
@@ -278,3 +307,22 @@ def test_resize_recreates_maps_and_keeps_entries(host):
         assert att["prog_id"] == att["pinned_prog_id"], key
         assert att["prog_id"] != first["attachments"][key]["prog_id"], key
     assert ns.helper("start", sizes=bigger, **args)["adopted"] is True
+
+
+def test_addresses_past_the_slots_go_through_ovl_nat_ext(host):
+    """A subnet larger than ovl_nat's slots (192.168.0.0/18 with the slot count forced to
+    16, the test-only build parameter): 192.168.0.5 takes slot 5, 192.168.1.5 (offset 261)
+    ovl_nat_ext; both carry a TCP connection to the peer's real address."""
+    ns, args = host
+    ns.peer.run("ip", "addr", "add", "10.0.0.2/24", "dev", "eth0")
+    ops = {"nat": {"192.168.0.5": "10.0.0.2", "192.168.1.5": "10.0.0.2"}, "peers": {"10.0.0.2": 1}}
+    res = ns.helper("start", ops=ops, sizes={"nat_slots": 16}, **args)
+    assert res["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 16}
+    assert res["fill"]["ovl_nat_ext"]["entries"] == 1
+    for dev in ("ovl0", "ovl0p"):
+        ns.offload_off(dev)
+    for addr in ("192.168.0.5", "192.168.1.5"):
+        srv = ns.peer.helper_bg("serve-tcp", port=7020, count=1, timeout=15)
+        got = ns.helper("connect-tcp", host=addr, port=7020, timeout=3)
+        assert got["ok"] and got["peer"] == addr and got["server_saw"] == "10.0.0.1", (addr, got)
+        finish(srv)

@@ -49,8 +49,8 @@ def build_ops(spec: dict):
     from overlay.ops import NatEntry, Op, PeerEntry
 
     ops = []
-    for overlay, real in spec.get("nat", {}).items():
-        ops.append(Op("nat", overlay, NatEntry(real)))
+    for overlay, real in spec.get("nat", {}).items():  # real, or [real, override]
+        ops.append(Op("nat", overlay, NatEntry(*real) if isinstance(real, list) else NatEntry(real)))
     for real, identity in spec.get("peers", {}).items():
         ops.append(Op("peers", real, PeerEntry(identity, 1)))
     words: dict[tuple[int, int], int] = {}

@@ -355,7 +355,10 @@ class EbpfDatapath:
             try:
                 maps.set_cfg(abi.CfgIndex.EGRESS_IFINDEX, uplink)
                 maps.set_cfg(abi.CfgIndex.ABI_VERSION, abi.ABI_VERSION)
-                maps.set_nat_base(self._nat_layout().base)
+                if "ovl_nat" in carried:  # refilled in this layout already: nothing to move
+                    maps.set_cfg(abi.CfgIndex.NAT_BASE, self._nat_layout().base)
+                else:
+                    maps.set_nat_base(self._nat_layout().base)
                 netdev.loosen_rp_filter(self.interface)
                 ovl = netdev.ensure_overlay_device(
                     self.overlay_device, self.overlay_subnet, self.self_private, self.self_overlay,

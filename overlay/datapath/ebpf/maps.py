@@ -410,6 +410,15 @@ def _locate(table: str, key, layout: NatLayout | None) -> tuple[str, bytes]:
 _ZERO_NAT = bytes(8)  # struct ovl_nat_val with real 0: an empty ovl_nat slot
 
 
+def raw_op(op: Op, layout: NatLayout) -> tuple[str, bytes, bytes | None]:
+    """(map, key bytes, value bytes or None = delete) of one op: what a single
+    update or delete syscall writes (a delete in ovl_nat's slots is a write of zero)."""
+    name, key = _locate(op.table, op.key, layout)
+    if op.value is None:
+        return name, key, _ZERO_NAT if name == NAT else None
+    return name, key, encode_value(op.table, op.value)
+
+
 def _encode(ops: Iterable[Op], nat_layout) -> tuple[dict[str, Batch], dict[str, Batch]]:
     """({map: puts}, {map: deletes}) of ``ops``, the last op per key winning.
 
@@ -443,13 +452,14 @@ def _encode(ops: Iterable[Op], nat_layout) -> tuple[dict[str, Batch], dict[str, 
                 final.pop(op.key, None)  # keep the position of the last op
                 final[op.key] = op.value
         for key, value in final.items():
-            name, k = _locate(table, key, layout)
-            if value is None and name == NAT:
-                puts.setdefault(name, []).append((k, _ZERO_NAT))
-            elif value is None and table not in ("ports", "config"):
+            if table in ("ports", "config"):  # arrays: a delete writes 0
+                name, k, v = map_of(table, key), encode_key(table, key), encode_value(table, value)
+            else:
+                name, k, v = raw_op(Op(table, key, value), layout)
+            if v is None:
                 dels.setdefault(name, []).append(k)
             else:
-                puts.setdefault(name, []).append((k, encode_value(table, value)))
+                puts.setdefault(name, []).append((k, v))
     return ({**{m: Batch.of_pairs(p) for m, p in puts.items()}, **bulk_puts},
             {**{m: Batch.of_keys(k) for m, k in dels.items()}, **bulk_dels})
 
