@@ -77,6 +77,7 @@ def _datapath(a: dict):
         a.get("interface", "eth0"), a.get("subnet", "192.168.0.0/18"), a["private"],
         a.get("overlay"), pin_root=a["pin_root"], sizes=_sizes(a.get("sizes")),
         mode=a.get("mode", "tc"), cgroup=a.get("cgroup", "/sys/fs/cgroup"),
+        extra_routes=a.get("extra_routes", ()),
     )
 
 
