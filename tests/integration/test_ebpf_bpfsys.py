@@ -246,6 +246,13 @@ def test_mapset_roundtrip_and_capacity(bpf):
         assert ms.read_table("nat") == before
         assert bpf["ovl_nat"][ctypes.c_int(3)].real == abi.ip_to_be32("10.0.1.3")
         assert ms.fill()["ovl_nat"]["entries"] == 8 and ms.fill()["ovl_nat_ext"]["entries"] == 1
+        # an ovl_nat_ext entry that has a slot now (left by a smaller subnet): moved there
+        ext[ext.Key(abi.ip_to_be32("192.168.1.40"))] = abi.OvlNatVal(abi.ip_to_be32("10.0.1.40"), 0)
+        assert ms.lookup("nat", "192.168.1.40") is None   # where the programs look: empty
+        ms.set_nat_base(0xC0A80100)
+        assert ms.lookup("nat", "192.168.1.40") == NatEntry("10.0.1.40")
+        assert bpf["ovl_nat"][ctypes.c_int(40)].real == abi.ip_to_be32("10.0.1.40")
+        assert ms.fill()["ovl_nat_ext"]["entries"] == 1
     finally:
         ms.close()
 

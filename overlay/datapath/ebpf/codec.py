@@ -370,6 +370,10 @@ def encode_nat_bulk(layout: NatLayout, keys: list, values: list):
     gone = list(map(is_, values, repeat(None)))
     offsets = layout.offsets(kbuf)
     inside = list(map(lt, offsets, repeat(layout.slots)))
+    if not any(gone) and all(inside):  # a full sync: every entry a put into its slot
+        vbuf = _nat_values(values)
+        return None if vbuf is None else (
+            {NAT: (array(_U32_ARRAY, offsets).tobytes(), vbuf, len(keys))}, {})
     puts: dict[str, tuple[bytes, bytes, int]] = {}
     dels: dict[str, tuple[bytes, int]] = {}
     kept = list(map(not_, gone))

@@ -342,7 +342,8 @@ class EbpfDatapath:
         return NatLayout(abi.nat_base(self.overlay_subnet), slots)
 
     def _load(self, build, digest: str, uplink: int) -> None:
-        carried = self._unpin_stale_maps(build)
+        old_abi = self._pinned_abi()
+        carried = self._unpin_stale_maps(build, old_abi)
         bpf = self._compile(build)
         try:
             self._refill(bpf, carried)
@@ -355,10 +356,9 @@ class EbpfDatapath:
             try:
                 maps.set_cfg(abi.CfgIndex.EGRESS_IFINDEX, uplink)
                 maps.set_cfg(abi.CfgIndex.ABI_VERSION, abi.ABI_VERSION)
-                if "ovl_nat" in carried:  # refilled in this layout already: nothing to move
+                if old_abi not in (0, abi.ABI_VERSION):  # carried in this layout already
                     maps.set_cfg(abi.CfgIndex.NAT_BASE, self._nat_layout().base)
-                else:
-                    maps.set_nat_base(self._nat_layout().base)
+                maps.set_nat_base(self._nat_layout().base)  # moves what a subnet change misplaced
                 netdev.loosen_rp_filter(self.interface)
                 ovl = netdev.ensure_overlay_device(
                     self.overlay_device, self.overlay_subnet, self.self_private, self.self_overlay,
@@ -393,13 +393,12 @@ class EbpfDatapath:
             bpfsys.close(fd)
         return struct.unpack("=Q", raw[:8])[0] if raw else 0
 
-    def _unpin_stale_maps(self, build) -> dict[str, tuple[bpfsys.MapInfo, list]]:
+    def _unpin_stale_maps(self, build, old_abi: int) -> dict[str, tuple[bpfsys.MapInfo, list]]:
         """Unpin the pinned maps whose geometry is not what this build declares
         (bcc would reuse them unchecked), or whose layout an ABI change made
         unreadable, keeping the entries that can be carried over
         (:mod:`overlay.datapath.ebpf.upgrade`). The programs attached now keep
         using the old maps until replaced."""
-        old_abi = self._pinned_abi()
         abi_changed = old_abi not in (0, abi.ABI_VERSION)
         carried = {}
         for name in upgrade.RETIRED_MAPS:

@@ -172,17 +172,23 @@ class MapSet:
         return NatLayout(self.get_cfg(abi.CfgIndex.NAT_BASE), self.info(NAT).max_entries)
 
     def set_nat_base(self, base: int) -> None:
-        """Write OVL_CFG_NAT_BASE (the loader, at start). When the maps hold another base
-        (the overlay subnet moved, the slot count unchanged), their NAT entries are
-        written again at the new one first: every entry keeps its overlay address."""
+        """Write OVL_CFG_NAT_BASE (the loader, at start). When entries would be misplaced
+        (another base pinned: the overlay subnet moved; or an ovl_nat_ext entry that now
+        has a slot: the subnet grew), every NAT entry is written again in the new layout:
+        each keeps its overlay address."""
         old = self.get_cfg(abi.CfgIndex.NAT_BASE)
-        if old == base:
+        new = NatLayout(base, self.info(NAT).max_entries)
+        ext = [k for k, _ in self._items(NAT_EXT)]
+        if old == base and all(new.slot(decode_item("nat", k, _ZERO_NAT)[0]) is None for k in ext):
             return
         entries = self.read_table("nat")
         if entries:
-            log.warning("overlay subnet moved (NAT base %s -> %s): moving %d NAT entries",
-                        NatLayout(old, 0).address(0), NatLayout(base, 0).address(0), len(entries))
-            self.apply([Op("nat", k, None) for k in entries])
+            log.warning("overlay subnet changed (NAT base %s -> %s): moving %d NAT entries",
+                        NatLayout(old, 0).address(0), new.address(0), len(entries))
+            # emptied where they are (not where a layout would look for them)
+            used = [k for k, v in self._items(NAT) if any(v[:4])]
+            batch.update_pairs(self.fd(NAT), [(k, _ZERO_NAT) for k in used], 4, len(_ZERO_NAT))
+            batch.delete_keys(self.fd(NAT_EXT), ext, 4)
         self.set_cfg(abi.CfgIndex.NAT_BASE, base)
         if entries:
             self.apply([Op("nat", k, v) for k, v in entries.items()])
