@@ -326,3 +326,23 @@ def test_addresses_past_the_slots_go_through_ovl_nat_ext(host):
         got = ns.helper("connect-tcp", host=addr, port=7020, timeout=3)
         assert got["ok"] and got["peer"] == addr and got["server_saw"] == "10.0.0.1", (addr, got)
         finish(srv)
+
+
+def test_a_subnet_change_keeps_every_nat_entry(host):
+    """The overlay subnet grows (/18 -> /16: more slots, ovl_nat re-created and refilled,
+    an ovl_nat_ext entry now has a slot and moves there), then shrinks and moves (another
+    /18: fewer slots, another base; each slot re-indexed by its overlay address, the one
+    outside the new subnet into ovl_nat_ext). Each entry keeps its overlay address and
+    lives where the programs look for it."""
+    ns, args = host
+    ops = {"nat": {"192.168.0.2": "10.0.0.2", "192.168.70.9": "10.0.0.3"}}
+    first = ns.helper("start", ops=ops, **args)
+    assert (first["fill"]["ovl_nat"]["entries"], first["fill"]["ovl_nat_ext"]["entries"]) == (1, 1)
+    grown = ns.helper("start", **{**args, "subnet": "192.168.0.0/16"})
+    assert grown["adopted"] is False and grown["observe"]["nat"] == first["observe"]["nat"]
+    assert grown["fill"]["ovl_nat"] == {"entries": 2, "max_entries": 65536}
+    assert grown["fill"]["ovl_nat_ext"]["entries"] == 0
+    moved = ns.helper("start", **{**args, "subnet": "192.168.64.0/18", "overlay": "192.168.64.1"})
+    assert moved["observe"]["nat"] == first["observe"]["nat"]
+    # 192.168.70.9 has a slot of 192.168.64.0/18, 192.168.0.2 is outside it now
+    assert (moved["fill"]["ovl_nat"]["entries"], moved["fill"]["ovl_nat_ext"]["entries"]) == (1, 1)

@@ -60,3 +60,19 @@ def test_no_conversion_for_other_maps_or_versions():
     assert upgrade.carry("ovl_ct", 3, 24, []) is None
     assert upgrade.carry("ovl_ct", 2, 24, []) is None  # not the ABI-2 layout
     assert "ovl_events" in upgrade.RECREATE_ON_ABI_CHANGE
+
+
+def test_slots_of_another_subnet_size_are_re_indexed_by_address():
+    from overlay.datapath.ebpf.codec import NatLayout
+
+    old = NatLayout(0xC0A80000, 65536)   # 192.168.0.0/16
+    new = NatLayout(0xC0A84000, 16384)   # 192.168.64.0/18
+    val = [struct.pack("=4sI", bytes([10, 0, 0, i + 1]), 0) for i in range(3)]
+    items = [(struct.pack("=I", 2), val[0]),                 # 192.168.0.2: outside the /18
+             (struct.pack("=I", 70 * 256 + 9), val[1]),      # 192.168.70.9: slot 6 * 256 + 9
+             (struct.pack("=I", 5), bytes(8)),               # an empty slot: nothing
+             (struct.pack("=I", 64 * 256), val[2])]          # 192.168.64.0: slot 0
+    assert upgrade.nat_relayout(items, old, new) == {
+        "ovl_nat": [(struct.pack("=I", 6 * 256 + 9), val[1]), (struct.pack("=I", 0), val[2])],
+        "ovl_nat_ext": [(bytes([192, 168, 0, 2]), val[0])],
+    }

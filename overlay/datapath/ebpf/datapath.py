@@ -342,8 +342,7 @@ class EbpfDatapath:
         return NatLayout(abi.nat_base(self.overlay_subnet), slots)
 
     def _load(self, build, digest: str, uplink: int) -> None:
-        old_abi = self._pinned_abi()
-        carried = self._unpin_stale_maps(build, old_abi)
+        carried = self._unpin_stale_maps(build)
         bpf = self._compile(build)
         try:
             self._refill(bpf, carried)
@@ -356,7 +355,7 @@ class EbpfDatapath:
             try:
                 maps.set_cfg(abi.CfgIndex.EGRESS_IFINDEX, uplink)
                 maps.set_cfg(abi.CfgIndex.ABI_VERSION, abi.ABI_VERSION)
-                if old_abi not in (0, abi.ABI_VERSION):  # carried in this layout already
+                if "ovl_nat" in carried:  # re-created, refilled in this layout already
                     maps.set_cfg(abi.CfgIndex.NAT_BASE, self._nat_layout().base)
                 maps.set_nat_base(self._nat_layout().base)  # moves what a subnet change misplaced
                 netdev.loosen_rp_filter(self.interface)
@@ -378,27 +377,28 @@ class EbpfDatapath:
         self.adopted = False
         log.info("loaded and attached the datapath on %s (pinned at %s)", self.interface, self.pin_dir)
 
-    def _pinned_abi(self) -> int:
-        """The ABI version of the pinned state (0: none, or unreadable)."""
+    def _pinned_cfg(self, index: int) -> int:
+        """A slot of the pinned ovl_cfg (the ABI version, the NAT base; 0: none, or unreadable)."""
         try:
             fd = bpfsys.obj_get(os.path.join(self.pin_dir, CFG))
         except DatapathError:
             return 0
         try:
             info = bpfsys.map_info(fd)
-            raw = bpfsys.lookup(fd, struct.pack("=I", abi.CfgIndex.ABI_VERSION), 4, info.value_size)
+            raw = bpfsys.lookup(fd, struct.pack("=I", index), 4, info.value_size)
         except DatapathError:
             return 0
         finally:
             bpfsys.close(fd)
         return struct.unpack("=Q", raw[:8])[0] if raw else 0
 
-    def _unpin_stale_maps(self, build, old_abi: int) -> dict[str, tuple[bpfsys.MapInfo, list]]:
+    def _unpin_stale_maps(self, build) -> dict[str, tuple[bpfsys.MapInfo, list]]:
         """Unpin the pinned maps whose geometry is not what this build declares
         (bcc would reuse them unchecked), or whose layout an ABI change made
         unreadable, keeping the entries that can be carried over
         (:mod:`overlay.datapath.ebpf.upgrade`). The programs attached now keep
         using the old maps until replaced."""
+        old_abi = self._pinned_cfg(abi.CfgIndex.ABI_VERSION)
         abi_changed = old_abi not in (0, abi.ABI_VERSION)
         carried = {}
         for name in upgrade.RETIRED_MAPS:
@@ -422,11 +422,16 @@ class EbpfDatapath:
                     info.type, info.key_size, info.value_size
                 ) == (want.map_type, want.key_size, want.value_size)
                 items = bpfsys.items(fd, info) if info.type != bpfsys.MAP_TYPE_RINGBUF else []
-                converted = (upgrade.carry(name, old_abi, info.value_size, items, layout)
-                             if abi_changed else None)
-                if converted is None:
-                    converted = {name: items if same else []}
-                carried.update({m: (info, entries) for m, entries in converted.items()})
+                if abi_changed:
+                    converted = upgrade.carry(name, old_abi, info.value_size, items, layout)
+                elif name == "ovl_nat" and same:  # the slot count changed: slots re-indexed
+                    old = NatLayout(self._pinned_cfg(abi.CfgIndex.NAT_BASE), info.max_entries)
+                    converted = upgrade.nat_relayout(items, old, layout)
+                else:
+                    converted = None
+                converted = converted or {name: items if same else []}
+                for m, entries in converted.items():
+                    carried[m] = (info, carried.get(m, (info, []))[1] + entries)
                 moved = sum(map(len, converted.values()))
             finally:
                 bpfsys.close(fd)

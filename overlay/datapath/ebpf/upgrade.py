@@ -58,6 +58,13 @@ def carry(name: str, old_abi: int, old_value_size: int, items: list[tuple[bytes,
     return None
 
 
+def nat_relayout(items: list[tuple[bytes, bytes]], old: NatLayout, new: NatLayout) -> dict[str, list]:
+    """ABI 4's ovl_nat slots of layout ``old`` (a subnet of another size) in layout ``new``:
+    each non-empty slot by its overlay address, as :func:`nat_from_v3` places it."""
+    return nat_from_v3([(socket.inet_aton(old.address(struct.unpack("=I", k)[0])), v)
+                        for k, v in items if any(v[:4])], new)
+
+
 def nat_from_v3(items: list[tuple[bytes, bytes]], layout: NatLayout) -> dict[str, list]:
     """ABI 3's ovl_nat hash entries as ovl_nat slots (host-order u32 index) and
     ovl_nat_ext entries (the same key and value)."""
