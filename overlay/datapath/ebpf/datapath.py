@@ -559,6 +559,7 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             "policy_default": maps.get_cfg(abi.CfgIndex.POLICY_DEFAULT),
             "nat_gen": maps.get_cfg(abi.CfgIndex.NAT_GEN),
             "netns_cookie": maps.get_cfg(abi.CfgIndex.NETNS_COOKIE),
+            "nat_base": maps.nat_layout().address(0),   # ovl_nat's slot 0
             "lifetimes_ns": maps.lifetimes_ns(),
         }
         js = to_jsonable(state)
