@@ -321,25 +321,24 @@ class Host:
         the kernel's share of update_one, without ``MapSet.apply``'s capacity
         check (which lists every key of the maps it writes)."""
         from overlay.datapath.ebpf import bpfsys
-        from overlay.datapath.ebpf.maps import TABLE_MAP, encode_key, encode_value
+        from overlay.datapath.ebpf.maps import raw_op
         from overlay.diff import apply_ops
 
         if self.backend != "ebpf":
             raise ValueError("update_one_maps is for the ebpf backend")
         maps = self.dp.maps
+        layout = maps.nat_layout()
         times = []
         for _ in range(a["reps"]):
             i, new, ops = self._one_change()
             t0 = time.perf_counter()
             for op in ops:
-                name = TABLE_MAP[op.table]
+                name, key, value = raw_op(op, layout)
                 info, fd = maps.info(name), maps.fd(name)
-                key = encode_key(op.table, op.key)
-                if op.value is None:
+                if value is None:
                     bpfsys.delete(fd, key, info.key_size)
                 else:
-                    bpfsys.update(fd, key, encode_value(op.table, op.value), info.key_size,
-                                  info.value_size)
+                    bpfsys.update(fd, key, value, info.key_size, info.value_size)
             times.append((time.perf_counter() - t0) * 1000.0)
             apply_ops(self.observed, ops)
             self.nodes[i] = new

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 HOST, PEER, OVL, PUBLIC = "10.0.0.11", "10.0.0.12", "192.168.0.17", "198.18.0.11"
+SUBNET = "192.168.0.0/18"  # OVL's overlay subnet
 FAILSAFE = (("198.18.0.0/15", 1), ("10.0.0.2/32", 2))   # (cidr, OVL_FS_SSH=1 / OVL_FS_ALL=2)
 
 # case -> (program, frame builder): the common packets of a member and of a reply
@@ -72,7 +73,15 @@ def _seed(b) -> None:
 
     be = abi.ip_to_be32
     nat = b[b"ovl_nat"]
-    nat[nat.Key(be(OVL))] = nat.Leaf(be(PEER), 0)
+    try:
+        b[b"ovl_nat_ext"]
+    except KeyError:  # before ABI 4: a hash keyed by the overlay address
+        nat[nat.Key(be(OVL))] = nat.Leaf(be(PEER), 0)
+    else:             # ABI 4: the slot of OVL's offset from the base (192.168.0.0: 17)
+        from overlay.datapath.ebpf.codec import NatLayout
+
+        b[b"ovl_cfg"][ctypes.c_int(abi.CfgIndex.NAT_BASE)] = ctypes.c_uint64(abi.nat_base(SUBNET))
+        nat[nat.Key(NatLayout.of_subnet(SUBNET).slot(OVL))] = nat.Leaf(be(PEER), 0)
     peers = b[b"ovl_peers"]
     peers[peers.Key(be(PEER))] = peers.Leaf(1, 1)
     b[b"ovl_cfg"][ctypes.c_int(0)] = ctypes.c_uint64(1)  # REJECT_ALL, slot 0 in every ABI

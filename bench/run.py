@@ -523,13 +523,15 @@ class Bench:
                                       [rss], "RSS growth of the process holding the agent's "
                                       "state and the datapath, per peer", digits=1))
             if backend == "ebpf-tc":
-                per_peer = ("ovl_nat", "ovl_rnat", "ovl_peers")
+                per_peer = ("ovl_nat", "ovl_nat_ext", "ovl_peers")
                 maps = after["maps"]
                 mine = sum(maps[m]["memlock"] for m in per_peer)
                 fixed = sum(v["memlock"] for k, v in maps.items() if k not in per_peer)
                 self.results.add(make_row(
                     "memory", backend, n, "kernel_bytes_per_peer", "bytes/peer", [mine / n],
-                    f"memlock of ovl_nat+ovl_rnat+ovl_peers sized to {size} entries, / N",
+                    f"memlock of ovl_nat ({maps['ovl_nat']['max_entries']:,} slots: the /16 "
+                    f"overlay subnet) + ovl_nat_ext (no prealloc, sized {size}, empty: its buckets) "
+                    f"+ ovl_peers (sized {size}), / N",
                     digits=1))
                 self.results.add(make_row(
                     "memory", backend, n, "kernel_bytes_fixed", "bytes", [fixed],

@@ -22,12 +22,13 @@ import struct
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 PORT_WORDS = 1024
 SSH_PORT = 22
 
 NAT_F_OVERRIDE = 1
+NAT_SLOTS_MAX = 1 << 20  # ovl_nat slots at most (8 MiB of struct ovl_nat_val)
 PEER_F_MEMBER = 1
 FS_SSH = 1
 FS_ALL = 2
@@ -63,7 +64,8 @@ PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 # one place of their defaults. The loader passes every one to the C side as -D<define>
 # (overlay/datapath/ebpf/build.py); bpf/lib/maps.h has no defaults of its own.
 MAP_SIZES = {
-    "nat": 65536,           # ovl_nat and ovl_rnat
+    "nat": 65536,           # ovl_nat_ext: the NAT entries ovl_nat's slots do not cover
+    "nat_slots": 65536,     # ovl_nat's slots (not a config key: nat_slots(overlay_subnet))
     "peers": 65536,
     "conntrack": 262144,    # ovl_ct
     "failsafe": 1024,
@@ -81,6 +83,7 @@ MAP_SIZES = {
 }
 SIZE_DEFINES = {
     "nat": "OVL_NAT_MAX",
+    "nat_slots": "OVL_NAT_SLOTS",
     "peers": "OVL_PEERS_MAX",
     "conntrack": "OVL_CT_MAX",
     "failsafe": "OVL_FAILSAFE_MAX",
@@ -115,7 +118,18 @@ class CfgIndex(enum.IntEnum):
     FRAG_S = 13
     SELF_HINT = 14
     NETNS_COOKIE = 15
+    NAT_BASE = 16
     MAX = 32
+
+
+def nat_slots(subnet: str) -> int:
+    """ovl_nat's slot count for an overlay subnet: its address count, at most NAT_SLOTS_MAX."""
+    return min(ipaddress.IPv4Network(subnet, strict=False).num_addresses, NAT_SLOTS_MAX)
+
+
+def nat_base(subnet: str) -> int:
+    """OVL_CFG_NAT_BASE for an overlay subnet: its network address in host order."""
+    return int(ipaddress.IPv4Network(subnet, strict=False).network_address)
 
 
 class FilterMode(enum.IntEnum):

@@ -12,8 +12,11 @@
 #define OVERLAY_ABI_H
 
 /* 3: conntrack states and lifetimes, host-initiated flows only; inbound
- * markers; fragments; IPv6; martians; drop events with IPv6 addresses. */
-#define OVL_ABI_VERSION 3
+ * markers; fragments; IPv6; martians; drop events with IPv6 addresses.
+ * 4: ovl_nat is an array indexed by the overlay address's offset in the
+ * overlay subnet (OVL_CFG_NAT_BASE), ovl_nat_ext a hash for the rest;
+ * ovl_rnat is gone. */
+#define OVL_ABI_VERSION 4
 
 /* ovl_cfg: BPF_ARRAY of __u64, indexed by enum ovl_cfg_index. A lifetime
  * of 0 means its default (OVL_CT_DEFAULT_*_S). */
@@ -36,6 +39,8 @@ enum ovl_cfg_index {
 	OVL_CFG_NETNS_COOKIE = 15,  /* the daemon's network namespace cookie: the socket
 	                             * programs translate only sockets of this namespace
 	                             * (0: translate none) */
+	OVL_CFG_NAT_BASE = 16,      /* the overlay subnet's network address, host order:
+	                             * ovl_nat slot i is the overlay address base + i */
 	OVL_CFG_MAX = 32,
 };
 
@@ -88,14 +93,17 @@ enum ovl_reason {
 	OVL_COUNTER_MAX = 40,
 };
 
-/* ovl_nat: BPF_HASH key __u32 overlay address -> struct ovl_nat_val */
+/* ovl_nat: BPF_ARRAY of struct ovl_nat_val, OVL_NAT_SLOTS slots; slot i holds
+ * the overlay address OVL_CFG_NAT_BASE + i (host order), real == 0 meaning no
+ * entry. ovl_nat_ext: BPF_HASH key __u32 overlay address (network order) ->
+ * struct ovl_nat_val, every overlay address outside the slots (nat_overrides
+ * outside the subnet, offsets past the slots). */
+#define OVL_NAT_SLOTS_MAX 1048576
 struct ovl_nat_val {
 	__u32 real;                 /* peer's real address */
 	__u32 flags;                /* OVL_NAT_F_* */
 };
 #define OVL_NAT_F_OVERRIDE 1        /* came from nat_overrides */
-
-/* ovl_rnat: BPF_HASH key __u32 real address -> __u32 overlay address */
 
 /* ovl_sock: LRU hash, key struct ovl_sock_key -> __u32 overlay address. Written
  * by the socket programs when connect/sendmsg translated overlay -> real on a

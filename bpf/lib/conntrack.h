@@ -30,11 +30,12 @@
  * sweeps what no packet looks up any more.
  *
  * NAT generation: user space bumps OVL_CFG_NAT_GEN after an apply that wrote
- * or deleted ovl_nat entries. A translated entry carries the generation it
- * was verified at; an ingress hit with another generation checks that
- * ovl_nat[overlay].real is still the packet's source, then refreshes the
- * generation, or deletes the entry and misses (the peer was removed or
- * re-pointed: its replies are judged as new).
+ * or deleted NAT entries (ovl_nat, ovl_nat_ext). A translated entry carries
+ * the generation it was verified at; an ingress hit with another generation
+ * checks that the overlay address's NAT entry (ovl_nat_lookup) still names
+ * the packet's source as its real address, then refreshes the generation,
+ * or deletes the entry and misses (the peer was removed or re-pointed: its
+ * replies are judged as new).
  */
 #ifndef OVL_CONNTRACK_H
 #define OVL_CONNTRACK_H
@@ -435,7 +436,7 @@ static __always_inline struct ovl_ct_val *ovl_ct_ingress(const struct ovl_pkt *p
 	if (overlay) {
 		gen = (__u32)ovl_cfg_get(OVL_CFG_NAT_GEN);
 		if (v->nat_gen != gen) {
-			nat = ovl_nat.lookup(&overlay);
+			nat = ovl_nat_lookup(overlay);
 			if (!nat || nat->real != p->saddr) {
 				ovl_count(OVL_CT_NAT_STALE);
 				goto gone;

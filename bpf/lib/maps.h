@@ -17,6 +17,12 @@
 #ifndef OVL_NAT_MAX
 #error "OVL_NAT_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
+#ifndef OVL_NAT_SLOTS
+#error "OVL_NAT_SLOTS is passed with -D (overlay/abi.py nat_slots of the overlay subnet)"
+#endif
+#if OVL_NAT_SLOTS < 1 || OVL_NAT_SLOTS > OVL_NAT_SLOTS_MAX
+#error "OVL_NAT_SLOTS must be in 1..OVL_NAT_SLOTS_MAX"
+#endif
 #ifndef OVL_PEERS_MAX
 #error "OVL_PEERS_MAX is passed with -D (defaults: overlay/abi.py MAP_SIZES)"
 #endif
@@ -71,8 +77,9 @@
 #define OVL_TABLE(_type, _key, _leaf, _name, _max, _flags) \
 	BPF_F_TABLE(_type OVL_PIN(_name), _key, _leaf, _name, _max, _flags)
 
-OVL_TABLE("hash", __u32, struct ovl_nat_val, ovl_nat, OVL_NAT_MAX, 0);
-OVL_TABLE("hash", __u32, __u32, ovl_rnat, OVL_NAT_MAX, 0);
+/* NAT: an array slot per overlay subnet address, a hash for the rest (ovl_nat_lookup). */
+OVL_TABLE("array", __u32, struct ovl_nat_val, ovl_nat, OVL_NAT_SLOTS, 0);
+OVL_TABLE("hash", __u32, struct ovl_nat_val, ovl_nat_ext, OVL_NAT_MAX, BPF_F_NO_PREALLOC);
 OVL_TABLE("hash", __u32, struct ovl_peer_val, ovl_peers, OVL_PEERS_MAX, 0);
 OVL_TABLE("array", int, __u64, ovl_ports, OVL_PORT_SLOTS * OVL_PORT_WORDS, 0);
 OVL_TABLE("lpm_trie", struct ovl_lpm_key, __u32, ovl_failsafe, OVL_FAILSAFE_MAX,
@@ -118,6 +125,21 @@ static __always_inline __u64 ovl_cfg_get(int idx)
 	__u64 *v = ovl_cfg.lookup(&idx);
 
 	return v ? *v : 0;
+}
+
+/* The NAT entry of an overlay address (network order), or NULL: its slot in
+ * ovl_nat when its offset from OVL_CFG_NAT_BASE is below OVL_NAT_SLOTS (an
+ * empty slot, real == 0, is no entry), else ovl_nat_ext. */
+static __always_inline struct ovl_nat_val *ovl_nat_lookup(__u32 overlay)
+{
+	__u32 slot = bpf_ntohl(overlay) - (__u32)ovl_cfg_get(OVL_CFG_NAT_BASE);
+	struct ovl_nat_val *v;
+
+	if (slot < OVL_NAT_SLOTS) {
+		v = ovl_nat.lookup(&slot);
+		return v && v->real ? v : NULL;
+	}
+	return ovl_nat_ext.lookup(&overlay);
 }
 
 #endif /* OVL_MAPS_H */

@@ -62,7 +62,7 @@ static __always_inline int ovl_nat_egress(struct __sk_buff *skb)
 		return ovl_drop(&p, OVL_DROP_MALFORMED, OVL_DIR_EGRESS);
 
 	overlay = p.daddr;
-	nat = ovl_nat.lookup(&overlay);
+	nat = ovl_nat_lookup(overlay);
 	if (!nat)
 		return ovl_drop(&p, OVL_DROP_NO_PEER, OVL_DIR_EGRESS);
 	real = nat->real;

@@ -3,7 +3,7 @@
  * cgroup-v2 sock_addr hooks rewrite the address a socket call names, so that
  * no packet of a translated flow needs rewriting: connect() (TCP, connected
  * UDP) and sendmsg() (unconnected UDP) to an overlay address go to the peer's
- * real address (ovl_nat, the same map the tc path uses); recvmsg() and
+ * real address (ovl_nat_lookup, as the tc path does); recvmsg() and
  * getpeername() on that socket show the overlay address again.
  *
  * Only TCP and UDP sockets of the daemon's own network namespace are
@@ -37,7 +37,7 @@ static __always_inline int ovl_sock_forward(struct bpf_sock_addr *ctx, int reaso
 
 	if (!ovl_sock_l4(ctx))
 		return 1;
-	nat = ovl_nat.lookup(&overlay);
+	nat = ovl_nat_lookup(overlay);
 	if (!nat)
 		return 1;
 	mine = ovl_cfg_get(OVL_CFG_NETNS_COOKIE);

@@ -45,6 +45,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 PROTO = {"tcp": abi.PortSlot.TCP, "udp": abi.PortSlot.UDP}
+# The overlay subnet of the tables (tests/bpf/tables.py): OVL_CFG_NAT_BASE after reset, so
+# that its addresses take ovl_nat's slots (65,536 by default) and others ovl_nat_ext.
+NAT_SUBNET = "192.168.0.0/16"
 
 
 class Datapath:
@@ -70,12 +73,22 @@ class Datapath:
         self.bpf[b"ovl_cfg"][ctypes.c_int(int(index))] = ctypes.c_uint64(value)
 
     def set_nat(self, overlay: str, real: str, flags: int = 0) -> None:
-        self.bpf[b"ovl_nat"][ctypes.c_uint32(abi.ip_to_be32(overlay))] = abi.OvlNatVal(
-            abi.ip_to_be32(real), flags
-        )
-        self.bpf[b"ovl_rnat"][ctypes.c_uint32(abi.ip_to_be32(real))] = ctypes.c_uint32(
-            abi.ip_to_be32(overlay)
-        )
+        """The NAT entry where the programs look: the ovl_nat slot of ``overlay``'s
+        offset from OVL_CFG_NAT_BASE (NAT_SUBNET after reset) when below the slot
+        count, else ovl_nat_ext (the offset computed here by hand)."""
+        base = self.bpf[b"ovl_cfg"][ctypes.c_int(abi.CfgIndex.NAT_BASE)].value
+        offset = (int.from_bytes(bytes(int(o) for o in overlay.split(".")), "big") - base) % (1 << 32)
+        val = abi.OvlNatVal(abi.ip_to_be32(real), flags)
+        if offset < self.nat_slots:
+            self.bpf[b"ovl_nat"][ctypes.c_uint32(offset)] = val
+        else:
+            self.bpf[b"ovl_nat_ext"][ctypes.c_uint32(abi.ip_to_be32(overlay))] = val
+
+    @property
+    def nat_slots(self) -> int:
+        from overlay.datapath.ebpf import bpfsys
+
+        return bpfsys.map_info(self.bpf[b"ovl_nat"].map_fd).max_entries
 
     def set_peer(self, real: str, flags: int = abi.PEER_F_MEMBER, identity: int = 0) -> None:
         self.bpf[b"ovl_peers"][ctypes.c_uint32(abi.ip_to_be32(real))] = abi.OvlPeerVal(
@@ -196,23 +209,28 @@ class Datapath:
     # -- reset
     @staticmethod
     def _written_port_words(ports) -> set[int]:
-        """Non-zero ovl_ports words, also those written through MapSet (one batch read)."""
+        """The indexes of an array's non-zero values (ovl_ports words, ovl_nat slots), also
+        those written through MapSet (one batch read)."""
         from overlay.datapath.ebpf import bpfsys
 
         info = bpfsys.map_info(ports.map_fd)
         return {struct.unpack("=I", k)[0] for k, v in bpfsys.items(ports.map_fd, info) if any(v)}
 
     def reset(self) -> None:
-        for name in ("ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ct", "ovl_failsafe", "ovl_cidr_ident",
+        for name in ("ovl_nat_ext", "ovl_peers", "ovl_ct", "ovl_failsafe", "ovl_cidr_ident",
                      "ovl_policy", "ovl_names", "ovl_peers6", "ovl_failsafe6", "ovl_cidr_ident6",
                      "ovl_self", "ovl_ct6", "ovl_ct_in", "ovl_frag"):
             self.bpf[name.encode()].clear()
         ports = self.bpf[b"ovl_ports"]
         for idx in self._written_port_words(ports):
             ports[ctypes.c_int(idx)] = ctypes.c_uint64(0)
+        nat = self.bpf[b"ovl_nat"]
+        for idx in self._written_port_words(nat):  # the slots in use (non-zero values)
+            nat[ctypes.c_uint32(idx)] = abi.OvlNatVal(0, 0)
         cfg = self.bpf[b"ovl_cfg"]
         for i in range(abi.CfgIndex.MAX):
             cfg[ctypes.c_int(i)] = ctypes.c_uint64(0)
+        cfg[ctypes.c_int(abi.CfgIndex.NAT_BASE)] = ctypes.c_uint64(abi.nat_base(NAT_SUBNET))
         self.bpf[b"ovl_counters"].clear()
         self.drain_events()
 

@@ -172,7 +172,7 @@ def test_map_sizes_have_one_home():
     and the build passes every one of them."""
     maps_h = (build.bpf_dir() / "lib" / "maps.h").read_text()
     fixed = set(header_defines()) | {m for members in header_enums().values() for m in members}
-    used = set(re.findall(r"\b(OVL_\w+_MAX|OVL_EVENTS_PAGES)\b", maps_h)) - fixed
+    used = set(re.findall(r"\b(OVL_\w+_MAX|OVL_EVENTS_PAGES|OVL_NAT_SLOTS)\b", maps_h)) - fixed
     assert used == set(abi.SIZE_DEFINES.values())
     assert set(abi.SIZE_DEFINES) == set(abi.MAP_SIZES)
     assert not re.search(r"#define\s+OVL_\w+_MAX\s+\d", maps_h), "maps.h has a default of its own"
@@ -265,9 +265,9 @@ def test_map_types_bcc_derived_match(compiled, map_name, side, struct):
 
 
 def test_scalar_map_types(compiled):
-    for name in ("ovl_nat", "ovl_rnat", "ovl_peers"):
+    for name in ("ovl_nat", "ovl_nat_ext", "ovl_peers"):
         assert ctypes.sizeof(compiled.bpf[name.encode()].Key) == 4
-    assert ctypes.sizeof(compiled.bpf[b"ovl_rnat"].Leaf) == 4
+    assert ctypes.sizeof(compiled.bpf[b"ovl_nat_ext"].Leaf) == ctypes.sizeof(abi.OvlNatVal)
     for name in ("ovl_ports", "ovl_cfg"):
         assert ctypes.sizeof(compiled.bpf[name.encode()].Leaf) == 8
 

@@ -6,8 +6,9 @@ then every entry read back one by one (bpf_map_lookup_elem), on both paths:
   refuses BPF_MAP_UPDATE_BATCH and BPF_MAP_DELETE_BATCH (ENOTSUPP; kernel 6.18 batches
   hash, array and LPM trie maps): every entry is then written one by one.
 
-Then MapSet.apply on the datapath's own maps, bulk-encoded (nat, rnat, peers from
-one diff-like run of distinct keys) and per entry (a table given twice), read back.
+Then MapSet.apply on the datapath's own maps, bulk-encoded (nat in ovl_nat's slots and
+ovl_nat_ext, peers from one diff-like run of distinct keys) and per entry (a table given
+twice), read back.
 The expected entries are built here from the addresses' octets, not by the encoders.
 """
 
@@ -104,33 +105,43 @@ def be32(addr: str) -> int:
 
 
 def test_mapset_apply_bulk_and_per_entry(maps):
+    """nat entries in the ovl_nat slots (the conftest's NAT_SUBNET 192.168.0.0/16) and in
+    ovl_nat_ext (100.64.x), peers; read back by hand-computed slot and key."""
     n = 2000
-    overlays = [f"100.64.{i // 250}.{i % 250 + 1}" for i in range(n)]
+    overlays = [f"192.168.{i // 250}.{i % 250 + 1}" if i % 2 else f"100.64.{i // 250}.{i % 250 + 1}"
+                for i in range(n)]
     reals = [f"10.9.{i // 250}.{i % 250 + 1}" for i in range(n)]
-    ops = [Op("rnat", r, o) for r, o in zip(reals, overlays, strict=True)]
-    ops += [Op("peers", r, PeerEntry(identity=i + 1, flags=abi.PEER_F_MEMBER)) for i, r in enumerate(reals)]
+    ops = [Op("peers", r, PeerEntry(identity=i + 1, flags=abi.PEER_F_MEMBER)) for i, r in enumerate(reals)]
     ops += [Op("nat", o, NatEntry(r, override=i % 3 == 0)) for i, (o, r) in enumerate(zip(overlays, reals, strict=True))]
     maps.apply(ops)
-    nat_fd, rnat_fd, peers_fd = maps.fd("ovl_nat"), maps.fd("ovl_rnat"), maps.fd("ovl_peers")
+    nat_fd, ext_fd, peers_fd = maps.fd("ovl_nat"), maps.fd("ovl_nat_ext"), maps.fd("ovl_peers")
     for i, (o, r) in enumerate(zip(overlays, reals, strict=True)):
         flags = abi.NAT_F_OVERRIDE if i % 3 == 0 else 0
-        assert bpfsys.lookup(nat_fd, struct.pack("=I", be32(o)), 4, 8) == struct.pack("=II", be32(r), flags)
-        assert bpfsys.lookup(rnat_fd, struct.pack("=I", be32(r)), 4, 4) == struct.pack("=I", be32(o))
+        want = struct.pack("=II", be32(r), flags)
+        if i % 2:   # 192.168.a.b: slot a * 256 + b
+            a, b = map(int, o.split(".")[2:])
+            assert bpfsys.lookup(nat_fd, struct.pack("=I", a * 256 + b), 4, 8) == want
+            assert bpfsys.lookup(ext_fd, struct.pack("=I", be32(o)), 4, 8) is None
+        else:
+            assert bpfsys.lookup(ext_fd, struct.pack("=I", be32(o)), 4, 8) == want
         assert bpfsys.lookup(peers_fd, struct.pack("=I", be32(r)), 4, 8) == \
             struct.pack("=II", i + 1, abi.PEER_F_MEMBER)
+    assert maps.read_table("nat") == {
+        o: NatEntry(r, i % 3 == 0) for i, (o, r) in enumerate(zip(overlays, reals, strict=True))}
 
     # one run mixing puts and deletes (bulk), then a table given twice with a key
     # repeated (per entry: the last op wins)
     maps.apply([Op("nat", o, None) for o in overlays[:1000]]
                + [Op("nat", overlays[1000], NatEntry("10.8.0.1"))])
-    maps.apply([Op("rnat", reals[0], None), Op("nat", overlays[1], NatEntry("10.8.0.2")),
-                Op("rnat", reals[0], overlays[5]), Op("rnat", reals[1], None)])
+    maps.apply([Op("nat", overlays[1], NatEntry("10.8.0.9")), Op("peers", reals[0], None),
+                Op("nat", overlays[1], NatEntry("10.8.0.2")), Op("nat", overlays[2], NatEntry("10.8.0.3")),
+                Op("nat", overlays[2], None)])
     nat = maps.read_table("nat")
     assert len(nat) == 1001
     assert nat[overlays[1000]] == NatEntry("10.8.0.1") and nat[overlays[1]] == NatEntry("10.8.0.2")
     assert all(o not in nat for o in overlays[2:1000])
-    rnat = maps.read_table("rnat")
-    assert rnat[reals[0]] == overlays[5] and reals[1] not in rnat and len(rnat) == n - 1
-    maps.apply([Op("nat", o, None) for o in nat] + [Op("rnat", r, None) for r in rnat]
-               + [Op("peers", r, None) for r in reals])
-    assert maps.read_table("nat") == maps.read_table("rnat") == maps.read_table("peers") == {}
+    assert bpfsys.lookup(nat_fd, struct.pack("=I", 3), 4, 8) == bytes(8)  # 192.168.0.3: deleted = zero
+    assert maps.lookup("nat", overlays[3]) is None and maps.lookup("nat", overlays[1]) == NatEntry("10.8.0.2")
+    assert maps.fill()["ovl_nat"]["entries"] == 501 and maps.fill()["ovl_nat_ext"]["entries"] == 500
+    maps.apply([Op("nat", o, None) for o in nat] + [Op("peers", r, None) for r in reals])
+    assert maps.read_table("nat") == maps.read_table("peers") == {}

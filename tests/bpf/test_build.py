@@ -29,7 +29,7 @@ def test_exports():
         "connect4": ("ovl_connect4", 10), "sendmsg4": ("ovl_sendmsg4", 14),
         "recvmsg4": ("ovl_recvmsg4", 19), "getpeername4": ("ovl_getpeername4", 29),
     }
-    assert build.MAPS == ("ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ports", "ovl_failsafe",
+    assert build.MAPS == ("ovl_nat", "ovl_nat_ext", "ovl_peers", "ovl_ports", "ovl_failsafe",
                           "ovl_ct", "ovl_cfg", "ovl_counters", "ovl_events", "ovl_cidr_ident",
                           "ovl_policy", "ovl_names", "ovl_peers6", "ovl_failsafe6", "ovl_cidr_ident6",
                           "ovl_self", "ovl_ct6", "ovl_ct_in", "ovl_frag", "ovl_sock")
@@ -172,7 +172,7 @@ def test_pinned_maps_created_reused_and_checked(pin_dir):
     try:
         assert sorted(os.listdir(pin_dir)) == sorted(build.MAPS)
         ids = {n: _map_id(b1[n.encode()].map_fd) for n in build.MAPS}
-        b1[b"ovl_nat"][ctypes.c_uint32(abi.ip_to_be32("192.168.0.9"))] = abi.OvlNatVal(
+        b1[b"ovl_nat"][ctypes.c_uint32(9)] = abi.OvlNatVal(
             abi.ip_to_be32("10.0.0.9"), 0
         )
     finally:
@@ -186,7 +186,7 @@ def test_pinned_maps_created_reused_and_checked(pin_dir):
         got = {n: _map_id(b2[n.encode()].map_fd) for n in build.MAPS}
         assert got["ovl_ct"] != ids.pop("ovl_ct")
         assert {n: got[n] for n in ids} == ids
-        val = b2[b"ovl_nat"][ctypes.c_uint32(abi.ip_to_be32("192.168.0.9"))]
+        val = b2[b"ovl_nat"][ctypes.c_uint32(9)]
         assert abi.be32_to_ip(val.real) == "10.0.0.9"
         assert set(build.load_programs(b2)) == set(build.PROGRAMS) | set(build.SOCK_PROGRAMS)
     finally:
@@ -194,8 +194,8 @@ def test_pinned_maps_created_reused_and_checked(pin_dir):
 
     bigger = {**SMALL, "OVL_NAT_MAX": 128}
     problems = build.check_pinned_maps(pin_dir, bigger)
-    assert problems == ["ovl_nat: max_entries 64 != 128", "ovl_rnat: max_entries 64 != 128"]
-    with pytest.raises(DatapathError, match="ovl_nat: max_entries 64 != 128"):
+    assert problems == ["ovl_nat_ext: max_entries 64 != 128"]
+    with pytest.raises(DatapathError, match="ovl_nat_ext: max_entries 64 != 128"):
         build.compile_programs(bigger, pin_dir=pin_dir)
 
 

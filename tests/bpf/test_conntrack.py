@@ -146,14 +146,17 @@ _NAT_TUPLE = (PEER_REAL, HOST, 80, 40000, TCP_P)
     # the generation counter wraps: 0xffffffff -> 0 is a change too
     (0xFFFFFFFF, 0, PEER_REAL, OK, True, {Reason.PASS_ESTABLISHED: 1, Reason.NAT_INGRESS: 1}, 0),
 ], ids=["same-gen", "stale-verified", "stale-removed", "stale-repointed", "wrapped"])
-def test_nat_generation(dp, entry_gen, cfg_gen, nat, verdict, translated, counters, kept_gen):
+@pytest.mark.parametrize("overlay", [PEER_OVL, "203.0.113.9"], ids=["slot", "ext"])
+def test_nat_generation(dp, entry_gen, cfg_gen, nat, verdict, translated, counters, kept_gen, overlay):
+    """The re-check reads the NAT entry where it lives: an ovl_nat slot (PEER_OVL, in the
+    conftest's NAT_SUBNET) or ovl_nat_ext (an override outside the subnet)."""
     dp.seed({"cfg": {**REJECT, CfgIndex.NAT_GEN: cfg_gen}})
     if nat:
-        dp.set_nat(PEER_OVL, nat)
-    dp.set_ct(_NAT_KEY, PEER_OVL, EGRESS_NAT, gen=entry_gen)
+        dp.set_nat(overlay, nat)
+    dp.set_ct(_NAT_KEY, overlay, EGRESS_NAT, gen=entry_gen)
     got, out = dp.run("ingress", _NAT_REPLY)
     assert got == verdict
-    want = tcp(PEER_OVL, HOST, 80, 40000, flags="A") if translated else _NAT_REPLY
+    want = tcp(overlay, HOST, 80, 40000, flags="A") if translated else _NAT_REPLY
     assert out == bytes(want)
     assert dp.counters() == counters
     entries = dp.ct_entries()

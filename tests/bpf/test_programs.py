@@ -173,6 +173,16 @@ OVERLAY_EGRESS = [
     Case("no-peer-audit-passes-untranslated", "overlay_egress", udp(HOST, "192.168.0.99"), OK, SAME,
          {**NAT, "cfg": AUDIT}, {Reason.DROP_NO_PEER: 1}, ct={},
          events=[drop(Reason.DROP_NO_PEER, HOST, "192.168.0.99", 5353, 9999, UDP_P, 1, 1)]),
+    # ovl_nat's slots (NAT_SUBNET 192.168.0.0/16: 65,536) and ovl_nat_ext beside them
+    *[Case(f"nat-{where}", "overlay_egress", tcp(HOST, addr), OK, tcp(HOST, PEER_REAL),
+           {"nat": {addr: PEER_REAL}}, {Reason.NAT_EGRESS: 1},
+           ct={(PEER_REAL, HOST, 80, 40000, TCP_P): (addr, EGRESS_NAT, SYN_SENT)})
+      for where, addr in (("last-slot", "192.168.255.255"), ("first-slot", "192.168.0.0"),
+                          ("ext-past-the-slots", "192.169.0.0"), ("ext-below-the-base", "192.167.255.255"),
+                          ("ext-override-outside-the-subnet", "203.0.113.9"))],
+    Case("no-peer-ext-miss-dropped", "overlay_egress", tcp(HOST, "203.0.113.10"), SHOT, SAME,
+         {"nat": {**NAT["nat"], "203.0.113.9": PEER_REAL}}, {Reason.DROP_NO_PEER: 1}, ct={},
+         events=[drop(Reason.DROP_NO_PEER, HOST, "203.0.113.10", 40000, 80, TCP_P, direction=1)]),
     Case("arp-untouched", "overlay_egress", ARP_FRAME, OK, SAME, NAT, {Reason.PASS_UNTOUCHED: 1}),
     Case("ipv6-untouched", "overlay_egress", IPV6_FRAME, OK, SAME, NAT, {Reason.PASS_UNTOUCHED: 1}),
 ] + [

@@ -7,6 +7,7 @@ without the datapath's programs.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import struct
@@ -24,8 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 MAPS_C = r"""
 #include "overlay_abi.h"
-BPF_HASH(ovl_nat, u32, struct ovl_nat_val, 8);
-BPF_HASH(ovl_rnat, u32, u32, 8);
+BPF_ARRAY(ovl_nat, struct ovl_nat_val, 64);
+BPF_F_TABLE("hash", u32, struct ovl_nat_val, ovl_nat_ext, 8, BPF_F_NO_PREALLOC);
 BPF_HASH(ovl_peers, u32, struct ovl_peer_val, 8);
 BPF_ARRAY(ovl_ports, u64, 2048);
 BPF_LPM_TRIE(ovl_failsafe, struct ovl_lpm_key, u32, 8);
@@ -47,7 +48,7 @@ int dummy(struct __sk_buff *skb) {
     u32 k = 0;
     u64 *v = ovl_cfg.lookup(&k);
     struct ovl_nat_val *n = ovl_nat.lookup(&k);
-    u32 *r = ovl_rnat.lookup(&k);
+    struct ovl_nat_val *r = ovl_nat_ext.lookup(&k);
     struct ovl_peer_val *p = ovl_peers.lookup(&k);
     u64 *w = ovl_ports.lookup(&k);
     struct ovl_lpm_key lk = {32, 0};
@@ -87,8 +88,8 @@ def pin_dir():
 def test_pin_get_info_and_elements(bpf, pin_dir):
     from overlay.datapath.ebpf import bpfsys
 
-    nat = bpf["ovl_nat"]
-    path = os.path.join(pin_dir, "ovl_nat")
+    nat = bpf["ovl_nat_ext"]
+    path = os.path.join(pin_dir, "ovl_nat_ext")
     bpfsys.obj_pin(nat.map_fd, path)
     with pytest.raises(DatapathError, match="EEXIST"):
         bpfsys.obj_pin(nat.map_fd, path)
@@ -97,7 +98,7 @@ def test_pin_get_info_and_elements(bpf, pin_dir):
         info = bpfsys.map_info(fd)
         assert (info.type, info.key_size, info.value_size, info.max_entries) == (
             bpfsys.MAP_TYPE_HASH, 4, 8, 8)
-        assert info.name == "ovl_nat"
+        assert info.name == "ovl_nat_ext"
         assert info.id == bpfsys.map_info(nat.map_fd).id
         key = struct.pack("=I", abi.ip_to_be32("192.168.0.5"))
         val = bytes(abi.OvlNatVal(abi.ip_to_be32("10.0.0.5"), 0))
@@ -126,9 +127,9 @@ def test_pin_get_info_and_elements(bpf, pin_dir):
 def test_batches_and_fallbacks(bpf):
     from overlay.datapath.ebpf import batch, bpfsys
 
-    fd = bpf["ovl_rnat"].map_fd
-    items = [(struct.pack("=I", i), struct.pack("=I", i * 10)) for i in range(1, 7)]
-    batch.update_pairs(fd, items, 4, 4)
+    fd = bpf["ovl_nat_ext"].map_fd
+    items = [(struct.pack("=I", i), struct.pack("=II", i * 10, 1)) for i in range(1, 7)]
+    batch.update_pairs(fd, items, 4, 8)
     info = bpfsys.map_info(fd)
     assert sorted(bpfsys.items(fd, info)) == sorted(items)
     # delete batch with an absent key in the middle: the rest still goes
@@ -160,14 +161,14 @@ def test_mapset_roundtrip_and_capacity(bpf):
     try:
         state = ms.read_all()
         assert state == {
-            "nat": {}, "rnat": {}, "peers": {}, "ports": {}, "failsafe": {},
+            "nat": {}, "peers": {}, "ports": {}, "failsafe": {},
             "config": {"reject_all": 0, "mode": 0}, "policy": {}, "cidr_ident": {}, "names": {},
             "self": {},
         }
+        ms.set_nat_base(0xC0A80000)  # 192.168.0.0: slots 192.168.0.0-63, ovl_nat_ext the rest
         ops = [
             Op("nat", "192.168.0.2", NatEntry("10.0.0.2")),
             Op("nat", "192.168.63.1", NatEntry("10.0.0.250", override=True)),
-            Op("rnat", "10.0.0.2", "192.168.0.2"),
             Op("peers", "10.0.0.2", PeerEntry(7, 1)),
             Op("ports", (0, 1), 1 << 16),       # tcp 80
             Op("ports", (1, 0), 1 << 53),       # udp 53
@@ -187,7 +188,6 @@ def test_mapset_roundtrip_and_capacity(bpf):
             "192.168.0.2": NatEntry("10.0.0.2"),
             "192.168.63.1": NatEntry("10.0.0.250", True),
         }
-        assert state["rnat"] == {"10.0.0.2": "192.168.0.2"}
         assert state["peers"] == {"10.0.0.2": PeerEntry(7, 1), "2001:db8::2": PeerEntry(7, 1)}
         assert state["ports"] == {(0, 1): 1 << 16, (1, 0): 1 << 53}
         assert state["failsafe"] == {"198.18.0.0/15": abi.FS_SSH, "2001:db8::/32": abi.FS_ALL}
@@ -199,18 +199,23 @@ def test_mapset_roundtrip_and_capacity(bpf):
         assert to_jsonable(state)["ports"] == {"tcp": [80], "udp": [53]}
 
         # the kernel side agrees on the layout
-        nat = bpf["ovl_nat"]
-        v = nat[nat.Key(abi.ip_to_be32("192.168.63.1"))]
+        ext = bpf["ovl_nat_ext"]
+        v = ext[ext.Key(abi.ip_to_be32("192.168.63.1"))]
         assert (v.real, v.flags) == (abi.ip_to_be32("10.0.0.250"), abi.NAT_F_OVERRIDE)
+        v = bpf["ovl_nat"][ctypes.c_int(2)]       # 192.168.0.2: slot 2
+        assert (v.real, v.flags) == (abi.ip_to_be32("10.0.0.2"), 0)
+        assert bpf["ovl_nat"][ctypes.c_int(9)].real == 0   # 192.168.0.9: put then deleted
 
-        # capacity: 8 entries max; 2 present + 7 new = 9 -> nothing applied
-        too_many = [Op("nat", f"192.168.1.{i}", NatEntry(f"10.0.1.{i}")) for i in range(7)]
-        with pytest.raises(CapacityError, match="nat: 9 entries"):
+        # capacity: ovl_nat_ext holds 8; 1 present + 8 new = 9 -> nothing applied (the
+        # array's slots never overflow)
+        too_many = [Op("nat", f"192.168.1.{i}", NatEntry(f"10.0.1.{i}")) for i in range(8)]
+        with pytest.raises(CapacityError, match=r"nat: 9 entries would exceed ovl_nat_ext max_entries 8 "
+                                                r"\(datapath.sizes.nat\)"):
             ms.apply(too_many + [Op("peers", "10.0.0.3", PeerEntry())])
         assert ms.read_all() == state
         # ... but fits when the same batch deletes one
-        ms.apply(too_many + [Op("nat", "192.168.0.2", None)])
-        assert len(ms.read_all()["nat"]) == 8
+        ms.apply(too_many + [Op("nat", "192.168.63.1", None)])
+        assert len(ms.read_all()["nat"]) == 9
         with pytest.raises(CapacityError):
             ms.apply([Op("ports", (0, 1024), 1)])
         with pytest.raises(DatapathError):
@@ -227,11 +232,27 @@ def test_mapset_roundtrip_and_capacity(bpf):
         assert counters["drop_not_allowed"] == 0 and counters["pass_member"] == 0
         assert counters["nat_egress"] == 0 and "drop_no_peer" in counters
         fill = ms.fill()
-        assert fill["ovl_nat"] == {"entries": 8, "max_entries": 8}
+        assert fill["ovl_nat"] == {"entries": 1, "max_entries": 64}
+        assert fill["ovl_nat_ext"] == {"entries": 8, "max_entries": 8}
         assert fill["ovl_ports"]["entries"] == 1
         for name in ("ovl_ct", "ovl_ct6", "ovl_ct_in", "ovl_frag"):  # conntrack fill for /status
             assert fill[name] == {"entries": 0, "max_entries": 64}, name
         assert ms.ct_entries() == []
+
+        # the overlay subnet moves (same slot count): every entry keeps its overlay address
+        before = ms.read_table("nat")
+        ms.set_nat_base(0xC0A80100)  # 192.168.1.0: the 192.168.1.x entries now take slots
+        assert ms.get_cfg(abi.CfgIndex.NAT_BASE) == 0xC0A80100
+        assert ms.read_table("nat") == before
+        assert bpf["ovl_nat"][ctypes.c_int(3)].real == abi.ip_to_be32("10.0.1.3")
+        assert ms.fill()["ovl_nat"]["entries"] == 8 and ms.fill()["ovl_nat_ext"]["entries"] == 1
+        # an ovl_nat_ext entry that has a slot now (left by a smaller subnet): moved there
+        ext[ext.Key(abi.ip_to_be32("192.168.1.40"))] = abi.OvlNatVal(abi.ip_to_be32("10.0.1.40"), 0)
+        assert ms.lookup("nat", "192.168.1.40") is None   # where the programs look: empty
+        ms.set_nat_base(0xC0A80100)
+        assert ms.lookup("nat", "192.168.1.40") == NatEntry("10.0.1.40")
+        assert bpf["ovl_nat"][ctypes.c_int(40)].real == abi.ip_to_be32("10.0.1.40")
+        assert ms.fill()["ovl_nat_ext"]["entries"] == 1
     finally:
         ms.close()
 

@@ -60,7 +60,6 @@ def test_fresh_start_loads_attaches_and_observes(lab):
         want = member_ops(name)
         seen = res["observe"]
         assert {k: v["real"] for k, v in seen["nat"].items()} == want["nat"]
-        assert seen["rnat"] == want["rnat"]
         assert set(seen["peers"]) == set(want["peers"])
         assert seen["config"] == {"reject_all": 0, "mode": 0}
 
@@ -118,6 +117,34 @@ def test_unknown_overlay_address_dropped_no_peer(lab):
     res = tcp(lab, "h1", "h2", "192.168.0.77", 7005, timeout=1.5)
     assert not res["ok"]
     assert counters(lab, "h1")["drop_no_peer"] > before["drop_no_peer"]
+
+
+def test_nat_overrides_in_the_slots_and_in_ovl_nat_ext_then_deleted(lab):
+    """ABI 4: h1 reaches h2 through an override inside the subnet (an ovl_nat slot) and one
+    outside it (ovl_nat_ext; routed to ovl0 through extra_routes, as the daemon does); the
+    server sees h1's real address, the client the overlay address. Deleted, both are
+    dropped as NO_PEER."""
+    real = real_of("h1", "h2")
+    inside, outside = "192.168.0.200", "203.0.113.7"
+    try:
+        res = lab.dp("h1", "apply", {"nat": {inside: [real, True], outside: [real, True]}},
+                     extra_routes=[outside])
+        assert res["observe"]["nat"][inside] == res["observe"]["nat"][outside] == \
+            {"real": real, "override": True}
+        assert res["fill"]["ovl_nat_ext"]["entries"] == 1   # only the one outside the subnet
+        for addr in (inside, outside):
+            srv = serve(lab, "h2", "serve-tcp", 7010)
+            got = tcp(lab, "h1", "h2", addr, 7010)
+            assert got["ok"] and got["peer"] == addr and got["server_saw"] == real_of("h2", "h1"), got
+            finish(srv)
+        # (every dpctl call starts the datapath: the route stays only while extra_routes has it)
+        before = lab.dp("h1", "apply", {"delete": {"nat": [inside, outside]}},
+                        extra_routes=[outside])["counters"]
+        for addr in (inside, outside):
+            assert not tcp(lab, "h1", "h2", addr, 7011, timeout=1.0)["ok"]
+        assert counters(lab, "h1")["drop_no_peer"] >= before["drop_no_peer"] + 2
+    finally:
+        lab.dp("h1", "apply", {"delete": {"nat": [inside, outside]}})  # and the route goes
 
 
 def test_reject_all_members_open_ports_failsafe(lab):
@@ -225,6 +252,7 @@ def host(netns_factory, pin_root):
     ns.run("ip", "addr", "add", "10.0.0.1/24", "dev", "eth0")
     args = {"interface": "eth0", "private": "10.0.0.1", "overlay": "192.168.0.1",
             "pin_root": pin_root, "subnet": "192.168.0.0/18"}
+    ns.peer = peer
     return ns, args
 
 
@@ -253,20 +281,22 @@ def test_resize_recreates_maps_and_keeps_entries(host):
     """A changed map size is a reload: the resized maps are re-created (bcc would
     reuse them unchecked) and their entries carried over; the others are kept."""
     ns, args = host
-    ops = {"nat": {"192.168.0.2": "10.0.0.2"}, "rnat": {"10.0.0.2": "192.168.0.2"},
+    # one NAT entry in ovl_nat's slots (192.168.0.0/18: 16,384), one in ovl_nat_ext
+    ops = {"nat": {"192.168.0.2": "10.0.0.2", "203.0.113.9": "10.0.0.3"},
            "peers": {"10.0.0.2": 5}, "ports": {"tcp": [443]}}
     small = {"nat": 1024, "peers": 1024, "conntrack": 4096, "failsafe": 64}
     first = ns.helper("start", ops=ops, sizes=small, **args)
     assert first["adopted"] is False
-    assert first["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 1024}
+    assert first["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 16384}
+    assert first["fill"]["ovl_nat_ext"] == {"entries": 1, "max_entries": 1024}
     again = ns.helper("start", sizes=small, **args)
     assert again["adopted"] is True
 
     bigger = {**small, "nat": 2048}
     res = ns.helper("start", sizes=bigger, **args)
     assert res["adopted"] is False
-    assert res["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 2048}
-    assert res["fill"]["ovl_rnat"] == {"entries": 1, "max_entries": 2048}
+    assert res["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 16384}
+    assert res["fill"]["ovl_nat_ext"] == {"entries": 1, "max_entries": 2048}
     assert res["fill"]["ovl_peers"] == {"entries": 1, "max_entries": 1024}
     assert res["observe"] == first["observe"]
     for key, att in res["attachments"].items():
@@ -277,3 +307,42 @@ def test_resize_recreates_maps_and_keeps_entries(host):
         assert att["prog_id"] == att["pinned_prog_id"], key
         assert att["prog_id"] != first["attachments"][key]["prog_id"], key
     assert ns.helper("start", sizes=bigger, **args)["adopted"] is True
+
+
+def test_addresses_past_the_slots_go_through_ovl_nat_ext(host):
+    """A subnet larger than ovl_nat's slots (192.168.0.0/18 with the slot count forced to
+    16, the test-only build parameter): 192.168.0.5 takes slot 5, 192.168.1.5 (offset 261)
+    ovl_nat_ext; both carry a TCP connection to the peer's real address."""
+    ns, args = host
+    ns.peer.run("ip", "addr", "add", "10.0.0.2/24", "dev", "eth0")
+    ops = {"nat": {"192.168.0.5": "10.0.0.2", "192.168.1.5": "10.0.0.2"}, "peers": {"10.0.0.2": 1}}
+    res = ns.helper("start", ops=ops, sizes={"nat_slots": 16}, **args)
+    assert res["fill"]["ovl_nat"] == {"entries": 1, "max_entries": 16}
+    assert res["fill"]["ovl_nat_ext"]["entries"] == 1
+    for dev in ("ovl0", "ovl0p"):
+        ns.offload_off(dev)
+    for addr in ("192.168.0.5", "192.168.1.5"):
+        srv = ns.peer.helper_bg("serve-tcp", port=7020, count=1, timeout=15)
+        got = ns.helper("connect-tcp", host=addr, port=7020, timeout=3)
+        assert got["ok"] and got["peer"] == addr and got["server_saw"] == "10.0.0.1", (addr, got)
+        finish(srv)
+
+
+def test_a_subnet_change_keeps_every_nat_entry(host):
+    """The overlay subnet grows (/18 -> /16: more slots, ovl_nat re-created and refilled,
+    an ovl_nat_ext entry now has a slot and moves there), then shrinks and moves (another
+    /18: fewer slots, another base; each slot re-indexed by its overlay address, the one
+    outside the new subnet into ovl_nat_ext). Each entry keeps its overlay address and
+    lives where the programs look for it."""
+    ns, args = host
+    ops = {"nat": {"192.168.0.2": "10.0.0.2", "192.168.70.9": "10.0.0.3"}}
+    first = ns.helper("start", ops=ops, **args)
+    assert (first["fill"]["ovl_nat"]["entries"], first["fill"]["ovl_nat_ext"]["entries"]) == (1, 1)
+    grown = ns.helper("start", **{**args, "subnet": "192.168.0.0/16"})
+    assert grown["adopted"] is False and grown["observe"]["nat"] == first["observe"]["nat"]
+    assert grown["fill"]["ovl_nat"] == {"entries": 2, "max_entries": 65536}
+    assert grown["fill"]["ovl_nat_ext"]["entries"] == 0
+    moved = ns.helper("start", **{**args, "subnet": "192.168.64.0/18", "overlay": "192.168.64.1"})
+    assert moved["observe"]["nat"] == first["observe"]["nat"]
+    # 192.168.70.9 has a slot of 192.168.64.0/18, 192.168.0.2 is outside it now
+    assert (moved["fill"]["ovl_nat"]["entries"], moved["fill"]["ovl_nat_ext"]["entries"]) == (1, 1)

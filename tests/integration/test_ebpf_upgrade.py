@@ -1,13 +1,16 @@
-"""Upgrading a pinned ABI-2 datapath to ABI 3 under a live overlay stream.
+"""Upgrading a pinned older datapath to this ABI under a live overlay stream.
 
-h1's datapath is first loaded by the code of the branch point of issue 11
-(``git archive 57b97c1``, bench/before.py: ABI 2), h2 runs this revision. h1
-streams to h2's overlay address; mid-stream a holder of THIS revision starts on
-h1's pins: the digest and ABI version differ, so it reloads, re-creating the maps
-whose layout changed. The stream's translated conntrack entry is carried over
-(ABI-2 ``ovl_ct`` values are converted: docs/datapath.md "Upgrading to ABI 3"),
-so its replies keep coming back from the overlay address and the stream ends
-intact; the old drop-event ring buffer is replaced by a new one.
+h1's datapath is first loaded by the code of an older revision (``git archive``,
+bench/before.py): the branch point of issue 11 (ABI 2), or main at 5f1847f (ABI 3,
+the layout before ABI 4); h2 runs this revision. h1 streams to h2's overlay address;
+mid-stream a holder of THIS revision starts on h1's pins WITHOUT applying anything:
+the digest and ABI version differ, so it reloads, re-creating the maps whose layout
+changed and carrying what can be carried (docs/datapath.md "Upgrading to ABI 3",
+"Upgrading to ABI 4"): ABI-2 ``ovl_ct`` values are converted, the ABI-2/3 ``ovl_nat``
+hash entries go into the ``ovl_nat`` array's slots or ``ovl_nat_ext``, ``ovl_rnat``
+is unpinned. So the stream's replies keep coming back from the overlay address
+(translated by the carried NAT entry before any apply) and the stream ends intact;
+the old drop-event ring buffer is replaced by a new one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 
 import pytest
 
+from overlay import abi
 from overlay.datapath.ebpf import bpfsys
 from tests.support.netns import finish, netns_inode
 from tests.support.paths import REPO, program
@@ -43,13 +47,17 @@ def map_id(path: str) -> int:
         bpfsys.close(fd)
 
 
-def test_abi2_state_is_upgraded_under_a_live_stream():
+ABI3_REV = "5f1847f"  # main before ABI 4: ovl_nat a hash, ovl_rnat
+
+
+@pytest.mark.parametrize("old_abi", [2, 3])
+def test_pinned_state_is_upgraded_under_a_live_stream(old_abi):
     from bench.before import DEFAULT_REV, ArchiveError, extract
 
-    old_root = tempfile.mkdtemp(prefix="ovl-abi2-")
+    old_root = tempfile.mkdtemp(prefix=f"ovl-abi{old_abi}-")
     try:
         try:
-            extract(DEFAULT_REV, old_root)
+            extract(DEFAULT_REV if old_abi == 2 else ABI3_REV, old_root)
         except ArchiveError as exc:
             pytest.skip(str(exc))
         # the test programs of this revision (tests/support), run on the old library:
@@ -60,7 +68,10 @@ def test_abi2_state_is_upgraded_under_a_live_stream():
             h1, h2 = lab.ns["h1"], lab.ns["h2"]
             lab.start_datapaths(("h2",))
             args = lab.dp_args("h1")
-            pin_dir = os.path.join(args["pin_root"], "eth0")
+            # ABI 2 pinned at <pin_root>/<interface> (the layout before pins were keyed by
+            # network namespace); ABI 3 where this revision pins
+            new_dir = os.path.join(args["pin_root"], str(netns_inode(h1.name)), "eth0")
+            pin_dir = os.path.join(args["pin_root"], "eth0") if old_abi == 2 else new_dir
             old = h1.popen(*program("dpctl"), "hold",
                            json.dumps({"ops": member_ops("h1"), "max_s": 60, **args}), text=True,
                            cwd=old_root)
@@ -70,7 +81,8 @@ def test_abi2_state_is_upgraded_under_a_live_stream():
                 assert loaded["adopted"] is False
                 h1.offload_off("ovl0")
                 h1.offload_off("ovl0p")
-                assert lab_cfg(pin_dir, 3) == 2  # OVL_CFG_ABI_VERSION of the old programs
+                assert lab_cfg(pin_dir, 3) == old_abi  # OVL_CFG_ABI_VERSION of the old programs
+                assert os.path.exists(os.path.join(pin_dir, "ovl_rnat"))
                 events_before = map_id(os.path.join(pin_dir, "ovl_events"))
 
                 srv = h2.helper_bg("stream-serve", port=PORT, nbytes=NBYTES, timeout=60)
@@ -83,17 +95,20 @@ def test_abi2_state_is_upgraded_under_a_live_stream():
                 old.kill()
                 old.wait(5)
 
-                new = h1.helper_bg("hold", ops=member_ops("h1"), max_s=60, **args)
+                new = h1.helper_bg("hold", max_s=60, **args)   # no apply: what it has is carried
                 holders.append(new)
                 upgraded = new.first
                 assert cli.poll() is None, "the stream ended before the upgrade"
                 open(resume, "w").close()      # the second half goes through the new programs
                 assert upgraded["adopted"] is False  # a reload, not an adoption
-                # the ABI-2 revision pinned at <pin_root>/<interface> (the layout before pins
-                # were keyed by network namespace); this one moved it to its own place
-                new_dir = os.path.join(args["pin_root"], str(netns_inode(h1.name)), "eth0")
-                assert not os.path.exists(pin_dir)
-                assert lab_cfg(new_dir, 3) == 3
+                if old_abi == 2:  # moved to this revision's place
+                    assert not os.path.exists(pin_dir)
+                assert lab_cfg(new_dir, 3) == abi.ABI_VERSION
+                assert not os.path.exists(os.path.join(new_dir, "ovl_rnat"))
+                # every NAT entry carried (h2, h3: in 192.168.0.0/18, so in ovl_nat's slots)
+                assert {k: v["real"] for k, v in upgraded["observe"]["nat"].items()} == \
+                    member_ops("h1")["nat"]
+                assert upgraded["fill"]["ovl_nat"]["entries"] == len(member_ops("h1")["nat"])
                 assert map_id(os.path.join(new_dir, "ovl_events")) != events_before
 
                 sent = finish(cli)

@@ -35,7 +35,7 @@ from tests.support.lab import make_lab, require_lab_tools
 pytestmark = [pytest.mark.root, pytest.mark.zk]
 
 # Only the maps that hold state (not counters, conntrack or fill levels).
-STATE_MAPS = ("digest", "ovl_cfg", "ovl_failsafe", "ovl_nat", "ovl_peers", "ovl_ports", "ovl_rnat")
+STATE_MAPS = ("digest", "ovl_cfg", "ovl_failsafe", "ovl_nat", "ovl_peers", "ovl_ports")
 SESSION_TIMEOUT_S = 10.0   # registry.timeout_s's default: a killed daemon's record outlives it this long
 ZK_OUTAGE_S = 30.0
 

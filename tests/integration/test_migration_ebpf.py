@@ -166,8 +166,7 @@ def test_live_maps_translate_old_hosts_by_vpcflag_and_packets_arrive(world):
         nat = maps["ovl_nat"]["entries"]
         assert {ip: nat[ip]["real"] for ip in want} == want, (name, nat)
         assert not any(nat[ip]["override"] for ip in want)
-        for ip, real in want.items():
-            assert maps["ovl_rnat"]["entries"][real] == ip, (name, maps["ovl_rnat"]["entries"])
+        for real in want.values():
             assert real in maps["ovl_peers"]["entries"], name     # a member: passes reject_all
         # and the old hosts see the daemon: its party entry, read by an old host's rules
         mine = d.status()["overlay"]

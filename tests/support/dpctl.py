@@ -14,7 +14,7 @@ socket mode):
   plan      start (adopt), plan ``node`` (this one), ``peers``, ``policies`` (record JSON) under
             ``config`` (a config mapping), apply the diff against observe(), close
 
-Ops spec: {"nat": {overlay: real}, "rnat": {real: overlay}, "peers": {real: identity},
+Ops spec: {"nat": {overlay: real}, "peers": {real: identity},
 "ports": {"tcp": [port...], "udp": [...]}, "failsafe": {cidr: flags},
 "config": {name: value}}; ``"delete": {table: [keys]}`` deletes.
 
@@ -49,10 +49,8 @@ def build_ops(spec: dict):
     from overlay.ops import NatEntry, Op, PeerEntry
 
     ops = []
-    for overlay, real in spec.get("nat", {}).items():
-        ops.append(Op("nat", overlay, NatEntry(real)))
-    for real, overlay in spec.get("rnat", {}).items():
-        ops.append(Op("rnat", real, overlay))
+    for overlay, real in spec.get("nat", {}).items():  # real, or [real, override]
+        ops.append(Op("nat", overlay, NatEntry(*real) if isinstance(real, list) else NatEntry(real)))
     for real, identity in spec.get("peers", {}).items():
         ops.append(Op("peers", real, PeerEntry(identity, 1)))
     words: dict[tuple[int, int], int] = {}
@@ -79,13 +77,20 @@ def _datapath(a: dict):
         a.get("interface", "eth0"), a.get("subnet", "192.168.0.0/18"), a["private"],
         a.get("overlay"), pin_root=a["pin_root"], sizes=_sizes(a.get("sizes")),
         mode=a.get("mode", "tc"), cgroup=a.get("cgroup", "/sys/fs/cgroup"),
+        extra_routes=a.get("extra_routes", ()),
     )
 
 
 def _sizes(spec):
-    """{"nat": n, ...} -> the config's MapSizes (what the daemon passes)."""
+    """{"nat": n, ...} -> the config's MapSizes (what the daemon passes); with the
+    test-only "nat_slots" (ovl_nat's slot count forced below the subnet's), a mapping
+    of the -D names the build takes."""
     if not spec:
         return None
+    if "nat_slots" in spec:
+        from overlay import abi
+
+        return {abi.SIZE_DEFINES[k]: v for k, v in spec.items()}
     from overlay.config import MapSizes
 
     return MapSizes(**spec)

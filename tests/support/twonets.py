@@ -42,15 +42,14 @@ def real_of(src: str, dst: str) -> str:
 def member_ops(name: str) -> dict:
     """dpctl ops spec for host ``name``: every other host a member peer,
     reached through its real address."""
-    nat, rnat, peers = {}, {}, {}
+    nat, peers = {}, {}
     for other in HOSTS:
         if other == name:
             continue
         real = real_of(name, other)
         nat[HOSTS[other]["overlay"]] = real
-        rnat[real] = HOSTS[other]["overlay"]
         peers[real] = 1
-    return {"nat": nat, "rnat": rnat, "peers": peers}
+    return {"nat": nat, "peers": peers}
 
 
 def wire_networks(ns: dict[str, HelperNetns], hosts: dict[str, dict]) -> None:

@@ -67,7 +67,6 @@ def test_is_v6(text, want):
 
 @pytest.mark.parametrize(("table", "key", "want"), [
     ("nat", "192.168.0.1", "ovl_nat"), ("nat", "fd00::1", "ovl_nat"),
-    ("rnat", "10.0.0.1", "ovl_rnat"),
     ("peers", "10.0.0.1", "ovl_peers"), ("peers", "fd00::1", "ovl_peers6"),
     ("ports", (0, 1), "ovl_ports"),
     ("failsafe", "10.0.0.0/8", "ovl_failsafe"), ("failsafe", "fd00::/8", "ovl_failsafe6"),
@@ -88,14 +87,17 @@ def test_map_of_an_unknown_table_names_it():
 
 def test_the_map_names_and_the_sizes_that_fill_them():
     assert codec.TABLE_MAP == {
-        "nat": "ovl_nat", "rnat": "ovl_rnat", "peers": "ovl_peers", "ports": "ovl_ports",
+        "nat": "ovl_nat", "peers": "ovl_peers", "ports": "ovl_ports",
         "failsafe": "ovl_failsafe", "config": "ovl_cfg", "policy": "ovl_policy",
         "cidr_ident": "ovl_cidr_ident", "names": "ovl_names", "self": "ovl_self",
     }
     assert (codec.CT, codec.COUNTERS, codec.EVENTS, codec.SOCK) == ("ovl_ct", "ovl_counters", "ovl_events", "ovl_sock")
     assert codec.CT_MAPS == ("ovl_ct", "ovl_ct6", "ovl_ct_in", "ovl_frag")
+    assert codec.STORE_MAPS["nat"] == ("ovl_nat", "ovl_nat_ext")
+    assert codec.STORE_MAPS["peers"] == ("ovl_peers", "ovl_peers6")
+    assert codec.STORE_MAPS["self"] == ("ovl_self",)
     assert codec.SIZE_KEY == {
-        "ovl_nat": "nat", "ovl_rnat": "nat", "ovl_peers": "peers", "ovl_failsafe": "failsafe",
+        "ovl_nat_ext": "nat", "ovl_peers": "peers", "ovl_failsafe": "failsafe",
         "ovl_ct": "conntrack", "ovl_policy": "policy", "ovl_cidr_ident": "cidr_ident",
         "ovl_names": "names", "ovl_peers6": "peers6", "ovl_failsafe6": "failsafe6",
         "ovl_cidr_ident6": "cidr_ident6", "ovl_self": "(fixed)", "ovl_ct6": "conntrack6",
@@ -107,7 +109,6 @@ def test_the_map_names_and_the_sizes_that_fill_them():
 
 KEYS = [
     ("nat", "192.168.0.2", bytes([192, 168, 0, 2])),
-    ("rnat", "198.18.1.1", bytes([198, 18, 1, 1])),
     ("peers", "10.0.0.2", bytes([10, 0, 0, 2])),
     ("peers", "fd00::1", FD00_1),
     ("self", "10.0.0.1", MAPPED_10_0_0_1),
@@ -153,7 +154,6 @@ def test_the_config_keys_are_exactly_these():
 BAD_KEYS = [
     ("nat", "192.168.0.256", DatapathError, r"^nat key: not an IPv4 address: '192\.168\.0\.256'"),
     ("nat", 3232235521, DatapathError, "^nat key: not an IPv4 address"),
-    ("rnat", "fd00::1", DatapathError, "^rnat key: not an IPv4 address"),
     ("peers", "10.0.0", DatapathError, "^peers key: not an IPv4 address"),
     ("peers", "fd00::zz", DatapathError, "^peers key: not an IP address: 'fd00::zz'"),
     ("self", "nowhere", DatapathError, "^self key: not an IP address"),
@@ -209,7 +209,6 @@ VALUES = [
     ("nat", NatEntry("10.0.0.2"), bytes([10, 0, 0, 2]) + u32(0)),
     ("nat", NatEntry("10.0.0.250", override=True), bytes([10, 0, 0, 250]) + u32(1)),
     ("nat", "10.1.2.3", bytes([10, 1, 2, 3]) + u32(0)),
-    ("rnat", "192.168.0.1", bytes([192, 168, 0, 1])),
     ("peers", PeerEntry(identity=42, flags=1), u32(42, 1)),
     ("peers", PeerEntry(identity=0xFFFFFFFF, flags=0xFFFFFFFF), u32(0xFFFFFFFF, 0xFFFFFFFF)),
     ("ports", 1 << 63, u64(1 << 63)), ("ports", None, bytes(8)), ("ports", 0, bytes(8)),
@@ -232,7 +231,6 @@ def test_values_are_the_abi_bytes(table, value, raw):
 BAD_VALUES = [
     ("nat", 5, "^nat value: expected NatEntry, got 5"),
     ("nat", NatEntry("10.0.0"), "^nat real: not an IPv4 address"),
-    ("rnat", "fd00::1", "^rnat value: not an IPv4 address"),
     ("peers", 3, "^peers value: expected PeerEntry, got 3"),
     ("peers", PeerEntry(identity=1 << 32), "^peer identity: not a u32"),
     ("peers", PeerEntry(flags=-1), "^peer flags: not a u32"),
@@ -267,7 +265,6 @@ ITEMS = [
     ("nat", bytes([192, 168, 0, 3]), bytes([10, 0, 0, 3]) + u32(0), ("192.168.0.3", NatEntry("10.0.0.3", False))),
     # only bit 0 is the override flag
     ("nat", bytes([192, 168, 0, 4]), bytes([10, 0, 0, 4]) + u32(2), ("192.168.0.4", NatEntry("10.0.0.4", False))),
-    ("rnat", bytes([198, 18, 1, 1]), bytes([192, 168, 0, 1]), ("198.18.1.1", "192.168.0.1")),
     ("peers", bytes([10, 0, 0, 2]), u32(42, 1), ("10.0.0.2", PeerEntry(42, 1))),
     ("peers", FD00_1, u32(9, 0), ("fd00::1", PeerEntry(9, 0))),
     # a 16-byte peers key is IPv6 even when it reads as IPv4-mapped (Python's text of it
@@ -347,7 +344,6 @@ def test_decode_ct_from_abi_bytes(key, value, want):
 def test_to_jsonable_by_hand():
     state = {
         "nat": {"192.168.0.2": NatEntry("10.0.0.2"), "192.168.0.3": NatEntry("10.0.0.3", True)},
-        "rnat": {"10.0.0.2": "192.168.0.2"},
         "peers": {"10.0.0.2": PeerEntry(5, 1)},
         "ports": {(0, 0): (1 << 22) | (1 << 23), (1, 0): 1 << 53, (0, 1): 1},
         "failsafe": {"198.18.0.0/15": 1},
@@ -360,7 +356,6 @@ def test_to_jsonable_by_hand():
     assert codec.to_jsonable(state) == {
         "nat": {"192.168.0.2": {"real": "10.0.0.2", "override": False},
                 "192.168.0.3": {"real": "10.0.0.3", "override": True}},
-        "rnat": {"10.0.0.2": "192.168.0.2"},
         "peers": {"10.0.0.2": {"identity": 5, "flags": 1}},
         "ports": {"tcp": [22, 23, 64], "udp": [53]},
         "failsafe": {"198.18.0.0/15": 1},
@@ -375,8 +370,8 @@ def test_to_jsonable_by_hand():
 
 
 def test_to_jsonable_of_a_state_without_the_newer_tables():
-    old = {"nat": {}, "rnat": {}, "peers": {}, "ports": {}, "failsafe": {}, "config": {}}
+    old = {"nat": {}, "peers": {}, "ports": {}, "failsafe": {}, "config": {}}
     assert codec.to_jsonable(old) == {
-        "nat": {}, "rnat": {}, "peers": {}, "ports": {"tcp": [], "udp": []}, "failsafe": {}, "config": {},
+        "nat": {}, "peers": {}, "ports": {"tcp": [], "udp": []}, "failsafe": {}, "config": {},
         "policy": [], "cidr_ident": {}, "names": {}, "self": {},
     }

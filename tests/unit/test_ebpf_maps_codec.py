@@ -20,7 +20,6 @@ from overlay.ops import NatEntry, PeerEntry
 ROUNDTRIP = [
     ("nat", "192.168.0.2", NatEntry("10.0.0.2")),
     ("nat", "192.168.63.1", NatEntry("10.0.0.250", override=True)),
-    ("rnat", "198.18.1.1", "192.168.0.1"),
     ("peers", "10.0.0.2", PeerEntry(identity=42, flags=abi.PEER_F_MEMBER)),
     ("ports", (0, 1), 1 << 16),
     ("ports", (1, 1023), 1 << 63),

@@ -1,5 +1,5 @@
-"""ABI 2 -> 3 conversion of pinned conntrack entries (pure; the live upgrade is
-tests/integration/test_ebpf_upgrade.py)."""
+"""ABI 2 -> 3 conversion of pinned conntrack entries, ABI 3 -> 4 of NAT entries (pure;
+the live upgrades are tests/integration/test_ebpf_upgrade.py and test_ebpf_upgrade4.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_only_translated_entries_are_carried_and_re_verified():
         (key(6, 443), v2(None, abi.CT_F_EGRESS, 333)),     # plain: maybe an inbound flow's reply
         (key(6, 444), v2(None, nat, 444)),                 # NAT flag without an overlay: junk
     ]
-    out = upgrade.carry("ovl_ct", 2, 16, items)
+    out = upgrade.carry("ovl_ct", 2, 16, items)["ovl_ct"]
     assert [k for k, _ in out] == [key(6), key(17, 53)]
     tcp = abi.OvlCtVal.from_buffer_copy(out[0][1])
     udp = abi.OvlCtVal.from_buffer_copy(out[1][1])
@@ -38,8 +38,41 @@ def test_only_translated_entries_are_carried_and_re_verified():
     assert len(out[0][1]) == 24
 
 
+def test_abi3_nat_entries_go_to_their_slot_or_to_ext():
+    from overlay.datapath.ebpf.codec import NatLayout
+
+    layout = NatLayout(0x64400000, 256)  # 100.64.0.0, 256 slots: 100.64.0.0 .. 100.64.0.255
+    val = [struct.pack("=4sI", bytes([10, 0, 0, i]), i % 2) for i in range(4)]
+    items = [(bytes([100, 64, 0, 7]), val[0]), (bytes([100, 64, 1, 0]), val[1]),
+             (bytes([192, 0, 2, 1]), val[2]), (bytes([100, 64, 0, 255]), val[3])]
+    out = upgrade.carry("ovl_nat", 3, 8, items, layout)
+    assert out == {
+        "ovl_nat": [(struct.pack("=I", 7), val[0]), (struct.pack("=I", 255), val[3])],
+        "ovl_nat_ext": [(bytes([100, 64, 1, 0]), val[1]), (bytes([192, 0, 2, 1]), val[2])],
+    }
+    assert upgrade.carry("ovl_nat", 3, 8, items) is None         # no layout: nothing known
+    assert upgrade.carry("ovl_nat", 3, 12, items, layout) is None  # not the ABI-3 value
+    assert upgrade.RETIRED_MAPS == ("ovl_rnat",)
+
+
 def test_no_conversion_for_other_maps_or_versions():
-    assert upgrade.carry("ovl_nat", 2, 8, [(b"k", b"v")]) is None
+    assert upgrade.carry("ovl_nat", 4, 8, [(b"k", b"v")]) is None
     assert upgrade.carry("ovl_ct", 3, 24, []) is None
     assert upgrade.carry("ovl_ct", 2, 24, []) is None  # not the ABI-2 layout
     assert "ovl_events" in upgrade.RECREATE_ON_ABI_CHANGE
+
+
+def test_slots_of_another_subnet_size_are_re_indexed_by_address():
+    from overlay.datapath.ebpf.codec import NatLayout
+
+    old = NatLayout(0xC0A80000, 65536)   # 192.168.0.0/16
+    new = NatLayout(0xC0A84000, 16384)   # 192.168.64.0/18
+    val = [struct.pack("=4sI", bytes([10, 0, 0, i + 1]), 0) for i in range(3)]
+    items = [(struct.pack("=I", 2), val[0]),                 # 192.168.0.2: outside the /18
+             (struct.pack("=I", 70 * 256 + 9), val[1]),      # 192.168.70.9: slot 6 * 256 + 9
+             (struct.pack("=I", 5), bytes(8)),               # an empty slot: nothing
+             (struct.pack("=I", 64 * 256), val[2])]          # 192.168.64.0: slot 0
+    assert upgrade.nat_relayout(items, old, new) == {
+        "ovl_nat": [(struct.pack("=I", 6 * 256 + 9), val[1]), (struct.pack("=I", 0), val[2])],
+        "ovl_nat_ext": [(bytes([192, 168, 0, 2]), val[0])],
+    }

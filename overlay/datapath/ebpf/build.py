@@ -69,7 +69,7 @@ SOCK_PROGRAMS = {
 }
 MAPS = (
     "ovl_nat",
-    "ovl_rnat",
+    "ovl_nat_ext",
     "ovl_peers",
     "ovl_ports",
     "ovl_failsafe",
@@ -203,6 +203,10 @@ def normalize_sizes(sizes: Mapping[str, int] | None) -> dict[str, int]:
                 f"datapath.sizes.{key}", f"must be an integer in 1..{_SIZE_LIMIT}, got {value!r}"
             )
         out[name] = value
+    if out["OVL_NAT_SLOTS"] > abi.NAT_SLOTS_MAX:
+        raise InvalidConfigError(
+            "datapath.sizes.OVL_NAT_SLOTS", f"at most {abi.NAT_SLOTS_MAX}, got {out['OVL_NAT_SLOTS']}"
+        )
     pages = out["OVL_EVENTS_PAGES"]
     if pages & (pages - 1):
         raise InvalidConfigError(
@@ -242,8 +246,9 @@ def map_specs(sizes: Mapping[str, int] | None = None) -> dict[str, MapSpec]:
     addr6, lpm6 = ctypes.sizeof(abi.OvlAddr6), ctypes.sizeof(abi.OvlLpm6Key)
     ct6 = ctypes.sizeof(abi.OvlCt6Key)
     return {
-        "ovl_nat": MapSpec(bpfsys.MAP_TYPE_HASH, u32, ctypes.sizeof(abi.OvlNatVal), s["OVL_NAT_MAX"]),
-        "ovl_rnat": MapSpec(bpfsys.MAP_TYPE_HASH, u32, u32, s["OVL_NAT_MAX"]),
+        "ovl_nat": MapSpec(bpfsys.MAP_TYPE_ARRAY, u32, ctypes.sizeof(abi.OvlNatVal), s["OVL_NAT_SLOTS"]),
+        "ovl_nat_ext": MapSpec(bpfsys.MAP_TYPE_HASH, u32, ctypes.sizeof(abi.OvlNatVal), s["OVL_NAT_MAX"],
+                               bpfsys.BPF_F_NO_PREALLOC),
         "ovl_peers": MapSpec(bpfsys.MAP_TYPE_HASH, u32, ctypes.sizeof(abi.OvlPeerVal), s["OVL_PEERS_MAX"]),
         "ovl_ports": MapSpec(bpfsys.MAP_TYPE_ARRAY, u32, u64, abi.PortSlot.SLOTS * abi.PORT_WORDS),
         "ovl_failsafe": MapSpec(

@@ -6,8 +6,8 @@ and write the maps; ``overlay why`` and the bench use the same encoders.
 ===========  ==================  ===========================================
 ops table    map                 encoding
 ===========  ==================  ===========================================
-nat          ovl_nat (hash)      be32 overlay -> ovl_nat_val{be32 real, flags}
-rnat         ovl_rnat (hash)     be32 real -> be32 overlay
+nat          ovl_nat (array)     u32 slot (NatLayout) -> ovl_nat_val{be32 real, flags}
+             ovl_nat_ext (hash)  be32 overlay -> ovl_nat_val (addresses outside the slots)
 peers        ovl_peers (hash)    IPv4: be32 real -> ovl_peer_val{identity, flags}
              ovl_peers6 (hash)   IPv6: ovl_addr6 -> ovl_peer_val
 ports        ovl_ports (array)   u32 slot*PORT_WORDS+word -> u64 bitmap word
@@ -21,6 +21,12 @@ names        ovl_names (hash)    ovl_name_key{enum ovl_name_kind, number} ->
                                  ovl_name{NUL-terminated text}
 self         ovl_self (hash)     ovl_addr6 (IPv4 mapped) -> u32 OVL_SELF_F_*
 ===========  ==================  ===========================================
+
+A ``nat`` entry lives in the slot of ``ovl_nat`` at its overlay address's offset
+from the overlay subnet's network address (:class:`NatLayout`: the base in
+``OVL_CFG_NAT_BASE``, the slot count ``ovl_nat``'s max_entries) when that offset is
+below the slot count, else in ``ovl_nat_ext``; an empty slot (real 0) is no entry, so
+deleting an entry of the array writes the zero value.
 
 An ops key names its family by its form ("10.0.0.1" or "fd00::1"), so the
 tables with IPv6 entries (``peers``, ``failsafe``, ``cidr_ident``, ``self``)
@@ -42,19 +48,21 @@ import ctypes
 import ipaddress
 import socket
 import struct
+import sys
 from array import array
 from collections.abc import Mapping
 from functools import partial
-from itertools import repeat
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import and_, attrgetter, is_, lt, not_, sub
+from typing import NamedTuple
 
 from overlay import abi
 from overlay.errors import CapacityError, DatapathError
 from overlay.ops import NatEntry, PeerEntry
 
 # Map names of the ABI (build.MAPS lists the same names for the loader).
-NAT, RNAT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS, EVENTS = (
-    "ovl_nat", "ovl_rnat", "ovl_peers", "ovl_ports", "ovl_failsafe", "ovl_ct", "ovl_cfg",
+NAT, NAT_EXT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS, EVENTS = (
+    "ovl_nat", "ovl_nat_ext", "ovl_peers", "ovl_ports", "ovl_failsafe", "ovl_ct", "ovl_cfg",
     "ovl_counters", "ovl_events",
 )
 CIDR_IDENT, POLICY, NAMES = "ovl_cidr_ident", "ovl_policy", "ovl_names"
@@ -65,11 +73,14 @@ CT_MAPS = (CT, CT6, CT_IN, FRAG)
 
 # table -> (its IPv4 map, its IPv6 map or None)
 TABLE_MAPS = {
-    "nat": (NAT, None), "rnat": (RNAT, None), "peers": (PEERS, PEERS6), "ports": (PORTS, None),
+    "nat": (NAT, None), "peers": (PEERS, PEERS6), "ports": (PORTS, None),
     "failsafe": (FAILSAFE, FAILSAFE6), "config": (CFG, None), "policy": (POLICY, None),
     "cidr_ident": (CIDR_IDENT, CIDR_IDENT6), "names": (NAMES, None), "self": (SELF, SELF),
 }
 TABLE_MAP = {t: m for t, (m, _) in TABLE_MAPS.items()}  # the first (IPv4) map of each table
+# table -> every map holding its entries (nat: the array and the hash beside it)
+STORE_MAPS = {t: (NAT, NAT_EXT) if t == "nat" else tuple(dict.fromkeys(m for m in ms if m))
+              for t, ms in TABLE_MAPS.items()}
 CONFIG_INDEX = {
     "reject_all": abi.CfgIndex.REJECT_ALL,
     "mode": abi.CfgIndex.MODE,
@@ -90,7 +101,7 @@ NAME_KIND = {
 _KIND_NAME = {int(v): k for k, v in NAME_KIND.items()}
 # The config size (datapath.sizes.<key>) of each map that can fill up.
 SIZE_KEY = {
-    NAT: "nat", RNAT: "nat", PEERS: "peers", FAILSAFE: "failsafe", CT: "conntrack",
+    NAT_EXT: "nat", PEERS: "peers", FAILSAFE: "failsafe", CT: "conntrack",
     POLICY: "policy", CIDR_IDENT: "cidr_ident", NAMES: "names", PEERS6: "peers6",
     FAILSAFE6: "failsafe6", CIDR_IDENT6: "cidr_ident6", SELF: "(fixed)", CT6: "conntrack6",
     CT_IN: "conntrack_in", FRAG: "frag",
@@ -158,7 +169,7 @@ def _u(value, bits: int, what: str) -> int:
 
 
 def encode_key(table: str, key) -> bytes:
-    if table in ("nat", "rnat") or (table == "peers" and not is_v6(key)):
+    if table == "nat" or (table == "peers" and not is_v6(key)):
         return _U32.pack(_addr(key, f"{table} key"))
     if table in ("peers", "self"):
         return _addr16(key, f"{table} key")
@@ -216,8 +227,6 @@ def encode_value(table: str, value) -> bytes:
             raise DatapathError(f"nat value: expected NatEntry, got {value!r}")
         flags = abi.NAT_F_OVERRIDE if value.override else 0
         return bytes(abi.OvlNatVal(_addr(value.real, "nat real"), flags))
-    if table == "rnat":
-        return _U32.pack(_addr(value, "rnat value"))
     if table == "peers":
         if not isinstance(value, PeerEntry):
             raise DatapathError(f"peers value: expected PeerEntry, got {value!r}")
@@ -246,13 +255,13 @@ def encode_value(table: str, value) -> bytes:
 
 # -- bulk encoders (a whole table's entries -> one key and one value buffer) ------
 #
-# A full sync puts tens of thousands of nat, rnat and peers entries. Encoded one by
-# one (encode_key/encode_value) they cost more than the kernel's batch write, so these
-# build each map's buffers with C-level iterators (map, zip, b"".join, array): no
-# Python frame per entry. They accept exactly what the per-entry encoders accept or
-# answer None ("encode one by one"), which then names the entry that is wrong; they
-# take no IPv6 entry (peers6 goes one by one). An IPv4 address's bytes are its
-# inet_pton form, the be32 of the ABI.
+# A full sync puts tens of thousands of nat and peers entries. Encoded one by one
+# (encode_key/encode_value) they cost more than the kernel's batch write, so these
+# build each map's buffers with C-level iterators (map, zip, compress, b"".join,
+# array): no Python frame per entry. They accept exactly what the per-entry encoders
+# accept or answer None ("encode one by one"), which then names the entry that is
+# wrong; they take no IPv6 entry (peers6 goes one by one). An IPv4 address's bytes
+# are its inet_pton form, the be32 of the ABI.
 
 _PTON4 = partial(socket.inet_pton, socket.AF_INET)
 _NAT_FLAGS = {False: _U32.pack(0), True: _U32.pack(abi.NAT_F_OVERRIDE)}
@@ -260,7 +269,35 @@ _REAL = attrgetter("real")
 _OVERRIDE = attrgetter("override")
 _IDENTITY, _FLAGS = attrgetter("identity"), attrgetter("flags")
 _U32_ARRAY = next(t for t in "IL" if array(t).itemsize == 4)
-_BULK_MAP = {"nat": NAT, "rnat": RNAT, "peers": PEERS}
+_NAT_VAL_SIZE = ctypes.sizeof(abi.OvlNatVal)
+_BULK_MAP = {"nat": NAT_EXT, "peers": PEERS}
+
+
+class NatLayout(NamedTuple):
+    """Where ``nat`` entries live: ``ovl_nat`` slot ``ntohl(overlay) - base`` when that is
+    below ``slots``, else ``ovl_nat_ext`` (the programs' ovl_nat_lookup)."""
+
+    base: int    # OVL_CFG_NAT_BASE: the overlay subnet's network address, host order
+    slots: int   # ovl_nat's max_entries (abi.nat_slots of the subnet)
+
+    @classmethod
+    def of_subnet(cls, subnet: str) -> NatLayout:
+        return cls(abi.nat_base(subnet), abi.nat_slots(subnet))
+
+    def slot(self, overlay: str) -> int | None:
+        """The slot of an overlay address, or None (ovl_nat_ext)."""
+        offset = (int.from_bytes(_PTON4(overlay), "big") - self.base) & 0xFFFFFFFF
+        return offset if offset < self.slots else None
+
+    def address(self, slot: int) -> str:
+        return socket.inet_ntop(socket.AF_INET, ((self.base + slot) & 0xFFFFFFFF).to_bytes(4, "big"))
+
+    def offsets(self, be32_keys: bytes) -> list[int]:
+        """The offset from ``base`` (mod 2**32) of every be32 address of a key buffer."""
+        words = array(_U32_ARRAY, be32_keys)
+        if sys.byteorder == "little":
+            words.byteswap()  # network order -> host order
+        return list(map(and_, map(sub, words, repeat(self.base)), repeat(0xFFFFFFFF)))
 
 
 def _interleave(first: bytes, second: bytes) -> bytes:
@@ -272,8 +309,20 @@ def _interleave(first: bytes, second: bytes) -> bytes:
     return bytes(out)
 
 
+def _nat_values(values: list) -> bytes | None:
+    """The ovl_nat_val of every NatEntry back to back, or None (one is not encodable)."""
+    if not all(map(isinstance, values, repeat(NatEntry))):
+        return None
+    try:
+        return _interleave(b"".join(map(_PTON4, map(_REAL, values))),
+                           b"".join(map(_NAT_FLAGS.__getitem__, map(_OVERRIDE, values))))
+    except (OSError, TypeError, KeyError):
+        return None
+
+
 def encode_keys_bulk(table: str, keys: list) -> tuple[str, bytes] | None:
-    """(map, the keys back to back) for ``nat``, ``rnat`` and IPv4 ``peers``; else None."""
+    """(map, the keys back to back) for the hash keys of ``nat`` (ovl_nat_ext) and IPv4
+    ``peers``; else None."""
     if table not in _BULK_MAP:
         return None
     try:
@@ -283,21 +332,19 @@ def encode_keys_bulk(table: str, keys: list) -> tuple[str, bytes] | None:
 
 
 def encode_bulk(table: str, keys: list, values: list) -> tuple[str, bytes, bytes] | None:
-    """(map, keys buffer, values buffer) for puts into ``nat``, ``rnat`` or IPv4 ``peers``,
-    the same bytes encode_key/encode_value give entry by entry; None when the table
-    has no bulk encoder or an entry needs the per-entry path (to be refused by name)."""
+    """(map, keys buffer, values buffer) for puts into ``ovl_nat_ext`` (``nat``, every key
+    taken as outside the slots) or IPv4 ``peers``, the same bytes encode_key/encode_value
+    give entry by entry; None when the table has no bulk encoder or an entry needs the
+    per-entry path (to be refused by name)."""
     enc = encode_keys_bulk(table, keys)
     if enc is None:
         return None
     name, kbuf = enc
     try:
-        if table == "rnat":
-            vbuf = b"".join(map(_PTON4, values))
-        elif table == "nat":
-            if not all(map(isinstance, values, repeat(NatEntry))):
+        if table == "nat":
+            vbuf = _nat_values(values)
+            if vbuf is None:
                 return None
-            vbuf = _interleave(b"".join(map(_PTON4, map(_REAL, values))),
-                               b"".join(map(_NAT_FLAGS.__getitem__, map(_OVERRIDE, values))))
         else:
             if not all(map(isinstance, values, repeat(PeerEntry))):
                 return None
@@ -308,6 +355,60 @@ def encode_bulk(table: str, keys: list, values: list) -> tuple[str, bytes, bytes
     except (OSError, TypeError, KeyError, OverflowError):
         return None
     return name, kbuf, vbuf
+
+
+def encode_nat_bulk(layout: NatLayout, keys: list, values: list):
+    """``nat`` puts and deletes (value None) of distinct keys in bulk: ``(puts, deletes)``
+    as ``{map: (keys buffer, values buffer, count)}`` and ``{map: (keys buffer, count)}``.
+    ``ovl_nat`` gets one update of slot indexes (host-order u32) with the entries' values,
+    its deletes written as the zero value; ``ovl_nat_ext`` its puts and deletes by be32 key.
+    None when an entry needs the per-entry path."""
+    try:
+        kbuf = b"".join(map(_PTON4, keys))
+    except (OSError, TypeError):
+        return None
+    gone = list(map(is_, values, repeat(None)))
+    offsets = layout.offsets(kbuf)
+    inside = list(map(lt, offsets, repeat(layout.slots)))
+    if not any(gone) and all(inside):  # a full sync: every entry a put into its slot
+        vbuf = _nat_values(values)
+        return None if vbuf is None else (
+            {NAT: (array(_U32_ARRAY, offsets).tobytes(), vbuf, len(keys))}, {})
+    puts: dict[str, tuple[bytes, bytes, int]] = {}
+    dels: dict[str, tuple[bytes, int]] = {}
+    kept = list(map(not_, gone))
+    if any(inside):
+        put_at = list(map(and_, inside, kept))
+        del_at = list(map(and_, inside, gone))
+        idx = list(compress(offsets, put_at))
+        vbuf = _nat_values(list(compress(values, put_at)))
+        if vbuf is None:
+            return None
+        idx += compress(offsets, del_at)
+        zeros = bytes(_NAT_VAL_SIZE * (len(idx) - len(vbuf) // _NAT_VAL_SIZE))
+        puts[NAT] = (array(_U32_ARRAY, idx).tobytes(), vbuf + zeros, len(idx))
+    if not all(inside):
+        outside = list(map(not_, inside))
+        ext_put = list(map(and_, outside, kept))
+        ext_keys = list(compress(keys, ext_put))
+        if ext_keys:
+            enc = encode_bulk("nat", ext_keys, list(compress(values, ext_put)))
+            if enc is None:
+                return None
+            puts[NAT_EXT] = (enc[1], enc[2], len(ext_keys))
+        ext_del = list(compress(keys, map(and_, outside, gone)))
+        if ext_del:
+            dels[NAT_EXT] = (b"".join(map(_PTON4, ext_del)), len(ext_del))
+    return puts, dels
+
+
+def decode_nat_slots(layout: NatLayout, items: list[tuple[bytes, bytes]]) -> dict:
+    """The ``nat`` entries of ``ovl_nat``'s slots (empty slots skipped)."""
+    out = {}
+    for key, value in items:
+        if value[:4] != b"\0\0\0\0":
+            out[layout.address(_U32.unpack(key)[0])] = decode_item("nat", b"", value)[1]
+    return out
 
 
 # -- decoders (bytes -> ops) ----------------------------------------------------
@@ -322,14 +423,12 @@ def _lpm_text(key: bytes) -> str:
 
 
 def decode_item(table: str, key: bytes, value: bytes):
-    if table == "nat":
+    if table == "nat":  # the ovl_nat_ext form (be32 key); decode_nat_slots reads ovl_nat
         v = abi.OvlNatVal.from_buffer_copy(value)
         return (
-            abi.be32_to_ip(_U32.unpack(key)[0]),
+            abi.be32_to_ip(_U32.unpack(key)[0]) if key else None,
             NatEntry(abi.be32_to_ip(v.real), bool(v.flags & abi.NAT_F_OVERRIDE)),
         )
-    if table == "rnat":
-        return abi.be32_to_ip(_U32.unpack(key)[0]), abi.be32_to_ip(_U32.unpack(value)[0])
     if table == "peers":
         v = abi.OvlPeerVal.from_buffer_copy(value)
         if len(key) == 16:
@@ -389,7 +488,6 @@ def to_jsonable(state: Mapping[str, Mapping]) -> dict[str, dict]:
     """An ops state (read_all) rendered with JSON types only."""
     return {
         "nat": {k: {"real": v.real, "override": v.override} for k, v in state["nat"].items()},
-        "rnat": dict(state["rnat"]),
         "peers": {k: {"identity": v.identity, "flags": v.flags} for k, v in state["peers"].items()},
         "ports": abi.ports_by_proto(state["ports"]),
         "failsafe": dict(state["failsafe"]),

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 
 from overlay import abi
 from overlay.datapath.ebpf import batch, bpfsys, cgroup, netdev, pins, upgrade
-from overlay.datapath.ebpf.maps import CFG, MapSet, to_jsonable
+from overlay.datapath.ebpf.maps import CFG, MapSet, NatLayout, to_jsonable
 from overlay.errors import DatapathError, OverlayError, UnsupportedError
 from overlay.ops import Op
 
@@ -254,6 +254,7 @@ class EbpfDatapath:
             )
             if maps.get_cfg(abi.CfgIndex.EGRESS_IFINDEX) != uplink:
                 maps.set_cfg(abi.CfgIndex.EGRESS_IFINDEX, uplink)
+            maps.set_nat_base(self._nat_layout().base)
             self.reattached = []
             for key, (idx, direction) in self._hooks(uplink, ovl).items():
                 path = os.path.join(self.pin_dir, PROGRAM_PINS[key])
@@ -324,14 +325,21 @@ class EbpfDatapath:
         Accepts such a mapping or the config's MapSizes (nat, peers, conntrack, failsafe,
         policy, cidr_ident, names)."""
         sizes = self.sizes
+        out = {"OVL_NAT_SLOTS": abi.nat_slots(self.overlay_subnet)}
         if sizes is None or isinstance(sizes, Mapping):
-            return dict(sizes) if sizes else None
-        out = {}
+            out.update(sizes or {})  # a mapping may force the slot count (tests)
+            return out
         for attr, name in _SIZE_FIELDS.items():
             value = getattr(sizes, attr, None)
             if value is not None:
                 out[name] = value
         return out
+
+    def _nat_layout(self) -> NatLayout:
+        from overlay.datapath.ebpf import build
+
+        slots = build.normalize_sizes(self._build_sizes())["OVL_NAT_SLOTS"]
+        return NatLayout(abi.nat_base(self.overlay_subnet), slots)
 
     def _load(self, build, digest: str, uplink: int) -> None:
         carried = self._unpin_stale_maps(build)
@@ -347,6 +355,9 @@ class EbpfDatapath:
             try:
                 maps.set_cfg(abi.CfgIndex.EGRESS_IFINDEX, uplink)
                 maps.set_cfg(abi.CfgIndex.ABI_VERSION, abi.ABI_VERSION)
+                if "ovl_nat" in carried:  # re-created, refilled in this layout already
+                    maps.set_cfg(abi.CfgIndex.NAT_BASE, self._nat_layout().base)
+                maps.set_nat_base(self._nat_layout().base)  # moves what a subnet change misplaced
                 netdev.loosen_rp_filter(self.interface)
                 ovl = netdev.ensure_overlay_device(
                     self.overlay_device, self.overlay_subnet, self.self_private, self.self_overlay,
@@ -366,15 +377,15 @@ class EbpfDatapath:
         self.adopted = False
         log.info("loaded and attached the datapath on %s (pinned at %s)", self.interface, self.pin_dir)
 
-    def _pinned_abi(self) -> int:
-        """The ABI version of the pinned state (0: none, or unreadable)."""
+    def _pinned_cfg(self, index: int) -> int:
+        """A slot of the pinned ovl_cfg (the ABI version, the NAT base; 0: none, or unreadable)."""
         try:
             fd = bpfsys.obj_get(os.path.join(self.pin_dir, CFG))
         except DatapathError:
             return 0
         try:
             info = bpfsys.map_info(fd)
-            raw = bpfsys.lookup(fd, struct.pack("=I", abi.CfgIndex.ABI_VERSION), 4, info.value_size)
+            raw = bpfsys.lookup(fd, struct.pack("=I", index), 4, info.value_size)
         except DatapathError:
             return 0
         finally:
@@ -387,9 +398,15 @@ class EbpfDatapath:
         unreadable, keeping the entries that can be carried over
         (:mod:`overlay.datapath.ebpf.upgrade`). The programs attached now keep
         using the old maps until replaced."""
-        old_abi = self._pinned_abi()
+        old_abi = self._pinned_cfg(abi.CfgIndex.ABI_VERSION)
         abi_changed = old_abi not in (0, abi.ABI_VERSION)
         carried = {}
+        for name in upgrade.RETIRED_MAPS:
+            path = os.path.join(self.pin_dir, name)
+            if os.path.exists(path):
+                os.unlink(path)
+                log.warning("map %s is gone since ABI %d: unpinned it", name, abi.ABI_VERSION)
+        layout = self._nat_layout()
         for name, want in build.map_specs(self._build_sizes()).items():
             path = os.path.join(self.pin_dir, name)
             if not os.path.exists(path):
@@ -405,8 +422,17 @@ class EbpfDatapath:
                     info.type, info.key_size, info.value_size
                 ) == (want.map_type, want.key_size, want.value_size)
                 items = bpfsys.items(fd, info) if info.type != bpfsys.MAP_TYPE_RINGBUF else []
-                converted = upgrade.carry(name, old_abi, info.value_size, items) if abi_changed else None
-                carried[name] = (info, converted if converted is not None else items if same else [])
+                if abi_changed:
+                    converted = upgrade.carry(name, old_abi, info.value_size, items, layout)
+                elif name == "ovl_nat" and same:  # the slot count changed: slots re-indexed
+                    old = NatLayout(self._pinned_cfg(abi.CfgIndex.NAT_BASE), info.max_entries)
+                    converted = upgrade.nat_relayout(items, old, layout)
+                else:
+                    converted = None
+                converted = converted or {name: items if same else []}
+                for m, entries in converted.items():
+                    carried[m] = (info, carried.get(m, (info, []))[1] + entries)
+                moved = sum(map(len, converted.values()))
             finally:
                 bpfsys.close(fd)
             os.unlink(path)
@@ -414,7 +440,7 @@ class EbpfDatapath:
                 "map %s changed (max_entries %d -> %d, value size %d -> %d, ABI %d -> %d): "
                 "re-creating it%s", name, info.max_entries, want.max_entries, info.value_size,
                 want.value_size, old_abi, abi.ABI_VERSION,
-                f", carrying {len(carried[name][1])} entries over" if carried[name][1] else "",
+                f", carrying {moved} entries over" if moved else "",
             )
         return carried
 
@@ -533,6 +559,7 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             "policy_default": maps.get_cfg(abi.CfgIndex.POLICY_DEFAULT),
             "nat_gen": maps.get_cfg(abi.CfgIndex.NAT_GEN),
             "netns_cookie": maps.get_cfg(abi.CfgIndex.NETNS_COOKIE),
+            "nat_base": maps.nat_layout().address(0),   # ovl_nat's slot 0
             "lifetimes_ns": maps.lifetimes_ns(),
         }
         js = to_jsonable(state)
@@ -548,7 +575,6 @@ def read_pinned(interface: str, pin_root: str = DEFAULT_PIN_ROOT) -> dict:
             "ovl_nat": body("ovl_nat", {
                 k: {"real": v.real, "override": v.override} for k, v in state["nat"].items()
             }),
-            "ovl_rnat": body("ovl_rnat", dict(state["rnat"])),
             "ovl_peers": body("ovl_peers", {
                 k: {"identity": v.identity, "flags": v.flags} for k, v in state["peers"].items()
             }),

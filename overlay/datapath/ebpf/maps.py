@@ -7,7 +7,10 @@ map and encoding each table uses; tables with IPv6 entries span two maps).
 
 Arrays have no deletion: deleting a ``ports`` word or a ``config`` key
 writes 0, and ``read_all`` reports only non-zero ``ports`` words and
-``config`` keys (``reject_all`` and ``mode`` are always reported).
+``config`` keys (``reject_all`` and ``mode`` are always reported). The ``nat``
+table spans the ``ovl_nat`` array (a slot per overlay subnet address; deleting
+writes the zero value, empty slots are not reported) and the ``ovl_nat_ext``
+hash (:class:`~overlay.datapath.ebpf.codec.NatLayout`, read from the maps).
 
 After an apply that wrote or deleted ``nat`` entries, :meth:`MapSet.apply`
 bumps ``OVL_CFG_NAT_GEN`` (after the writes: a translated conntrack entry
@@ -47,22 +50,26 @@ from overlay.datapath.ebpf.codec import (  # noqa: F401  (re-exported: the histo
     NAME_KIND,
     NAMES,
     NAT,
+    NAT_EXT,
     PEERS,
     PEERS6,
     POLICY,
     PORTS,
-    RNAT,
     SELF,
     SIZE_KEY,
     SOCK,
+    STORE_MAPS,
     TABLE_MAP,
     TABLE_MAPS,
+    NatLayout,
     counter_name,
     decode_ct,
     decode_item,
+    decode_nat_slots,
     encode_bulk,
     encode_key,
     encode_keys_bulk,
+    encode_nat_bulk,
     encode_value,
     map_of,
     to_jsonable,
@@ -73,7 +80,7 @@ from overlay.ops import TABLES, Op
 log = logging.getLogger(__name__)
 
 # The maps this module reads and writes (the ring buffer is read elsewhere).
-DATA_MAPS = (NAT, RNAT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS, CIDR_IDENT, POLICY, NAMES,
+DATA_MAPS = (NAT, NAT_EXT, PEERS, PORTS, FAILSAFE, CT, CFG, COUNTERS, CIDR_IDENT, POLICY, NAMES,
              PEERS6, FAILSAFE6, CIDR_IDENT6, SELF, CT6, CT_IN, FRAG, SOCK)
 _CONFIG_ALWAYS = ("reject_all", "mode")   # reported even when 0
 
@@ -83,12 +90,13 @@ _CONFIG_ALWAYS = ("reject_all", "mode")   # reported even when 0
 # way out; a policy entry is written before the identity that uses it
 # (peers, cidr_ident) and deleted after it; config (reject_all,
 # policy_enforced) is written once everything else is in place.
-_PUT_ORDER = ("self", "failsafe", "names", "policy", "cidr_ident", "peers", "rnat", "ports", "nat",
-              "config")
+_PUT_ORDER = ("self", "failsafe", "names", "policy", "cidr_ident", "peers", "ports", "nat", "config")
 _DEL_FIRST = ("nat",)
-_DEL_LAST = ("rnat", "peers", "ports", "failsafe", "cidr_ident", "policy", "names", "self")
-_CAPACITY_TABLES = ("nat", "rnat", "peers", "failsafe", "policy", "cidr_ident", "names", "self")
-_FILL_MAPS = (NAT, RNAT, PEERS, PEERS6, FAILSAFE, FAILSAFE6, CT, CT6, CT_IN, FRAG, PORTS, POLICY,
+_DEL_LAST = ("peers", "ports", "failsafe", "cidr_ident", "policy", "names", "self")
+# The maps that can overflow, by table (ovl_nat, an array of every subnet address, cannot).
+_CAPACITY_MAPS = {t: (NAT_EXT,) if t == "nat" else STORE_MAPS[t]
+                  for t in ("nat", "peers", "failsafe", "policy", "cidr_ident", "names", "self")}
+_FILL_MAPS = (NAT, NAT_EXT, PEERS, PEERS6, FAILSAFE, FAILSAFE6, CT, CT6, CT_IN, FRAG, PORTS, POLICY,
               CIDR_IDENT, CIDR_IDENT6, NAMES, SELF, SOCK)
 
 _U32 = struct.Struct("=I")
@@ -158,6 +166,33 @@ class MapSet:
             info.value_size,
         )
 
+    def nat_layout(self) -> NatLayout:
+        """Where ``nat`` entries live, as the programs see it: the base the loader wrote
+        into OVL_CFG_NAT_BASE and ovl_nat's slot count."""
+        return NatLayout(self.get_cfg(abi.CfgIndex.NAT_BASE), self.info(NAT).max_entries)
+
+    def set_nat_base(self, base: int) -> None:
+        """Write OVL_CFG_NAT_BASE (the loader, at start). When entries would be misplaced
+        (another base pinned: the overlay subnet moved; or an ovl_nat_ext entry that now
+        has a slot: the subnet grew), every NAT entry is written again in the new layout:
+        each keeps its overlay address."""
+        old = self.get_cfg(abi.CfgIndex.NAT_BASE)
+        new = NatLayout(base, self.info(NAT).max_entries)
+        ext = [k for k, _ in self._items(NAT_EXT)]
+        if old == base and all(new.slot(decode_item("nat", k, _ZERO_NAT)[0]) is None for k in ext):
+            return
+        entries = self.read_table("nat")
+        if entries:
+            log.warning("overlay subnet changed (NAT base %s -> %s): moving %d NAT entries",
+                        NatLayout(old, 0).address(0), new.address(0), len(entries))
+            # emptied where they are (not where a layout would look for them)
+            used = [k for k, v in self._items(NAT) if any(v[:4])]
+            batch.update_pairs(self.fd(NAT), [(k, _ZERO_NAT) for k in used], 4, len(_ZERO_NAT))
+            batch.delete_keys(self.fd(NAT_EXT), ext, 4)
+        self.set_cfg(abi.CfgIndex.NAT_BASE, base)
+        if entries:
+            self.apply([Op("nat", k, v) for k, v in entries.items()])
+
     # -- observe -------------------------------------------------------------
 
     def _items(self, name: str) -> list[tuple[bytes, bytes]]:
@@ -166,11 +201,12 @@ class MapSet:
     def lookup(self, table: str, key):
         """The value of ``key`` in ``table`` (ops vocabulary, the map of its family, the
         kernel's own LPM matching for a CIDR key), or None."""
-        name = map_of(table, key)
+        name, raw_key = _locate(table, key, self.nat_layout() if table == "nat" else None)
         info = self.info(name)
-        raw_key = encode_key(table, key)
         raw = bpfsys.lookup(self.fd(name), raw_key, info.key_size, info.value_size)
-        return None if raw is None else decode_item(table, raw_key, raw)[1]
+        if raw is None or (name == NAT and not any(raw[:4])):
+            return None
+        return decode_item(table, raw_key, raw)[1]
 
     def read_table(self, table: str) -> dict:
         if table == "config":
@@ -181,7 +217,11 @@ class MapSet:
                     out[name] = value
             return out
         out = {}
-        for name in dict.fromkeys(m for m in TABLE_MAPS[table] if m):
+        if table == "nat":
+            out = decode_nat_slots(self.nat_layout(), self._items(NAT))
+        for name in STORE_MAPS[table]:
+            if name == NAT:
+                continue
             for k, v in self._items(name):
                 key, value = decode_item(table, k, v)
                 if table == "ports" and not value:
@@ -223,8 +263,8 @@ class MapSet:
         out = {}
         for name in _FILL_MAPS:
             info = self.info(name)
-            if name == PORTS:
-                n = sum(1 for _, v in self._items(name) if _U64.unpack(v[:8])[0])
+            if name in (PORTS, NAT):  # arrays: the words or slots in use
+                n = sum(1 for _, v in self._items(name) if any(v[:8]))
             else:
                 n = len(bpfsys.keys(self.fd(name), info.key_size, info.max_entries))
             out[name] = {"entries": n, "max_entries": info.max_entries}
@@ -275,7 +315,7 @@ class MapSet:
         both before anything is written. Puts go out per map in one
         update batch, deletes in one delete batch (overlay.datapath.ebpf.batch),
         their buffers built in bulk where a table allows (codec.encode_bulk)."""
-        puts, dels = _encode(ops)
+        puts, dels = _encode(ops, self.nat_layout)
         self._check_capacity(puts, dels)
 
         for table in _DEL_FIRST:
@@ -289,7 +329,7 @@ class MapSet:
             self._put(table, puts)
         for table in _DEL_LAST:
             self._delete(table, dels)
-        if puts.get(NAT) or dels.get(NAT):
+        if puts.get(NAT) or puts.get(NAT_EXT) or dels.get(NAT_EXT):
             # after the writes: an entry verified before them must be checked again
             self.set_cfg(abi.CfgIndex.NAT_GEN, (self.get_cfg(abi.CfgIndex.NAT_GEN) + 1) & 0xFFFFFFFF)
         if puts.get(SELF) or dels.get(SELF):
@@ -314,8 +354,8 @@ class MapSet:
         compared only when the listed count plus the puts does not fit.
         """
         over = []
-        for table in _CAPACITY_TABLES:
-            for name in dict.fromkeys(m for m in TABLE_MAPS[table] if m):
+        for table, names in _CAPACITY_MAPS.items():
+            for name in names:
                 if not puts.get(name):
                     continue
                 info = self.info(name)
@@ -341,7 +381,7 @@ class MapSet:
             raise CapacityError("; ".join(over) + "; nothing applied")
 
     def _put(self, table: str, puts: dict[str, Batch]) -> None:
-        for name in dict.fromkeys(m for m in TABLE_MAPS[table] if m):
+        for name in STORE_MAPS[table]:
             items = puts.get(name)
             if not items:
                 continue
@@ -350,7 +390,7 @@ class MapSet:
             log.debug("%s: %d put", name, items.count)
 
     def _delete(self, table: str, dels: dict[str, Batch]) -> None:
-        for name in dict.fromkeys(m for m in TABLE_MAPS[table] if m):
+        for name in STORE_MAPS[table]:
             keys = dels.get(name)
             if not keys:
                 continue
@@ -361,14 +401,43 @@ class MapSet:
 _TABLE, _KEY, _VALUE = attrgetter("table"), attrgetter("key"), attrgetter("value")
 
 
-def _encode(ops: Iterable[Op]) -> tuple[dict[str, Batch], dict[str, Batch]]:
+def _locate(table: str, key, layout: NatLayout | None) -> tuple[str, bytes]:
+    """(map, key bytes) of ``table[key]``: a ``nat`` key in the slots of ``layout`` is
+    its slot index in ovl_nat, else its ovl_nat_ext key."""
+    raw = encode_key(table, key)
+    if table == "nat":
+        slot = layout.slot(key)
+        if slot is not None:
+            return NAT, _U32.pack(slot)
+        return NAT_EXT, raw
+    return map_of(table, key), raw
+
+
+_ZERO_NAT = bytes(8)  # struct ovl_nat_val with real 0: an empty ovl_nat slot
+
+
+def raw_op(op: Op, layout: NatLayout) -> tuple[str, bytes, bytes | None]:
+    """(map, key bytes, value bytes or None = delete) of one op: what a single
+    update or delete syscall writes (a delete in ovl_nat's slots is a write of zero)."""
+    name, key = _locate(op.table, op.key, layout)
+    if op.value is None:
+        return name, key, _ZERO_NAT if name == NAT else None
+    return name, key, encode_value(op.table, op.value)
+
+
+def _encode(ops: Iterable[Op], nat_layout) -> tuple[dict[str, Batch], dict[str, Batch]]:
     """({map: puts}, {map: deletes}) of ``ops``, the last op per key winning.
 
     Ops come grouped by table (diff emits them so): a table whose ops form one run
     of distinct keys is encoded in bulk when the codec can, its puts and its deletes
-    apart (no Python frame per entry); anything else, entry by entry."""
+    apart (no Python frame per entry); anything else, entry by entry. ``nat_layout``
+    is called (once) when there are ``nat`` ops: a delete of an ovl_nat slot is a put
+    of the zero value."""
     runs: dict[str, list[list[Op]]] = {}
+    layout = None
     for table, run in groupby(ops, key=_TABLE):
+        if table == "nat" and layout is None:
+            layout = nat_layout()
         if table not in TABLE_MAPS:
             raise DatapathError(f"unknown table {table!r}")
         runs.setdefault(table, []).append(list(run))
@@ -380,7 +449,8 @@ def _encode(ops: Iterable[Op]) -> tuple[dict[str, Batch], dict[str, Batch]]:
         if len(parts) == 1 and table not in ("ports", "config"):
             keys = list(map(_KEY, parts[0]))
             values = list(map(_VALUE, parts[0]))
-            if len(set(keys)) == len(keys) and _bulk(table, keys, values, bulk_puts, bulk_dels):
+            if len(set(keys)) == len(keys) and _bulk(table, keys, values, bulk_puts, bulk_dels,
+                                                     layout):
                 continue
         final: dict = {}
         for run in parts:
@@ -388,20 +458,29 @@ def _encode(ops: Iterable[Op]) -> tuple[dict[str, Batch], dict[str, Batch]]:
                 final.pop(op.key, None)  # keep the position of the last op
                 final[op.key] = op.value
         for key, value in final.items():
-            k = encode_key(table, key)
-            name = map_of(table, key)
-            if value is None and table not in ("ports", "config"):
+            if table in ("ports", "config"):  # arrays: a delete writes 0
+                name, k, v = map_of(table, key), encode_key(table, key), encode_value(table, value)
+            else:
+                name, k, v = raw_op(Op(table, key, value), layout)
+            if v is None:
                 dels.setdefault(name, []).append(k)
             else:
-                puts.setdefault(name, []).append((k, encode_value(table, value)))
+                puts.setdefault(name, []).append((k, v))
     return ({**{m: Batch.of_pairs(p) for m, p in puts.items()}, **bulk_puts},
             {**{m: Batch.of_keys(k) for m, k in dels.items()}, **bulk_dels})
 
 
 def _bulk(table: str, keys: list, values: list, puts: dict[str, Batch],
-          dels: dict[str, Batch]) -> bool:
+          dels: dict[str, Batch], layout: NatLayout | None) -> bool:
     """Encode one table's puts and deletes in bulk into ``puts`` and ``dels``; False
     (nothing added) when the codec cannot."""
+    if table == "nat":
+        enc = encode_nat_bulk(layout, keys, values)
+        if enc is None:
+            return False
+        puts.update({m: Batch(*p) for m, p in enc[0].items()})
+        dels.update({m: Batch(k, b"", n) for m, (k, n) in enc[1].items()})
+        return True
     gone = list(map(is_, values, repeat(None)))
     if any(gone):
         kept = list(map(not_, gone))

@@ -16,29 +16,66 @@ what can be carried and converts it (docs/datapath.md, "Upgrading to ABI 3"):
   ``reject_all`` recovers with its next outgoing UDP datagram or ICMP echo;
   such a TCP connection loses its replies and must reconnect.
 * ``ovl_events`` (the drop event grew IPv6 addresses) is re-created empty.
+
+And ("Upgrading to ABI 4"):
+
+* ABI 3 -> 4, ``ovl_nat``: the hash (be32 overlay -> ``ovl_nat_val``) became an
+  array of slots indexed by the overlay address's offset in the overlay subnet,
+  with the hash ``ovl_nat_ext`` for the addresses outside the slots. Every entry
+  is carried: into its slot when the layout has one for it, else into
+  ``ovl_nat_ext``, so that translated flows survive the reload before the
+  agent's first apply.
+* ``ovl_rnat`` (never read by the programs) is unpinned (:data:`RETIRED_MAPS`).
 """
 
 from __future__ import annotations
 
+import socket
 import struct
 
 from overlay import abi
+from overlay.datapath.ebpf.codec import NatLayout
 
 # Maps re-created empty when the pinned ABI version is another one.
 RECREATE_ON_ABI_CHANGE = ("ovl_events",)
+# Maps of an older ABI that this one no longer has: unpinned on load (our names only).
+RETIRED_MAPS = ("ovl_rnat",)
 
 _V2_CT_VAL = struct.Struct("=IIQ")  # overlay, flags, last_seen_ns
+_NAT_VAL = 8                        # struct ovl_nat_val: real, flags (unchanged since ABI 2)
 _STALE_GEN = 0xFFFFFFFF             # never the current generation: re-verify on the next reply
 
 
-def carry(name: str, old_abi: int, old_value_size: int,
-          items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
-    """The entries of map ``name`` converted from ABI ``old_abi``, or None
-    when this module has no conversion (the caller then carries entries only
-    if the layout is unchanged)."""
+def carry(name: str, old_abi: int, old_value_size: int, items: list[tuple[bytes, bytes]],
+          nat_layout: NatLayout | None = None) -> dict[str, list[tuple[bytes, bytes]]] | None:
+    """The entries of map ``name`` converted from ABI ``old_abi``, by the map they
+    go to now, or None when this module has no conversion (the caller then carries
+    entries only if the layout is unchanged). ``nat_layout``: the new ovl_nat's."""
     if name == "ovl_ct" and old_abi == 2 and old_value_size == _V2_CT_VAL.size:
-        return ct_from_v2(items)
+        return {name: ct_from_v2(items)}
+    if name == "ovl_nat" and old_abi in (2, 3) and old_value_size == _NAT_VAL and nat_layout is not None:
+        return nat_from_v3(items, nat_layout)
     return None
+
+
+def nat_relayout(items: list[tuple[bytes, bytes]], old: NatLayout, new: NatLayout) -> dict[str, list]:
+    """ABI 4's ovl_nat slots of layout ``old`` (a subnet of another size) in layout ``new``:
+    each non-empty slot by its overlay address, as :func:`nat_from_v3` places it."""
+    return nat_from_v3([(socket.inet_aton(old.address(struct.unpack("=I", k)[0])), v)
+                        for k, v in items if any(v[:4])], new)
+
+
+def nat_from_v3(items: list[tuple[bytes, bytes]], layout: NatLayout) -> dict[str, list]:
+    """ABI 3's ovl_nat hash entries as ovl_nat slots (host-order u32 index) and
+    ovl_nat_ext entries (the same key and value)."""
+    slots, ext = [], []
+    for key, value in items:
+        slot = layout.slot(socket.inet_ntop(socket.AF_INET, key[:4]))
+        if slot is None:
+            ext.append((key, value))
+        else:
+            slots.append((struct.pack("=I", slot), value))
+    return {"ovl_nat": slots, "ovl_nat_ext": ext}
 
 
 def ct_from_v2(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
