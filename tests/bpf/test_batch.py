@@ -145,3 +145,45 @@ def test_mapset_apply_bulk_and_per_entry(maps):
     assert maps.fill()["ovl_nat"]["entries"] == 501 and maps.fill()["ovl_nat_ext"]["entries"] == 500
     maps.apply([Op("nat", o, None) for o in nat] + [Op("peers", r, None) for r in reals])
     assert maps.read_table("nat") == maps.read_table("peers") == {}
+
+
+@pytest.mark.parametrize("ops", [
+    # diff's order: nat's delete and put in one run (bulk), peers' delete and put in another
+    [Op("nat", "192.168.0.5", None), Op("nat", "192.168.0.6", NatEntry("10.9.0.6")),
+     Op("peers", "10.9.0.5", None), Op("peers", "10.9.0.6", PeerEntry(identity=6, flags=1))],
+    # nat in two runs: entry by entry
+    [Op("nat", "192.168.0.5", None), Op("peers", "10.9.0.5", None),
+     Op("peers", "10.9.0.6", PeerEntry(identity=6, flags=1)), Op("nat", "192.168.0.6", NatEntry("10.9.0.6"))],
+], ids=["bulk", "per-entry"])
+def test_a_leaving_peers_slot_is_emptied_first_and_the_new_translation_written_last(maps, monkeypatch, ops):
+    """The write order of docs/datapath.md ("translations go last on the way in and first on
+    the way out"), with ovl_nat an array: the leaving peer's slot is emptied (zero written)
+    before anything else, the arriving peer's slot written after its peers entry, the leaving
+    peer's peers entry deleted last."""
+    maps.apply([Op("nat", "192.168.0.5", NatEntry("10.9.0.5")),
+                Op("peers", "10.9.0.5", PeerEntry(identity=5, flags=1))])
+    names = {maps.fd(n): n for n in ("ovl_nat", "ovl_nat_ext", "ovl_peers")}
+    calls = []
+    update, delete = batch.update, batch.delete
+
+    def rec_update(fd, b, *a, **k):
+        calls.append(("update", names.get(fd), b.keys, b.values))
+        return update(fd, b, *a, **k)
+
+    def rec_delete(fd, b, *a, **k):
+        calls.append(("delete", names.get(fd), b.keys, b""))
+        return delete(fd, b, *a, **k)
+
+    monkeypatch.setattr(batch, "update", rec_update)
+    monkeypatch.setattr(batch, "delete", rec_delete)
+    maps.apply(ops)
+    slot = struct.Struct("=I").pack
+    assert [c for c in calls if c[1]] == [
+        ("update", "ovl_nat", slot(5), bytes(8)),
+        ("update", "ovl_peers", slot(be32("10.9.0.6")), struct.pack("=II", 6, 1)),
+        ("update", "ovl_nat", slot(6), struct.pack("=II", be32("10.9.0.6"), 0)),
+        ("delete", "ovl_peers", slot(be32("10.9.0.5")), b""),
+    ]
+    assert maps.read_table("nat") == {"192.168.0.6": NatEntry("10.9.0.6")}
+    assert set(maps.read_table("peers")) == {"10.9.0.6"}
+    maps.apply([Op("nat", "192.168.0.6", None), Op("peers", "10.9.0.6", None)])

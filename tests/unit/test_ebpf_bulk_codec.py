@@ -105,13 +105,13 @@ def test_nat_bulk_splits_array_slots_and_ext_by_hand():
     values = [NatEntry("10.0.0.5"), NatEntry("10.9.9.9", override=True), None,
               NatEntry("10.0.0.9", override=True), None, NatEntry("10.1.1.1")]
     puts, dels = encode_nat_bulk(LAYOUT, keys, values)
-    # ovl_nat: puts first (slots 5, 9), then the deleted slot 258 written as zero
-    assert puts[NAT] == (struct.pack("=III", 5, 9, 258),
+    # ovl_nat: puts into slots 5 and 9; the deleted slot 258 is a delete (MapSet writes zero)
+    assert puts[NAT] == (struct.pack("=II", 5, 9),
                          be32("10.0.0.5") + struct.pack("=I", 0) + be32("10.0.0.9")
-                         + struct.pack("=I", 1) + bytes(8), 3)
+                         + struct.pack("=I", 1), 2)
     assert puts[NAT_EXT] == (be32("192.0.2.7") + be32("100.65.0.1"),
                              be32("10.9.9.9") + struct.pack("=I", 1) + be32("10.1.1.1") + bytes(4), 2)
-    assert dels == {NAT_EXT: (be32("198.51.100.1"), 1)}
+    assert dels == {NAT: (struct.pack("=I", 258), 1), NAT_EXT: (be32("198.51.100.1"), 1)}
 
 
 def test_nat_bulk_all_in_the_slots_and_all_outside():

@@ -269,7 +269,6 @@ _REAL = attrgetter("real")
 _OVERRIDE = attrgetter("override")
 _IDENTITY, _FLAGS = attrgetter("identity"), attrgetter("flags")
 _U32_ARRAY = next(t for t in "IL" if array(t).itemsize == 4)
-_NAT_VAL_SIZE = ctypes.sizeof(abi.OvlNatVal)
 _BULK_MAP = {"nat": NAT_EXT, "peers": PEERS}
 
 
@@ -360,9 +359,9 @@ def encode_bulk(table: str, keys: list, values: list) -> tuple[str, bytes, bytes
 def encode_nat_bulk(layout: NatLayout, keys: list, values: list):
     """``nat`` puts and deletes (value None) of distinct keys in bulk: ``(puts, deletes)``
     as ``{map: (keys buffer, values buffer, count)}`` and ``{map: (keys buffer, count)}``.
-    ``ovl_nat`` gets one update of slot indexes (host-order u32) with the entries' values,
-    its deletes written as the zero value; ``ovl_nat_ext`` its puts and deletes by be32 key.
-    None when an entry needs the per-entry path."""
+    ``ovl_nat`` is keyed by slot index (host-order u32): its puts carry the entries' values,
+    its deletes only the slots (``MapSet`` empties them by writing the zero value);
+    ``ovl_nat_ext`` is keyed by be32 address. None when an entry needs the per-entry path."""
     try:
         kbuf = b"".join(map(_PTON4, keys))
     except (OSError, TypeError):
@@ -381,12 +380,14 @@ def encode_nat_bulk(layout: NatLayout, keys: list, values: list):
         put_at = list(map(and_, inside, kept))
         del_at = list(map(and_, inside, gone))
         idx = list(compress(offsets, put_at))
-        vbuf = _nat_values(list(compress(values, put_at)))
-        if vbuf is None:
-            return None
-        idx += compress(offsets, del_at)
-        zeros = bytes(_NAT_VAL_SIZE * (len(idx) - len(vbuf) // _NAT_VAL_SIZE))
-        puts[NAT] = (array(_U32_ARRAY, idx).tobytes(), vbuf + zeros, len(idx))
+        if idx:
+            vbuf = _nat_values(list(compress(values, put_at)))
+            if vbuf is None:
+                return None
+            puts[NAT] = (array(_U32_ARRAY, idx).tobytes(), vbuf, len(idx))
+        emptied = list(compress(offsets, del_at))
+        if emptied:
+            dels[NAT] = (array(_U32_ARRAY, emptied).tobytes(), len(emptied))
     if not all(inside):
         outside = list(map(not_, inside))
         ext_put = list(map(and_, outside, kept))

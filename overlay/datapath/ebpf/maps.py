@@ -329,7 +329,7 @@ class MapSet:
             self._put(table, puts)
         for table in _DEL_LAST:
             self._delete(table, dels)
-        if puts.get(NAT) or puts.get(NAT_EXT) or dels.get(NAT_EXT):
+        if any(d.get(m) for d in (puts, dels) for m in (NAT, NAT_EXT)):
             # after the writes: an entry verified before them must be checked again
             self.set_cfg(abi.CfgIndex.NAT_GEN, (self.get_cfg(abi.CfgIndex.NAT_GEN) + 1) & 0xFFFFFFFF)
         if puts.get(SELF) or dels.get(SELF):
@@ -394,7 +394,12 @@ class MapSet:
             keys = dels.get(name)
             if not keys:
                 continue
-            batch.delete(self.fd(name), keys, self.info(name).key_size)
+            info = self.info(name)
+            if name == NAT:  # an array: its slots are emptied by writing the zero value
+                batch.update(self.fd(name), Batch(keys.keys, _ZERO_NAT * keys.count, keys.count),
+                             info.key_size, info.value_size)
+            else:
+                batch.delete(self.fd(name), keys, info.key_size)
             log.debug("%s: %d deleted", name, keys.count)
 
 
@@ -462,7 +467,7 @@ def _encode(ops: Iterable[Op], nat_layout) -> tuple[dict[str, Batch], dict[str, 
                 name, k, v = map_of(table, key), encode_key(table, key), encode_value(table, value)
             else:
                 name, k, v = raw_op(Op(table, key, value), layout)
-            if v is None:
+            if v is None or (name == NAT and value is None):  # a slot emptied: with the deletes
                 dels.setdefault(name, []).append(k)
             else:
                 puts.setdefault(name, []).append((k, v))
