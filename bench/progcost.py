@@ -80,8 +80,9 @@ def _seed(b) -> None:
     else:             # ABI 4: the slot of OVL's offset from the base (192.168.0.0: 17)
         from overlay.datapath.ebpf.codec import NatLayout
 
-        b[b"ovl_cfg"][ctypes.c_int(abi.CfgIndex.NAT_BASE)] = ctypes.c_uint64(abi.nat_base(SUBNET))
-        nat[nat.Key(NatLayout.of_subnet(SUBNET).slot(OVL))] = nat.Leaf(be(PEER), 0)
+        layout = NatLayout.of_subnet(SUBNET)
+        b[b"ovl_cfg"][ctypes.c_int(abi.CfgIndex.NAT_BASE)] = ctypes.c_uint64(layout.base)
+        nat[nat.Key(layout.slot(OVL))] = nat.Leaf(be(PEER), 0)
     peers = b[b"ovl_peers"]
     peers[peers.Key(be(PEER))] = peers.Leaf(1, 1)
     b[b"ovl_cfg"][ctypes.c_int(0)] = ctypes.c_uint64(1)  # REJECT_ALL, slot 0 in every ABI

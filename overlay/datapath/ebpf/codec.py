@@ -399,15 +399,20 @@ def encode_nat_bulk(layout: NatLayout, keys: list, values: list):
             puts[NAT_EXT] = (enc[1], enc[2], len(ext_keys))
         ext_del = list(compress(keys, map(and_, outside, gone)))
         if ext_del:
-            dels[NAT_EXT] = (b"".join(map(_PTON4, ext_del)), len(ext_del))
+            dels[NAT_EXT] = (encode_keys_bulk("nat", ext_del)[1], len(ext_del))
     return puts, dels
+
+
+def nat_slot_used(value: bytes) -> bool:
+    """Whether an ``ovl_nat`` slot's value is an entry: an empty slot has real 0."""
+    return value[:4] != b"\0\0\0\0"
 
 
 def decode_nat_slots(layout: NatLayout, items: list[tuple[bytes, bytes]]) -> dict:
     """The ``nat`` entries of ``ovl_nat``'s slots (empty slots skipped)."""
     out = {}
     for key, value in items:
-        if value[:4] != b"\0\0\0\0":
+        if nat_slot_used(value):
             out[layout.address(_U32.unpack(key)[0])] = decode_item("nat", b"", value)[1]
     return out
 

@@ -72,6 +72,7 @@ from overlay.datapath.ebpf.codec import (  # noqa: F401  (re-exported: the histo
     encode_nat_bulk,
     encode_value,
     map_of,
+    nat_slot_used,
     to_jsonable,
 )
 from overlay.errors import CapacityError, DatapathError
@@ -178,17 +179,17 @@ class MapSet:
         each keeps its overlay address."""
         old = self.get_cfg(abi.CfgIndex.NAT_BASE)
         new = NatLayout(base, self.info(NAT).max_entries)
-        ext = [k for k, _ in self._items(NAT_EXT)]
-        if old == base and all(new.slot(decode_item("nat", k, _ZERO_NAT)[0]) is None for k in ext):
+        ext = dict(decode_item("nat", k, v) for k, v in self._items(NAT_EXT))
+        if old == base and all(new.slot(overlay) is None for overlay in ext):
             return
-        entries = self.read_table("nat")
+        used = [(k, v) for k, v in self._items(NAT) if nat_slot_used(v)]
+        entries = {**decode_nat_slots(NatLayout(old, new.slots), used), **ext}  # as read_table
         if entries:
             log.warning("overlay subnet changed (NAT base %s -> %s): moving %d NAT entries",
                         NatLayout(old, 0).address(0), new.address(0), len(entries))
             # emptied where they are (not where a layout would look for them)
-            used = [k for k, v in self._items(NAT) if any(v[:4])]
-            batch.update_pairs(self.fd(NAT), [(k, _ZERO_NAT) for k in used], 4, len(_ZERO_NAT))
-            batch.delete_keys(self.fd(NAT_EXT), ext, 4)
+            batch.update_pairs(self.fd(NAT), [(k, _ZERO_NAT) for k, _ in used], 4, len(_ZERO_NAT))
+            batch.delete_keys(self.fd(NAT_EXT), [encode_key("nat", o) for o in ext], 4)
         self.set_cfg(abi.CfgIndex.NAT_BASE, base)
         if entries:
             self.apply([Op("nat", k, v) for k, v in entries.items()])
@@ -204,7 +205,7 @@ class MapSet:
         name, raw_key = _locate(table, key, self.nat_layout() if table == "nat" else None)
         info = self.info(name)
         raw = bpfsys.lookup(self.fd(name), raw_key, info.key_size, info.value_size)
-        if raw is None or (name == NAT and not any(raw[:4])):
+        if raw is None or (name == NAT and not nat_slot_used(raw)):
             return None
         return decode_item(table, raw_key, raw)[1]
 
@@ -464,13 +465,13 @@ def _encode(ops: Iterable[Op], nat_layout) -> tuple[dict[str, Batch], dict[str, 
                 final[op.key] = op.value
         for key, value in final.items():
             if table in ("ports", "config"):  # arrays: a delete writes 0
-                name, k, v = map_of(table, key), encode_key(table, key), encode_value(table, value)
+                name, k = map_of(table, key), encode_key(table, key)
             else:
-                name, k, v = raw_op(Op(table, key, value), layout)
-            if v is None or (name == NAT and value is None):  # a slot emptied: with the deletes
+                name, k = _locate(table, key, layout)
+            if value is None and table not in ("ports", "config"):  # an ovl_nat slot too (_delete)
                 dels.setdefault(name, []).append(k)
             else:
-                puts.setdefault(name, []).append((k, v))
+                puts.setdefault(name, []).append((k, encode_value(table, value)))
     return ({**{m: Batch.of_pairs(p) for m, p in puts.items()}, **bulk_puts},
             {**{m: Batch.of_keys(k) for m, k in dels.items()}, **bulk_dels})
 

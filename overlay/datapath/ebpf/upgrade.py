@@ -34,7 +34,7 @@ import socket
 import struct
 
 from overlay import abi
-from overlay.datapath.ebpf.codec import NatLayout
+from overlay.datapath.ebpf.codec import NatLayout, nat_slot_used
 
 # Maps re-created empty when the pinned ABI version is another one.
 RECREATE_ON_ABI_CHANGE = ("ovl_events",)
@@ -62,7 +62,7 @@ def nat_relayout(items: list[tuple[bytes, bytes]], old: NatLayout, new: NatLayou
     """ABI 4's ovl_nat slots of layout ``old`` (a subnet of another size) in layout ``new``:
     each non-empty slot by its overlay address, as :func:`nat_from_v3` places it."""
     return nat_from_v3([(socket.inet_aton(old.address(struct.unpack("=I", k)[0])), v)
-                        for k, v in items if any(v[:4])], new)
+                        for k, v in items if nat_slot_used(v)], new)
 
 
 def nat_from_v3(items: list[tuple[bytes, bytes]], layout: NatLayout) -> dict[str, list]:
