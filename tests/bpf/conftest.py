@@ -208,13 +208,13 @@ class Datapath:
 
     # -- reset
     @staticmethod
-    def _written_port_words(ports) -> set[int]:
+    def _written_indexes(array) -> set[int]:
         """The indexes of an array's non-zero values (ovl_ports words, ovl_nat slots), also
         those written through MapSet (one batch read)."""
         from overlay.datapath.ebpf import bpfsys
 
-        info = bpfsys.map_info(ports.map_fd)
-        return {struct.unpack("=I", k)[0] for k, v in bpfsys.items(ports.map_fd, info) if any(v)}
+        info = bpfsys.map_info(array.map_fd)
+        return {struct.unpack("=I", k)[0] for k, v in bpfsys.items(array.map_fd, info) if any(v)}
 
     def reset(self) -> None:
         for name in ("ovl_nat_ext", "ovl_peers", "ovl_ct", "ovl_failsafe", "ovl_cidr_ident",
@@ -222,10 +222,10 @@ class Datapath:
                      "ovl_self", "ovl_ct6", "ovl_ct_in", "ovl_frag"):
             self.bpf[name.encode()].clear()
         ports = self.bpf[b"ovl_ports"]
-        for idx in self._written_port_words(ports):
+        for idx in self._written_indexes(ports):
             ports[ctypes.c_int(idx)] = ctypes.c_uint64(0)
         nat = self.bpf[b"ovl_nat"]
-        for idx in self._written_port_words(nat):  # the slots in use (non-zero values)
+        for idx in self._written_indexes(nat):  # the slots in use (non-zero values)
             nat[ctypes.c_uint32(idx)] = abi.OvlNatVal(0, 0)
         cfg = self.bpf[b"ovl_cfg"]
         for i in range(abi.CfgIndex.MAX):
